@@ -1,0 +1,263 @@
+//! Finding and merging cloud-config sources.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::Value;
+
+use super::diag::{Diagnostic, Diagnostics, Severity};
+use super::types::GeminiConfig;
+use super::validate::{CheckContext, validate};
+use super::yaml::{self, Node};
+
+pub const HEADER: &str = "#cloud-config";
+/// Kernel command-line parameter naming a cloud-config URL.
+pub const CMDLINE_KEY: &str = "geminik8s.config_url=";
+
+/// One cloud-config text and where it came from (a path or a URL).
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub text: String,
+}
+
+/// Where the agent looks for cloud-config. Every path is a parameter so
+/// tests can point at temporary directories.
+#[derive(Debug, Clone)]
+pub struct SourcePaths {
+    pub oem_dir: PathBuf,
+    pub etc_dir: PathBuf,
+    /// Mount point of a NoCloud `CIDATA` volume, when one is mounted.
+    pub cidata_dir: Option<PathBuf>,
+    /// `/proc/cmdline`, or a file with the same format.
+    pub cmdline: Option<PathBuf>,
+    pub fetch_timeout: Duration,
+    pub fetch_attempts: u32,
+}
+
+impl SourcePaths {
+    /// The locations on a node.
+    pub fn system() -> Self {
+        Self::under(Path::new("/"))
+    }
+
+    /// The node locations below `root`.
+    pub fn under(root: &Path) -> Self {
+        SourcePaths {
+            oem_dir: root.join("oem"),
+            etc_dir: root.join("etc/geminik8s"),
+            cidata_dir: None,
+            cmdline: Some(root.join("proc/cmdline")),
+            fetch_timeout: Duration::from_secs(10),
+            fetch_attempts: 3,
+        }
+    }
+}
+
+/// A merged, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub gemini: GeminiConfig,
+    /// The whole merged document, Kairos keys included.
+    pub document: Value,
+    /// Source names in merge order.
+    pub sources: Vec<String>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Loaded {
+    /// The Kairos `hostname:`, if set.
+    pub fn hostname(&self) -> Option<&str> {
+        self.document.get("hostname").and_then(Value::as_str)
+    }
+}
+
+fn yaml_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading directory {}", dir.display())),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.with_context(|| format!("reading directory {}", dir.display()))?.path();
+        let is_yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+        if is_yaml && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn read(path: &Path) -> anyhow::Result<Source> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading cloud-config {}", path.display()))?;
+    Ok(Source { name: path.display().to_string(), text })
+}
+
+fn has_header(text: &str) -> bool {
+    text.lines().next().is_some_and(|l| l.trim_end() == HEADER)
+}
+
+/// The `geminik8s.config_url=` value from a kernel command line.
+pub fn cmdline_url(cmdline: &str) -> Option<String> {
+    cmdline.split_whitespace().find_map(|arg| arg.strip_prefix(CMDLINE_KEY)).map(str::to_string)
+}
+
+/// Fetch a cloud-config over HTTP(S) with a timeout and retries.
+pub async fn fetch(url: &str, timeout: Duration, attempts: u32) -> anyhow::Result<String> {
+    crate::tls::install_crypto_provider();
+    let client = reqwest::Client::builder().timeout(timeout).build().context("building the HTTP client")?;
+    let mut last = None;
+    for attempt in 1..=attempts.max(1) {
+        let result = async {
+            let response = client.get(url).send().await?.error_for_status()?;
+            response.text().await
+        }
+        .await;
+        match result {
+            Ok(text) => return Ok(text),
+            Err(e) => {
+                tracing::warn!(url, attempt, error = %e, "fetching cloud-config failed");
+                last = Some(e);
+                if attempt < attempts {
+                    tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                }
+            }
+        }
+    }
+    let e = last.expect("at least one attempt ran");
+    Err(anyhow::Error::new(e)).with_context(|| format!("fetching cloud-config from {url} ({attempts} attempts)"))
+}
+
+/// Collect the sources in merge order. Files in the two directories without
+/// the `#cloud-config` header are skipped with a warning (Kairos keeps other
+/// YAML there); the CIDATA `user-data` and the URL must have it.
+pub async fn gather(paths: &SourcePaths) -> anyhow::Result<(Vec<Source>, Vec<Diagnostic>)> {
+    let mut sources = Vec::new();
+    let mut warnings = Vec::new();
+    for dir in [&paths.oem_dir, &paths.etc_dir] {
+        for file in yaml_files(dir)? {
+            let source = read(&file)?;
+            if has_header(&source.text) {
+                sources.push(source);
+            } else {
+                warnings.push(Diagnostic {
+                    severity: Severity::Warning,
+                    source: source.name,
+                    line: 1,
+                    col: 1,
+                    key: String::new(),
+                    message: format!("skipped: the first line is not `{HEADER}`"),
+                    hint: Some(format!("add `{HEADER}` as the first line if this file is meant for geminik8s")),
+                });
+            }
+        }
+    }
+    if let Some(dir) = &paths.cidata_dir {
+        let user_data = dir.join("user-data");
+        if user_data.is_file() {
+            sources.push(read(&user_data)?);
+        }
+    }
+    if let Some(cmdline) = &paths.cmdline
+        && let Ok(text) = std::fs::read_to_string(cmdline)
+        && let Some(url) = cmdline_url(&text)
+    {
+        let text = fetch(&url, paths.fetch_timeout, paths.fetch_attempts).await?;
+        sources.push(Source { name: url, text });
+    }
+    Ok((sources, warnings))
+}
+
+/// Parse, merge (later wins) and validate `sources`. Every source must carry
+/// the `#cloud-config` header.
+pub fn load_sources(sources: &[Source], ctx: &CheckContext) -> Result<Loaded, Diagnostics> {
+    let names: Vec<String> = sources.iter().map(|s| s.name.clone()).collect();
+    let mut findings = Vec::new();
+    let mut merged: Option<Node> = None;
+    for (index, source) in sources.iter().enumerate() {
+        if !has_header(&source.text) {
+            findings.push(Diagnostic {
+                severity: Severity::Error,
+                source: source.name.clone(),
+                line: 1,
+                col: 1,
+                key: String::new(),
+                message: format!("the first line is not `{HEADER}`"),
+                hint: Some(format!("cloud-config files start with the line `{HEADER}` (Kairos ignores them otherwise)")),
+            });
+            continue;
+        }
+        match yaml::parse(&source.text, index) {
+            Ok(node) => match &mut merged {
+                None => merged = Some(node),
+                Some(m) => m.merge(node),
+            },
+            Err(e) => findings.push(Diagnostic {
+                severity: Severity::Error,
+                source: source.name.clone(),
+                line: e.line,
+                col: e.col,
+                key: String::new(),
+                message: format!("invalid YAML: {}", e.message),
+                hint: Some("check indentation (spaces, not tabs) and quoting around this line".into()),
+            }),
+        }
+    }
+    if sources.is_empty() {
+        findings.push(Diagnostic {
+            severity: Severity::Error,
+            source: "(no sources)".into(),
+            line: 0,
+            col: 0,
+            key: String::new(),
+            message: "no cloud-config found".into(),
+            hint: Some("put a file in /oem or /etc/geminik8s, attach a CIDATA volume, or pass geminik8s.config_url= on the kernel command line".into()),
+        });
+    }
+    if findings.iter().any(Diagnostic::is_error) {
+        return Err(Diagnostics(findings));
+    }
+    let merged = merged.expect("at least one source parsed");
+    let (config, diagnostics) = validate(&merged, &names, ctx);
+    findings.extend(diagnostics);
+    match config {
+        Some(gemini) => Ok(Loaded { gemini, document: merged.to_json(), sources: names, warnings: findings }),
+        None => Err(Diagnostics(findings)),
+    }
+}
+
+/// Load files given explicitly, as `gemin_k8s config validate` does.
+pub fn load_files(files: &[PathBuf], ctx: &CheckContext) -> Result<Loaded, Diagnostics> {
+    let mut sources = Vec::new();
+    let mut findings = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(file) {
+            Ok(text) => sources.push(Source { name: file.display().to_string(), text }),
+            Err(e) => findings.push(Diagnostic {
+                severity: Severity::Error,
+                source: file.display().to_string(),
+                line: 0,
+                col: 0,
+                key: String::new(),
+                message: format!("cannot read the file: {e}"),
+                hint: Some("check the path and its permissions".into()),
+            }),
+        }
+    }
+    if !findings.is_empty() {
+        return Err(Diagnostics(findings));
+    }
+    load_sources(&sources, ctx)
+}
+
+/// Gather from the node locations and load, as the agent does at start.
+pub async fn load(paths: &SourcePaths, ctx: &CheckContext) -> anyhow::Result<Loaded> {
+    let (sources, mut skipped) = gather(paths).await?;
+    let mut loaded = load_sources(&sources, ctx)?;
+    skipped.append(&mut loaded.warnings);
+    loaded.warnings = skipped;
+    Ok(loaded)
+}

@@ -1,0 +1,209 @@
+//! The `geminik8s:` block, key by key.
+//!
+//! This table is the single description of every key: the validator walks it
+//! (unknown keys, types, required keys) and `docs/cloud-config.md` is rendered
+//! from it. A test checks that it matches the typed structs in `types.rs`.
+
+/// What a key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A mapping of further keys.
+    Section,
+    Str,
+    /// A DNS label: lowercase letters, digits and `-`, at most 63 characters.
+    Name,
+    Bool,
+    Int { min: i64, max: i64 },
+    Port,
+    Ip,
+    /// `humantime` duration such as `500ms`, `3s`, `5m`.
+    Duration,
+    Enum(&'static [&'static str]),
+    StrList,
+    /// `IP` or `IP:PORT` entries.
+    AddrList,
+    /// `IP:PORT`.
+    SocketAddr,
+    /// An absolute path to a file that must exist on the node.
+    File,
+    /// An absolute path to a directory (created if missing).
+    Dir,
+    /// Inline PEM text, or an absolute path to a PEM file.
+    Pem,
+    /// A generated secret (at least 16 characters).
+    Secret,
+}
+
+impl Kind {
+    pub fn describe(&self) -> String {
+        match self {
+            Kind::Section => "mapping".into(),
+            Kind::Str => "string".into(),
+            Kind::Name => "name (DNS label)".into(),
+            Kind::Bool => "boolean".into(),
+            Kind::Int { min, max } => format!("integer {min}..={max}"),
+            Kind::Port => "port 1..=65535".into(),
+            Kind::Ip => "IP address".into(),
+            Kind::Duration => "duration (`500ms`, `3s`, `5m`)".into(),
+            Kind::Enum(values) => values.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(" \\| "),
+            Kind::StrList => "list of strings".into(),
+            Kind::AddrList => "list of `IP` or `IP:PORT`".into(),
+            Kind::SocketAddr => "`IP:PORT`".into(),
+            Kind::File => "absolute file path".into(),
+            Kind::Dir => "absolute directory path".into(),
+            Kind::Pem => "inline PEM or absolute file path".into(),
+            Kind::Secret => "secret string (16+ characters)".into(),
+        }
+    }
+}
+
+/// One key of the `geminik8s:` block. `path` is relative to `geminik8s`.
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    pub path: &'static str,
+    pub kind: Kind,
+    /// The default in YAML syntax; `None` for required keys and for optional
+    /// keys that are simply absent by default (see `required`).
+    pub default: Option<&'static str>,
+    pub required: bool,
+    pub doc: &'static str,
+}
+
+const fn section(path: &'static str, doc: &'static str) -> Key {
+    Key { path, kind: Kind::Section, default: None, required: false, doc }
+}
+const fn required(path: &'static str, kind: Kind, doc: &'static str) -> Key {
+    Key { path, kind, default: None, required: true, doc }
+}
+const fn optional(path: &'static str, kind: Kind, default: &'static str, doc: &'static str) -> Key {
+    Key { path, kind, default: Some(default), required: false, doc }
+}
+
+pub const WITNESS_MODES: &[&str] = &["none", "gateway", "arbiter"];
+pub const REPLICATION_MODES: &[&str] = &["streaming", "logical"];
+pub const DURABILITY_MODES: &[&str] = &["synchronous", "async"];
+
+pub const KEYS: &[Key] = &[
+    section("cluster", "The cluster as a whole; identical on both nodes."),
+    required("cluster.name", Kind::Name, "Cluster name. Both nodes must agree; hostMeta records it."),
+    required("cluster.vip", Kind::Ip, "Virtual IP that clients, Kine and kubectl use. Held by the leader only."),
+    optional("cluster.vip_prefix", Kind::Int { min: 1, max: 128 }, "24", "Prefix length of the VIP; node IPs and VIP must share this subnet."),
+    optional("cluster.interface", Kind::Str, "null", "Interface the VIP is added to. `null`: the interface that holds `node.ip`."),
+    required("cluster.bootstrap_leader", Kind::Name, "Node that leads a fresh cluster; also the last tie-breaker in arbitration."),
+    section("cluster.witness", "Split-brain protection: who may lead when the peer is unreachable."),
+    optional("cluster.witness.mode", Kind::Enum(WITNESS_MODES), "none", "`none`: peer loss alone decides (a partition can give two leaders). `gateway`: a node must reach one of `targets` to lead. `arbiter`: a node must hold the lease from `gemin_k8s witness serve`."),
+    optional("cluster.witness.targets", Kind::AddrList, "[]", "`gateway`: addresses probed (ICMP, or TCP when a port is given). `arbiter`: exactly one `IP:PORT` of the witness."),
+    optional("cluster.witness.lease_ttl", Kind::Duration, "10s", "`arbiter`: how long a granted lease lasts."),
+    optional("cluster.witness.lease_renew", Kind::Duration, "3s", "`arbiter`: how often the holder renews; less than `lease_ttl`."),
+    section("node", "This node."),
+    required("node.name", Kind::Name, "This node's name (also its hostname unless `hostname:` says otherwise)."),
+    required("node.ip", Kind::Ip, "This node's address on the cluster network."),
+    optional("node.api_port", Kind::Port, "7443", "Port of this node's agent API (mutual TLS)."),
+    section("peer", "The other node."),
+    required("peer.name", Kind::Name, "The peer's name."),
+    required("peer.ip", Kind::Ip, "The peer's address on the cluster network."),
+    optional("peer.api_port", Kind::Port, "7443", "Port of the peer's agent API."),
+    section("api", "Operator access to the agent API."),
+    required("api.token", Kind::Secret, "Bearer token for operator calls to the agent API (`status --endpoint`, `failover`)."),
+    section("postgres", "The PostgreSQL datastore behind Kine."),
+    optional("postgres.replication", Kind::Enum(REPLICATION_MODES), "streaming", "`streaming`: physical streaming replication. `logical`: publication/subscription of the Kine table; the Kine sequence is advanced on promotion."),
+    optional("postgres.durability", Kind::Enum(DURABILITY_MODES), "synchronous", "`synchronous`: a commit waits for the follower (RPO 0 while both are healthy). `async`: it does not."),
+    optional("postgres.degrade_after", Kind::Duration, "30s", "`synchronous`: how long the follower may be gone before the leader stops waiting for it."),
+    optional("postgres.port", Kind::Port, "5432", "PostgreSQL port on both nodes."),
+    optional("postgres.data_dir", Kind::Dir, "/var/lib/postgresql/15/main", "PostgreSQL data directory (on the persistent partition in the image)."),
+    required("postgres.replication_password", Kind::Secret, "Password of the `replicator` role (SCRAM)."),
+    required("postgres.kine_password", Kind::Secret, "Password of the `kine` role that Kine connects with."),
+    section("kine", "Kine, the etcd API over PostgreSQL."),
+    optional("kine.listen", Kind::SocketAddr, "127.0.0.1:2379", "Address Kine's etcd endpoint listens on; K3s on this node connects here."),
+    optional("kine.compaction_interval", Kind::Duration, "5m", "How often Kine compacts old revisions."),
+    section("k3s", "K3s server on this node."),
+    optional("k3s.enabled", Kind::Bool, "true", "Start K3s. `false` runs only PostgreSQL and Kine (datastore-only nodes, labs without K3s)."),
+    optional("k3s.extra_args", Kind::StrList, "[]", "Extra `k3s server` arguments. The datastore, token, node IP and TLS SAN flags are managed and may not appear here."),
+    required("k3s.token", Kind::Secret, "K3s server token shared by both nodes."),
+    section("health", "Heartbeats, health checks and fencing."),
+    optional("health.interval", Kind::Duration, "1s", "Heartbeat and health-check interval."),
+    optional("health.failure_threshold", Kind::Int { min: 1, max: 100 }, "3", "Missed heartbeats (or failed checks) before the peer (or a service) counts as failed."),
+    optional("health.fence_timeout", Kind::Duration, "5s", "A leader that reaches neither peer nor witness for this long fences itself. The follower waits this plus a margin before promoting."),
+    section("health.checks", "Health levels from the design: network, Kubernetes API, PostgreSQL, custom script."),
+    optional("health.checks.network", Kind::Bool, "true", "Probe the peer over TCP (and ICMP where permitted)."),
+    optional("health.checks.kubernetes_api", Kind::Bool, "true", "Check the local K3s `/readyz` (ignored when `k3s.enabled` is false)."),
+    optional("health.checks.postgres", Kind::Bool, "true", "Run `SELECT 1` on the local PostgreSQL."),
+    optional("health.checks.script", Kind::File, "null", "Custom check: an executable; exit 0 means healthy."),
+    optional("health.checks.script_timeout", Kind::Duration, "5s", "Time limit of the custom check."),
+    section("tls", "Mutual TLS between the agents (`gemin_k8s init` generates all three)."),
+    required("tls.ca", Kind::Pem, "CA certificate that both agents' certificates are signed by."),
+    required("tls.cert", Kind::Pem, "This node's certificate (client and server)."),
+    required("tls.key", Kind::Pem, "This node's private key. Only this node's file holds it."),
+];
+
+pub fn key(path: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.path == path)
+}
+
+/// Names of the keys directly under `parent` ("" for the top of the block).
+pub fn children(parent: &str) -> Vec<&'static str> {
+    KEYS.iter()
+        .filter_map(|k| match k.path.rsplit_once('.') {
+            Some((p, name)) if p == parent => Some(name),
+            None if parent.is_empty() => Some(k.path),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Kairos keys geminik8s knows about; other top-level keys are kept but
+/// reported as warnings, since a typo there is silently ignored by Kairos too.
+pub const KAIROS_KEYS: &[&str] = &[
+    "hostname", "users", "write_files", "runcmd", "bootcmd", "stages", "k3s", "k3s-agent", "install",
+    "bind_mounts", "ephemeral_mounts", "name", "ssh_authorized_keys", "kairos", "p2p", "reset",
+    "upgrade", "bundles", "debug", "strict", "fail_on_bundles_errors", "config_url", "options", "env",
+    "environment_file", "growpart", "timesyncd", "dns", "modules", "sysctl", "systemctl", "layout",
+    "files", "directories", "ensure_entities", "delete_entities", "datasource", "git", "unpack_images",
+    "commands", "if", "only_os", "only_arch", "only_service_manager", "environment", "entities", "downloads",
+    "cloud-init-paths", "pre-install", "post-install",
+];
+
+/// The reference page `docs/cloud-config.md`, rendered from [`KEYS`].
+pub fn reference_markdown() -> String {
+    let mut out = String::from(
+        "# Cloud-config reference\n\n\
+         <!-- Generated from agent/src/config/schema.rs by `just docs`; a test fails when this file drifts. -->\n\n\
+         geminik8s reads Kairos-compatible `#cloud-config` YAML. Kairos keys (`hostname`, `users`,\n\
+         `write_files`, `runcmd`, `stages`, `k3s`, `install`, `bind_mounts`, ...) are accepted and kept;\n\
+         geminik8s's own settings live under `geminik8s:`. An unknown key inside `geminik8s:` is an\n\
+         error (with the closest known key suggested); an unknown top-level key is a warning.\n\n\
+         ## Sources\n\n\
+         The agent merges, in this order (later wins; mappings merge key by key, lists are replaced):\n\n\
+         1. `*.yaml` / `*.yml` files in `/oem`, in name order;\n\
+         2. `*.yaml` / `*.yml` files in `/etc/geminik8s`, in name order;\n\
+         3. `user-data` on a NoCloud volume labelled `CIDATA` (or `cidata`);\n\
+         4. the URL given as `geminik8s.config_url=` on the kernel command line (10 s timeout, 3 tries).\n\n\
+         Every source must start with the line `#cloud-config`; files in the two directories that do\n\
+         not are skipped with a warning. Check files before flashing them with\n\
+         `gemin_k8s config validate FILE...`, which merges and validates them exactly as the agent does.\n\n\
+         ## Checks beyond types\n\n\
+         - `node.ip` and `peer.ip` differ; `cluster.vip` differs from both and all three share the\n\
+           `cluster.vip_prefix` subnet;\n\
+         - `node.name` and `peer.name` differ; `cluster.bootstrap_leader` is one of them;\n\
+         - `cluster.witness.targets` is non-empty for `gateway` and is exactly one `IP:PORT` for `arbiter`;\n\
+         - `health.fence_timeout` is longer than `health.interval`; `lease_renew` is shorter than `lease_ttl`;\n\
+         - files named by `health.checks.script` and by `tls.*` paths exist on the node (or are written by\n\
+           this cloud-config's `write_files`);\n\
+         - `k3s.extra_args` does not set the flags geminik8s manages.\n\n\
+         ## Keys under `geminik8s:`\n",
+    );
+    for key in KEYS {
+        if key.kind == Kind::Section {
+            out.push_str(&format!("\n### `{}`\n\n{}\n\n", key.path, key.doc));
+            out.push_str("| key | type | default | description |\n|---|---|---|---|\n");
+            continue;
+        }
+        let default = match (key.required, key.default) {
+            (true, _) => "**required**".to_string(),
+            (false, Some(d)) => format!("`{d}`"),
+            (false, None) => String::new(),
+        };
+        out.push_str(&format!("| `{}` | {} | {} | {} |\n", key.path, key.kind.describe(), default, key.doc));
+    }
+    out
+}

@@ -1,0 +1,7 @@
+//! The labs (network namespaces, QEMU) and the helpers the tests share.
+//!
+//! Tests never sleep for a fixed time: they poll a condition until a
+//! deadline and, on timeout, report what they saw last.
+
+pub mod poll;
+pub mod skip;
