@@ -58,7 +58,15 @@ pub struct Tool {
 
 impl Tool {
     pub fn new(program: impl Into<PathBuf>) -> Self {
-        Tool { program: program.into(), args: Vec::new(), env: Vec::new(), cwd: None, uid_gid: None, timeout: None, stdin: None }
+        Tool {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            uid_gid: None,
+            timeout: None,
+            stdin: None,
+        }
     }
 
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
@@ -152,7 +160,11 @@ impl Tool {
         if output.status.success() {
             Ok(Output { stdout, stderr })
         } else {
-            Err(CmdError::Failed { command, status: describe_status(output.status), stderr_tail: tail(&stderr, STDERR_TAIL_LINES) })
+            Err(CmdError::Failed {
+                command,
+                status: describe_status(output.status),
+                stderr_tail: tail(&stderr, STDERR_TAIL_LINES),
+            })
         }
     }
 }

@@ -4,6 +4,7 @@
 //! `main.rs` is a thin wrapper around [`cli::main`].
 
 pub mod cli;
+pub mod clusterfile;
 pub mod cmd;
 pub mod config;
 pub mod election;
@@ -11,6 +12,7 @@ pub mod fsutil;
 pub mod hostmeta;
 pub mod k3s;
 pub mod kine;
+pub mod logging;
 pub mod pki;
 pub mod postgres;
 pub mod secrets;

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 
 use anyhow::Context;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 
 /// A certificate and its private key, both PEM.
@@ -48,7 +48,8 @@ pub fn generate(cluster: &str, nodes: &[(String, IpAddr)], vip: IpAddr) -> anyho
     let ca_key = KeyPair::generate().context("generating the CA key")?;
     let mut ca_params = params(&format!("geminik8s {cluster} CA"))?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_cert = ca_params.self_signed(&ca_key).context("self-signing the CA")?;
     let ca = CertKey { cert: ca_cert.pem(), key: ca_key.serialize_pem() };
     let issuer = Issuer::new(ca_params, ca_key);
@@ -87,7 +88,10 @@ mod tests {
 
     #[test]
     fn generates_distinct_pem_keys_per_node() {
-        let nodes = vec![("node1".to_string(), "10.77.0.11".parse().unwrap()), ("node2".to_string(), "10.77.0.12".parse().unwrap())];
+        let nodes = vec![
+            ("node1".to_string(), "10.77.0.11".parse().unwrap()),
+            ("node2".to_string(), "10.77.0.12".parse().unwrap()),
+        ];
         let pki = generate("lab", &nodes, "10.77.0.10".parse().unwrap()).unwrap();
         assert_eq!(pki.nodes.len(), 2);
         assert!(pki.ca.cert.starts_with("-----BEGIN CERTIFICATE-----"));

@@ -27,7 +27,12 @@ pub fn until<T, E: Debug>(
 }
 
 /// The async form of [`until`], for tests running on tokio.
-pub async fn until_async<T, E: Debug, F, Fut>(what: &str, timeout: Duration, every: Duration, mut probe: F) -> Result<T, String>
+pub async fn until_async<T, E: Debug, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut probe: F,
+) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,

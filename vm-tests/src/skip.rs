@@ -16,7 +16,8 @@ pub fn is_root() -> bool {
 
 /// Find `tool` on PATH or in the usual extra places (PostgreSQL's bindir).
 pub fn find_tool(tool: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     dirs.push(PathBuf::from("/usr/lib/postgresql/15/bin"));
     dirs.into_iter().map(|d| d.join(tool)).find(|p| p.is_file())
 }

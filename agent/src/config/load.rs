@@ -186,7 +186,9 @@ pub fn load_sources(sources: &[Source], ctx: &CheckContext) -> Result<Loaded, Di
                 col: 1,
                 key: String::new(),
                 message: format!("the first line is not `{HEADER}`"),
-                hint: Some(format!("cloud-config files start with the line `{HEADER}` (Kairos ignores them otherwise)")),
+                hint: Some(format!(
+                    "cloud-config files start with the line `{HEADER}` (Kairos ignores them otherwise)"
+                )),
             });
             continue;
         }

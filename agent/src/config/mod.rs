@@ -18,3 +18,59 @@ pub use diag::{Diagnostic, Diagnostics, Severity};
 pub use load::{Loaded, Source, SourcePaths, load, load_files, load_sources};
 pub use types::*;
 pub use validate::CheckContext;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::{Value, json};
+
+    use super::schema::{KEYS, Kind};
+    use super::types::GeminiConfig;
+
+    fn leaves(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    leaves(&p, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+
+    /// The schema table and the typed structs describe the same keys with the
+    /// same defaults, so the docs rendered from the table are true.
+    #[test]
+    fn schema_matches_types_and_defaults() {
+        let required_only = json!({
+            "cluster": {"name": "lab", "vip": "10.77.0.10", "bootstrap_leader": "a"},
+            "node": {"name": "a", "ip": "10.77.0.11"},
+            "peer": {"name": "b", "ip": "10.77.0.12"},
+            "api": {"token": "t"},
+            "postgres": {"replication_password": "p", "kine_password": "k"},
+            "k3s": {"token": "k"},
+            "tls": {"ca": "c", "cert": "c", "key": "k"},
+        });
+        let full: GeminiConfig = serde_json::from_value(required_only.clone()).unwrap();
+        let mut typed = BTreeMap::new();
+        leaves("", &serde_json::to_value(&full).unwrap(), &mut typed);
+        let schema_leaves: Vec<&str> = KEYS.iter().filter(|k| k.kind != Kind::Section).map(|k| k.path).collect();
+        let typed_keys: Vec<&str> = typed.keys().map(String::as_str).collect();
+        let mut sorted = schema_leaves.clone();
+        sorted.sort();
+        assert_eq!(sorted, typed_keys, "schema::KEYS and types.rs list different keys");
+        let mut given = BTreeMap::new();
+        leaves("", &required_only, &mut given);
+        for key in KEYS.iter().filter(|k| k.kind != Kind::Section) {
+            assert_eq!(key.required, given.contains_key(key.path), "{}: required flag differs", key.path);
+            if let Some(default) = key.default {
+                let want = super::yaml::parse(&format!("v: {default}"), 0).unwrap().to_json()["v"].clone();
+                assert_eq!(typed[key.path], want, "{}: documented default differs from the typed default", key.path);
+            }
+        }
+    }
+}

@@ -74,7 +74,12 @@ pub fn validate(doc: &Node, names: &[String], ctx: &CheckContext) -> (Option<Gem
             continue;
         }
         if strsim::damerau_levenshtein(key, BLOCK) <= 2 {
-            c.error(Some(*pos), key, format!("unknown top-level key `{key}`"), Some(format!("did you mean `{BLOCK}`?")));
+            c.error(
+                Some(*pos),
+                key,
+                format!("unknown top-level key `{key}`"),
+                Some(format!("did you mean `{BLOCK}`?")),
+            );
         } else {
             let hint = did_you_mean(key, schema::KAIROS_KEYS.iter().copied())
                 .map(|k| format!("did you mean `{k}`?"))
@@ -207,12 +212,14 @@ fn check_leaf(kind: Kind, node: &Node, nullable: bool) -> Result<(), LeafError> 
             match humantime::parse_duration(&text) {
                 Ok(d) if d.is_zero() => Err(("the duration must be longer than zero".into(), None)),
                 Ok(_) => Ok(()),
-                Err(e) => Err((format!("`{text}` is not a duration ({e})"), quoted_hint("a number and a unit: `500ms`, `3s`, `5m`, `1h`"))),
+                Err(e) => Err((
+                    format!("`{text}` is not a duration ({e})"),
+                    quoted_hint("a number and a unit: `500ms`, `3s`, `5m`, `1h`"),
+                )),
             }
         }
         _ => {
             let text = match (&value, kind) {
-                (Value::String(s), _) => s.clone(),
                 (Value::Array(items), Kind::StrList | Kind::AddrList) => {
                     for (i, item) in items.iter().enumerate() {
                         let Some(s) = item.as_str() else {
@@ -226,11 +233,22 @@ fn check_leaf(kind: Kind, node: &Node, nullable: bool) -> Result<(), LeafError> 
                     }
                     return Ok(());
                 }
+                (Value::String(s), Kind::StrList | Kind::AddrList) => {
+                    let hint = format!("write a list: `[\"{s}\"]`");
+                    return Err((format!("expected a list, found the string `{s}`"), Some(hint)));
+                }
+                (Value::String(s), _) => s.clone(),
                 (other, Kind::StrList | Kind::AddrList) => {
-                    return Err((format!("expected a list, found {}", describe(other)), quoted_hint("`[a, b]` or one `- item` per line")));
+                    return Err((
+                        format!("expected a list, found {}", describe(other)),
+                        quoted_hint("`[a, b]` or one `- item` per line"),
+                    ));
                 }
                 (other, _) => {
-                    return Err((format!("expected a string, found {}", describe(other)), Some("quote the value".into())));
+                    return Err((
+                        format!("expected a string, found {}", describe(other)),
+                        Some("quote the value".into()),
+                    ));
                 }
             };
             check_text(kind, &text)
@@ -250,7 +268,10 @@ fn check_text(kind: Kind, text: &str) -> Result<(), LeafError> {
             if ok {
                 Ok(())
             } else {
-                Err((format!("`{text}` is not a valid name"), Some("use lowercase letters, digits and `-` (at most 63), not starting or ending with `-`".into())))
+                Err((
+                    format!("`{text}` is not a valid name"),
+                    Some("use lowercase letters, digits and `-` (at most 63), not starting or ending with `-`".into()),
+                ))
             }
         }
         Kind::Ip => match text.parse::<IpAddr>() {
@@ -259,7 +280,10 @@ fn check_text(kind: Kind, text: &str) -> Result<(), LeafError> {
                 format!("`{text}` is not a plain IP address"),
                 Some("give the prefix length in `cluster.vip_prefix` and only the address here".into()),
             )),
-            Err(_) => Err((format!("`{text}` is not an IP address"), Some("write an IPv4 or IPv6 address, e.g. `10.77.0.10`".into()))),
+            Err(_) => Err((
+                format!("`{text}` is not an IP address"),
+                Some("write an IPv4 or IPv6 address, e.g. `10.77.0.10`".into()),
+            )),
         },
         Kind::SocketAddr => match text.parse::<SocketAddr>() {
             Ok(_) => Ok(()),
@@ -288,7 +312,10 @@ fn check_text(kind: Kind, text: &str) -> Result<(), LeafError> {
                 if text.contains("-----END ") {
                     Ok(())
                 } else {
-                    Err(("the inline PEM has no `-----END` line".into(), Some("paste the whole PEM block, or give a file path".into())))
+                    Err((
+                        "the inline PEM has no `-----END` line".into(),
+                        Some("paste the whole PEM block, or give a file path".into()),
+                    ))
                 }
             } else {
                 check_text(Kind::File, text)
@@ -298,7 +325,10 @@ fn check_text(kind: Kind, text: &str) -> Result<(), LeafError> {
             if text.chars().count() >= 16 {
                 Ok(())
             } else {
-                Err(("the secret is shorter than 16 characters".into(), Some("let `gemin_k8s init` generate secrets, or use a long random string".into())))
+                Err((
+                    "the secret is shorter than 16 characters".into(),
+                    Some("let `gemin_k8s init` generate secrets, or use a long random string".into()),
+                ))
             }
         }
         _ => Ok(()),
@@ -331,7 +361,14 @@ pub fn parse_target(text: &str) -> Option<(IpAddr, Option<u16>)> {
     text.parse::<SocketAddr>().ok().map(|sa| (sa.ip(), Some(sa.port())))
 }
 
-fn check_file_exists(c: &mut Checker, kind: Kind, node: &Node, path: &str, ctx: &CheckContext, written: &BTreeSet<String>) {
+fn check_file_exists(
+    c: &mut Checker,
+    kind: Kind,
+    node: &Node,
+    path: &str,
+    ctx: &CheckContext,
+    written: &BTreeSet<String>,
+) {
     let Some(text) = node.to_json().as_str().map(str::to_string) else { return };
     let is_file_ref = match kind {
         Kind::File => true,
@@ -344,7 +381,8 @@ fn check_file_exists(c: &mut Checker, kind: Kind, node: &Node, path: &str, ctx: 
     let on_disk = ctx.root.join(text.trim_start_matches('/'));
     if !on_disk.is_file() {
         let hint = if ctx.root == Path::new("/") {
-            "create it on the node, add it to `write_files`, or (on a workstation) validate with `--no-file-checks`".to_string()
+            "create it on the node, add it to `write_files`, or (on a workstation) validate with `--no-file-checks`"
+                .to_string()
         } else {
             format!("looked for {}", on_disk.display())
         };
@@ -379,11 +417,18 @@ fn required(c: &mut Checker, block: &Node, block_pos: Option<Pos>) {
 
 /// Checks between keys, once every key has the right type.
 fn relations(c: &mut Checker, block: &Node, cfg: &GeminiConfig) {
-    let at = |path: &str| block.lookup(path).map(|n| n.pos).or_else(|| Some(block.pos));
+    // Position of the first of `paths` present, else of the block itself.
+    let at_any = |paths: &[&str]| paths.iter().find_map(|p| block.lookup(p)).map(|n| n.pos).or(Some(block.pos));
+    let at = |path: &str| at_any(&[path]);
     let (node, peer, cluster) = (&cfg.node, &cfg.peer, &cfg.cluster);
 
     if node.name == peer.name {
-        c.error(at("peer.name"), &full("peer.name"), format!("`{}` is also `node.name`", peer.name), Some("the two nodes need different names".into()));
+        c.error(
+            at("peer.name"),
+            &full("peer.name"),
+            format!("`{}` is also `node.name`", peer.name),
+            Some("the two nodes need different names".into()),
+        );
     }
     if cluster.bootstrap_leader != node.name && cluster.bootstrap_leader != peer.name {
         c.error(
@@ -394,20 +439,40 @@ fn relations(c: &mut Checker, block: &Node, cfg: &GeminiConfig) {
         );
     }
     if node.ip == peer.ip {
-        c.error(at("peer.ip"), &full("peer.ip"), format!("{} is also `node.ip`", peer.ip), Some("the two nodes need different addresses".into()));
+        c.error(
+            at("peer.ip"),
+            &full("peer.ip"),
+            format!("{} is also `node.ip`", peer.ip),
+            Some("the two nodes need different addresses".into()),
+        );
     }
     for (path, ip) in [("node.ip", node.ip), ("peer.ip", peer.ip)] {
         if ip == cluster.vip {
-            c.error(at("cluster.vip"), &full("cluster.vip"), format!("the VIP {} is also `{path}`", cluster.vip), Some("the VIP must be a free address in the nodes' subnet".into()));
+            c.error(
+                at("cluster.vip"),
+                &full("cluster.vip"),
+                format!("the VIP {} is also `{path}`", cluster.vip),
+                Some("the VIP must be a free address in the nodes' subnet".into()),
+            );
         }
     }
     let max_prefix = if cluster.vip.is_ipv4() { 32 } else { 128 };
     if cluster.vip_prefix > max_prefix {
-        c.error(at("cluster.vip_prefix"), &full("cluster.vip_prefix"), format!("/{} is too long for {}", cluster.vip_prefix, cluster.vip), Some(format!("use at most {max_prefix}")));
+        c.error(
+            at("cluster.vip_prefix"),
+            &full("cluster.vip_prefix"),
+            format!("/{} is too long for {}", cluster.vip_prefix, cluster.vip),
+            Some(format!("use at most {max_prefix}")),
+        );
     } else {
         for (path, ip) in [("node.ip", node.ip), ("peer.ip", peer.ip)] {
             if ip.is_ipv4() != cluster.vip.is_ipv4() {
-                c.error(at(path), &full(path), format!("{ip} and the VIP {} are of different IP families", cluster.vip), Some("use IPv4 or IPv6 for all three".into()));
+                c.error(
+                    at(path),
+                    &full(path),
+                    format!("{ip} and the VIP {} are of different IP families", cluster.vip),
+                    Some("use IPv4 or IPv6 for all three".into()),
+                );
             } else if !same_subnet(ip, cluster.vip, cluster.vip_prefix) {
                 c.error(
                     at(path),
@@ -424,13 +489,18 @@ fn relations(c: &mut Checker, block: &Node, cfg: &GeminiConfig) {
             let bits = u32::from(v4);
             let host_mask = u32::MAX >> cluster.vip_prefix;
             if cluster.vip == net || bits & host_mask == host_mask {
-                c.error(at("cluster.vip"), &full("cluster.vip"), format!("{} is the network or broadcast address of /{}", cluster.vip, cluster.vip_prefix), Some("pick a host address".into()));
+                c.error(
+                    at("cluster.vip"),
+                    &full("cluster.vip"),
+                    format!("{} is the network or broadcast address of /{}", cluster.vip, cluster.vip_prefix),
+                    Some("pick a host address".into()),
+                );
             }
         }
     }
 
     let witness = &cluster.witness;
-    let targets_at = at("cluster.witness.targets").or_else(|| at("cluster.witness.mode"));
+    let targets_at = at_any(&["cluster.witness.targets", "cluster.witness.mode"]);
     match witness.mode {
         WitnessMode::None => {}
         WitnessMode::Gateway if witness.targets.is_empty() => c.error(
@@ -441,9 +511,15 @@ fn relations(c: &mut Checker, block: &Node, cfg: &GeminiConfig) {
         ),
         WitnessMode::Gateway => {}
         WitnessMode::Arbiter => {
-            let ok = witness.targets.len() == 1 && parse_target(&witness.targets[0]).is_some_and(|(_, port)| port.is_some());
+            let ok =
+                witness.targets.len() == 1 && parse_target(&witness.targets[0]).is_some_and(|(_, port)| port.is_some());
             if !ok {
-                c.error(targets_at, &full("cluster.witness.targets"), "mode `arbiter` needs exactly one `IP:PORT` target", Some("the address of `gemin_k8s witness serve` on a third machine".into()));
+                c.error(
+                    targets_at,
+                    &full("cluster.witness.targets"),
+                    "mode `arbiter` needs exactly one `IP:PORT` target",
+                    Some("the address of `gemin_k8s witness serve` on a third machine".into()),
+                );
             }
         }
     }
@@ -451,21 +527,41 @@ fn relations(c: &mut Checker, block: &Node, cfg: &GeminiConfig) {
         if let Some((ip, _)) = parse_target(target)
             && (ip == node.ip || ip == peer.ip || ip == cluster.vip)
         {
-            c.error(targets_at, &full("cluster.witness.targets"), format!("{ip} is a cluster address"), Some("a witness must be a third machine".into()));
+            c.error(
+                targets_at,
+                &full("cluster.witness.targets"),
+                format!("{ip} is a cluster address"),
+                Some("a witness must be a third machine".into()),
+            );
         }
     }
     if witness.mode == WitnessMode::Arbiter && witness.lease_renew >= witness.lease_ttl {
-        c.error(at("cluster.witness.lease_renew"), &full("cluster.witness.lease_renew"), "must be shorter than `lease_ttl`", Some("renew at most a third of the TTL".into()));
+        c.error(
+            at("cluster.witness.lease_renew"),
+            &full("cluster.witness.lease_renew"),
+            "must be shorter than `lease_ttl`",
+            Some("renew at most a third of the TTL".into()),
+        );
     }
     let health = &cfg.health;
     if health.fence_timeout <= health.interval {
-        c.error(at("health.fence_timeout"), &full("health.fence_timeout"), "must be longer than `health.interval`", Some("the default is 5s with a 1s interval".into()));
+        c.error(
+            at("health.fence_timeout"),
+            &full("health.fence_timeout"),
+            "must be longer than `health.interval`",
+            Some("the default is 5s with a 1s interval".into()),
+        );
     }
     if let Some(NodeKind::Seq(items)) = block.lookup("k3s.extra_args").map(|n| &n.kind) {
         for (item, text) in items.iter().zip(&cfg.k3s.extra_args) {
             let flag = text.split('=').next().unwrap_or_default();
             if MANAGED_K3S_FLAGS.contains(&flag) {
-                c.error(Some(item.pos), &full("k3s.extra_args"), format!("`{flag}` is managed by geminik8s"), Some("remove it; the agent sets it from the rest of this block".into()));
+                c.error(
+                    Some(item.pos),
+                    &full("k3s.extra_args"),
+                    format!("`{flag}` is managed by geminik8s"),
+                    Some("remove it; the agent sets it from the rest of this block".into()),
+                );
             }
         }
     }

@@ -25,7 +25,10 @@ pub enum Kind {
     /// Keys in document order, each with the position of the key itself.
     Map(Vec<(String, Pos, Node)>),
     Seq(Vec<Node>),
-    Scalar { text: String, quoted: bool },
+    Scalar {
+        text: String,
+        quoted: bool,
+    },
 }
 
 /// One YAML value and where it starts.
@@ -126,9 +129,7 @@ fn resolve_plain(text: &str) -> Value {
     if let Ok(i) = text.parse::<i64>() {
         return Value::Number(i.into());
     }
-    let looks_numeric = text
-        .chars()
-        .all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-'))
+    let looks_numeric = text.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-'))
         && text.chars().any(|c| c.is_ascii_digit());
     if looks_numeric
         && let Ok(f) = text.parse::<f64>()
@@ -248,9 +249,7 @@ pub fn parse(text: &str, source: usize) -> Result<Node, SyntaxError> {
     let empty = Node { kind: Kind::Map(Vec::new()), pos: Pos { source, line: 1, col: 1 } };
     match builder.root {
         None => Ok(empty),
-        Some(Node { kind: Kind::Scalar { ref text, quoted: false }, .. }) if resolve_plain(text).is_null() => {
-            Ok(empty)
-        }
+        Some(Node { kind: Kind::Scalar { ref text, quoted: false }, .. }) if resolve_plain(text).is_null() => Ok(empty),
         Some(node) => Ok(node),
     }
 }
@@ -304,7 +303,8 @@ fn emit(value: &Value, indent: usize, out: &mut String, in_seq: bool) {
                 if !(in_seq && i == 0) {
                     out.push_str(&pad);
                 }
-                let key = if needs_quotes(k) { serde_json::to_string(k).expect("strings serialise") } else { k.clone() };
+                let key =
+                    if needs_quotes(k) { serde_json::to_string(k).expect("strings serialise") } else { k.clone() };
                 out.push_str(&key);
                 out.push(':');
                 emit_child(v, indent + 2, out);

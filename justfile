@@ -1,0 +1,59 @@
+# geminik8s: the one entry point for people and CI. `just --list` shows the recipes.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+kine_version := "v0.17.5"
+apt_packages := "postgresql-15 etcd-client iproute2 iputils-ping arping dbus ca-certificates curl build-essential"
+
+# Show the recipes.
+default:
+    @just --list
+
+# Build the whole workspace.
+build:
+    cargo build --workspace --all-targets
+
+# Build release binaries (gemin_k8s, gemin-image).
+release:
+    cargo build --workspace --release
+
+# Run every test. Tests that need root or tools print SKIPPED with the reason when they cannot run.
+test:
+    cargo test --workspace --no-fail-fast
+
+# Formatting and lints, warnings as errors.
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Regenerate the generated docs (man pages, cloud-config reference).
+docs:
+    cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- gen-docs --out docs
+
+# Install what the tests need (idempotent): Debian packages and Kine.
+deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=""
+    for p in {{apt_packages}}; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+    done
+    if [ -n "$missing" ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+    fi
+    # `go install` builds carry the module version in their build info, not in `kine --version`.
+    if ! command -v kine >/dev/null || ! go version -m "$(command -v kine)" | grep -q "github.com/k3s-io/kine[[:space:]]*{{kine_version}}"; then
+        command -v go >/dev/null || { echo "Go is needed to build Kine: install Go 1.22 or newer" >&2; exit 1; }
+        CGO_ENABLED=1 GOBIN=/usr/local/bin go install github.com/k3s-io/kine@{{kine_version}}
+    fi
+    echo "kine {{kine_version}}: $(command -v kine)"
+
+# A cluster definition in ./lab-cluster, validated (the lab itself comes with the netns and QEMU labs).
+demo dir="lab-cluster":
+    cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- init --name lab --node1-ip 10.77.0.11 --node2-ip 10.77.0.12 --vip 10.77.0.10 --config-dir {{dir}} --force
+    cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- config validate --no-file-checks {{dir}}/node1.yaml
+    cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- config validate --no-file-checks {{dir}}/node2.yaml
+
+# What CI runs: deps, lints, tests.
+ci: deps lint test
