@@ -54,6 +54,11 @@ pub struct PkiPaths {
     pub ca_key: PathBuf,
     pub operator_cert: PathBuf,
     pub operator_key: PathBuf,
+    /// Present for the `arbiter` witness: `gemin_k8s witness serve --pki-dir` uses them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness_key: Option<PathBuf>,
 }
 
 impl ClusterFile {
@@ -65,6 +70,19 @@ impl ClusterFile {
             self.name,
             yaml::to_yaml(&value)
         ))
+    }
+
+    /// The operator's TLS material and token, to call the agents.
+    pub fn operator_tls(&self, dir: &Path) -> anyhow::Result<crate::peer::tls::TlsMaterial> {
+        let read = |p: &Path| {
+            let path = dir.join(p);
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        Ok(crate::peer::tls::TlsMaterial::from_pem(
+            &read(&self.pki.ca_cert)?,
+            &read(&self.pki.operator_cert)?,
+            &read(&self.pki.operator_key)?,
+        )?)
     }
 
     pub fn load(path: &Path) -> anyhow::Result<ClusterFile> {

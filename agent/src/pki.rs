@@ -24,6 +24,8 @@ pub struct ClusterPki {
     /// In the order the nodes were given.
     pub nodes: Vec<CertKey>,
     pub operator: CertKey,
+    /// For `gemin_k8s witness serve` (arbiter mode), valid for the witness's IP.
+    pub witness: Option<CertKey>,
 }
 
 /// Certificates are valid for this many days. Edge appliances may sit
@@ -42,9 +44,15 @@ fn params(common_name: &str) -> anyhow::Result<CertificateParams> {
     Ok(params)
 }
 
-/// Generate a CA for `cluster`, and a client+server certificate for each
-/// `(name, ip)` node (SANs: name, ip, VIP, localhost).
-pub fn generate(cluster: &str, nodes: &[(String, IpAddr)], vip: IpAddr) -> anyhow::Result<ClusterPki> {
+/// Generate a CA for `cluster`, a client+server certificate for each
+/// `(name, ip)` node (SANs: name, ip, VIP, localhost), one for the operator,
+/// and one for the witness when its address is given.
+pub fn generate(
+    cluster: &str,
+    nodes: &[(String, IpAddr)],
+    vip: IpAddr,
+    witness: Option<IpAddr>,
+) -> anyhow::Result<ClusterPki> {
     let ca_key = KeyPair::generate().context("generating the CA key")?;
     let mut ca_params = params(&format!("geminik8s {cluster} CA"))?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -79,7 +87,13 @@ pub fn generate(cluster: &str, nodes: &[(String, IpAddr)], vip: IpAddr) -> anyho
         out.push(leaf(name, sans)?);
     }
     let operator = leaf("operator", vec![])?;
-    Ok(ClusterPki { ca, nodes: out, operator })
+    let witness = match witness {
+        Some(ip) => {
+            Some(leaf("witness", vec![SanType::IpAddress(ip), SanType::IpAddress(IpAddr::from([127, 0, 0, 1]))])?)
+        }
+        None => None,
+    };
+    Ok(ClusterPki { ca, nodes: out, operator, witness })
 }
 
 #[cfg(test)]
@@ -92,7 +106,8 @@ mod tests {
             ("node1".to_string(), "10.77.0.11".parse().unwrap()),
             ("node2".to_string(), "10.77.0.12".parse().unwrap()),
         ];
-        let pki = generate("lab", &nodes, "10.77.0.10".parse().unwrap()).unwrap();
+        let pki = generate("lab", &nodes, "10.77.0.10".parse().unwrap(), None).unwrap();
+        assert!(pki.witness.is_none());
         assert_eq!(pki.nodes.len(), 2);
         assert!(pki.ca.cert.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(pki.nodes[0].key.contains("PRIVATE KEY"));

@@ -6,6 +6,7 @@
 //! DIR/node2.yaml          cloud-config for node 2, 0600
 //! DIR/pki/ca.crt          cluster CA, 0644; ca.key 0600
 //! DIR/pki/operator.crt    operator client certificate, 0644; operator.key 0600
+//! DIR/pki/witness.crt     arbiter witness certificate (arbiter mode), 0644; witness.key 0600
 //! ```
 //!
 //! Values come from flags, then `--template`, then `--interactive` answers;
@@ -408,7 +409,11 @@ fn build_with(plan: &Plan, dir: &Path, template: &Template) -> anyhow::Result<Ve
         kine_password: secrets::generate(32),
         k3s_token: secrets::generate(48),
     };
-    let pki = pki::generate(&plan.name, &plan.nodes, plan.vip).context("generating certificates")?;
+    let witness_ip = match plan.witness {
+        WitnessMode::Arbiter => plan.witness_targets.first().and_then(|t| parse_target(t)).map(|(ip, _)| ip),
+        _ => None,
+    };
+    let pki = pki::generate(&plan.name, &plan.nodes, plan.vip, witness_ip).context("generating certificates")?;
     let mut files = Vec::new();
     let mut entries = Vec::new();
     for i in 0..2 {
@@ -436,6 +441,8 @@ fn build_with(plan: &Plan, dir: &Path, template: &Template) -> anyhow::Result<Ve
             ca_key: "pki/ca.key".into(),
             operator_cert: "pki/operator.crt".into(),
             operator_key: "pki/operator.key".into(),
+            witness_cert: pki.witness.as_ref().map(|_| "pki/witness.crt".into()),
+            witness_key: pki.witness.as_ref().map(|_| "pki/witness.key".into()),
         },
         created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     };
@@ -444,6 +451,10 @@ fn build_with(plan: &Plan, dir: &Path, template: &Template) -> anyhow::Result<Ve
     files.push(planned(dir, "pki/ca.key", pki.ca.key.into_bytes(), 0o600));
     files.push(planned(dir, "pki/operator.crt", pki.operator.cert.into_bytes(), 0o644));
     files.push(planned(dir, "pki/operator.key", pki.operator.key.into_bytes(), 0o600));
+    if let Some(w) = pki.witness {
+        files.push(planned(dir, "pki/witness.crt", w.cert.into_bytes(), 0o644));
+        files.push(planned(dir, "pki/witness.key", w.key.into_bytes(), 0o600));
+    }
     Ok(files)
 }
 

@@ -12,7 +12,9 @@ pub mod docs;
 pub mod init;
 pub mod output;
 pub mod prompt;
+pub mod status;
 pub mod version;
+pub mod witness;
 
 pub use output::OutputFormat;
 
@@ -77,8 +79,13 @@ pub enum Command {
     /// Work with cloud-config files.
     #[command(subcommand)]
     Config(config::Command),
+    /// Show the cluster's state as the agents see it (exit 1 when degraded).
+    Status(status::Args),
     /// Print version information.
     Version(version::Args),
+    /// The arbiter witness for split-brain protection.
+    #[command(subcommand)]
+    Witness(witness::Command),
     /// Print a shell completion script.
     Completion(completion::Args),
     /// Write the generated docs (man pages, cloud-config reference).
@@ -114,7 +121,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Init(args) => init::run(args, &cli.global).await,
         Command::Config(cmd) => config::run(cmd, &cli.global).await,
+        Command::Status(args) => status::run(args, &cli.global).await,
         Command::Version(args) => version::run(args).await,
+        Command::Witness(cmd) => witness::run(cmd, &cli.global).await,
         Command::Completion(args) => completion::run(args),
         Command::GenDocs(args) => docs::run(args),
     }

@@ -1,0 +1,115 @@
+//! Calls to an agent: over mutual TLS to a peer or a remote node, or over
+//! the local Unix socket.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+
+use super::tls::TlsMaterial;
+use super::{HealthReport, NodeStatus};
+use crate::hostmeta::HostMeta;
+
+/// Where an agent is reached.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// `https://IP:PORT` with mutual TLS (and the API token for operator routes).
+    Https { base: String, http: reqwest::Client, token: Option<String> },
+    /// The node-local socket.
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    endpoint: Endpoint,
+    timeout: Duration,
+}
+
+impl AgentClient {
+    pub fn https(base: &str, tls: &TlsMaterial, token: Option<String>, timeout: Duration) -> anyhow::Result<Self> {
+        let http = tls.http_client(timeout)?;
+        let base = base.trim_end_matches('/').to_string();
+        Ok(AgentClient { endpoint: Endpoint::Https { base, http, token }, timeout })
+    }
+
+    pub fn unix(path: &Path, timeout: Duration) -> Self {
+        AgentClient { endpoint: Endpoint::Unix(path.to_path_buf()), timeout }
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Https { base, .. } => base.clone(),
+            Endpoint::Unix(p) => format!("unix:{}", p.display()),
+        }
+    }
+
+    async fn get_text(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        match &self.endpoint {
+            Endpoint::Https { base, http, token } => {
+                let mut req = http.get(format!("{base}{path}"));
+                if let Some(t) = token {
+                    req = req.bearer_auth(t);
+                }
+                let resp = req.send().await?;
+                let status = resp.status().as_u16();
+                Ok((status, resp.text().await?))
+            }
+            Endpoint::Unix(socket) => {
+                let fut = async {
+                    let stream = tokio::net::UnixStream::connect(socket)
+                        .await
+                        .with_context(|| format!("connecting to {} (is the agent running?)", socket.display()))?;
+                    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                    let driver = tokio::spawn(conn);
+                    let req = hyper::Request::get(path).header("host", "localhost").body(Empty::<Bytes>::new())?;
+                    let resp = sender.send_request(req).await?;
+                    let status = resp.status().as_u16();
+                    let body = resp.into_body().collect().await?.to_bytes();
+                    driver.abort();
+                    anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+                };
+                tokio::time::timeout(self.timeout, fut)
+                    .await
+                    .with_context(|| format!("{} did not answer within {:?}", socket.display(), self.timeout))?
+            }
+        }
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Option<T>> {
+        let (status, body) = self.get_text(path).await.with_context(|| format!("GET {path} on {}", self.describe()))?;
+        match status {
+            200 => serde_json::from_str(&body).map(Some).with_context(|| format!("reading the answer to {path}")),
+            404 => Ok(None),
+            401 => bail!("{} refused the call: {}", self.describe(), body.trim()),
+            other => bail!("{} answered {path} with HTTP {other}: {}", self.describe(), body.trim()),
+        }
+    }
+
+    /// The heartbeat, and how long it took.
+    pub async fn health(&self) -> anyhow::Result<(HealthReport, Duration)> {
+        let start = Instant::now();
+        let report = self.get_json("/v1/health").await?.context("the agent has no /v1/health")?;
+        Ok((report, start.elapsed()))
+    }
+
+    /// The peer's hostMeta, `None` before it has one.
+    pub async fn hostmeta(&self) -> anyhow::Result<Option<HostMeta>> {
+        self.get_json("/v1/hostmeta").await
+    }
+
+    pub async fn status(&self) -> anyhow::Result<NodeStatus> {
+        self.get_json("/v1/status").await?.context("the agent has no /v1/status")
+    }
+
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let (status, body) = self.get_text("/metrics").await?;
+        if status != 200 {
+            bail!("{} answered /metrics with HTTP {status}: {}", self.describe(), body.trim());
+        }
+        Ok(body)
+    }
+}

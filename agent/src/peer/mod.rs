@@ -1,0 +1,151 @@
+//! The agent API: what agents tell each other (heartbeats, hostMeta) and
+//! what operators ask (status, metrics), over mutual TLS; the same status
+//! on a local Unix socket for `gemin_k8s status` on the node.
+//!
+//! - [`tls`]: certificates from `gemin_k8s init` into rustls configurations;
+//! - [`server`]: the axum routes and the TLS / Unix socket listeners;
+//! - [`client`]: calls to a peer or a node;
+//! - [`metrics`]: the Prometheus text rendering.
+
+pub mod client;
+pub mod metrics;
+pub mod server;
+pub mod tls;
+
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::hostmeta::HostMeta;
+
+/// Answer to `GET /v1/health`: the heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub cluster: String,
+    pub node: String,
+    pub role: String,
+    pub state: String,
+    pub epoch: u64,
+    pub healthy: bool,
+    pub components: Vec<ComponentHealth>,
+}
+
+/// One local component (PostgreSQL, Kine, K3s, the VIP...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentHealth {
+    pub name: String,
+    /// `ok`, `failed`, `starting`, `absent` (not wired on this host) or `disabled`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl ComponentHealth {
+    pub fn is_ok(&self) -> bool {
+        matches!(self.state.as_str(), "ok" | "disabled")
+    }
+}
+
+/// Answer to `GET /v1/status`: everything `gemin_k8s status` shows for a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub cluster: String,
+    pub node: String,
+    pub address: String,
+    pub agent_version: String,
+    pub role: String,
+    pub state: String,
+    pub epoch: u64,
+    pub peer: PeerView,
+    pub witness: WitnessView,
+    pub vip: VipView,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover: Option<FailoverView>,
+    pub components: Vec<ComponentHealth>,
+    /// Why the node or cluster is degraded; empty when all is well.
+    pub degraded: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerView {
+    pub name: String,
+    pub address: String,
+    pub reachable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// Milliseconds since the last heartbeat answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heard_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WitnessView {
+    pub mode: String,
+    /// `n/a`, `reachable`, `unreachable`, `lease held`, `lease held by <node>`...
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VipView {
+    pub address: String,
+    pub held_here: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicationView {
+    /// `synchronous`, `async`, or `degraded (async)`.
+    pub durability: String,
+    pub streaming: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailoverView {
+    /// RFC 3339 wall-clock time, for people.
+    pub at: String,
+    pub from: String,
+    pub to: String,
+    pub duration_ms: u64,
+}
+
+/// Counters behind `/metrics` that the status does not carry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub failovers_total: u64,
+    pub heartbeats_missed_total: u64,
+}
+
+/// What the agent publishes; the API serves it. The agent loop replaces it
+/// each tick; handlers only read.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub hostmeta: Option<HostMeta>,
+    pub status: NodeStatus,
+    pub counters: Counters,
+}
+
+impl Published {
+    pub fn health(&self) -> HealthReport {
+        let s = &self.status;
+        HealthReport {
+            cluster: s.cluster.clone(),
+            node: s.node.clone(),
+            role: s.role.clone(),
+            state: s.state.clone(),
+            epoch: s.epoch,
+            healthy: s.components.iter().all(ComponentHealth::is_ok),
+            components: s.components.clone(),
+        }
+    }
+}
+
+pub type Shared = Arc<RwLock<Published>>;

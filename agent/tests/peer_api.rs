@@ -1,0 +1,273 @@
+//! The agent API over real mutual TLS on loopback: who gets in, who is
+//! refused, what they see; the witness lease with two contending nodes; and
+//! `gemin_k8s status` reading both nodes of a cluster made by `init`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use geminik8s::hostmeta::HostMeta;
+use geminik8s::peer::client::AgentClient;
+use geminik8s::peer::server::{bind_unix, router, serve_tls, serve_unix};
+use geminik8s::peer::tls::TlsMaterial;
+use geminik8s::peer::{ComponentHealth, Counters, NodeStatus, PeerView, Published, Shared, VipView, WitnessView};
+use geminik8s::pki::{self, ClusterPki};
+use geminik8s::witness::{self, LeaseClient, LeaseView};
+
+const TOKEN: &str = "operator-token-0123456789";
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn cluster_pki(witness: Option<IpAddr>) -> ClusterPki {
+    let nodes =
+        vec![("node1".to_string(), "127.0.0.1".parse().unwrap()), ("node2".to_string(), "127.0.0.2".parse().unwrap())];
+    pki::generate("lab", &nodes, "127.0.0.3".parse().unwrap(), witness).unwrap()
+}
+
+fn material(p: &ClusterPki, i: usize) -> TlsMaterial {
+    TlsMaterial::from_pem(&p.ca.cert, &p.nodes[i].cert, &p.nodes[i].key).unwrap()
+}
+
+fn status(node: &str, role: &str, holds_vip: bool) -> NodeStatus {
+    NodeStatus {
+        cluster: "lab".into(),
+        node: node.into(),
+        address: "127.0.0.1".into(),
+        agent_version: "test".into(),
+        role: role.into(),
+        state: role.into(),
+        epoch: 4,
+        peer: PeerView {
+            name: "node2".into(),
+            address: "127.0.0.2".into(),
+            reachable: true,
+            role: None,
+            epoch: None,
+            last_heard_ms: Some(120),
+            rtt_ms: Some(0.4),
+        },
+        witness: WitnessView { mode: "none".into(), state: "n/a".into() },
+        vip: VipView { address: "127.0.0.3".into(), held_here: holds_vip },
+        replication: None,
+        last_failover: None,
+        components: vec![ComponentHealth { name: "postgres".into(), state: "ok".into(), detail: String::new() }],
+        degraded: vec![],
+    }
+}
+
+struct Running {
+    addr: SocketAddr,
+    shared: Shared,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn start(tls: &TlsMaterial, ip: &str, port: u16, st: NodeStatus, token: &str) -> Running {
+    let shared: Shared = Arc::new(RwLock::new(Published { hostmeta: None, status: st, counters: Counters::default() }));
+    let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refused = Arc::new(AtomicU64::new(0));
+    let app = router(shared.clone(), Some(token), refused.clone());
+    let task = tokio::spawn(serve_tls(listener, tls.server_config().unwrap(), app, refused));
+    Running { addr, shared, task }
+}
+
+#[tokio::test]
+async fn mutual_tls_token_and_routes() {
+    let p = cluster_pki(None);
+    let server = start(&material(&p, 0), "127.0.0.1", 0, status("node1", "leader", true), TOKEN).await;
+    let url = format!("https://127.0.0.1:{}", server.addr.port());
+
+    // The peer, with its own certificate and no token: heartbeat and hostMeta, not status.
+    let peer = AgentClient::https(&url, &material(&p, 1), None, TIMEOUT).unwrap();
+    let (health, rtt) = peer.health().await.unwrap();
+    assert_eq!(
+        (health.node.as_str(), health.role.as_str(), health.epoch, health.healthy),
+        ("node1", "leader", 4, true)
+    );
+    assert!(rtt < TIMEOUT);
+    assert_eq!(peer.hostmeta().await.unwrap(), None, "no hostMeta published yet");
+    let meta = HostMeta::fresh(
+        "lab",
+        ("node1", "127.0.0.1".parse().unwrap()),
+        ("node2", "127.0.0.2".parse().unwrap()),
+        "127.0.0.3".parse().unwrap(),
+    );
+    server.shared.write().unwrap().hostmeta = Some(meta.clone());
+    assert_eq!(peer.hostmeta().await.unwrap(), Some(meta));
+    let err = peer.status().await.unwrap_err();
+    assert!(format!("{err:#}").contains("API token"), "{err:#}");
+
+    // The operator with the token sees status and metrics.
+    let op_tls = TlsMaterial::from_pem(&p.ca.cert, &p.operator.cert, &p.operator.key).unwrap();
+    let op = AgentClient::https(&url, &op_tls, Some(TOKEN.into()), TIMEOUT).unwrap();
+    assert_eq!(op.status().await.unwrap(), status("node1", "leader", true));
+    let wrong = AgentClient::https(&url, &op_tls, Some("not-the-token-0000000".into()), TIMEOUT).unwrap();
+    assert!(wrong.status().await.is_err());
+
+    // A certificate from another cluster's CA never gets a connection.
+    let other = cluster_pki(None);
+    let stranger = AgentClient::https(&url, &material(&other, 1), Some(TOKEN.into()), TIMEOUT).unwrap();
+    assert!(stranger.health().await.is_err(), "a foreign certificate was accepted");
+    // Nor does a client without a certificate (plain HTTPS with the CA trusted).
+    let ca = reqwest::Certificate::from_pem(p.ca.cert.as_bytes()).unwrap();
+    let anonymous = reqwest::Client::builder().tls_certs_only([ca]).build().unwrap();
+    assert!(
+        anonymous.get(format!("{url}/v1/health")).send().await.is_err(),
+        "a client without a certificate was accepted"
+    );
+
+    let metrics = op.metrics().await.unwrap();
+    assert!(metrics.contains("geminik8s_role{node=\"node1\",role=\"leader\"} 1"), "{metrics}");
+    assert!(metrics.contains("geminik8s_epoch{node=\"node1\"} 4"), "{metrics}");
+    assert!(metrics.contains("geminik8s_heartbeat_rtt_seconds"), "{metrics}");
+    let refused: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("geminik8s_refused_connections_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(refused >= 4.0, "refusals not counted: {refused}\n{metrics}");
+}
+
+#[tokio::test]
+async fn local_socket_serves_status_without_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let shared: Shared = Arc::new(RwLock::new(Published {
+        hostmeta: None,
+        status: status("node1", "follower", false),
+        counters: Counters::default(),
+    }));
+    let listener = bind_unix(&path).unwrap();
+    let task = tokio::spawn(serve_unix(listener, router(shared, None, Arc::new(AtomicU64::new(0)))));
+    let client = AgentClient::unix(&path, TIMEOUT);
+    assert_eq!(client.status().await.unwrap().role, "follower");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    task.abort();
+}
+
+#[tokio::test]
+async fn witness_lease_goes_to_one_node_at_a_time() {
+    let p = cluster_pki(Some("127.0.0.1".parse().unwrap()));
+    let w = p.witness.clone().unwrap();
+    let wtls = TlsMaterial::from_pem(&p.ca.cert, &w.cert, &w.key).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let app = witness::router(Duration::from_secs(30), &state.path().join("leases.json")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    let task = tokio::spawn(serve_tls(listener, wtls.server_config().unwrap(), app, Arc::new(AtomicU64::new(0))));
+
+    let ttl = Duration::from_secs(2);
+    let a = LeaseClient::new(&target, &material(&p, 0), "lab", "node1", ttl).unwrap();
+    let b = LeaseClient::new(&target, &material(&p, 1), "lab", "node2", ttl).unwrap();
+    // Both ask at once: exactly one wins.
+    let (ra, rb) = tokio::join!(a.acquire(), b.acquire());
+    let winners = [&ra, &rb].iter().filter(|v| matches!(v, LeaseView::Held { .. })).count();
+    assert_eq!(winners, 1, "{ra:?} / {rb:?}");
+    let (holder, loser, loser_name) =
+        if matches!(ra, LeaseView::Held { .. }) { (&a, &b, "node1") } else { (&b, &a, "node2") };
+    assert_eq!(loser.acquire().await, LeaseView::HeldBy(loser_name.to_string()));
+    match holder.acquire().await {
+        LeaseView::Held { until } => assert!(until <= std::time::Instant::now() + ttl, "trusted beyond the TTL"),
+        other => panic!("renewal failed: {other:?}"),
+    }
+    holder.release().await.unwrap();
+    assert!(matches!(loser.acquire().await, LeaseView::Held { .. }), "free after release");
+    assert!(state.path().join("leases.json").exists(), "the holder is persisted");
+
+    // A node of another cluster's CA is refused.
+    let other = cluster_pki(None);
+    let stranger = LeaseClient::new(&target, &material(&other, 0), "lab", "node1", ttl).unwrap();
+    assert!(matches!(stranger.acquire().await, LeaseView::Unreachable(_)));
+    task.abort();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn status_command_reads_both_nodes_of_an_init_cluster() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let template = tmp.path().join("t.yaml");
+    std::fs::write(
+        &template,
+        format!("#cloud-config\ngeminik8s:\n  node:\n    api_port: {port}\n  peer:\n    api_port: {port}\n"),
+    )
+    .unwrap();
+    let dir = tmp.path().join("lab");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gemin_k8s"))
+        .args([
+            "init",
+            "--name",
+            "lab",
+            "--node1-ip",
+            "127.0.0.1",
+            "--node2-ip",
+            "127.0.0.2",
+            "--vip",
+            "127.0.0.3",
+            "--vip-prefix",
+            "8",
+        ])
+        .args(["--template", template.to_str().unwrap(), "--config-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ctx = geminik8s::config::CheckContext { check_files: false, ..Default::default() };
+    let node_tls = |n: &str| {
+        let l = geminik8s::config::load_files(&[dir.join(n)], &ctx).unwrap();
+        (TlsMaterial::from_config(&l.gemini.tls).unwrap(), l.gemini.api.token)
+    };
+    let (t1, token) = node_tls("node1.yaml");
+    let (t2, _) = node_tls("node2.yaml");
+    let cluster_yaml = dir.join("cluster.yaml");
+    let run_status = |extra: &[&str]| {
+        let c = cluster_yaml.clone();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_gemin_k8s"))
+                .args(["status", "--config", c.to_str().unwrap(), "--timeout", "2s"])
+                .args(extra)
+                .output()
+                .unwrap()
+        })
+    };
+
+    // node2 is down: the cluster is degraded, exit 1.
+    let _s1 = start(&t1, "127.0.0.1", port, status("node1", "leader", true), &token).await;
+    let out = run_status(&[]).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("unreachable") && text.contains("node1"), "{text}");
+
+    let mut st2 = status("node2", "follower", false);
+    st2.address = "127.0.0.2".into();
+    let _s2 = start(&t2, "127.0.0.2", port, st2, &token).await;
+    let out = run_status(&["-o", "json", "--components"]).await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["healthy"], true);
+    let roles: Vec<&str> =
+        v["nodes"].as_array().unwrap().iter().map(|n| n["status"]["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["leader", "follower"]);
+
+    let endpoint = format!("https://127.0.0.2:{port}");
+    let out = run_status(&["--endpoint", &endpoint, "--health-only"]).await.unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "node2: healthy\ncluster: healthy\n");
+}
