@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clusterfile;
 pub mod cmd;
 pub mod config;
+pub mod daemon;
 pub mod election;
 pub mod fsutil;
 pub mod hostmeta;

@@ -252,6 +252,24 @@ impl LeaseClient {
         }
     }
 
+    /// Who holds the lease now, without asking for it.
+    pub async fn holder(&self) -> LeaseView {
+        let result = async {
+            let url = format!("{}/v1/lease/{}", self.base, self.cluster);
+            self.http.get(url).send().await?.error_for_status()?.json::<LeaseAnswer>().await
+        }
+        .await;
+        match result {
+            Ok(LeaseAnswer { holder: Some(h), .. }) => LeaseView::HeldBy(h),
+            Ok(_) => LeaseView::Free,
+            Err(e) => LeaseView::Unreachable(e.to_string()),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// Give the lease up (planned switchover, shutdown).
     pub async fn release(&self) -> anyhow::Result<()> {
         let req = ReleaseRequest { cluster: self.cluster.clone(), node: self.node.clone() };

@@ -3,13 +3,12 @@
 //! `gemin_k8s status` reading both nodes of a cluster made by `init`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use geminik8s::hostmeta::HostMeta;
 use geminik8s::peer::client::AgentClient;
-use geminik8s::peer::server::{bind_unix, router, serve_tls, serve_unix};
+use geminik8s::peer::server::{ApiHooks, bind_unix, router, serve_tls, serve_unix};
 use geminik8s::peer::tls::TlsMaterial;
 use geminik8s::peer::{ComponentHealth, Counters, NodeStatus, PeerView, Published, Shared, VipView, WitnessView};
 use geminik8s::pki::{self, ClusterPki};
@@ -68,10 +67,11 @@ impl Drop for Running {
 }
 
 async fn start(tls: &TlsMaterial, ip: &str, port: u16, st: NodeStatus, token: &str) -> Running {
-    let shared: Shared = Arc::new(RwLock::new(Published { hostmeta: None, status: st, counters: Counters::default() }));
+    let shared: Shared =
+        Arc::new(RwLock::new(Published { hostmeta: None, status: st, counters: Counters::default(), election: None }));
     let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let refused = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(ApiHooks::default());
     let app = router(shared.clone(), Some(token), refused.clone());
     let task = tokio::spawn(serve_tls(listener, tls.server_config().unwrap(), app, refused));
     Running { addr, shared, task }
@@ -143,9 +143,10 @@ async fn local_socket_serves_status_without_token() {
         hostmeta: None,
         status: status("node1", "follower", false),
         counters: Counters::default(),
+        election: None,
     }));
     let listener = bind_unix(&path).unwrap();
-    let task = tokio::spawn(serve_unix(listener, router(shared, None, Arc::new(AtomicU64::new(0)))));
+    let task = tokio::spawn(serve_unix(listener, router(shared, None, Arc::new(ApiHooks::default()))));
     let client = AgentClient::unix(&path, TIMEOUT);
     assert_eq!(client.status().await.unwrap().role, "follower");
     use std::os::unix::fs::PermissionsExt;
@@ -162,7 +163,7 @@ async fn witness_lease_goes_to_one_node_at_a_time() {
     let app = witness::router(Duration::from_secs(30), &state.path().join("leases.json")).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target = listener.local_addr().unwrap().to_string();
-    let task = tokio::spawn(serve_tls(listener, wtls.server_config().unwrap(), app, Arc::new(AtomicU64::new(0))));
+    let task = tokio::spawn(serve_tls(listener, wtls.server_config().unwrap(), app, Arc::new(ApiHooks::default())));
 
     let ttl = Duration::from_secs(2);
     let a = LeaseClient::new(&target, &material(&p, 0), "lab", "node1", ttl).unwrap();

@@ -74,6 +74,8 @@ impl GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the node daemon (started by systemd on nodes).
+    Agent(crate::daemon::Args),
     /// Generate a cluster: cluster.yaml, one cloud-config per node, CA and certificates.
     Init(init::Args),
     /// Work with cloud-config files.
@@ -97,7 +99,8 @@ pub enum Command {
 /// chain and exit non-zero on failure.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = crate::logging::init(&cli.global, false) {
+    let daemon = matches!(cli.command, Command::Agent(_) | Command::Witness(_));
+    if let Err(e) = crate::logging::init(&cli.global, daemon) {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
@@ -119,6 +122,7 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Agent(args) => crate::daemon::run(args, &cli.global).await,
         Command::Init(args) => init::run(args, &cli.global).await,
         Command::Config(cmd) => config::run(cmd, &cli.global).await,
         Command::Status(args) => status::run(args, &cli.global).await,

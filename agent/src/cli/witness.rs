@@ -58,9 +58,9 @@ pub async fn run(cmd: Command, _global: &GlobalArgs) -> anyhow::Result<ExitCode>
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, max_ttl = ?args.max_ttl, "witness serving leases");
-    let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let hooks = std::sync::Arc::new(crate::peer::server::ApiHooks::default());
     tokio::select! {
-        () = serve_tls(listener, tls.server_config()?, app, refused) => {}
+        () = serve_tls(listener, tls.server_config()?, app, hooks) => {}
         r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
     }
     Ok(ExitCode::SUCCESS)

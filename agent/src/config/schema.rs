@@ -314,7 +314,7 @@ pub fn reference_markdown() -> String {
          - `node.ip` and `peer.ip` differ; `cluster.vip` differs from both and all three share the `cluster.vip_prefix` subnet;\n\
          - `node.name` and `peer.name` differ; `cluster.bootstrap_leader` is one of them;\n\
          - `cluster.witness.targets` is non-empty for `gateway` and is exactly one `IP:PORT` for `arbiter`;\n\
-         - `health.fence_timeout` is longer than `health.interval`; `lease_renew` is shorter than `lease_ttl`;\n\
+         - `health.fence_timeout` is longer than `health.interval`; `lease_renew` is shorter than `lease_ttl`, which is longer than `health.fence_timeout`;\n\
          - files named by `health.checks.script` and by `tls.*` paths exist on the node (or are written by this cloud-config's `write_files`);\n\
          - `k3s.extra_args` does not set the flags geminik8s manages.\n\n\
          ## Keys under `geminik8s:`\n",

@@ -544,6 +544,14 @@ fn relations(c: &mut Checker, block: &Node, cfg: &GeminiConfig) {
         );
     }
     let health = &cfg.health;
+    if witness.mode == WitnessMode::Arbiter && witness.lease_ttl <= health.fence_timeout {
+        c.error(
+            at("cluster.witness.lease_ttl"),
+            &full("cluster.witness.lease_ttl"),
+            "must be longer than `health.fence_timeout`",
+            Some("a leader that loses the witness must fence before its lease can pass to the peer".into()),
+        );
+    }
     if health.fence_timeout <= health.interval {
         c.error(
             at("health.fence_timeout"),

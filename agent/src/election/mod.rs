@@ -1,1 +1,375 @@
-//! (in progress)
+//! The role state machine: who leads, when to promote, demote, fence and move
+//! the VIP. Pure code: no I/O, no clock reads, no async. A driver feeds it
+//! [`Input`]s stamped with monotonic time and carries out the [`Action`]s it
+//! returns, in order.
+//!
+//! # Driving the machine
+//! Start with [`Machine::new`] and the hostMeta found on disk
+//! ([`LocalMeta`]). Then, every heartbeat interval, the driver:
+//! 1. sends a heartbeat to the peer's API (reply: the peer's [`PeerStatus`]),
+//!    with a timeout below the interval; when it fails, probes the second
+//!    path (a TCP connect to the peer's PostgreSQL or API port);
+//! 2. asks the witness (gateway reachability or the arbiter's lease);
+//! 3. collects the local health results and the local PostgreSQL position,
+//!    and the time the peer's latest heartbeat request reached our API;
+//! 4. calls [`Machine::step`] with [`Input::Tick`], `now` being monotonic time
+//!    since the agent started, read once the observation is complete;
+//! 5. executes the returned actions in order, and only then publishes
+//!    [`Machine::status`] to the peer API (so the peer never sees a state
+//!    whose VIP release has not happened yet).
+//!
+//! Long actions (Promote, Demote, Rejoin) report back with [`Input::Done`]
+//! at any time. An operator's planned switchover is [`Input::Switchover`] on
+//! the leader ([`Machine::can_hand_over`] says whether it would be accepted).
+//!
+//! # Rules
+//! - Fresh cluster (no hostMeta on either node): the bootstrap leader leads at
+//!   epoch 1; the other node never starts a cluster on its own.
+//! - Election with the peer reachable: higher epoch, then higher (timeline,
+//!   LSN), then the incumbent leader, then the bootstrap leader ([`compare_claims`]).
+//!   The winner leads once the peer's status carries its vote for it, so two
+//!   nodes deciding on different snapshots never both lead.
+//!   Two leaders meeting after a partition resolve the same way; the loser
+//!   releases the VIP before anything else, demotes and rejoins.
+//! - Peer unreachable at start: a former leader resumes if the witness allows;
+//!   anyone else waits like a follower whose leader failed.
+//! - A follower promotes (epoch + 1) only after `failure_threshold` missed
+//!   heartbeats, the second path confirming the peer is down, the witness
+//!   allowing, and `fence_timeout + promotion_margin` since it last heard the
+//!   leader (its own heartbeats, the second path, or the leader's requests).
+//! - A leader (witness `gateway` or `arbiter`) that has reached neither peer
+//!   nor witness for `fence_timeout` releases the VIP and fences itself; it
+//!   acts on the last tick before the deadline, so it is fenced by then. With
+//!   witness `none` it keeps leading: a partition then yields two leaders until
+//!   it heals (the documented risk of that mode). An arbiter leader that sees
+//!   the lease held by the peer fences at once. A fenced leader resumes only
+//!   when the peer answers as a follower and votes for it.
+//! - Witness `gateway` cannot tell "the peer is dead" from "the link between
+//!   the nodes is cut while both still reach the gateway": in that case both
+//!   lead until the link heals. Only `arbiter` excludes it.
+//! - A failed local service is restarted with bounded attempts and backoff;
+//!   a leader whose PostgreSQL (or custom check) stays failed hands over.
+//! - The VIP is never taken while the peer reports that it leads.
+//! - The wall-clock `last_modified` of hostMeta never influences a decision.
+
+mod machine;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{GeminiConfig, WitnessMode};
+use crate::hostmeta::{HostMeta, Lsn, Role};
+
+pub use machine::Machine;
+
+/// The state shown by `status`, following the design document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// No usable local hostMeta yet (corrupt or foreign and the peer not reachable).
+    Init,
+    /// Deciding who leads.
+    Election,
+    Leader,
+    Follower,
+    /// Leader or follower with a local service being restarted.
+    HealthCheck,
+    /// Leader or follower that has missed `failure_threshold` heartbeats.
+    FaultDetected,
+    Promoting,
+    Demoting,
+    /// A leader that released the VIP and stopped accepting writes.
+    Fenced,
+}
+
+impl State {
+    /// Whether this state is plainly a leading one. A leader in HealthCheck
+    /// or FaultDetected leads too: [`PeerStatus::leading`] is the flag to trust.
+    pub fn is_active_leader(self) -> bool {
+        matches!(self, State::Leader | State::Promoting)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = match self {
+            State::Init => "init",
+            State::Election => "election",
+            State::Leader => "leader",
+            State::Follower => "follower",
+            State::HealthCheck => "health_check",
+            State::FaultDetected => "fault_detected",
+            State::Promoting => "promoting",
+            State::Demoting => "demoting",
+            State::Fenced => "fenced",
+        };
+        f.write_str(text)
+    }
+}
+
+/// What a node tells its peer on every heartbeat (served by the peer API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// `None` while the node has no usable hostMeta.
+    pub meta: Option<HostMeta>,
+    pub state: State,
+    /// Whether the node holds leadership right now (Leader, HealthCheck or
+    /// FaultDetected as leader, or Promoting).
+    pub leading: bool,
+    /// The node is handing leadership over to its peer (planned switchover
+    /// or a failed datastore).
+    pub handing_over: bool,
+    /// Who this node thinks should lead, from its own and its peer's
+    /// records. A node leads through an election only with the peer's vote,
+    /// so two nodes deciding on different snapshots never both lead.
+    pub vote: Option<String>,
+}
+
+/// Result of this tick's heartbeat to the peer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Heartbeat {
+    Ok { rtt: Duration, peer: Box<PeerStatus> },
+    Missed,
+}
+
+/// The witness's answer this tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WitnessView {
+    /// Mode `none`.
+    NoOpinion,
+    /// Mode `gateway`: at least one target answered.
+    GatewayReachable,
+    /// Mode `gateway`: no target answered.
+    GatewayUnreachable,
+    /// Mode `arbiter`: the lease is held by this node.
+    LeaseHeldByMe,
+    /// Mode `arbiter`: the lease is held by the peer.
+    LeaseHeldByPeer,
+    /// Mode `arbiter`: nobody holds the lease (expired or released).
+    LeaseFree,
+    /// Mode `arbiter`: the arbiter did not answer.
+    ArbiterUnreachable,
+}
+
+/// Local components the health checks cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    Postgres,
+    Kine,
+    K3s,
+    Network,
+    Script,
+}
+
+impl Component {
+    /// Whether the agent restarts this component when it fails.
+    pub fn restartable(self) -> bool {
+        matches!(self, Component::Postgres | Component::Kine | Component::K3s)
+    }
+
+    /// Whether a leader gives up leadership when this component stays failed.
+    pub fn critical(self) -> bool {
+        matches!(self, Component::Postgres | Component::Script)
+    }
+}
+
+/// The local PostgreSQL position, when the database answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WalPosition {
+    pub timeline: u32,
+    pub lsn: Lsn,
+}
+
+/// Everything the driver learnt during one heartbeat interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub heartbeat: Heartbeat,
+    /// Second path to the peer (its PostgreSQL or API TCP port): `None` when
+    /// not probed (the heartbeat answered), otherwise whether it answered.
+    pub second_path: Option<bool>,
+    pub witness: WitnessView,
+    /// Latest local health check results; components not listed are unchanged.
+    pub health: Vec<(Component, bool)>,
+    /// Local PostgreSQL position, when known.
+    pub position: Option<WalPosition>,
+    /// Monotonic time of the latest heartbeat request received from the
+    /// peer, if any. Extends a follower's wait before promoting (the peer was
+    /// alive then); never keeps a leader from fencing.
+    pub peer_called_at: Option<Duration>,
+}
+
+/// Completion of a long action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    PromotionDone,
+    PromotionFailed,
+    DemotionDone,
+    RejoinDone,
+    RejoinFailed,
+}
+
+/// One input to [`Machine::step`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    Tick(Observation),
+    Done(Completion),
+    /// The operator asked this node (the leader) to hand over to its peer.
+    Switchover,
+}
+
+/// Something the driver must do. Actions come in the order they must run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Write hostMeta (the driver stamps `last_modified` and stores it).
+    PersistHostMeta(HostMeta),
+    /// Replace the unusable local hostMeta with one derived from this peer
+    /// copy (`hostmeta::recover_from_peer`).
+    RecoverHostMeta(HostMeta),
+    /// Make the local PostgreSQL the primary (no-op when it already is) and
+    /// record `epoch`; answer with PromotionDone or PromotionFailed.
+    Promote {
+        epoch: u64,
+    },
+    /// Stop the local PostgreSQL acting as primary; answer with DemotionDone.
+    Demote,
+    /// Make the local PostgreSQL a standby of `leader` (pg_rewind, else a
+    /// fresh base backup, keeping the old data as a tarball); answer with
+    /// RejoinDone or RejoinFailed.
+    Rejoin {
+        leader: String,
+    },
+    /// Stop accepting writes (the VIP has been released just before).
+    Fence,
+    /// Accept writes again after a fence.
+    Unfence,
+    TakeVip,
+    ReleaseVip,
+    /// Acquire or renew the arbiter lease for leading at `epoch`.
+    AcquireLease {
+        epoch: u64,
+    },
+    ReleaseLease,
+    RestartService(Component),
+}
+
+/// Timing and identity the machine works with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub cluster: String,
+    pub own_name: String,
+    pub own_ip: IpAddr,
+    pub peer_name: String,
+    pub peer_ip: IpAddr,
+    pub vip: IpAddr,
+    pub bootstrap_leader: String,
+    pub witness: WitnessMode,
+    /// Heartbeat period; the driver ticks at least this often.
+    pub heartbeat_interval: Duration,
+    /// Consecutive missed heartbeats before the peer is suspected.
+    pub failure_threshold: u32,
+    /// A leader cut off from peer and witness fences itself within this.
+    pub fence_timeout: Duration,
+    /// Extra wait on top of `fence_timeout` before a follower promotes:
+    /// covers the difference between the two nodes' last contact (up to one
+    /// heartbeat interval) and the time the fence takes; keep it above one
+    /// interval.
+    pub promotion_margin: Duration,
+    /// Restarts of a failed service before giving up on it.
+    pub restart_attempts: u32,
+    /// Wait after the first restart; doubles with every further attempt.
+    pub restart_backoff: Duration,
+}
+
+impl Settings {
+    /// Settings from the cloud-config, with `promotion_margin` two heartbeat
+    /// intervals, three restart attempts and a 2 s initial backoff.
+    pub fn from_config(cfg: &GeminiConfig) -> Settings {
+        Settings {
+            cluster: cfg.cluster.name.clone(),
+            own_name: cfg.node.name.clone(),
+            own_ip: cfg.node.ip,
+            peer_name: cfg.peer.name.clone(),
+            peer_ip: cfg.peer.ip,
+            vip: cfg.cluster.vip,
+            bootstrap_leader: cfg.cluster.bootstrap_leader.clone(),
+            witness: cfg.cluster.witness.mode,
+            heartbeat_interval: cfg.health.interval,
+            failure_threshold: cfg.health.failure_threshold.max(1),
+            fence_timeout: cfg.health.fence_timeout,
+            promotion_margin: cfg.health.interval * 2,
+            restart_attempts: 3,
+            restart_backoff: Duration::from_secs(2),
+        }
+    }
+
+    /// The longest a follower needs from the leader's failure to its
+    /// promotion decision, as the simulation asserts it.
+    pub fn promotion_bound(&self) -> Duration {
+        self.heartbeat_interval * self.failure_threshold
+            + self.fence_timeout
+            + self.promotion_margin
+            + self.heartbeat_interval
+    }
+
+    /// A fresh hostMeta for this node.
+    pub fn fresh_meta(&self) -> HostMeta {
+        HostMeta::fresh(&self.cluster, (&self.own_name, self.own_ip), (&self.peer_name, self.peer_ip), self.vip)
+    }
+}
+
+/// The local hostMeta as the driver found it at start.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant, reason = "one value per machine; boxing buys nothing")]
+pub enum LocalMeta {
+    /// First boot: no file.
+    Missing,
+    /// Corrupt or from another cluster: recoverable from the peer only.
+    Unusable,
+    Loaded(HostMeta),
+}
+
+/// A node's claim to leadership, as compared after a partition or a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub name: String,
+    pub epoch: u64,
+    pub position: Option<(u32, Lsn)>,
+    /// The node's hostMeta records it as leader.
+    pub incumbent: bool,
+    pub bootstrap: bool,
+}
+
+impl Claim {
+    pub fn of(meta: &HostMeta, bootstrap_leader: &str) -> Claim {
+        Claim {
+            name: meta.node.name.clone(),
+            epoch: meta.epoch,
+            position: meta.timeline.zip(meta.lsn),
+            incumbent: meta.node.role == Role::Leader,
+            bootstrap: meta.node.name == bootstrap_leader,
+        }
+    }
+}
+
+/// Order two claims: higher epoch, then higher (timeline, LSN) (unknown is
+/// lowest), then the incumbent leader, then the bootstrap leader, then the
+/// name (so the order is total and both nodes agree). `Greater` means `a` wins.
+/// `last_modified` is deliberately not part of it.
+pub fn compare_claims(a: &Claim, b: &Claim) -> Ordering {
+    a.epoch
+        .cmp(&b.epoch)
+        .then(a.position.cmp(&b.position))
+        .then(a.incumbent.cmp(&b.incumbent))
+        .then(a.bootstrap.cmp(&b.bootstrap))
+        .then(b.name.cmp(&a.name))
+}

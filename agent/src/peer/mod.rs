@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
+use crate::election::PeerStatus;
 use crate::hostmeta::HostMeta;
 
 /// Answer to `GET /v1/health`: the heartbeat.
@@ -28,6 +29,9 @@ pub struct HealthReport {
     pub epoch: u64,
     pub healthy: bool,
     pub components: Vec<ComponentHealth>,
+    /// The role state machine's view, which the peer's machine consumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub election: Option<PeerStatus>,
 }
 
 /// One local component (PostgreSQL, Kine, K3s, the VIP...).
@@ -117,6 +121,12 @@ pub struct FailoverView {
     pub duration_ms: u64,
 }
 
+/// `ComponentHealth::state` values.
+pub const OK: &str = "ok";
+pub const FAILED: &str = "failed";
+pub const ABSENT: &str = "absent";
+pub const DISABLED: &str = "disabled";
+
 /// Counters behind `/metrics` that the status does not carry.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
@@ -131,6 +141,7 @@ pub struct Published {
     pub hostmeta: Option<HostMeta>,
     pub status: NodeStatus,
     pub counters: Counters,
+    pub election: Option<PeerStatus>,
 }
 
 impl Published {
@@ -144,6 +155,7 @@ impl Published {
             epoch: s.epoch,
             healthy: s.components.iter().all(ComponentHealth::is_ok),
             components: s.components.clone(),
+            election: self.election.clone(),
         }
     }
 }

@@ -6,22 +6,23 @@
 //! | `GET /v1/hostmeta` | the peer (arbitration, recovery) | mutual TLS |
 //! | `GET /v1/status` | operators | mutual TLS + API token |
 //! | `GET /metrics` | Prometheus | mutual TLS + API token |
+//! | `POST /v1/switchover` | operators: planned handover by the leader | mutual TLS + API token |
 //!
 //! The local Unix socket (mode 0600, root) serves the same routes without
 //! TLS or token: whoever can open it is root on the node.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -34,12 +35,44 @@ use super::{Shared, metrics};
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the API records for the agent: refusals and when the peer last
+/// called, plus where operator requests go.
+#[derive(Debug, Default)]
+pub struct ApiHooks {
+    pub refused: AtomicU64,
+    /// When `/v1/health` was last called (the peer's heartbeat reaching us).
+    pub last_health_call: Mutex<Option<Instant>>,
+    /// The agent's control channel (planned switchover); `None` serves 503.
+    pub control: Option<tokio::sync::mpsc::Sender<Control>>,
+}
+
+impl ApiHooks {
+    pub fn with_control(control: tokio::sync::mpsc::Sender<Control>) -> Self {
+        ApiHooks { control: Some(control), ..Default::default() }
+    }
+
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    pub fn last_health_call(&self) -> Option<Instant> {
+        *self.last_health_call.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Requests from operators to the agent loop.
+#[derive(Debug)]
+pub enum Control {
+    /// Hand leadership to the peer; the answer says whether it was accepted.
+    Switchover(tokio::sync::oneshot::Sender<Result<(), String>>),
+}
+
 #[derive(Clone)]
 struct AppState {
     shared: Shared,
     /// `None` on the local socket.
     token: Option<Arc<str>>,
-    refused: Arc<AtomicU64>,
+    hooks: Arc<ApiHooks>,
 }
 
 /// Remote address of the connection, for logs.
@@ -68,7 +101,7 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
         reason = if presented.is_some() { "wrong API token" } else { "no API token" },
         "refused an operator call"
     );
-    state.refused.fetch_add(1, Ordering::Relaxed);
+    state.hooks.refused.fetch_add(1, Ordering::Relaxed);
     (StatusCode::UNAUTHORIZED, "missing or wrong API token (Authorization: Bearer <api.token>)\n").into_response()
 }
 
@@ -77,7 +110,23 @@ fn read(shared: &Shared) -> std::sync::RwLockReadGuard<'_, super::Published> {
 }
 
 async fn health(State(state): State<AppState>) -> Response {
+    *state.hooks.last_health_call.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     Json(read(&state.shared).health()).into_response()
+}
+
+async fn switchover(State(state): State<AppState>) -> Response {
+    let Some(control) = &state.hooks.control else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "this process does not run the agent loop\n").into_response();
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if control.send(Control::Switchover(tx)).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the agent loop is not running\n").into_response();
+    }
+    match rx.await {
+        Ok(Ok(())) => (StatusCode::ACCEPTED, "switchover started\n").into_response(),
+        Ok(Err(why)) => (StatusCode::CONFLICT, format!("{why}\n")).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the agent loop stopped\n").into_response(),
+    }
 }
 
 async fn hostmeta(State(state): State<AppState>) -> Response {
@@ -92,16 +141,17 @@ async fn status(State(state): State<AppState>) -> Response {
 }
 
 async fn prometheus(State(state): State<AppState>) -> Response {
-    let text = metrics::render(&read(&state.shared), state.refused.load(Ordering::Relaxed));
+    let text = metrics::render(&read(&state.shared), state.hooks.refused());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// The API routes. `token: None` serves operator routes without a token
-/// (the local socket). `refused` counts refused calls and connections.
-pub fn router(shared: Shared, token: Option<&str>, refused: Arc<AtomicU64>) -> Router {
-    let state = AppState { shared, token: token.map(Arc::from), refused };
+/// (the local socket).
+pub fn router(shared: Shared, token: Option<&str>, hooks: Arc<ApiHooks>) -> Router {
+    let state = AppState { shared, token: token.map(Arc::from), hooks };
     let operator = Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/switchover", post(switchover))
         .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -123,7 +173,7 @@ where
 
 /// Serve `app` over mutual TLS until the task is dropped. Connections whose
 /// client certificate is not signed by the cluster CA are refused and logged.
-pub async fn serve_tls(listener: TcpListener, config: Arc<rustls::ServerConfig>, app: Router, refused: Arc<AtomicU64>) {
+pub async fn serve_tls(listener: TcpListener, config: Arc<rustls::ServerConfig>, app: Router, hooks: Arc<ApiHooks>) {
     let acceptor = TlsAcceptor::from(config);
     loop {
         let (tcp, addr) = match listener.accept().await {
@@ -135,13 +185,13 @@ pub async fn serve_tls(listener: TcpListener, config: Arc<rustls::ServerConfig>,
                 continue;
             }
         };
-        let (acceptor, app, refused) = (acceptor.clone(), app.clone(), refused.clone());
+        let (acceptor, app, hooks) = (acceptor.clone(), app.clone(), hooks.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => serve_connection(tls, app, Remote(Some(addr))).await,
                 Ok(Err(e)) => {
                     tracing::warn!(event = "api_refused", peer = %addr, error = %e, "refused a TLS connection");
-                    refused.fetch_add(1, Ordering::Relaxed);
+                    hooks.refused.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(_) => tracing::warn!(event = "api_refused", peer = %addr, "TLS handshake timed out"),
             }

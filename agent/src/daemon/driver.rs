@@ -1,0 +1,528 @@
+//! The agent loop: observe, step the role machine, act, publish.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+
+use super::observe::{self, LeaseState};
+use super::subsystems::{Database, ServiceControl, VipControl};
+use crate::cli::version::VERSION;
+use crate::config::{GeminiConfig, WitnessMode};
+use crate::election::{Action, Completion, Component, Input, LocalMeta, Machine, Observation, Settings, WitnessView};
+use crate::hostmeta::{self, HostMeta};
+use crate::peer::client::AgentClient;
+use crate::peer::server::{self, ApiHooks, Control};
+use crate::peer::tls::TlsMaterial;
+use crate::peer::{
+    ABSENT, ComponentHealth, Counters, DISABLED, FAILED, FailoverView, NodeStatus, OK, PeerView, Published, Shared,
+    VipView, WitnessView as WitnessStatus,
+};
+use crate::witness::LeaseClient;
+
+/// The subsystems wired on this host; `None` runs without (and says so).
+#[derive(Default, Clone)]
+pub struct Subsystems {
+    pub database: Option<Arc<dyn Database>>,
+    pub vip: Option<Arc<dyn VipControl>>,
+    pub services: Option<Arc<dyn ServiceControl>>,
+}
+
+pub struct Driver {
+    cfg: GeminiConfig,
+    state_dir: PathBuf,
+    machine: Machine,
+    subsystems: Subsystems,
+    peer: AgentClient,
+    lease_client: Option<LeaseClient>,
+    lease: LeaseState,
+    shared: Shared,
+    hooks: Arc<ApiHooks>,
+    control_rx: mpsc::Receiver<Control>,
+    done_tx: mpsc::Sender<Completion>,
+    done_rx: mpsc::Receiver<Completion>,
+    started: Instant,
+    counters: Counters,
+    peer_last_heard: Option<Instant>,
+    health: Vec<(Component, bool)>,
+    last_failover: Option<FailoverView>,
+    promotion_started: Option<(Instant, String)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn local_meta(dir: &std::path::Path, cluster: &str) -> LocalMeta {
+    match hostmeta::load(dir, cluster) {
+        Ok(Some(meta)) => LocalMeta::Loaded(meta),
+        Ok(None) => LocalMeta::Missing,
+        Err(e) => {
+            tracing::error!(error = %e, "hostMeta is unusable; it is kept as is and will be recovered from the peer");
+            LocalMeta::Unusable
+        }
+    }
+}
+
+impl Driver {
+    /// Bind the API and the socket and build the machine.
+    pub async fn start(
+        cfg: GeminiConfig,
+        state_dir: PathBuf,
+        socket: PathBuf,
+        subsystems: Subsystems,
+    ) -> anyhow::Result<Driver> {
+        let tls = TlsMaterial::from_config(&cfg.tls).context("loading the agent's TLS certificates")?;
+        let settings = Settings::from_config(&cfg);
+        let machine = Machine::new(settings, local_meta(&state_dir, &cfg.cluster.name));
+        let (control_tx, control_rx) = mpsc::channel(8);
+        let hooks = Arc::new(ApiHooks::with_control(control_tx));
+        let shared: Shared = Arc::new(RwLock::new(Published {
+            hostmeta: machine.meta().cloned(),
+            status: initial_status(&cfg),
+            counters: Counters::default(),
+            election: Some(machine.status()),
+        }));
+        let mut tasks = Vec::new();
+        let addr = cfg.node.api_addr();
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the agent API on {addr}"))?;
+        let app = server::router(shared.clone(), Some(&cfg.api.token), hooks.clone());
+        tasks.push(tokio::spawn(server::serve_tls(listener, tls.server_config()?, app, hooks.clone())));
+        let unix = server::bind_unix(&socket)?;
+        tasks.push(tokio::spawn(server::serve_unix(unix, server::router(shared.clone(), None, hooks.clone()))));
+        tracing::info!(api = %addr, socket = %socket.display(), "agent API listening");
+
+        let timeout = cfg.health.interval.mul_f64(0.8).max(Duration::from_millis(200));
+        let peer = AgentClient::https(&format!("https://{}", cfg.peer.api_addr()), &tls, None, timeout)?;
+        let lease_client = match (cfg.cluster.witness.mode, cfg.cluster.witness.targets.first()) {
+            (WitnessMode::Arbiter, Some(target)) => {
+                Some(LeaseClient::new(target, &tls, &cfg.cluster.name, &cfg.node.name, cfg.cluster.witness.lease_ttl)?)
+            }
+            _ => None,
+        };
+        let (done_tx, done_rx) = mpsc::channel(16);
+        Ok(Driver {
+            cfg,
+            state_dir,
+            machine,
+            subsystems,
+            peer,
+            lease_client,
+            lease: LeaseState::default(),
+            shared,
+            hooks,
+            control_rx,
+            done_tx,
+            done_rx,
+            started: Instant::now(),
+            counters: Counters::default(),
+            peer_last_heard: None,
+            health: Vec::new(),
+            last_failover: None,
+            promotion_started: None,
+            tasks,
+        })
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Run until SIGTERM or Ctrl-C.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let mut ticker = tokio::time::interval(self.cfg.health.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let obs = self.observe().await;
+                    let actions = self.machine.step(self.now(), Input::Tick(obs));
+                    self.execute(actions).await;
+                }
+                Some(done) = self.done_rx.recv() => {
+                    let actions = self.machine.step(self.now(), Input::Done(done));
+                    self.note_completion(done);
+                    self.execute(actions).await;
+                }
+                Some(control) = self.control_rx.recv() => match control {
+                    Control::Switchover(reply) => {
+                        let answer = if self.machine.can_hand_over() {
+                            let actions = self.machine.step(self.now(), Input::Switchover);
+                            self.execute(actions).await;
+                            Ok(())
+                        } else {
+                            Err(format!("switchover needs this node leading and the peer following (state {})", self.machine.state()))
+                        };
+                        if reply.send(answer).is_err() {
+                            tracing::debug!("the switchover caller went away");
+                        }
+                    }
+                },
+                _ = term.recv() => break,
+                r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; break; }
+            }
+            self.publish();
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// A planned stop hands the VIP and the lease back so the peer can lead.
+    async fn shutdown(&mut self) {
+        tracing::info!(leading = self.machine.leading(), "agent stopping");
+        if self.machine.holds_vip()
+            && let Some(vip) = &self.subsystems.vip
+            && let Err(e) = vip.release().await
+        {
+            tracing::error!(error = %format!("{e:#}"), "releasing the VIP on shutdown failed");
+        }
+        if self.machine.leading()
+            && let Some(lease) = &self.lease_client
+            && let Err(e) = lease.release().await
+        {
+            tracing::warn!(error = %format!("{e:#}"), "releasing the lease on shutdown failed");
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+
+    async fn observe(&mut self) -> Observation {
+        let interval = self.cfg.health.interval;
+        let probe_timeout = interval.mul_f64(0.8).max(Duration::from_millis(200));
+        let (heartbeat, why) = observe::heartbeat(&self.peer).await;
+        let second_path = match heartbeat {
+            crate::election::Heartbeat::Ok { .. } => {
+                self.peer_last_heard = Some(Instant::now());
+                None
+            }
+            crate::election::Heartbeat::Missed => {
+                self.counters.heartbeats_missed_total += 1;
+                tracing::debug!(reason = why.as_deref().unwrap_or("?"), "heartbeat missed");
+                Some(
+                    observe::second_path(
+                        self.cfg.peer.ip,
+                        self.cfg.postgres.port,
+                        self.cfg.peer.api_port,
+                        probe_timeout,
+                    )
+                    .await,
+                )
+            }
+        };
+        let witness = match self.cfg.cluster.witness.mode {
+            WitnessMode::None => WitnessView::NoOpinion,
+            WitnessMode::Gateway => observe::gateway(&self.cfg.cluster.witness.targets, probe_timeout).await,
+            WitnessMode::Arbiter => match &self.lease_client {
+                Some(client) => observe::arbiter(client, &mut self.lease).await,
+                None => WitnessView::ArbiterUnreachable,
+            },
+        };
+        let mut health = Vec::new();
+        let mut position = None;
+        if let Some(db) = &self.subsystems.database {
+            health.push((Component::Postgres, db.healthy().await.unwrap_or(false)));
+            position = db.position().await.ok().flatten();
+        }
+        if let Some(script) = &self.cfg.health.checks.script {
+            let result = observe::script(script, self.cfg.health.checks.script_timeout).await;
+            if let Err(e) = &result {
+                tracing::warn!(script = %script.display(), error = %e, "custom health check failed");
+            }
+            health.push((Component::Script, result.is_ok()));
+        }
+        self.health = health.clone();
+        let peer_called_at = self.hooks.last_health_call().map(|t| t.saturating_duration_since(self.started));
+        Observation { heartbeat, second_path, witness, health, position, peer_called_at }
+    }
+
+    async fn execute(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            tracing::debug!(?action, "action");
+            match action {
+                Action::PersistHostMeta(mut meta) => self.persist(&mut meta),
+                Action::RecoverHostMeta(peer_meta) => {
+                    match hostmeta::recover_from_peer(
+                        &self.state_dir,
+                        &self.cfg.cluster.name,
+                        &self.cfg.node.name,
+                        &peer_meta,
+                    ) {
+                        Ok(_) => {
+                            tracing::info!(event = "hostmeta_recovered", "hostMeta recovered from the peer's copy")
+                        }
+                        Err(e) => tracing::error!(error = %e, "recovering hostMeta from the peer failed"),
+                    }
+                }
+                Action::Promote { epoch } => {
+                    tracing::info!(event = "promotion", node = %self.cfg.node.name, epoch, "promoting to leader");
+                    self.promotion_started = Some((Instant::now(), self.cfg.peer.name.clone()));
+                    let db = self.subsystems.database.clone();
+                    self.background(async move {
+                        match db {
+                            Some(db) => match db.promote(epoch).await {
+                                Ok(()) => Completion::PromotionDone,
+                                Err(e) => {
+                                    tracing::error!(error = %format!("{e:#}"), "promotion failed");
+                                    Completion::PromotionFailed
+                                }
+                            },
+                            None => Completion::PromotionDone,
+                        }
+                    });
+                }
+                Action::Demote => {
+                    tracing::info!(event = "demotion", node = %self.cfg.node.name, "demoting");
+                    let db = self.subsystems.database.clone();
+                    self.background(async move {
+                        if let Some(db) = db
+                            && let Err(e) = db.demote().await
+                        {
+                            tracing::error!(error = %format!("{e:#}"), "demotion failed; carrying on as follower");
+                        }
+                        Completion::DemotionDone
+                    });
+                }
+                Action::Rejoin { leader } => {
+                    tracing::info!(event = "rejoin", leader = %leader, "rejoining as follower");
+                    let db = self.subsystems.database.clone();
+                    self.background(async move {
+                        match db {
+                            Some(db) => match db.rejoin(&leader).await {
+                                Ok(()) => Completion::RejoinDone,
+                                Err(e) => {
+                                    tracing::error!(error = %format!("{e:#}"), "rejoin failed");
+                                    Completion::RejoinFailed
+                                }
+                            },
+                            None => Completion::RejoinDone,
+                        }
+                    });
+                }
+                Action::Fence => {
+                    tracing::warn!(event = "fenced", node = %self.cfg.node.name, "fencing: this node stops accepting writes");
+                    if let Some(db) = &self.subsystems.database
+                        && let Err(e) = db.fence().await
+                    {
+                        tracing::error!(error = %format!("{e:#}"), "fencing the database failed");
+                    }
+                }
+                Action::Unfence => {
+                    tracing::info!(event = "unfenced", node = %self.cfg.node.name, "accepting writes again");
+                    if let Some(db) = &self.subsystems.database
+                        && let Err(e) = db.unfence().await
+                    {
+                        tracing::error!(error = %format!("{e:#}"), "unfencing the database failed");
+                    }
+                }
+                Action::TakeVip => {
+                    tracing::info!(event = "vip_take", vip = %self.cfg.cluster.vip, "taking the VIP");
+                    if let Some(vip) = &self.subsystems.vip
+                        && let Err(e) = vip.take().await
+                    {
+                        tracing::error!(error = %format!("{e:#}"), "taking the VIP failed");
+                    }
+                }
+                Action::ReleaseVip => {
+                    tracing::info!(event = "vip_release", vip = %self.cfg.cluster.vip, "releasing the VIP");
+                    if let Some(vip) = &self.subsystems.vip
+                        && let Err(e) = vip.release().await
+                    {
+                        tracing::error!(error = %format!("{e:#}"), "releasing the VIP failed");
+                    }
+                }
+                Action::AcquireLease { epoch } => {
+                    if let Some(client) = &self.lease_client {
+                        let view = client.acquire().await;
+                        tracing::debug!(epoch, ?view, "lease");
+                        self.lease.record(view);
+                    }
+                }
+                Action::ReleaseLease => {
+                    if let Some(client) = &self.lease_client {
+                        if let Err(e) = client.release().await {
+                            tracing::warn!(error = %format!("{e:#}"), "releasing the lease failed; it expires by itself");
+                        }
+                        self.lease = LeaseState::default();
+                    }
+                }
+                Action::RestartService(component) => {
+                    tracing::warn!(event = "service_restart", ?component, "restarting a failed service");
+                    if let Some(services) = &self.subsystems.services
+                        && let Err(e) = services.restart(component).await
+                    {
+                        tracing::error!(?component, error = %format!("{e:#}"), "restart failed");
+                    }
+                }
+            }
+        }
+    }
+
+    fn background(&mut self, work: impl std::future::Future<Output = Completion> + Send + 'static) {
+        let tx = self.done_tx.clone();
+        self.tasks.retain(|t| !t.is_finished());
+        self.tasks.push(tokio::spawn(async move {
+            let done = work.await;
+            if tx.send(done).await.is_err() {
+                tracing::debug!("the agent loop ended before a completion arrived");
+            }
+        }));
+    }
+
+    fn note_completion(&mut self, done: Completion) {
+        if done == Completion::PromotionDone
+            && let Some((start, from)) = self.promotion_started.take()
+        {
+            self.counters.failovers_total += 1;
+            let duration = start.elapsed();
+            self.last_failover = Some(FailoverView {
+                at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+                from,
+                to: self.cfg.node.name.clone(),
+                duration_ms: duration.as_millis() as u64,
+            });
+            tracing::info!(event = "promoted", node = %self.cfg.node.name, duration_ms = duration.as_millis() as u64, "promotion done");
+        }
+    }
+
+    fn persist(&self, meta: &mut HostMeta) {
+        meta.touch();
+        meta.agent_version = VERSION.to_string();
+        if let Err(e) = hostmeta::store(&self.state_dir, meta) {
+            tracing::error!(error = %e, "writing hostMeta failed");
+        }
+    }
+
+    fn publish(&self) {
+        let status = self.status();
+        let mut p = self.shared.write().unwrap_or_else(|p| p.into_inner());
+        p.hostmeta = self.machine.meta().cloned();
+        p.election = Some(self.machine.status());
+        p.status = status;
+        p.counters = self.counters.clone();
+    }
+
+    fn status(&self) -> NodeStatus {
+        let cfg = &self.cfg;
+        let m = &self.machine;
+        let election = m.status();
+        let mut components = Vec::new();
+        let absent =
+            |name: &str, what: &str| ComponentHealth { name: name.into(), state: ABSENT.into(), detail: what.into() };
+        match &self.subsystems.database {
+            Some(_) => {
+                let ok =
+                    self.health.iter().find(|(c, _)| *c == Component::Postgres).map(|(_, ok)| *ok).unwrap_or(false);
+                components.push(ComponentHealth {
+                    name: "postgres".into(),
+                    state: if ok { OK } else { FAILED }.into(),
+                    detail: String::new(),
+                });
+            }
+            None => components.push(absent("postgres", "the datastore is not managed by this agent yet")),
+        }
+        if self.subsystems.vip.is_none() {
+            components.push(absent("vip", "the VIP is not managed by this agent yet"));
+        }
+        if !cfg.k3s.enabled {
+            components.push(ComponentHealth {
+                name: "k3s".into(),
+                state: DISABLED.into(),
+                detail: "k3s.enabled is false".into(),
+            });
+        }
+        if let Some((_, ok)) = self.health.iter().find(|(c, _)| *c == Component::Script) {
+            components.push(ComponentHealth {
+                name: "script".into(),
+                state: if *ok { OK } else { FAILED }.into(),
+                detail: String::new(),
+            });
+        }
+        let peer_reachable = self.peer_last_heard.is_some_and(|t| t.elapsed() < cfg.health.interval * 2);
+        let mut degraded = Vec::new();
+        if !peer_reachable {
+            degraded.push(format!("peer {} is unreachable", cfg.peer.name));
+        }
+        for c in components.iter().filter(|c| !c.is_ok()) {
+            degraded.push(format!("{}: {}", c.name, if c.detail.is_empty() { &c.state } else { &c.detail }));
+        }
+        if m.state() == crate::election::State::Fenced {
+            degraded.push("fenced: this node released the VIP and does not accept writes".into());
+        }
+        let witness_state = match m.witness() {
+            WitnessView::NoOpinion => "n/a",
+            WitnessView::GatewayReachable => "reachable",
+            WitnessView::GatewayUnreachable => "unreachable",
+            WitnessView::LeaseHeldByMe => "lease held here",
+            WitnessView::LeaseHeldByPeer => "lease held by peer",
+            WitnessView::LeaseFree => "lease free",
+            WitnessView::ArbiterUnreachable => "unreachable",
+        };
+        let mode = serde_json::to_value(cfg.cluster.witness.mode)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let role = if election.leading {
+            "leader"
+        } else if m.state() == crate::election::State::Fenced {
+            "fenced"
+        } else if m.state() == crate::election::State::Follower {
+            "follower"
+        } else {
+            "unknown"
+        };
+        NodeStatus {
+            cluster: cfg.cluster.name.clone(),
+            node: cfg.node.name.clone(),
+            address: cfg.node.ip.to_string(),
+            agent_version: VERSION.to_string(),
+            role: role.into(),
+            state: m.state().to_string(),
+            epoch: m.meta().map(|h| h.epoch).unwrap_or(0),
+            peer: PeerView {
+                name: cfg.peer.name.clone(),
+                address: cfg.peer.ip.to_string(),
+                reachable: peer_reachable,
+                role: None,
+                epoch: None,
+                last_heard_ms: self.peer_last_heard.map(|t| t.elapsed().as_millis() as u64),
+                rtt_ms: m.last_rtt().map(|d| d.as_secs_f64() * 1000.0),
+            },
+            witness: WitnessStatus { mode, state: witness_state.into() },
+            vip: VipView { address: cfg.cluster.vip.to_string(), held_here: m.holds_vip() },
+            replication: None,
+            last_failover: self.last_failover.clone(),
+            components,
+            degraded,
+        }
+    }
+}
+
+fn initial_status(cfg: &GeminiConfig) -> NodeStatus {
+    NodeStatus {
+        cluster: cfg.cluster.name.clone(),
+        node: cfg.node.name.clone(),
+        address: cfg.node.ip.to_string(),
+        agent_version: VERSION.to_string(),
+        role: "unknown".into(),
+        state: "init".into(),
+        epoch: 0,
+        peer: PeerView {
+            name: cfg.peer.name.clone(),
+            address: cfg.peer.ip.to_string(),
+            reachable: false,
+            role: None,
+            epoch: None,
+            last_heard_ms: None,
+            rtt_ms: None,
+        },
+        witness: WitnessStatus { mode: String::new(), state: "n/a".into() },
+        vip: VipView { address: cfg.cluster.vip.to_string(), held_here: false },
+        replication: None,
+        last_failover: None,
+        components: Vec::new(),
+        degraded: vec!["starting".into()],
+    }
+}

@@ -1,0 +1,54 @@
+//! `gemin_k8s agent`: the node daemon.
+//!
+//! Loads the cloud-config, starts the agent API (mutual TLS on the node's
+//! address, and the local status socket), then drives the role state
+//! machine ([`crate::election::Machine`]) once per heartbeat interval:
+//! observe (peer heartbeat, second path, witness, local checks), step the
+//! machine, carry out its actions through the subsystem traits, publish the
+//! status. Long actions (promotion, demotion, rejoin) run in the background
+//! and report back into the machine.
+
+pub mod driver;
+pub mod observe;
+pub mod subsystems;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::cli::GlobalArgs;
+use crate::config::{CheckContext, SourcePaths};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Cloud-config files to use instead of the node's sources (`/oem`, `/etc/geminik8s`, CIDATA, kernel command line).
+    #[arg(long = "cloud-config", value_name = "FILE")]
+    pub cloud_config: Vec<PathBuf>,
+    /// Root under which the node's cloud-config sources and referenced files are found.
+    #[arg(long, default_value = "/", value_name = "DIR")]
+    pub root: PathBuf,
+    /// Where hostMeta and other state live.
+    #[arg(long, default_value = crate::hostmeta::DEFAULT_DIR, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// The local status socket.
+    #[arg(long, default_value = crate::cli::status::DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+}
+
+pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let ctx = CheckContext { root: args.root.clone(), check_files: true };
+    let loaded = if args.cloud_config.is_empty() {
+        crate::config::load(&SourcePaths::under(&args.root), &ctx).await?
+    } else {
+        crate::config::load_files(&args.cloud_config, &ctx)?
+    };
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(sources = ?loaded.sources, node = %loaded.gemini.node.name, cluster = %loaded.gemini.cluster.name, "configuration loaded");
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let subsystems = driver::Subsystems::default();
+    driver::Driver::start(loaded.gemini, args.state_dir, args.socket, subsystems).await?.run().await?;
+    Ok(ExitCode::SUCCESS)
+}

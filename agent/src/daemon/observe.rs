@@ -1,0 +1,121 @@
+//! One heartbeat interval's observations: the peer, the second path, the
+//! witness and the local checks.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::cmd::Tool;
+use crate::config::validate::parse_target;
+use crate::election::{Heartbeat, WitnessView};
+use crate::peer::client::AgentClient;
+use crate::witness::{LeaseClient, LeaseView};
+
+/// Ask the peer's API for its heartbeat answer.
+pub async fn heartbeat(peer: &AgentClient) -> (Heartbeat, Option<String>) {
+    match peer.health().await {
+        Ok((report, rtt)) => match report.election {
+            Some(status) => (Heartbeat::Ok { rtt, peer: Box::new(status) }, None),
+            None => (Heartbeat::Missed, Some("the peer's answer carries no election status".into())),
+        },
+        Err(e) => (Heartbeat::Missed, Some(format!("{e:#}"))),
+    }
+}
+
+/// Whether a TCP connection to `addr` opens within `timeout`.
+pub async fn tcp_open(addr: SocketAddr, timeout: Duration) -> bool {
+    matches!(tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)))
+}
+
+/// The second path to the peer: its PostgreSQL port, else its API port.
+pub async fn second_path(peer_ip: IpAddr, pg_port: u16, api_port: u16, timeout: Duration) -> bool {
+    let (pg, api) = tokio::join!(
+        tcp_open(SocketAddr::new(peer_ip, pg_port), timeout),
+        tcp_open(SocketAddr::new(peer_ip, api_port), timeout)
+    );
+    pg || api
+}
+
+/// One ICMP echo through `ping` (exit status only).
+pub async fn ping(ip: IpAddr, timeout: Duration) -> bool {
+    let secs = timeout.as_secs().max(1).to_string();
+    Tool::new("ping")
+        .args(["-n", "-q", "-c", "1", "-W", &secs])
+        .arg(ip.to_string())
+        .timeout(timeout + Duration::from_secs(1))
+        .run()
+        .await
+        .is_ok()
+}
+
+/// Gateway mode: any target answering (TCP when a port is given, else ICMP).
+pub async fn gateway(targets: &[String], timeout: Duration) -> WitnessView {
+    let probes = targets.iter().filter_map(|t| parse_target(t)).map(|(ip, port)| async move {
+        match port {
+            Some(p) => tcp_open(SocketAddr::new(ip, p), timeout).await,
+            None => ping(ip, timeout).await,
+        }
+    });
+    let results = futures_all(probes).await;
+    if results.into_iter().any(|ok| ok) { WitnessView::GatewayReachable } else { WitnessView::GatewayUnreachable }
+}
+
+async fn futures_all<F: std::future::Future<Output = bool> + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<bool> {
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap_or(false));
+    }
+    out
+}
+
+/// What the node knows about the arbiter lease.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseState {
+    /// Trusted until this instant.
+    pub held_until: Option<Instant>,
+    pub last: Option<LeaseView>,
+}
+
+impl LeaseState {
+    pub fn record(&mut self, view: LeaseView) {
+        self.held_until = match &view {
+            LeaseView::Held { until } => Some(*until),
+            _ => None,
+        };
+        self.last = Some(view);
+    }
+}
+
+/// Arbiter mode: our lease if still trusted, else who holds it.
+pub async fn arbiter(client: &LeaseClient, lease: &mut LeaseState) -> WitnessView {
+    if lease.held_until.is_some_and(|until| until > Instant::now()) {
+        return WitnessView::LeaseHeldByMe;
+    }
+    let view = client.holder().await;
+    let witness = match &view {
+        LeaseView::HeldBy(h) if h == client.node() => {
+            // Held by us at the witness but no longer trusted here: renew first.
+            let renewed = client.acquire().await;
+            let w = if matches!(renewed, LeaseView::Held { .. }) {
+                WitnessView::LeaseHeldByMe
+            } else {
+                WitnessView::LeaseFree
+            };
+            lease.record(renewed);
+            return w;
+        }
+        LeaseView::HeldBy(_) => WitnessView::LeaseHeldByPeer,
+        LeaseView::Free | LeaseView::Held { .. } => WitnessView::LeaseFree,
+        LeaseView::Unreachable(_) => WitnessView::ArbiterUnreachable,
+    };
+    lease.record(view);
+    witness
+}
+
+/// Run the custom health script: exit 0 within `timeout` is healthy.
+pub async fn script(path: &Path, timeout: Duration) -> Result<(), String> {
+    Tool::new(path).timeout(timeout).run().await.map(|_| ()).map_err(|e| e.to_string())
+}

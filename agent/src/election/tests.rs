@@ -1,0 +1,628 @@
+//! Table-driven tests of the decision rules, one node at a time.
+
+use std::time::Duration;
+
+use super::*;
+use crate::hostmeta::{HostMeta, Lsn, Role};
+
+const A: &str = "a"; // the bootstrap leader
+const B: &str = "b";
+
+pub(super) fn settings(me: &str, witness: WitnessMode) -> Settings {
+    let (own_ip, peer_ip) = if me == A { ([10, 0, 0, 1], [10, 0, 0, 2]) } else { ([10, 0, 0, 2], [10, 0, 0, 1]) };
+    Settings {
+        cluster: "shop-17".into(),
+        own_name: me.into(),
+        own_ip: own_ip.into(),
+        peer_name: if me == A { B } else { A }.into(),
+        peer_ip: peer_ip.into(),
+        vip: [10, 0, 0, 9].into(),
+        bootstrap_leader: A.into(),
+        witness,
+        heartbeat_interval: Duration::from_secs(1),
+        failure_threshold: 3,
+        fence_timeout: Duration::from_secs(5),
+        promotion_margin: Duration::from_secs(2),
+        restart_attempts: 3,
+        restart_backoff: Duration::from_secs(2),
+    }
+}
+
+fn meta(me: &str, role: Role, epoch: u64, pos: Option<(u32, u64)>) -> HostMeta {
+    let mut m = settings(me, WitnessMode::None).fresh_meta();
+    m.node.role = role;
+    m.peer.role = if role == Role::Leader { Role::Follower } else { Role::Leader };
+    m.epoch = epoch;
+    m.timeline = pos.map(|p| p.0);
+    m.lsn = pos.map(|p| Lsn(p.1));
+    m.last_modified_unix_ms = 1_700_000_000_000;
+    m
+}
+
+/// The peer's status; a leading peer votes for itself, others abstain.
+fn status(meta: Option<HostMeta>, state: State) -> PeerStatus {
+    let vote = meta.as_ref().filter(|_| state.is_active_leader()).map(|m| m.node.name.clone());
+    PeerStatus { meta, leading: state.is_active_leader(), state, handing_over: false, vote }
+}
+
+fn voting(meta: Option<HostMeta>, state: State, vote: &str) -> PeerStatus {
+    PeerStatus { vote: Some(vote.into()), ..status(meta, state) }
+}
+
+fn seen(peer: PeerStatus, witness: WitnessView) -> Observation {
+    Observation {
+        heartbeat: Heartbeat::Ok { rtt: Duration::from_millis(1), peer: Box::new(peer) },
+        second_path: None,
+        witness,
+        health: vec![],
+        position: None,
+        peer_called_at: None,
+    }
+}
+
+fn lost(second_path: bool, witness: WitnessView) -> Observation {
+    Observation {
+        heartbeat: Heartbeat::Missed,
+        second_path: Some(second_path),
+        witness,
+        health: vec![],
+        position: None,
+        peer_called_at: None,
+    }
+}
+
+fn s(secs: u64) -> Duration {
+    Duration::from_secs(secs)
+}
+
+/// One tick. The first tick of a machine always starts by releasing any VIP
+/// a previous run left behind; that is checked here and left out.
+fn tick(m: &mut Machine, at: Duration, obs: Observation) -> Vec<Action> {
+    let first = !m.started();
+    let mut out = m.step(at, Input::Tick(obs));
+    if first {
+        assert_eq!(out.first(), Some(&Action::ReleaseVip), "first tick: {out:?}");
+        out.remove(0);
+    }
+    out
+}
+
+/// Ticks once a second from `from` to `to` inclusive, collecting actions.
+fn ticks(m: &mut Machine, from: u64, to: u64, obs: impl Fn() -> Observation) -> Vec<(u64, Action)> {
+    (from..=to).flat_map(|t| tick(m, s(t), obs()).into_iter().map(move |a| (t, a))).collect()
+}
+
+fn promotes(actions: &[Action]) -> Option<u64> {
+    actions.iter().find_map(|a| if let Action::Promote { epoch } = a { Some(*epoch) } else { None })
+}
+
+/// A machine that is already the leader at `epoch` and holds the VIP.
+fn leader(me: &str, witness: WitnessMode, epoch: u64) -> Machine {
+    leader_at(me, witness, epoch, (1, 100))
+}
+
+fn leader_at(me: &str, witness: WitnessMode, epoch: u64, pos: (u32, u64)) -> Machine {
+    let mut m = Machine::new(settings(me, witness), LocalMeta::Loaded(meta(me, Role::Leader, epoch, Some(pos))));
+    let w = match witness {
+        WitnessMode::None => WitnessView::NoOpinion,
+        WitnessMode::Gateway => WitnessView::GatewayReachable,
+        WitnessMode::Arbiter => WitnessView::LeaseHeldByMe,
+    };
+    let peer = if me == A { B } else { A };
+    let out = tick(
+        &mut m,
+        s(0),
+        seen(voting(Some(meta(peer, Role::Follower, epoch, Some((1, 90)))), State::Follower, me), w),
+    );
+    assert!(promotes(&out).is_some(), "{out:?}");
+    let out = m.step(s(0), Input::Done(Completion::PromotionDone));
+    assert_eq!(out, vec![Action::TakeVip]);
+    assert_eq!(m.state(), State::Leader);
+    m
+}
+
+/// A machine that follows a leader at `epoch`, rejoin done.
+fn follower(me: &str, witness: WitnessMode, epoch: u64) -> Machine {
+    let mut m = Machine::new(settings(me, witness), LocalMeta::Loaded(meta(me, Role::Follower, epoch, Some((1, 90)))));
+    let peer = if me == A { B } else { A };
+    let out = tick(
+        &mut m,
+        s(0),
+        seen(status(Some(meta(peer, Role::Leader, epoch, None)), State::Leader), WitnessView::NoOpinion),
+    );
+    assert_eq!(out[0], Action::ReleaseVip, "{out:?}");
+    assert!(out.contains(&Action::Rejoin { leader: peer.into() }), "{out:?}");
+    m.step(s(0), Input::Done(Completion::RejoinDone));
+    assert_eq!(m.state(), State::Follower);
+    m
+}
+
+#[test]
+fn fresh_cluster_bootstrap_leader_leads_at_epoch_1() {
+    let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Missing);
+    let out = tick(&mut a, s(0), seen(status(None, State::Election), WitnessView::NoOpinion));
+    assert!(matches!(&out[0], Action::PersistHostMeta(m) if m.epoch == 1 && m.node.role == Role::Leader), "{out:?}");
+    assert_eq!(promotes(&out), Some(1));
+    assert_eq!(a.step(s(0), Input::Done(Completion::PromotionDone)), vec![Action::TakeVip]);
+
+    let mut b = Machine::new(settings(B, WitnessMode::None), LocalMeta::Missing);
+    assert_eq!(tick(&mut b, s(0), seen(status(None, State::Election), WitnessView::NoOpinion)), vec![]);
+    let out = tick(&mut b, s(1), seen(a.status(), WitnessView::NoOpinion));
+    assert!(matches!(&out[..], [Action::RecoverHostMeta(m)] if m.node.name == A), "{out:?}");
+    let out = tick(&mut b, s(2), seen(a.status(), WitnessView::NoOpinion));
+    assert_eq!(out.first(), Some(&Action::ReleaseVip));
+    assert!(out.contains(&Action::Rejoin { leader: A.into() }), "{out:?}");
+    assert_eq!((b.state(), b.meta().unwrap().epoch), (State::Follower, 1));
+}
+
+#[test]
+fn fresh_cluster_with_peer_absent() {
+    // The bootstrap leader starts alone once the peer is confirmed absent...
+    let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Missing);
+    let out = ticks(&mut a, 0, 3, || lost(false, WitnessView::NoOpinion));
+    assert_eq!(out.iter().find(|(_, a)| matches!(a, Action::Promote { .. })), Some(&(2, Action::Promote { epoch: 1 })));
+    // ...but not while the second path still answers.
+    let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Missing);
+    assert_eq!(ticks(&mut a, 0, 30, || lost(true, WitnessView::NoOpinion)), vec![]);
+    // The other node never starts a cluster on its own.
+    let mut b = Machine::new(settings(B, WitnessMode::None), LocalMeta::Missing);
+    assert_eq!(ticks(&mut b, 0, 600, || lost(false, WitnessView::NoOpinion)), vec![]);
+    assert_eq!(b.state(), State::Election);
+}
+
+/// Restart with the peer reachable: both nodes in election, each sees the
+/// other's record; exactly the expected one leads, with the expected epoch.
+#[test]
+fn restart_with_peer_reachable_picks_one_winner() {
+    use Role::{Follower as F, Leader as L};
+    #[allow(clippy::type_complexity)]
+    let rows: &[(&str, (Role, u64, Option<(u32, u64)>), (Role, u64, Option<(u32, u64)>), &str, u64)] = &[
+        ("higher epoch wins", (F, 4, Some((1, 10))), (L, 3, Some((1, 99))), A, 5),
+        ("higher epoch wins (b)", (L, 3, Some((2, 99))), (F, 5, Some((1, 1))), B, 6),
+        ("equal epoch: higher timeline", (F, 3, Some((2, 5))), (L, 3, Some((1, 99))), A, 4),
+        ("equal epoch: higher lsn", (L, 3, Some((1, 50))), (F, 3, Some((1, 60))), B, 4),
+        ("equal epoch: known position beats unknown", (L, 3, None), (F, 3, Some((1, 1))), B, 4),
+        ("equal position: incumbent", (F, 3, Some((1, 50))), (L, 3, Some((1, 50))), B, 3),
+        ("both leaders, equal: bootstrap", (L, 3, Some((1, 50))), (L, 3, Some((1, 50))), A, 3),
+        ("both followers, equal: bootstrap", (F, 3, Some((1, 50))), (F, 3, Some((1, 50))), A, 4),
+    ];
+    for (name, ma, mb, winner, epoch) in rows {
+        let meta_a = meta(A, ma.0, ma.1, ma.2);
+        let meta_b = meta(B, mb.0, mb.1, mb.2);
+        let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Loaded(meta_a.clone()));
+        let mut b = Machine::new(settings(B, WitnessMode::None), LocalMeta::Loaded(meta_b.clone()));
+        // First exchange: each learns the other's record and votes; nobody leads without a vote.
+        let (sa, sb) = (a.status(), b.status());
+        assert_eq!((sa.vote.clone(), sb.vote.clone()), (None, None));
+        assert_eq!(tick(&mut a, s(0), seen(sb, WitnessView::NoOpinion)), vec![], "{name}");
+        assert_eq!(tick(&mut b, s(0), seen(sa, WitnessView::NoOpinion)), vec![], "{name}");
+        let (sa, sb) = (a.status(), b.status());
+        assert_eq!(sa.vote.as_deref(), Some(*winner), "{name}: a's vote");
+        assert_eq!(sb.vote.as_deref(), Some(*winner), "{name}: b's vote");
+        let out_a = tick(&mut a, s(1), seen(sb, WitnessView::NoOpinion));
+        let out_b = tick(&mut b, s(1), seen(sa, WitnessView::NoOpinion));
+        let (win, lose) = if *winner == A { (&out_a, &out_b) } else { (&out_b, &out_a) };
+        assert_eq!(promotes(win), Some(*epoch), "{name}: winner {win:?}");
+        assert_eq!(lose, &vec![], "{name}: the loser waits for the winner to lead");
+    }
+}
+
+#[test]
+fn restart_former_follower_follows_a_running_leader_even_when_ahead() {
+    // A restarted follower with a newer local position than the leader's record
+    // still follows a leader that is running.
+    let mut b =
+        Machine::new(settings(B, WitnessMode::None), LocalMeta::Loaded(meta(B, Role::Follower, 3, Some((1, 500)))));
+    let out = tick(
+        &mut b,
+        s(0),
+        seen(status(Some(meta(A, Role::Leader, 3, Some((1, 10)))), State::Leader), WitnessView::NoOpinion),
+    );
+    assert_eq!(out.first(), Some(&Action::ReleaseVip));
+    assert!(out.contains(&Action::Rejoin { leader: A.into() }));
+    assert_eq!(promotes(&out), None);
+}
+
+#[test]
+fn restart_former_leader_with_higher_epoch_waits_for_running_peer_to_step_down() {
+    let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Loaded(meta(A, Role::Leader, 5, None)));
+    let peer = meta(B, Role::Leader, 4, None);
+    assert_eq!(tick(&mut a, s(0), seen(status(Some(peer.clone()), State::Leader), WitnessView::NoOpinion)), vec![]);
+    // The peer is demoting: now a resumes (same epoch), and takes the VIP only once promoted.
+    let out = tick(&mut a, s(1), seen(voting(Some(peer), State::Demoting, A), WitnessView::NoOpinion));
+    assert_eq!(promotes(&out), Some(5));
+    assert!(!out.contains(&Action::TakeVip));
+}
+
+/// Two leaders meet after a partition: the loser releases the VIP first,
+/// then demotes, then rejoins; the winner does nothing.
+#[test]
+fn both_leaders_after_partition() {
+    // (a's epoch, a's position, b's epoch, b's position, loser)
+    let rows = [
+        ("higher epoch", 3, (1, 900), 4, (2, 10), A),
+        ("equal epochs, higher position", 4, (2, 10), 4, (2, 11), A),
+        ("equal epochs and positions: bootstrap leader", 4, (2, 10), 4, (2, 10), B),
+    ];
+    for (name, ea, pa, eb, pb, loser) in rows {
+        let mut a = leader_at(A, WitnessMode::None, ea, pa);
+        let mut b = leader_at(B, WitnessMode::None, eb, pb);
+        let (ma, mb) = (a.status(), b.status());
+        let out_a = tick(&mut a, s(1), seen(mb.clone(), WitnessView::NoOpinion));
+        let out_b = tick(&mut b, s(1), seen(ma.clone(), WitnessView::NoOpinion));
+        let (l, lout, wout, winner_meta) = if loser == A {
+            (&mut a, out_a, out_b, mb.meta.unwrap())
+        } else {
+            (&mut b, out_b, out_a, ma.meta.unwrap())
+        };
+        assert!(!lout.is_empty(), "{name}: the loser did nothing; the winner did {wout:?}");
+        assert_eq!(lout[0], Action::ReleaseVip, "{name}: VIP released before anything else: {lout:?}");
+        assert!(lout.contains(&Action::Demote), "{name}: {lout:?}");
+        assert!(!lout.contains(&Action::TakeVip));
+        assert_eq!(wout, vec![], "{name}: the winner keeps leading");
+        assert!(!l.holds_vip());
+        assert_eq!(l.state(), State::Demoting);
+        l.step(s(2), Input::Done(Completion::DemotionDone));
+        let leading = status(Some(winner_meta.clone()), State::Leader);
+        let out = tick(l, s(3), seen(leading.clone(), WitnessView::NoOpinion));
+        assert_eq!(out, vec![Action::Rejoin { leader: winner_meta.node.name.clone() }], "{name}");
+        l.step(s(4), Input::Done(Completion::RejoinDone));
+        tick(l, s(5), seen(leading, WitnessView::NoOpinion));
+        assert_eq!(l.meta().unwrap().epoch, winner_meta.epoch.max(l.meta().unwrap().epoch), "{name}: epoch adopted");
+        assert_eq!(l.state(), State::Follower);
+    }
+}
+
+/// Restart with the peer unreachable: a former leader resumes only with the
+/// witness' consent; a former follower also waits out the fence window.
+#[test]
+fn restart_with_peer_unreachable() {
+    use WitnessMode::*;
+    use WitnessView::*;
+    let rows = [
+        (None, NoOpinion, true),
+        (Gateway, GatewayReachable, true),
+        (Gateway, GatewayUnreachable, false),
+        (Arbiter, LeaseHeldByMe, true),
+        (Arbiter, LeaseHeldByPeer, false),
+        (Arbiter, LeaseFree, false),
+        (Arbiter, ArbiterUnreachable, false),
+    ];
+    for (mode, view, allowed) in rows {
+        let mut a = Machine::new(settings(A, mode), LocalMeta::Loaded(meta(A, Role::Leader, 3, Option::None)));
+        let out: Vec<_> = ticks(&mut a, 0, 3, || lost(false, view)).into_iter().map(|(_, a)| a).collect();
+        assert_eq!(promotes(&out), if allowed { Some(3) } else { Option::None }, "leader {mode:?} {view:?}: {out:?}");
+        if view == LeaseFree {
+            assert!(out.contains(&Action::AcquireLease { epoch: 3 }), "asks for the lease: {out:?}");
+        }
+
+        let mut b = Machine::new(settings(B, mode), LocalMeta::Loaded(meta(B, Role::Follower, 3, Option::None)));
+        let early = ticks(&mut b, 0, 6, || lost(false, view));
+        assert!(early.iter().all(|(_, a)| !matches!(a, Action::Promote { .. })), "follower must wait: {early:?}");
+        let out: Vec<_> = ticks(&mut b, 7, 9, || lost(false, view)).into_iter().map(|(_, a)| a).collect();
+        assert_eq!(promotes(&out), if allowed { Some(4) } else { Option::None }, "follower {mode:?} {view:?}: {out:?}");
+    }
+}
+
+/// A follower promotes only when every condition holds.
+#[test]
+fn follower_promotion_needs_misses_second_path_witness_and_fence_window() {
+    // (description, second path reachable, witness, expected promotion second)
+    let rows = [
+        ("all conditions", false, WitnessView::GatewayReachable, Some(17)),
+        ("second path still answers", true, WitnessView::GatewayReachable, None),
+        ("witness unreachable", false, WitnessView::GatewayUnreachable, None),
+    ];
+    for (name, second, witness, expect) in rows {
+        let mut b = follower(B, WitnessMode::Gateway, 3);
+        let lm = meta(A, Role::Leader, 3, None);
+        ticks(&mut b, 1, 10, || seen(status(Some(lm.clone()), State::Leader), WitnessView::GatewayReachable));
+        // Last heard at 10 s: misses from 11 s; fence window ends at 10 + 5 + 2 = 17 s.
+        let out = ticks(&mut b, 11, 40, || lost(second, witness));
+        let at = out.iter().find(|(_, a)| matches!(a, Action::Promote { .. }));
+        assert_eq!(at.map(|(t, _)| *t), expect, "{name}: {out:?}");
+        if expect.is_some() {
+            assert_eq!(at.unwrap().1, Action::Promote { epoch: 4 });
+            assert_eq!(b.state(), State::Promoting);
+            assert_eq!(b.step(s(41), Input::Done(Completion::PromotionDone)), vec![Action::TakeVip]);
+        }
+    }
+    // Fewer than `failure_threshold` misses in a row never promote, however long.
+    let mut b = follower(B, WitnessMode::None, 3);
+    let lm = meta(A, Role::Leader, 3, None);
+    for t in 1..100 {
+        let obs = if t % 3 == 0 {
+            seen(status(Some(lm.clone()), State::Leader), WitnessView::NoOpinion)
+        } else {
+            lost(false, WitnessView::NoOpinion)
+        };
+        assert_eq!(promotes(&tick(&mut b, s(t), obs)), None, "t={t}");
+    }
+}
+
+#[test]
+fn arbiter_follower_acquires_the_lease_before_promoting() {
+    let mut b = follower(B, WitnessMode::Arbiter, 3);
+    let out = ticks(&mut b, 1, 7, || lost(false, WitnessView::LeaseHeldByPeer));
+    assert!(out.iter().all(|(_, a)| !matches!(a, Action::AcquireLease { .. } | Action::Promote { .. })), "{out:?}");
+    let out = tick(&mut b, s(8), lost(false, WitnessView::LeaseFree));
+    assert_eq!(out, vec![Action::AcquireLease { epoch: 4 }]);
+    let out = tick(&mut b, s(9), lost(false, WitnessView::LeaseHeldByMe));
+    assert_eq!(promotes(&out), Some(4));
+}
+
+#[test]
+fn leader_fences_when_cut_off_from_peer_and_witness() {
+    for mode in [WitnessMode::Gateway, WitnessMode::Arbiter] {
+        let cut_off = if mode == WitnessMode::Gateway {
+            WitnessView::GatewayUnreachable
+        } else {
+            WitnessView::ArbiterUnreachable
+        };
+        let mut a = leader(A, mode, 3);
+        // Last contact at 0 s: with 1 s ticks the fence must be in place by 5 s.
+        let out = ticks(&mut a, 1, 10, || lost(false, cut_off));
+        let fence: Vec<_> = out.iter().filter(|(_, a)| matches!(a, Action::ReleaseVip | Action::Fence)).collect();
+        assert_eq!(fence, vec![&(4, Action::ReleaseVip), &(4, Action::Fence)], "{mode:?}: {out:?}");
+        assert_eq!((a.state(), a.holds_vip()), (State::Fenced, false));
+
+        // Peer lost but witness still there: keeps leading.
+        let mut a = leader(A, mode, 3);
+        let ok = if mode == WitnessMode::Gateway { WitnessView::GatewayReachable } else { WitnessView::LeaseHeldByMe };
+        let out = ticks(&mut a, 1, 60, || lost(false, ok));
+        assert!(!out.iter().any(|(_, a)| matches!(a, Action::Fence | Action::ReleaseVip)), "{mode:?}: {out:?}");
+        assert_eq!(a.state(), State::FaultDetected);
+        // Witness lost but peer still answering (second path): keeps leading.
+        let mut a = leader(A, mode, 3);
+        let out = ticks(&mut a, 1, 60, || lost(true, cut_off));
+        assert!(!out.iter().any(|(_, a)| matches!(a, Action::Fence)), "{mode:?}: {out:?}");
+    }
+    // Mode none keeps leading (documented risk).
+    let mut a = leader(A, WitnessMode::None, 3);
+    assert_eq!(ticks(&mut a, 1, 600, || lost(false, WitnessView::NoOpinion)), vec![]);
+    assert!(a.holds_vip());
+}
+
+#[test]
+fn arbiter_leader_that_loses_the_lease_fences_at_once() {
+    let mut a = leader(A, WitnessMode::Arbiter, 3);
+    let out = tick(&mut a, s(1), lost(false, WitnessView::LeaseHeldByPeer));
+    assert_eq!(out, vec![Action::ReleaseVip, Action::Fence]);
+}
+
+#[test]
+fn fenced_leader_resumes_only_with_the_peer_following_and_demotes_to_a_newer_leader() {
+    let mut a = leader(A, WitnessMode::Gateway, 3);
+    ticks(&mut a, 1, 5, || lost(false, WitnessView::GatewayUnreachable));
+    assert_eq!(a.state(), State::Fenced);
+    // Gateway back, peer still away: stays fenced (the peer may have promoted).
+    assert_eq!(ticks(&mut a, 6, 30, || lost(false, WitnessView::GatewayReachable)), vec![]);
+    // The peer is back and still a follower at our epoch: resume.
+    let back = meta(B, Role::Follower, 3, None);
+    let out = tick(&mut a, s(31), seen(status(Some(back.clone()), State::Follower), WitnessView::GatewayReachable));
+    assert_eq!(out, vec![], "not without the peer's vote");
+    let out = tick(&mut a, s(32), seen(voting(Some(back), State::Follower, A), WitnessView::GatewayReachable));
+    assert_eq!(out, vec![Action::Unfence, Action::TakeVip]);
+
+    let mut a = leader(A, WitnessMode::Gateway, 3);
+    ticks(&mut a, 1, 5, || lost(false, WitnessView::GatewayUnreachable));
+    let out = tick(
+        &mut a,
+        s(31),
+        seen(status(Some(meta(B, Role::Leader, 4, None)), State::Leader), WitnessView::GatewayReachable),
+    );
+    assert_eq!(&out[..2], &[Action::ReleaseVip, Action::Demote], "{out:?}");
+    assert!(!out.contains(&Action::TakeVip) && !out.contains(&Action::Unfence));
+}
+
+#[test]
+fn never_takes_the_vip_while_the_peer_leads() {
+    // Promotion finishes while a peer with a higher claim leads: no VIP, demote.
+    let mut b = follower(B, WitnessMode::None, 3);
+    ticks(&mut b, 1, 10, || lost(false, WitnessView::NoOpinion));
+    assert_eq!(b.state(), State::Promoting);
+    tick(&mut b, s(11), seen(status(Some(meta(A, Role::Leader, 9, None)), State::Leader), WitnessView::NoOpinion));
+    let out = b.step(s(11), Input::Done(Completion::PromotionDone));
+    assert!(!out.contains(&Action::TakeVip), "{out:?}");
+    assert_eq!(out.first(), Some(&Action::ReleaseVip));
+
+    // Promotion finishes while a peer with a lower claim still leads: lead,
+    // but take the VIP only after the peer stepped down.
+    let mut b = follower(B, WitnessMode::None, 3);
+    ticks(&mut b, 1, 10, || lost(false, WitnessView::NoOpinion));
+    let old = meta(A, Role::Leader, 3, None);
+    tick(&mut b, s(11), seen(status(Some(old.clone()), State::Leader), WitnessView::NoOpinion));
+    assert_eq!(b.step(s(11), Input::Done(Completion::PromotionDone)), vec![]);
+    assert_eq!(tick(&mut b, s(12), seen(status(Some(old.clone()), State::Leader), WitnessView::NoOpinion)), vec![]);
+    let out = tick(&mut b, s(13), seen(status(Some(old), State::Demoting), WitnessView::NoOpinion));
+    assert_eq!(out, vec![Action::TakeVip]);
+}
+
+#[test]
+fn failed_service_is_restarted_with_backoff_then_the_leader_hands_over() {
+    let mut a = leader(A, WitnessMode::None, 3);
+    let peer = status(Some(meta(B, Role::Follower, 3, None)), State::Follower);
+    let obs = |ok| {
+        let mut o = seen(peer.clone(), WitnessView::NoOpinion);
+        o.health = vec![(Component::Postgres, ok), (Component::Kine, true)];
+        o
+    };
+    let mut log = vec![];
+    for t in 1..=20 {
+        for act in tick(&mut a, s(t), obs(false)) {
+            log.push((t, act));
+        }
+    }
+    let restarts: Vec<_> =
+        log.iter().filter(|(_, a)| *a == Action::RestartService(Component::Postgres)).map(|(t, _)| *t).collect();
+    assert_eq!(restarts, vec![1, 3, 7], "backoff 2 s, 4 s, then give up after 8 s: {log:?}");
+    let handover: Vec<_> = log.iter().filter(|(_, a)| !matches!(a, Action::RestartService(_))).collect();
+    assert_eq!(handover[0], &(15, Action::ReleaseVip), "{log:?}");
+    assert_eq!(handover[1], &(15, Action::Demote), "{log:?}");
+    assert!(a.status().handing_over);
+
+    // A service that recovers resets its attempts.
+    let mut a = leader(A, WitnessMode::None, 3);
+    tick(&mut a, s(1), obs(false));
+    assert_eq!(a.state(), State::HealthCheck);
+    tick(&mut a, s(2), obs(true));
+    assert_eq!(a.state(), State::Leader);
+    assert_eq!(tick(&mut a, s(3), obs(false)), vec![Action::RestartService(Component::Postgres)]);
+}
+
+#[test]
+fn follower_with_failed_datastore_does_not_promote() {
+    let mut b = follower(B, WitnessMode::None, 3);
+    let out = ticks(&mut b, 1, 40, || {
+        let mut o = lost(false, WitnessView::NoOpinion);
+        o.health = vec![(Component::Postgres, false)];
+        o
+    });
+    assert!(promotes(&out.into_iter().map(|(_, a)| a).collect::<Vec<_>>()).is_none());
+}
+
+#[test]
+fn planned_switchover() {
+    let mut a = leader(A, WitnessMode::Arbiter, 3);
+    let mut b = follower(B, WitnessMode::Arbiter, 3);
+    let out = a.step(s(1), Input::Switchover);
+    assert_eq!(&out[..3], &[Action::ReleaseVip, Action::ReleaseLease, Action::Demote], "{out:?}");
+    let out = tick(&mut b, s(1), seen(a.status(), WitnessView::LeaseFree));
+    assert_eq!(out, vec![Action::AcquireLease { epoch: 4 }]);
+    let out = tick(&mut b, s(1), seen(a.status(), WitnessView::LeaseHeldByMe));
+    assert_eq!(promotes(&out), Some(4));
+    assert_eq!(b.step(s(1), Input::Done(Completion::PromotionDone)), vec![Action::TakeVip]);
+    a.step(s(1), Input::Done(Completion::DemotionDone));
+    let out = tick(&mut a, s(2), seen(b.status(), WitnessView::LeaseHeldByPeer));
+    assert_eq!(out, vec![Action::Rejoin { leader: B.into() }]);
+    assert_eq!(a.meta().unwrap().epoch, 3, "the new epoch is adopted once rejoined");
+    a.step(s(2), Input::Done(Completion::RejoinDone));
+    let out = tick(&mut a, s(3), seen(b.status(), WitnessView::LeaseHeldByPeer));
+    assert!(
+        matches!(&out[..], [Action::PersistHostMeta(m)] if m.epoch == 4 && m.node.role == Role::Follower),
+        "{out:?}"
+    );
+    // A follower ignores a switchover request.
+    assert_eq!(a.step(s(3), Input::Switchover), vec![]);
+
+    // So does a leader whose peer is not there to take over.
+    let mut a = leader(A, WitnessMode::None, 3);
+    tick(&mut a, s(1), lost(false, WitnessView::NoOpinion));
+    assert!(!a.can_hand_over());
+    assert_eq!(a.step(s(1), Input::Switchover), vec![]);
+    assert_eq!(a.state(), State::Leader);
+}
+
+#[test]
+fn first_tick_releases_a_leftover_vip() {
+    let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Loaded(meta(A, Role::Leader, 3, None)));
+    assert!(!a.started());
+    let out = a.step(s(0), Input::Tick(lost(false, WitnessView::NoOpinion)));
+    assert_eq!(out, vec![Action::ReleaseVip]);
+    assert_eq!(a.step(s(1), Input::Tick(lost(false, WitnessView::NoOpinion))), vec![]);
+}
+
+#[test]
+fn hostmeta_of_another_node_is_unusable() {
+    let m = Machine::new(settings(B, WitnessMode::None), LocalMeta::Loaded(meta(A, Role::Leader, 3, None)));
+    assert_eq!((m.state(), m.meta()), (State::Init, None));
+}
+
+#[test]
+fn unusable_hostmeta_waits_for_the_peer_and_recovers_from_it() {
+    let mut b = Machine::new(settings(B, WitnessMode::None), LocalMeta::Unusable);
+    assert_eq!(b.state(), State::Init);
+    assert_eq!(ticks(&mut b, 0, 600, || lost(false, WitnessView::NoOpinion)), vec![], "never acts alone");
+    assert_eq!(b.status().meta, None);
+    // A peer from another cluster is not trusted.
+    let mut foreign = meta(A, Role::Leader, 7, None);
+    foreign.cluster = "factory-2".into();
+    assert_eq!(tick(&mut b, s(601), seen(status(Some(foreign), State::Leader), WitnessView::NoOpinion)), vec![]);
+    let pm = meta(A, Role::Leader, 7, None);
+    let out = tick(&mut b, s(602), seen(status(Some(pm.clone()), State::Leader), WitnessView::NoOpinion));
+    assert_eq!(out, vec![Action::RecoverHostMeta(pm.clone())]);
+    let out = tick(&mut b, s(603), seen(status(Some(pm), State::Leader), WitnessView::NoOpinion));
+    assert!(out.contains(&Action::Rejoin { leader: A.into() }));
+    assert_eq!((b.state(), b.meta().unwrap().epoch), (State::Follower, 7));
+}
+
+/// Wall-clock `last_modified` moved by hours either way must not change any
+/// decision: the same scenarios give the same actions.
+#[test]
+fn wall_clock_jumps_change_nothing() {
+    let hour = 3_600_000u64;
+    let scenario = |shift_a: i64, shift_b: i64| {
+        let shift = |mut m: HostMeta, by: i64| {
+            m.last_modified_unix_ms = m.last_modified_unix_ms.saturating_add_signed(by);
+            m
+        };
+        let mut log = vec![];
+        for (ra, ea, rb, eb) in [
+            (Role::Leader, 3, Role::Leader, 3),
+            (Role::Leader, 3, Role::Follower, 4),
+            (Role::Follower, 3, Role::Leader, 3),
+        ] {
+            let ma = shift(meta(A, ra, ea, Some((1, 5))), shift_a);
+            let mb = shift(meta(B, rb, eb, Some((1, 5))), shift_b);
+            let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Loaded(ma.clone()));
+            log.push(tick(&mut a, s(0), seen(status(Some(mb.clone()), State::Election), WitnessView::NoOpinion)));
+            let mut b = Machine::new(settings(B, WitnessMode::None), LocalMeta::Loaded(mb));
+            log.push(tick(&mut b, s(0), seen(status(Some(ma), State::Leader), WitnessView::NoOpinion)));
+        }
+        // Strip the recorded timestamps themselves from persisted records.
+        for acts in &mut log {
+            for act in acts.iter_mut() {
+                if let Action::PersistHostMeta(m) = act {
+                    m.last_modified_unix_ms = 0;
+                }
+            }
+        }
+        log
+    };
+    let base = scenario(0, 0);
+    for (da, db) in
+        [(5 * hour as i64, 0), (-5 * hour as i64, 0), (0, 48 * hour as i64), (-24 * hour as i64, 24 * hour as i64)]
+    {
+        assert_eq!(scenario(da, db), base, "shift a by {da} ms, b by {db} ms");
+    }
+}
+
+#[test]
+fn settings_from_config_defaults() {
+    let cfg: crate::config::GeminiConfig = serde_json::from_value(serde_json::json!({
+        "cluster": {"name": "shop-17", "vip": "10.0.0.9", "bootstrap_leader": "a",
+                    "witness": {"mode": "gateway", "targets": ["10.0.0.254"]}},
+        "node": {"name": "a", "ip": "10.0.0.1"},
+        "peer": {"name": "b", "ip": "10.0.0.2"},
+        "api": {"token": "t"},
+        "k3s": {"token": "t"},
+        "tls": {"ca": "ca.pem", "cert": "c.pem", "key": "k.pem"},
+    }))
+    .unwrap();
+    let st = Settings::from_config(&cfg);
+    assert_eq!(st.heartbeat_interval, s(1));
+    assert_eq!(st.failure_threshold, 3);
+    assert_eq!(st.fence_timeout, s(5));
+    assert_eq!(st.promotion_margin, s(2));
+    assert_eq!(st.witness, WitnessMode::Gateway);
+    assert_eq!((st.own_name.as_str(), st.peer_name.as_str(), st.bootstrap_leader.as_str()), ("a", "b", "a"));
+    assert_eq!(st.promotion_bound(), s(11));
+}
+
+#[test]
+fn claims_order() {
+    let c = |epoch, pos: Option<(u32, u64)>, incumbent, bootstrap, name: &str| Claim {
+        name: name.into(),
+        epoch,
+        position: pos.map(|(t, l)| (t, Lsn(l))),
+        incumbent,
+        bootstrap,
+    };
+    use std::cmp::Ordering::*;
+    assert_eq!(compare_claims(&c(2, None, false, false, "b"), &c(1, Some((9, 9)), true, true, "a")), Greater);
+    assert_eq!(compare_claims(&c(1, Some((2, 0)), false, false, "b"), &c(1, Some((1, 99)), true, true, "a")), Greater);
+    assert_eq!(compare_claims(&c(1, Some((1, 5)), true, false, "b"), &c(1, Some((1, 5)), false, true, "a")), Greater);
+    assert_eq!(compare_claims(&c(1, None, true, true, "a"), &c(1, None, true, false, "b")), Greater);
+    assert_eq!(compare_claims(&c(1, None, true, false, "a"), &c(1, None, true, false, "b")), Greater);
+    assert_eq!(compare_claims(&c(1, None, true, false, "b"), &c(1, None, true, false, "a")), Less);
+}

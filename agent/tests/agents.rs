@@ -1,0 +1,186 @@
+//! Two real `gemin_k8s agent` processes on loopback, with certificates from
+//! `init`: they elect the bootstrap leader, `status` on each shows the same
+//! picture, and killing the leader is seen and acted on by the other.
+//! (PostgreSQL and the VIP are not wired here; the agents say so.)
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use geminik8s_vm_tests::poll;
+use serde_json::Value;
+
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // The process may already be dead (killed by the test).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gemin_k8s"))
+}
+
+fn start(dir: &Path, node: &str) -> Agent {
+    let state = dir.join(format!("state-{node}"));
+    std::fs::create_dir_all(&state).unwrap();
+    let socket = state.join("agent.sock");
+    let log = std::fs::File::create(dir.join(format!("{node}.log"))).unwrap();
+    let child = bin()
+        .args(["agent", "--cloud-config"])
+        .arg(dir.join(format!("{node}.yaml")))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--log-level", "debug"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Agent { child, socket }
+}
+
+fn status_json(args: &[&str]) -> (Output, Option<Value>) {
+    let out = bin().arg("status").args(args).args(["-o", "json", "--timeout", "1s"]).output().unwrap();
+    let v = serde_json::from_slice(&out.stdout).ok();
+    (out, v)
+}
+
+fn local(agent: &Agent) -> Option<Value> {
+    status_json(&["--socket", agent.socket.to_str().unwrap()])
+        .1
+        .and_then(|v| v["nodes"][0]["status"].as_object().cloned().map(Value::Object))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn logs(dir: &Path) -> String {
+    ["node1", "node2"]
+        .iter()
+        .map(|n| {
+            format!(
+                "--- {n}.log (tail)\n{}",
+                std::fs::read_to_string(dir.join(format!("{n}.log")))
+                    .unwrap_or_default()
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn two_agents_elect_agree_and_detect_a_killed_leader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lab");
+    let port = free_port();
+    let template = tmp.path().join("t.yaml");
+    std::fs::write(
+        &template,
+        format!("#cloud-config\ngeminik8s:\n  node:\n    api_port: {port}\n  peer:\n    api_port: {port}\n  postgres:\n    port: {}\n  health:\n    interval: 300ms\n    fence_timeout: 1s\n", free_port()),
+    )
+    .unwrap();
+    let out = bin()
+        .args([
+            "init",
+            "--name",
+            "lab",
+            "--node1-ip",
+            "127.0.0.1",
+            "--node2-ip",
+            "127.0.0.2",
+            "--vip",
+            "127.0.0.3",
+            "--vip-prefix",
+            "8",
+        ])
+        .args(["--template", template.to_str().unwrap(), "--config-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut n1 = start(&dir, "node1");
+    let n2 = start(&dir, "node2");
+
+    let elected =
+        poll::until("node1 leading and node2 following", Duration::from_secs(20), Duration::from_millis(200), || {
+            let (a, b) = (local(&n1), local(&n2));
+            let role = |v: &Option<Value>| {
+                v.as_ref().map(|v| (v["role"].as_str().unwrap_or("").to_string(), v["epoch"].as_u64().unwrap_or(0)))
+            };
+            match (role(&a), role(&b)) {
+                (Some((ra, ea)), Some((rb, eb))) if ra == "leader" && rb == "follower" && ea == eb && ea >= 1 => Ok(ea),
+                other => Err(other),
+            }
+        });
+    let epoch = elected.unwrap_or_else(|e| panic!("{e}\n{}", logs(&dir)));
+    assert_eq!(epoch, 1, "a fresh cluster starts at epoch 1");
+
+    // The operator's view from cluster.yaml: both nodes, one leader, and the
+    // missing datastore and VIP reported as degraded.
+    let (out, view) = status_json(&["--config", dir.join("cluster.yaml").to_str().unwrap()]);
+    let view = view.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(1), "absent subsystems make the cluster degraded");
+    let nodes = view["nodes"].as_array().unwrap();
+    let roles: Vec<&str> = nodes.iter().map(|n| n["status"]["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["leader", "follower"]);
+    for n in nodes {
+        assert_eq!(n["status"]["peer"]["reachable"], true, "{n}");
+        let comps = n["status"]["components"].as_array().unwrap();
+        assert!(comps.iter().any(|c| c["name"] == "postgres" && c["state"] == "absent"), "{n}");
+    }
+
+    // Kill the leader: the follower sees it unreachable, then (witness none) promotes.
+    n1.child.kill().unwrap();
+    n1.child.wait().unwrap();
+    let seen = poll::until("node2 to see node1 gone", Duration::from_secs(10), Duration::from_millis(100), || {
+        match local(&n2) {
+            Some(v) if v["peer"]["reachable"] == false => Ok(()),
+            other => Err(other.map(|v| v["peer"].clone())),
+        }
+    });
+    seen.unwrap_or_else(|e| panic!("{e}\n{}", logs(&dir)));
+    let promoted = poll::until("node2 to lead at epoch 2", Duration::from_secs(15), Duration::from_millis(100), || {
+        match local(&n2) {
+            Some(v) if v["role"] == "leader" && v["epoch"] == 2 => Ok(()),
+            other => Err(format!("{:?}", other.map(|v| (v["role"].clone(), v["state"].clone(), v["epoch"].clone())))),
+        }
+    });
+    promoted.unwrap_or_else(|e| panic!("{e}\n{}", logs(&dir)));
+    let hostmeta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state-node2/hostmeta.json")).unwrap()).unwrap();
+    assert_eq!(hostmeta["epoch"], 2, "the promotion is recorded in hostMeta");
+
+    // node1 comes back: epoch 2 beats its epoch 1, so it follows.
+    let n1 = start(&dir, "node1");
+    let rejoined =
+        poll::until("node1 to follow node2", Duration::from_secs(20), Duration::from_millis(200), || {
+            match (local(&n1), local(&n2)) {
+                (Some(a), Some(b)) if a["role"] == "follower" && b["role"] == "leader" => Ok(()),
+                (a, b) => Err(format!(
+                    "{:?}",
+                    (
+                        a.map(|v| (v["role"].clone(), v["state"].clone())),
+                        b.map(|v| (v["role"].clone(), v["state"].clone()))
+                    ),
+                )),
+            }
+        });
+    rejoined.unwrap_or_else(|e| panic!("{e}\n{}", logs(&dir)));
+}
