@@ -1,1 +1,427 @@
-//! (in progress)
+//! Kine: the etcd v3 API over PostgreSQL that K3s uses as its datastore.
+//!
+//! Each node runs one Kine talking to the primary PostgreSQL through the VIP;
+//! the local K3s talks to the local Kine. This module renders Kine's command
+//! line and environment ([`KineSettings::spec`]), probes its health through its
+//! etcd endpoint ([`probe`]) and decides when to restart it ([`KineRecovery`]).
+//!
+//! The database password never appears on the command line (where every user
+//! can read it in `/proc`): the endpoint goes in `KINE_ENDPOINT`, which Kine
+//! reads itself.
+//!
+//! Health is a real etcd `Range` call over gRPC (HTTP/2 without TLS, which is
+//! what Kine serves when it has no server certificate) made with reqwest, so
+//! the agent needs no etcd client tool on the node. A Range reaches the
+//! database, so the probe fails while PostgreSQL is unreachable.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::config::GeminiConfig;
+use crate::services::{ServiceError, ServiceSpec, Services};
+
+/// Where the image installs Kine.
+pub const KINE_BINARY: &str = "/usr/local/bin/kine";
+/// The database and role Kine uses.
+pub const KINE_DATABASE: &str = "kine";
+pub const KINE_USER: &str = "kine";
+/// The service name (`geminik8s-kine.service` under systemd).
+pub const SERVICE: &str = "kine";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KineError {
+    #[error("kine at {endpoint} is unreachable: {source}")]
+    Unreachable {
+        endpoint: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("kine at {endpoint} answered HTTP {status}")]
+    Http { endpoint: String, status: u16 },
+    #[error("kine at {endpoint} failed the read: gRPC status {code}: {message}")]
+    Grpc { endpoint: String, code: String, message: String },
+    #[error("kine at {endpoint} sent no response message")]
+    NoMessage { endpoint: String },
+    #[error("kine at {endpoint} did not answer within {timeout:?}")]
+    Timeout { endpoint: String, timeout: Duration },
+    #[error("building the HTTP/2 client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+/// Everything Kine's command line is made of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KineSettings {
+    pub binary: PathBuf,
+    /// Where PostgreSQL is reached: the VIP in production.
+    pub db_host: IpAddr,
+    pub db_port: u16,
+    pub password: String,
+    /// Kine's etcd listen address.
+    pub listen: SocketAddr,
+    /// Kine's own compaction (`--compact-interval`); zero leaves it to K3s.
+    pub compaction_interval: Duration,
+    /// Where the supervisor writes Kine's output.
+    pub log_file: Option<PathBuf>,
+}
+
+impl KineSettings {
+    /// The settings for this node; the supervisor writes Kine's output to
+    /// `log_dir/kine.log` (give each node its own directory when nodes share a
+    /// filesystem, as in the network-namespace lab).
+    pub fn from_config(config: &GeminiConfig, log_dir: &Path) -> Self {
+        KineSettings {
+            binary: PathBuf::from(KINE_BINARY),
+            db_host: config.cluster.vip,
+            db_port: config.postgres.port,
+            password: config.postgres.kine_password.clone(),
+            listen: config.kine.listen,
+            compaction_interval: config.kine.compaction_interval,
+            log_file: Some(log_dir.join("kine.log")),
+        }
+    }
+
+    /// `postgres://kine:PASSWORD@HOST:PORT/kine?sslmode=disable`, password percent-encoded.
+    pub fn endpoint(&self) -> String {
+        let host = match self.db_host {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("[{ip}]"),
+        };
+        format!(
+            "postgres://{KINE_USER}:{}@{host}:{}/{KINE_DATABASE}?sslmode=disable",
+            percent_encode(&self.password),
+            self.db_port
+        )
+    }
+
+    /// The etcd endpoint Kine serves, for K3s and for health probes.
+    pub fn etcd_endpoint(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    /// The fixed shape of Kine's command line (the unit file's `ExecStart=`).
+    pub fn argv(&self) -> Vec<String> {
+        vec![
+            self.binary.display().to_string(),
+            "--listen-address".into(),
+            "${KINE_LISTEN_ADDRESS}".into(),
+            "--compact-interval".into(),
+            "${KINE_COMPACT_INTERVAL}".into(),
+            // The metrics listener (default :8080) is not used and would only collide.
+            "--metrics-bind-address".into(),
+            "0".into(),
+        ]
+    }
+
+    /// The service the agent runs.
+    pub fn spec(&self) -> ServiceSpec {
+        let mut spec = ServiceSpec::new(SERVICE, self.argv());
+        spec.env.insert("KINE_ENDPOINT".into(), self.endpoint());
+        spec.env.insert("KINE_LISTEN_ADDRESS".into(), self.listen.to_string());
+        spec.env.insert("KINE_COMPACT_INTERVAL".into(), go_duration(self.compaction_interval));
+        spec.log_file = self.log_file.clone();
+        spec.stop_grace = Duration::from_secs(10);
+        spec
+    }
+}
+
+/// Percent-encode everything but RFC 3986 unreserved characters.
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A duration as Go's `time.ParseDuration` reads it ("300s", "1500ms").
+pub fn go_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
+}
+
+/// One etcd `Range` of a single key through Kine's gRPC endpoint
+/// (`http://HOST:PORT`). `Ok` means Kine answered with data from the database.
+pub async fn probe(endpoint: &str, timeout: Duration) -> Result<(), KineError> {
+    crate::tls::install_crypto_provider();
+    let endpoint = endpoint.trim_end_matches('/').to_string();
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .build()
+        .map_err(KineError::Client)?;
+    let call = async {
+        let response = client
+            .post(format!("{endpoint}/etcdserverpb.KV/Range"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(grpc_frame(&range_request(b"/geminik8s/health", 1)))
+            .send()
+            .await
+            .map_err(|source| KineError::Unreachable { endpoint: endpoint.clone(), source })?;
+        if !response.status().is_success() {
+            return Err(KineError::Http { endpoint: endpoint.clone(), status: response.status().as_u16() });
+        }
+        // An error without a message comes back "trailers-only": status in the headers.
+        if let Some(code) = response.headers().get("grpc-status").and_then(|v| v.to_str().ok())
+            && code != "0"
+        {
+            let message =
+                response.headers().get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            return Err(KineError::Grpc { endpoint: endpoint.clone(), code: code.to_string(), message });
+        }
+        let body =
+            response.bytes().await.map_err(|source| KineError::Unreachable { endpoint: endpoint.clone(), source })?;
+        if body.len() >= 5 && body[0] == 0 {
+            let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+            if body.len() >= 5 + len {
+                return Ok(());
+            }
+        }
+        Err(KineError::NoMessage { endpoint: endpoint.clone() })
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(KineError::Timeout { endpoint, timeout }),
+    }
+}
+
+/// `etcdserverpb.RangeRequest { key, limit }` in protobuf wire format.
+fn range_request(key: &[u8], limit: u64) -> Vec<u8> {
+    let mut msg = vec![0x0a]; // field 1 (key), length-delimited
+    put_varint(&mut msg, key.len() as u64);
+    msg.extend_from_slice(key);
+    msg.push(0x18); // field 3 (limit), varint
+    put_varint(&mut msg, limit);
+    msg
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A gRPC length-prefixed message (not compressed).
+fn grpc_frame(msg: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(msg.len() + 5);
+    frame.push(0);
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(msg);
+    frame
+}
+
+/// When a failing Kine is restarted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveryPolicy {
+    /// Consecutive failed probes before a restart.
+    pub failures: u32,
+    /// After the primary moved, or after a restart, how long Kine gets to
+    /// reconnect on its own before it is restarted (again).
+    pub grace: Duration,
+}
+
+impl Default for RecoveryPolicy {
+    fn default() -> Self {
+        RecoveryPolicy { failures: 3, grace: Duration::from_secs(5) }
+    }
+}
+
+/// What to do after a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Healthy,
+    /// Failing, but give it time (too few failures, or within the grace period).
+    Waiting,
+    Restart,
+}
+
+/// Decides when a failing Kine is restarted. Kine usually reconnects by itself
+/// when the primary moves under the VIP; when it does not within the grace
+/// period and keeps failing, it is restarted. Pure: time comes in as `now`.
+#[derive(Debug, Clone)]
+pub struct KineRecovery {
+    policy: RecoveryPolicy,
+    failures: u32,
+    primary_moved_at: Option<Instant>,
+    restarted_at: Option<Instant>,
+}
+
+impl KineRecovery {
+    pub fn new(policy: RecoveryPolicy) -> Self {
+        KineRecovery { policy, failures: 0, primary_moved_at: None, restarted_at: None }
+    }
+
+    /// The primary PostgreSQL moved (promotion, switchover).
+    pub fn primary_moved(&mut self, now: Instant) {
+        self.primary_moved_at = Some(now);
+    }
+
+    /// Feed one probe result.
+    pub fn observe(&mut self, healthy: bool, now: Instant) -> Verdict {
+        if healthy {
+            self.failures = 0;
+            self.primary_moved_at = None;
+            return Verdict::Healthy;
+        }
+        self.failures += 1;
+        let within_grace = |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < self.policy.grace);
+        if self.failures < self.policy.failures
+            || within_grace(self.primary_moved_at)
+            || within_grace(self.restarted_at)
+        {
+            return Verdict::Waiting;
+        }
+        self.failures = 0;
+        self.restarted_at = Some(now);
+        Verdict::Restart
+    }
+}
+
+/// Probe Kine at `endpoint`, and restart it through `services` when
+/// `recovery` says so. Returns the verdict.
+pub async fn check_and_recover(
+    services: &dyn Services,
+    recovery: &mut KineRecovery,
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<Verdict, ServiceError> {
+    let result = probe(endpoint, timeout).await;
+    if let Err(e) = &result {
+        tracing::debug!(error = %e, "kine health probe failed");
+    }
+    let verdict = recovery.observe(result.is_ok(), Instant::now());
+    if verdict == Verdict::Restart {
+        tracing::warn!(service = SERVICE, endpoint, "kine does not recover by itself: restarting it");
+        services.restart(SERVICE, timeout.max(Duration::from_secs(30))).await?;
+    }
+    Ok(verdict)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> KineSettings {
+        KineSettings {
+            binary: PathBuf::from(KINE_BINARY),
+            db_host: "10.0.0.100".parse().unwrap(),
+            db_port: 5432,
+            password: "p@ss:w/rd?#%é".into(),
+            listen: "127.0.0.1:2379".parse().unwrap(),
+            compaction_interval: Duration::from_secs(300),
+            log_file: None,
+        }
+    }
+
+    fn config() -> GeminiConfig {
+        serde_json::from_value(serde_json::json!({
+            "cluster": {"name": "lab", "vip": "10.77.0.10", "bootstrap_leader": "a"},
+            "node": {"name": "a", "ip": "10.77.0.11"},
+            "peer": {"name": "b", "ip": "10.77.0.12"},
+            "api": {"token": "t"},
+            "postgres": {"replication_password": "p", "kine_password": "k p", "port": 5433},
+            "kine": {"listen": "127.0.0.1:12379", "compaction_interval": "10m"},
+            "k3s": {"token": "k3s-token", "extra_args": ["--disable=traefik"]},
+            "tls": {"ca": "c", "cert": "c", "key": "k"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn settings_from_config_reach_kine_through_the_vip() {
+        let settings = KineSettings::from_config(&config(), Path::new("/var/log/geminik8s/a"));
+        assert_eq!(settings.endpoint(), "postgres://kine:k%20p@10.77.0.10:5433/kine?sslmode=disable");
+        let spec = settings.spec();
+        assert_eq!(
+            spec.expanded_argv().unwrap()[1..5],
+            ["--listen-address", "127.0.0.1:12379", "--compact-interval", "600s"]
+        );
+        assert_eq!(spec.log_file.as_deref(), Some(Path::new("/var/log/geminik8s/a/kine.log")));
+        assert_eq!(settings.etcd_endpoint(), "http://127.0.0.1:12379");
+    }
+
+    #[test]
+    fn endpoint_encodes_the_password_and_brackets_ipv6() {
+        let mut s = settings();
+        assert_eq!(s.endpoint(), "postgres://kine:p%40ss%3Aw%2Frd%3F%23%25%C3%A9@10.0.0.100:5432/kine?sslmode=disable");
+        s.db_host = "fd00::100".parse().unwrap();
+        s.password = "plain".into();
+        assert_eq!(s.endpoint(), "postgres://kine:plain@[fd00::100]:5432/kine?sslmode=disable");
+    }
+
+    #[test]
+    fn spec_keeps_the_password_off_the_command_line() {
+        let spec = settings().spec();
+        assert_eq!(spec.unit(), "geminik8s-kine.service");
+        let argv = spec.expanded_argv().unwrap();
+        assert_eq!(
+            argv,
+            [
+                KINE_BINARY,
+                "--listen-address",
+                "127.0.0.1:2379",
+                "--compact-interval",
+                "300s",
+                "--metrics-bind-address",
+                "0"
+            ]
+        );
+        assert!(!argv.iter().any(|a| a.contains("p%40ss")));
+        assert_eq!(spec.env["KINE_ENDPOINT"], settings().endpoint());
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(go_duration(Duration::from_secs(0)), "0s");
+        assert_eq!(go_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn range_request_wire_format() {
+        assert_eq!(range_request(b"ab", 1), [0x0a, 2, b'a', b'b', 0x18, 1]);
+        assert_eq!(grpc_frame(&[7]), [0, 0, 0, 0, 1, 7]);
+        let mut v = Vec::new();
+        put_varint(&mut v, 300);
+        assert_eq!(v, [0xac, 0x02]);
+    }
+
+    #[test]
+    fn recovery_restarts_after_consecutive_failures_past_the_grace() {
+        let policy = RecoveryPolicy { failures: 3, grace: Duration::from_secs(5) };
+        let mut r = KineRecovery::new(policy);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // A failure or two, then healthy: nothing to do.
+        assert_eq!(r.observe(false, at(0)), Verdict::Waiting);
+        assert_eq!(r.observe(false, at(1)), Verdict::Waiting);
+        assert_eq!(r.observe(true, at(2)), Verdict::Healthy);
+        // The primary moves; failures within the grace period wait for Kine to reconnect.
+        r.primary_moved(at(10));
+        for s in 10..15 {
+            assert_eq!(r.observe(false, at(s)), Verdict::Waiting, "at {s}s");
+        }
+        // Past the grace, still failing: restart, once.
+        assert_eq!(r.observe(false, at(15)), Verdict::Restart);
+        // The restarted Kine gets its own grace period and failure count.
+        assert_eq!(r.observe(false, at(16)), Verdict::Waiting);
+        assert_eq!(r.observe(false, at(17)), Verdict::Waiting);
+        assert_eq!(r.observe(false, at(18)), Verdict::Waiting);
+        assert_eq!(r.observe(false, at(21)), Verdict::Restart);
+        assert_eq!(r.observe(true, at(22)), Verdict::Healthy);
+    }
+
+    #[test]
+    fn recovery_without_a_primary_move_restarts_after_the_threshold() {
+        let mut r = KineRecovery::new(RecoveryPolicy { failures: 2, grace: Duration::from_secs(5) });
+        let t0 = Instant::now();
+        assert_eq!(r.observe(false, t0), Verdict::Waiting);
+        assert_eq!(r.observe(false, t0 + Duration::from_secs(1)), Verdict::Restart);
+    }
+}

@@ -14,6 +14,7 @@ pub mod hostmeta;
 pub mod k3s;
 pub mod kine;
 pub mod logging;
+pub mod netlink;
 pub mod peer;
 pub mod pki;
 pub mod postgres;

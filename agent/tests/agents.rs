@@ -39,7 +39,7 @@ fn start(dir: &Path, node: &str) -> Agent {
         .arg(&state)
         .arg("--socket")
         .arg(&socket)
-        .args(["--log-level", "debug"])
+        .args(["--log-level", "debug", "--without", "vip", "--without", "services"])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

@@ -3,5 +3,6 @@
 //! Tests never sleep for a fixed time: they poll a condition until a
 //! deadline and, on timeout, report what they saw last.
 
+pub mod netns;
 pub mod poll;
 pub mod skip;

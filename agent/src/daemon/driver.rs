@@ -8,11 +8,12 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use super::observe::{self, LeaseState};
-use super::subsystems::{Database, ServiceControl, VipControl};
+use super::subsystems::Database;
 use crate::cli::version::VERSION;
 use crate::config::{GeminiConfig, WitnessMode};
 use crate::election::{Action, Completion, Component, Input, LocalMeta, Machine, Observation, Settings, WitnessView};
 use crate::hostmeta::{self, HostMeta};
+use crate::netlink::Vip;
 use crate::peer::client::AgentClient;
 use crate::peer::server::{self, ApiHooks, Control};
 use crate::peer::tls::TlsMaterial;
@@ -20,14 +21,15 @@ use crate::peer::{
     ABSENT, ComponentHealth, Counters, DISABLED, FAILED, FailoverView, NodeStatus, OK, PeerView, Published, Shared,
     VipView, WitnessView as WitnessStatus,
 };
+use crate::services::Services;
 use crate::witness::LeaseClient;
 
 /// The subsystems wired on this host; `None` runs without (and says so).
 #[derive(Default, Clone)]
 pub struct Subsystems {
     pub database: Option<Arc<dyn Database>>,
-    pub vip: Option<Arc<dyn VipControl>>,
-    pub services: Option<Arc<dyn ServiceControl>>,
+    pub vip: Option<Arc<dyn Vip>>,
+    pub services: Option<Arc<dyn Services>>,
 }
 
 pub struct Driver {
@@ -50,6 +52,19 @@ pub struct Driver {
     last_failover: Option<FailoverView>,
     promotion_started: Option<(Instant, String)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Time limit for starting, stopping or restarting a service.
+const SERVICE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The service behind a component the machine may restart.
+fn service_name(component: Component) -> Option<&'static str> {
+    match component {
+        Component::Postgres => Some(crate::services::units::POSTGRES),
+        Component::Kine => Some(crate::kine::SERVICE),
+        Component::K3s => Some(crate::k3s::SERVICE),
+        Component::Network | Component::Script => None,
+    }
 }
 
 fn local_meta(dir: &std::path::Path, cluster: &str) -> LocalMeta {
@@ -134,12 +149,23 @@ impl Driver {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
+        // Under systemd (Type=notify): ready now, and the watchdog is pinged
+        // from this loop, so a stuck loop gets the agent restarted.
+        let notifier = crate::services::notify::Notifier::from_env();
+        if let Some(n) = &notifier {
+            n.ready("agent running").context("notifying systemd")?;
+        }
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
                     let obs = self.observe().await;
                     let actions = self.machine.step(self.now(), Input::Tick(obs));
                     self.execute(actions).await;
+                    if let Some(n) = &notifier
+                        && let Err(e) = n.watchdog()
+                    {
+                        tracing::warn!(error = %e, "pinging the systemd watchdog failed");
+                    }
                 }
                 Some(done) = self.done_rx.recv() => {
                     let actions = self.machine.step(self.now(), Input::Done(done));
@@ -176,7 +202,7 @@ impl Driver {
             && let Some(vip) = &self.subsystems.vip
             && let Err(e) = vip.release().await
         {
-            tracing::error!(error = %format!("{e:#}"), "releasing the VIP on shutdown failed");
+            tracing::error!(error = %e, "releasing the VIP on shutdown failed");
         }
         if self.machine.leading()
             && let Some(lease) = &self.lease_client
@@ -322,7 +348,7 @@ impl Driver {
                     if let Some(vip) = &self.subsystems.vip
                         && let Err(e) = vip.take().await
                     {
-                        tracing::error!(error = %format!("{e:#}"), "taking the VIP failed");
+                        tracing::error!(error = %e, "taking the VIP failed");
                     }
                 }
                 Action::ReleaseVip => {
@@ -330,7 +356,7 @@ impl Driver {
                     if let Some(vip) = &self.subsystems.vip
                         && let Err(e) = vip.release().await
                     {
-                        tracing::error!(error = %format!("{e:#}"), "releasing the VIP failed");
+                        tracing::error!(error = %e, "releasing the VIP failed");
                     }
                 }
                 Action::AcquireLease { epoch } => {
@@ -350,10 +376,10 @@ impl Driver {
                 }
                 Action::RestartService(component) => {
                     tracing::warn!(event = "service_restart", ?component, "restarting a failed service");
-                    if let Some(services) = &self.subsystems.services
-                        && let Err(e) = services.restart(component).await
+                    if let (Some(services), Some(name)) = (&self.subsystems.services, service_name(component))
+                        && let Err(e) = services.restart(name, SERVICE_TIMEOUT).await
                     {
-                        tracing::error!(?component, error = %format!("{e:#}"), "restart failed");
+                        tracing::error!(?component, error = %e, "restart failed");
                     }
                 }
             }

@@ -14,11 +14,13 @@ pub mod subsystems;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 
 use crate::cli::GlobalArgs;
 use crate::config::{CheckContext, SourcePaths};
+use crate::netlink::{NetlinkVip, Vip, VipSettings};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -34,6 +36,22 @@ pub struct Args {
     /// The local status socket.
     #[arg(long, default_value = crate::cli::status::DEFAULT_SOCKET, value_name = "PATH")]
     pub socket: PathBuf,
+    /// Run without managing this subsystem (repeatable); `status` reports it as absent.
+    #[arg(long, value_enum, value_name = "SUBSYSTEM")]
+    pub without: Vec<Subsystem>,
+    /// Remove the VIP from this node and exit (the agent unit's ExecStopPost: a dead agent
+    /// must not leave the VIP behind).
+    #[arg(long)]
+    pub release_vip: bool,
+}
+
+/// Subsystems that `--without` can leave out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Subsystem {
+    /// The virtual IP (netlink and gratuitous ARP).
+    Vip,
+    /// The service manager (systemd, or the process supervisor).
+    Services,
 }
 
 pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
@@ -47,8 +65,20 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!("{w}");
     }
     tracing::info!(sources = ?loaded.sources, node = %loaded.gemini.node.name, cluster = %loaded.gemini.cluster.name, "configuration loaded");
+    let vip: Option<Arc<dyn Vip>> = (!args.without.contains(&Subsystem::Vip))
+        .then(|| Arc::new(NetlinkVip::new(VipSettings::from_config(&loaded.gemini))) as Arc<dyn Vip>);
+    if args.release_vip {
+        let vip = vip.context("--release-vip with --without vip does nothing")?;
+        vip.release().await.context("releasing the VIP")?;
+        return Ok(ExitCode::SUCCESS);
+    }
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let subsystems = driver::Subsystems::default();
+    let services = if args.without.contains(&Subsystem::Services) {
+        None
+    } else {
+        Some(crate::services::detect().await.context("connecting to the service manager")?)
+    };
+    let subsystems = driver::Subsystems { database: None, vip, services };
     driver::Driver::start(loaded.gemini, args.state_dir, args.socket, subsystems).await?.run().await?;
     Ok(ExitCode::SUCCESS)
 }

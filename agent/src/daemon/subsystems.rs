@@ -1,16 +1,16 @@
-//! The host subsystems the role machine's actions act on, as small traits:
-//! the datastore ([`Database`]), the virtual IP ([`VipControl`]) and the
-//! local services ([`ServiceControl`]). Each is optional: a node where one is
-//! not wired runs without it and `status` says so.
+//! The host subsystems the role machine's actions act on. The VIP
+//! ([`crate::netlink::Vip`]) and the services ([`crate::services::Services`])
+//! have their own traits; the datastore's is here. Each is optional: a node
+//! where one is not wired runs without it and `status` says so.
 
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::election::{Component, WalPosition};
+use crate::election::WalPosition;
 use crate::peer::ReplicationView;
 
-/// A boxed future returning `anyhow::Result<T>`, so the traits stay usable
-/// as `Arc<dyn ...>`.
+/// A boxed future returning `anyhow::Result<T>`, so the trait stays usable
+/// as `Arc<dyn Database>`.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = anyhow::Result<T>> + Send + 'a>>;
 
 /// The local PostgreSQL as the role machine needs it.
@@ -31,18 +31,4 @@ pub trait Database: Send + Sync {
     fn unfence(&self) -> BoxFut<'_, ()>;
     /// Replication state for `status`.
     fn replication(&self) -> BoxFut<'_, Option<ReplicationView>>;
-}
-
-/// The virtual IP.
-pub trait VipControl: Send + Sync {
-    fn take(&self) -> BoxFut<'_, ()>;
-    fn release(&self) -> BoxFut<'_, ()>;
-    fn held(&self) -> BoxFut<'_, bool>;
-}
-
-/// Local services the agent restarts when they fail.
-pub trait ServiceControl: Send + Sync {
-    fn restart(&self, component: Component) -> BoxFut<'_, ()>;
-    /// Whether the component's service is running, `None` when not managed.
-    fn running(&self, component: Component) -> BoxFut<'_, Option<bool>>;
 }
