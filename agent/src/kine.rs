@@ -94,9 +94,18 @@ impl KineSettings {
         )
     }
 
-    /// The etcd endpoint Kine serves, for K3s and for health probes.
+    /// The etcd endpoint Kine serves, for K3s and for health probes (loopback
+    /// when Kine listens on all addresses).
     pub fn etcd_endpoint(&self) -> String {
-        format!("http://{}", self.listen)
+        let mut addr = self.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        format!("http://{addr}")
     }
 
     /// The fixed shape of Kine's command line (the unit file's `ExecStart=`).

@@ -39,7 +39,18 @@ fn start(dir: &Path, node: &str) -> Agent {
         .arg(&state)
         .arg("--socket")
         .arg(&socket)
-        .args(["--log-level", "debug", "--without", "vip", "--without", "services"])
+        .args([
+            "--log-level",
+            "debug",
+            "--without",
+            "vip",
+            "--without",
+            "services",
+            "--without",
+            "database",
+            "--without",
+            "kine",
+        ])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -183,4 +194,111 @@ fn two_agents_elect_agree_and_detect_a_killed_leader() {
             }
         });
     rejoined.unwrap_or_else(|e| panic!("{e}\n{}", logs(&dir)));
+}
+
+struct Witness(Child);
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Arbiter mode: a real `gemin_k8s witness serve` and two agents contending
+/// for its lease. Only the holder leads; when it dies, the lease passes to
+/// the other node once it has expired, and only then does that node lead.
+#[test]
+fn arbiter_lease_decides_who_leads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lab");
+    let (port, witness_port) = (free_port(), free_port());
+    let target = format!("127.0.0.4:{witness_port}");
+    let template = tmp.path().join("t.yaml");
+    std::fs::write(
+        &template,
+        format!(
+            "#cloud-config\ngeminik8s:\n  node:\n    api_port: {port}\n  peer:\n    api_port: {port}\n  postgres:\n    port: {}\n  health:\n    interval: 300ms\n    fence_timeout: 1s\n  cluster:\n    witness:\n      lease_ttl: 2s\n      lease_renew: 500ms\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args([
+            "init",
+            "--name",
+            "lab",
+            "--node1-ip",
+            "127.0.0.1",
+            "--node2-ip",
+            "127.0.0.2",
+            "--vip",
+            "127.0.0.3",
+            "--vip-prefix",
+            "8",
+        ])
+        .args(["--witness", "arbiter", "--witness-target", &target])
+        .args(["--template", template.to_str().unwrap(), "--config-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let witness_log = std::fs::File::create(dir.join("witness.log")).unwrap();
+    let _witness = Witness(
+        bin()
+            .args(["witness", "serve", "--listen", &target, "--max-ttl", "5s"])
+            .arg("--pki-dir")
+            .arg(dir.join("pki"))
+            .arg("--state-dir")
+            .arg(dir.join("witness-state"))
+            .stdout(Stdio::null())
+            .stderr(witness_log)
+            .spawn()
+            .unwrap(),
+    );
+    let lease_holder = || -> Option<String> {
+        // The witness persists the holder on every change of holder.
+        let v = std::fs::read_to_string(dir.join("witness-state/leases.json")).ok()?;
+        let map: serde_json::Map<String, Value> = serde_json::from_str(&v).ok()?;
+        map.get("lab").and_then(Value::as_str).map(str::to_string)
+    };
+
+    let mut n1 = start(&dir, "node1");
+    let n2 = start(&dir, "node2");
+    let formed = poll::until(
+        "node1 leading with the lease, node2 following",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let (a, b) = (local(&n1), local(&n2));
+            let view = |v: &Option<Value>| {
+                v.as_ref().map(|v| {
+                    (
+                        v["role"].as_str().unwrap_or("").to_string(),
+                        v["witness"]["state"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+            };
+            match (view(&a), view(&b)) {
+                (Some((ra, wa)), Some((rb, _))) if ra == "leader" && wa == "lease held here" && rb == "follower" => {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    );
+    formed.unwrap_or_else(|e| panic!("{e}\n{}", logs(&dir)));
+    assert_eq!(lease_holder().as_deref(), Some("node1"));
+
+    n1.child.kill().unwrap();
+    n1.child.wait().unwrap();
+    let took_over =
+        poll::until("node2 to hold the lease and lead", Duration::from_secs(20), Duration::from_millis(100), || {
+            match local(&n2) {
+                Some(v) if v["role"] == "leader" => Ok(v["witness"]["state"].as_str().unwrap_or("").to_string()),
+                other => Err(format!("{:?}", other.map(|v| (v["role"].clone(), v["witness"].clone())))),
+            }
+        });
+    let witness_state = took_over.unwrap_or_else(|e| panic!("{e}\n{}", logs(&dir)));
+    assert_eq!(witness_state, "lease held here");
+    assert_eq!(lease_holder().as_deref(), Some("node2"));
 }

@@ -275,10 +275,17 @@ impl Lab {
     /// a data directory per node (the namespaces share the filesystem) and
     /// the witness the lab provides.
     fn write_overlay(&self, node: &str, cluster: &ClusterFile, extra: Option<&str>) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         let dir = self.node_dir(node);
         std::fs::create_dir_all(dir.join("state"))?;
+        std::fs::create_dir_all(dir.join("logs"))?;
+        // PostgreSQL runs as `postgres` and must reach its data directory in here.
+        for d in [&self.run_dir, &dir] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+        }
+        // Kine listens on all addresses so the client reaches the leader's Kine through the VIP.
         let mut text = format!(
-            "#cloud-config\n# Written by gemini-lab: per-node paths and the lab's witness.\ngeminik8s:\n  postgres:\n    data_dir: {}\n",
+            "#cloud-config\n# Written by gemini-lab: per-node paths and the lab's witness.\ngeminik8s:\n  postgres:\n    data_dir: {}\n  kine:\n    listen: 0.0.0.0:2379\n  k3s:\n    enabled: false\n",
             dir.join("pgdata").display()
         );
         let mode = serde_json::to_value(self.witness)?.as_str().unwrap_or("none").to_string();
@@ -356,6 +363,8 @@ impl Lab {
             dir.join("state").display().to_string(),
             "--socket".into(),
             self.socket(node).display().to_string(),
+            "--log-dir".into(),
+            dir.join("logs").display().to_string(),
             "--log-level".into(),
             "debug".into(),
         ];

@@ -13,6 +13,7 @@ use crate::cli::version::VERSION;
 use crate::config::{GeminiConfig, WitnessMode};
 use crate::election::{Action, Completion, Component, Input, LocalMeta, Machine, Observation, Settings, WitnessView};
 use crate::hostmeta::{self, HostMeta};
+use crate::kine::{KineRecovery, KineSettings, RecoveryPolicy};
 use crate::netlink::Vip;
 use crate::peer::client::AgentClient;
 use crate::peer::server::{self, ApiHooks, Control};
@@ -25,11 +26,20 @@ use crate::services::Services;
 use crate::witness::LeaseClient;
 
 /// The subsystems wired on this host; `None` runs without (and says so).
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct Subsystems {
     pub database: Option<Arc<dyn Database>>,
     pub vip: Option<Arc<dyn Vip>>,
     pub services: Option<Arc<dyn Services>>,
+    /// Kine, run through `services` (needs them).
+    pub kine: Option<KineSettings>,
+}
+
+/// Kine as the agent runs it: its settings and the restart bookkeeping.
+struct KineRun {
+    settings: KineSettings,
+    recovery: KineRecovery,
+    healthy: bool,
 }
 
 pub struct Driver {
@@ -37,6 +47,7 @@ pub struct Driver {
     state_dir: PathBuf,
     machine: Machine,
     subsystems: Subsystems,
+    kine: Option<KineRun>,
     peer: AgentClient,
     lease_client: Option<LeaseClient>,
     lease: LeaseState,
@@ -49,6 +60,7 @@ pub struct Driver {
     counters: Counters,
     peer_last_heard: Option<Instant>,
     health: Vec<(Component, bool)>,
+    replication: Option<crate::peer::ReplicationView>,
     last_failover: Option<FailoverView>,
     promotion_started: Option<(Instant, String)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -60,7 +72,8 @@ const SERVICE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The service behind a component the machine may restart.
 fn service_name(component: Component) -> Option<&'static str> {
     match component {
-        Component::Postgres => Some(crate::services::units::POSTGRES),
+        // PostgreSQL is restarted through the datastore, not the service manager.
+        Component::Postgres => None,
         Component::Kine => Some(crate::kine::SERVICE),
         Component::K3s => Some(crate::k3s::SERVICE),
         Component::Network | Component::Script => None,
@@ -116,11 +129,26 @@ impl Driver {
             _ => None,
         };
         let (done_tx, done_rx) = mpsc::channel(16);
+        let mut subsystems = subsystems;
+        let kine = match (subsystems.kine.take(), &subsystems.services) {
+            (Some(settings), Some(services)) => {
+                services.configure(&settings.spec()).await.context("configuring Kine")?;
+                services.start(crate::kine::SERVICE, SERVICE_TIMEOUT).await.context("starting Kine")?;
+                tracing::info!(listen = %settings.listen, datastore = %settings.db_host, "Kine started");
+                Some(KineRun { settings, recovery: KineRecovery::new(RecoveryPolicy::default()), healthy: false })
+            }
+            (Some(_), None) => {
+                tracing::warn!("Kine needs the service manager; running without it");
+                None
+            }
+            _ => None,
+        };
         Ok(Driver {
             cfg,
             state_dir,
             machine,
             subsystems,
+            kine,
             peer,
             lease_client,
             lease: LeaseState::default(),
@@ -133,6 +161,7 @@ impl Driver {
             counters: Counters::default(),
             peer_last_heard: None,
             health: Vec::new(),
+            replication: None,
             last_failover: None,
             promotion_started: None,
             tasks,
@@ -161,6 +190,7 @@ impl Driver {
                     let obs = self.observe().await;
                     let actions = self.machine.step(self.now(), Input::Tick(obs));
                     self.execute(actions).await;
+                    self.upkeep().await;
                     if let Some(n) = &notifier
                         && let Err(e) = n.watchdog()
                     {
@@ -249,7 +279,14 @@ impl Driver {
         let mut health = Vec::new();
         let mut position = None;
         if let Some(db) = &self.subsystems.database {
-            health.push((Component::Postgres, db.healthy().await.unwrap_or(false)));
+            match db.healthy().await {
+                Ok(Some(ok)) => health.push((Component::Postgres, ok)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "PostgreSQL health check failed");
+                    health.push((Component::Postgres, false));
+                }
+            }
             position = db.position().await.ok().flatten();
         }
         if let Some(script) = &self.cfg.health.checks.script {
@@ -283,7 +320,8 @@ impl Driver {
                     }
                 }
                 Action::Promote { epoch } => {
-                    tracing::info!(event = "promotion", node = %self.cfg.node.name, epoch, "promoting to leader");
+                    self.primary_moved();
+                    tracing::debug!(epoch, "promoting the datastore");
                     self.promotion_started = Some((Instant::now(), self.cfg.peer.name.clone()));
                     let db = self.subsystems.database.clone();
                     self.background(async move {
@@ -300,7 +338,7 @@ impl Driver {
                     });
                 }
                 Action::Demote => {
-                    tracing::info!(event = "demotion", node = %self.cfg.node.name, "demoting");
+                    tracing::debug!("demoting the datastore");
                     let db = self.subsystems.database.clone();
                     self.background(async move {
                         if let Some(db) = db
@@ -312,7 +350,8 @@ impl Driver {
                     });
                 }
                 Action::Rejoin { leader } => {
-                    tracing::info!(event = "rejoin", leader = %leader, "rejoining as follower");
+                    self.primary_moved();
+                    tracing::info!(event = "rejoin", leader = %leader, "rejoining the datastore as a standby");
                     let db = self.subsystems.database.clone();
                     self.background(async move {
                         match db {
@@ -328,7 +367,7 @@ impl Driver {
                     });
                 }
                 Action::Fence => {
-                    tracing::warn!(event = "fenced", node = %self.cfg.node.name, "fencing: this node stops accepting writes");
+                    tracing::debug!("fencing the datastore");
                     if let Some(db) = &self.subsystems.database
                         && let Err(e) = db.fence().await
                     {
@@ -336,7 +375,7 @@ impl Driver {
                     }
                 }
                 Action::Unfence => {
-                    tracing::info!(event = "unfenced", node = %self.cfg.node.name, "accepting writes again");
+                    tracing::debug!("unfencing the datastore");
                     if let Some(db) = &self.subsystems.database
                         && let Err(e) = db.unfence().await
                     {
@@ -344,7 +383,7 @@ impl Driver {
                     }
                 }
                 Action::TakeVip => {
-                    tracing::info!(event = "vip_take", vip = %self.cfg.cluster.vip, "taking the VIP");
+                    tracing::debug!(vip = %self.cfg.cluster.vip, "taking the VIP");
                     if let Some(vip) = &self.subsystems.vip
                         && let Err(e) = vip.take().await
                     {
@@ -352,7 +391,7 @@ impl Driver {
                     }
                 }
                 Action::ReleaseVip => {
-                    tracing::info!(event = "vip_release", vip = %self.cfg.cluster.vip, "releasing the VIP");
+                    tracing::debug!(vip = %self.cfg.cluster.vip, "releasing the VIP");
                     if let Some(vip) = &self.subsystems.vip
                         && let Err(e) = vip.release().await
                     {
@@ -374,8 +413,15 @@ impl Driver {
                         self.lease = LeaseState::default();
                     }
                 }
+                Action::RestartService(Component::Postgres) => {
+                    if let Some(db) = &self.subsystems.database
+                        && let Err(e) = db.restart().await
+                    {
+                        tracing::error!(error = %format!("{e:#}"), "restarting PostgreSQL failed");
+                    }
+                }
                 Action::RestartService(component) => {
-                    tracing::warn!(event = "service_restart", ?component, "restarting a failed service");
+                    tracing::debug!(?component, "restarting a service");
                     if let (Some(services), Some(name)) = (&self.subsystems.services, service_name(component))
                         && let Err(e) = services.restart(name, SERVICE_TIMEOUT).await
                     {
@@ -384,6 +430,39 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Kine reconnects through the VIP by itself; give it time before restarting it.
+    fn primary_moved(&mut self) {
+        if let Some(kine) = &mut self.kine {
+            kine.recovery.primary_moved(Instant::now());
+        }
+    }
+
+    /// Per-tick upkeep of the datastore, and its replication state for status.
+    async fn upkeep(&mut self) {
+        if let (Some(kine), Some(services)) = (&mut self.kine, &self.subsystems.services) {
+            let endpoint = kine.settings.etcd_endpoint();
+            let timeout = self.cfg.health.interval.mul_f64(0.8).max(Duration::from_millis(200));
+            match crate::kine::check_and_recover(services.as_ref(), &mut kine.recovery, &endpoint, timeout).await {
+                Ok(verdict) => kine.healthy = verdict == crate::kine::Verdict::Healthy,
+                Err(e) => {
+                    kine.healthy = false;
+                    tracing::error!(error = %e, "restarting Kine failed");
+                }
+            }
+        }
+        let Some(db) = self.subsystems.database.clone() else { return };
+        if let Err(e) = db.tick(self.machine.leading()).await {
+            tracing::warn!(error = %format!("{e:#}"), "datastore upkeep failed");
+        }
+        self.replication = match db.replication().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "reading the replication state failed");
+                None
+            }
+        };
     }
 
     fn background(&mut self, work: impl std::future::Future<Output = Completion> + Send + 'static) {
@@ -409,7 +488,7 @@ impl Driver {
                 to: self.cfg.node.name.clone(),
                 duration_ms: duration.as_millis() as u64,
             });
-            tracing::info!(event = "promoted", node = %self.cfg.node.name, duration_ms = duration.as_millis() as u64, "promotion done");
+            tracing::info!(event = "failover_timing", node = %self.cfg.node.name, duration_ms = duration.as_millis() as u64, "leadership taken");
         }
     }
 
@@ -448,6 +527,18 @@ impl Driver {
                 });
             }
             None => components.push(absent("postgres", "the datastore is not managed by this agent yet")),
+        }
+        match &self.kine {
+            Some(k) => components.push(ComponentHealth {
+                name: "kine".into(),
+                state: if k.healthy { OK } else { FAILED }.into(),
+                detail: if k.healthy {
+                    String::new()
+                } else {
+                    format!("{} does not answer", k.settings.etcd_endpoint())
+                },
+            }),
+            None => components.push(absent("kine", "Kine is not run by this agent")),
         }
         if self.subsystems.vip.is_none() {
             components.push(absent("vip", "the VIP is not managed by this agent yet"));
@@ -518,7 +609,7 @@ impl Driver {
             },
             witness: WitnessStatus { mode, state: witness_state.into() },
             vip: VipView { address: cfg.cluster.vip.to_string(), held_here: m.holds_vip() },
-            replication: None,
+            replication: self.replication.clone(),
             last_failover: self.last_failover.clone(),
             components,
             degraded,

@@ -8,6 +8,7 @@
 //! status. Long actions (promotion, demotion, rejoin) run in the background
 //! and report back into the machine.
 
+pub mod database;
 pub mod driver;
 pub mod observe;
 pub mod subsystems;
@@ -20,7 +21,9 @@ use anyhow::Context;
 
 use crate::cli::GlobalArgs;
 use crate::config::{CheckContext, SourcePaths};
+use crate::kine::KineSettings;
 use crate::netlink::{NetlinkVip, Vip, VipSettings};
+use subsystems::Database;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -30,6 +33,9 @@ pub struct Args {
     /// Root under which the node's cloud-config sources and referenced files are found.
     #[arg(long, default_value = "/", value_name = "DIR")]
     pub root: PathBuf,
+    /// Where the services' log files go (when not under systemd).
+    #[arg(long, default_value = "/var/log/geminik8s", value_name = "DIR")]
+    pub log_dir: PathBuf,
     /// Where hostMeta and other state live.
     #[arg(long, default_value = crate::hostmeta::DEFAULT_DIR, value_name = "DIR")]
     pub state_dir: PathBuf,
@@ -50,8 +56,12 @@ pub struct Args {
 pub enum Subsystem {
     /// The virtual IP (netlink and gratuitous ARP).
     Vip,
-    /// The service manager (systemd, or the process supervisor).
+    /// The service manager (systemd, or the process supervisor); Kine needs it.
     Services,
+    /// PostgreSQL.
+    Database,
+    /// Kine.
+    Kine,
 }
 
 pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
@@ -78,7 +88,17 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     } else {
         Some(crate::services::detect().await.context("connecting to the service manager")?)
     };
-    let subsystems = driver::Subsystems { database: None, vip, services };
+    std::fs::create_dir_all(&args.log_dir).with_context(|| format!("creating {}", args.log_dir.display()))?;
+    let database: Option<Arc<dyn Database>> = if args.without.contains(&Subsystem::Database) {
+        None
+    } else {
+        let mgr = crate::postgres::Manager::new(crate::postgres::Settings::from_config(&loaded.gemini))
+            .context("setting up the PostgreSQL manager")?;
+        Some(Arc::new(database::Postgres::new(mgr)))
+    };
+    let kine =
+        (!args.without.contains(&Subsystem::Kine)).then(|| KineSettings::from_config(&loaded.gemini, &args.log_dir));
+    let subsystems = driver::Subsystems { database, vip, services, kine };
     driver::Driver::start(loaded.gemini, args.state_dir, args.socket, subsystems).await?.run().await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -17,8 +17,12 @@ pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = anyhow::Result<T>> + Send +
 pub trait Database: Send + Sync {
     /// Timeline and LSN, when the server answers.
     fn position(&self) -> BoxFut<'_, Option<WalPosition>>;
-    /// `SELECT 1` works.
-    fn healthy(&self) -> BoxFut<'_, bool>;
+    /// `SELECT 1` works; `None` while the server is not meant to run (not
+    /// set up yet, demoted, fenced), so it is not restarted behind the
+    /// role machine's back.
+    fn healthy(&self) -> BoxFut<'_, Option<bool>>;
+    /// Start the server again after it failed.
+    fn restart(&self) -> BoxFut<'_, ()>;
     /// Become (or stay) the primary, recording `epoch`.
     fn promote(&self, epoch: u64) -> BoxFut<'_, ()>;
     /// Stop acting as primary.
@@ -31,4 +35,6 @@ pub trait Database: Send + Sync {
     fn unfence(&self) -> BoxFut<'_, ()>;
     /// Replication state for `status`.
     fn replication(&self) -> BoxFut<'_, Option<ReplicationView>>;
+    /// Periodic upkeep once per heartbeat interval (the primary's durability mode).
+    fn tick(&self, leading: bool) -> BoxFut<'_, ()>;
 }

@@ -284,7 +284,7 @@ impl Machine {
     fn done(&mut self, now: Duration, done: Completion, out: &mut Vec<Action>) {
         match (self.mode, done) {
             (Mode::Promoting { epoch }, Completion::PromotionDone) => {
-                tracing::info!(event = "promoted", node = %self.s.own_name, epoch, "PostgreSQL promoted");
+                tracing::info!(event = "promoted", node = %self.s.own_name, epoch, "promotion complete");
                 if self.witness == WitnessView::LeaseHeldByPeer || self.peer_outranks_me(true) {
                     self.lose(out);
                     return;
@@ -629,7 +629,7 @@ impl Machine {
             // Never take the VIP while the peer still leads; it steps down first.
             return;
         }
-        tracing::info!(event = "vip_taken", node = %self.s.own_name, vip = %self.s.vip, epoch = self.epoch(), "taking the VIP");
+        tracing::info!(event = "taking_vip", node = %self.s.own_name, vip = %self.s.vip, epoch = self.epoch(), "taking the VIP");
         out.push(Action::TakeVip);
         self.holds_vip = true;
     }

@@ -1,0 +1,365 @@
+//! Bootstrap, follower initialisation, promotion, durability and rejoin.
+
+use std::time::Instant;
+
+use super::archive;
+use super::durability::{DurabilityController, DurabilityMode};
+use super::files;
+use super::render::{self, KINE_DB, KINE_ROLE, REPLICATION_ROLE, ServerRole, quote_ident, quote_literal};
+use super::server::{Manager, Session, StopMode};
+use super::{PgError, Rejoin, Result, Tail};
+use crate::config::Replication;
+
+/// Functions `pg_rewind` calls on its source, granted to the replication role.
+const REWIND_FUNCTIONS: &[&str] = &[
+    "pg_catalog.pg_ls_dir(text, boolean, boolean)",
+    "pg_catalog.pg_stat_file(text, boolean)",
+    "pg_catalog.pg_read_binary_file(text)",
+    "pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)",
+];
+
+impl Manager {
+    fn require_passwords(&self, what: &str) -> Result<()> {
+        for (key, value) in [
+            ("postgres.replication_password", &self.settings.replication_password),
+            ("postgres.kine_password", &self.settings.kine_password),
+        ] {
+            if value.is_empty() {
+                return Err(PgError::Unexpected {
+                    what: what.to_string(),
+                    detail: format!("{key} is empty; set it in the cloud-config"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// `initdb` into the (empty or missing) data directory, as the OS user.
+    pub(super) async fn initdb(&self) -> Result<()> {
+        let data = &self.settings.data_dir;
+        files::ensure_dir(data, 0o700, self.owner)?;
+        if !files::is_empty_or_missing(data)? {
+            return Err(PgError::Unexpected {
+                what: format!("initialising {}", data.display()),
+                detail: "the directory is not empty but holds no PostgreSQL cluster; move its contents away first"
+                    .into(),
+            });
+        }
+        self.tool("initdb")
+            .arg("-D")
+            .arg(data)
+            .args(["-U", render::SUPERUSER, "--auth-local=peer", "--auth-host=scram-sha-256"])
+            .args(["--encoding=UTF8", "--locale=C", "--data-checksums"])
+            .timeout(self.settings.tool_timeout)
+            .run()
+            .await
+            .map_err(|source| PgError::Tool { action: format!("initdb into {}", data.display()), source })?;
+        Ok(())
+    }
+
+    /// Leader bootstrap: `initdb` when the data directory holds no cluster
+    /// yet, configuration, start, the replication and Kine roles, the Kine
+    /// database, and what the follower will need (its physical slot, or in
+    /// logical mode the Kine table and its publication). Idempotent: on a
+    /// data directory that already holds a cluster it only converges.
+    /// Commits do not wait for the follower until the agent's
+    /// [`DurabilityController`] applies its first mode.
+    pub async fn bootstrap_leader(&self) -> Result<()> {
+        self.require_passwords("bootstrapping the leader")?;
+        if !files::has_cluster(&self.settings.data_dir) {
+            self.initdb().await?;
+        }
+        self.write_config(ServerRole::Primary)?;
+        self.start().await?;
+        let db = self.connect("postgres").await?;
+        db.local_commits().await?;
+        self.ensure_roles_and_database(&db).await?;
+        match self.settings.replication {
+            Replication::Streaming => self.ensure_peer_slot(&db).await?,
+            Replication::Logical => {
+                let kine = self.connect(KINE_DB).await?;
+                kine.local_commits().await?;
+                self.ensure_kine_schema(&kine).await?;
+                self.ensure_publication(&kine).await?;
+            }
+        }
+        tracing::info!(event = "postgres_leader_ready", node = %self.settings.node.name, "PostgreSQL bootstrapped as leader");
+        Ok(())
+    }
+
+    /// Follower initialisation: in streaming mode a `pg_basebackup` of the
+    /// leader started as a standby; in logical mode a fresh cluster with the
+    /// Kine schema subscribed to the leader's publication. A data directory
+    /// that is not empty is archived first (returned), so this is for a new
+    /// or broken follower; an intact one is simply [`Manager::start`]ed.
+    pub async fn init_follower(&self) -> Result<Option<std::path::PathBuf>> {
+        self.require_passwords("initialising the follower")?;
+        self.stop(StopMode::Fast).await?;
+        let archive = self.archive_and_clear_if_needed().await?;
+        match self.settings.replication {
+            Replication::Streaming => {
+                self.base_backup().await?;
+                self.write_config(ServerRole::Standby)?;
+                self.start().await?;
+            }
+            Replication::Logical => self.init_logical_follower().await?,
+        }
+        tracing::info!(event = "postgres_follower_ready", node = %self.settings.node.name, leader = %self.settings.peer.ip, "PostgreSQL initialised as follower");
+        Ok(archive)
+    }
+
+    /// Archive a data directory that is not empty, then empty it.
+    async fn archive_and_clear_if_needed(&self) -> Result<Option<std::path::PathBuf>> {
+        let data = &self.settings.data_dir;
+        if files::is_empty_or_missing(data)? {
+            files::ensure_dir(data, 0o700, self.owner)?;
+            return Ok(None);
+        }
+        let archive = archive::archive_data_dir(data).await?;
+        archive::clear_dir(data)?;
+        files::ensure_dir(data, 0o700, self.owner)?;
+        Ok(Some(archive))
+    }
+
+    async fn base_backup(&self) -> Result<()> {
+        let s = &self.settings;
+        self.release_slot_on_leader("postgres", false).await?;
+        self.tool("pg_basebackup")
+            .arg("-D")
+            .arg(&s.data_dir)
+            .arg("-d")
+            .arg(render::peer_conninfo(s, None, false))
+            .args(["-X", "stream", "-c", "fast", "-w", "-S"])
+            .arg(render::slot_name(&s.node.name))
+            .env("PGPASSWORD", &s.replication_password)
+            .timeout(s.tool_timeout)
+            .run()
+            .await
+            .map_err(|source| PgError::Tool {
+                action: format!("pg_basebackup from {}:{} into {}", s.peer.ip, s.peer.port, s.data_dir.display()),
+                source,
+            })?;
+        Ok(())
+    }
+
+    pub(super) async fn ensure_roles_and_database(&self, db: &Session) -> Result<()> {
+        let s = &self.settings;
+        for (role, attributes, password) in
+            [(REPLICATION_ROLE, "LOGIN REPLICATION", &s.replication_password), (KINE_ROLE, "LOGIN", &s.kine_password)]
+        {
+            let exists = db
+                .query_opt("looking up a role", "SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+                .await?
+                .is_some();
+            let verb = if exists { "ALTER" } else { "CREATE" };
+            let sql =
+                format!("{verb} ROLE {} WITH {attributes} PASSWORD {}", quote_ident(role), quote_literal(password));
+            db.batch(&format!("{verb} ROLE {role}"), &sql).await?;
+        }
+        // pg_rewind needs the source's control file current: the rejoining
+        // node asks for a checkpoint first.
+        let sql = format!("GRANT pg_checkpoint TO {}", quote_ident(REPLICATION_ROLE));
+        db.batch("granting pg_checkpoint to the replication role", &sql).await?;
+        for function in REWIND_FUNCTIONS {
+            let sql = format!("GRANT EXECUTE ON FUNCTION {function} TO {}", quote_ident(REPLICATION_ROLE));
+            db.batch(&format!("granting {function} to {REPLICATION_ROLE}"), &sql).await?;
+        }
+        let has_db = db
+            .query_opt("looking up the Kine database", "SELECT 1 FROM pg_database WHERE datname = $1", &[&KINE_DB])
+            .await?;
+        if has_db.is_none() {
+            let sql = format!("CREATE DATABASE {} OWNER {}", quote_ident(KINE_DB), quote_ident(KINE_ROLE));
+            db.batch("creating the Kine database", &sql).await?;
+        }
+        Ok(())
+    }
+
+    /// On the primary in streaming mode: make sure the peer's physical slot
+    /// exists and is usable, before the peer (re)joins. Bootstrap and
+    /// promotion do this too.
+    pub async fn ensure_follower_slot(&self) -> Result<()> {
+        let db = self.connect("postgres").await?;
+        self.ensure_peer_slot(&db).await
+    }
+
+    /// The physical slot keeping WAL for the peer while it is away. A slot
+    /// invalidated by `max_slot_wal_keep_size` (the peer was gone too long)
+    /// is recreated: the peer then needs a fresh base backup anyway.
+    pub(super) async fn ensure_peer_slot(&self, db: &Session) -> Result<()> {
+        let slot = render::slot_name(&self.settings.peer.name);
+        db.execute(
+            &format!("dropping invalidated replication slot {slot}"),
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND wal_status = 'lost' AND NOT active",
+            &[&slot],
+        )
+        .await?;
+        db.execute(
+            &format!("creating replication slot {slot}"),
+            "SELECT pg_create_physical_replication_slot($1, true) \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Promote this node. Streaming: `pg_promote()`; logical: stop applying
+    /// the old leader's changes. Then: commits stop waiting for the (failed)
+    /// peer, the peer gets a slot or publication to rejoin with, and the
+    /// Kine sequence moves past every revision the old leader may have
+    /// handed out. Idempotent.
+    pub async fn promote(&self, tail: Tail) -> Result<()> {
+        let s = &self.settings;
+        let db = self.connect("postgres").await?;
+        db.local_commits().await?;
+        if s.replication == Replication::Streaming {
+            let in_recovery: bool = db.query_one("checking recovery", "SELECT pg_is_in_recovery()", &[]).await?.get(0);
+            if in_recovery {
+                let wait = i32::try_from(s.start_timeout.as_secs()).unwrap_or(i32::MAX).max(1);
+                let done: bool = db.query_one("pg_promote()", "SELECT pg_promote(true, $1)", &[&wait]).await?.get(0);
+                if !done {
+                    return Err(PgError::Timeout {
+                        what: "promotion".into(),
+                        target: self.target(),
+                        timeout: s.start_timeout,
+                    });
+                }
+                // The control file shows the new timeline only after a
+                // checkpoint; pg_rewind of the old primary reads it there.
+                db.batch("checkpoint after promotion", "CHECKPOINT").await?;
+            }
+        }
+        // Primary configuration, and commits stop waiting for the failed peer
+        // (the agent's durability controller restores synchronous when it is back).
+        self.write_config(ServerRole::Primary)?;
+        self.apply_durability(DurabilityMode::Degraded).await?;
+
+        let kine = self.connect(KINE_DB).await?;
+        kine.local_commits().await?;
+        let margin = match tail {
+            Tail::Complete => 0,
+            Tail::MayBeLost => s.sequence_margin,
+        };
+        match s.replication {
+            Replication::Streaming => {
+                self.ensure_peer_slot(&db).await?;
+                if margin > 0 {
+                    self.advance_kine_sequence(&kine, margin).await?;
+                }
+            }
+            Replication::Logical => {
+                self.drop_subscription(&kine).await?;
+                self.ensure_kine_schema(&kine).await?;
+                // Sequences are not replicated logically: always move past max(id).
+                self.advance_kine_sequence(&kine, margin).await?;
+                self.ensure_publication(&kine).await?;
+            }
+        }
+        tracing::info!(event = "postgres_promoted", node = %s.node.name, tail = ?tail, "PostgreSQL promoted");
+        Ok(())
+    }
+
+    /// Set `synchronous_standby_names` for `mode` (`ALTER SYSTEM`, reload).
+    /// Commits waiting for a follower are released when it becomes empty.
+    pub async fn apply_durability(&self, mode: DurabilityMode) -> Result<()> {
+        let value = render::synchronous_standby_names(mode.waits_for_follower(), &self.settings.peer.name);
+        let db = self.connect("postgres").await?;
+        db.batch(
+            "setting synchronous_standby_names",
+            &format!("ALTER SYSTEM SET synchronous_standby_names = {}", quote_literal(&value)),
+        )
+        .await?;
+        db.execute("reloading the configuration", "SELECT pg_reload_conf()", &[]).await?;
+        tracing::info!(event = "postgres_durability", mode = ?mode, "PostgreSQL durability set");
+        Ok(())
+    }
+
+    /// Whether the peer is streaming from this primary (caught up, not
+    /// catching up), by its application name in `pg_stat_replication`.
+    pub async fn follower_streaming(&self) -> Result<bool> {
+        let db = self.connect("postgres").await?;
+        let row = db
+            .query_opt(
+                "reading pg_stat_replication",
+                "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state = 'streaming'",
+                &[&self.settings.peer.name],
+            )
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// One durability tick on the primary: observe the follower, let
+    /// `controller` decide, apply a change. Returns the current mode.
+    pub async fn durability_tick(&self, controller: &mut DurabilityController, now: Instant) -> Result<DurabilityMode> {
+        let streaming = self.follower_streaming().await?;
+        if let Some(mode) = controller.tick(streaming, now) {
+            self.apply_durability(mode).await?;
+            controller.applied(mode);
+        }
+        Ok(controller.mode())
+    }
+
+    /// Rejoin after a failover as the follower of the peer (the new
+    /// primary). Streaming: stop, archive (if configured), `pg_rewind`; if
+    /// that fails, archive (if not done yet), then a fresh `pg_basebackup`.
+    /// Logical: archive and re-initialise as a subscriber. Nothing in the
+    /// data directory is discarded without an archive.
+    pub async fn rejoin(&self) -> Result<Rejoin> {
+        self.require_passwords("rejoining as follower")?;
+        let s = &self.settings;
+        self.stop(StopMode::Fast).await?;
+        if s.replication == Replication::Logical || !files::has_cluster(&s.data_dir) {
+            let archive = self.init_follower().await?;
+            return Ok(Rejoin::Recloned { archive, rewind_error: None });
+        }
+        let mut archive = None;
+        self.checkpoint_leader().await?;
+        if s.archive_before_rewind {
+            archive = Some(archive::archive_data_dir(&s.data_dir).await?);
+        }
+        match self.rewind().await {
+            Ok(()) => {
+                self.write_config(ServerRole::Standby)?;
+                self.release_slot_on_leader("postgres", false).await?;
+                self.start().await?;
+                tracing::info!(event = "postgres_rewound", node = %s.node.name, primary = %s.peer.ip, "PostgreSQL rewound onto the new primary");
+                Ok(Rejoin::Rewound { archive })
+            }
+            Err(rewind_error) => {
+                tracing::warn!(event = "postgres_rewind_failed", error = %rewind_error, "pg_rewind failed; taking a fresh base backup");
+                let archive = match archive {
+                    Some(a) => a,
+                    None => archive::archive_data_dir(&s.data_dir).await?,
+                };
+                archive::clear_dir(&s.data_dir)?;
+                files::ensure_dir(&s.data_dir, 0o700, self.owner)?;
+                self.base_backup().await?;
+                self.write_config(ServerRole::Standby)?;
+                self.start().await?;
+                tracing::info!(event = "postgres_recloned", node = %s.node.name, archive = %archive.display(), "PostgreSQL re-cloned from the new primary");
+                Ok(Rejoin::Recloned { archive: Some(archive), rewind_error: Some(rewind_error.to_string()) })
+            }
+        }
+    }
+
+    async fn rewind(&self) -> Result<()> {
+        let s = &self.settings;
+        // pg_rewind itself runs crash recovery in single-user mode first
+        // when the server was not shut down cleanly.
+        self.tool("pg_rewind")
+            .arg("--target-pgdata")
+            .arg(&s.data_dir)
+            .arg("--source-server")
+            .arg(render::peer_conninfo(s, Some("postgres"), false))
+            .env("PGPASSWORD", &s.replication_password)
+            .timeout(s.tool_timeout)
+            .run()
+            .await
+            .map_err(|source| PgError::Tool {
+                action: format!("pg_rewind of {} from {}:{}", s.data_dir.display(), s.peer.ip, s.peer.port),
+                source,
+            })?;
+        Ok(())
+    }
+}

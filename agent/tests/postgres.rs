@@ -1,0 +1,473 @@
+//! The PostgreSQL manager against real PostgreSQL 15: two "nodes" on
+//! loopback with their own ports, data and socket directories. Needs root
+//! (the servers run as the `postgres` user) and the PostgreSQL tools.
+
+use std::net::IpAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use geminik8s::config::{
+    Api, Cluster, Durability, GeminiConfig, Health, K3s, Kine, Member, Postgres, Replication, Tls, Witness,
+};
+use geminik8s::postgres::render::KINE_SCHEMA;
+use geminik8s::postgres::{
+    DurabilityController, DurabilityMode, Manager, PgRole, Rejoin, Session, Settings, StopMode, Tail,
+};
+use geminik8s_vm_tests::poll::until_async;
+use geminik8s_vm_tests::require;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const EVERY: Duration = Duration::from_millis(100);
+
+macro_rules! require_postgres {
+    () => {
+        require!(root: true, tools: ["initdb", "pg_ctl", "pg_basebackup", "pg_rewind", "postgres"]);
+    };
+}
+
+/// A directory for both nodes, traversable by the `postgres` user.
+struct Lab {
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let mut dir = tempfile::Builder::new().prefix("gk8s-pg-").tempdir().unwrap();
+        // GEMINIK8S_KEEP_TEST_DIRS=1 keeps the data directories and logs for a post-mortem.
+        dir.disable_cleanup(std::env::var_os("GEMINIK8S_KEEP_TEST_DIRS").is_some());
+        chown_to_postgres(dir.path());
+        Lab { dir }
+    }
+
+    fn node_dir(&self, name: &str) -> PathBuf {
+        let d = self.dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        chown_to_postgres(&d);
+        d
+    }
+}
+
+fn chown_to_postgres(path: &Path) {
+    let user = nix::unistd::User::from_name("postgres").unwrap().expect("the postgres user");
+    nix::unistd::chown(path, Some(user.uid), Some(user.gid)).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn cloud_config(node: &str, peer: &str, replication: Replication, durability: Durability) -> GeminiConfig {
+    let lo: IpAddr = "127.0.0.1".parse().unwrap();
+    GeminiConfig {
+        cluster: Cluster {
+            name: "lab".into(),
+            vip: lo,
+            vip_prefix: 32,
+            interface: None,
+            bootstrap_leader: "a".into(),
+            witness: Witness::default(),
+        },
+        node: Member { name: node.into(), ip: lo, api_port: 7443 },
+        peer: Member { name: peer.into(), ip: lo, api_port: 7443 },
+        api: Api { token: "t".into() },
+        postgres: Postgres {
+            replication,
+            durability,
+            degrade_after: Duration::from_secs(2),
+            port: 5432,
+            data_dir: PathBuf::new(),
+            replication_password: "repl pass'word".into(),
+            kine_password: "kine-pass".into(),
+        },
+        kine: Kine::default(),
+        k3s: K3s { enabled: false, extra_args: Vec::new(), token: "t".into() },
+        health: Health::default(),
+        tls: Tls { ca: String::new(), cert: String::new(), key: String::new() },
+    }
+}
+
+/// A node's PostgreSQL; stopped with `pg_ctl stop -m immediate` when dropped,
+/// also when the test panics.
+struct Node {
+    mgr: Manager,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let s = self.mgr.settings();
+        if geminik8s::postgres::is_running(&s.data_dir).unwrap_or(true) {
+            let owner = self.mgr.owner();
+            let status = std::process::Command::new(s.tool("pg_ctl"))
+                .args(["stop", "-s", "-m", "immediate", "-w", "-D"])
+                .arg(&s.data_dir)
+                .current_dir("/")
+                .uid(owner.uid)
+                .gid(owner.gid)
+                .status();
+            if !matches!(status, Ok(s) if s.success()) {
+                eprintln!("could not stop PostgreSQL on {}: {status:?}", s.data_dir.display());
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Node {
+    type Target = Manager;
+    fn deref(&self) -> &Manager {
+        &self.mgr
+    }
+}
+
+/// Two nodes `a` and `b` on loopback, each the other's peer.
+fn pair(lab: &Lab, replication: Replication, durability: Durability) -> (Node, Node) {
+    let (pa, pb) = (free_port(), free_port());
+    let make = |name: &str, peer: &str, port: u16, peer_port: u16| {
+        let dir = lab.node_dir(name);
+        let mut s = Settings::from_config(&cloud_config(name, peer, replication, durability));
+        s.data_dir = dir.join("data");
+        s.log_file = dir.join("postgres.log");
+        s.socket_dir = dir.join("sock");
+        s.listen_addresses = vec!["127.0.0.1".into()];
+        s.node.port = port;
+        s.peer.port = peer_port;
+        s.start_timeout = Duration::from_secs(30);
+        Node { mgr: Manager::new(s).unwrap() }
+    };
+    (make("a", "b", pa, pb), make("b", "a", pb, pa))
+}
+
+async fn kine_db(node: &Node) -> Session {
+    node.connect("kine").await.unwrap()
+}
+
+/// Insert a row the way Kine does; returns its id (the revision).
+async fn put(db: &Session, key: &str) -> i64 {
+    db.query_one(
+        "inserting a row",
+        "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
+         VALUES ($1, 1, 0, 0, 0, 0, 'v', NULL) RETURNING id",
+        &[&key],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+async fn keys(node: &Node) -> Result<Vec<String>, String> {
+    let db = node.connect("kine").await.map_err(|e| e.to_string())?;
+    let rows = db.query("listing keys", "SELECT name FROM kine ORDER BY id", &[]).await.map_err(|e| e.to_string())?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Wait until `node` holds exactly `want` (in id order).
+async fn wait_for_keys(node: &Node, want: &[&str]) {
+    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    until_async(&format!("keys {want:?} on {}", node.settings().node.name), DEADLINE, EVERY, || {
+        let want = want.clone();
+        async move {
+            let got = keys(node).await?;
+            if got == want { Ok(()) } else { Err(format!("{got:?}")) }
+        }
+    })
+    .await
+    .unwrap();
+}
+
+async fn max_id(node: &Node) -> i64 {
+    kine_db(node).await.query_one("max id", "SELECT COALESCE(max(id), 0) FROM kine", &[]).await.unwrap().get(0)
+}
+
+/// Kine's schema on the leader, as Kine (its owner) creates it on first start.
+async fn create_kine_table(node: &Node) {
+    let db = kine_db(node).await;
+    db.batch("creating the kine table", KINE_SCHEMA).await.unwrap();
+    db.batch("handing it to kine", "ALTER TABLE kine OWNER TO kine").await.unwrap();
+}
+
+/// Wait until `node` is a standby streaming from its peer, and the peer lists it.
+async fn wait_streaming(standby: &Node, primary: &Node) {
+    let name = standby.settings().node.name.clone();
+    until_async(&format!("{name} streaming"), DEADLINE, EVERY, || async {
+        let s = standby.status().await.map_err(|e| e.to_string())?;
+        let p = primary.status().await.map_err(|e| e.to_string())?;
+        match p.replica(&name) {
+            Some(r) if s.streaming() && r.state.as_deref() == Some("streaming") => Ok(()),
+            other => Err(format!("standby {s:?}; primary sees {other:?}")),
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Run the agent's durability tick every 200 ms until the primary is in
+/// `want`; returns when that happened.
+async fn tick_until(node: &Node, ctl: &mut DurabilityController, want: DurabilityMode) -> Instant {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mode = node.durability_tick(ctl, Instant::now()).await.unwrap();
+        if mode == want {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "durability still {mode:?} after {DEADLINE:?}, wanted {want:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn archive_entries(archive: &Path) -> Vec<String> {
+    let file = std::fs::File::open(archive).unwrap();
+    tar::Archive::new(flate2::read::GzDecoder::new(file))
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_replays_rows_written_on_the_primary() {
+    require_postgres!();
+    let lab = Lab::new();
+    let (a, b) = pair(&lab, Replication::Streaming, Durability::Async);
+    a.bootstrap_leader().await.unwrap();
+    create_kine_table(&a).await;
+    let archive = b.init_follower().await.unwrap();
+    assert_eq!(archive, None, "an empty data directory needs no archive");
+    wait_streaming(&b, &a).await;
+
+    let db = kine_db(&a).await;
+    for key in ["/one", "/two", "/three"] {
+        put(&db, key).await;
+    }
+    wait_for_keys(&b, &["/one", "/two", "/three"]).await;
+
+    let (sa, sb) = (a.status().await.unwrap(), b.status().await.unwrap());
+    assert_eq!((sa.role, sb.role), (PgRole::Primary, PgRole::Standby));
+    assert_eq!((sa.timeline, sb.timeline), (1, 1));
+    let replica = sa.replica("b").expect("b in pg_stat_replication");
+    assert!(replica.lag_bytes.is_some_and(|l| l >= 0), "{replica:?}");
+    assert_eq!(replica.sync_state.as_deref(), Some("async"));
+    assert!(serde_json::to_value(&sa).unwrap()["replicas"][0]["lag_bytes"].is_number());
+
+    // Kine's role logs in over TCP with its SCRAM password.
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(a.settings().node.port)
+        .user("kine")
+        .password("kine-pass")
+        .dbname("kine")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let n: i64 = client.query_one("SELECT count(*) FROM kine", &[]).await.unwrap().get(0);
+    assert_eq!(n, 3);
+    // ...and nothing else does.
+    let wrong = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(a.settings().node.port)
+        .user("kine")
+        .password("wrong")
+        .dbname("kine")
+        .connect(tokio_postgres::NoTls)
+        .await;
+    assert!(wrong.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_commit_waits_for_the_standby_until_degraded() {
+    require_postgres!();
+    let lab = Lab::new();
+    let (a, b) = pair(&lab, Replication::Streaming, Durability::Synchronous);
+    let degrade_after = a.settings().degrade_after;
+    a.bootstrap_leader().await.unwrap();
+    create_kine_table(&a).await;
+    b.init_follower().await.unwrap();
+    wait_streaming(&b, &a).await;
+
+    let mut ctl = DurabilityController::new(Durability::Synchronous, degrade_after, DurabilityMode::Synchronous);
+    assert_eq!(a.durability_tick(&mut ctl, Instant::now()).await.unwrap(), DurabilityMode::Synchronous);
+    until_async("b to be the synchronous standby", DEADLINE, EVERY, || async {
+        let s = a.status().await.map_err(|e| e.to_string())?;
+        match s.replica("b").and_then(|r| r.sync_state.clone()) {
+            Some(state) if state == "sync" => Ok(()),
+            other => Err(format!("{other:?}, synchronous_standby_names={:?}", s.synchronous_standby_names)),
+        }
+    })
+    .await
+    .unwrap();
+    put(&kine_db(&a).await, "/acked-while-synchronous").await;
+    wait_for_keys(&b, &["/acked-while-synchronous"]).await;
+
+    b.stop(StopMode::Fast).await.unwrap();
+    let stopped = Instant::now();
+    let writer = kine_db(&a).await;
+    let mut commit = tokio::spawn(async move { put(&writer, "/waits-for-the-standby").await });
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut commit).await.is_err(),
+        "a synchronous commit returned while the standby was stopped"
+    );
+
+    let degraded = tick_until(&a, &mut ctl, DurabilityMode::Degraded).await;
+    assert!(degraded - stopped >= degrade_after, "degraded after {:?}", degraded - stopped);
+    let id = tokio::time::timeout(DEADLINE, commit).await.expect("the commit returns after degrading").unwrap();
+    assert!(id > 0);
+    assert_eq!(a.status().await.unwrap().synchronous_standby_names, "");
+
+    // The standby comes back: synchronous again, and commits wait for it again.
+    b.start().await.unwrap();
+    wait_streaming(&b, &a).await;
+    tick_until(&a, &mut ctl, DurabilityMode::Synchronous).await;
+    assert_eq!(a.status().await.unwrap().synchronous_standby_names, "\"b\"");
+    put(&kine_db(&a).await, "/acked-after-return").await;
+    wait_for_keys(&b, &["/acked-while-synchronous", "/waits-for-the-standby", "/acked-after-return"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_standby_takes_writes_and_the_old_primary_rejoins_by_rewind() {
+    require_postgres!();
+    let lab = Lab::new();
+    let (a, b) = pair(&lab, Replication::Streaming, Durability::Async);
+    a.bootstrap_leader().await.unwrap();
+    create_kine_table(&a).await;
+    b.init_follower().await.unwrap();
+    wait_streaming(&b, &a).await;
+    let db = kine_db(&a).await;
+    for key in ["/k1", "/k2", "/k3"] {
+        put(&db, key).await;
+    }
+    wait_for_keys(&b, &["/k1", "/k2", "/k3"]).await;
+
+    // The follower falls behind; the async leader acknowledges more writes,
+    // then crashes: those are the lost tail, and a's history diverges. More
+    // than the 32 sequence values PostgreSQL logs ahead, so without the
+    // margin b's next revision would be below ones a already handed out.
+    b.stop(StopMode::Fast).await.unwrap();
+    let mut last_on_a = 0;
+    for i in 0..40 {
+        last_on_a = put(&db, &format!("/tail{i}")).await;
+    }
+    drop(db);
+    a.stop(StopMode::Immediate).await.unwrap();
+
+    b.start().await.unwrap();
+    b.promote(Tail::MayBeLost).await.unwrap();
+    let sb = b.status().await.unwrap();
+    assert_eq!((sb.role, sb.timeline), (PgRole::Primary, 2));
+    let after = put(&kine_db(&b).await, "/after-promotion").await;
+    assert!(after > last_on_a, "revision {after} after promotion is not above {last_on_a} handed out before");
+    assert!(after >= 3 + b.settings().sequence_margin, "margin not applied: {after}");
+
+    let rejoin = a.rejoin().await.unwrap();
+    let Rejoin::Rewound { archive: Some(archive) } = &rejoin else { panic!("expected a rewind: {rejoin:?}") };
+    let entries = archive_entries(archive);
+    assert!(entries.iter().any(|e| e == "data/PG_VERSION"), "{entries:?}");
+    wait_streaming(&a, &b).await;
+    let sa = a.status().await.unwrap();
+    assert_eq!((sa.role, sa.timeline), (PgRole::Standby, 2));
+    put(&kine_db(&b).await, "/after-rejoin").await;
+    wait_for_keys(&a, &["/k1", "/k2", "/k3", "/after-promotion", "/after-rejoin"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_rewind_leaves_an_archive_and_a_working_standby() {
+    require_postgres!();
+    let lab = Lab::new();
+    let (mut a, b) = pair(&lab, Replication::Streaming, Durability::Async);
+    a.bootstrap_leader().await.unwrap();
+    create_kine_table(&a).await;
+    b.init_follower().await.unwrap();
+    wait_streaming(&b, &a).await;
+    put(&kine_db(&a).await, "/before").await;
+    wait_for_keys(&b, &["/before"]).await;
+
+    a.stop(StopMode::Fast).await.unwrap();
+    b.promote(Tail::Complete).await.unwrap();
+    // pg_rewind reads the source's files through these functions; without
+    // them it cannot work, while a base backup still can.
+    b.connect("postgres")
+        .await
+        .unwrap()
+        .batch(
+            "revoking pg_rewind's functions",
+            "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) FROM replicator; \
+             REVOKE EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) FROM replicator;",
+        )
+        .await
+        .unwrap();
+    put(&kine_db(&b).await, "/after-promotion").await;
+
+    // Only the archive taken because the rewind failed.
+    let mut settings = a.settings().clone();
+    settings.archive_before_rewind = false;
+    a.mgr = Manager::new(settings).unwrap();
+    let rejoin = a.rejoin().await.unwrap();
+    let Rejoin::Recloned { archive: Some(archive), rewind_error: Some(error) } = &rejoin else {
+        panic!("expected a re-clone after a failed rewind: {rejoin:?}")
+    };
+    assert!(error.contains("pg_rewind"), "{error}");
+    assert!(archive.is_file());
+    let entries = archive_entries(archive);
+    assert!(entries.iter().any(|e| e == "data/global/pg_control"), "{entries:?}");
+    wait_streaming(&a, &b).await;
+    put(&kine_db(&b).await, "/after-reclone").await;
+    wait_for_keys(&a, &["/before", "/after-promotion", "/after-reclone"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_replication_and_promotion_move_the_sequence_past_max_id() {
+    require_postgres!();
+    let lab = Lab::new();
+    let (a, b) = pair(&lab, Replication::Logical, Durability::Async);
+    a.bootstrap_leader().await.unwrap();
+    b.init_follower().await.unwrap();
+    let db = kine_db(&a).await;
+    for key in ["/l1", "/l2", "/l3"] {
+        put(&db, key).await;
+    }
+    drop(db);
+    wait_for_keys(&b, &["/l1", "/l2", "/l3"]).await;
+    let last_on_a = max_id(&a).await;
+    let sb = b.status().await.unwrap();
+    assert_eq!(sb.role, PgRole::Primary, "a logical follower is a read-write server");
+    assert!(sb.streaming(), "{sb:?}");
+
+    // Why the fix matters: logical replication does not carry the sequence,
+    // so on the follower the next id would reuse a revision a already used.
+    let hazard = kine_db(&b).await;
+    hazard.batch("begin", "BEGIN").await.unwrap();
+    let reuse = hazard
+        .query_one(
+            "insert without the fix",
+            "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
+             VALUES ('/reused', 1, 0, 0, 0, 0, 'v', NULL) RETURNING id",
+            &[],
+        )
+        .await;
+    let err = reuse.expect_err("an insert before the fix got a fresh revision").to_string();
+    assert!(err.contains("kine_pkey"), "{err}");
+    hazard.batch("rollback", "ROLLBACK").await.unwrap();
+    drop(hazard);
+
+    a.stop(StopMode::Fast).await.unwrap();
+    b.promote(Tail::Complete).await.unwrap();
+    let sb = b.status().await.unwrap();
+    assert_eq!(sb.subscription, None, "the subscription to the old leader is gone");
+    let next = put(&kine_db(&b).await, "/after-promotion").await;
+    assert!(next > last_on_a, "revision {next} after promotion is not above {last_on_a}");
+
+    // The old leader comes back as the subscriber of the new one.
+    let rejoin = a.rejoin().await.unwrap();
+    assert!(matches!(&rejoin, Rejoin::Recloned { archive: Some(p), .. } if p.is_file()), "{rejoin:?}");
+    wait_for_keys(&a, &["/l1", "/l2", "/l3", "/after-promotion"]).await;
+    let next_after_rejoin = put(&kine_db(&b).await, "/after-rejoin").await;
+    assert!(next_after_rejoin > next);
+    wait_for_keys(&a, &["/l1", "/l2", "/l3", "/after-promotion", "/after-rejoin"]).await;
+
+    // Re-initialising the follower again replaces its subscription (and the
+    // slot the old one left on the leader), archiving what it held.
+    let archive = a.init_follower().await.unwrap();
+    assert!(archive.is_some_and(|p| p.is_file()));
+    put(&kine_db(&b).await, "/after-reinit").await;
+    wait_for_keys(&a, &["/l1", "/l2", "/l3", "/after-promotion", "/after-rejoin", "/after-reinit"]).await;
+}
