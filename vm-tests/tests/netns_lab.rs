@@ -97,7 +97,7 @@ fn put(lab: &Lab, key: &str, value: &str) -> Result<i64, String> {
 fn keys(lab: &Lab, prefix: &str) -> Result<Vec<String>, String> {
     let v = etcd(lab, &["get", prefix, "--prefix", "--keys-only"])?;
     let kvs = v["kvs"].as_array().cloned().unwrap_or_default();
-    Ok(kvs.iter().filter_map(|kv| kv["key"].as_str()).filter_map(|k| base64_decode(k)).collect())
+    Ok(kvs.iter().filter_map(|kv| kv["key"].as_str()).filter_map(base64_decode).collect())
 }
 
 fn base64_decode(s: &str) -> Option<String> {
