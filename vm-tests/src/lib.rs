@@ -5,4 +5,5 @@
 
 pub mod netns;
 pub mod poll;
+pub mod probe;
 pub mod skip;

@@ -1,29 +1,25 @@
 //! End-to-end on the network-namespace lab: real agents in their own
-//! namespaces, a real VIP moved by netlink and gratuitous ARP, seen from a
-//! client namespace. Needs root and iproute2; skips with a reason otherwise.
+//! namespaces start real PostgreSQL and Kine, a real VIP moves by netlink
+//! and gratuitous ARP, and a client namespace writes through it with
+//! etcdctl. Needs root, iproute2, PostgreSQL 15, Kine and etcdctl; skips
+//! with a printed reason otherwise.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use geminik8s::config::WitnessMode;
+use geminik8s::peer::client::AgentClient;
 use geminik8s_vm_tests::netns::{Lab, UpOptions};
 use geminik8s_vm_tests::poll;
+use geminik8s_vm_tests::probe::{agent_bin, init_cluster, keys, logs, put, status, wait_formed};
 
 /// The lab's namespace names are global: one lab at a time.
 static LAB: Mutex<()> = Mutex::new(());
 
-/// `gemin_k8s`, built next to this test binary by `cargo test --workspace`
-/// (or named by `GEMINIK8S_BIN`).
-fn agent_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("GEMINIK8S_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let p = exe.parent()?.parent()?.join("gemin_k8s");
-    p.is_file().then_some(p)
-}
+/// Fast timings so each failover takes seconds.
+const FAST: &str = "health:\n  interval: 300ms\n  fence_timeout: 1s\n";
+const FORM: Duration = Duration::from_secs(90);
 
 struct Guard(PathBuf);
 
@@ -39,174 +35,72 @@ impl Drop for Guard {
     }
 }
 
-fn logs(lab: &Lab) -> String {
-    lab.nodes
-        .iter()
-        .map(|n| {
-            let text = std::fs::read_to_string(lab.node_dir(&n.name).join("agent.log")).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().filter(|l| !l.contains("heartbeat missed")).rev().take(25).collect();
-            format!("--- {} agent.log (tail)\n{}", n.name, tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn init(bin: &Path, dir: &Path, extra: &[&str]) {
-    let out = Command::new(bin)
-        .args(["init", "--name", "lab", "--node1-ip", "10.77.0.11", "--node2-ip", "10.77.0.12", "--vip", "10.77.0.10"])
-        .arg("--config-dir")
-        .arg(dir)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Fast timings so the test spends seconds, not minutes, per failover.
-const FAST: &str = "health:\n  interval: 300ms\n  fence_timeout: 1s\n";
-
-/// `etcdctl` in the client namespace, talking to Kine through the VIP.
-fn etcd(lab: &Lab, args: &[&str]) -> Result<serde_json::Value, String> {
-    let endpoint = format!("http://{}:2379", lab.vip);
-    let mut argv = vec![
-        "env",
-        "ETCDCTL_API=3",
-        "etcdctl",
-        "--endpoints",
-        &endpoint,
-        "--command-timeout=2s",
-        "--dial-timeout=1s",
-        "-w",
-        "json",
-    ];
-    argv.extend_from_slice(args);
-    let out = lab.exec("client", &argv).map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
-
-/// Write a key; returns the revision Kine acknowledged.
-fn put(lab: &Lab, key: &str, value: &str) -> Result<i64, String> {
-    let v = etcd(lab, &["put", key, value])?;
-    v["header"]["revision"].as_i64().ok_or_else(|| format!("no revision in {v}"))
-}
-
-/// Keys under `prefix` as Kine serves them.
-fn keys(lab: &Lab, prefix: &str) -> Result<Vec<String>, String> {
-    let v = etcd(lab, &["get", prefix, "--prefix", "--keys-only"])?;
-    let kvs = v["kvs"].as_array().cloned().unwrap_or_default();
-    Ok(kvs.iter().filter_map(|kv| kv["key"].as_str()).filter_map(base64_decode).collect())
-}
-
-fn base64_decode(s: &str) -> Option<String> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut bits = 0u32;
-    let mut n = 0;
-    let mut out = Vec::new();
-    for c in s.bytes().filter(|c| *c != b'=') {
-        bits = (bits << 6) | ALPHABET.iter().position(|a| *a == c)? as u32;
-        n += 6;
-        if n >= 8 {
-            n -= 8;
-            out.push((bits >> n) as u8);
-            bits &= (1 << n) - 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// A node's status as its agent reports it on the local socket.
-fn status(lab: &Lab, node: &str) -> Result<serde_json::Value, String> {
-    let out = Command::new(&lab.agent_bin)
-        .args(["status", "-o", "json", "--socket"])
-        .arg(lab.socket(node))
-        .output()
-        .map_err(|e| e.to_string())?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stderr)))?;
-    Ok(v["nodes"][0]["status"].clone())
-}
-
-/// Wait until `leader` leads with the VIP and `follower` streams from it.
-fn wait_formed(lab: &Lab, leader: &str, follower: &str, timeout: Duration) {
-    let formed = poll::until(
-        &format!("{leader} leading, {follower} streaming from it"),
-        timeout,
-        Duration::from_millis(250),
-        || {
-            let (l, f) = (status(lab, leader)?, status(lab, follower)?);
-            let ok = l["role"] == "leader"
-                && f["role"] == "follower"
-                && f["replication"]["streaming"] == true
-                && l["replication"]["durability"] == "synchronous"
-                && lab.vip_holders() == [leader.to_string()];
-            if ok {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{leader}: {} {}; {follower}: {} {}; VIP on {:?}",
-                    l["role"],
-                    l["replication"],
-                    f["role"],
-                    f["replication"],
-                    lab.vip_holders()
-                ))
-            }
-        },
-    );
-    formed.unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
-}
-
 struct Up {
     lab: Lab,
     _guard: Guard,
     _tmp: Option<tempfile::TempDir>,
 }
 
-/// A fresh lab with its own cluster; `None` (after printing why) when it cannot run here.
+/// A fresh lab with its own cluster (`init` with `init_extra`), formed with
+/// node1 leading; `None`, after printing why, when it cannot run here.
 fn lab_up(init_extra: &[&str], witness: Option<WitnessMode>) -> Option<Up> {
     if let Some(reason) =
-        geminik8s_vm_tests::skip::requires(true, &["ip", "etcdctl", "initdb", "pg_basebackup", "kine"])
+        geminik8s_vm_tests::skip::requires(true, &["ip", "etcdctl", "initdb", "pg_basebackup", "pg_rewind", "kine"])
     {
         geminik8s_vm_tests::skip::skip("netns_lab", &reason);
         return None;
     }
     let Some(bin) = agent_bin() else {
-        geminik8s_vm_tests::skip::skip(
-            "netns_lab",
-            "gemin_k8s is not built next to the tests (cargo test --workspace builds it)",
-        );
+        geminik8s_vm_tests::skip::skip("netns_lab", "gemin_k8s is not built (cargo test --workspace builds it)");
         return None;
     };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     // PostgreSQL runs as `postgres` and must reach its data under here.
     std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let keep = std::env::var_os("GEMINIK8S_LAB_KEEP").is_some();
     let dir = root.join("cluster");
-    init(&bin, &dir, init_extra);
+    init_cluster(&bin, &dir, init_extra).unwrap();
     let run = root.join("run");
-    let lab = Lab::up(&UpOptions {
+    let opts = UpOptions {
         config_dir: dir,
         run_dir: run.clone(),
         agent_bin: bin,
         witness,
         extra_block: Some(FAST.into()),
         start_agents: true,
-    })
-    .unwrap();
-    Some(Up {
-        lab,
-        _guard: Guard(run),
-        _tmp: if keep {
-            std::mem::forget(tmp);
-            None
-        } else {
-            Some(tmp)
-        },
-    })
+    };
+    let lab = Lab::up(&opts).unwrap();
+    // Only a lab this test created is torn down (`up` refuses when one exists).
+    let keep = std::env::var_os("GEMINIK8S_LAB_KEEP").is_some();
+    let up = Up { lab, _guard: Guard(run), _tmp: if keep { None } else { Some(tmp) } };
+    if keep {
+        eprintln!("keeping {}", root.display());
+    }
+    wait_formed(&up.lab, "node1", "node2", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(&up.lab)));
+    Some(up)
+}
+
+/// Write `n` keys under `prefix` through the VIP; returns them and the last revision.
+fn write_keys(lab: &Lab, prefix: &str, n: usize, mut max_rev: i64) -> (Vec<String>, i64) {
+    let mut acked = Vec::new();
+    for i in 0..n {
+        let key = format!("{prefix}{i:03}");
+        let rev = put(lab, &key, "v").unwrap_or_else(|e| panic!("write {key}: {e}\n{}", logs(lab)));
+        assert!(rev > max_rev, "revision went backwards: {rev} after {max_rev}");
+        max_rev = rev;
+        acked.push(key);
+    }
+    (acked, max_rev)
+}
+
+/// Watch the VIP for `window`: it must never be on two nodes at once.
+fn never_two_holders(lab: &Lab, window: Duration) {
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        let holders = lab.vip_holders();
+        assert!(holders.len() <= 1, "two VIP holders at once: {holders:?}\n{}", logs(lab));
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The operator's main path: a cluster forms on first start, takes writes
@@ -217,18 +111,8 @@ fn bootstrap_failover_and_rejoin() {
     let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
     let Some(up) = lab_up(&[], None) else { return };
     let lab = &up.lab;
-    wait_formed(lab, "node1", "node2", Duration::from_secs(60));
 
-    // Writes and reads through the VIP, from the client namespace.
-    let mut acked = Vec::new();
-    let mut max_rev = 0;
-    for i in 0..20 {
-        let key = format!("/lab/before/{i:03}");
-        let rev = put(lab, &key, "v").unwrap_or_else(|e| panic!("write {key}: {e}\n{}", logs(lab)));
-        assert!(rev > max_rev, "revision went backwards: {rev} after {max_rev}");
-        max_rev = rev;
-        acked.push(key);
-    }
+    let (acked, max_rev) = write_keys(lab, "/lab/before/", 20, 0);
     assert_eq!(keys(lab, "/lab/before/").unwrap(), acked);
     assert_eq!(lab.client_vip_mac(), Some(lab.mac("node1").unwrap()), "the client talks to node1 for the VIP");
 
@@ -252,15 +136,131 @@ fn bootstrap_failover_and_rejoin() {
 
     // The old leader comes back and follows (pg_rewind), nothing lost.
     lab.start("node1").unwrap();
-    wait_formed(lab, "node2", "node1", Duration::from_secs(60));
-    let archives: Vec<_> = std::fs::read_dir(lab.node_dir("node1"))
+    wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let archives = std::fs::read_dir(lab.node_dir("node1"))
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tar.gz"))
-        .collect();
-    assert!(!archives.is_empty(), "the old leader's data directory was not archived before the rewind");
+        .count();
+    assert!(archives > 0, "the old leader's data directory was not archived before the rewind");
     let rev2 = put(lab, "/lab/after/001", "v").unwrap();
     assert!(rev2 > rev);
     assert_eq!(keys(lab, "/lab/before/").unwrap(), acked);
     assert_eq!(lab.vip_holders(), vec!["node2".to_string()], "never two VIP holders");
+}
+
+/// A planned switchover through the agent API: the leader hands over, the
+/// follower leads, no acknowledged write is lost, and the old leader follows.
+#[test]
+fn planned_switchover_through_the_api() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(up) = lab_up(&[], None) else { return };
+    let lab = &up.lab;
+    let (acked, max_rev) = write_keys(lab, "/lab/switch/", 10, 0);
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let leader = AgentClient::unix(&lab.socket("node1"), Duration::from_secs(5));
+    let follower = AgentClient::unix(&lab.socket("node2"), Duration::from_secs(5));
+    assert!(rt.block_on(follower.switchover()).is_err(), "a follower cannot hand over");
+    let start = Instant::now();
+    rt.block_on(leader.switchover()).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(lab)));
+    let resumed = poll::until(
+        "a write through the VIP after the switchover",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || put(lab, "/lab/switch/after", "v"),
+    );
+    let rev = resumed.unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    eprintln!("switchover: first write through the VIP after {:?}", start.elapsed());
+    assert!(rev > max_rev);
+    assert_eq!(lab.vip_holders(), vec!["node2".to_string()]);
+    let mut all = acked.clone();
+    all.push("/lab/switch/after".into());
+    assert_eq!(keys(lab, "/lab/switch/").unwrap(), all, "acknowledged writes were lost in the switchover");
+    wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+}
+
+/// Witness `gateway`, and a partition where node1 (the leader) sees neither
+/// its peer nor the gateway: it fences itself (VIP released, writes refused)
+/// before node2, which still sees the gateway, takes over. Never two VIP
+/// holders. After healing, node1 follows.
+#[test]
+fn gateway_witness_partition_fences_the_cut_off_leader() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(up) = lab_up(&[], Some(WitnessMode::Gateway)) else { return };
+    let lab = &up.lab;
+    let (acked, _) = write_keys(lab, "/lab/gw/", 10, 0);
+
+    lab.partition("node1", "node2", false).unwrap();
+    lab.partition("node1", "gw", false).unwrap();
+    let watch = std::thread::scope(|s| {
+        let watcher = s.spawn(|| never_two_holders(lab, Duration::from_secs(8)));
+        let took = poll::until("node2 to lead", Duration::from_secs(30), Duration::from_millis(100), || {
+            match status(lab, "node2") {
+                Ok(v) if v["role"] == "leader" && lab.vip_holders() == ["node2".to_string()] => Ok(()),
+                other => Err(other.map(|v| v["role"].clone())),
+            }
+        });
+        let joined = watcher.join();
+        (took, joined)
+    });
+    watch.0.unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    if let Err(p) = watch.1 {
+        std::panic::resume_unwind(p);
+    }
+    let s1 = status(lab, "node1").unwrap();
+    assert_eq!(s1["state"], "fenced", "the cut-off leader did not fence: {s1}");
+    // node1's Kine cannot take writes any more (its datastore is stopped and the VIP is gone).
+    let direct = geminik8s_vm_tests::probe::etcd_at(lab, "10.77.0.11", &["put", "/lab/gw/split", "x"]);
+    assert!(direct.is_err(), "the fenced side accepted a write: {direct:?}");
+    assert_eq!(keys(lab, "/lab/gw/").unwrap(), acked, "acknowledged writes were lost");
+
+    lab.heal().unwrap();
+    wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert_eq!(keys(lab, "/lab/gw/").unwrap(), acked);
+}
+
+/// Witness `arbiter`: node1 is cut off from everyone. Its lease runs out, it
+/// fences, and only then does node2 get the lease and lead.
+#[test]
+fn arbiter_witness_isolated_leader_loses_the_lease() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let bin = agent_bin();
+    let template = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        template.path(),
+        "#cloud-config\ngeminik8s:\n  cluster:\n    witness:\n      lease_ttl: 3s\n      lease_renew: 500ms\n",
+    )
+    .unwrap();
+    let t = template.path().to_str().unwrap();
+    if bin.is_none() {
+        geminik8s_vm_tests::skip::skip("netns_lab", "gemin_k8s is not built");
+        return;
+    }
+    let extra = ["--witness", "arbiter", "--witness-target", "10.77.0.254:7440", "--template", t];
+    let Some(up) = lab_up(&extra, None) else { return };
+    let lab = &up.lab;
+    let (acked, _) = write_keys(lab, "/lab/arb/", 10, 0);
+    assert_eq!(status(lab, "node1").unwrap()["witness"]["state"], "lease held here");
+
+    lab.isolate("node1").unwrap();
+    let result = std::thread::scope(|s| {
+        let watcher = s.spawn(|| never_two_holders(lab, Duration::from_secs(10)));
+        let took =
+            poll::until("node2 to lead with the lease", Duration::from_secs(40), Duration::from_millis(100), || {
+                match status(lab, "node2") {
+                    Ok(v) if v["role"] == "leader" && v["witness"]["state"] == "lease held here" => Ok(()),
+                    other => Err(format!("{:?}", other.map(|v| (v["role"].clone(), v["witness"].clone())))),
+                }
+            });
+        (took, watcher.join())
+    });
+    result.0.unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    if let Err(p) = result.1 {
+        std::panic::resume_unwind(p);
+    }
+    assert_eq!(status(lab, "node1").unwrap()["state"], "fenced");
+    assert_eq!(keys(lab, "/lab/arb/").unwrap(), acked, "acknowledged writes were lost");
+    lab.heal().unwrap();
+    wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
 }

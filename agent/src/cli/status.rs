@@ -271,7 +271,12 @@ pub fn render_text(view: &ClusterView, args: &Args) -> String {
             }
             match &s.last_failover {
                 Some(f) => {
-                    let _ = writeln!(out, "  last failover {} -> {} at {} in {} ms", f.from, f.to, f.at, f.duration_ms);
+                    let silent = f.silent_ms.map(|m| format!("{m} ms of silence, then ")).unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "  last failover {} -> {} at {}: {silent}promotion {} ms, VIP {} ms",
+                        f.from, f.to, f.at, f.promote_ms, f.vip_ms
+                    );
                 }
                 None => {
                     let _ = writeln!(out, "  no failover yet");

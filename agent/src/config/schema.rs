@@ -192,7 +192,7 @@ pub const KEYS: &[Key] = &[
     ),
     required("k3s.token", Kind::Secret, "K3s server token shared by both nodes."),
     section("health", "Heartbeats, health checks and fencing."),
-    optional("health.interval", Kind::Duration, "1s", "Heartbeat and health-check interval."),
+    optional("health.interval", Kind::Duration, "500ms", "Heartbeat and health-check interval."),
     optional(
         "health.failure_threshold",
         Kind::Int { min: 1, max: 100 },
@@ -202,7 +202,7 @@ pub const KEYS: &[Key] = &[
     optional(
         "health.fence_timeout",
         Kind::Duration,
-        "5s",
+        "2s",
         "A leader that reaches neither peer nor witness for this long fences itself. The follower waits this plus a margin before promoting.",
     ),
     section("health.checks", "Health levels from the design: network, Kubernetes API, PostgreSQL, custom script."),

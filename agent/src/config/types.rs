@@ -273,13 +273,13 @@ pub(crate) mod defaults {
         true
     }
     pub fn interval() -> Duration {
-        Duration::from_secs(1)
+        Duration::from_millis(500)
     }
     pub fn failure_threshold() -> u32 {
         3
     }
     pub fn fence_timeout() -> Duration {
-        Duration::from_secs(5)
+        Duration::from_secs(2)
     }
     pub fn script_timeout() -> Duration {
         Duration::from_secs(5)

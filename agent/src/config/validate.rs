@@ -557,7 +557,7 @@ fn relations(c: &mut Checker, block: &Node, cfg: &GeminiConfig) {
             at("health.fence_timeout"),
             &full("health.fence_timeout"),
             "must be longer than `health.interval`",
-            Some("the default is 5s with a 1s interval".into()),
+            Some("the default is 2s with a 500ms interval".into()),
         );
     }
     if let Some(NodeKind::Seq(items)) = block.lookup("k3s.extra_args").map(|n| &n.kind) {

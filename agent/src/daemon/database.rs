@@ -17,6 +17,9 @@ use crate::postgres::{DurabilityController, DurabilityMode, Manager, PgRole, Sto
 
 pub struct Postgres {
     mgr: Manager,
+    /// One datastore operation at a time: a promotion, a rejoin and the
+    /// per-tick upkeep must not interleave.
+    op: tokio::sync::Mutex<()>,
     durability: tokio::sync::Mutex<DurabilityController>,
     /// Whether this standby was streaming when last looked at: a promotion
     /// after that may only trust the tail if it was (and commits waited for it).
@@ -36,6 +39,7 @@ impl Postgres {
         let controller = DurabilityController::new(s.durability, s.degrade_after, initial);
         Postgres {
             mgr,
+            op: tokio::sync::Mutex::new(()),
             durability: tokio::sync::Mutex::new(controller),
             was_streaming: Mutex::new(false),
             expected: std::sync::atomic::AtomicBool::new(false),
@@ -109,11 +113,18 @@ impl Database for Postgres {
 
     fn promote(&self, epoch: u64) -> BoxFut<'_, ()> {
         Box::pin(async move {
-            if !self.data_dir_has_cluster() {
-                // A fresh cluster: this node is its first leader.
+            let _op = self.op.lock().await;
+            // A logical-mode follower is a primary too, but with a subscription.
+            let primary = self.data_dir_has_cluster() && {
+                self.ensure_running().await?;
+                let st = self.mgr.status().await?;
+                st.role == PgRole::Primary && st.subscription.is_none()
+            };
+            if !self.data_dir_has_cluster() || primary {
+                // A fresh cluster, or this node already was the primary (an
+                // agent restart, or a first bootstrap cut short): converge.
                 self.mgr.bootstrap_leader().await.context("bootstrapping PostgreSQL")?;
             } else {
-                self.ensure_running().await?;
                 let streamed = *self.was_streaming.lock().unwrap_or_else(|p| p.into_inner());
                 let synchronous = self.mgr.settings().durability == Durability::Synchronous;
                 let tail = if synchronous && streamed { Tail::Complete } else { Tail::MayBeLost };
@@ -127,9 +138,12 @@ impl Database for Postgres {
 
     fn demote(&self) -> BoxFut<'_, ()> {
         Box::pin(async move {
+            let _op = self.op.lock().await;
             // Writes stop now; the rejoin that follows makes it a standby.
+            // Immediate: a fast stop waits for the walsender to flush to a
+            // standby that may be unreachable; crash recovery is safe here.
             self.expected.store(false, Ordering::SeqCst);
-            self.mgr.stop(StopMode::Fast).await.context("stopping PostgreSQL to demote")?;
+            self.mgr.stop(StopMode::Immediate).await.context("stopping PostgreSQL to demote")?;
             Ok(())
         })
     }
@@ -137,6 +151,7 @@ impl Database for Postgres {
     fn rejoin(&self, leader: &str) -> BoxFut<'_, ()> {
         let leader = leader.to_string();
         Box::pin(async move {
+            let _op = self.op.lock().await;
             if !self.data_dir_has_cluster() {
                 self.mgr.init_follower().await.with_context(|| format!("copying the datastore from {leader}"))?;
                 self.expected.store(true, Ordering::SeqCst);
@@ -161,8 +176,11 @@ impl Database for Postgres {
 
     fn fence(&self) -> BoxFut<'_, ()> {
         Box::pin(async move {
+            let _op = self.op.lock().await;
+            // Immediate, as for a demotion: the fence must hold before the
+            // peer's promotion timer fires, even when the standby is cut off.
             self.expected.store(false, Ordering::SeqCst);
-            self.mgr.stop(StopMode::Fast).await.context("stopping PostgreSQL to fence")?;
+            self.mgr.stop(StopMode::Immediate).await.context("stopping PostgreSQL to fence")?;
             Ok(())
         })
     }
@@ -210,6 +228,8 @@ impl Database for Postgres {
 
     fn tick(&self, leading: bool) -> BoxFut<'_, ()> {
         Box::pin(async move {
+            // Skip the upkeep while a promotion or rejoin is under way.
+            let Ok(_op) = self.op.try_lock() else { return Ok(()) };
             if leading && self.mgr.is_running()? {
                 let st = self.mgr.status().await?;
                 if st.role == PgRole::Primary {

@@ -62,8 +62,15 @@ pub struct Driver {
     health: Vec<(Component, bool)>,
     replication: Option<crate::peer::ReplicationView>,
     last_failover: Option<FailoverView>,
-    promotion_started: Option<(Instant, String)>,
+    promotion: Option<PromotionTiming>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Phases of a promotion in progress, for `status` and the failover benchmark.
+struct PromotionTiming {
+    decided: Instant,
+    silent_ms: Option<u64>,
+    promoted: Option<Instant>,
 }
 
 /// Time limit for starting, stopping or restarting a service.
@@ -163,7 +170,7 @@ impl Driver {
             health: Vec::new(),
             replication: None,
             last_failover: None,
-            promotion_started: None,
+            promotion: None,
             tasks,
         })
     }
@@ -322,7 +329,8 @@ impl Driver {
                 Action::Promote { epoch } => {
                     self.primary_moved();
                     tracing::debug!(epoch, "promoting the datastore");
-                    self.promotion_started = Some((Instant::now(), self.cfg.peer.name.clone()));
+                    let silent_ms = self.peer_last_heard.map(|t| t.elapsed().as_millis() as u64);
+                    self.promotion = Some(PromotionTiming { decided: Instant::now(), silent_ms, promoted: None });
                     let db = self.subsystems.database.clone();
                     self.background(async move {
                         match db {
@@ -384,11 +392,13 @@ impl Driver {
                 }
                 Action::TakeVip => {
                     tracing::debug!(vip = %self.cfg.cluster.vip, "taking the VIP");
+                    let started = Instant::now();
                     if let Some(vip) = &self.subsystems.vip
                         && let Err(e) = vip.take().await
                     {
                         tracing::error!(error = %e, "taking the VIP failed");
                     }
+                    self.note_vip_taken(started);
                 }
                 Action::ReleaseVip => {
                     tracing::debug!(vip = %self.cfg.cluster.vip, "releasing the VIP");
@@ -477,19 +487,31 @@ impl Driver {
     }
 
     fn note_completion(&mut self, done: Completion) {
-        if done == Completion::PromotionDone
-            && let Some((start, from)) = self.promotion_started.take()
-        {
-            self.counters.failovers_total += 1;
-            let duration = start.elapsed();
-            self.last_failover = Some(FailoverView {
-                at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-                from,
-                to: self.cfg.node.name.clone(),
-                duration_ms: duration.as_millis() as u64,
-            });
-            tracing::info!(event = "failover_timing", node = %self.cfg.node.name, duration_ms = duration.as_millis() as u64, "leadership taken");
+        match (done, &mut self.promotion) {
+            (Completion::PromotionDone, Some(p)) => p.promoted = Some(Instant::now()),
+            (Completion::PromotionFailed, _) => self.promotion = None,
+            _ => {}
         }
+    }
+
+    /// The VIP is on this node after a promotion: record the failover's phases.
+    fn note_vip_taken(&mut self, vip_started: Instant) {
+        let Some(p) = self.promotion.take() else { return };
+        let Some(promoted) = p.promoted else { return };
+        let now = Instant::now();
+        self.counters.failovers_total += 1;
+        let view = FailoverView {
+            at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            from: self.cfg.peer.name.clone(),
+            to: self.cfg.node.name.clone(),
+            duration_ms: now.duration_since(p.decided).as_millis() as u64,
+            silent_ms: p.silent_ms,
+            promote_ms: promoted.duration_since(p.decided).as_millis() as u64,
+            vip_ms: now.duration_since(vip_started).as_millis() as u64,
+        };
+        tracing::info!(event = "failover_timing", node = %self.cfg.node.name, silent_ms = ?view.silent_ms,
+            promote_ms = view.promote_ms, vip_ms = view.vip_ms, "leadership taken");
+        self.last_failover = Some(view);
     }
 
     fn persist(&self, meta: &mut HostMeta) {

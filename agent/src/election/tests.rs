@@ -600,13 +600,13 @@ fn settings_from_config_defaults() {
     }))
     .unwrap();
     let st = Settings::from_config(&cfg);
-    assert_eq!(st.heartbeat_interval, s(1));
+    assert_eq!(st.heartbeat_interval, Duration::from_millis(500));
     assert_eq!(st.failure_threshold, 3);
-    assert_eq!(st.fence_timeout, s(5));
-    assert_eq!(st.promotion_margin, s(2));
+    assert_eq!(st.fence_timeout, s(2));
+    assert_eq!(st.promotion_margin, s(1));
     assert_eq!(st.witness, WitnessMode::Gateway);
     assert_eq!((st.own_name.as_str(), st.peer_name.as_str(), st.bootstrap_leader.as_str()), ("a", "b", "a"));
-    assert_eq!(st.promotion_bound(), s(11));
+    assert_eq!(st.promotion_bound(), s(5));
 }
 
 #[test]

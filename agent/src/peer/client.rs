@@ -48,9 +48,13 @@ impl AgentClient {
     }
 
     async fn get_text(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        self.request(hyper::Method::GET, path).await
+    }
+
+    async fn request(&self, method: hyper::Method, path: &str) -> anyhow::Result<(u16, String)> {
         match &self.endpoint {
             Endpoint::Https { base, http, token } => {
-                let mut req = http.get(format!("{base}{path}"));
+                let mut req = http.request(method, format!("{base}{path}"));
                 if let Some(t) = token {
                     req = req.bearer_auth(t);
                 }
@@ -65,7 +69,11 @@ impl AgentClient {
                         .with_context(|| format!("connecting to {} (is the agent running?)", socket.display()))?;
                     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
                     let driver = tokio::spawn(conn);
-                    let req = hyper::Request::get(path).header("host", "localhost").body(Empty::<Bytes>::new())?;
+                    let req = hyper::Request::builder()
+                        .method(method)
+                        .uri(path)
+                        .header("host", "localhost")
+                        .body(Empty::<Bytes>::new())?;
                     let resp = sender.send_request(req).await?;
                     let status = resp.status().as_u16();
                     let body = resp.into_body().collect().await?.to_bytes();
@@ -103,6 +111,15 @@ impl AgentClient {
 
     pub async fn status(&self) -> anyhow::Result<NodeStatus> {
         self.get_json("/v1/status").await?.context("the agent has no /v1/status")
+    }
+
+    /// Ask this node (the leader) to hand leadership to its peer.
+    pub async fn switchover(&self) -> anyhow::Result<()> {
+        let (status, body) = self.request(hyper::Method::POST, "/v1/switchover").await?;
+        match status {
+            202 => Ok(()),
+            _ => bail!("{} refused the switchover (HTTP {status}): {}", self.describe(), body.trim()),
+        }
     }
 
     pub async fn metrics(&self) -> anyhow::Result<String> {

@@ -118,7 +118,18 @@ pub struct FailoverView {
     pub at: String,
     pub from: String,
     pub to: String,
+    /// From the promotion decision to the VIP taken: `promote_ms + vip_ms`.
     pub duration_ms: u64,
+    /// Silence before the decision: from the last word from the peer (heartbeat,
+    /// second path or its calls) to the decision to promote. `None` at bootstrap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silent_ms: Option<u64>,
+    /// Making the datastore primary.
+    #[serde(default)]
+    pub promote_ms: u64,
+    /// Adding the VIP and sending the first announcements.
+    #[serde(default)]
+    pub vip_ms: u64,
 }
 
 /// `ComponentHealth::state` values.

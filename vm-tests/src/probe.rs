@@ -1,0 +1,155 @@
+//! What the tests and benchmarks look at in a running lab: the datastore
+//! through the VIP (etcdctl from the client namespace, as a user would), the
+//! agents' status, their logs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::netns::Lab;
+use crate::poll;
+
+/// `etcdctl` in the client namespace, talking to Kine through the VIP.
+pub fn etcd(lab: &Lab, args: &[&str]) -> Result<Value, String> {
+    etcd_at(lab, &lab.vip.to_string(), args)
+}
+
+/// `etcdctl` in the client namespace, talking to the Kine at `host`.
+pub fn etcd_at(lab: &Lab, host: &str, args: &[&str]) -> Result<Value, String> {
+    let endpoint = format!("http://{host}:2379");
+    let mut argv = vec![
+        "env",
+        "ETCDCTL_API=3",
+        "etcdctl",
+        "--endpoints",
+        &endpoint,
+        "--command-timeout=1s",
+        "--dial-timeout=300ms",
+        "-w",
+        "json",
+    ];
+    argv.extend_from_slice(args);
+    let out = lab.exec("client", &argv).map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Write a key; returns the revision Kine acknowledged.
+pub fn put(lab: &Lab, key: &str, value: &str) -> Result<i64, String> {
+    let v = etcd(lab, &["put", key, value])?;
+    v["header"]["revision"].as_i64().ok_or_else(|| format!("no revision in {v}"))
+}
+
+/// Keys under `prefix`, in key order.
+pub fn keys(lab: &Lab, prefix: &str) -> Result<Vec<String>, String> {
+    let v = etcd(lab, &["get", prefix, "--prefix", "--keys-only"])?;
+    let kvs = v["kvs"].as_array().cloned().unwrap_or_default();
+    Ok(kvs.iter().filter_map(|kv| kv["key"].as_str()).filter_map(base64_decode).collect())
+}
+
+/// etcdctl's JSON carries keys in standard base64.
+pub fn base64_decode(s: &str) -> Option<String> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in s.bytes().filter(|c| *c != b'=') {
+        bits = (bits << 6) | ALPHABET.iter().position(|a| *a == c)? as u32;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A node's status as its agent reports it on the local socket.
+pub fn status(lab: &Lab, node: &str) -> Result<Value, String> {
+    let out = Command::new(&lab.agent_bin)
+        .args(["status", "-o", "json", "--timeout", "2s", "--socket"])
+        .arg(lab.socket(node))
+        .output()
+        .map_err(|e| e.to_string())?;
+    let v: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+    match &v["nodes"][0]["status"] {
+        Value::Null => Err(v["nodes"][0]["error"].as_str().unwrap_or("no status").to_string()),
+        s => Ok(s.clone()),
+    }
+}
+
+/// Wait until `leader` leads with the VIP, synchronous replication and Kine
+/// serving, and `follower` streams from it.
+pub fn wait_formed(lab: &Lab, leader: &str, follower: &str, timeout: Duration) -> Result<(), String> {
+    poll::until(&format!("{leader} leading, {follower} streaming from it"), timeout, Duration::from_millis(250), || {
+        let (l, f) = (status(lab, leader)?, status(lab, follower)?);
+        let kine_ok = |v: &Value| {
+            v["components"].as_array().is_some_and(|c| c.iter().any(|c| c["name"] == "kine" && c["state"] == "ok"))
+        };
+        let ok = l["role"] == "leader"
+            && kine_ok(&l)
+            && f["role"] == "follower"
+            && f["replication"]["streaming"] == true
+            && l["replication"]["durability"] == "synchronous"
+            && lab.vip_holders() == [leader.to_string()];
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "{leader}: {} {}; {follower}: {} {}; VIP on {:?}",
+                l["role"],
+                l["replication"],
+                f["role"],
+                f["replication"],
+                lab.vip_holders()
+            ))
+        }
+    })
+}
+
+/// The tail of each agent's log, without heartbeat noise, for failure messages.
+pub fn logs(lab: &Lab) -> String {
+    lab.nodes
+        .iter()
+        .map(|n| {
+            let text = std::fs::read_to_string(lab.node_dir(&n.name).join("agent.log")).unwrap_or_default();
+            let tail: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("heartbeat missed") && !l.contains("kine health probe"))
+                .rev()
+                .take(25)
+                .collect();
+            format!("--- {} agent.log (tail)\n{}", n.name, tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `gemin_k8s`: `GEMINIK8S_BIN`, else next to the running executable (tests
+/// live one directory deeper, in `deps/`).
+pub fn agent_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GEMINIK8S_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join("gemin_k8s"), dir.parent()?.join("gemin_k8s")].into_iter().find(|p| p.is_file())
+}
+
+/// `gemin_k8s init` for the lab's addresses, into `dir`.
+pub fn init_cluster(bin: &Path, dir: &Path, extra: &[&str]) -> Result<(), String> {
+    let out = Command::new(bin)
+        .args(["init", "--name", "lab", "--node1-ip", "10.77.0.11", "--node2-ip", "10.77.0.12", "--vip", "10.77.0.10"])
+        .arg("--config-dir")
+        .arg(dir)
+        .args(extra)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+}
