@@ -66,5 +66,10 @@ lab-netns dir="lab-cluster":
 lab-netns-down:
     target/debug/gemini-lab netns down
 
+# Benchmark (root): kill the leader N times under a steady writer; prints times, phases and lost writes.
+bench-failover kills="20":
+    cargo build --release -p geminik8s-agent -p geminik8s-vm-tests
+    target/release/bench-failover --kills {{kills}} --agent-bin target/release/gemin_k8s
+
 # What CI runs: deps, lints, tests.
 ci: deps lint test
