@@ -3,7 +3,7 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 kine_version := "v0.17.5"
-apt_packages := "postgresql-15 etcd-client iproute2 iputils-ping arping dbus ca-certificates curl build-essential"
+apt_packages := "postgresql-15 etcd-client iproute2 iputils-ping arping dbus ca-certificates curl build-essential mmdebstrap docker-registry"
 
 # Show the recipes.
 default:
@@ -70,6 +70,11 @@ lab-netns-down:
 bench-failover kills="20":
     cargo build --release -p geminik8s-agent -p geminik8s-vm-tests
     target/release/bench-failover --kills {{kills}} --agent-bin target/release/gemin_k8s
+
+# Build the node image's root filesystem (root; Debian packages from the mirror in the spec).
+image spec="image/specs/default.yaml":
+    cargo build --release -p geminik8s-agent -p geminik8s-image
+    target/release/gemin-image build --spec {{spec}} --out out --artifact gemin_k8s=target/release/gemin_k8s
 
 # What CI runs: deps, lints, tests.
 ci: deps lint test

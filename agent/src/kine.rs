@@ -330,17 +330,11 @@ mod tests {
     }
 
     fn config() -> GeminiConfig {
-        serde_json::from_value(serde_json::json!({
-            "cluster": {"name": "lab", "vip": "10.77.0.10", "bootstrap_leader": "a"},
-            "node": {"name": "a", "ip": "10.77.0.11"},
-            "peer": {"name": "b", "ip": "10.77.0.12"},
-            "api": {"token": "t"},
-            "postgres": {"replication_password": "p", "kine_password": "k p", "port": 5433},
+        crate::config::fixture::config(serde_json::json!({
+            "postgres": {"kine_password": "k p", "port": 5433},
             "kine": {"listen": "127.0.0.1:12379", "compaction_interval": "10m"},
             "k3s": {"token": "k3s-token", "extra_args": ["--disable=traefik"]},
-            "tls": {"ca": "c", "cert": "c", "key": "k"},
         }))
-        .unwrap()
     }
 
     #[test]

@@ -8,6 +8,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use geminik8s_vm_tests::poll;
+
+mod common;
+use common::{free_port, init_loopback};
 use serde_json::Value;
 
 struct Agent {
@@ -70,10 +73,6 @@ fn local(agent: &Agent) -> Option<Value> {
         .and_then(|v| v["nodes"][0]["status"].as_object().cloned().map(Value::Object))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn logs(dir: &Path) -> String {
     ["node1", "node2"]
         .iter()
@@ -99,32 +98,9 @@ fn logs(dir: &Path) -> String {
 #[test]
 fn two_agents_elect_agree_and_detect_a_killed_leader() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("lab");
-    let port = free_port();
-    let template = tmp.path().join("t.yaml");
-    std::fs::write(
-        &template,
-        format!("#cloud-config\ngeminik8s:\n  node:\n    api_port: {port}\n  peer:\n    api_port: {port}\n  postgres:\n    port: {}\n  health:\n    interval: 300ms\n    fence_timeout: 1s\n", free_port()),
-    )
-    .unwrap();
-    let out = bin()
-        .args([
-            "init",
-            "--name",
-            "lab",
-            "--node1-ip",
-            "127.0.0.1",
-            "--node2-ip",
-            "127.0.0.2",
-            "--vip",
-            "127.0.0.3",
-            "--vip-prefix",
-            "8",
-        ])
-        .args(["--template", template.to_str().unwrap(), "--config-dir", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let block =
+        format!("  postgres:\n    port: {}\n  health:\n    interval: 300ms\n    fence_timeout: 1s\n", free_port());
+    let dir = init_loopback(tmp.path(), free_port(), &block, &[]);
 
     let mut n1 = start(&dir, "node1");
     let n2 = start(&dir, "node2");
@@ -211,37 +187,12 @@ impl Drop for Witness {
 #[test]
 fn arbiter_lease_decides_who_leads() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("lab");
-    let (port, witness_port) = (free_port(), free_port());
-    let target = format!("127.0.0.4:{witness_port}");
-    let template = tmp.path().join("t.yaml");
-    std::fs::write(
-        &template,
-        format!(
-            "#cloud-config\ngeminik8s:\n  node:\n    api_port: {port}\n  peer:\n    api_port: {port}\n  postgres:\n    port: {}\n  health:\n    interval: 300ms\n    fence_timeout: 1s\n  cluster:\n    witness:\n      lease_ttl: 2s\n      lease_renew: 500ms\n",
-            free_port()
-        ),
-    )
-    .unwrap();
-    let out = bin()
-        .args([
-            "init",
-            "--name",
-            "lab",
-            "--node1-ip",
-            "127.0.0.1",
-            "--node2-ip",
-            "127.0.0.2",
-            "--vip",
-            "127.0.0.3",
-            "--vip-prefix",
-            "8",
-        ])
-        .args(["--witness", "arbiter", "--witness-target", &target])
-        .args(["--template", template.to_str().unwrap(), "--config-dir", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let target = format!("127.0.0.4:{}", free_port());
+    let block = format!(
+        "  postgres:\n    port: {}\n  health:\n    interval: 300ms\n    fence_timeout: 1s\n  cluster:\n    witness:\n      lease_ttl: 2s\n      lease_renew: 500ms\n",
+        free_port()
+    );
+    let dir = init_loopback(tmp.path(), free_port(), &block, &["--witness", "arbiter", "--witness-target", &target]);
     let witness_log = std::fs::File::create(dir.join("witness.log")).unwrap();
     let _witness = Witness(
         bin()

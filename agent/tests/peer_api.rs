@@ -14,6 +14,9 @@ use geminik8s::peer::{ComponentHealth, Counters, NodeStatus, PeerView, Published
 use geminik8s::pki::{self, ClusterPki};
 use geminik8s::witness::{self, LeaseClient, LeaseView};
 
+mod common;
+use common::{free_port, init_loopback};
+
 const TOKEN: &str = "operator-token-0123456789";
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -190,39 +193,11 @@ async fn witness_lease_goes_to_one_node_at_a_time() {
     task.abort();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::test]
 async fn status_command_reads_both_nodes_of_an_init_cluster() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
-    let template = tmp.path().join("t.yaml");
-    std::fs::write(
-        &template,
-        format!("#cloud-config\ngeminik8s:\n  node:\n    api_port: {port}\n  peer:\n    api_port: {port}\n"),
-    )
-    .unwrap();
-    let dir = tmp.path().join("lab");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gemin_k8s"))
-        .args([
-            "init",
-            "--name",
-            "lab",
-            "--node1-ip",
-            "127.0.0.1",
-            "--node2-ip",
-            "127.0.0.2",
-            "--vip",
-            "127.0.0.3",
-            "--vip-prefix",
-            "8",
-        ])
-        .args(["--template", template.to_str().unwrap(), "--config-dir", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = init_loopback(tmp.path(), port, "", &[]);
     let ctx = geminik8s::config::CheckContext { check_files: false, ..Default::default() };
     let node_tls = |n: &str| {
         let l = geminik8s::config::load_files(&[dir.join(n)], &ctx).unwrap();

@@ -264,3 +264,41 @@ fn arbiter_witness_isolated_leader_loses_the_lease() {
     lab.heal().unwrap();
     wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
 }
+
+/// `replication: logical` (the design document's mode): the same failover,
+/// and Kine's revisions keep increasing after the promotion although
+/// sequences are not replicated logically (the agent moves the sequence
+/// past the highest revision).
+#[test]
+fn logical_replication_failover_keeps_revisions_increasing() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let template = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(template.path(), "#cloud-config\ngeminik8s:\n  postgres:\n    replication: logical\n").unwrap();
+    let Some(up) = lab_up(&["--template", template.path().to_str().unwrap()], None) else { return };
+    let lab = &up.lab;
+    let (acked, max_rev) = write_keys(lab, "/lab/logical/", 20, 0);
+    // Logical replication applies asynchronously: wait until the follower has every row.
+    let s1 = status(lab, "node1").unwrap();
+    assert_eq!(s1["replication"]["streaming"], true, "{s1}");
+    let caught_up =
+        poll::until("the subscriber to apply every write", Duration::from_secs(30), Duration::from_millis(200), || {
+            match status(lab, "node1") {
+                Ok(v) if v["replication"]["lag_bytes"].as_u64() == Some(0) => Ok(()),
+                other => Err(format!("{:?}", other.map(|v| v["replication"].clone()))),
+            }
+        });
+    caught_up.unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+
+    lab.kill("node1").unwrap();
+    let resumed = poll::until(
+        "a write through the VIP to succeed again",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || put(lab, "/lab/logical/after", "v"),
+    );
+    let rev = resumed.unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(rev > max_rev, "revision {rev} after a logical-mode promotion is not above {max_rev}");
+    let mut all = acked.clone();
+    all.push("/lab/logical/after".into());
+    assert_eq!(keys(lab, "/lab/logical/").unwrap(), all);
+}

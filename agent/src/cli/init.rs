@@ -28,10 +28,10 @@ use super::{GlobalArgs, OutputFormat};
 use crate::clusterfile::{self, ClusterFile, NodeEntry, PkiPaths, WitnessSummary};
 use crate::config::load::HEADER;
 use crate::config::validate::{parse_target, same_subnet};
-use crate::config::yaml;
 use crate::config::{
     CheckContext, Diagnostics, GeminiConfig, Health, Kine, Member, Postgres, Source, WitnessMode, load_sources,
 };
+use crate::config::{merge_json, yaml};
 use crate::{fsutil, pki, secrets};
 
 #[derive(Debug, clap::Args)]
@@ -291,24 +291,6 @@ fn resolve(args: &Args, template: &Template) -> anyhow::Result<Plan> {
     })
 }
 
-/// Deep-merge `over` into `base` (objects key by key; anything else replaces).
-fn merge(base: &mut Value, over: &Value) {
-    match (base, over) {
-        (Value::Object(b), Value::Object(o)) => {
-            for (k, v) in o {
-                match b.get_mut(k) {
-                    Some(existing) => merge(existing, v),
-                    None => {
-                        b.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        (b, o) if !o.is_null() => *b = o.clone(),
-        _ => {}
-    }
-}
-
 struct Secrets {
     api_token: String,
     replication_password: String,
@@ -345,8 +327,8 @@ fn node_file(
         tls: crate::config::Tls { ca: String::new(), cert: String::new(), key: String::new() },
     };
     let mut block = serde_json::to_value(&defaults).context("serialising defaults")?;
-    merge(&mut block, &template.block);
-    merge(
+    merge_json(&mut block, &template.block);
+    merge_json(
         &mut block,
         &json!({
             "cluster": {

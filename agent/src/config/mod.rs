@@ -15,6 +15,54 @@ pub mod validate;
 pub mod yaml;
 
 pub use diag::{Diagnostic, Diagnostics, Severity};
+
+/// Deep-merge `over` into `base`: objects key by key, anything else (a
+/// non-null value) replaces. The JSON form of the cloud-config merge rule.
+pub fn merge_json(base: &mut serde_json::Value, over: &serde_json::Value) {
+    use serde_json::Value;
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(existing) => merge_json(existing, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, o) if !o.is_null() => *b = o.clone(),
+        _ => {}
+    }
+}
+
+/// Fixtures for the unit tests of the modules that read the configuration.
+#[cfg(test)]
+pub(crate) mod fixture {
+    use serde_json::{Value, json};
+
+    use super::GeminiConfig;
+
+    /// Only the required keys: node `a` (10.77.0.11), peer `b` (10.77.0.12), VIP 10.77.0.10.
+    pub fn required() -> Value {
+        json!({
+            "cluster": {"name": "lab", "vip": "10.77.0.10", "bootstrap_leader": "a"},
+            "node": {"name": "a", "ip": "10.77.0.11"},
+            "peer": {"name": "b", "ip": "10.77.0.12"},
+            "api": {"token": "t"},
+            "postgres": {"replication_password": "p", "kine_password": "k"},
+            "k3s": {"token": "k"},
+            "tls": {"ca": "c", "cert": "c", "key": "k"},
+        })
+    }
+
+    /// [`required`] with `overrides` merged over it.
+    pub fn config(overrides: Value) -> GeminiConfig {
+        let mut v = required();
+        super::merge_json(&mut v, &overrides);
+        serde_json::from_value(v).expect("a valid fixture")
+    }
+}
 pub use load::{Loaded, Source, SourcePaths, load, load_files, load_sources};
 pub use types::*;
 pub use validate::CheckContext;
@@ -23,7 +71,7 @@ pub use validate::CheckContext;
 mod tests {
     use std::collections::BTreeMap;
 
-    use serde_json::{Value, json};
+    use serde_json::Value;
 
     use super::schema::{KEYS, Kind};
     use super::types::GeminiConfig;
@@ -46,15 +94,7 @@ mod tests {
     /// same defaults, so the docs rendered from the table are true.
     #[test]
     fn schema_matches_types_and_defaults() {
-        let required_only = json!({
-            "cluster": {"name": "lab", "vip": "10.77.0.10", "bootstrap_leader": "a"},
-            "node": {"name": "a", "ip": "10.77.0.11"},
-            "peer": {"name": "b", "ip": "10.77.0.12"},
-            "api": {"token": "t"},
-            "postgres": {"replication_password": "p", "kine_password": "k"},
-            "k3s": {"token": "k"},
-            "tls": {"ca": "c", "cert": "c", "key": "k"},
-        });
+        let required_only = super::fixture::required();
         let full: GeminiConfig = serde_json::from_value(required_only.clone()).unwrap();
         let mut typed = BTreeMap::new();
         leaves("", &serde_json::to_value(&full).unwrap(), &mut typed);

@@ -200,8 +200,9 @@ impl Database for Postgres {
             }
             let st = self.mgr.status().await?;
             let peer = &self.mgr.settings().peer.name;
+            // A logical-mode follower is a primary with a subscription.
             let view = match st.role {
-                PgRole::Primary => {
+                PgRole::Primary if st.subscription.is_none() => {
                     let replica = st.replica(peer);
                     ReplicationView {
                         durability: match self.mode().await {

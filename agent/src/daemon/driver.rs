@@ -13,6 +13,7 @@ use crate::cli::version::VERSION;
 use crate::config::{GeminiConfig, WitnessMode};
 use crate::election::{Action, Completion, Component, Input, LocalMeta, Machine, Observation, Settings, WitnessView};
 use crate::hostmeta::{self, HostMeta};
+use crate::k3s::K3sSettings;
 use crate::kine::{KineRecovery, KineSettings, RecoveryPolicy};
 use crate::netlink::Vip;
 use crate::peer::client::AgentClient;
@@ -33,6 +34,18 @@ pub struct Subsystems {
     pub services: Option<Arc<dyn Services>>,
     /// Kine, run through `services` (needs them).
     pub kine: Option<KineSettings>,
+    /// K3s, run through `services` when its binary is there.
+    pub k3s: Option<K3sSettings>,
+}
+
+/// K3s as the agent runs it: readiness through `/readyz` with the admin
+/// credentials K3s generates, and a kubeconfig for the VIP once they exist.
+struct K3sRun {
+    tls_dir: PathBuf,
+    kubeconfig: PathBuf,
+    /// `None` until K3s has generated its credentials.
+    ready: Option<bool>,
+    kubeconfig_written: bool,
 }
 
 /// Kine as the agent runs it: its settings and the restart bookkeeping.
@@ -48,6 +61,7 @@ pub struct Driver {
     machine: Machine,
     subsystems: Subsystems,
     kine: Option<KineRun>,
+    k3s: Option<K3sRun>,
     peer: AgentClient,
     lease_client: Option<LeaseClient>,
     lease: LeaseState,
@@ -72,6 +86,9 @@ struct PromotionTiming {
     silent_ms: Option<u64>,
     promoted: Option<Instant>,
 }
+
+/// The kubeconfig the agent writes, pointing at the VIP.
+pub const KUBECONFIG: &str = "/etc/rancher/k3s/geminik8s.yaml";
 
 /// Time limit for starting, stopping or restarting a service.
 const SERVICE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -150,12 +167,31 @@ impl Driver {
             }
             _ => None,
         };
+        let k3s = match (subsystems.k3s.take(), &subsystems.services) {
+            (Some(settings), Some(services)) if settings.available() => {
+                services.configure(&settings.spec()).await.context("configuring K3s")?;
+                services.start(crate::k3s::SERVICE, SERVICE_TIMEOUT).await.context("starting K3s")?;
+                tracing::info!(binary = %settings.binary.display(), "K3s started");
+                Some(K3sRun {
+                    tls_dir: PathBuf::from(crate::k3s::SERVER_TLS_DIR),
+                    kubeconfig: PathBuf::from(KUBECONFIG),
+                    ready: None,
+                    kubeconfig_written: false,
+                })
+            }
+            (Some(settings), _) => {
+                tracing::warn!(binary = %settings.binary.display(), "K3s is enabled but its binary is missing (or no service manager); running without it");
+                None
+            }
+            _ => None,
+        };
         Ok(Driver {
             cfg,
             state_dir,
             machine,
             subsystems,
             kine,
+            k3s,
             peer,
             lease_client,
             lease: LeaseState::default(),
@@ -302,6 +338,9 @@ impl Driver {
                 tracing::warn!(script = %script.display(), error = %e, "custom health check failed");
             }
             health.push((Component::Script, result.is_ok()));
+        }
+        if let Some(Some(ready)) = self.k3s.as_ref().map(|k| k.ready) {
+            health.push((Component::K3s, ready));
         }
         self.health = health.clone();
         let peer_called_at = self.hooks.last_health_call().map(|t| t.saturating_duration_since(self.started));
@@ -451,6 +490,30 @@ impl Driver {
 
     /// Per-tick upkeep of the datastore, and its replication state for status.
     async fn upkeep(&mut self) {
+        if let Some(k3s) = &mut self.k3s {
+            match crate::k3s::ClusterCredentials::from_server_tls(&k3s.tls_dir) {
+                Ok(creds) => {
+                    let timeout = self.cfg.health.interval.mul_f64(0.8).max(Duration::from_millis(200));
+                    let local = crate::k3s::api_url(self.cfg.node.ip);
+                    k3s.ready = Some(crate::k3s::ready(&local, &creds, timeout).await.is_ok());
+                    if !k3s.kubeconfig_written {
+                        let text = crate::k3s::render_kubeconfig(
+                            &self.cfg.cluster.name,
+                            &crate::k3s::api_url(self.cfg.cluster.vip),
+                            &creds,
+                        );
+                        match crate::k3s::write_kubeconfig(&k3s.kubeconfig, &text) {
+                            Ok(()) => {
+                                k3s.kubeconfig_written = true;
+                                tracing::info!(path = %k3s.kubeconfig.display(), "kubeconfig for the VIP written");
+                            }
+                            Err(e) => tracing::warn!(error = %format!("{e:#}"), "writing the kubeconfig failed"),
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "K3s credentials not there yet"),
+            }
+        }
         if let (Some(kine), Some(services)) = (&mut self.kine, &self.subsystems.services) {
             let endpoint = kine.settings.etcd_endpoint();
             let timeout = self.cfg.health.interval.mul_f64(0.8).max(Duration::from_millis(200));
@@ -565,12 +628,23 @@ impl Driver {
         if self.subsystems.vip.is_none() {
             components.push(absent("vip", "the VIP is not managed by this agent yet"));
         }
-        if !cfg.k3s.enabled {
-            components.push(ComponentHealth {
+        match (&self.k3s, cfg.k3s.enabled) {
+            (_, false) => components.push(ComponentHealth {
                 name: "k3s".into(),
                 state: DISABLED.into(),
                 detail: "k3s.enabled is false".into(),
-            });
+            }),
+            (Some(k), true) => components.push(ComponentHealth {
+                name: "k3s".into(),
+                state: match k.ready {
+                    Some(true) => OK,
+                    Some(false) => FAILED,
+                    None => "starting",
+                }
+                .into(),
+                detail: if k.ready == Some(false) { "/readyz does not answer ok".into() } else { String::new() },
+            }),
+            (None, true) => components.push(absent("k3s", "no K3s binary (set GEMINIK8S_K3S_BINARY or install it)")),
         }
         if let Some((_, ok)) = self.health.iter().find(|(c, _)| *c == Component::Script) {
             components.push(ComponentHealth {

@@ -62,6 +62,8 @@ pub enum Subsystem {
     Database,
     /// Kine.
     Kine,
+    /// K3s.
+    K3s,
 }
 
 pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
@@ -98,7 +100,9 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     };
     let kine =
         (!args.without.contains(&Subsystem::Kine)).then(|| KineSettings::from_config(&loaded.gemini, &args.log_dir));
-    let subsystems = driver::Subsystems { database, vip, services, kine };
+    let k3s = (loaded.gemini.k3s.enabled && !args.without.contains(&Subsystem::K3s))
+        .then(|| crate::k3s::K3sSettings::from_config(&loaded.gemini, &args.log_dir));
+    let subsystems = driver::Subsystems { database, vip, services, kine, k3s };
     driver::Driver::start(loaded.gemini, args.state_dir, args.socket, subsystems).await?.run().await?;
     Ok(ExitCode::SUCCESS)
 }

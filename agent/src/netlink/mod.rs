@@ -354,16 +354,7 @@ mod tests {
 
     #[test]
     fn settings_follow_the_cloud_config() {
-        let mut config: GeminiConfig = serde_json::from_value(serde_json::json!({
-            "cluster": {"name": "lab", "vip": "10.77.0.10", "vip_prefix": 16, "bootstrap_leader": "a"},
-            "node": {"name": "a", "ip": "10.77.0.11"},
-            "peer": {"name": "b", "ip": "10.77.0.12"},
-            "api": {"token": "t"},
-            "postgres": {"replication_password": "p", "kine_password": "k"},
-            "k3s": {"token": "k"},
-            "tls": {"ca": "c", "cert": "c", "key": "k"},
-        }))
-        .unwrap();
+        let mut config = crate::config::fixture::config(serde_json::json!({"cluster": {"vip_prefix": 16}}));
         let s = VipSettings::from_config(&config);
         assert_eq!((s.address, s.prefix), ("10.77.0.10".parse().unwrap(), 16));
         assert_eq!(s.interface, InterfaceChoice::Holding("10.77.0.11".parse().unwrap()));

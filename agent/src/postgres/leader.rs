@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::render::{self, REPLICATION_ROLE};
-use super::server::Manager;
+use super::server::{Manager, open_session};
 use super::{PgError, Result};
 
 /// How long a stale session may take to let go of the slot.
@@ -19,22 +19,14 @@ impl Manager {
     pub(super) async fn connect_leader(&self, dbname: &str) -> Result<(Client, String)> {
         let s = &self.settings;
         let target = format!("{}:{} database {dbname} as {REPLICATION_ROLE}", s.peer.ip, s.peer.port);
-        let (client, connection) = tokio_postgres::Config::new()
+        let mut config = tokio_postgres::Config::new();
+        config
             .host(s.peer.ip.to_string())
             .port(s.peer.port)
             .user(REPLICATION_ROLE)
             .password(s.replication_password.as_bytes())
-            .dbname(dbname)
-            .application_name("geminik8s-agent")
-            .connect_timeout(Duration::from_secs(10))
-            .connect(NoTls)
-            .await
-            .map_err(|source| PgError::Connect { target: target.clone(), source })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "session with the leader ended");
-            }
-        });
+            .dbname(dbname);
+        let client = open_session(config, &target).await?;
         Ok((client, target))
     }
 

@@ -165,23 +165,29 @@ impl Manager {
     pub async fn connect(&self, dbname: &str) -> Result<Session> {
         let s = &self.settings;
         let target = format!("{} database {dbname}", self.target());
-        let (client, connection) = tokio_postgres::Config::new()
-            .host_path(&s.socket_dir)
-            .port(s.node.port)
-            .user(render::SUPERUSER)
-            .dbname(dbname)
-            .application_name("geminik8s-agent")
-            .connect_timeout(Duration::from_secs(10))
-            .connect(NoTls)
-            .await
-            .map_err(|source| PgError::Connect { target: target.clone(), source })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "PostgreSQL session ended");
-            }
-        });
+        let mut config = tokio_postgres::Config::new();
+        config.host_path(&s.socket_dir).port(s.node.port).user(render::SUPERUSER).dbname(dbname);
+        let client = open_session(config, &target).await?;
         Ok(Session { client, target })
     }
+}
+
+/// Open a session with `config` (the agent's application name and connect
+/// timeout added); the connection is driven in the background.
+pub(super) async fn open_session(mut config: tokio_postgres::Config, target: &str) -> Result<Client> {
+    let (client, connection) = config
+        .application_name("geminik8s-agent")
+        .connect_timeout(Duration::from_secs(10))
+        .connect(NoTls)
+        .await
+        .map_err(|source| PgError::Connect { target: target.to_string(), source })?;
+    let target = target.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, %target, "PostgreSQL session ended");
+        }
+    });
+    Ok(client)
 }
 
 /// Whether `data_dir`'s `postmaster.pid` names a live process.

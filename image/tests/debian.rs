@@ -1,0 +1,226 @@
+//! Building a Debian rootfs with mmdebstrap (root only): a minimal base plus
+//! a few packages, the locally built kine and gemin_k8s as artifacts, the
+//! repository's overlays and default cloud-config. Checks the tree, the
+//! manifest, that a rebuild (from the cached base, and from a second
+//! mmdebstrap run) gives a byte-identical tarball, and that an offline build
+//! works from the apt cache without a mirror.
+//!
+//! The mirror is the one apt on the build host uses (override with
+//! `GEMIN_IMAGE_TEST_MIRROR`); downloaded packages are kept in
+//! `$TMPDIR/gemin-image-test-apt` between runs.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use gemin_image::build::{BuildOptions, build};
+use gemin_image::cache::{Cache, sha256_file};
+use gemin_image::progress::{Mode, Progress};
+use gemin_image::spec::ImageSpec;
+use geminik8s_vm_tests::{require, skip};
+
+/// The Debian mirror from the host's apt sources.
+fn host_mirror() -> String {
+    if let Ok(m) = std::env::var("GEMIN_IMAGE_TEST_MIRROR") {
+        return m;
+    }
+    let mut texts = Vec::new();
+    if let Ok(t) = fs::read_to_string("/etc/apt/sources.list") {
+        texts.push(t);
+    }
+    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut paths: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        texts.extend(paths.iter().filter_map(|p| fs::read_to_string(p).ok()));
+    }
+    for text in texts {
+        for line in text.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let uri = match words.as_slice() {
+                ["URIs:", uri, ..] => *uri,
+                ["deb", rest @ ..] => rest.iter().find(|w| w.starts_with("http")).copied().unwrap_or(""),
+                _ => "",
+            };
+            if uri.trim_end_matches('/').ends_with("/debian") {
+                return uri.to_string();
+            }
+        }
+    }
+    "http://deb.debian.org/debian".to_string()
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// `GEMIN_IMAGE_TEST_AGENT`, else the workspace's debug or release build.
+fn gemin_k8s_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("GEMIN_IMAGE_TEST_AGENT") {
+        return Some(PathBuf::from(path));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"));
+    ["debug", "release"].iter().map(|p| target.join(p).join("gemin_k8s")).find(|p| p.is_file())
+}
+
+fn spec_text(mirror: &str, kine: &Path, agent: &Path, apt: &Path) -> String {
+    let ws = workspace();
+    format!(
+        "name: itest
+source_date_epoch: 1735689600
+base:
+  debian:
+    suite: bookworm
+    mirror: {mirror}
+    variant: minbase
+    apt_cache: {apt}
+    exclude: [/usr/share/doc/*, /usr/share/man/*, /usr/share/locale/*]
+    keep: [/usr/share/doc/*/copyright]
+packages: [iproute2, systemd-sysv, dbus]
+artifacts:
+  - name: kine
+    path: {kine}
+    dest: /usr/local/bin/kine
+  - name: gemin_k8s
+    path: {agent}
+    dest: /usr/bin/gemin_k8s
+overlays: [{overlays}]
+cloud_config: {cc}
+outputs: [rootfs-tar, oci-archive]
+",
+        apt = apt.display(),
+        kine = kine.display(),
+        agent = agent.display(),
+        overlays = ws.join("overlays").display(),
+        cc = ws.join("image/specs/default-cloud-config.yaml").display(),
+    )
+}
+
+fn files_below(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n != ".gitkeep") {
+                out.push(path.strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_debian_rootfs_is_assembled_and_reproducible() {
+    require!(root: true, tools: ["mmdebstrap", "kine"]);
+    let Some(agent) = gemin_k8s_binary() else {
+        skip::skip(module_path!(), "no gemin_k8s binary in target/; build it with `cargo build -p geminik8s-agent`");
+        return;
+    };
+    let kine = skip::find_tool("kine").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A snapshot: target/ may be rebuilt while this test runs, and both
+    // builds below must see the same artifact.
+    let snapshot = d.join("gemin_k8s");
+    fs::copy(&agent, &snapshot).unwrap();
+    let agent = snapshot;
+    let apt = std::env::temp_dir().join("gemin-image-test-apt");
+    let mirror = host_mirror();
+    fs::write(d.join("spec.yaml"), spec_text(&mirror, &kine, &agent, &apt)).unwrap();
+    let spec = ImageSpec::load(&d.join("spec.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let cache = Cache::new(d.join("cache")).unwrap();
+    let progress = Progress::new(Mode::Plain);
+    let opts = BuildOptions {
+        spec,
+        target: d.join("out1/rootfs"),
+        out_dir: d.join("out1"),
+        source_date_epoch: 1_735_689_600,
+        replace_target: true,
+        refresh_base: false,
+        force: false,
+        tag: None,
+    };
+
+    let started = Instant::now();
+    let first = build(&opts, &cache, &progress).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let cold = started.elapsed();
+
+    // Rebuild from the cached base into another directory: same bytes.
+    let started = Instant::now();
+    let second_opts = BuildOptions { target: d.join("out2/rootfs"), out_dir: d.join("out2"), ..opts.clone() };
+    let second = build(&second_opts, &cache, &progress).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let warm = started.elapsed();
+    assert!(second.base.cached, "the second build reuses the cached base");
+    assert_eq!(second.outputs[0].sha256, first.outputs[0].sha256, "rootfs tarballs are byte-identical");
+    assert_eq!(second.outputs[1].sha256, first.outputs[1].sha256, "OCI archives are byte-identical");
+
+    // A second cold base (mmdebstrap run again): still the same bytes.
+    let started = Instant::now();
+    let cold_opts =
+        BuildOptions { target: d.join("out4/rootfs"), out_dir: d.join("out4"), refresh_base: true, ..opts.clone() };
+    let cold_again = build(&cold_opts, &cache, &progress).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let cold_twice = started.elapsed();
+    assert!(!cold_again.base.cached);
+    assert_eq!(cold_again.outputs[0].sha256, first.outputs[0].sha256, "two cold builds give the same tarball");
+
+    // Nothing changed: the third build is skipped.
+    let started = Instant::now();
+    build(&opts, &cache, &progress).await.unwrap();
+    let unchanged = started.elapsed();
+    eprintln!(
+        "timings: cold {cold:.1?}, warm (cached base) {warm:.1?}, cold again {cold_twice:.1?}, unchanged {unchanged:.1?}; rootfs {} bytes in {} entries, tarball {} bytes, {} packages",
+        first.rootfs.content_bytes,
+        first.rootfs.entries,
+        first.outputs[0].bytes,
+        first.packages.len()
+    );
+
+    let root = &opts.target;
+    assert_eq!(sha256_file(&root.join("usr/local/bin/kine")).unwrap(), sha256_file(&kine).unwrap());
+    assert_eq!(sha256_file(&root.join("usr/bin/gemin_k8s")).unwrap(), sha256_file(&agent).unwrap());
+    for file in files_below(&workspace().join("overlays")) {
+        assert_eq!(
+            fs::read(root.join(&file)).unwrap_or_default(),
+            fs::read(workspace().join("overlays").join(&file)).unwrap(),
+            "overlay file {} is in the image",
+            file.display()
+        );
+    }
+    assert!(root.join("oem/00_geminik8s-default.yaml").is_file());
+    for dir in gemin_image::rootfs::PERSISTENT_DIRS {
+        assert!(root.join(dir.trim_start_matches('/')).is_dir(), "mount point {dir}");
+    }
+    assert!(root.join("usr/bin/ip").exists() || root.join("bin/ip").exists());
+    assert!(root.join("sbin/init").exists(), "systemd-sysv provides /sbin/init");
+    let man = root.join("usr/share/man");
+    assert!(!man.exists() || files_below(&man).is_empty(), "excluded paths are not installed");
+    let iproute2 = first.packages.iter().find(|p| p.name == "iproute2").expect("iproute2 in the manifest");
+    assert!(!iproute2.version.is_empty());
+    assert!(first.artifacts.iter().any(|a| a.dest == "/usr/bin/gemin_k8s"));
+
+    // Offline and without a mirror (an address nothing listens on): the apt
+    // cache filled by the first build stands in for it.
+    let no_mirror = "http://127.0.0.1:9/debian";
+    fs::write(d.join("offline.yaml"), spec_text(no_mirror, &kine, &agent, &apt)).unwrap();
+    let offline_spec = ImageSpec::load(&d.join("offline.yaml")).unwrap();
+    let offline_cache = Cache::new(d.join("cache-offline")).unwrap().offline(true);
+    let offline_opts =
+        BuildOptions { spec: offline_spec, target: d.join("out3/rootfs"), out_dir: d.join("out3"), ..opts.clone() };
+    let started = Instant::now();
+    let offline = build(&offline_opts, &offline_cache, &progress).await.unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!(
+        "offline build from the apt cache: {:.1?}; tarball {} the online one",
+        started.elapsed(),
+        if offline.outputs[0].sha256 == first.outputs[0].sha256 { "equals" } else { "differs from" }
+    );
+    assert!(!offline.base.cached);
+    assert_eq!(offline.packages, first.packages, "the same packages and versions without a mirror");
+    let sources = fs::read_to_string(offline_opts.target.join("etc/apt/sources.list")).unwrap();
+    assert_eq!(sources.trim(), format!("deb {no_mirror} bookworm main"), "the image names the mirror, not the cache");
+
+    // The agent binary runs against the image's own libraries.
+    let out = geminik8s::cmd::Tool::new("chroot").arg(root).arg("/usr/bin/gemin_k8s").arg("--help").run().await;
+    assert!(out.is_ok(), "gemin_k8s does not run inside the image: {}", out.unwrap_err());
+}
