@@ -365,6 +365,10 @@ impl Lab {
             self.socket(node).display().to_string(),
             "--log-dir".into(),
             dir.join("logs").display().to_string(),
+            // Per lab run: a socket lock left by a killed server of an earlier
+            // lab must not name a live process of this one.
+            "--runtime-dir".into(),
+            dir.join("runtime").display().to_string(),
             "--log-level".into(),
             "debug".into(),
         ];

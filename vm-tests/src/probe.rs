@@ -113,19 +113,27 @@ pub fn wait_formed(lab: &Lab, leader: &str, follower: &str, timeout: Duration) -
     })
 }
 
-/// The tail of each agent's log, without heartbeat noise, for failure messages.
+/// For failure messages: each agent's first errors and warnings, and the
+/// tail of its log without the per-tick noise.
 pub fn logs(lab: &Lab) -> String {
+    let quiet =
+        |l: &&str| !l.contains("heartbeat missed") && !l.contains("kine health probe") && !l.contains("command=ping");
     lab.nodes
         .iter()
         .map(|n| {
-            let text = std::fs::read_to_string(lab.node_dir(&n.name).join("agent.log")).unwrap_or_default();
-            let tail: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.contains("heartbeat missed") && !l.contains("kine health probe"))
-                .rev()
-                .take(25)
-                .collect();
-            format!("--- {} agent.log (tail)\n{}", n.name, tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+            let path = lab.node_dir(&n.name).join("agent.log");
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let problems: Vec<&str> =
+                text.lines().filter(|l| l.contains("ERROR") || l.contains(" WARN")).filter(quiet).take(15).collect();
+            let tail: Vec<&str> = text.lines().filter(quiet).rev().take(25).collect();
+            format!(
+                "--- {} {} (first errors and warnings)\n{}\n--- {} (tail)\n{}",
+                n.name,
+                path.display(),
+                problems.join("\n"),
+                n.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
         })
         .collect::<Vec<_>>()
         .join("\n")

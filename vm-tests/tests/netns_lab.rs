@@ -130,7 +130,9 @@ fn bootstrap_failover_and_rejoin() {
     assert_eq!(lab.vip_holders(), vec!["node2".to_string()]);
     assert_eq!(lab.client_vip_mac(), Some(node2_mac), "gratuitous ARP moved the client's entry to node2");
     let s2 = status(lab, "node2").unwrap();
-    assert_eq!((s2["role"].as_str(), s2["epoch"].as_u64()), (Some("leader"), Some(2)), "{s2}");
+    // Every promotion attempt takes a new epoch; a retried one takes more than one.
+    assert_eq!(s2["role"], "leader", "{s2}");
+    assert!(s2["epoch"].as_u64().is_some_and(|e| e >= 2), "the promotion did not raise the epoch: {s2}");
     // Synchronous replication: every acknowledged write survived.
     assert_eq!(keys(lab, "/lab/before/").unwrap(), acked, "acknowledged writes were lost");
 

@@ -291,34 +291,37 @@ impl Driver {
     async fn observe(&mut self) -> Observation {
         let interval = self.cfg.health.interval;
         let probe_timeout = interval.mul_f64(0.8).max(Duration::from_millis(200));
-        let (heartbeat, why) = observe::heartbeat(&self.peer).await;
-        let second_path = match heartbeat {
-            crate::election::Heartbeat::Ok { .. } => {
-                self.peer_last_heard = Some(Instant::now());
-                None
-            }
-            crate::election::Heartbeat::Missed => {
-                self.counters.heartbeats_missed_total += 1;
-                tracing::debug!(reason = why.as_deref().unwrap_or("?"), "heartbeat missed");
-                Some(
-                    observe::second_path(
-                        self.cfg.peer.ip,
-                        self.cfg.postgres.port,
-                        self.cfg.peer.api_port,
-                        probe_timeout,
-                    )
-                    .await,
-                )
+        // The peer (heartbeat, then the second path on a miss) and the
+        // witness are asked at the same time, so a tick stays short even when
+        // both are unreachable and every probe runs into its timeout.
+        let cfg = &self.cfg;
+        let peer_probe = async {
+            let (heartbeat, why) = observe::heartbeat(&self.peer).await;
+            let second_path = match heartbeat {
+                crate::election::Heartbeat::Ok { .. } => None,
+                crate::election::Heartbeat::Missed => {
+                    tracing::debug!(reason = why.as_deref().unwrap_or("?"), "heartbeat missed");
+                    Some(observe::second_path(cfg.peer.ip, cfg.postgres.port, cfg.peer.api_port, probe_timeout).await)
+                }
+            };
+            (heartbeat, second_path)
+        };
+        let (lease_client, lease) = (&self.lease_client, &mut self.lease);
+        let witness_probe = async {
+            match cfg.cluster.witness.mode {
+                WitnessMode::None => WitnessView::NoOpinion,
+                WitnessMode::Gateway => observe::gateway(&cfg.cluster.witness.targets, probe_timeout).await,
+                WitnessMode::Arbiter => match lease_client {
+                    Some(client) => observe::arbiter(client, lease).await,
+                    None => WitnessView::ArbiterUnreachable,
+                },
             }
         };
-        let witness = match self.cfg.cluster.witness.mode {
-            WitnessMode::None => WitnessView::NoOpinion,
-            WitnessMode::Gateway => observe::gateway(&self.cfg.cluster.witness.targets, probe_timeout).await,
-            WitnessMode::Arbiter => match &self.lease_client {
-                Some(client) => observe::arbiter(client, &mut self.lease).await,
-                None => WitnessView::ArbiterUnreachable,
-            },
-        };
+        let ((heartbeat, second_path), witness) = tokio::join!(peer_probe, witness_probe);
+        match heartbeat {
+            crate::election::Heartbeat::Ok { .. } => self.peer_last_heard = Some(Instant::now()),
+            crate::election::Heartbeat::Missed => self.counters.heartbeats_missed_total += 1,
+        }
         let mut health = Vec::new();
         let mut position = None;
         if let Some(db) = &self.subsystems.database {

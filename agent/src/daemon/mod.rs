@@ -33,6 +33,10 @@ pub struct Args {
     /// Root under which the node's cloud-config sources and referenced files are found.
     #[arg(long, default_value = "/", value_name = "DIR")]
     pub root: PathBuf,
+    /// Runtime files (PostgreSQL's socket directory); `/run` is cleared at boot, so nothing stale
+    /// survives there.
+    #[arg(long, default_value = "/run/geminik8s", value_name = "DIR")]
+    pub runtime_dir: PathBuf,
     /// Where the services' log files go (when not under systemd).
     #[arg(long, default_value = "/var/log/geminik8s", value_name = "DIR")]
     pub log_dir: PathBuf,
@@ -94,8 +98,9 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let database: Option<Arc<dyn Database>> = if args.without.contains(&Subsystem::Database) {
         None
     } else {
-        let mgr = crate::postgres::Manager::new(crate::postgres::Settings::from_config(&loaded.gemini))
-            .context("setting up the PostgreSQL manager")?;
+        let mut settings = crate::postgres::Settings::from_config(&loaded.gemini);
+        settings.socket_dir = args.runtime_dir.join(format!("postgres-{}", loaded.gemini.node.name));
+        let mgr = crate::postgres::Manager::new(settings).context("setting up the PostgreSQL manager")?;
         Some(Arc::new(database::Postgres::new(mgr)))
     };
     let kine =

@@ -36,13 +36,13 @@ pub async fn second_path(peer_ip: IpAddr, pg_port: u16, api_port: u16, timeout: 
     pg || api
 }
 
-/// One ICMP echo through `ping` (exit status only).
+/// One ICMP echo through `ping` (exit status only), waiting at most `timeout`.
 pub async fn ping(ip: IpAddr, timeout: Duration) -> bool {
-    let secs = timeout.as_secs().max(1).to_string();
+    let wait = format!("{:.1}", timeout.as_secs_f64().max(0.1));
     Tool::new("ping")
-        .args(["-n", "-q", "-c", "1", "-W", &secs])
+        .args(["-n", "-q", "-c", "1", "-W", &wait])
         .arg(ip.to_string())
-        .timeout(timeout + Duration::from_secs(1))
+        .timeout(timeout + Duration::from_millis(200))
         .run()
         .await
         .is_ok()

@@ -626,3 +626,45 @@ fn claims_order() {
     assert_eq!(compare_claims(&c(1, None, true, false, "a"), &c(1, None, true, false, "b")), Greater);
     assert_eq!(compare_claims(&c(1, None, true, false, "b"), &c(1, None, true, false, "a")), Less);
 }
+
+/// The bootstrap leader's first promotion fails (its datastore did not
+/// start); the follower's first rejoin fails too (nothing to copy yet).
+/// The cluster must still form: the bootstrap leader tries again.
+#[test]
+fn a_failed_first_promotion_is_retried() {
+    let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Missing);
+    let mut b = Machine::new(settings(B, WitnessMode::None), LocalMeta::Missing);
+    let mut promotions = 0;
+    let mut trace = Vec::new();
+    for t in 0..120 {
+        let now = Duration::from_millis(500 * t);
+        let (sa, sb) = (a.status(), b.status());
+        let acts_a = a.step(now, Input::Tick(seen(sb, WitnessView::NoOpinion)));
+        let acts_b = b.step(now, Input::Tick(seen(sa, WitnessView::NoOpinion)));
+        for act in acts_a {
+            if let Action::Promote { .. } = act {
+                promotions += 1;
+                let done = if promotions == 1 { Completion::PromotionFailed } else { Completion::PromotionDone };
+                a.step(now, Input::Done(done));
+            }
+        }
+        for act in acts_b {
+            match act {
+                Action::Rejoin { .. } => {
+                    let done = if a.leading() { Completion::RejoinDone } else { Completion::RejoinFailed };
+                    b.step(now, Input::Done(done));
+                }
+                Action::Promote { .. } => {
+                    b.step(now, Input::Done(Completion::PromotionDone));
+                }
+                _ => {}
+            }
+        }
+        trace.push((t, a.state(), b.state()));
+        let formed = |l: &Machine, f: &Machine| l.state() == State::Leader && f.state() == State::Follower;
+        if formed(&a, &b) || formed(&b, &a) {
+            return;
+        }
+    }
+    panic!("the cluster never formed after a failed first promotion: {:?}", &trace[trace.len() - 5..]);
+}
