@@ -43,9 +43,10 @@ struct Sample {
     lost: usize,
 }
 
-/// Writes `/bench/NNNNNN` through the VIP until stopped; keeps what was acknowledged and when.
+/// Writes `/bench/NNNNNN` through the VIP until stopped; keeps what was
+/// acknowledged, when each write was sent and when it was acknowledged.
 struct Writer {
-    acked: Mutex<Vec<(String, Instant)>>,
+    acked: Mutex<Vec<(String, Instant, Instant)>>,
     attempts: Mutex<u64>,
     stop: AtomicBool,
 }
@@ -56,25 +57,24 @@ impl Writer {
         while !self.stop.load(Ordering::Relaxed) {
             let key = format!("/bench/{n:06}");
             *self.attempts.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+            let sent = Instant::now();
             if put(lab, &key, "v").is_ok() {
-                self.acked.lock().unwrap_or_else(|p| p.into_inner()).push((key, Instant::now()));
+                self.acked.lock().unwrap_or_else(|p| p.into_inner()).push((key, sent, Instant::now()));
                 n += 1;
             }
         }
     }
 
+    /// When the first write sent after `t` was acknowledged (a write in
+    /// flight at `t` may have been committed by the old leader just before).
     fn first_ack_after(&self, t: Instant) -> Option<Instant> {
-        self.acked.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, at)| *at).find(|at| *at > t)
+        let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        acked.iter().find(|(_, sent, _)| *sent > t).map(|(_, _, at)| *at)
     }
 
     fn acked_before(&self, t: Instant) -> Vec<String> {
-        self.acked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(_, at)| *at <= t)
-            .map(|(k, _)| k.clone())
-            .collect()
+        let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        acked.iter().filter(|(_, _, at)| *at <= t).map(|(k, _, _)| k.clone()).collect()
     }
 }
 
@@ -159,7 +159,16 @@ fn kills(lab: &Lab, args: &Args, writer: &Writer, form: Duration) -> anyhow::Res
                 std::thread::sleep(Duration::from_millis(10));
             };
             let before = writer.acked_before(killed_at);
-            let present: BTreeSet<String> = keys(lab, "/bench/").map_err(anyhow::Error::msg)?.into_iter().collect();
+            // Read back through the VIP (retried: the new leader's Kine may still be settling).
+            let present: BTreeSet<String> = geminik8s_vm_tests::poll::until(
+                "reading the keys back",
+                Duration::from_secs(30),
+                Duration::from_millis(200),
+                || keys(lab, "/bench/"),
+            )
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .collect();
             let lost = before.iter().filter(|k| !present.contains(*k)).count();
             let st = status(lab, &follower).map_err(anyhow::Error::msg)?;
             let f = &st["last_failover"];
