@@ -49,7 +49,7 @@ deps:
     fi
     echo "kine {{kine_version}}: $(command -v kine)"
 
-# A cluster definition in ./lab-cluster, validated (the lab itself comes with the netns and QEMU labs).
+# A cluster definition in ./lab-cluster, validated as the agent loads it (no root needed).
 demo dir="lab-cluster":
     cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- init --name lab --node1-ip 10.77.0.11 --node2-ip 10.77.0.12 --vip 10.77.0.10 --config-dir {{dir}} --force
     cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- config validate --no-file-checks {{dir}}/node1.yaml
