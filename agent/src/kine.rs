@@ -330,11 +330,7 @@ mod tests {
     }
 
     fn config() -> GeminiConfig {
-        crate::config::fixture::config(serde_json::json!({
-            "postgres": {"kine_password": "k p", "port": 5433},
-            "kine": {"listen": "127.0.0.1:12379", "compaction_interval": "10m"},
-            "k3s": {"token": "k3s-token", "extra_args": ["--disable=traefik"]},
-        }))
+        crate::config::fixture::services()
     }
 
     #[test]

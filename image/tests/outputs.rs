@@ -2,6 +2,8 @@
 //! that reads back as the same tree, and a whole build from a tarball base
 //! (artifacts, overlay, cloud-config, users, layout, manifest, warm re-run).
 
+mod common;
+use common::describe;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
@@ -25,35 +27,6 @@ fn small_tree(root: &Path) {
     fs::create_dir_all(&deep).unwrap();
     fs::write(deep.join("file-with-a-long-path"), "deep\n").unwrap();
     nix::unistd::mkfifo(&root.join("etc/app/fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-}
-
-/// (path, mode, uid, gid, kind+content) for every entry below `root`.
-fn describe(root: &Path) -> Vec<(String, u32, u32, u32, String)> {
-    fn walk(root: &Path, rel: &Path, out: &mut Vec<(String, u32, u32, u32, String)>) {
-        let mut children: Vec<_> = fs::read_dir(root.join(rel)).unwrap().map(|e| e.unwrap().file_name()).collect();
-        children.sort();
-        for name in children {
-            let rel = rel.join(name);
-            let path = root.join(&rel);
-            let m = fs::symlink_metadata(&path).unwrap();
-            let what = if m.is_dir() {
-                "dir".to_string()
-            } else if m.file_type().is_symlink() {
-                format!("link {}", fs::read_link(&path).unwrap().display())
-            } else if m.is_file() {
-                format!("file {}", sha256_file(&path).unwrap())
-            } else {
-                "special".to_string()
-            };
-            out.push((rel.display().to_string(), m.mode() & 0o7777, m.uid(), m.gid(), what));
-            if m.is_dir() {
-                walk(root, &rel, out);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(root, Path::new(""), &mut out);
-    out
 }
 
 #[test]

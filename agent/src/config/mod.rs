@@ -56,6 +56,16 @@ pub(crate) mod fixture {
         })
     }
 
+    /// Settings the Kine and K3s renderers read: a Kine password that needs
+    /// escaping, a non-default port and listen address, a K3s extra argument.
+    pub fn services() -> GeminiConfig {
+        config(json!({
+            "postgres": {"kine_password": "k p", "port": 5433},
+            "kine": {"listen": "127.0.0.1:12379", "compaction_interval": "10m"},
+            "k3s": {"token": "k3s-token", "extra_args": ["--disable=traefik"]},
+        }))
+    }
+
     /// [`required`] with `overrides` merged over it.
     pub fn config(overrides: Value) -> GeminiConfig {
         let mut v = required();

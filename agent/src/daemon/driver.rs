@@ -128,21 +128,18 @@ impl Driver {
         let machine = Machine::new(settings, local_meta(&state_dir, &cfg.cluster.name));
         let (control_tx, control_rx) = mpsc::channel(8);
         let hooks = Arc::new(ApiHooks::with_control(control_tx));
+        // Filled by `publish` below, before the API serves anything.
         let shared: Shared = Arc::new(RwLock::new(Published {
-            hostmeta: machine.meta().cloned(),
-            status: initial_status(&cfg),
+            hostmeta: None,
+            status: NodeStatus::default(),
             counters: Counters::default(),
-            election: Some(machine.status()),
+            election: None,
         }));
-        let mut tasks = Vec::new();
         let addr = cfg.node.api_addr();
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the agent API on {addr}"))?;
-        let app = server::router(shared.clone(), Some(&cfg.api.token), hooks.clone());
-        tasks.push(tokio::spawn(server::serve_tls(listener, tls.server_config()?, app, hooks.clone())));
         let unix = server::bind_unix(&socket)?;
-        tasks.push(tokio::spawn(server::serve_unix(unix, server::router(shared.clone(), None, hooks.clone()))));
-        tracing::info!(api = %addr, socket = %socket.display(), "agent API listening");
+        let server_config = tls.server_config()?;
 
         let timeout = cfg.health.interval.mul_f64(0.8).max(Duration::from_millis(200));
         let peer = AgentClient::https(&format!("https://{}", cfg.peer.api_addr()), &tls, None, timeout)?;
@@ -185,7 +182,7 @@ impl Driver {
             }
             _ => None,
         };
-        Ok(Driver {
+        let mut driver = Driver {
             cfg,
             state_dir,
             machine,
@@ -207,8 +204,15 @@ impl Driver {
             replication: None,
             last_failover: None,
             promotion: None,
-            tasks,
-        })
+            tasks: Vec::new(),
+        };
+        driver.publish();
+        let app = server::router(driver.shared.clone(), Some(&driver.cfg.api.token), driver.hooks.clone());
+        driver.tasks.push(tokio::spawn(server::serve_tls(listener, server_config, app, driver.hooks.clone())));
+        let local = server::router(driver.shared.clone(), None, driver.hooks.clone());
+        driver.tasks.push(tokio::spawn(server::serve_unix(unix, local)));
+        tracing::info!(api = %addr, socket = %socket.display(), "agent API listening");
+        Ok(driver)
     }
 
     fn now(&self) -> Duration {
@@ -713,32 +717,5 @@ impl Driver {
             components,
             degraded,
         }
-    }
-}
-
-fn initial_status(cfg: &GeminiConfig) -> NodeStatus {
-    NodeStatus {
-        cluster: cfg.cluster.name.clone(),
-        node: cfg.node.name.clone(),
-        address: cfg.node.ip.to_string(),
-        agent_version: VERSION.to_string(),
-        role: "unknown".into(),
-        state: "init".into(),
-        epoch: 0,
-        peer: PeerView {
-            name: cfg.peer.name.clone(),
-            address: cfg.peer.ip.to_string(),
-            reachable: false,
-            role: None,
-            epoch: None,
-            last_heard_ms: None,
-            rtt_ms: None,
-        },
-        witness: WitnessStatus { mode: String::new(), state: "n/a".into() },
-        vip: VipView { address: cfg.cluster.vip.to_string(), held_here: false },
-        replication: None,
-        last_failover: None,
-        components: Vec::new(),
-        degraded: vec!["starting".into()],
     }
 }

@@ -51,7 +51,7 @@ impl ComponentHealth {
 }
 
 /// Answer to `GET /v1/status`: everything `gemin_k8s status` shows for a node.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub cluster: String,
     pub node: String,
@@ -72,7 +72,7 @@ pub struct NodeStatus {
     pub degraded: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerView {
     pub name: String,
     pub address: String,
@@ -88,14 +88,14 @@ pub struct PeerView {
     pub rtt_ms: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WitnessView {
     pub mode: String,
     /// `n/a`, `reachable`, `unreachable`, `lease held`, `lease held by <node>`...
     pub state: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VipView {
     pub address: String,
     pub held_here: bool,

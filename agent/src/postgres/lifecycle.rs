@@ -69,11 +69,7 @@ impl Manager {
         if !files::has_cluster(&self.settings.data_dir) {
             self.initdb().await?;
         }
-        self.write_config(ServerRole::Primary)?;
-        self.start().await?;
-        let db = self.connect("postgres").await?;
-        db.local_commits().await?;
-        self.ensure_roles_and_database(&db).await?;
+        let db = self.start_primary_with_roles().await?;
         match self.settings.replication {
             Replication::Streaming => self.ensure_peer_slot(&db).await?,
             Replication::Logical => {
@@ -140,6 +136,18 @@ impl Manager {
                 source,
             })?;
         Ok(())
+    }
+
+    /// Configure as a primary, start, and make sure the replication and
+    /// Kine roles and Kine's database exist; returns a session on `postgres`
+    /// with local commits (never waiting for a standby).
+    pub(super) async fn start_primary_with_roles(&self) -> Result<Session> {
+        self.write_config(ServerRole::Primary)?;
+        self.start().await?;
+        let db = self.connect("postgres").await?;
+        db.local_commits().await?;
+        self.ensure_roles_and_database(&db).await?;
+        Ok(db)
     }
 
     pub(super) async fn ensure_roles_and_database(&self, db: &Session) -> Result<()> {

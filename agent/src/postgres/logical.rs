@@ -2,9 +2,7 @@
 //! subscribed by the follower, and the Kine sequence, which logical
 //! replication does not carry.
 
-use super::render::{
-    self, KINE_DB, KINE_ROLE, KINE_SCHEMA, KINE_TABLE, PUBLICATION, REPLICATION_ROLE, SUBSCRIPTION, ServerRole,
-};
+use super::render::{self, KINE_DB, KINE_ROLE, KINE_SCHEMA, KINE_TABLE, PUBLICATION, REPLICATION_ROLE, SUBSCRIPTION};
 use super::server::{Manager, Session};
 use super::{PgError, Result};
 use render::{quote_ident, quote_literal};
@@ -88,11 +86,7 @@ impl Manager {
     /// to the leader's publication (copying what it already holds).
     pub(super) async fn init_logical_follower(&self) -> Result<()> {
         self.initdb().await?;
-        self.write_config(ServerRole::Primary)?;
-        self.start().await?;
-        let db = self.connect("postgres").await?;
-        db.local_commits().await?;
-        self.ensure_roles_and_database(&db).await?;
+        self.start_primary_with_roles().await?;
         let kine = self.connect(KINE_DB).await?;
         kine.local_commits().await?;
         self.ensure_kine_schema(&kine).await?;

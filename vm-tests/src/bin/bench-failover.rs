@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use geminik8s_vm_tests::netns::{Lab, UpOptions};
+use geminik8s_vm_tests::poll::until;
 use geminik8s_vm_tests::probe::{agent_bin, init_cluster, keys, logs, put, status, wait_formed};
 
 #[derive(Debug, Parser)]
@@ -141,34 +142,28 @@ fn kills(lab: &Lab, args: &Args, writer: &Writer, form: Duration) -> anyhow::Res
         for i in 1..=args.kills {
             // Let the writer get going against the current leader.
             let warm = Instant::now();
-            while writer.first_ack_after(warm).is_none() {
-                if warm.elapsed() > Duration::from_secs(30) {
-                    bail!("no write succeeds before kill {i}\n{}", logs(lab));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            until(&format!("a write before kill {i}"), Duration::from_secs(30), Duration::from_millis(20), || {
+                writer.first_ack_after(warm).ok_or("none yet")
+            })
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
             let killed_at = Instant::now();
             lab.kill(&leader)?;
-            let first = loop {
-                if let Some(t) = writer.first_ack_after(killed_at) {
-                    break t;
-                }
-                if killed_at.elapsed() > Duration::from_secs(120) {
-                    bail!("writes did not resume within 120 s after kill {i}\n{}", logs(lab));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            };
+            let first = until(
+                &format!("writes to resume after kill {i}"),
+                Duration::from_secs(120),
+                Duration::from_millis(10),
+                || writer.first_ack_after(killed_at).ok_or("none yet"),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
             let before = writer.acked_before(killed_at);
             // Read back through the VIP (retried: the new leader's Kine may still be settling).
-            let present: BTreeSet<String> = geminik8s_vm_tests::poll::until(
-                "reading the keys back",
-                Duration::from_secs(30),
-                Duration::from_millis(200),
-                || keys(lab, "/bench/"),
-            )
-            .map_err(anyhow::Error::msg)?
-            .into_iter()
-            .collect();
+            let present: BTreeSet<String> =
+                until("reading the keys back", Duration::from_secs(30), Duration::from_millis(200), || {
+                    keys(lab, "/bench/")
+                })
+                .map_err(anyhow::Error::msg)?
+                .into_iter()
+                .collect();
             let lost = before.iter().filter(|k| !present.contains(*k)).count();
             let st = status(lab, &follower).map_err(anyhow::Error::msg)?;
             let f = &st["last_failover"];
