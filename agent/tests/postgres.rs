@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use geminik8s::config::{
@@ -14,6 +15,9 @@ use geminik8s::postgres::render::KINE_SCHEMA;
 use geminik8s::postgres::{
     DurabilityController, DurabilityMode, Manager, PgRole, Rejoin, Session, Settings, StopMode, Tail,
 };
+use geminik8s::services::supervisor::{Supervisor, group_alive};
+use geminik8s::services::units::POSTGRES;
+use geminik8s::services::{ActiveState, Services};
 use geminik8s_vm_tests::poll::until_async;
 use geminik8s_vm_tests::require;
 
@@ -88,29 +92,12 @@ fn cloud_config(node: &str, peer: &str, replication: Replication, durability: Du
     }
 }
 
-/// A node's PostgreSQL; stopped with `pg_ctl stop -m immediate` when dropped,
-/// also when the test panics.
+/// A node's PostgreSQL, run by the node's own process supervisor as the
+/// agent runs it; the supervisor kills it when the node is dropped, also when
+/// the test panics.
 struct Node {
     mgr: Manager,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let s = self.mgr.settings();
-        if geminik8s::postgres::is_running(&s.data_dir).unwrap_or(true) {
-            let owner = self.mgr.owner();
-            let status = std::process::Command::new(s.tool("pg_ctl"))
-                .args(["stop", "-s", "-m", "immediate", "-w", "-D"])
-                .arg(&s.data_dir)
-                .current_dir("/")
-                .uid(owner.uid)
-                .gid(owner.gid)
-                .status();
-            if !matches!(status, Ok(s) if s.success()) {
-                eprintln!("could not stop PostgreSQL on {}: {status:?}", s.data_dir.display());
-            }
-        }
-    }
+    supervisor: Arc<Supervisor>,
 }
 
 impl std::ops::Deref for Node {
@@ -133,7 +120,8 @@ fn pair(lab: &Lab, replication: Replication, durability: Durability) -> (Node, N
         s.node.port = port;
         s.peer.port = peer_port;
         s.start_timeout = Duration::from_secs(30);
-        Node { mgr: Manager::new(s).unwrap() }
+        let supervisor = Arc::new(Supervisor::new());
+        Node { mgr: Manager::new(s, supervisor.clone()).unwrap(), supervisor }
     };
     (make("a", "b", pa, pb), make("b", "a", pb, pa))
 }
@@ -400,7 +388,7 @@ async fn failed_rewind_leaves_an_archive_and_a_working_standby() {
     // Only the archive taken because the rewind failed.
     let mut settings = a.settings().clone();
     settings.archive_before_rewind = false;
-    a.mgr = Manager::new(settings).unwrap();
+    a.mgr = Manager::new(settings, a.supervisor.clone()).unwrap();
     let rejoin = a.rejoin().await.unwrap();
     let Rejoin::Recloned { archive: Some(archive), rewind_error: Some(error) } = &rejoin else {
         panic!("expected a re-clone after a failed rewind: {rejoin:?}")
@@ -470,4 +458,99 @@ async fn logical_replication_and_promotion_move_the_sequence_past_max_id() {
     assert!(archive.is_some_and(|p| p.is_file()));
     put(&kine_db(&b).await, "/after-reinit").await;
     wait_for_keys(&a, &["/l1", "/l2", "/l3", "/after-promotion", "/after-rejoin", "/after-reinit"]).await;
+}
+
+/// The live pid in `postmaster.pid`.
+fn postmaster_pid(node: &Node) -> u32 {
+    let text = std::fs::read_to_string(node.settings().data_dir.join("postmaster.pid")).unwrap();
+    text.lines().next().unwrap().trim().parse().unwrap()
+}
+
+/// Parent pid and process group of `pid`, from `/proc/PID/stat`.
+fn parent_and_group(pid: u32) -> (u32, u32) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().collect();
+    (fields[1].parse().unwrap(), fields[2].parse().unwrap())
+}
+
+async fn wait_for_log(node: &Node, needle: &str) {
+    let log = node.settings().log_file.clone();
+    until_async(&format!("`{needle}` in {}", log.display()), DEADLINE, EVERY, || async {
+        let text = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+        if text.contains(needle) { Ok(()) } else { Err(text.lines().last().unwrap_or_default().to_string()) }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_is_a_service_of_the_supervisor_and_stops_with_the_mode_asked() {
+    require_postgres!();
+    let lab = Lab::new();
+    let (a, _b) = pair(&lab, Replication::Streaming, Durability::Async);
+    a.bootstrap_leader().await.unwrap();
+    create_kine_table(&a).await;
+
+    // The postmaster is the supervisor's service: its child, leading its own
+    // process group, its output in the node's log file.
+    let status = a.supervisor.status(POSTGRES).await.unwrap();
+    assert_eq!(status.state, ActiveState::Active, "{status:?}");
+    let pid = status.main_pid.expect("a main pid");
+    assert_eq!(postmaster_pid(&a), pid, "postmaster.pid names another process than the service's");
+    assert_eq!(parent_and_group(pid), (std::process::id(), pid), "not the supervisor's child in its own group");
+    wait_for_log(&a, "database system is ready to accept connections").await;
+
+    // Immediate: SIGQUIT through the supervisor, and nothing of the group is left.
+    a.stop(StopMode::Immediate).await.unwrap();
+    wait_for_log(&a, "received immediate shutdown request").await;
+    assert_eq!(a.supervisor.status(POSTGRES).await.unwrap().state, ActiveState::Inactive);
+    assert!(!a.is_running().unwrap() && !group_alive(pid as i32), "PostgreSQL still runs after the stop");
+
+    // Started again (crash recovery after the immediate stop), then fast: SIGINT.
+    a.start().await.unwrap();
+    let again = a.supervisor.status(POSTGRES).await.unwrap().main_pid.expect("a main pid");
+    assert_ne!(again, pid);
+    assert_eq!(postmaster_pid(&a), again);
+    put(&kine_db(&a).await, "/after-restart").await;
+    a.stop(StopMode::Fast).await.unwrap();
+    wait_for_log(&a, "received fast shutdown request").await;
+    assert!(!a.is_running().unwrap() && !group_alive(again as i32), "PostgreSQL still runs after the stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_running_outside_the_supervisor_is_taken_over_on_start() {
+    require_postgres!();
+    let lab = Lab::new();
+    let (a, _b) = pair(&lab, Replication::Streaming, Durability::Async);
+    a.bootstrap_leader().await.unwrap();
+    a.stop(StopMode::Fast).await.unwrap();
+
+    // A server the supervisor does not know, as one left behind by a killed agent.
+    let s = a.settings();
+    let owner = a.owner();
+    let started = std::process::Command::new(s.tool("pg_ctl"))
+        .args(["start", "-s", "-w", "-D"])
+        .arg(&s.data_dir)
+        .arg("-l")
+        .arg(lab.dir.path().join("stray.log"))
+        .current_dir("/")
+        .uid(owner.uid)
+        .gid(owner.gid)
+        .status()
+        .unwrap();
+    assert!(started.success(), "pg_ctl start: {started}");
+    let stray = postmaster_pid(&a);
+    assert_eq!(a.supervisor.status(POSTGRES).await.unwrap().state, ActiveState::Inactive);
+
+    a.start().await.unwrap();
+    let status = a.supervisor.status(POSTGRES).await.unwrap();
+    assert_eq!(status.state, ActiveState::Active, "{status:?}");
+    let pid = status.main_pid.expect("a main pid");
+    assert_ne!(pid, stray, "the stray server is still the one running");
+    assert_eq!(postmaster_pid(&a), pid);
+    let state = std::fs::read_to_string(format!("/proc/{stray}/stat"))
+        .ok()
+        .and_then(|stat| stat[stat.rfind(')')? + 1..].split_whitespace().next().map(str::to_string));
+    assert!(matches!(state.as_deref(), None | Some("Z" | "X")), "the stray server still runs ({state:?})");
+    assert_eq!(kine_db(&a).await.query_one("ping", "SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
 }

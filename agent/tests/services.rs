@@ -395,6 +395,10 @@ impl FakeSystemd {
         self.job("RestartUnit", name, mode, e)
     }
 
+    fn kill_unit(&self, name: String, whom: String, signal: i32) {
+        self.state.calls.lock().unwrap().push(format!("KillUnit({name}, {whom}, {signal})"));
+    }
+
     fn load_unit(&self, name: String) -> zbus::zvariant::OwnedObjectPath {
         self.state.calls.lock().unwrap().push(format!("LoadUnit({name})"));
         zbus::zvariant::OwnedObjectPath::try_from(unit_path(&name)).unwrap()
@@ -528,6 +532,88 @@ async fn systemd_client_makes_the_exact_manager_calls() {
             "LoadUnit(geminik8s-kine.service)",
             "StartUnit(geminik8s-k3s.service, replace)",
             "StartUnit(geminik8s-postgres.service, replace)",
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_with_another_signal_queues_the_stop_then_signals_the_main_process() {
+    require!(root: false, tools: ["dbus-daemon"]);
+    let bus = PrivateBus::start();
+    let state = FakeState::default();
+    let _server = serve_fake_systemd(&bus.address, &state, &["geminik8s-kine.service"]).await;
+    let env_dir = tempfile::tempdir().unwrap();
+    let systemd = SystemdServices::connect(Some(&bus.address)).await.unwrap().with_env_dir(env_dir.path());
+    let services: &dyn Services = &systemd;
+    services.start("kine", T).await.unwrap();
+    services.stop_with("kine", nix::sys::signal::Signal::SIGQUIT, T).await.unwrap();
+    assert_eq!(services.status("kine").await.unwrap().state, ActiveState::Inactive);
+    assert_eq!(
+        *state.calls.lock().unwrap(),
+        [
+            "Subscribe()",
+            "StartUnit(geminik8s-kine.service, replace)",
+            "StopUnit(geminik8s-kine.service, replace)",
+            "KillUnit(geminik8s-kine.service, main, 3)",
+            "LoadUnit(geminik8s-kine.service)",
+        ]
+    );
+}
+
+/// The agent's PostgreSQL manager under systemd: it writes the unit's
+/// environment file and starts, stops and signals `geminik8s-postgres.service`;
+/// it never starts a server itself. (FakeSystemd runs no process, so the start
+/// ends in the readiness deadline, naming the unit's journal.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_manager_runs_the_server_as_the_systemd_unit() {
+    require!(root: true, tools: ["dbus-daemon", "postgres"]);
+    let bus = PrivateBus::start();
+    let state = FakeState::default();
+    let _server = serve_fake_systemd(&bus.address, &state, &["geminik8s-postgres.service"]).await;
+    let env_dir = tempfile::tempdir().unwrap();
+    let systemd = SystemdServices::connect(Some(&bus.address)).await.unwrap().with_env_dir(env_dir.path());
+
+    let dir = tempfile::tempdir().unwrap();
+    let config: geminik8s::config::GeminiConfig = serde_json::from_value(serde_json::json!({
+        "cluster": {"name": "lab", "vip": "10.77.0.10", "bootstrap_leader": "a"},
+        "node": {"name": "a", "ip": "10.77.0.11"},
+        "peer": {"name": "b", "ip": "10.77.0.12"},
+        "api": {"token": "t"},
+        "postgres": {"replication_password": "p", "kine_password": "k"},
+        "k3s": {"token": "k"},
+        "tls": {"ca": "c", "cert": "c", "key": "k"},
+    }))
+    .unwrap();
+    let mut settings = geminik8s::postgres::Settings::from_config(&config);
+    settings.data_dir = dir.path().join("data");
+    settings.socket_dir = dir.path().join("sock");
+    settings.log_file = dir.path().join("postgres.log");
+    settings.start_timeout = Duration::from_millis(500);
+    let mgr = geminik8s::postgres::Manager::new(settings.clone(), Arc::new(systemd)).unwrap();
+
+    let err = mgr.start().await.unwrap_err().to_string();
+    assert!(
+        err.contains("did not accept connections") && err.contains("journalctl -u geminik8s-postgres.service"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(env_dir.path().join("postgres.env")).unwrap(),
+        format!("PGDATA=\"{}\"\n", settings.data_dir.display())
+    );
+    assert!(settings.socket_dir.is_dir(), "the socket directory is made before the start");
+    mgr.stop(geminik8s::postgres::StopMode::Immediate).await.unwrap();
+    mgr.stop(geminik8s::postgres::StopMode::Fast).await.unwrap();
+
+    let calls: Vec<String> =
+        state.calls.lock().unwrap().iter().filter(|c| !c.starts_with("LoadUnit")).cloned().collect();
+    assert_eq!(
+        calls,
+        [
+            "Subscribe()",
+            "StartUnit(geminik8s-postgres.service, replace)",
+            "StopUnit(geminik8s-postgres.service, replace)",
+            "KillUnit(geminik8s-postgres.service, main, 3)",
+            "StopUnit(geminik8s-postgres.service, replace)",
         ]
     );
 }

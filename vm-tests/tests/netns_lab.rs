@@ -93,6 +93,34 @@ fn write_keys(lab: &Lab, prefix: &str, n: usize, mut max_rev: i64) -> (Vec<Strin
     (acked, max_rev)
 }
 
+/// `/proc/PID/stat` fields after the command: state, parent, process group.
+fn proc_stat(pid: u32) -> Option<(String, u32, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    Some((fields.next()?.to_string(), fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
+/// The agent runs `node`'s PostgreSQL through its process supervisor: the
+/// postmaster is the agent's child, leads its own process group and writes
+/// to `postgres.log` in the agent's log directory. Returns the postmaster's pid.
+fn postgres_is_supervised_by_the_agent(lab: &Lab, node: &str) -> u32 {
+    let dir = lab.node_dir(node);
+    let pid_file = dir.join("pgdata/postmaster.pid");
+    let text = std::fs::read_to_string(&pid_file).unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
+    let pid: u32 = text.lines().next().unwrap().trim().parse().unwrap();
+    let (_, parent, group) = proc_stat(pid).unwrap_or_else(|| panic!("postmaster {pid} of {node} is not running"));
+    let cmdline = std::fs::read(format!("/proc/{parent}/cmdline")).unwrap_or_default();
+    let words: Vec<String> = cmdline.split(|b| *b == 0).map(|w| String::from_utf8_lossy(w).into_owned()).collect();
+    assert!(
+        words.first().is_some_and(|w| w.ends_with("gemin_k8s")) && words.get(1).is_some_and(|w| w == "agent"),
+        "{node}'s postmaster {pid} is a child of {words:?}, not of the agent"
+    );
+    assert_eq!(group, pid, "{node}'s postmaster does not lead its own process group");
+    let log = std::fs::read_to_string(dir.join("logs/postgres.log")).unwrap_or_default();
+    assert!(log.contains("database system is ready to accept"), "{node}'s logs/postgres.log: {log}");
+    pid
+}
+
 /// Watch the VIP for `window`: it must never be on two nodes at once.
 fn never_two_holders(lab: &Lab, window: Duration) {
     let end = Instant::now() + window;
@@ -116,8 +144,18 @@ fn bootstrap_failover_and_rejoin() {
     assert_eq!(keys(lab, "/lab/before/").unwrap(), acked);
     assert_eq!(lab.client_vip_mac(), Some(lab.mac("node1").unwrap()), "the client talks to node1 for the VIP");
 
-    // The leader dies.
+    let postmaster = postgres_is_supervised_by_the_agent(lab, "node1");
+
+    // The leader dies, and its PostgreSQL with it (the whole node is gone).
     lab.kill("node1").unwrap();
+    let dead = poll::until("node1's postmaster to be gone", Duration::from_secs(10), Duration::from_millis(50), || {
+        match proc_stat(postmaster) {
+            None => Ok(()),
+            Some((state, ..)) if state == "Z" || state == "X" => Ok(()),
+            Some(other) => Err(other),
+        }
+    });
+    dead.unwrap();
     let node2_mac = lab.mac("node2").unwrap();
     let resumed = poll::until(
         "a write through the VIP to succeed again",
@@ -145,6 +183,8 @@ fn bootstrap_failover_and_rejoin() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tar.gz"))
         .count();
     assert!(archives > 0, "the old leader's data directory was not archived before the rewind");
+    let restarted = postgres_is_supervised_by_the_agent(lab, "node1");
+    assert_ne!(restarted, postmaster);
     let rev2 = put(lab, "/lab/after/001", "v").unwrap();
     assert!(rev2 > rev);
     assert_eq!(keys(lab, "/lab/before/").unwrap(), acked);

@@ -50,10 +50,10 @@ impl Postgres {
         has_cluster(&self.mgr.settings().data_dir)
     }
 
+    /// Start the server through the service manager unless it runs there
+    /// (a server left behind outside it is taken over: stopped and started).
     async fn ensure_running(&self) -> anyhow::Result<()> {
-        if !self.mgr.is_running()? {
-            self.mgr.start().await?;
-        }
+        self.mgr.start().await?;
         Ok(())
     }
 

@@ -290,6 +290,13 @@ impl Driver {
         for t in &self.tasks {
             t.abort();
         }
+        // The supervisor's services (PostgreSQL, Kine) stop with the agent,
+        // cleanly; systemd's units keep running.
+        if let Some(services) = &self.subsystems.services
+            && let Err(e) = services.shutdown(SERVICE_TIMEOUT).await
+        {
+            tracing::error!(error = %e, "stopping the services on shutdown failed");
+        }
     }
 
     async fn observe(&mut self) -> Observation {

@@ -60,7 +60,7 @@ pub struct Args {
 pub enum Subsystem {
     /// The virtual IP (netlink and gratuitous ARP).
     Vip,
-    /// The service manager (systemd, or the process supervisor); Kine needs it.
+    /// The service manager (systemd, or the process supervisor); PostgreSQL, Kine and K3s need it.
     Services,
     /// PostgreSQL.
     Database,
@@ -95,13 +95,20 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         Some(crate::services::detect().await.context("connecting to the service manager")?)
     };
     std::fs::create_dir_all(&args.log_dir).with_context(|| format!("creating {}", args.log_dir.display()))?;
-    let database: Option<Arc<dyn Database>> = if args.without.contains(&Subsystem::Database) {
-        None
-    } else {
-        let mut settings = crate::postgres::Settings::from_config(&loaded.gemini);
-        settings.socket_dir = args.runtime_dir.join(format!("postgres-{}", loaded.gemini.node.name));
-        let mgr = crate::postgres::Manager::new(settings).context("setting up the PostgreSQL manager")?;
-        Some(Arc::new(database::Postgres::new(mgr)))
+    let database: Option<Arc<dyn Database>> = match (args.without.contains(&Subsystem::Database), &services) {
+        (true, _) => None,
+        (false, None) => anyhow::bail!(
+            "PostgreSQL is run through the service manager, which `--without services` leaves out; \
+             add `--without database` too, or drop `--without services`"
+        ),
+        (false, Some(services)) => {
+            let mut settings = crate::postgres::Settings::from_config(&loaded.gemini);
+            settings.socket_dir = args.runtime_dir.join(format!("postgres-{}", loaded.gemini.node.name));
+            settings.log_file = args.log_dir.join("postgres.log");
+            let mgr = crate::postgres::Manager::new(settings, services.clone())
+                .context("setting up the PostgreSQL manager")?;
+            Some(Arc::new(database::Postgres::new(mgr)))
+        }
     };
     let kine =
         (!args.without.contains(&Subsystem::Kine)).then(|| KineSettings::from_config(&loaded.gemini, &args.log_dir));

@@ -9,7 +9,8 @@
 //! - [`files`]: writing the rendered files into a data directory;
 //! - [`archive`]: timestamped tarballs of a data directory before anything is discarded;
 //! - [`status`]: role, timeline, LSN, replication lag;
-//! - the [`Manager`] operations in `server`, `lifecycle` and `logical`.
+//! - the [`Manager`] operations in `server`, `lifecycle` and `logical`; the
+//!   server runs as a service of the node's [`crate::services::Services`].
 
 pub mod archive;
 pub mod durability;
@@ -124,6 +125,12 @@ pub enum PgError {
     Timeout { what: String, target: String, timeout: Duration },
     #[error("{what}: {detail}")]
     Unexpected { what: String, detail: String },
+    #[error("{action}: {source}")]
+    Service {
+        action: String,
+        #[source]
+        source: crate::services::ServiceError,
+    },
 }
 
 pub type Result<T, E = PgError> = std::result::Result<T, E>;

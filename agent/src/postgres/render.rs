@@ -2,7 +2,6 @@
 //! `pg_hba.conf`, `pg_ident.conf`, connection strings, SQL quoting and the
 //! Kine schema. Writing them is [`super::files`]'s job.
 
-use std::ffi::OsString;
 use std::net::IpAddr;
 
 use super::settings::Settings;
@@ -217,13 +216,6 @@ pub fn strip_settings(conf: &str, keys: &[&str]) -> String {
         .collect()
 }
 
-/// The argv that runs the server in the foreground (for a process
-/// supervisor or a systemd unit). It must run as [`Settings::os_user`];
-/// every other setting comes from the files in the data directory.
-pub fn postgres_argv(settings: &Settings) -> Vec<OsString> {
-    vec![settings.tool("postgres").into_os_string(), "-D".into(), settings.data_dir.clone().into_os_string()]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,12 +368,6 @@ host kine kine ::1/128 scram-sha-256
             peer_conninfo(&s, Some("postgres"), false),
             "host=10.0.0.2 port=5433 user=replicator dbname=postgres application_name=node-a"
         );
-    }
-
-    #[test]
-    fn postgres_runs_in_the_foreground_on_the_data_dir() {
-        let argv = postgres_argv(&settings(Replication::Streaming));
-        assert_eq!(argv, vec![OsString::from("/pg/bin/postgres"), "-D".into(), "/var/lib/postgresql/15/main".into()]);
     }
 
     #[test]

@@ -1,9 +1,12 @@
-//! The [`Manager`]: running the server (start, stop, the foreground argv)
-//! and SQL sessions with it over its Unix socket.
+//! The [`Manager`]: running the server through the node's service manager
+//! (start, stop, readiness) and SQL sessions with it over its Unix socket.
 
-use std::ffi::OsString;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
@@ -13,38 +16,65 @@ use super::render::{self, ServerRole};
 use super::settings::Settings;
 use super::{PgError, Result};
 use crate::cmd::Tool;
+use crate::services::{ActiveState, RunAs, ServiceSpec, ServiceStatus, Services, units};
 
-/// How to stop the server (`pg_ctl stop -m`).
+/// How to stop the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopMode {
-    /// Disconnect clients, write a shutdown checkpoint (a clean stop).
+    /// Disconnect clients, write a shutdown checkpoint (a clean stop): SIGINT,
+    /// the unit's `KillSignal=`.
     Fast,
-    /// Stop at once; the next start runs crash recovery.
+    /// Stop at once; the next start runs crash recovery: SIGQUIT.
     Immediate,
 }
 
 impl StopMode {
-    fn as_arg(self) -> &'static str {
+    fn as_str(self) -> &'static str {
         match self {
             StopMode::Fast => "fast",
             StopMode::Immediate => "immediate",
         }
     }
+
+    /// The signal PostgreSQL's postmaster takes as this shutdown mode.
+    pub fn signal(self) -> Signal {
+        match self {
+            StopMode::Fast => Signal::SIGINT,
+            StopMode::Immediate => Signal::SIGQUIT,
+        }
+    }
 }
+
+/// How often a starting or stopping server is looked at.
+const POLL: Duration = Duration::from_millis(100);
 
 /// Carries out PostgreSQL operations for one node. It never decides roles:
 /// the agent's state machine tells it what to do.
-#[derive(Debug, Clone)]
+///
+/// The server itself runs as the service [`units::POSTGRES`] of the node's
+/// service manager ([`Services`]): `geminik8s-postgres.service` under
+/// systemd, a child of the agent's process supervisor elsewhere. The manager
+/// never starts a server on its own, so the server never lives in the
+/// agent's cgroup or dies with it.
+#[derive(Clone)]
 pub struct Manager {
     pub(super) settings: Settings,
     pub(super) owner: Owner,
+    services: Arc<dyn Services>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").field("settings", &self.settings).field("owner", &self.owner).finish_non_exhaustive()
+    }
 }
 
 impl Manager {
-    /// A manager for `settings`; fails when the OS user does not exist.
-    pub fn new(settings: Settings) -> Result<Manager> {
+    /// A manager for `settings` running the server through `services`;
+    /// fails when the OS user does not exist.
+    pub fn new(settings: Settings, services: Arc<dyn Services>) -> Result<Manager> {
         let owner = Owner::lookup(&settings.os_user)?;
-        Ok(Manager { settings, owner })
+        Ok(Manager { settings, owner, services })
     }
 
     pub fn settings(&self) -> &Settings {
@@ -56,11 +86,15 @@ impl Manager {
         self.owner
     }
 
-    /// The argv running the server in the foreground, for a process
-    /// supervisor; run it as [`Manager::owner`] after
-    /// [`Manager::prepare_run_dirs`].
-    pub fn postgres_command(&self) -> Vec<OsString> {
-        render::postgres_argv(&self.settings)
+    /// The service running the server in the foreground on the data
+    /// directory as [`Manager::owner`]; the supervisor appends its output to
+    /// [`Settings::log_file`] (systemd sends it to the journal).
+    pub fn service_spec(&self) -> ServiceSpec {
+        let s = &self.settings;
+        let run_as = RunAs { uid: self.owner.uid, gid: self.owner.gid };
+        let mut spec = units::postgres_spec(&s.bin_dir, &s.data_dir, run_as, Some(s.log_file.clone()));
+        spec.stop_grace = s.start_timeout;
+        spec
     }
 
     /// A PostgreSQL tool run as the server's OS user from `/`.
@@ -75,6 +109,15 @@ impl Manager {
             self.settings.data_dir.display(),
             self.settings.socket_dir.display(),
             self.settings.node.port
+        )
+    }
+
+    /// Where the server's output goes, for errors.
+    fn log_hint(&self) -> String {
+        format!(
+            "see {} or `journalctl -u {}`",
+            self.settings.log_file.display(),
+            ServiceSpec::unit_name(units::POSTGRES)
         )
     }
 
@@ -103,50 +146,138 @@ impl Manager {
         is_running(&self.settings.data_dir)
     }
 
-    /// Start the server with `pg_ctl start -w`, waiting until it accepts
-    /// connections (a standby: until it is consistent). Does nothing when it runs.
+    /// Hand the service's definition to the service manager (under systemd:
+    /// write `/run/geminik8s/postgres.env` for the unit's `EnvironmentFile=`).
+    async fn configure_service(&self) -> Result<()> {
+        self.services.configure(&self.service_spec()).await.map_err(|source| PgError::Service {
+            action: format!("configuring the PostgreSQL service for {}", self.target()),
+            source,
+        })
+    }
+
+    /// Start the server through the service manager and wait until it
+    /// accepts connections (a standby: until it is consistent). Does nothing
+    /// but wait when the service already runs it. A server running on the
+    /// data directory that the service manager did not start (left behind
+    /// by an agent that was killed) is stopped first, so the server always
+    /// runs under the service manager.
     pub async fn start(&self) -> Result<()> {
-        if self.is_running()? {
-            return Ok(());
+        self.configure_service().await?;
+        let s = &self.settings;
+        if let Some(pid) = postmaster_pid(&s.data_dir)? {
+            // The service's main process is the postmaster (under systemd
+            // and the supervisor alike); anything else is not the service's.
+            let status = self.service_status().await?;
+            if status.main_pid == u32::try_from(pid).ok() {
+                return self.wait_ready().await;
+            }
+            self.stop_unmanaged(StopMode::Fast).await?;
         }
         self.prepare_run_dirs()?;
-        let s = &self.settings;
-        self.tool("pg_ctl")
-            .arg("start")
-            .arg("-D")
-            .arg(&s.data_dir)
-            .arg("-l")
-            .arg(&s.log_file)
-            .args(["-w", "-s", "-t"])
-            .arg(s.start_timeout.as_secs().max(1).to_string())
-            .timeout(s.start_timeout + Duration::from_secs(5))
-            .run()
-            .await
-            .map_err(|source| PgError::Tool {
-                action: format!("starting PostgreSQL on {} (log: {})", self.target(), s.log_file.display()),
-                source,
-            })?;
+        self.services.start(units::POSTGRES, s.start_timeout).await.map_err(|source| PgError::Service {
+            action: format!("starting PostgreSQL on {} ({})", self.target(), self.log_hint()),
+            source,
+        })?;
+        self.wait_ready().await?;
         tracing::info!(event = "postgres_started", data_dir = %s.data_dir.display(), port = s.node.port, "PostgreSQL started");
         Ok(())
     }
 
-    /// Stop the server with `pg_ctl stop -w`. Does nothing when it is not running.
+    /// Stop the server through the service manager and wait until it is
+    /// gone: [`StopMode::Fast`] with the service's stop signal (SIGINT),
+    /// [`StopMode::Immediate`] with SIGQUIT. A server the service manager did
+    /// not start is stopped by signalling its postmaster.
     pub async fn stop(&self, mode: StopMode) -> Result<()> {
-        if !self.is_running()? {
-            return Ok(());
-        }
+        self.configure_service().await?;
         let s = &self.settings;
-        self.tool("pg_ctl")
-            .arg("stop")
-            .arg("-D")
-            .arg(&s.data_dir)
-            .args(["-m", mode.as_arg(), "-w", "-s", "-t"])
-            .arg(s.start_timeout.as_secs().max(1).to_string())
-            .timeout(s.start_timeout + Duration::from_secs(5))
-            .run()
-            .await
-            .map_err(|source| PgError::Tool { action: format!("stopping PostgreSQL on {}", self.target()), source })?;
-        tracing::info!(event = "postgres_stopped", data_dir = %s.data_dir.display(), mode = mode.as_arg(), "PostgreSQL stopped");
+        let timeout = s.start_timeout + Duration::from_secs(5);
+        let stopped = match mode {
+            StopMode::Fast => self.services.stop(units::POSTGRES, timeout).await,
+            StopMode::Immediate => self.services.stop_with(units::POSTGRES, mode.signal(), timeout).await,
+        };
+        stopped.map_err(|source| PgError::Service {
+            action: format!("stopping PostgreSQL on {}", self.target()),
+            source,
+        })?;
+        if self.is_running()? {
+            self.stop_unmanaged(mode).await?;
+        }
+        tracing::info!(event = "postgres_stopped", data_dir = %s.data_dir.display(), mode = mode.as_str(), "PostgreSQL stopped");
+        Ok(())
+    }
+
+    async fn service_status(&self) -> Result<ServiceStatus> {
+        self.services.status(units::POSTGRES).await.map_err(|source| PgError::Service {
+            action: format!("asking for the state of the PostgreSQL service for {}", self.target()),
+            source,
+        })
+    }
+
+    /// Poll with connections until the server answers `SELECT 1`, the
+    /// service fails, or `start_timeout` passes.
+    async fn wait_ready(&self) -> Result<()> {
+        let s = &self.settings;
+        let deadline = Instant::now() + s.start_timeout;
+        loop {
+            let last = match self.connect("postgres").await {
+                Ok(db) => match db.query_one("checking readiness", "SELECT 1", &[]).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            let state = self.service_status().await?.state;
+            if state == ActiveState::Failed || state == ActiveState::Inactive {
+                return Err(PgError::Unexpected {
+                    what: format!("starting PostgreSQL on {}", self.target()),
+                    detail: format!("the service is {state}; last connection attempt: {last}; {}", self.log_hint()),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(PgError::Unexpected {
+                    what: format!("starting PostgreSQL on {}", self.target()),
+                    detail: format!(
+                        "it did not accept connections within {:?} (service {state}); last connection attempt: {last}; {}",
+                        s.start_timeout,
+                        self.log_hint()
+                    ),
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Stop a server the service manager does not know: `mode`'s signal to
+    /// the postmaster named in `postmaster.pid`, then wait until it is gone.
+    async fn stop_unmanaged(&self, mode: StopMode) -> Result<()> {
+        let s = &self.settings;
+        let Some(pid) = postmaster_pid(&s.data_dir)? else { return Ok(()) };
+        tracing::warn!(
+            event = "postgres_unmanaged", pid, data_dir = %s.data_dir.display(), mode = mode.as_str(),
+            "a PostgreSQL server the service manager did not start runs on the data directory: stopping it"
+        );
+        let target = Pid::from_raw(pid);
+        match nix::sys::signal::kill(target, mode.signal()) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(source) => {
+                return Err(PgError::Os {
+                    action: "signalling the postmaster",
+                    path: s.data_dir.join("postmaster.pid"),
+                    source,
+                });
+            }
+        }
+        let deadline = Instant::now() + s.start_timeout;
+        while self.is_running()? {
+            if Instant::now() >= deadline {
+                return Err(PgError::Timeout {
+                    what: format!("{} shutdown of the PostgreSQL server with pid {pid}", mode.as_str()),
+                    target: self.target(),
+                    timeout: s.start_timeout,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
         Ok(())
     }
 
@@ -192,18 +323,23 @@ pub(super) async fn open_session(mut config: tokio_postgres::Config, target: &st
 
 /// Whether `data_dir`'s `postmaster.pid` names a live process.
 pub fn is_running(data_dir: &Path) -> Result<bool> {
+    Ok(postmaster_pid(data_dir)?.is_some())
+}
+
+/// The live process `data_dir`'s `postmaster.pid` names, if any.
+fn postmaster_pid(data_dir: &Path) -> Result<Option<i32>> {
     let pid_file = data_dir.join("postmaster.pid");
     let text = match std::fs::read_to_string(&pid_file) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(PgError::Io { action: "reading", path: pid_file, source }),
     };
     let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else {
-        return Ok(false);
+        return Ok(None);
     };
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-        Ok(()) | Err(nix::errno::Errno::EPERM) => Ok(true),
-        Err(_) => Ok(false),
+    match nix::sys::signal::kill(Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => Ok(Some(pid)),
+        Err(_) => Ok(None),
     }
 }
 
@@ -248,5 +384,41 @@ impl Session {
     /// must not stall while the follower is away.
     pub async fn local_commits(&self) -> Result<()> {
         self.batch("setting synchronous_commit = local", "SET synchronous_commit = local").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::services::supervisor::Supervisor;
+
+    fn manager() -> Manager {
+        let mut settings = Settings::from_config(&crate::config::fixture::services());
+        settings.bin_dir = PathBuf::from("/pg/bin");
+        settings.data_dir = PathBuf::from("/var/lib/postgresql/15/main");
+        settings.log_file = PathBuf::from("/var/log/geminik8s/postgres.log");
+        settings.start_timeout = Duration::from_secs(45);
+        Manager { settings, owner: Owner { uid: 101, gid: 102 }, services: Arc::new(Supervisor::new()) }
+    }
+
+    #[test]
+    fn the_service_runs_postgres_in_the_foreground_on_the_data_dir() {
+        let spec = manager().service_spec();
+        assert_eq!(spec.unit(), "geminik8s-postgres.service");
+        assert_eq!(spec.expanded_argv().unwrap(), ["/pg/bin/postgres", "-D", "/var/lib/postgresql/15/main"]);
+        // Under systemd the data directory reaches the unit through its environment file.
+        assert_eq!(spec.env_file(), Path::new("/run/geminik8s/postgres.env"));
+        assert_eq!(spec.render_env_file(), "PGDATA=\"/var/lib/postgresql/15/main\"\n");
+        assert_eq!(spec.run_as, Some(RunAs { uid: 101, gid: 102 }));
+        assert_eq!(spec.log_file.as_deref(), Some(Path::new("/var/log/geminik8s/postgres.log")));
+        assert_eq!((spec.stop_signal, spec.stop_grace), (Signal::SIGINT, Duration::from_secs(45)));
+    }
+
+    #[test]
+    fn stop_modes_are_postgres_shutdown_signals() {
+        assert_eq!(StopMode::Fast.signal(), Signal::SIGINT);
+        assert_eq!(StopMode::Immediate.signal(), Signal::SIGQUIT);
     }
 }

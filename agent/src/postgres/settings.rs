@@ -27,11 +27,12 @@ pub struct Endpoint {
 /// the fields are public so tests and the lab can adjust paths and ports.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Directory holding `initdb`, `pg_ctl`, `pg_basebackup`, `pg_rewind`, `postgres`.
+    /// Directory holding `initdb`, `pg_basebackup`, `pg_rewind`, `postgres`.
     pub bin_dir: PathBuf,
     pub data_dir: PathBuf,
-    /// Where the server's log goes when started through `pg_ctl` (outside the
-    /// data directory so base backups do not copy it).
+    /// Where the process supervisor appends the server's output (outside the
+    /// data directory so base backups do not copy it); under systemd the
+    /// output goes to the journal.
     pub log_file: PathBuf,
     /// The server's Unix socket directory. Each node needs its own: two
     /// nodes in two network namespaces share the filesystem and both listen
@@ -60,7 +61,7 @@ pub struct Settings {
     /// `max_slot_wal_keep_size` in MiB: a slot whose node is gone for good
     /// must not fill the disk.
     pub max_slot_wal_keep_mb: u64,
-    /// Limit for `pg_ctl start/stop` and `pg_promote`.
+    /// Limit for starting (until it accepts connections), stopping and `pg_promote`.
     pub start_timeout: Duration,
     /// Limit for `initdb`, `pg_basebackup` and `pg_rewind`.
     pub tool_timeout: Duration,

@@ -33,8 +33,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! A supervisor must be shut down (or dropped) with the agent: it kills what it
-//! started. Under systemd the services outlive the agent by design.
+//! A supervisor must be shut down ([`Services::shutdown`]: each service stopped
+//! with its stop signal) or dropped (SIGKILL) with the agent: nothing it started
+//! outlives it. Under systemd the services outlive the agent by design.
 //!
 //! ## Command lines and settings
 //!
@@ -351,9 +352,25 @@ pub trait Services: Send + Sync {
     fn start<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<(), ServiceError>>;
     /// Stop the service and wait until it and every process it started are gone.
     fn stop<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<(), ServiceError>>;
+    /// Stop the service as [`Services::stop`] does, but ask with `signal`
+    /// instead of its spec's stop signal: PostgreSQL's immediate shutdown is
+    /// SIGQUIT where its usual (fast) one is SIGINT.
+    fn stop_with<'a>(
+        &'a self,
+        name: &'a str,
+        signal: nix::sys::signal::Signal,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), ServiceError>>;
     /// Stop (if running) and start again.
     fn restart<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<(), ServiceError>>;
     fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ServiceStatus, ServiceError>>;
+    /// The agent is stopping. The supervisor stops every service it started,
+    /// each with its stop signal (PostgreSQL shuts down cleanly), since none
+    /// may outlive it; under systemd the units keep running by design, so the
+    /// default does nothing.
+    fn shutdown(&self, _timeout: Duration) -> BoxFuture<'_, Result<(), ServiceError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Whether PID 1 is systemd (the check `sd_booted()` does).

@@ -54,8 +54,8 @@ impl Runtime {
 struct Entry {
     spec: ServiceSpec,
     runtime: Arc<Mutex<Runtime>>,
-    /// Present while a monitor task runs: `true` sent asks it to stop.
-    monitor: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// Present while a monitor task runs: a signal sent asks it to stop with that signal.
+    monitor: Option<(watch::Sender<Option<Signal>>, JoinHandle<()>)>,
 }
 
 /// The process groups of running services. Once `closed` (the supervisor is
@@ -84,7 +84,7 @@ impl Supervisor {
         let names: Vec<String> = self.entries.lock().await.keys().cloned().collect();
         let mut first_error = None;
         for name in names {
-            if let Err(e) = self.stop_service(&name, timeout).await {
+            if let Err(e) = self.stop_service(&name, None, timeout).await {
                 tracing::warn!(service = %name, error = %e, "stopping service during shutdown");
                 first_error.get_or_insert(e);
             }
@@ -119,7 +119,7 @@ impl Supervisor {
             {
                 return Ok(()); // already running (or waiting to be restarted)
             }
-            let (stop_tx, stop_rx) = watch::channel(false);
+            let (stop_tx, stop_rx) = watch::channel(None);
             {
                 let mut rt = lock(&entry.runtime);
                 rt.state = ActiveState::Activating;
@@ -157,17 +157,19 @@ impl Supervisor {
         }
     }
 
-    async fn stop_service(&self, name: &str, timeout: Duration) -> Result<(), ServiceError> {
+    /// Stop `name`, asking with `signal` (its spec's stop signal when `None`).
+    async fn stop_service(&self, name: &str, signal: Option<Signal>, timeout: Duration) -> Result<(), ServiceError> {
         let monitor = {
             let mut entries = self.entries.lock().await;
             let entry = entries.get_mut(name).ok_or_else(|| ServiceError::Unknown(name.to_string()))?;
-            entry.monitor.take()
+            let signal = signal.unwrap_or(entry.spec.stop_signal);
+            entry.monitor.take().map(|m| (m, signal))
         };
-        let Some((stop_tx, mut handle)) = monitor else {
+        let Some(((stop_tx, mut handle), signal)) = monitor else {
             return Ok(());
         };
         // The task may have finished on its own (restart limit); then this is a no-op.
-        if stop_tx.send(true).is_err() {
+        if stop_tx.send(Some(signal)).is_err() {
             tracing::debug!(service = %name, "service had already ended");
         }
         match tokio::time::timeout(timeout, &mut handle).await {
@@ -226,19 +228,32 @@ impl Services for Supervisor {
     }
 
     fn stop<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<(), ServiceError>> {
-        Box::pin(self.stop_service(name, timeout))
+        Box::pin(self.stop_service(name, None, timeout))
+    }
+
+    fn stop_with<'a>(
+        &'a self,
+        name: &'a str,
+        signal: Signal,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), ServiceError>> {
+        Box::pin(self.stop_service(name, Some(signal), timeout))
     }
 
     fn restart<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<(), ServiceError>> {
         Box::pin(async move {
             let started = Instant::now();
-            self.stop_service(name, timeout).await?;
+            self.stop_service(name, None, timeout).await?;
             self.start_service(name, timeout.saturating_sub(started.elapsed())).await
         })
     }
 
     fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ServiceStatus, ServiceError>> {
         Box::pin(self.status_of(name))
+    }
+
+    fn shutdown(&self, timeout: Duration) -> BoxFuture<'_, Result<(), ServiceError>> {
+        Box::pin(Supervisor::shutdown(self, timeout))
     }
 }
 
@@ -283,7 +298,7 @@ struct Monitor {
     spec: ServiceSpec,
     runtime: Arc<Mutex<Runtime>>,
     groups: Arc<Mutex<Groups>>,
-    stop: watch::Receiver<bool>,
+    stop: watch::Receiver<Option<Signal>>,
 }
 
 impl Monitor {
@@ -334,13 +349,16 @@ impl Monitor {
             tracing::info!(service = %name, pid, "service started");
 
             let exit = tokio::select! {
-                status = child.wait() => Some(status),
-                _ = stopped(&mut self.stop) => None,
+                status = child.wait() => Ok(status),
+                signal = stopped(&mut self.stop) => Err(signal),
             };
-            let Some(status) = exit else {
-                self.terminate(&mut child, pgid).await;
-                self.set(ActiveState::Inactive, "dead");
-                return;
+            let status = match exit {
+                Ok(status) => status,
+                Err(signal) => {
+                    self.terminate(&mut child, pgid, signal.unwrap_or(self.spec.stop_signal)).await;
+                    self.set(ActiveState::Inactive, "dead");
+                    return;
+                }
             };
             // The main process is gone; whatever it left in its group goes too.
             kill_group(&name, pgid, Signal::SIGKILL);
@@ -418,11 +436,11 @@ impl Monitor {
         cmd.spawn().map_err(|source| ServiceError::Spawn { name: name.clone(), command: argv.join(" "), source })
     }
 
-    /// The stop signal to the group; SIGKILL after the grace period; wait until the group is empty.
-    async fn terminate(&self, child: &mut tokio::process::Child, pgid: i32) {
+    /// `signal` to the group; SIGKILL after the grace period; wait until the group is empty.
+    async fn terminate(&self, child: &mut tokio::process::Child, pgid: i32, signal: Signal) {
         let name = &self.spec.name;
         self.set(ActiveState::Deactivating, "stop-sigterm");
-        kill_group(name, pgid, self.spec.stop_signal);
+        kill_group(name, pgid, signal);
         let deadline = tokio::time::Instant::now() + self.spec.stop_grace;
         let graceful = tokio::time::timeout_at(deadline, async {
             let status = child.wait().await;
@@ -456,10 +474,12 @@ fn log_stopped(name: &str, status: std::io::Result<ExitStatus>) {
     }
 }
 
-/// Resolves once a stop was requested (or the supervisor side went away).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    if stop.wait_for(|requested| *requested).await.is_err() {
-        // The sender is gone: the supervisor dropped this service; stop too.
+/// Resolves once a stop was requested, with the signal asked for (`None`
+/// when the supervisor side went away: stop too, with the usual signal).
+async fn stopped(stop: &mut watch::Receiver<Option<Signal>>) -> Option<Signal> {
+    match stop.wait_for(Option::is_some).await {
+        Ok(requested) => *requested,
+        Err(_) => None,
     }
 }
 

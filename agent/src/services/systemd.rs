@@ -4,7 +4,11 @@
 //! (`overlays/etc/systemd/system/`). Start, stop and restart call the Manager's
 //! `StartUnit`/`StopUnit`/`RestartUnit` with mode `replace` and wait for the
 //! job's `JobRemoved` signal; a job that ends other than `done` is an error
-//! naming the unit. State comes from the unit object's `ActiveState` and
+//! naming the unit. A stop with another signal than the unit's `KillSignal=`
+//! ([`Services::stop_with`], PostgreSQL's immediate shutdown) queues the
+//! `StopUnit` job first, so systemd does not restart the service when it
+//! exits, then sends the signal to the main process with `KillUnit`; the
+//! process takes the stronger request and the job ends when it is gone. State comes from the unit object's `ActiveState` and
 //! `SubState` and the service's `MainPID`.
 
 use std::future::poll_fn;
@@ -30,6 +34,7 @@ pub trait Manager {
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
 
     #[zbus(signal)]
     fn job_removed(&self, id: u32, job: zbus::zvariant::ObjectPath<'_>, unit: &str, result: &str) -> zbus::Result<()>;
@@ -105,6 +110,18 @@ impl SystemdServices {
 
     /// Run one job and wait until it is removed.
     async fn job(&self, name: &str, kind: Job, timeout: Duration) -> Result<(), ServiceError> {
+        self.job_then_signal(name, kind, None, timeout).await
+    }
+
+    /// Run one job, send `signal` to the unit's main process once it is
+    /// queued, and wait until the job is removed.
+    async fn job_then_signal(
+        &self,
+        name: &str,
+        kind: Job,
+        signal: Option<nix::sys::signal::Signal>,
+        timeout: Duration,
+    ) -> Result<(), ServiceError> {
         let unit = ServiceSpec::unit_name(name);
         let dbus = |method, source| ServiceError::DBus { unit: unit.clone(), method, source: Box::new(source) };
         let operation = kind.operation();
@@ -118,6 +135,13 @@ impl SystemdServices {
             };
             let method = kind.method();
             let job = call.map_err(|e| dbus(method, e))?;
+            if let Some(signal) = signal
+                && let Err(e) = self.manager.kill_unit(&unit, "main", signal as i32).await
+            {
+                // Nothing left to signal (the unit was not running), or systemd
+                // refused: the job still stops the unit with its KillSignal=.
+                tracing::debug!(%unit, %signal, error = %e, "KillUnit after StopUnit failed");
+            }
             tracing::debug!(%unit, job = %job.as_str(), operation, "waiting for systemd job");
             loop {
                 let Some(signal) = poll_fn(|cx| Pin::new(&mut removed).poll_next(cx)).await else {
@@ -192,14 +216,19 @@ impl Job {
     }
 }
 
+/// The environment files are root's alone (0600, they hold passwords); their
+/// directory stays traversable (0755) because PostgreSQL's socket directory,
+/// owned by `postgres`, lives in it too (`/run/geminik8s/postgres-<node>`).
 fn write_env_file(dir: &Path, path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     use anyhow::Context;
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(0o755)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("making {} traversable", dir.display()))?;
     crate::fsutil::write_atomic(path, contents, 0o600)
 }
 
@@ -214,6 +243,15 @@ impl Services for SystemdServices {
 
     fn stop<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<(), ServiceError>> {
         Box::pin(self.job(name, Job::Stop, timeout))
+    }
+
+    fn stop_with<'a>(
+        &'a self,
+        name: &'a str,
+        signal: nix::sys::signal::Signal,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), ServiceError>> {
+        Box::pin(self.job_then_signal(name, Job::Stop, Some(signal), timeout))
     }
 
     fn restart<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<(), ServiceError>> {
