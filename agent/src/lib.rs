@@ -20,5 +20,6 @@ pub mod pki;
 pub mod postgres;
 pub mod secrets;
 pub mod services;
+pub mod system;
 pub mod tls;
 pub mod witness;

@@ -14,6 +14,9 @@ use super::yaml::{self, Node};
 pub const HEADER: &str = "#cloud-config";
 /// Kernel command-line parameter naming a cloud-config URL.
 pub const CMDLINE_KEY: &str = "geminik8s.config_url=";
+/// Where the image's initramfs mounts a NoCloud `CIDATA` (or `cidata`)
+/// volume, read-only, relative to the root.
+pub const CIDATA_MOUNT: &str = "run/geminik8s-boot/cidata";
 
 /// One cloud-config text and where it came from (a path or a URL).
 #[derive(Debug, Clone)]
@@ -42,12 +45,14 @@ impl SourcePaths {
         Self::under(Path::new("/"))
     }
 
-    /// The node locations below `root`.
+    /// The node locations below `root`. The CIDATA volume is used when the
+    /// initramfs mounted one at [`CIDATA_MOUNT`].
     pub fn under(root: &Path) -> Self {
+        let cidata = root.join(CIDATA_MOUNT);
         SourcePaths {
             oem_dir: root.join("oem"),
             etc_dir: root.join("etc/geminik8s"),
-            cidata_dir: None,
+            cidata_dir: cidata.is_dir().then_some(cidata),
             cmdline: Some(root.join("proc/cmdline")),
             fetch_timeout: Duration::from_secs(10),
             fetch_attempts: 3,
@@ -105,7 +110,8 @@ pub fn cmdline_url(cmdline: &str) -> Option<String> {
     cmdline.split_whitespace().find_map(|arg| arg.strip_prefix(CMDLINE_KEY)).map(str::to_string)
 }
 
-/// Fetch a cloud-config over HTTP(S) with a timeout and retries.
+/// Fetch a text over HTTP(S) with a timeout and retries (a cloud-config, or
+/// the SSH keys of a `github:USER` entry).
 pub async fn fetch(url: &str, timeout: Duration, attempts: u32) -> anyhow::Result<String> {
     crate::tls::install_crypto_provider();
     let client = reqwest::Client::builder().timeout(timeout).build().context("building the HTTP client")?;
@@ -119,7 +125,7 @@ pub async fn fetch(url: &str, timeout: Duration, attempts: u32) -> anyhow::Resul
         match result {
             Ok(text) => return Ok(text),
             Err(e) => {
-                tracing::warn!(url, attempt, error = %e, "fetching cloud-config failed");
+                tracing::warn!(url, attempt, error = %e, "fetch failed");
                 last = Some(e);
                 if attempt < attempts {
                     tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
@@ -128,7 +134,7 @@ pub async fn fetch(url: &str, timeout: Duration, attempts: u32) -> anyhow::Resul
         }
     }
     let e = last.expect("at least one attempt ran");
-    Err(anyhow::Error::new(e)).with_context(|| format!("fetching cloud-config from {url} ({attempts} attempts)"))
+    Err(anyhow::Error::new(e)).with_context(|| format!("fetching {url} ({attempts} attempts)"))
 }
 
 /// Collect the sources in merge order. Files in the two directories without
@@ -165,7 +171,9 @@ pub async fn gather(paths: &SourcePaths) -> anyhow::Result<(Vec<Source>, Vec<Dia
         && let Ok(text) = std::fs::read_to_string(cmdline)
         && let Some(url) = cmdline_url(&text)
     {
-        let text = fetch(&url, paths.fetch_timeout, paths.fetch_attempts).await?;
+        let text = fetch(&url, paths.fetch_timeout, paths.fetch_attempts)
+            .await
+            .with_context(|| format!("reading the cloud-config named by `{CMDLINE_KEY}` on the kernel command line"))?;
         sources.push(Source { name: url, text });
     }
     Ok((sources, warnings))
@@ -262,4 +270,27 @@ pub async fn load(paths: &SourcePaths, ctx: &CheckContext) -> anyhow::Result<Loa
     skipped.append(&mut loaded.warnings);
     loaded.warnings = skipped;
     Ok(loaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_mounted_cidata_volume_is_read_after_the_directories() {
+        let root = tempfile::tempdir().unwrap();
+        assert!(SourcePaths::under(root.path()).cidata_dir.is_none());
+        let cidata = root.path().join(CIDATA_MOUNT);
+        std::fs::create_dir_all(&cidata).unwrap();
+        std::fs::create_dir_all(root.path().join("oem")).unwrap();
+        std::fs::write(cidata.join("user-data"), "#cloud-config\nhostname: b\n").unwrap();
+        std::fs::write(root.path().join("oem/10.yaml"), "#cloud-config\nhostname: a\n").unwrap();
+        let paths = SourcePaths::under(root.path());
+        assert_eq!(paths.cidata_dir.as_deref(), Some(cidata.as_path()));
+        let (sources, warnings) = gather(&paths).await.unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+        let want = [root.path().join("oem/10.yaml"), cidata.join("user-data")];
+        assert_eq!(names, want.iter().map(|p| p.to_str().unwrap()).collect::<Vec<_>>());
+    }
 }

@@ -5,9 +5,11 @@
 //! - [`schema`]: every key of the `geminik8s:` block, and the reference page;
 //! - [`types`]: the typed block the rest of the code uses;
 //! - [`validate`]: types, unknown keys, required keys, relations between keys;
+//! - [`kairos`]: the Kairos keys geminik8s applies itself (`hostname`, `users`);
 //! - [`load`]: sources (`/oem`, `/etc/geminik8s`, CIDATA, kernel command line).
 
 pub mod diag;
+pub mod kairos;
 pub mod load;
 pub mod schema;
 pub mod types;

@@ -222,6 +222,107 @@ pub const KEYS: &[Key] = &[
     required("tls.key", Kind::Pem, "This node's private key. Only this node's file holds it."),
 ];
 
+/// Doc of the Kairos `hostname:` key, which geminik8s applies itself.
+pub const HOSTNAME_DOC: &str = "The node's hostname (`gemin_k8s config apply` writes `/etc/hostname`, maps `127.0.1.1` to it in `/etc/hosts` and sets the kernel hostname). Letters, digits, `-` and `.`, at most 64 characters; Kairos templates (`{{ ... }}`) are not expanded. Absent: `geminik8s.node.name`.";
+
+/// The keys of one entry of the Kairos `users:` list that geminik8s applies
+/// (`gemin_k8s config apply`, at every boot). `path` is the key inside the entry.
+pub const USER_KEYS: &[Key] = &[
+    required(
+        "name",
+        Kind::Str,
+        "Login name: lowercase letters, digits, `_` and `-`, starting with a letter or `_`, at most 32 characters. An existing user (`root` too) is updated.",
+    ),
+    optional(
+        "passwd",
+        Kind::Str,
+        "null",
+        "Password: plain text (stored as a SHA-512 crypt hash) or a crypt hash starting with `$` (used as is). Absent: the password is left alone (new users get none: key login only).",
+    ),
+    optional(
+        "lock_passwd",
+        Kind::Bool,
+        "false",
+        "Lock the password (`usermod -L`): password login is refused, SSH keys still work.",
+    ),
+    optional(
+        "ssh_authorized_keys",
+        Kind::StrList,
+        "[]",
+        "Public keys written to `~/.ssh/authorized_keys` (the file then holds exactly these). `github:USER` and `gitlab:USER` fetch that account's keys. Empty: the file is left alone.",
+    ),
+    optional(
+        "groups",
+        Kind::StrList,
+        "[]",
+        "Supplementary groups; missing groups are created. Memberships are added, never removed.",
+    ),
+    optional(
+        "primary_group",
+        Kind::Str,
+        "null",
+        "Primary group (created if missing). Absent: a group named after the user.",
+    ),
+    optional(
+        "shell",
+        Kind::File,
+        "null",
+        "Login shell. Absent: the system default for new users (`/etc/default/useradd`).",
+    ),
+    optional("homedir", Kind::Dir, "null", "Home directory. Absent: `/home/NAME` for new users."),
+    optional(
+        "uid",
+        Kind::Int { min: 0, max: 4_294_967_294 },
+        "null",
+        "Numeric user ID. Absent: the next free one for new users.",
+    ),
+];
+
+/// Encodings of `write_files[].content` (cloud-init's names).
+pub const FILE_ENCODINGS: &[&str] =
+    &["text/plain", "b64", "base64", "gz", "gzip", "gz+b64", "gz+base64", "gzip+b64", "gzip+base64"];
+
+/// The keys of one entry of the Kairos `write_files:` list that geminik8s
+/// applies (`gemin_k8s config apply`, at every boot). `path` is the key inside the entry.
+pub const WRITE_FILE_KEYS: &[Key] = &[
+    required(
+        "path",
+        Kind::File,
+        "Absolute path of the file on the node (no `..`). Missing parent directories are created (0755, root-owned).",
+    ),
+    optional("content", Kind::Str, "\"\"", "The file's contents, decoded as `encoding` says."),
+    optional(
+        "encoding",
+        Kind::Enum(FILE_ENCODINGS),
+        "text/plain",
+        "How `content` is encoded: `b64`/`base64`, `gz`/`gzip` (gzip bytes, e.g. with `!!binary`), `gz+b64`/`gzip+base64` (base64 of gzip).",
+    ),
+    optional(
+        "permissions",
+        Kind::Str,
+        "\"0644\"",
+        "Mode as a quoted octal string, e.g. `\"0600\"` (unquoted `0644` is the decimal number 644 in YAML 1.2).",
+    ),
+    optional(
+        "owner",
+        Kind::Str,
+        "root:root",
+        "`USER:GROUP` (or `USER`, group `root`), names or numeric IDs, looked up in the node's `/etc/passwd` and `/etc/group` when the file is written.",
+    ),
+    optional(
+        "append",
+        Kind::Bool,
+        "false",
+        "Append `content` to the file instead of replacing it; skipped when the file already ends with it, so runs at every boot append once.",
+    ),
+    optional(
+        "defer",
+        Kind::Bool,
+        "false",
+        "Write the file after `users:` are applied, so `owner` can name a user created there.",
+    ),
+];
+
 pub fn key(path: &str) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.path == path)
 }
@@ -305,7 +406,8 @@ pub fn reference_markdown() -> String {
          The agent merges, in this order (later wins; mappings merge key by key, lists are replaced):\n\n\
          1. `*.yaml` / `*.yml` files in `/oem`, in name order;\n\
          2. `*.yaml` / `*.yml` files in `/etc/geminik8s`, in name order;\n\
-         3. `user-data` on a NoCloud volume labelled `CIDATA` (or `cidata`);\n\
+         3. `user-data` on a NoCloud volume labelled `CIDATA` (or `cidata`), which the image's initramfs\n\
+            \x20  mounts read-only at `/run/geminik8s-boot/cidata`;\n\
          4. the URL given as `geminik8s.config_url=` on the kernel command line (10 s timeout, 3 tries).\n\n\
          Every source must start with the line `#cloud-config`; files in the two directories that do\n\
          not are skipped with a warning. Check files before flashing them with\n\
@@ -317,20 +419,71 @@ pub fn reference_markdown() -> String {
          - `health.fence_timeout` is longer than `health.interval`; `lease_renew` is shorter than `lease_ttl`, which is longer than `health.fence_timeout`;\n\
          - files named by `health.checks.script` and by `tls.*` paths exist on the node (or are written by this cloud-config's `write_files`);\n\
          - `k3s.extra_args` does not set the flags geminik8s manages.\n\n\
-         ## Keys under `geminik8s:`\n",
+         ## Kairos keys applied by geminik8s\n\n\
+         Other Kairos keys are kept for Kairos tooling but not acted on. These three are applied by\n\
+         `gemin_k8s config apply` (`geminik8s-setup.service`, at every boot, before systemd-networkd,\n\
+         the agent and SSH start; `/etc` is reset at boot, so it runs each time and gives the same result\n\
+         each time), in this order: `hostname`, `write_files` (entries without `defer`), `users`,\n\
+         `write_files` entries with `defer: true`. All are validated with the rest of the file.\n\n",
     );
+    out.push_str(&format!("### `hostname`\n\n{HOSTNAME_DOC}\n\n"));
+    out.push_str(
+        "### `users`\n\n\
+         A list of users, created or updated with the shadow tools (`useradd`, `usermod`, `chpasswd`).\n\n\
+         ```yaml\n\
+         users:\n\
+         - name: ops\n\
+         \x20 passwd: \"$6$...\"          # or plain text\n\
+         \x20 groups: [sudo]\n\
+         \x20 ssh_authorized_keys:\n\
+         \x20 - ssh-ed25519 AAAA... ops@site\n\
+         \x20 - github:octocat\n\
+         ```\n\n\
+         | key | type | default | description |\n|---|---|---|---|\n",
+    );
+    for key in USER_KEYS {
+        out.push_str(&key_row(key));
+    }
+    out.push_str(
+        "\n### `write_files`\n\n\
+         A list of files written into the node's root filesystem, e.g. a static address for\n\
+         systemd-networkd. Each file is written atomically and only when its contents, mode or owner\n\
+         differ. Since the setup unit runs before systemd-networkd, `.network` files are in place\n\
+         when networkd starts; when `gemin_k8s config apply` is run by hand on a running node and\n\
+         changes a file under `/etc/systemd/network`, it runs `networkctl reload`.\n\n\
+         ```yaml\n\
+         write_files:\n\
+         - path: /etc/systemd/network/10-lab.network\n\
+         \x20 permissions: \"0644\"\n\
+         \x20 owner: root:root\n\
+         \x20 content: |\n\
+         \x20   [Match]\n\
+         \x20   MACAddress=52:54:00:77:00:11\n\
+         \x20   [Network]\n\
+         \x20   Address=10.77.0.11/24\n\
+         ```\n\n\
+         | key | type | default | description |\n|---|---|---|---|\n",
+    );
+    for key in WRITE_FILE_KEYS {
+        out.push_str(&key_row(key));
+    }
+    out.push_str("\n## Keys under `geminik8s:`\n");
     for key in KEYS {
         if key.kind == Kind::Section {
             out.push_str(&format!("\n### `{}`\n\n{}\n\n", key.path, key.doc));
             out.push_str("| key | type | default | description |\n|---|---|---|---|\n");
             continue;
         }
-        let default = match (key.required, key.default) {
-            (true, _) => "**required**".to_string(),
-            (false, Some(d)) => format!("`{d}`"),
-            (false, None) => String::new(),
-        };
-        out.push_str(&format!("| `{}` | {} | {} | {} |\n", key.path, key.kind.describe(), default, key.doc));
+        out.push_str(&key_row(key));
     }
     out
+}
+
+fn key_row(key: &Key) -> String {
+    let default = match (key.required, key.default) {
+        (true, _) => "**required**".to_string(),
+        (false, Some(d)) => format!("`{d}`"),
+        (false, None) => String::new(),
+    };
+    format!("| `{}` | {} | {} | {} |\n", key.path, key.kind.describe(), default, key.doc)
 }

@@ -87,6 +87,9 @@ pub fn validate(doc: &Node, names: &[String], ctx: &CheckContext) -> (Option<Gem
             c.push(Severity::Warning, Some(*pos), key, format!("unknown top-level key `{key}`"), Some(hint));
         }
     }
+    for f in super::kairos::check(doc) {
+        c.error(Some(f.pos), &f.key, f.message, f.hint);
+    }
     let Some(block) = doc.get(BLOCK) else {
         c.error(
             Some(doc.pos),
@@ -174,9 +177,9 @@ fn format_path(parent: &str, name: &str) -> String {
     if parent.is_empty() { name.to_string() } else { format!("{parent}.{name}") }
 }
 
-type LeafError = (String, Option<String>);
+pub(super) type LeafError = (String, Option<String>);
 
-fn check_leaf(kind: Kind, node: &Node, nullable: bool) -> Result<(), LeafError> {
+pub(super) fn check_leaf(kind: Kind, node: &Node, nullable: bool) -> Result<(), LeafError> {
     let value = node.to_json();
     if value.is_null() {
         return if nullable { Ok(()) } else { Err(("a value is required here".into(), None)) };
