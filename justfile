@@ -3,7 +3,7 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 kine_version := "v0.17.5"
-apt_packages := "postgresql-15 etcd-client iproute2 iputils-ping arping dbus ca-certificates curl build-essential mmdebstrap docker-registry"
+apt_packages := "postgresql-15 etcd-client iproute2 iputils-ping arping dbus ca-certificates curl build-essential mmdebstrap docker-registry qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu squashfs-tools-ng xorriso mtools dosfstools fdisk cpio"
 
 # Show the recipes.
 default:

@@ -54,6 +54,7 @@ pub struct Tool {
     uid_gid: Option<(u32, u32)>,
     timeout: Option<Duration>,
     stdin: Option<Vec<u8>>,
+    stdin_file: Option<PathBuf>,
 }
 
 impl Tool {
@@ -66,6 +67,7 @@ impl Tool {
             uid_gid: None,
             timeout: None,
             stdin: None,
+            stdin_file: None,
         }
     }
 
@@ -109,6 +111,13 @@ impl Tool {
         self
     }
 
+    /// Feed this file to the tool's standard input (for inputs too large
+    /// to hold in memory).
+    pub fn stdin_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.stdin_file = Some(path.into());
+        self
+    }
+
     /// The command line as a person would type it (for errors and logs).
     pub fn display(&self) -> String {
         std::iter::once(self.program.display().to_string())
@@ -122,10 +131,18 @@ impl Tool {
         use tokio::io::AsyncWriteExt;
 
         let command = self.display();
+        let stdin = match (&self.stdin, &self.stdin_file) {
+            (Some(_), _) => Stdio::piped(),
+            (None, Some(path)) => Stdio::from(
+                std::fs::File::open(path)
+                    .map_err(|source| CmdError::Spawn { command: format!("{command} < {}", path.display()), source })?,
+            ),
+            (None, None) => Stdio::null(),
+        };
         let mut cmd = tokio::process::Command::new(&self.program);
         cmd.args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);

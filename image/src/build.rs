@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::base;
 use crate::cache::{Cache, Request, hash_local};
+use crate::disk;
 use crate::manifest::{self, BuildManifest, RootfsSize};
 use crate::output::{self, OutputFile};
 use crate::progress::{Event, Progress};
@@ -51,6 +52,7 @@ impl BuildOptions {
         match format {
             OutputFormat::RootfsTar => self.out_dir.join(format!("{}-rootfs.tar", self.spec.name)),
             OutputFormat::OciArchive => self.out_dir.join(format!("{}-oci.tar", self.spec.name)),
+            disk => crate::disk::output_path(&self.out_dir, &self.spec.name, disk),
         }
     }
 }
@@ -113,7 +115,7 @@ fn up_to_date(opts: &BuildOptions, inputs_key: &str) -> Option<BuildManifest> {
     let text = fs::read(opts.manifest_path()).ok()?;
     let previous: BuildManifest = serde_json::from_slice(&text).ok()?;
     let outputs_present = previous.outputs.iter().all(|o| fs::metadata(&o.path).is_ok_and(|m| m.len() == o.bytes))
-        && opts.spec.outputs.iter().all(|f| previous.outputs.iter().any(|o| o.path == opts.output_path(*f)));
+        && opts.spec.outputs.iter().all(|f| previous.outputs.iter().any(|o| o.path.starts_with(opts.output_path(*f))));
     (previous.inputs_key == inputs_key && outputs_present).then_some(previous)
 }
 
@@ -229,6 +231,13 @@ pub async fn build(opts: &BuildOptions, cache: &Cache, progress: &Progress) -> a
     notes.extend(rootfs::immutable_layout(target)?);
     step.done("");
 
+    let step = progress.step("initramfs");
+    if disk::regenerate_initramfs(target, epoch).await? {
+        step.done("(rebuilt with the geminik8s boot script)");
+    } else {
+        step.skipped("(no geminik8s boot script in the tree)");
+    }
+
     let packages = manifest::installed_packages(target)?;
 
     let step = progress.step("rootfs tarball");
@@ -248,6 +257,20 @@ pub async fn build(opts: &BuildOptions, cache: &Cache, progress: &Progress) -> a
         let archive = output::write_oci_archive(&tarball, &Platform::host(), epoch, &tag, &labels, &path)?;
         step.done("");
         outputs.push(archive);
+    }
+    let disk_formats: Vec<OutputFormat> = spec.outputs.iter().copied().filter(|f| f.is_disk()).collect();
+    if !disk_formats.is_empty() {
+        let job = disk::DiskJob {
+            tree: target,
+            rootfs_tar: &tar_path,
+            out_dir: &opts.out_dir,
+            name: &spec.name,
+            epoch,
+            sizes: &spec.sizes,
+            seed: &inputs_key,
+            formats: disk_formats,
+        };
+        outputs.extend(disk::write(&job, &opts.out_dir.join(".disk-work"), progress).await?);
     }
     if spec.wants(OutputFormat::RootfsTar) {
         outputs.insert(0, tarball);

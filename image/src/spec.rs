@@ -155,11 +155,29 @@ pub struct User {
 pub enum OutputFormat {
     RootfsTar,
     OciArchive,
+    /// GPT disk image with A/B root slots.
+    Raw,
+    Qcow2,
+    /// Hybrid UEFI ISO booting live.
+    Iso,
+    /// Kernel, initramfs, root initrd and iPXE script.
+    Pxe,
 }
 
 impl OutputFormat {
-    pub const ALL: [(&'static str, OutputFormat); 2] =
-        [("rootfs-tar", OutputFormat::RootfsTar), ("oci-archive", OutputFormat::OciArchive)];
+    pub const ALL: [(&'static str, OutputFormat); 6] = [
+        ("rootfs-tar", OutputFormat::RootfsTar),
+        ("oci-archive", OutputFormat::OciArchive),
+        ("raw", OutputFormat::Raw),
+        ("qcow2", OutputFormat::Qcow2),
+        ("iso", OutputFormat::Iso),
+        ("pxe", OutputFormat::Pxe),
+    ];
+
+    /// Built by the disk builder from the rootfs.
+    pub fn is_disk(self) -> bool {
+        matches!(self, OutputFormat::Raw | OutputFormat::Qcow2 | OutputFormat::Iso | OutputFormat::Pxe)
+    }
 }
 
 /// Partition sizes in bytes, for the disk images built from the rootfs.

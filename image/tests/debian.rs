@@ -16,73 +16,9 @@ use std::time::Instant;
 use gemin_image::build::{BuildOptions, build};
 use gemin_image::cache::{Cache, sha256_file};
 use gemin_image::progress::{Mode, Progress};
-use gemin_image::spec::{ArtifactSource, Base, ImageSpec};
+use gemin_image::spec::OutputFormat;
+use geminik8s_vm_tests::image::{agent_binary, default_spec, host_mirror, test_apt_cache, workspace};
 use geminik8s_vm_tests::{require, skip};
-
-/// The Debian mirror from the host's apt sources.
-fn host_mirror() -> String {
-    if let Ok(m) = std::env::var("GEMIN_IMAGE_TEST_MIRROR") {
-        return m;
-    }
-    let mut texts = Vec::new();
-    if let Ok(t) = fs::read_to_string("/etc/apt/sources.list") {
-        texts.push(t);
-    }
-    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
-        let mut paths: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        paths.sort();
-        texts.extend(paths.iter().filter_map(|p| fs::read_to_string(p).ok()));
-    }
-    for text in texts {
-        for line in text.lines() {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let uri = match words.as_slice() {
-                ["URIs:", uri, ..] => *uri,
-                ["deb", rest @ ..] => rest.iter().find(|w| w.starts_with("http")).copied().unwrap_or(""),
-                _ => "",
-            };
-            if uri.trim_end_matches('/').ends_with("/debian") {
-                return uri.to_string();
-            }
-        }
-    }
-    "http://deb.debian.org/debian".to_string()
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// `GEMIN_IMAGE_TEST_AGENT`, else the workspace's debug or release build.
-fn gemin_k8s_binary() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("GEMIN_IMAGE_TEST_AGENT") {
-        return Some(PathBuf::from(path));
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"));
-    ["debug", "release"].iter().map(|p| target.join(p).join("gemin_k8s")).find(|p| p.is_file())
-}
-
-/// The shipped default spec, as an operator builds it, pointed at this
-/// machine's mirror, a test apt cache and the artifacts at hand.
-fn default_spec(mirror: &str, kine: &Path, agent: &Path, apt: &Path) -> ImageSpec {
-    let mut spec = ImageSpec::load(&workspace().join("image/specs/default.yaml")).unwrap_or_else(|e| panic!("{e}"));
-    match &mut spec.base {
-        Base::Debian(debian) => {
-            debian.mirror = mirror.to_string();
-            debian.apt_cache = Some(apt.to_path_buf());
-        }
-        other => panic!("the default spec is not Debian-based: {other:?}"),
-    }
-    for artifact in &mut spec.artifacts {
-        let path = match artifact.name.as_str() {
-            "kine" => kine,
-            "gemin_k8s" => agent,
-            other => panic!("unexpected artifact {other} in the default spec"),
-        };
-        artifact.source = ArtifactSource::Path { path: path.to_path_buf(), sha256: None };
-    }
-    spec
-}
 
 fn files_below(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -103,7 +39,7 @@ fn files_below(root: &Path) -> Vec<PathBuf> {
 #[tokio::test]
 async fn a_debian_rootfs_is_assembled_and_reproducible() {
     require!(root: true, tools: ["mmdebstrap", "kine"]);
-    let Some(agent) = gemin_k8s_binary() else {
+    let Some(agent) = agent_binary() else {
         skip::skip(module_path!(), "no gemin_k8s binary in target/; build it with `cargo build -p geminik8s-agent`");
         return;
     };
@@ -115,9 +51,12 @@ async fn a_debian_rootfs_is_assembled_and_reproducible() {
     let snapshot = d.join("gemin_k8s");
     fs::copy(&agent, &snapshot).unwrap();
     let agent = snapshot;
-    let apt = std::env::temp_dir().join("gemin-image-test-apt");
+    let apt = test_apt_cache();
     let mirror = host_mirror();
-    let spec = default_spec(&mirror, &kine, &agent, &apt);
+    let mut spec = default_spec(&mirror, &kine, &agent, &apt).unwrap();
+    // The root filesystem is what this test is about; the bootable formats
+    // are built and booted by vm-tests/tests/image_boot.rs.
+    spec.outputs = vec![OutputFormat::RootfsTar, OutputFormat::OciArchive];
     let cache = Cache::new(d.join("cache")).unwrap();
     let progress = Progress::new(Mode::Plain);
     let opts = BuildOptions {
@@ -212,7 +151,8 @@ async fn a_debian_rootfs_is_assembled_and_reproducible() {
     // Offline and without a mirror (an address nothing listens on): the apt
     // cache filled by the first build stands in for it.
     let no_mirror = "http://127.0.0.1:9/debian";
-    let offline_spec = default_spec(no_mirror, &kine, &agent, &apt);
+    let mut offline_spec = default_spec(no_mirror, &kine, &agent, &apt).unwrap();
+    offline_spec.outputs = vec![OutputFormat::RootfsTar, OutputFormat::OciArchive];
     let offline_cache = Cache::new(d.join("cache-offline")).unwrap().offline(true);
     let offline_opts =
         BuildOptions { spec: offline_spec, target: d.join("out3/rootfs"), out_dir: d.join("out3"), ..opts.clone() };

@@ -3,7 +3,9 @@
 //! Tests never sleep for a fixed time: they poll a condition until a
 //! deadline and, on timeout, report what they saw last.
 
+pub mod image;
 pub mod netns;
 pub mod poll;
 pub mod probe;
+pub mod qemu;
 pub mod skip;

@@ -2,6 +2,7 @@
 
 pub mod build;
 pub mod check;
+pub mod flash;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,8 @@ pub enum Command {
     Build(build::Args),
     /// Validate an image spec and print what it would build.
     Check(check::Args),
+    /// Write a raw disk image to a block device (whole disk), then verify it.
+    Flash(flash::Args),
 }
 
 /// Parse the command line and run it.
@@ -28,6 +31,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Build(args) => build::run(args).await,
         Command::Check(args) => check::run(args),
+        Command::Flash(args) => flash::run(args),
     }
 }
 

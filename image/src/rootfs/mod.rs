@@ -249,6 +249,22 @@ pub fn immutable_layout(root: &Path) -> anyhow::Result<Vec<String>> {
         chown(&path, uid, gid)?;
         set_mode(&path, if *dir == "/var/lib/geminik8s" { 0o700 } else { 0o755 })?;
     }
+    // mmdebstrap copies the build host's name and resolver; a node gets its
+    // own from cloud-config (`gemin_k8s config apply`) and DHCP.
+    let hostname = root.join("etc/hostname");
+    make_parents(&hostname)?;
+    fs::write(&hostname, "geminik8s\n").with_context(|| format!("writing {}", hostname.display()))?;
+    set_mode(&hostname, 0o644)?;
+    let resolv = root.join("etc/resolv.conf");
+    if fs::symlink_metadata(&resolv).is_ok_and(|m| m.is_file()) {
+        fs::write(&resolv, "").with_context(|| format!("emptying {}", resolv.display()))?;
+        set_mode(&resolv, 0o644)?;
+    }
+    // The EFI system partition is mounted here (see /etc/fstab) so
+    // systemd-bless-boot can mark a boot good.
+    let efi = root.join("efi");
+    fs::create_dir_all(&efi).with_context(|| format!("creating {}", efi.display()))?;
+    set_mode(&efi, 0o700)?;
     // An empty machine-id makes systemd mount a transient one on a read-only
     // root (and commit it once the ID lives on writable storage).
     let machine_id = root.join("etc/machine-id");
@@ -277,7 +293,8 @@ pub fn immutable_layout(root: &Path) -> anyhow::Result<Vec<String>> {
         "read_only_root": true,
         "persistent": PERSISTENT_DIRS.iter().map(|d| json!({"path": d, "seed_from_image": true})).collect::<Vec<_>>(),
         "etc": {"overlay": "tmpfs", "note": "/etc is an overlay with a tmpfs upper layer: writable at runtime, reset at boot; /etc/rancher is persistent"},
-        "machine_id": "transient until committed to the persistent partition",
+        "machine_id": "kept on the persistent partition, copied into /etc at boot",
+        "boot_script": "/usr/share/initramfs-tools/scripts/gemin",
     });
     let path = in_root(root, LAYOUT_FILE);
     make_parents(&path)?;

@@ -292,7 +292,7 @@ fn check_top(c: &mut Checker, root: &Node) -> Option<ImageSpec> {
                     Some(_) => {}
                     None => {
                         let hint = match did_you_mean(&text, names.iter().copied()) {
-                            Some(m) => format!("did you mean `{m}`? (disk formats come with the disk builder)"),
+                            Some(m) => format!("did you mean `{m}`?"),
                             None => format!("this builder writes: {}", names.join(", ")),
                         };
                         c.error(item.pos, &key, format!("unknown output format `{text}`"), Some(hint));

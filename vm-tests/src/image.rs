@@ -1,0 +1,139 @@
+//! Building the shipped default image for the tests and the QEMU lab: the
+//! spec in `image/specs/default.yaml`, pointed at this machine's Debian
+//! mirror and the artifacts at hand (the workspace's `gemin_k8s`, the
+//! installed Kine).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+use gemin_image::build::{BuildOptions, build};
+use gemin_image::cache::Cache;
+use gemin_image::manifest::BuildManifest;
+use gemin_image::progress::{Mode, Progress};
+use gemin_image::spec::{ArtifactSource, Base, ImageSpec, OutputFormat};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("vm-tests sits in the workspace").to_path_buf()
+}
+
+/// `CARGO_TARGET_DIR`, else the workspace's `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
+}
+
+/// The Debian mirror from the host's apt sources (`GEMIN_IMAGE_TEST_MIRROR`
+/// wins), so image builds use the same mirror as the machine.
+pub fn host_mirror() -> String {
+    if let Ok(m) = std::env::var("GEMIN_IMAGE_TEST_MIRROR") {
+        return m;
+    }
+    let mut texts = Vec::new();
+    if let Ok(t) = fs::read_to_string("/etc/apt/sources.list") {
+        texts.push(t);
+    }
+    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut paths: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        texts.extend(paths.iter().filter_map(|p| fs::read_to_string(p).ok()));
+    }
+    for text in texts {
+        for line in text.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let uri = match words.as_slice() {
+                ["URIs:", uri, ..] => *uri,
+                ["deb", rest @ ..] => rest.iter().find(|w| w.starts_with("http")).copied().unwrap_or(""),
+                _ => "",
+            };
+            if uri.trim_end_matches('/').ends_with("/debian") {
+                return uri.to_string();
+            }
+        }
+    }
+    "http://deb.debian.org/debian".to_string()
+}
+
+/// `GEMIN_IMAGE_TEST_AGENT`, else the workspace's debug or release
+/// `gemin_k8s`.
+pub fn agent_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("GEMIN_IMAGE_TEST_AGENT") {
+        return Some(PathBuf::from(path));
+    }
+    ["debug", "release"].iter().map(|p| target_dir().join(p).join("gemin_k8s")).find(|p| p.is_file())
+}
+
+/// The apt cache the tests share, so only the first build downloads.
+pub fn test_apt_cache() -> PathBuf {
+    std::env::temp_dir().join("gemin-image-test-apt")
+}
+
+/// The shipped default spec, as an operator builds it, pointed at `mirror`,
+/// the apt cache `apt` and the given Kine and agent binaries.
+pub fn default_spec(mirror: &str, kine: &Path, agent: &Path, apt: &Path) -> anyhow::Result<ImageSpec> {
+    let path = workspace().join("image/specs/default.yaml");
+    let mut spec = ImageSpec::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    match &mut spec.base {
+        Base::Debian(debian) => {
+            debian.mirror = mirror.to_string();
+            debian.apt_cache = Some(apt.to_path_buf());
+        }
+        other => anyhow::bail!("the default spec is not Debian-based: {other:?}"),
+    }
+    for artifact in &mut spec.artifacts {
+        let path = match artifact.name.as_str() {
+            "kine" => kine,
+            "gemin_k8s" => agent,
+            other => anyhow::bail!("unexpected artifact {other} in the default spec"),
+        };
+        artifact.source = ArtifactSource::Path { path: path.to_path_buf(), sha256: None };
+    }
+    Ok(spec)
+}
+
+/// A built default image.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    pub out_dir: PathBuf,
+    pub manifest: BuildManifest,
+}
+
+impl BuiltImage {
+    pub fn path(&self, format: OutputFormat) -> PathBuf {
+        gemin_image::disk::output_path(&self.out_dir, "geminik8s", format)
+    }
+}
+
+/// Build the default image with its bootable outputs into `dir` (kept
+/// between runs: an unchanged build is skipped). The agent goes in
+/// stripped, as a release image would carry it.
+pub async fn build_default_image(dir: &Path, progress: &Progress) -> anyhow::Result<BuiltImage> {
+    let agent = agent_binary().context("no gemin_k8s in target/: run `cargo build -p geminik8s-agent`")?;
+    let kine = crate::skip::find_tool("kine").context("kine is not installed: run `just deps`")?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stripped = dir.join("gemin_k8s");
+    let out = Command::new("strip").arg("-o").arg(&stripped).arg(&agent).output().context("running strip")?;
+    anyhow::ensure!(out.status.success(), "strip {}: {}", agent.display(), String::from_utf8_lossy(&out.stderr));
+    let spec = default_spec(&host_mirror(), &kine, &stripped, &test_apt_cache())?;
+    let cache = Cache::new(dir.join("cache"))?;
+    let out_dir = dir.join("out");
+    let opts = BuildOptions {
+        spec,
+        target: out_dir.join("rootfs"),
+        out_dir: out_dir.clone(),
+        source_date_epoch: 1_735_689_600,
+        replace_target: true,
+        refresh_base: false,
+        force: false,
+        tag: None,
+    };
+    let manifest = build(&opts, &cache, progress).await?;
+    Ok(BuiltImage { out_dir, manifest })
+}
+
+/// [`build_default_image`] with plain progress lines, from sync code.
+pub fn build_default_image_blocking(dir: &Path) -> anyhow::Result<BuiltImage> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(build_default_image(dir, &Progress::new(Mode::Plain)))
+}

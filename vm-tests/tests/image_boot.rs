@@ -1,0 +1,310 @@
+//! Boots the images `gemin-image` builds from the shipped default spec in
+//! QEMU (UEFI with OVMF; TCG when KVM does not work): the raw disk with a
+//! cloud-config on a CIDATA volume, the A/B fallback with a broken slot B,
+//! the live ISO and the PXE bundle over QEMU's built-in TFTP.
+//!
+//! Each boot is judged by the line `geminik8s-boot-report.service` prints on
+//! the serial console once the agent has started:
+//! `geminik8s-boot: slot=a root=read-only persistent=/dev/vda5 ... boots=N ... agent=active`.
+//!
+//! The image is built once per run into `target/image-boot/` (kept: an
+//! unchanged build is skipped). VMs run one at a time: the CI machine has
+//! two cores.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use gemin_image::disk::layout;
+use gemin_image::spec::OutputFormat;
+use geminik8s_vm_tests::image::{BuiltImage, agent_binary, build_default_image_blocking, target_dir};
+use geminik8s_vm_tests::qemu::{self, BootOrder, DiskFormat, Drive, Firmware, Mark, Net, Vm, VmConfig};
+use geminik8s_vm_tests::skip;
+
+/// A boot under TCG on a shared 2-core machine: firmware, kernel, systemd,
+/// agent. Measured at about 75 s; generous for a loaded CI machine.
+const BOOT: Duration = Duration::from_secs(420);
+const REPORT: &str = "geminik8s-boot: ";
+/// The raw test's disk: larger than the image, so the first boot grows the
+/// persistent partition.
+const DISK: u64 = 12 << 30;
+
+const TOOLS: &[&str] = &["mmdebstrap", "kine", "qemu-system-x86_64", "qemu-img", "xorriso", "mtools", "tar2sqfs"];
+
+fn image() -> Result<&'static BuiltImage, String> {
+    static IMAGE: OnceLock<Result<BuiltImage, String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| build_default_image_blocking(&target_dir().join("image-boot")).map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// One VM at a time.
+fn vm_slot() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Skips (returning `None`) when the tools, root or the agent binary are missing.
+fn prerequisites(test: &str) -> Option<&'static BuiltImage> {
+    let mut tools = TOOLS.to_vec();
+    tools.retain(|t| *t != "mtools");
+    tools.push("mcopy");
+    if let Some(reason) = skip::requires(true, &tools) {
+        skip::skip(test, &reason);
+        return None;
+    }
+    if qemu::requires(Firmware::Uefi).is_some() {
+        skip::skip(test, "OVMF is not installed (Debian package ovmf)");
+        return None;
+    }
+    if agent_binary().is_none() {
+        skip::skip(test, "no gemin_k8s in target/: run `cargo build -p geminik8s-agent`");
+        return None;
+    }
+    Some(image().unwrap_or_else(|e| panic!("building the default image: {e}")))
+}
+
+/// The fields of a boot report line.
+fn report(line: &str) -> BTreeMap<String, String> {
+    let at = line.find(REPORT).unwrap_or_else(|| panic!("not a boot report: {line}"));
+    line[at + REPORT.len()..]
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn run_dir(name: &str) -> PathBuf {
+    let dir = target_dir().join("image-boot/runs").join(name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A writable copy of the raw disk (sparse), grown to `size` bytes so the
+/// first boot has room to grow the persistent partition.
+fn disk_copy(image: &BuiltImage, dir: &Path, size: u64) -> PathBuf {
+    let disk = dir.join("disk.raw");
+    let status = Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(image.path(OutputFormat::Raw))
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(size).unwrap();
+    disk
+}
+
+/// Byte offset and size of a partition, as sfdisk reads the disk's GPT.
+fn partition(disk: &Path, label: &str) -> (u64, u64) {
+    let out = Command::new("sfdisk").arg("--json").arg(disk).output().unwrap();
+    assert!(out.status.success(), "sfdisk --json: {}", String::from_utf8_lossy(&out.stderr));
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let part = table["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == label)
+        .unwrap_or_else(|| panic!("no partition {label} in {}", disk.display()));
+    (part["start"].as_u64().unwrap() * 512, part["size"].as_u64().unwrap() * 512)
+}
+
+fn partition_offset(disk: &Path, label: &str) -> u64 {
+    partition(disk, label).0
+}
+
+/// `mtools` on the ESP inside `disk`.
+fn mtools(disk: &Path, tool: &str, args: &[&str]) -> String {
+    let esp = partition_offset(disk, layout::ESP_LABEL);
+    let out = Command::new(tool)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{esp}", disk.display()))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Boot entry file names on the ESP.
+fn entries(disk: &Path) -> Vec<String> {
+    let mut names: Vec<String> = mtools(disk, "mdir", &["-b", "::/loader/entries"])
+        .lines()
+        .filter_map(|l| l.rsplit('/').next().map(str::to_string))
+        .filter(|n| n.ends_with(".conf"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Replace an entry on the ESP by `name` with `text`.
+fn put_entry(disk: &Path, old: &str, name: &str, text: &str, dir: &Path) {
+    let local = dir.join(name);
+    fs::write(&local, text).unwrap();
+    mtools(disk, "mdel", &[&format!("::/loader/entries/{old}")]);
+    mtools(disk, "mcopy", &[local.to_str().unwrap(), &format!("::/loader/entries/{name}")]);
+}
+
+/// A CIDATA volume holding node1's cloud-config from `gemin_k8s init`, with
+/// the node on QEMU's user network (10.0.2.15, from its DHCP).
+fn cidata(dir: &Path) -> PathBuf {
+    let agent = agent_binary().unwrap();
+    let cfg = dir.join("cluster");
+    let out = Command::new(&agent)
+        .args(["init", "--name", "boot", "--node1-ip", "10.0.2.15", "--node2-ip", "10.0.2.16", "--vip", "10.0.2.100"])
+        .arg("--config-dir")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gemin_k8s init: {}", String::from_utf8_lossy(&out.stderr));
+    let user_data = fs::read_to_string(cfg.join("node1.yaml")).unwrap();
+    qemu::make_cidata_iso(dir, &user_data, "instance-id: node1\nlocal-hostname: node1\n").unwrap()
+}
+
+fn vm_config(name: &str, dir: &Path) -> VmConfig {
+    let mut cfg = VmConfig::new(name, dir);
+    cfg.memory_mib = 2048;
+    cfg.cpus = 2;
+    cfg
+}
+
+/// Wait for the next boot report after `cursor`; fails on a kernel panic or
+/// an initramfs failure that does not recover.
+fn next_report(vm: &Vm, cursor: &mut Mark) -> BTreeMap<String, String> {
+    let (_, line) = vm.wait_after(cursor, &[REPORT], BOOT).unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{}: {line}", vm.name());
+    report(&line)
+}
+
+#[test]
+fn raw_disk_boots_read_only_grows_persistent_keeps_state_and_marks_the_boot_good() {
+    let Some(image) = prerequisites(module_path!()) else { return };
+    let _one = vm_slot();
+    let dir = run_dir("raw");
+    let disk = disk_copy(image, &dir, DISK);
+    // Boot counting on slot A: three tries, and the agent must bless the boot.
+    let a = layout::Slot::A.entry_id();
+    let entry = mtools(&disk, "mtype", &[&format!("::/loader/entries/{a}.conf")]);
+    put_entry(&disk, &format!("{a}.conf"), &format!("{a}+3.conf"), &entry, &dir);
+    let mut cfg = vm_config("raw", &dir);
+    cfg.drives = vec![Drive::disk(&disk, DiskFormat::Raw), Drive::cdrom(cidata(&dir))];
+    cfg.nets = vec![Net::user(None, None)];
+
+    let vm = Vm::start(cfg.clone()).unwrap();
+    let mut cursor = Mark::default();
+    let first = next_report(&vm, &mut cursor);
+    assert_eq!(first["slot"], "a");
+    assert_eq!(first["root"], "read-only", "/ must be mounted read-only");
+    assert_eq!(first["persistent"], "/dev/vda5");
+    assert_eq!(first["boots"], "1");
+    assert_eq!(first["hostname"], "node1", "hostname from the CIDATA cloud-config");
+    assert_eq!(first["agent"], "active");
+    let kib: u64 = first["persistent_kib"].parse().unwrap();
+    let (_, built) = partition(&image.path(OutputFormat::Raw), layout::PERSISTENT_LABEL);
+    let extra = DISK - image_size(image);
+    assert!(
+        kib * 1024 > built + extra / 2,
+        "the persistent filesystem grew into the {extra} extra bytes of the disk: {kib} KiB (built with {built} bytes)"
+    );
+    // Blessed once the agent is ready: systemd-bless-boot drops the counter.
+    vm.wait_after(&mut cursor, &["Finished systemd-bless-boot.service"], BOOT).unwrap_or_else(|e| panic!("{e:#}"));
+    vm.powerdown().unwrap();
+    vm.wait_exit(Duration::from_secs(180)).unwrap();
+    drop(vm);
+    let names = entries(&disk);
+    assert!(names.contains(&format!("{a}.conf")), "slot A marked good (counter removed): {names:?}");
+
+    let vm = Vm::start(cfg).unwrap();
+    let mut cursor = Mark::default();
+    let second = next_report(&vm, &mut cursor);
+    assert_eq!(second["slot"], "a");
+    assert_eq!(second["boots"], "2", "the boot counter on the persistent partition survived the reboot");
+    assert_eq!(second["persistent_kib"], first["persistent_kib"], "grown once, kept");
+    vm.kill().unwrap();
+}
+
+#[test]
+fn a_broken_slot_b_marked_next_falls_back_to_slot_a() {
+    let Some(image) = prerequisites(module_path!()) else { return };
+    let _one = vm_slot();
+    let dir = run_dir("fallback");
+    let disk = disk_copy(image, &dir, image_size(image));
+    // Slot B: unbootable (its squashfs superblock zeroed) and marked as the
+    // next boot with two tries, as an upgrade would mark it.
+    let b_offset = partition_offset(&disk, &layout::Slot::B.partlabel());
+    let f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 1 << 20], b_offset).unwrap();
+    drop(f);
+    let b = layout::Slot::B.entry_id();
+    let entry = mtools(&disk, "mtype", &[&format!("::/loader/entries/{b}.conf")]).replace("version 0", "version 2");
+    put_entry(&disk, &format!("{b}.conf"), &format!("{b}+2.conf"), &entry, &dir);
+    let mut cfg = vm_config("fallback", &dir);
+    cfg.drives = vec![Drive::disk(&disk, DiskFormat::Raw), Drive::cdrom(cidata(&dir))];
+    cfg.nets = vec![Net::user(None, None)];
+
+    let vm = Vm::start(cfg).unwrap();
+    let mut cursor = Mark::default();
+    for attempt in 1..=2 {
+        let (_, line) = vm
+            .wait_after(&mut cursor, &["cannot mount root slot b"], BOOT)
+            .unwrap_or_else(|e| panic!("try {attempt} of slot B: {e:#}"));
+        eprintln!("slot B, try {attempt}: {line}");
+    }
+    let report = next_report(&vm, &mut cursor);
+    assert_eq!(report["slot"], "a", "after slot B's tries ran out the boot loader chose slot A");
+    assert_eq!(report["root"], "read-only");
+    vm.powerdown().unwrap();
+    vm.wait_exit(Duration::from_secs(180)).unwrap();
+    drop(vm);
+    let names = entries(&disk);
+    assert!(names.contains(&format!("{b}+0-2.conf")), "slot B used both tries and is marked bad: {names:?}");
+}
+
+#[test]
+fn the_live_iso_boots_the_same_root() {
+    let Some(image) = prerequisites(module_path!()) else { return };
+    let _one = vm_slot();
+    let dir = run_dir("iso");
+    let mut cfg = vm_config("iso", &dir);
+    cfg.drives = vec![Drive::cdrom(image.path(OutputFormat::Iso)), Drive::cdrom(cidata(&dir))];
+    cfg.nets = vec![Net::user(None, None)];
+    cfg.boot = BootOrder::Cdrom;
+    let vm = Vm::start(cfg).unwrap();
+    let report = next_report(&vm, &mut Mark::default());
+    assert_eq!(report["slot"], "live");
+    assert_eq!(report["root"], "read-only");
+    assert_eq!(report["persistent"], "tmpfs", "a live boot keeps state in RAM");
+    assert_eq!(report["hostname"], "node1");
+    assert_eq!(report["agent"], "active");
+    vm.kill().unwrap();
+}
+
+#[test]
+fn the_pxe_bundle_boots_over_tftp() {
+    let Some(image) = prerequisites(module_path!()) else { return };
+    let _one = vm_slot();
+    let dir = run_dir("pxe");
+    let mut cfg = vm_config("pxe", &dir);
+    cfg.memory_mib = 3072;
+    cfg.drives = vec![Drive::cdrom(cidata(&dir))];
+    cfg.nets = vec![Net::user(Some(image.path(OutputFormat::Pxe)), Some("boot.ipxe"))];
+    cfg.boot = BootOrder::Network;
+    cfg.firmware = Firmware::Bios;
+    let vm = Vm::start(cfg).unwrap();
+    let report = next_report(&vm, &mut Mark::default());
+    assert_eq!(report["slot"], "pxe");
+    assert_eq!(report["root"], "read-only");
+    assert_eq!(report["persistent"], "tmpfs");
+    assert_eq!(report["agent"], "active");
+    vm.kill().unwrap();
+}
+
+fn image_size(image: &BuiltImage) -> u64 {
+    fs::metadata(image.path(OutputFormat::Raw)).unwrap().len()
+}
