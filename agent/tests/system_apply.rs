@@ -163,26 +163,35 @@ fn hostname_and_users_are_applied_once() {
     assert_eq!(snapshot(root), before, "the second run changed files");
 }
 
-#[test]
-fn a_dry_run_reports_and_changes_nothing() {
-    require!(root: true, tools: ["useradd", "usermod", "groupadd", "chpasswd", "openssl"]);
-    let dir = node_root(&user_data());
+/// `--dry-run` on a fresh root with `user_data`: it succeeds, prints every
+/// `expected` text and changes no file.
+fn assert_dry_run_reports(user_data: &str, expected: &[&str]) {
+    let dir = node_root(user_data);
     let before = snapshot(dir.path());
     let out = apply(dir.path(), &["--dry-run"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    for expected in [
-        "would change: hostname /etc/hostname: edge-a1",
-        "would change: group edge-ops: create",
-        "would change: user ops: create (`useradd",
-        "would change: password ops: set",
-        "would change: authorized-keys /home/ops/.ssh/authorized_keys: 2 keys",
-        "would change: password root: lock",
-        "dry run: hostname edge-a1, 2 users",
-    ] {
+    for expected in expected {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }
     assert_eq!(snapshot(dir.path()), before, "a dry run changed files");
+}
+
+#[test]
+fn a_dry_run_reports_and_changes_nothing() {
+    require!(root: true, tools: ["useradd", "usermod", "groupadd", "chpasswd", "openssl"]);
+    assert_dry_run_reports(
+        &user_data(),
+        &[
+            "would change: hostname /etc/hostname: edge-a1",
+            "would change: group edge-ops: create",
+            "would change: user ops: create (`useradd",
+            "would change: password ops: set",
+            "would change: authorized-keys /home/ops/.ssh/authorized_keys: 2 keys",
+            "would change: password root: lock",
+            "dry run: hostname edge-a1, 2 users",
+        ],
+    );
 }
 
 #[test]
@@ -311,21 +320,16 @@ fn write_files_are_applied_once() {
 #[test]
 fn a_dry_run_reports_files_and_writes_nothing() {
     require!(root: true, tools: ["useradd", "usermod", "groupadd", "chpasswd", "openssl"]);
-    let dir = node_root(FILES_USER_DATA);
-    let before = snapshot(dir.path());
-    let out = apply(dir.path(), &["--dry-run"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    for expected in [
-        "would change: directory /etc/systemd/network: create, 0755 root:root",
-        "would change: file /etc/systemd/network/10-lab.network: create, 69 bytes, 0644 root:root",
-        // The owner is created by `users:` first, so a dry run cannot resolve it yet.
-        "would change: file /home/ops/.config/token: create, 13 bytes, 0600 ops:ops",
-        "dry run: hostname node1, 1 user, 4 files",
-    ] {
-        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
-    }
-    assert_eq!(snapshot(dir.path()), before, "a dry run changed files");
+    assert_dry_run_reports(
+        FILES_USER_DATA,
+        &[
+            "would change: directory /etc/systemd/network: create, 0755 root:root",
+            "would change: file /etc/systemd/network/10-lab.network: create, 69 bytes, 0644 root:root",
+            // The owner is created by `users:` first, so a dry run cannot resolve it yet.
+            "would change: file /home/ops/.config/token: create, 13 bytes, 0600 ops:ops",
+            "dry run: hostname node1, 1 user, 4 files",
+        ],
+    );
 }
 
 #[test]

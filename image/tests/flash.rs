@@ -117,6 +117,55 @@ impl Drop for Loop {
     }
 }
 
+/// What backs the loop device of a [`Fixture`].
+enum Backing {
+    /// `size` bytes of junk, attached without a partition scan.
+    Junk(u64),
+    /// A GPT disk of `size` bytes (see [`gpt_image`]), attached with `--partscan`.
+    Gpt(u64),
+}
+
+/// A temp dir with a GPT image (`disk.raw`) and a loop device over a
+/// backing file (`device`), whose digest is taken before it is attached.
+struct Fixture {
+    /// Declared first: dropped, so detached, before the temp dir goes.
+    lo: Loop,
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    backing: PathBuf,
+    /// The backing file's sha256 before anything ran.
+    before: String,
+}
+
+impl Fixture {
+    /// `None` (with the reason printed) unless root with `losetup`, `sfdisk`
+    /// and `tools`, and a loop device can be attached.
+    fn new(test: &str, tools: &[&str], image_size: u64, backing: Backing) -> Option<Fixture> {
+        let mut all = vec!["sfdisk"];
+        all.extend_from_slice(tools);
+        if !required(test, &all) {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.raw");
+        let backing_path = dir.path().join("device");
+        gpt_image(&image, image_size);
+        let partscan = match backing {
+            Backing::Junk(size) => {
+                junk_file(&backing_path, size);
+                false
+            }
+            Backing::Gpt(size) => {
+                gpt_image(&backing_path, size);
+                true
+            }
+        };
+        let before = sha256(&backing_path);
+        let lo = Loop::attach(test, &backing_path, partscan)?;
+        Some(Fixture { lo, dir, image, backing: backing_path, before })
+    }
+}
+
 /// A mount, unmounted on drop.
 struct Mounted {
     dir: PathBuf,
@@ -143,61 +192,50 @@ impl Drop for Mounted {
 
 #[test]
 fn flash_makes_the_device_equal_the_image_over_junk() {
-    let test = "flash_makes_the_device_equal_the_image_over_junk";
-    if !required(test, &["sfdisk"]) {
+    let Some(fx) =
+        Fixture::new("flash_makes_the_device_equal_the_image_over_junk", &[], 6 * MIB, Backing::Junk(8 * MIB))
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    let backing = dir.path().join("device");
-    gpt_image(&image, 6 * MIB);
-    junk_file(&backing, 8 * MIB);
-    let Some(lo) = Loop::attach(test, &backing, false) else { return };
+    };
 
-    let out = flash(&["--yes", "--output", "json"], &image, &lo.dev);
+    let out = flash(&["--yes", "--output", "json"], &fx.image, &fx.lo.dev);
     assert!(out.status.success(), "{}", stderr(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(summary["device"], lo.dev.display().to_string());
+    assert_eq!(summary["device"], fx.lo.dev.display().to_string());
     assert_eq!(summary["bytes"], 6 * MIB);
-    assert_eq!(summary["sha256"], sha256(&image));
+    assert_eq!(summary["sha256"], sha256(&fx.image));
     assert_eq!(summary["verified"], true);
     assert_eq!(summary["dry_run"], false);
     assert!(summary["seconds"].is_number());
 
     // The bytes landed in the backing file: the image, zeros included, then
     // the junk beyond it untouched.
-    let image_bytes = fs::read(&image).unwrap();
-    let device_bytes = fs::read(&backing).unwrap();
+    let image_bytes = fs::read(&fx.image).unwrap();
+    let device_bytes = fs::read(&fx.backing).unwrap();
     assert!(device_bytes[..image_bytes.len()] == image_bytes[..], "device differs from the image");
     assert!(device_bytes[image_bytes.len()..] == junk(8 * MIB)[image_bytes.len()..], "junk beyond the image changed");
     let text = stderr(&out);
-    assert!(text.contains(&format!("loop device backed by {}", backing.display())), "{text}");
+    assert!(text.contains(&format!("loop device backed by {}", fx.backing.display())), "{text}");
 }
 
 #[test]
 fn verification_reads_the_device_not_cached_pages() {
-    let test = "verification_reads_the_device_not_cached_pages";
-    if !required(test, &["sfdisk"]) {
+    let Some(fx) = Fixture::new("verification_reads_the_device_not_cached_pages", &[], 4 * MIB, Backing::Junk(4 * MIB))
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    let backing = dir.path().join("device");
-    gpt_image(&image, 4 * MIB);
-    junk_file(&backing, 4 * MIB);
-    let Some(lo) = Loop::attach(test, &backing, false) else { return };
-    let out = flash(&["--yes"], &image, &lo.dev);
+    };
+    let out = flash(&["--yes"], &fx.image, &fx.lo.dev);
     assert!(out.status.success(), "{}", stderr(&out));
-    let expected = sha256(&image);
+    let expected = sha256(&fx.image);
     // The kernel drops a block device's cached pages on its last close: keep
     // it open so the pages read by this first verification stay cached.
-    let _holder = File::open(&lo.dev).unwrap();
-    gemin_image::flash::verify_device(&lo.dev, 4 * MIB, &expected).unwrap();
+    let _holder = File::open(&fx.lo.dev).unwrap();
+    gemin_image::flash::verify_device(&fx.lo.dev, 4 * MIB, &expected).unwrap();
 
     // Change one byte under the loop device, in its backing file: the loop
     // device's own cached pages still hold the good byte, so only a
     // verification that goes to the device sees the change.
-    let mut f = OpenOptions::new().read(true).write(true).open(&backing).unwrap();
+    let mut f = OpenOptions::new().read(true).write(true).open(&fx.backing).unwrap();
     f.seek(SeekFrom::Start(MIB + 4097)).unwrap();
     let mut byte = [0u8];
     f.read_exact(&mut byte).unwrap();
@@ -205,11 +243,11 @@ fn verification_reads_the_device_not_cached_pages() {
     f.sync_all().unwrap();
     drop(f);
 
-    let err = gemin_image::flash::verify_device(&lo.dev, 4 * MIB, &expected).unwrap_err();
+    let err = gemin_image::flash::verify_device(&fx.lo.dev, 4 * MIB, &expected).unwrap_err();
     let text = err.to_string();
     assert!(text.starts_with("verification failed"), "{text}");
     assert!(text.contains(&expected), "the image digest is reported: {text}");
-    let mut corrupted = fs::read(&backing).unwrap();
+    let mut corrupted = fs::read(&fx.backing).unwrap();
     corrupted.truncate((4 * MIB) as usize);
     assert!(text.contains(&hex::encode(Sha256::digest(&corrupted))), "the device digest is reported: {text}");
 }
@@ -263,34 +301,29 @@ fn images_that_are_not_raw_or_have_no_gpt_are_refused() {
 
 #[test]
 fn a_mounted_device_is_refused() {
-    let test = "a_mounted_device_is_refused";
-    if !required(test, &["sfdisk", "mkfs.ext4", "mount", "umount"]) {
+    let Some(fx) =
+        Fixture::new("a_mounted_device_is_refused", &["mkfs.ext4", "mount", "umount"], 4 * MIB, Backing::Junk(8 * MIB))
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    let backing = dir.path().join("device");
-    let mnt = dir.path().join("mnt");
+    };
+    let mnt = fx.dir.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    gpt_image(&image, 4 * MIB);
-    junk_file(&backing, 8 * MIB);
-    let Some(lo) = Loop::attach(test, &backing, false) else { return };
-    let mounted = Mounted::new(&lo.dev, &mnt);
+    let mounted = Mounted::new(&fx.lo.dev, &mnt);
     fs::write(mnt.join("data"), b"precious").unwrap();
     // ext4 itself writes to the device (journal, superblock on unmount), but
     // never to its first KiB, where the image's MBR and GPT header would go.
-    let boot_area = fs::read(&backing).unwrap()[..1024].to_vec();
+    let boot_area = fs::read(&fx.backing).unwrap()[..1024].to_vec();
 
     for extra in [&["--yes"][..], &["--dry-run"][..]] {
-        let out = flash(extra, &image, &lo.dev);
+        let out = flash(extra, &fx.image, &fx.lo.dev);
         assert!(!out.status.success());
         let text = stderr(&out);
-        assert!(text.contains(&format!("device {} is in use", lo.dev.display())), "{text}");
-        assert!(text.contains(&format!("{} is mounted on {}", lo.name(), mnt.display())), "{text}");
+        assert!(text.contains(&format!("device {} is in use", fx.lo.dev.display())), "{text}");
+        assert!(text.contains(&format!("{} is mounted on {}", fx.lo.name(), mnt.display())), "{text}");
     }
     assert_eq!(fs::read(mnt.join("data")).unwrap(), b"precious");
     drop(mounted);
-    let after = fs::read(&backing).unwrap();
+    let after = fs::read(&fx.backing).unwrap();
     assert!(after[..1024] == boot_area[..], "the refused device's first KiB was changed");
     assert_eq!(after[1024 + 0x38..1024 + 0x3a], [0x53, 0xef], "the ext4 superblock is gone");
 }
@@ -298,21 +331,16 @@ fn a_mounted_device_is_refused() {
 #[test]
 fn a_partition_and_a_disk_with_a_mounted_partition_are_refused() {
     let test = "a_partition_and_a_disk_with_a_mounted_partition_are_refused";
-    if !required(test, &["sfdisk", "partx", "mkfs.ext4", "mount", "umount"]) {
+    let Some(fx) = Fixture::new(test, &["partx", "mkfs.ext4", "mount", "umount"], 4 * MIB, Backing::Gpt(16 * MIB))
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    let backing = dir.path().join("device");
-    let mnt = dir.path().join("mnt");
+    };
+    let mnt = fx.dir.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    gpt_image(&image, 4 * MIB);
-    gpt_image(&backing, 16 * MIB);
-    let Some(lo) = Loop::attach(test, &backing, true) else { return };
-    let p1 = PathBuf::from(format!("{}p1", lo.dev.display()));
+    let p1 = PathBuf::from(format!("{}p1", fx.lo.dev.display()));
     // The kernel may not have scanned the table yet: ask it, then wait for the node.
     if !p1.exists() {
-        let out = Command::new("partx").arg("--add").arg(&lo.dev).output().unwrap();
+        let out = Command::new("partx").arg("--add").arg(&fx.lo.dev).output().unwrap();
         assert!(out.status.success() || p1.exists(), "partx: {}", stderr(&out));
     }
     let found = poll::until("the partition's device node", Duration::from_secs(10), Duration::from_millis(50), || {
@@ -323,119 +351,92 @@ fn a_partition_and_a_disk_with_a_mounted_partition_are_refused() {
         return;
     }
 
-    let before = sha256(&backing);
-    let out = flash(&["--yes"], &image, &p1);
+    let out = flash(&["--yes"], &fx.image, &p1);
     assert!(!out.status.success());
     let text = stderr(&out);
-    assert!(text.contains(&format!("{}p1 is a partition", lo.name())), "{text}");
-    assert!(text.contains(&format!("name the whole disk instead, e.g. {}", lo.dev.display())), "{text}");
-    assert_eq!(sha256(&backing), before);
+    assert!(text.contains(&format!("{}p1 is a partition", fx.lo.name())), "{text}");
+    assert!(text.contains(&format!("name the whole disk instead, e.g. {}", fx.lo.dev.display())), "{text}");
+    assert_eq!(sha256(&fx.backing), fx.before);
 
     // mkfs and mount touch partition 1 only; the partition table in the
     // first MiB must survive the refused flash.
-    let table = fs::read(&backing).unwrap()[..MIB as usize].to_vec();
+    let table = fs::read(&fx.backing).unwrap()[..MIB as usize].to_vec();
     let mounted = Mounted::new(&p1, &mnt);
-    let out = flash(&["--yes"], &image, &lo.dev);
+    let out = flash(&["--yes"], &fx.image, &fx.lo.dev);
     assert!(!out.status.success());
     let text = stderr(&out);
-    assert!(text.contains(&format!("{}p1 is mounted on {}", lo.name(), mnt.display())), "{text}");
+    assert!(text.contains(&format!("{}p1 is mounted on {}", fx.lo.name(), mnt.display())), "{text}");
     drop(mounted);
-    assert!(fs::read(&backing).unwrap()[..MIB as usize] == table[..], "the partition table changed");
+    assert!(fs::read(&fx.backing).unwrap()[..MIB as usize] == table[..], "the partition table changed");
 }
 
 #[test]
 fn a_device_smaller_than_the_image_is_refused() {
-    let test = "a_device_smaller_than_the_image_is_refused";
-    if !required(test, &["sfdisk"]) {
+    let Some(fx) = Fixture::new("a_device_smaller_than_the_image_is_refused", &[], 6 * MIB, Backing::Junk(4 * MIB))
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    let backing = dir.path().join("device");
-    gpt_image(&image, 6 * MIB);
-    junk_file(&backing, 4 * MIB);
-    let before = sha256(&backing);
-    let Some(lo) = Loop::attach(test, &backing, false) else { return };
-    let out = flash(&["--yes"], &image, &lo.dev);
+    };
+    let out = flash(&["--yes"], &fx.image, &fx.lo.dev);
     assert!(!out.status.success());
     let text = stderr(&out);
-    assert!(text.contains(&format!("device {}: too small: 4194304 bytes (4.0 MiB)", lo.dev.display())), "{text}");
+    assert!(text.contains(&format!("device {}: too small: 4194304 bytes (4.0 MiB)", fx.lo.dev.display())), "{text}");
     assert!(text.contains("needs 6291456 bytes (6.0 MiB)"), "{text}");
-    assert_eq!(sha256(&backing), before);
+    assert_eq!(sha256(&fx.backing), fx.before);
 }
 
 #[test]
 fn dry_run_checks_everything_and_writes_nothing() {
-    let test = "dry_run_checks_everything_and_writes_nothing";
-    if !required(test, &["sfdisk"]) {
+    let Some(fx) = Fixture::new("dry_run_checks_everything_and_writes_nothing", &[], 4 * MIB, Backing::Junk(8 * MIB))
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    let backing = dir.path().join("device");
-    gpt_image(&image, 4 * MIB);
-    junk_file(&backing, 8 * MIB);
-    let before = sha256(&backing);
-    let Some(lo) = Loop::attach(test, &backing, false) else { return };
+    };
     // No --yes and no terminal: a dry run needs no confirmation.
-    let out = flash(&["--dry-run", "--output", "json"], &image, &lo.dev);
+    let out = flash(&["--dry-run", "--output", "json"], &fx.image, &fx.lo.dev);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stderr(&out);
-    assert!(text.contains(&format!("dry run: would write 4194304 bytes (sha256:{})", sha256(&image))), "{text}");
+    assert!(text.contains(&format!("dry run: would write 4194304 bytes (sha256:{})", sha256(&fx.image))), "{text}");
     assert!(text.contains("nothing was written"), "{text}");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["dry_run"], true);
     assert_eq!(summary["verified"], false);
-    assert_eq!(sha256(&backing), before, "a dry run changed the device");
+    assert_eq!(sha256(&fx.backing), fx.before, "a dry run changed the device");
 }
 
 #[test]
 fn without_yes_and_without_a_terminal_nothing_is_written() {
-    let test = "without_yes_and_without_a_terminal_nothing_is_written";
-    if !required(test, &["sfdisk"]) {
+    let Some(fx) =
+        Fixture::new("without_yes_and_without_a_terminal_nothing_is_written", &[], 4 * MIB, Backing::Junk(8 * MIB))
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    let backing = dir.path().join("device");
-    gpt_image(&image, 4 * MIB);
-    junk_file(&backing, 8 * MIB);
-    let before = sha256(&backing);
-    let Some(lo) = Loop::attach(test, &backing, false) else { return };
-    let out = flash(&[], &image, &lo.dev);
+    };
+    let out = flash(&[], &fx.image, &fx.lo.dev);
     assert!(!out.status.success());
     let text = stderr(&out);
     assert!(text.contains("stdin is not a terminal"), "{text}");
     assert!(text.contains("pass --yes"), "{text}");
     // The operator was shown what would have been overwritten.
-    assert!(text.contains(&format!("bytes 0..4194304 of {} will be overwritten", lo.dev.display())), "{text}");
-    assert_eq!(sha256(&backing), before);
+    assert!(text.contains(&format!("bytes 0..4194304 of {} will be overwritten", fx.lo.dev.display())), "{text}");
+    assert_eq!(sha256(&fx.backing), fx.before);
 }
 
 #[test]
 fn a_device_another_program_holds_exclusively_is_refused() {
-    let test = "a_device_another_program_holds_exclusively_is_refused";
-    if !required(test, &["sfdisk"]) {
+    let Some(fx) =
+        Fixture::new("a_device_another_program_holds_exclusively_is_refused", &[], 4 * MIB, Backing::Junk(8 * MIB))
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    let backing = dir.path().join("device");
-    gpt_image(&image, 4 * MIB);
-    junk_file(&backing, 8 * MIB);
-    let before = sha256(&backing);
-    let Some(lo) = Loop::attach(test, &backing, false) else { return };
+    };
     // Not mounted, no swap, no holder: only the kernel's exclusive claim
     // (what a partitioning tool or a running flash holds) tells.
     let _claim = {
         use std::os::unix::fs::OpenOptionsExt;
-        OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_EXCL.bits()).open(&lo.dev).unwrap()
+        OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_EXCL.bits()).open(&fx.lo.dev).unwrap()
     };
-    let out = flash(&["--yes"], &image, &lo.dev);
+    let out = flash(&["--yes"], &fx.image, &fx.lo.dev);
     assert!(!out.status.success());
     let text = stderr(&out);
-    assert!(text.contains(&format!("device {}: busy", lo.dev.display())), "{text}");
-    assert_eq!(sha256(&backing), before);
+    assert!(text.contains(&format!("device {}: busy", fx.lo.dev.display())), "{text}");
+    assert_eq!(sha256(&fx.backing), fx.before);
 }
 
 /// Run `gemin-image flash IMAGE DEVICE` on a terminal (a pty from util-linux
@@ -456,27 +457,21 @@ fn flash_on_a_terminal(image: &Path, device: &Path, answer: &str) -> (bool, Stri
 
 #[test]
 fn on_a_terminal_the_device_name_must_be_typed() {
-    let test = "on_a_terminal_the_device_name_must_be_typed";
-    if !required(test, &["sfdisk", "script"]) {
+    let Some(fx) =
+        Fixture::new("on_a_terminal_the_device_name_must_be_typed", &["script"], 4 * MIB, Backing::Junk(8 * MIB))
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    let backing = dir.path().join("device");
-    gpt_image(&image, 4 * MIB);
-    junk_file(&backing, 8 * MIB);
-    let before = sha256(&backing);
-    let Some(lo) = Loop::attach(test, &backing, false) else { return };
+    };
 
-    let (ok, shown) = flash_on_a_terminal(&image, &lo.dev, "sdz");
+    let (ok, shown) = flash_on_a_terminal(&fx.image, &fx.lo.dev, "sdz");
     assert!(!ok, "{shown}");
-    assert!(shown.contains(&format!("Type the device name ({}) to overwrite it", lo.name())), "{shown}");
-    assert!(shown.contains(&format!("you typed `sdz`, not `{}`", lo.name())), "{shown}");
-    assert_eq!(sha256(&backing), before);
+    assert!(shown.contains(&format!("Type the device name ({}) to overwrite it", fx.lo.name())), "{shown}");
+    assert!(shown.contains(&format!("you typed `sdz`, not `{}`", fx.lo.name())), "{shown}");
+    assert_eq!(sha256(&fx.backing), fx.before);
 
-    let (ok, shown) = flash_on_a_terminal(&image, &lo.dev, &lo.name());
+    let (ok, shown) = flash_on_a_terminal(&fx.image, &fx.lo.dev, &fx.lo.name());
     assert!(ok, "{shown}");
     assert!(shown.contains("verified"), "{shown}");
-    let image_bytes = fs::read(&image).unwrap();
-    assert!(fs::read(&backing).unwrap()[..image_bytes.len()] == image_bytes[..], "device differs from the image");
+    let image_bytes = fs::read(&fx.image).unwrap();
+    assert!(fs::read(&fx.backing).unwrap()[..image_bytes.len()] == image_bytes[..], "device differs from the image");
 }

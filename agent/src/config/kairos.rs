@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::diag::did_you_mean;
 use super::schema;
-use super::validate::check_leaf;
+use super::validate::{LeafError, check_leaf};
 use super::yaml::{Kind as NodeKind, Node, Pos};
 
 /// One entry of `users:`.
@@ -331,71 +331,131 @@ const UNSUPPORTED_FILE_KEYS: &[(&str, &str)] = &[
     ("group", "write `owner: USER:GROUP`"),
 ];
 
-fn check_write_files(node: &Node, out: &mut Vec<Finding>) {
-    let items = match &node.kind {
-        NodeKind::Seq(items) => items,
-        NodeKind::Scalar { .. } if node.to_json().is_null() => return,
-        _ => {
-            out.push(finding(
-                node.pos,
-                "write_files",
-                format!("expected a list of files, found {}", node.type_name()),
-                Some("one `- path: /etc/...` entry per file".into()),
-            ));
-            return;
-        }
-    };
-    let mut seen = BTreeSet::new();
-    for (index, item) in items.iter().enumerate() {
-        let at = format!("write_files[{index}]");
-        let NodeKind::Map(entries) = &item.kind else {
-            out.push(finding(
-                item.pos,
-                at,
-                format!("expected a mapping with `path:`, found {}", item.type_name()),
-                Some("write `- path: /etc/...` followed by `content: ...`".into()),
-            ));
-            continue;
+/// A list of mappings (`users:`, `write_files:`) and the words its findings use.
+struct MappingList {
+    /// The top-level key.
+    key: &'static str,
+    /// What one entry describes: `user`, `file`.
+    entry: &'static str,
+    /// The key every entry starts with: `name`, `path`.
+    id_key: &'static str,
+    /// What to write when the value is not a list.
+    list_hint: &'static str,
+    /// What to write when an entry is not a mapping.
+    entry_hint: &'static str,
+    keys: &'static [schema::Key],
+    /// cloud-init keys geminik8s does not apply, with what to do instead.
+    unsupported: &'static [(&'static str, &'static str)],
+}
+
+const USER_LIST: MappingList = MappingList {
+    key: "users",
+    entry: "user",
+    id_key: "name",
+    list_hint: "one `- name: ...` entry per user",
+    entry_hint: "write `- name: ops` (Kairos does not know cloud-init's `default` entry)",
+    keys: schema::USER_KEYS,
+    unsupported: UNSUPPORTED_USER_KEYS,
+};
+
+const FILE_LIST: MappingList = MappingList {
+    key: "write_files",
+    entry: "file",
+    id_key: "path",
+    list_hint: "one `- path: /etc/...` entry per file",
+    entry_hint: "write `- path: /etc/...` followed by `content: ...`",
+    keys: schema::WRITE_FILE_KEYS,
+    unsupported: UNSUPPORTED_FILE_KEYS,
+};
+
+impl MappingList {
+    /// Call `each` with every entry of `node` that is a mapping, with its
+    /// place (`users[0]`); a finding instead for a value that is not a list
+    /// (null is an empty list) and for an entry that is not a mapping.
+    fn each_entry<'a>(
+        &self,
+        node: &'a Node,
+        out: &mut Vec<Finding>,
+        mut each: impl FnMut(&str, &'a Node, &'a [(String, Pos, Node)], &mut Vec<Finding>),
+    ) {
+        let items = match &node.kind {
+            NodeKind::Seq(items) => items,
+            NodeKind::Scalar { .. } if node.to_json().is_null() => return,
+            _ => {
+                out.push(finding(
+                    node.pos,
+                    self.key,
+                    format!("expected a list of {}s, found {}", self.entry, node.type_name()),
+                    Some(self.list_hint.into()),
+                ));
+                return;
+            }
         };
+        for (index, item) in items.iter().enumerate() {
+            let at = format!("{}[{index}]", self.key);
+            match &item.kind {
+                NodeKind::Map(entries) => each(&at, item, entries, out),
+                _ => out.push(finding(
+                    item.pos,
+                    at,
+                    format!("expected a mapping with `{}:`, found {}", self.id_key, item.type_name()),
+                    Some(self.entry_hint.into()),
+                )),
+            }
+        }
+    }
+
+    /// Check the keys of the entry at `at`: an unknown key gets a finding
+    /// with what to do instead, a close known key or the list of known keys;
+    /// `problem` checks the value of a known key. Whether anything was found.
+    fn check_keys(
+        &self,
+        at: &str,
+        entries: &[(String, Pos, Node)],
+        out: &mut Vec<Finding>,
+        problem: impl Fn(&str, &schema::Key, &Node) -> Option<LeafError>,
+    ) -> bool {
         let mut bad = false;
         for (key, key_pos, value) in entries {
             let path = format!("{at}.{key}");
-            let Some(spec) = schema::WRITE_FILE_KEYS.iter().find(|k| k.path == key) else {
-                let known = schema::WRITE_FILE_KEYS.iter().map(|k| k.path);
-                let hint = if let Some((_, instead)) = UNSUPPORTED_FILE_KEYS.iter().find(|(k, _)| k == key) {
-                    instead.to_string()
-                } else if let Some(close) = did_you_mean(key, known.clone()) {
-                    format!("did you mean `{close}`?")
-                } else {
-                    format!("keys of a file: {}", known.collect::<Vec<_>>().join(", "))
-                };
-                out.push(finding(*key_pos, path, format!("unknown key `{key}`"), Some(hint)));
-                bad = true;
-                continue;
+            let found = match self.keys.iter().find(|k| k.path == key) {
+                Some(spec) => problem(key, spec, value).map(|(message, hint)| finding(value.pos, path, message, hint)),
+                None => {
+                    let known = self.keys.iter().map(|k| k.path);
+                    let hint = if let Some((_, instead)) = self.unsupported.iter().find(|(k, _)| k == key) {
+                        instead.to_string()
+                    } else if let Some(close) = did_you_mean(key, known.clone()) {
+                        format!("did you mean `{close}`?")
+                    } else {
+                        format!("keys of a {}: {}", self.entry, known.collect::<Vec<_>>().join(", "))
+                    };
+                    Some(finding(*key_pos, path, format!("unknown key `{key}`"), Some(hint)))
+                }
             };
+            if let Some(found) = found {
+                out.push(found);
+                bad = true;
+            }
+        }
+        bad
+    }
+}
+
+fn check_write_files(node: &Node, out: &mut Vec<Finding>) {
+    let mut seen = BTreeSet::new();
+    FILE_LIST.each_entry(node, out, |at, item, entries, out| {
+        let bad = FILE_LIST.check_keys(at, entries, out, |key, spec, value| {
             if key == "permissions"
                 && let NodeKind::Scalar { text, quoted: false } = &value.kind
                 && matches!(value.to_json(), Value::Number(_))
             {
-                out.push(finding(
-                    value.pos,
-                    path,
+                return Some((
                     format!("`{text}` is a number, not an octal mode string"),
                     Some(format!("quote it: `permissions: \"{text}\"` (YAML 1.2 reads `{text}` as a decimal number)")),
                 ));
-                bad = true;
-                continue;
             }
-            if let Err((message, hint)) = check_leaf(spec.kind, value, !spec.required) {
-                out.push(finding(value.pos, path, message, hint));
-                bad = true;
-                continue;
-            }
-            if let Some((message, hint)) = check_file_value(key, &value.to_json()) {
-                out.push(finding(value.pos, path, message, hint));
-                bad = true;
-            }
-        }
+            check_leaf(spec.kind, value, !spec.required).err().or_else(|| check_file_value(key, &value.to_json()))
+        });
         match item.get("path").map(|n| (n, n.to_json())) {
             None => {
                 out.push(finding(
@@ -404,7 +464,7 @@ fn check_write_files(node: &Node, out: &mut Vec<Finding>) {
                     "required key is missing",
                     Some("every file needs an absolute `path:`".into()),
                 ));
-                continue;
+                return;
             }
             Some((n, Value::String(p))) if !seen.insert(p.clone()) => {
                 out.push(finding(
@@ -436,7 +496,7 @@ fn check_write_files(node: &Node, out: &mut Vec<Finding>) {
                 ),
             ));
         }
-    }
+    });
 }
 
 /// Checks beyond the type of one `write_files` key's value.
@@ -455,53 +515,11 @@ fn check_file_value(key: &str, value: &Value) -> Option<(String, Option<String>)
 }
 
 fn check_users(node: &Node, out: &mut Vec<Finding>) {
-    let items = match &node.kind {
-        NodeKind::Seq(items) => items,
-        NodeKind::Scalar { .. } if node.to_json().is_null() => return,
-        _ => {
-            out.push(finding(
-                node.pos,
-                "users",
-                format!("expected a list of users, found {}", node.type_name()),
-                Some("one `- name: ...` entry per user".into()),
-            ));
-            return;
-        }
-    };
     let mut seen = BTreeSet::new();
-    for (index, item) in items.iter().enumerate() {
-        let at = format!("users[{index}]");
-        let NodeKind::Map(entries) = &item.kind else {
-            out.push(finding(
-                item.pos,
-                at,
-                format!("expected a mapping with `name:`, found {}", item.type_name()),
-                Some("write `- name: ops` (Kairos does not know cloud-init's `default` entry)".into()),
-            ));
-            continue;
-        };
-        for (key, key_pos, value) in entries {
-            let path = format!("{at}.{key}");
-            let Some(spec) = schema::USER_KEYS.iter().find(|k| k.path == key) else {
-                let known = schema::USER_KEYS.iter().map(|k| k.path);
-                let hint = if let Some((_, instead)) = UNSUPPORTED_USER_KEYS.iter().find(|(k, _)| k == key) {
-                    instead.to_string()
-                } else if let Some(close) = did_you_mean(key, known.clone()) {
-                    format!("did you mean `{close}`?")
-                } else {
-                    format!("keys of a user: {}", known.collect::<Vec<_>>().join(", "))
-                };
-                out.push(finding(*key_pos, path, format!("unknown key `{key}`"), Some(hint)));
-                continue;
-            };
-            if let Err((message, hint)) = check_leaf(spec.kind, value, !spec.required) {
-                out.push(finding(value.pos, path, message, hint));
-                continue;
-            }
-            if let Some((message, hint)) = check_value(key, &value.to_json()) {
-                out.push(finding(value.pos, path, message, hint));
-            }
-        }
+    USER_LIST.each_entry(node, out, |at, item, entries, out| {
+        USER_LIST.check_keys(at, entries, out, |key, spec, value| {
+            check_leaf(spec.kind, value, !spec.required).err().or_else(|| check_value(key, &value.to_json()))
+        });
         match item.get("name").map(|n| (n, n.to_json())) {
             None => out.push(finding(
                 item.pos,
@@ -517,7 +535,7 @@ fn check_users(node: &Node, out: &mut Vec<Finding>) {
             )),
             Some(_) => {}
         }
-    }
+    });
 }
 
 /// Checks beyond the type of one user key's value.

@@ -43,47 +43,41 @@ pub struct Accounts {
     pub shadow: Vec<(String, String)>,
 }
 
-/// Parse `/etc/passwd` text (malformed lines are skipped).
-pub fn parse_passwd(text: &str) -> Vec<Account> {
+/// The lines of a colon-separated account file with at least `fields`
+/// fields, each turned into a record by `parse` (lines it refuses are skipped).
+fn records<'a, T>(text: &'a str, fields: usize, parse: impl Fn(&[&'a str]) -> Option<T>) -> Vec<T> {
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split(':').collect();
-            if f.len() < 7 {
-                return None;
-            }
-            Some(Account {
-                name: f[0].to_string(),
-                uid: f[2].parse().ok()?,
-                gid: f[3].parse().ok()?,
-                home: f[5].to_string(),
-                shell: f[6].to_string(),
-            })
+            if f.len() < fields { None } else { parse(&f) }
         })
         .collect()
+}
+
+/// Parse `/etc/passwd` text (malformed lines are skipped).
+pub fn parse_passwd(text: &str) -> Vec<Account> {
+    records(text, 7, |f| {
+        Some(Account {
+            name: f[0].to_string(),
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+            home: f[5].to_string(),
+            shell: f[6].to_string(),
+        })
+    })
 }
 
 /// Parse `/etc/group` text (malformed lines are skipped).
 pub fn parse_group(text: &str) -> Vec<Group> {
-    text.lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split(':').collect();
-            if f.len() < 4 {
-                return None;
-            }
-            let members = f[3].split(',').filter(|m| !m.is_empty()).map(str::to_string).collect();
-            Some(Group { name: f[0].to_string(), gid: f[2].parse().ok()?, members })
-        })
-        .collect()
+    records(text, 4, |f| {
+        let members = f[3].split(',').filter(|m| !m.is_empty()).map(str::to_string).collect();
+        Some(Group { name: f[0].to_string(), gid: f[2].parse().ok()?, members })
+    })
 }
 
 /// Parse `/etc/shadow` text into `(name, hash)`.
 pub fn parse_shadow(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|line| {
-            let mut f = line.split(':');
-            Some((f.next()?.to_string(), f.next()?.to_string()))
-        })
-        .collect()
+    records(text, 2, |f| Some((f[0].to_string(), f[1].to_string())))
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {
