@@ -139,12 +139,23 @@ impl Layout {
 
     /// The layout as an `sfdisk` script (512-byte sectors).
     pub fn sfdisk_script(&self) -> String {
+        self.script(false)
+    }
+
+    /// The same, with the last (persistent) partition filling the disk: for
+    /// installing onto a disk of any size.
+    pub fn sfdisk_install_script(&self) -> String {
+        self.script(true)
+    }
+
+    fn script(&self, fill_last: bool) -> String {
         let mut s = format!("label: gpt\nlabel-id: {}\nunit: sectors\nfirst-lba: 2048\n", self.disk_uuid);
-        for p in &self.partitions {
+        for (i, p) in self.partitions.iter().enumerate() {
+            let size =
+                if fill_last && i + 1 == self.partitions.len() { "+".to_string() } else { (p.size / 512).to_string() };
             s.push_str(&format!(
-                "start={}, size={}, type={}, uuid={}, name=\"{}\"\n",
+                "start={}, size={size}, type={}, uuid={}, name=\"{}\"\n",
                 p.start / 512,
-                p.size / 512,
                 p.type_guid,
                 p.uuid,
                 p.label
@@ -235,6 +246,10 @@ mod tests {
         assert!(script.starts_with("label: gpt\n"));
         assert!(script.contains(&format!("start=2048, size={}, type={ESP_TYPE}", 100 * 2048)), "{script}");
         assert!(script.contains("name=\"gemin-persistent\""));
+        let install = l.sfdisk_install_script();
+        assert_eq!(install.lines().count(), script.lines().count());
+        assert!(install.lines().last().unwrap().contains("size=+,"), "{install}");
+        assert_eq!(install.lines().nth(4), script.lines().nth(4), "all but the last partition as built");
     }
 
     #[test]

@@ -300,16 +300,7 @@ async fn write_raw(job: &DiskJob<'_>, work: &Path, boot: &BootFiles, root: &Path
     fat_image(&stage, &esp, layout.get(layout::ESP_LABEL).size, layout::ESP_FS_LABEL, job.seed, job.epoch).await?;
 
     let oem_stage = work.join("oem");
-    fs::create_dir_all(&oem_stage)?;
-    let tree_oem = job.tree.join("oem");
-    if tree_oem.is_dir() {
-        for entry in fs::read_dir(&tree_oem)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                copy_file(&entry.path(), &oem_stage.join(entry.file_name()))?;
-            }
-        }
-    }
+    stage_oem(job.tree, &oem_stage)?;
     let oem = work.join("oem.img");
     ext4_image(Some(&oem_stage), &oem, layout.get(layout::OEM_LABEL).size, layout::OEM_FS_LABEL, job.seed, job.epoch)
         .await?;
@@ -380,11 +371,13 @@ async fn write_iso(job: &DiskJob<'_>, work: &Path, boot: &BootFiles, root: &Path
     let dest = iso.join(layout::LIVE_ROOT.trim_start_matches('/'));
     fs::create_dir_all(dest.parent().expect("has a parent"))?;
     fs::hard_link(root, &dest).or_else(|_| fs::copy(root, &dest).map(|_| ()))?;
+    stage_install(job, &iso.join(INSTALL_DIR.trim_start_matches('/')), boot)?;
     clamp_mtimes(&iso, job.epoch)?;
     let tmp = out.with_extension("iso.partial");
     Tool::new("xorriso")
         .env("SOURCE_DATE_EPOCH", job.epoch.to_string())
-        .args(["-as", "mkisofs", "-quiet", "-iso-level", "3", "-r", "-J", "-joliet-long", "-V", layout::LIVE_LABEL])
+        .args(["-as", "mkisofs", "-quiet", "-iso-level", "3", "-r", "-J", "-joliet-long", "--hardlinks"])
+        .args(["-V", layout::LIVE_LABEL])
         .args(["-e", "boot/efiboot.img", "-no-emul-boot", "-isohybrid-gpt-basdat", "-o"])
         .arg(&tmp)
         .arg(&iso)
@@ -392,6 +385,41 @@ async fn write_iso(job: &DiskJob<'_>, work: &Path, boot: &BootFiles, root: &Path
         .await
         .context("making the ISO (xorriso comes from the Debian package of that name)")?;
     fs::rename(&tmp, out).with_context(|| format!("moving {} into place", out.display()))?;
+    Ok(())
+}
+
+/// Where the live ISO keeps what `/usr/lib/geminik8s/install` writes to a
+/// disk (with the root image at [`layout::LIVE_ROOT`]).
+pub const INSTALL_DIR: &str = "/gemin/install";
+
+/// The installer's inputs on the ISO: the GPT (persistent partition filling
+/// the disk), the ESP's files (the slots' kernels hard-linked, stored once)
+/// and the OEM partition's files.
+fn stage_install(job: &DiskJob<'_>, dir: &Path, boot: &BootFiles) -> anyhow::Result<()> {
+    let layout = Layout::new(job.sizes, job.seed);
+    write_text(&dir.join("layout.sfdisk"), &layout.sfdisk_install_script())?;
+    let esp = dir.join("esp");
+    stage_esp(&esp, boot)?;
+    for name in ["vmlinuz", "initrd.img"] {
+        let b = esp.join("gemin/b").join(name);
+        fs::remove_file(&b)?;
+        fs::hard_link(esp.join("gemin/a").join(name), &b)?;
+    }
+    stage_oem(job.tree, &dir.join("oem"))
+}
+
+/// The OEM partition's files: the image's `/oem`.
+fn stage_oem(tree: &Path, stage: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(stage).with_context(|| format!("creating {}", stage.display()))?;
+    let tree_oem = tree.join("oem");
+    if tree_oem.is_dir() {
+        for entry in fs::read_dir(&tree_oem)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                copy_file(&entry.path(), &stage.join(entry.file_name()))?;
+            }
+        }
+    }
     Ok(())
 }
 
