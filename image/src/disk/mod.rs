@@ -240,6 +240,30 @@ async fn ext4_image(
         tool = tool.arg("-d").arg(stage);
     }
     tool.arg(out).run().await.with_context(|| format!("making the ext4 filesystem {label}"))?;
+    if let Some(stage) = stage {
+        // `mkfs.ext4 -d` copies each file's ctime, which no one can set on
+        // the staged copies: clamp it in the filesystem.
+        let mut commands = String::new();
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            for entry in fs::read_dir(stage.join(&rel))? {
+                let entry = entry?;
+                let child = rel.join(entry.file_name());
+                commands.push_str(&format!("set_inode_field \"/{}\" ctime @{epoch}\n", child.display()));
+                if entry.file_type()?.is_dir() {
+                    stack.push(child);
+                }
+            }
+        }
+        Tool::new("debugfs")
+            .args(["-w", "-f", "-"])
+            .arg(out)
+            .stdin(commands)
+            .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+            .run()
+            .await
+            .with_context(|| format!("setting the times in the ext4 filesystem {label}"))?;
+    }
     Ok(())
 }
 
@@ -376,8 +400,8 @@ async fn write_iso(job: &DiskJob<'_>, work: &Path, boot: &BootFiles, root: &Path
     let tmp = out.with_extension("iso.partial");
     Tool::new("xorriso")
         .env("SOURCE_DATE_EPOCH", job.epoch.to_string())
-        .args(["-as", "mkisofs", "-quiet", "-iso-level", "3", "-r", "-J", "-joliet-long", "--hardlinks"])
-        .args(["-V", layout::LIVE_LABEL])
+        .args(["-as", "mkisofs", "-quiet", "-iso-level", "3", "-r", "-J", "-joliet-long"])
+        .args(["-V", layout::LIVE_LABEL, "--set_all_file_dates", "set_to_mtime"])
         .args(["-e", "boot/efiboot.img", "-no-emul-boot", "-isohybrid-gpt-basdat", "-o"])
         .arg(&tmp)
         .arg(&iso)
@@ -393,18 +417,15 @@ async fn write_iso(job: &DiskJob<'_>, work: &Path, boot: &BootFiles, root: &Path
 pub const INSTALL_DIR: &str = "/gemin/install";
 
 /// The installer's inputs on the ISO: the GPT (persistent partition filling
-/// the disk), the ESP's files (the slots' kernels hard-linked, stored once)
-/// and the OEM partition's files.
+/// the disk), the ESP's files (slot B's kernel and initramfs left out: the
+/// installer copies slot A's) and the OEM partition's files.
 fn stage_install(job: &DiskJob<'_>, dir: &Path, boot: &BootFiles) -> anyhow::Result<()> {
     let layout = Layout::new(job.sizes, job.seed);
     write_text(&dir.join("layout.sfdisk"), &layout.sfdisk_install_script())?;
     let esp = dir.join("esp");
     stage_esp(&esp, boot)?;
-    for name in ["vmlinuz", "initrd.img"] {
-        let b = esp.join("gemin/b").join(name);
-        fs::remove_file(&b)?;
-        fs::hard_link(esp.join("gemin/a").join(name), &b)?;
-    }
+    let b = esp.join("gemin").join(Slot::B.letter());
+    fs::remove_dir_all(&b).with_context(|| format!("removing {}", b.display()))?;
     stage_oem(job.tree, &dir.join("oem"))
 }
 
