@@ -17,7 +17,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gemin_image::disk::layout;
 use gemin_image::spec::OutputFormat;
@@ -175,9 +175,9 @@ fn vm_config(name: &str, dir: &Path) -> VmConfig {
 
 /// Wait for the next boot report after `cursor`; fails on a kernel panic or
 /// an initramfs failure that does not recover.
-fn next_report(vm: &Vm, cursor: &mut Mark) -> BTreeMap<String, String> {
+fn next_report(vm: &Vm, cursor: &mut Mark, since: Instant) -> BTreeMap<String, String> {
     let (_, line) = vm.wait_after(cursor, &[REPORT], BOOT).unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{}: {line}", vm.name());
+    eprintln!("{}: {:.1} s from power-on to the boot report: {line}", vm.name(), since.elapsed().as_secs_f64());
     report(&line)
 }
 
@@ -195,9 +195,10 @@ fn raw_disk_boots_read_only_grows_persistent_keeps_state_and_marks_the_boot_good
     cfg.drives = vec![Drive::disk(&disk, DiskFormat::Raw), Drive::cdrom(cidata(&dir))];
     cfg.nets = vec![Net::user(None, None)];
 
+    let started = Instant::now();
     let vm = Vm::start(cfg.clone()).unwrap();
     let mut cursor = Mark::default();
-    let first = next_report(&vm, &mut cursor);
+    let first = next_report(&vm, &mut cursor, started);
     assert_eq!(first["slot"], "a");
     assert_eq!(first["root"], "read-only", "/ must be mounted read-only");
     assert_eq!(first["persistent"], "/dev/vda5");
@@ -225,9 +226,10 @@ fn raw_disk_boots_read_only_grows_persistent_keeps_state_and_marks_the_boot_good
     let names = entries(&disk);
     assert!(names.contains(&format!("{a}.conf")), "slot A marked good (counter removed): {names:?}");
 
+    let started = Instant::now();
     let vm = Vm::start(cfg).unwrap();
     let mut cursor = Mark::default();
-    let second = next_report(&vm, &mut cursor);
+    let second = next_report(&vm, &mut cursor, started);
     assert_eq!(second["slot"], "a");
     assert_eq!(second["boots"], "2", "the boot counter on the persistent partition survived the reboot");
     assert_eq!(second["persistent_kib"], first["persistent_kib"], "grown once, kept");
@@ -253,6 +255,7 @@ fn a_broken_slot_b_marked_next_falls_back_to_slot_a() {
     cfg.drives = vec![Drive::disk(&disk, DiskFormat::Raw), Drive::cdrom(cidata(&dir))];
     cfg.nets = vec![Net::user(None, None)];
 
+    let started = Instant::now();
     let vm = Vm::start(cfg).unwrap();
     let mut cursor = Mark::default();
     for attempt in 1..=2 {
@@ -261,7 +264,7 @@ fn a_broken_slot_b_marked_next_falls_back_to_slot_a() {
             .unwrap_or_else(|e| panic!("try {attempt} of slot B: {e:#}"));
         eprintln!("slot B, try {attempt}: {line}");
     }
-    let report = next_report(&vm, &mut cursor);
+    let report = next_report(&vm, &mut cursor, started);
     assert_eq!(report["slot"], "a", "after slot B's tries ran out the boot loader chose slot A");
     assert_eq!(report["root"], "read-only");
     vm.powerdown().unwrap();
@@ -280,8 +283,9 @@ fn the_live_iso_boots_the_same_root() {
     cfg.drives = vec![Drive::cdrom(image.path(OutputFormat::Iso)), Drive::cdrom(cidata(&dir))];
     cfg.nets = vec![Net::user(None, None)];
     cfg.boot = BootOrder::Cdrom;
+    let started = Instant::now();
     let vm = Vm::start(cfg).unwrap();
-    let report = next_report(&vm, &mut Mark::default());
+    let report = next_report(&vm, &mut Mark::default(), started);
     assert_eq!(report["slot"], "live");
     assert_eq!(report["root"], "read-only");
     assert_eq!(report["persistent"], "tmpfs", "a live boot keeps state in RAM");
@@ -312,19 +316,22 @@ fn the_live_system_installs_itself_to_a_named_disk_which_then_boots() {
         ("-drive", format!("file={},format=raw,media=cdrom,readonly=on", image.path(OutputFormat::Iso).display())),
     ];
     cfg.extra_args = args.into_iter().flat_map(|(flag, value)| [flag.to_string(), value]).collect();
+    let started = Instant::now();
     let vm = Vm::start(cfg).unwrap();
     let (_, line) = vm
         .wait_for_any(&["geminik8s-install: installed to /dev/vda", "geminik8s-install: error"], BOOT)
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(line.contains("installed to /dev/vda"), "{line}");
+    eprintln!("install: {:.1} s from power-on to installed", started.elapsed().as_secs_f64());
     vm.wait_exit(Duration::from_secs(180)).unwrap_or_else(|e| panic!("the installer powers off when done: {e:#}"));
     drop(vm);
 
     let mut cfg = vm_config("installed", &dir);
     cfg.drives = vec![Drive::disk(&disk, DiskFormat::Raw), Drive::cdrom(cidata(&dir))];
     cfg.nets = vec![Net::user(None, None)];
+    let started = Instant::now();
     let vm = Vm::start(cfg).unwrap();
-    let report = next_report(&vm, &mut Mark::default());
+    let report = next_report(&vm, &mut Mark::default(), started);
     assert_eq!(report["slot"], "a");
     assert_eq!(report["root"], "read-only");
     assert_eq!(report["persistent"], "/dev/vda5");
@@ -347,8 +354,9 @@ fn the_pxe_bundle_boots_over_tftp() {
     cfg.nets = vec![Net::user(Some(image.path(OutputFormat::Pxe)), Some("boot.ipxe"))];
     cfg.boot = BootOrder::Network;
     cfg.firmware = Firmware::Bios;
+    let started = Instant::now();
     let vm = Vm::start(cfg).unwrap();
-    let report = next_report(&vm, &mut Mark::default());
+    let report = next_report(&vm, &mut Mark::default(), started);
     assert_eq!(report["slot"], "pxe");
     assert_eq!(report["root"], "read-only");
     assert_eq!(report["persistent"], "tmpfs");
