@@ -55,6 +55,15 @@ demo dir="lab-cluster":
     cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- config validate --no-file-checks {{dir}}/node1.yaml
     cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- config validate --no-file-checks {{dir}}/node2.yaml
 
+# The main job (root): build the image (cached), boot it as two QEMU VMs, wait for the cluster in DIR (made if missing).
+lab dir="lab-cluster":
+    cargo build -p geminik8s-agent -p geminik8s-vm-tests
+    target/debug/gemini-lab qemu up --config-dir {{dir}}
+
+# Remove the QEMU lab: VMs, namespaces, taps, bridge, disks (logs stay in run/qemu).
+lab-down:
+    target/debug/gemini-lab qemu down
+
 # The network-namespace lab (root): a cluster in DIR (made if missing), both agents started.
 lab-netns dir="lab-cluster":
     cargo build -p geminik8s-agent -p geminik8s-vm-tests

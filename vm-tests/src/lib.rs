@@ -4,8 +4,10 @@
 //! deadline and, on timeout, report what they saw last.
 
 pub mod image;
+pub mod labstate;
 pub mod netns;
 pub mod poll;
 pub mod probe;
 pub mod qemu;
+pub mod qemu_lab;
 pub mod skip;

@@ -22,13 +22,13 @@ use geminik8s::config::WitnessMode;
 use geminik8s::config::validate::{network, parse_target, same_subnet};
 use serde::{Deserialize, Serialize};
 
+pub use crate::labstate::namespaces;
+use crate::labstate::{self, ip};
+
 pub const SWITCH: &str = "gk-sw";
 pub const CLIENT: &str = "gk-client";
 pub const GATEWAY: &str = "gk-gw";
 const BRIDGE: &str = "br0";
-/// The lab state file inside the run directory.
-const STATE_FILE: &str = "lab.json";
-
 /// A host of the lab.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Host {
@@ -73,25 +73,6 @@ pub struct UpOptions {
     pub start_agents: bool,
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {shown}"))?;
-    if !out.status.success() {
-        bail!("{shown} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<String> {
-    run(Command::new("ip").args(args))
-}
-
-/// `ip netns list` names.
-pub fn namespaces() -> anyhow::Result<Vec<String>> {
-    let out = ip(&["netns", "list"])?;
-    Ok(out.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect())
-}
-
 /// PIDs of every process in `netns`.
 pub fn pids(netns: &str) -> Vec<i32> {
     ip(&["netns", "pids", netns]).map(|o| o.lines().filter_map(|l| l.trim().parse().ok()).collect()).unwrap_or_default()
@@ -120,30 +101,17 @@ fn free_addresses(any: IpAddr, prefix: u8, taken: &[IpAddr]) -> Vec<IpAddr> {
 }
 
 impl Lab {
-    fn state_path(run_dir: &Path) -> PathBuf {
-        run_dir.join(STATE_FILE)
-    }
-
     /// The lab described by a run directory.
     pub fn load(run_dir: &Path) -> anyhow::Result<Lab> {
-        let path = Self::state_path(run_dir);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {} (is a lab up? `gemini-lab netns up` creates it)", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{} is not a lab state file", path.display()))
+        labstate::load(run_dir, "gemini-lab netns up")
     }
 
     fn save(&self) -> anyhow::Result<()> {
-        let text = serde_json::to_string_pretty(self)?;
-        geminik8s::fsutil::write_atomic(&Self::state_path(&self.run_dir), text.as_bytes(), 0o644)
+        labstate::save(&self.run_dir, self)
     }
 
     pub fn node(&self, name: &str) -> anyhow::Result<&Host> {
-        self.nodes.iter().find(|h| h.name == name).with_context(|| {
-            format!(
-                "no node `{name}` in this lab (nodes: {})",
-                self.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
-            )
-        })
+        labstate::find_node(&self.nodes, name, |n| n.name.as_str())
     }
 
     /// Any host by name: a node, `client` or `gw`.
@@ -476,7 +444,7 @@ impl Lab {
             ip(&["netns", "del", &ns]).with_context(|| format!("deleting {ns}"))?;
             removed.push(ns);
         }
-        let state = Self::state_path(run_dir);
+        let state = labstate::state_path(run_dir);
         if state.exists() {
             std::fs::remove_file(&state).with_context(|| format!("removing {}", state.display()))?;
         }

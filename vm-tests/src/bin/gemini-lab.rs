@@ -2,13 +2,16 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
 
 use clap::{Parser, Subcommand};
 use geminik8s::config::WitnessMode;
 use geminik8s_vm_tests::netns::{Lab, UpOptions};
 
 #[derive(Debug, Parser)]
-#[command(name = "gemini-lab", version, about = "geminik8s labs: two nodes in network namespaces")]
+#[command(name = "gemini-lab", version, about = "geminik8s labs: two nodes in network namespaces or QEMU VMs")]
 struct Cli {
     #[command(subcommand)]
     lab: LabKind,
@@ -19,6 +22,88 @@ enum LabKind {
     /// The network-namespace lab (gk-node1, gk-node2, gk-client, gk-gw on a bridge in gk-sw).
     #[command(subcommand)]
     Netns(Netns),
+    /// The QEMU lab: two VMs booting the default image (gq-sw bridge, gq-client namespace).
+    #[command(subcommand)]
+    Qemu(Qemu),
+}
+
+#[derive(Debug, Subcommand)]
+enum Qemu {
+    /// Build the image (cached), boot both nodes and wait for the cluster to form.
+    Up {
+        /// The cluster directory; `gemin_k8s init` makes one with the lab's addresses when it has no cluster.yaml.
+        #[arg(long, value_name = "DIR", default_value = "lab-cluster")]
+        config_dir: PathBuf,
+        /// Boot this qcow2 or raw image instead of building the default one.
+        #[arg(long, value_name = "FILE")]
+        image: Option<PathBuf>,
+        /// Where the default image is built and cached.
+        #[arg(long, value_name = "DIR", default_value = "target/image-boot")]
+        image_dir: PathBuf,
+        /// The host's gemin_k8s (init, status). A built image carries the workspace's
+        /// (GEMIN_IMAGE_TEST_AGENT overrides).
+        #[arg(long, value_name = "FILE", default_value = "target/debug/gemin_k8s")]
+        agent_bin: PathBuf,
+        /// Memory per VM.
+        #[arg(long, value_name = "MIB", default_value_t = 2048)]
+        memory: u32,
+        /// vCPUs per VM.
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// How long each VM may take to boot, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+        boot_timeout: u64,
+        #[command(flatten)]
+        run: QemuRunDir,
+    },
+    /// QEMU processes and what each agent says; the VIP.
+    Status(QemuRunDir),
+    /// Kill the VMs and remove the namespaces, taps, bridge and disks (also after a crash).
+    Down(QemuRunDir),
+    /// SIGKILL a node's QEMU: the node is lost without warning.
+    Kill {
+        node: String,
+        #[command(flatten)]
+        run: QemuRunDir,
+    },
+    /// Boot a node again with its disk and UEFI variables.
+    Start {
+        node: String,
+        /// Return once QEMU runs instead of waiting for the boot report.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        run: QemuRunDir,
+    },
+    /// Press a node's power button (ACPI shutdown).
+    Powerdown {
+        node: String,
+        #[command(flatten)]
+        run: QemuRunDir,
+    },
+    /// Cut node1 <-> node2; the client still reaches both.
+    Partition(QemuRunDir),
+    /// Undo `partition`.
+    Heal(QemuRunDir),
+    /// Print a node's console log path and its last lines.
+    Console {
+        node: String,
+        /// How many lines.
+        #[arg(long, short = 'n', default_value_t = 40)]
+        lines: usize,
+        /// Keep printing new output (tail -f) until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        run: QemuRunDir,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct QemuRunDir {
+    /// Where the QEMU lab keeps its disks, logs and state.
+    #[arg(long, default_value = "run/qemu", value_name = "DIR")]
+    run_dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,7 +191,10 @@ fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let LabKind::Netns(cmd) = cli.lab;
+    let cmd = match cli.lab {
+        LabKind::Netns(cmd) => cmd,
+        LabKind::Qemu(cmd) => return qemu(cmd),
+    };
     match cmd {
         Netns::Up { config_dir, witness, agent_bin, no_agents, run } => {
             let agent_bin = absolute(agent_bin)?;
@@ -173,4 +261,117 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn qemu(cmd: Qemu) -> anyhow::Result<ExitCode> {
+    use geminik8s_vm_tests::qemu_lab::{self, QemuLab};
+    match cmd {
+        Qemu::Up { config_dir, image, image_dir, agent_bin, memory, cpus, boot_timeout, run } => {
+            let agent_bin = absolute(agent_bin)?;
+            if !agent_bin.is_file() {
+                anyhow::bail!(
+                    "{} does not exist: build it with `cargo build -p geminik8s-agent` or pass --agent-bin",
+                    agent_bin.display()
+                );
+            }
+            let accel = geminik8s_vm_tests::qemu::accel_choice();
+            println!("QEMU accelerator: {} ({})", accel.accel.as_str(), accel.reason);
+            let opts = qemu_lab::UpOptions {
+                config_dir: absolute(config_dir)?,
+                run_dir: absolute(run.run_dir)?,
+                agent_bin,
+                image: image.map(absolute).transpose()?,
+                image_dir: absolute(image_dir)?,
+                memory_mib: memory,
+                cpus,
+                boot_timeout: Duration::from_secs(boot_timeout),
+                form_timeout: Duration::from_secs(300),
+            };
+            let up = QemuLab::up(&opts)?;
+            let lab = &up.lab;
+            println!("cluster formed {:.0?} after the VMs started; leader {}", up.formed_after, up.leader);
+            print!("{}", lab.render_status());
+            let cluster = lab.config_dir.join("cluster.yaml");
+            println!("\nthe datastore (etcd API of Kine) through the VIP, from the client namespace:");
+            println!(
+                "  ip netns exec {} env ETCDCTL_API=3 etcdctl --endpoints http://{}:2379 put /hello world",
+                qemu_lab::CLIENT,
+                lab.vip
+            );
+            println!(
+                "cluster status:  ip netns exec {} {} status --config {}",
+                qemu_lab::CLIENT,
+                lab.agent_bin.display(),
+                cluster.display()
+            );
+            println!(
+                "Kubernetes: the default image carries no K3s and the lab turns `k3s.enabled` off; on an image built \
+                 with a K3s artifact each node serves the Kubernetes API (kubeconfig /etc/rancher/k3s/k3s.yaml on the node)"
+            );
+            println!(
+                "faults: gemini-lab qemu kill|start|powerdown NODE, partition, heal; logs: gemini-lab qemu console NODE"
+            );
+            println!("teardown: gemini-lab qemu down   (state and logs: {})", lab.run_dir.display());
+        }
+        Qemu::Status(run) => print!("{}", QemuLab::load(&run.run_dir)?.render_status()),
+        Qemu::Down(run) => {
+            let removed = QemuLab::down(&run.run_dir)?;
+            println!(
+                "removed {}{}",
+                removed.len(),
+                if removed.is_empty() { String::new() } else { format!(": {}", removed.join(", ")) }
+            );
+        }
+        Qemu::Kill { node, run } => match QemuLab::load(&run.run_dir)?.kill(&node)? {
+            Some(pid) => println!("killed QEMU of {node} (pid {pid})"),
+            None => println!("{node} was not running"),
+        },
+        Qemu::Start { node, no_wait, run } => {
+            let mut lab = QemuLab::load(&run.run_dir)?;
+            let from = lab.console_offset(&node)?;
+            let pid = lab.start(&node)?;
+            println!("started {node} (QEMU pid {pid}); console: {}", lab.console_log(&node)?.display());
+            if !no_wait {
+                let report = lab.wait_boot(&node, from, Duration::from_secs(600))?;
+                println!("{node} booted: {report:?}");
+            }
+        }
+        Qemu::Powerdown { node, run } => {
+            let mut lab = QemuLab::load(&run.run_dir)?;
+            lab.powerdown(&node)?;
+            lab.wait_stopped(&node, Duration::from_secs(300))?;
+            println!("{node} powered off");
+        }
+        Qemu::Partition(run) => {
+            QemuLab::load(&run.run_dir)?.partition()?;
+            println!("node1 <-> node2 cut; `gemini-lab qemu heal` restores it");
+        }
+        Qemu::Heal(run) => {
+            QemuLab::load(&run.run_dir)?.heal()?;
+            println!("healed");
+        }
+        Qemu::Console { node, lines, follow, run } => {
+            let lab = QemuLab::load(&run.run_dir)?;
+            let path = lab.console_log(&node)?;
+            println!("{}", path.display());
+            if follow {
+                let status =
+                    std::process::Command::new("tail").args(["-n", &lines.to_string(), "-f"]).arg(&path).status()?;
+                return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            }
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            println!("{}", geminik8s_vm_tests::qemu::tail(&geminik8s_vm_tests::qemu::clean_console(&bytes), lines));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

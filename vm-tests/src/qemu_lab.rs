@@ -1,0 +1,736 @@
+//! The QEMU lab: the cluster of `gemin_k8s init` on two virtual machines
+//! booting the shipped default image, as a site would run it.
+//!
+//! ```text
+//!                    gq-sw (bridge br0)
+//!        ┌───────────────┬─────┴──────────┐
+//!    tap-node1       tap-node2         v-client
+//!   QEMU node1      QEMU node2        gq-client (10.77.0.2)
+//!  image+CIDATA    image+CIDATA      etcdctl, gemin_k8s status
+//! ```
+//!
+//! Each VM boots its own qcow2 overlay of a private copy of the image (a
+//! rebuilt image never changes a running lab's disks), with UEFI variables
+//! of its own and a CIDATA seed holding its node file from `gemin_k8s
+//! init`, plus a `write_files` entry that gives its NIC the node's static
+//! address. The agents in the VMs do the rest: PostgreSQL, Kine, the VIP.
+//!
+//! QEMU runs inside the switch namespace (where the taps are), detached
+//! from the command that started it, so the lab outlives `gemini-lab qemu
+//! up`. Its serial console is a Unix socket, every byte logged to
+//! `RUN_DIR/NODE/NODE-console.log`. `RUN_DIR/lab.json` records what `up`
+//! made, so later commands, and `down` after a crash, find everything.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use geminik8s::clusterfile::ClusterFile;
+use geminik8s::config::validate::network;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::labstate::{self, ip, run};
+use crate::qemu::{self, ConsoleMode, DiskFormat, Drive, Firmware, Net, VmConfig};
+
+pub const SWITCH: &str = "gq-sw";
+pub const CLIENT: &str = "gq-client";
+const BRIDGE: &str = "br0";
+/// The line `geminik8s-boot-report.service` prints once the agent started.
+pub const BOOT_REPORT: &str = "geminik8s-boot: ";
+
+/// A node of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Node {
+    pub name: String,
+    pub ip: IpAddr,
+    pub mac: String,
+    /// The tap device in the switch namespace.
+    pub tap: String,
+    /// Disk, seed, UEFI variables, console and QEMU logs.
+    pub dir: PathBuf,
+    /// The running QEMU process, if any.
+    pub pid: Option<u32>,
+}
+
+/// What `up` made; saved as `RUN_DIR/lab.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QemuLab {
+    pub config_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// The host's `gemin_k8s` (for `status` from the client namespace).
+    pub agent_bin: PathBuf,
+    /// The lab's copy of the image the overlays sit on.
+    pub base_image: PathBuf,
+    pub cluster: String,
+    pub vip: IpAddr,
+    pub prefix: u8,
+    pub client_ip: IpAddr,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub nodes: Vec<Node>,
+}
+
+/// Options for [`QemuLab::up`].
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// The cluster (`gemin_k8s init` output); made here with the lab's
+    /// addresses when it holds no `cluster.yaml`.
+    pub config_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// The host's `gemin_k8s`.
+    pub agent_bin: PathBuf,
+    /// A qcow2 or raw image to boot; `None` builds the default image into
+    /// `image_dir` (cached: an unchanged build is skipped).
+    pub image: Option<PathBuf>,
+    pub image_dir: PathBuf,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// For each VM to print its boot report.
+    pub boot_timeout: Duration,
+    /// For the cluster to form after both booted.
+    pub form_timeout: Duration,
+}
+
+/// What `up` saw.
+#[derive(Debug, Clone)]
+pub struct UpReport {
+    pub lab: QemuLab,
+    /// Each node's boot report fields.
+    pub reports: BTreeMap<String, BTreeMap<String, String>>,
+    pub leader: String,
+    /// From starting the VMs to a formed cluster answering through the VIP.
+    pub formed_after: Duration,
+}
+
+/// The lab's namespaces that exist now.
+pub fn namespaces() -> anyhow::Result<Vec<String>> {
+    Ok(labstate::namespaces()?.into_iter().filter(|n| n.starts_with("gq-")).collect())
+}
+
+/// Whether `pid` is a live (not zombie) QEMU.
+pub fn qemu_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // `pid (comm) S ...`: the state follows the last `)`.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or("Z");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    state != "Z" && String::from_utf8_lossy(&cmdline).contains("qemu-system")
+}
+
+fn sigkill(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // It may have exited since we looked; that is what we want anyway.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// The fields of a boot report line (`key=value` words after the tag).
+pub fn parse_report(line: &str) -> BTreeMap<String, String> {
+    let rest = line.find(BOOT_REPORT).map_or("", |at| &line[at + BOOT_REPORT.len()..]);
+    rest.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// A node file from `gemin_k8s init` made into the VM's user-data: Kine
+/// listening on every address (the VIP reaches the leader's), K3s off
+/// (the default image carries no K3s), and a static address on the NIC
+/// with `mac` through systemd-networkd, written before networkd starts.
+pub fn user_data(node_file: &str, mac: &str, ip: IpAddr, prefix: u8) -> anyhow::Result<String> {
+    let mut text = node_file.to_string();
+    for (from, to, what) in [
+        ("    listen: 127.0.0.1:2379\n", "    listen: 0.0.0.0:2379\n", "geminik8s.kine.listen"),
+        ("  k3s:\n    enabled: true\n", "  k3s:\n    enabled: false\n", "geminik8s.k3s.enabled"),
+    ] {
+        if text.contains(from) {
+            text = text.replacen(from, to, 1);
+        } else if !text.contains(to) {
+            bail!("the node file does not set `{what}` as `gemin_k8s init` writes it; set it to `{}`", to.trim());
+        }
+    }
+    if text.lines().any(|l| l.starts_with("write_files:")) {
+        bail!("the node file has its own `write_files:`; the lab adds the network file there: remove it");
+    }
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&format!(
+        "write_files:\n  - path: /etc/systemd/network/10-lab.network\n    permissions: \"0644\"\n    content: |\n      # The QEMU lab's static address.\n      [Match]\n      MACAddress={mac}\n\n      [Network]\n      Address={ip}/{prefix}\n"
+    ));
+    Ok(text)
+}
+
+impl QemuLab {
+    /// The lab described by a run directory.
+    pub fn load(run_dir: &Path) -> anyhow::Result<QemuLab> {
+        labstate::load(run_dir, "gemini-lab qemu up")
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        labstate::save(&self.run_dir, self)
+    }
+
+    pub fn node(&self, name: &str) -> anyhow::Result<&Node> {
+        labstate::find_node(&self.nodes, name, |n| n.name.as_str())
+    }
+
+    fn node_mut(&mut self, name: &str) -> anyhow::Result<&mut Node> {
+        self.node(name)?;
+        Ok(self.nodes.iter_mut().find(|n| n.name == name).expect("checked above"))
+    }
+
+    /// Build the image (unless given), the disks, seeds and network, boot
+    /// both VMs and wait for the cluster to form.
+    pub fn up(opts: &UpOptions) -> anyhow::Result<UpReport> {
+        let existing = namespaces()?;
+        if !existing.is_empty() {
+            bail!("QEMU lab namespaces already exist ({}); run `gemini-lab qemu down` first", existing.join(", "));
+        }
+        let cluster_path = opts.config_dir.join(geminik8s::clusterfile::FILE_NAME);
+        if !cluster_path.exists() {
+            run(Command::new(&opts.agent_bin)
+                .args(["init", "--name", "lab", "--node1-ip", "10.77.0.11", "--node2-ip", "10.77.0.12"])
+                .args(["--vip", "10.77.0.10", "--config-dir"])
+                .arg(&opts.config_dir))
+            .context("making the lab cluster with `gemin_k8s init`")?;
+        }
+        let cluster = ClusterFile::load(&cluster_path)?;
+        if cluster.nodes.len() != 2 || !cluster.vip.is_ipv4() {
+            bail!("{}: the QEMU lab runs two-node IPv4 clusters", cluster_path.display());
+        }
+        let IpAddr::V4(net) = network(cluster.vip, cluster.vip_prefix) else { unreachable!("IPv4 checked") };
+        let client_ip = IpAddr::V4(Ipv4Addr::from(u32::from(net) + 2));
+        if cluster.vip == client_ip || cluster.nodes.iter().any(|n| n.member.ip == client_ip) {
+            bail!("the lab's client takes {client_ip}, which the cluster uses; pick other node addresses or VIP");
+        }
+        let run_dir = std::path::absolute(&opts.run_dir)?;
+        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        let image = match &opts.image {
+            Some(path) => path.clone(),
+            None => crate::image::build_default_image_blocking(&opts.image_dir)
+                .context("building the default image")?
+                .path(gemin_image::spec::OutputFormat::Qcow2),
+        };
+        let base_image = run_dir.join("base.qcow2");
+        run(Command::new("cp").args(["--sparse=always", "--reflink=auto"]).arg(&image).arg(&base_image))
+            .with_context(|| format!("copying the image {}", image.display()))?;
+
+        let mut nodes = Vec::new();
+        for (i, entry) in cluster.nodes.iter().enumerate() {
+            let name = entry.member.name.clone();
+            let dir = run_dir.join(&name);
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).with_context(|| format!("removing the old {}", dir.display()))?;
+            }
+            std::fs::create_dir_all(&dir)?;
+            let mac = format!("52:54:00:77:00:{:02x}", i + 1);
+            let node_file = opts.config_dir.join(format!("{name}.yaml"));
+            let text =
+                std::fs::read_to_string(&node_file).with_context(|| format!("reading {}", node_file.display()))?;
+            let data = user_data(&text, &mac, entry.member.ip, cluster.vip_prefix)
+                .with_context(|| format!("preparing {}", node_file.display()))?;
+            qemu::make_cidata_iso(&dir, &data, &format!("instance-id: lab-{name}\nlocal-hostname: {name}\n"))?;
+            qemu::create_overlay(&base_image, &dir.join("disk.qcow2"))?;
+            nodes.push(Node { tap: format!("tap-{name}"), name, ip: entry.member.ip, mac, dir, pid: None });
+        }
+        let mut lab = QemuLab {
+            config_dir: std::path::absolute(&opts.config_dir)?,
+            run_dir,
+            agent_bin: std::path::absolute(&opts.agent_bin)?,
+            base_image,
+            cluster: cluster.name.clone(),
+            vip: cluster.vip,
+            prefix: cluster.vip_prefix,
+            client_ip,
+            memory_mib: opts.memory_mib,
+            cpus: opts.cpus,
+            nodes,
+        };
+        for n in &lab.nodes {
+            let sock = lab.vm_config(n).console_socket_path();
+            if sock.as_os_str().len() > 100 {
+                bail!("{} is too long for a Unix socket: use a shorter --run-dir", sock.display());
+            }
+        }
+        lab.save()?;
+        if let Err(e) = lab.build_network() {
+            let cleanup = QemuLab::down(&lab.run_dir);
+            return Err(e.context(format!("building the lab network (cleaned up: {cleanup:?})")));
+        }
+        let started = Instant::now();
+        for name in lab.node_names() {
+            lab.start(&name)?;
+        }
+        let mut reports = BTreeMap::new();
+        for name in lab.node_names() {
+            let report = lab.wait_boot(&name, 0, opts.boot_timeout)?;
+            reports.insert(name, report);
+        }
+        let leader = lab.wait_formed(opts.form_timeout)?;
+        Ok(UpReport { lab, reports, leader, formed_after: started.elapsed() })
+    }
+
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    fn build_network(&self) -> anyhow::Result<()> {
+        ip(&["netns", "add", SWITCH])?;
+        ip(&["-n", SWITCH, "link", "set", "lo", "up"])?;
+        ip(&["-n", SWITCH, "link", "add", BRIDGE, "type", "bridge"])?;
+        ip(&["-n", SWITCH, "link", "set", BRIDGE, "up"])?;
+        for n in &self.nodes {
+            ip(&["-n", SWITCH, "tuntap", "add", "dev", &n.tap, "mode", "tap"])?;
+            ip(&["-n", SWITCH, "link", "set", &n.tap, "master", BRIDGE])?;
+            ip(&["-n", SWITCH, "link", "set", &n.tap, "up"])?;
+        }
+        ip(&["netns", "add", CLIENT])?;
+        ip(&["-n", CLIENT, "link", "set", "lo", "up"])?;
+        ip(&["-n", SWITCH, "link", "add", "v-client", "type", "veth", "peer", "name", "eth0", "netns", CLIENT])?;
+        ip(&["-n", SWITCH, "link", "set", "v-client", "master", BRIDGE])?;
+        ip(&["-n", SWITCH, "link", "set", "v-client", "up"])?;
+        ip(&["-n", CLIENT, "addr", "add", &format!("{}/{}", self.client_ip, self.prefix), "dev", "eth0"])?;
+        ip(&["-n", CLIENT, "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    /// The QEMU configuration of a node.
+    pub fn vm_config(&self, node: &Node) -> VmConfig {
+        let mut cfg = VmConfig::new(&node.name, &node.dir);
+        cfg.memory_mib = self.memory_mib;
+        cfg.cpus = self.cpus;
+        cfg.firmware = Firmware::Uefi;
+        cfg.drives = vec![
+            Drive::disk(node.dir.join("disk.qcow2"), DiskFormat::Qcow2),
+            Drive::cdrom(node.dir.join("cidata.iso")),
+        ];
+        cfg.nets = vec![Net::tap(&node.tap, &node.mac)];
+        cfg.console = ConsoleMode::Socket;
+        cfg
+    }
+
+    pub fn console_log(&self, node: &str) -> anyhow::Result<PathBuf> {
+        Ok(self.vm_config(self.node(node)?).console_log_path())
+    }
+
+    /// Where the next boot's console output starts in the console log.
+    pub fn console_offset(&self, node: &str) -> anyhow::Result<u64> {
+        Ok(std::fs::metadata(self.console_log(node)?).map(|m| m.len()).unwrap_or(0))
+    }
+
+    /// The live QEMU process of `node`.
+    pub fn running(&self, node: &str) -> anyhow::Result<Option<u32>> {
+        Ok(self.node(node)?.pid.filter(|p| qemu_alive(*p)))
+    }
+
+    /// Boot `node` with its disk and UEFI variables (after `kill`, a
+    /// power-off, or from `up`). Returns when QEMU answers on QMP.
+    pub fn start(&mut self, node: &str) -> anyhow::Result<u32> {
+        if let Some(pid) = self.running(node)? {
+            bail!("{node} runs already (QEMU pid {pid}); `gemini-lab qemu kill {node}` first");
+        }
+        let cfg = self.vm_config(self.node(node)?);
+        if !cfg.efivars_path().exists() {
+            let fw = qemu::ovmf().context("OVMF is not installed: install the ovmf package")?;
+            std::fs::copy(&fw.vars, cfg.efivars_path())
+                .with_context(|| format!("copying the UEFI variable template {}", fw.vars.display()))?;
+        }
+        let pidfile = cfg.run_dir.join(format!("{node}.pid"));
+        for stale in [cfg.qmp_path(), cfg.console_socket_path(), pidfile.clone()] {
+            let _ = std::fs::remove_file(&stale); // Left by a killed QEMU; absent is fine.
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(cfg.qemu_log_path())
+            .with_context(|| format!("opening {}", cfg.qemu_log_path().display()))?;
+        // setsid --fork: QEMU leaves this command's session and is not its
+        // child, so it runs on after `up` returns and nothing here reaps it.
+        let status = Command::new("setsid")
+            .args(["--fork", "ip", "netns", "exec", SWITCH, qemu::QEMU])
+            .args(cfg.args(qemu::accel())?)
+            .arg("-pidfile")
+            .arg(&pidfile)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .with_context(|| format!("starting QEMU for {node} in {SWITCH}"))?;
+        if !status.success() {
+            bail!("starting QEMU for {node} failed ({status}); see {}", cfg.qemu_log_path().display());
+        }
+        let failed = |what: &str| {
+            let log = std::fs::read_to_string(cfg.qemu_log_path()).unwrap_or_default();
+            anyhow::anyhow!(
+                "QEMU for {node} {what}: {}\n(log: {})",
+                qemu::tail(&log, 10),
+                cfg.qemu_log_path().display()
+            )
+        };
+        let pid =
+            crate::poll::until("QEMU's pid file and QMP", Duration::from_secs(20), Duration::from_millis(100), || {
+                let pid: u32 = std::fs::read_to_string(&pidfile)
+                    .map_err(|e| e.to_string())?
+                    .trim()
+                    .parse()
+                    .map_err(|e: std::num::ParseIntError| e.to_string())?;
+                qemu::qmp_call(&cfg.qmp_path(), "query-status", None).map_err(|e| format!("{e:#}"))?;
+                Ok::<u32, String>(pid)
+            })
+            .map_err(|e| failed(&format!("did not come up ({e})")))?;
+        self.node_mut(node)?.pid = Some(pid);
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// SIGKILL the QEMU of `node`: the node is lost without warning.
+    pub fn kill(&mut self, node: &str) -> anyhow::Result<Option<u32>> {
+        let pid = self.running(node)?;
+        if let Some(pid) = pid {
+            sigkill(pid);
+            crate::poll::until("QEMU to die", Duration::from_secs(10), Duration::from_millis(20), || {
+                if qemu_alive(pid) { Err("alive") } else { Ok(()) }
+            })
+            .map_err(|e| anyhow::anyhow!("{node} (pid {pid}): {e}"))?;
+        }
+        self.node_mut(node)?.pid = None;
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// Press the power button of `node` (ACPI): the guest shuts down cleanly.
+    pub fn powerdown(&self, node: &str) -> anyhow::Result<()> {
+        let cfg = self.vm_config(self.node(node)?);
+        qemu::qmp_call(&cfg.qmp_path(), "system_powerdown", None)
+            .map(drop)
+            .with_context(|| format!("powering {node} down"))
+    }
+
+    /// Wait until the QEMU of `node` has exited.
+    pub fn wait_stopped(&mut self, node: &str, timeout: Duration) -> anyhow::Result<()> {
+        crate::poll::until(&format!("{node} to power off"), timeout, Duration::from_millis(250), || {
+            match self.running(node) {
+                Ok(Some(pid)) => Err(format!("QEMU pid {pid} still runs")),
+                Ok(None) => Ok(()),
+                Err(e) => Err(format!("{e:#}")),
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("{e}; console: {}", self.console_log(node).unwrap_or_default().display()))?;
+        self.node_mut(node)?.pid = None;
+        self.save()
+    }
+
+    /// Wait for the boot report of `node` printed after byte `from` of its
+    /// console log; returns its fields.
+    pub fn wait_boot(&self, node: &str, from: u64, timeout: Duration) -> anyhow::Result<BTreeMap<String, String>> {
+        let log = self.console_log(node)?;
+        let read = || {
+            let bytes = std::fs::read(&log).unwrap_or_default();
+            let from = usize::try_from(from).unwrap_or(usize::MAX).min(bytes.len());
+            qemu::clean_console(&bytes[from..])
+        };
+        let found =
+            crate::poll::until(&format!("the boot report of {node}"), timeout, Duration::from_millis(500), || {
+                let text = read();
+                if let Some(line) = text.lines().find(|l| l.contains(BOOT_REPORT) && l.contains(" agent=")) {
+                    return Ok(line.to_string());
+                }
+                match self.running(node) {
+                    Ok(Some(_)) => Err("booting".to_string()),
+                    _ => Ok(String::new()),
+                }
+            });
+        match found {
+            Ok(line) if !line.is_empty() => Ok(parse_report(&line)),
+            other => {
+                let why = match other {
+                    Err(e) => e,
+                    Ok(_) => format!("QEMU of {node} exited before the boot report"),
+                };
+                bail!("{why}\n--- last 40 console lines ({}) ---\n{}", log.display(), qemu::tail(&read(), 40))
+            }
+        }
+    }
+
+    /// `gemin_k8s status` of both nodes from the client namespace: each
+    /// node's status, or why it did not answer.
+    pub fn status(&self) -> BTreeMap<String, Result<Value, String>> {
+        let config = self.config_dir.join(geminik8s::clusterfile::FILE_NAME);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", CLIENT]).arg(&self.agent_bin);
+        cmd.args(["status", "-o", "json", "--timeout", "2s", "--config"]).arg(&config);
+        let answer = cmd.stdin(Stdio::null()).output().map_err(|e| e.to_string()).and_then(|out| {
+            serde_json::from_slice::<Value>(&out.stdout)
+                .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+        });
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let one = match &answer {
+                    Err(e) => Err(e.clone()),
+                    Ok(v) => match &v["nodes"][i]["status"] {
+                        Value::Null => Err(v["nodes"][i]["error"].as_str().unwrap_or("no status").to_string()),
+                        s => Ok(s.clone()),
+                    },
+                };
+                (n.name.clone(), one)
+            })
+            .collect()
+    }
+
+    /// `etcdctl` in the client namespace, talking to Kine through the VIP.
+    pub fn etcd(&self, args: &[&str]) -> Result<Value, String> {
+        let endpoint = format!("http://{}:2379", self.vip);
+        let out = Command::new("ip")
+            .args(["netns", "exec", CLIENT, "env", "ETCDCTL_API=3", "etcdctl", "--endpoints", &endpoint])
+            .args(["--command-timeout=2s", "--dial-timeout=500ms", "-w", "json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Write a key through the VIP; returns the revision Kine acknowledged.
+    pub fn put(&self, key: &str, value: &str) -> Result<i64, String> {
+        let v = self.etcd(&["put", key, value])?;
+        v["header"]["revision"].as_i64().ok_or_else(|| format!("no revision in {v}"))
+    }
+
+    /// Keys under `prefix` through the VIP, in key order.
+    pub fn keys(&self, prefix: &str) -> Result<Vec<String>, String> {
+        let v = self.etcd(&["get", prefix, "--prefix", "--keys-only"])?;
+        let kvs = v["kvs"].as_array().cloned().unwrap_or_default();
+        Ok(kvs.iter().filter_map(|kv| kv["key"].as_str()).filter_map(crate::probe::base64_decode).collect())
+    }
+
+    /// The MAC address the client has for the VIP (whose NIC answers it).
+    pub fn client_vip_mac(&self) -> Option<String> {
+        let out = ip(&["-n", CLIENT, "neigh", "show", &self.vip.to_string()]).ok()?;
+        let mut words = out.split_whitespace();
+        words.by_ref().find(|w| *w == "lladdr")?;
+        words.next().map(str::to_string)
+    }
+
+    /// Wait until one node leads (VIP held, Kine serving, synchronous
+    /// replication), the other streams from it, and the VIP answers etcd
+    /// from the client namespace. Returns the leader.
+    pub fn wait_formed(&self, timeout: Duration) -> anyhow::Result<String> {
+        crate::poll::until("one leader with the VIP, the follower streaming", timeout, Duration::from_secs(1), || {
+            let status = self.status();
+            let mut seen = Vec::new();
+            let mut leader = None;
+            let mut follower_ok = false;
+            for (name, s) in &status {
+                match s {
+                    Err(e) => seen.push(format!("{name}: {e}")),
+                    Ok(v) => {
+                        let kine = v["components"]
+                            .as_array()
+                            .is_some_and(|c| c.iter().any(|c| c["name"] == "kine" && c["state"] == "ok"));
+                        if v["role"] == "leader"
+                            && v["vip"]["held_here"] == true
+                            && kine
+                            && v["replication"]["durability"] == "synchronous"
+                        {
+                            leader = Some(name.clone());
+                        }
+                        if v["role"] == "follower" && v["replication"]["streaming"] == true {
+                            follower_ok = true;
+                        }
+                        seen.push(format!(
+                            "{name}: {} {} vip_here={} {}",
+                            v["role"], v["state"], v["vip"]["held_here"], v["replication"]
+                        ));
+                    }
+                }
+            }
+            let through_vip = self.etcd(&["get", "/", "--prefix", "--keys-only", "--limit", "1"]);
+            match (leader, follower_ok, through_vip) {
+                (Some(l), true, Ok(_)) => Ok(l),
+                (_, _, vip) => {
+                    Err(format!("{}; VIP: {}", seen.join("; "), vip.map(|_| "answers".into()).unwrap_or_else(|e| e)))
+                }
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\nconsole logs: {}", self.run_dir.display()))
+    }
+
+    /// The status table: QEMU state and what each agent says.
+    pub fn render_status(&self) -> String {
+        let status = self.status();
+        let mut out = format!(
+            "cluster {} VIP {}/{} (client namespace {CLIENT}, {})\n{:<7} {:<12} {:<18} {:<14} {:<9} {:<6} {:<4} {}\n",
+            self.cluster,
+            self.vip,
+            self.prefix,
+            self.client_ip,
+            "NODE",
+            "IP",
+            "MAC",
+            "QEMU",
+            "ROLE",
+            "EPOCH",
+            "VIP",
+            "REPLICATION"
+        );
+        for n in &self.nodes {
+            let qemu = match n.pid.filter(|p| qemu_alive(*p)) {
+                Some(pid) => format!("pid {pid}"),
+                None => "stopped".into(),
+            };
+            let line = match status.get(&n.name) {
+                Some(Ok(v)) => {
+                    let repl = &v["replication"];
+                    let repl = if repl.is_null() {
+                        "-".to_string()
+                    } else {
+                        format!("{} streaming={}", repl["durability"].as_str().unwrap_or("?"), repl["streaming"])
+                    };
+                    format!(
+                        "{:<9} {:<6} {:<4} {}",
+                        v["role"].as_str().unwrap_or("?"),
+                        v["epoch"].to_string(),
+                        if v["vip"]["held_here"] == true { "yes" } else { "no" },
+                        repl
+                    )
+                }
+                Some(Err(e)) => format!("unreachable: {}", e.lines().next().unwrap_or("")),
+                None => String::new(),
+            };
+            out.push_str(&format!("{:<7} {:<12} {:<18} {:<14} {line}\n", n.name, n.ip.to_string(), n.mac, qemu));
+        }
+        out
+    }
+
+    /// Cut node1 <-> node2 while the client still reaches both: both taps
+    /// become isolated bridge ports, which may not talk to each other.
+    pub fn partition(&self) -> anyhow::Result<()> {
+        self.isolate_ports(true)
+    }
+
+    /// Undo [`QemuLab::partition`].
+    pub fn heal(&self) -> anyhow::Result<()> {
+        self.isolate_ports(false)
+    }
+
+    fn isolate_ports(&self, on: bool) -> anyhow::Result<()> {
+        for n in &self.nodes {
+            run(Command::new("ip")
+                .args(["netns", "exec", SWITCH, "bridge", "link", "set", "dev", &n.tap])
+                .args(["isolated", if on { "on" } else { "off" }]))?;
+        }
+        Ok(())
+    }
+
+    /// Remove everything a lab made: its QEMU processes, taps, bridge and
+    /// namespaces, and the disks (logs stay in the run directory). Works
+    /// from the state file, and without one from the `gq-` prefix.
+    /// Idempotent; returns what it removed.
+    pub fn down(run_dir: &Path) -> anyhow::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let lab = QemuLab::load(run_dir).ok();
+        let mut pids: Vec<u32> = lab.iter().flat_map(|l| l.nodes.iter().filter_map(|n| n.pid)).collect();
+        if namespaces()?.iter().any(|n| n == SWITCH) {
+            // QEMU processes started by a lab whose state file is gone.
+            let out = ip(&["netns", "pids", SWITCH]).unwrap_or_default();
+            pids.extend(out.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        for pid in pids.into_iter().filter(|p| qemu_alive(*p)) {
+            sigkill(pid);
+            crate::poll::until("QEMU to die", Duration::from_secs(10), Duration::from_millis(20), || {
+                if qemu_alive(pid) { Err("alive") } else { Ok(()) }
+            })
+            .map_err(|e| anyhow::anyhow!("QEMU pid {pid}: {e}"))?;
+            removed.push(format!("QEMU pid {pid}"));
+        }
+        for ns in namespaces()? {
+            if ns == SWITCH {
+                let links = ip(&["-n", SWITCH, "-o", "link", "show"]).unwrap_or_default();
+                for tap in links.split_whitespace().filter(|w| w.starts_with("tap-")).map(|w| w.trim_end_matches(':')) {
+                    ip(&["-n", SWITCH, "link", "del", tap])?;
+                    removed.push(tap.to_string());
+                }
+            }
+            ip(&["netns", "del", &ns]).with_context(|| format!("deleting the namespace {ns}"))?;
+            removed.push(ns);
+        }
+        if let Some(lab) = &lab {
+            let mut files = vec![lab.base_image.clone()];
+            for n in &lab.nodes {
+                let cfg = lab.vm_config(n);
+                files.extend([n.dir.join("disk.qcow2"), cfg.qmp_path(), cfg.console_socket_path()]);
+                files.push(n.dir.join(format!("{}.pid", n.name)));
+            }
+            for file in files.iter().filter(|f| f.exists()) {
+                std::fs::remove_file(file).with_context(|| format!("removing {}", file.display()))?;
+            }
+        }
+        let state = labstate::state_path(run_dir);
+        if state.exists() {
+            std::fs::remove_file(&state).with_context(|| format!("removing {}", state.display()))?;
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE_FILE: &str = "#cloud-config\nhostname: node1\ngeminik8s:\n  kine:\n    listen: 127.0.0.1:2379\n  k3s:\n    enabled: true\n    extra_args: []\n";
+
+    #[test]
+    fn user_data_opens_kine_turns_k3s_off_and_adds_the_network_file() {
+        let text = user_data(NODE_FILE, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24).unwrap();
+        assert!(text.contains("    listen: 0.0.0.0:2379\n"), "{text}");
+        assert!(text.contains("  k3s:\n    enabled: false\n"), "{text}");
+        assert!(text.contains("      MACAddress=52:54:00:77:00:01\n"), "{text}");
+        assert!(text.contains("      Address=10.77.0.11/24\n"), "{text}");
+    }
+
+    /// The node file `gemin_k8s init` writes, adapted, passes the agent's
+    /// own validation with the network file in `write_files`.
+    #[test]
+    fn user_data_of_an_init_node_file_is_a_valid_cloud_config() {
+        use geminik8s::config::load::load_files;
+        use geminik8s::config::validate::CheckContext;
+        let Some(bin) = crate::probe::agent_bin() else {
+            crate::skip::skip(module_path!(), "no gemin_k8s next to the test binary: `cargo build -p geminik8s-agent`");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        crate::probe::init_cluster(&bin, &dir.path().join("c"), &[]).unwrap();
+        let node = std::fs::read_to_string(dir.path().join("c/node1.yaml")).unwrap();
+        let text = user_data(&node, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24).unwrap();
+        let path = dir.path().join("user-data");
+        std::fs::write(&path, &text).unwrap();
+        let ctx = CheckContext { check_files: false, ..CheckContext::default() };
+        let loaded = load_files(&[path], &ctx).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        let files = geminik8s::config::kairos::write_files(&loaded.document).unwrap();
+        assert_eq!(files[0].path, "/etc/systemd/network/10-lab.network");
+        assert_eq!(files[0].mode(), Ok(0o644));
+        assert!(!loaded.gemini.k3s.enabled);
+        assert_eq!(loaded.gemini.kine.listen.to_string(), "0.0.0.0:2379");
+    }
+
+    #[test]
+    fn user_data_refuses_a_file_it_cannot_adapt() {
+        let err = user_data("#cloud-config\ngeminik8s: {}\n", "m", "10.77.0.11".parse().unwrap(), 24).unwrap_err();
+        assert!(err.to_string().contains("geminik8s.kine.listen"), "{err}");
+    }
+
+    #[test]
+    fn boot_report_fields() {
+        let r = parse_report("[  OK  ] x\ngeminik8s-boot: slot=a root=read-only hostname=node1 agent=active");
+        assert_eq!(r["slot"], "a");
+        assert_eq!(r["agent"], "active");
+    }
+}

@@ -1,0 +1,186 @@
+//! The QEMU lab end to end: two VMs booting the shipped default image form
+//! a cluster, lose their leader to a QEMU SIGKILL, get it back, and are
+//! both rebooted, with every acknowledged write through the VIP kept.
+//!
+//! One test walks all the steps so the VMs boot as few times as possible
+//! (each boot takes a minute or more under TCG). On failure the run
+//! directory `target/qemu-lab/run` keeps both console logs; the panic
+//! message names it.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use geminik8s_vm_tests::image::{agent_binary, target_dir};
+use geminik8s_vm_tests::qemu::{self, Firmware};
+use geminik8s_vm_tests::qemu_lab::{QemuLab, UpOptions};
+use geminik8s_vm_tests::{poll, skip};
+
+/// A boot under TCG on a shared 2-core machine, two VMs at once.
+const BOOT: Duration = Duration::from_secs(600);
+/// From both booted to a formed cluster; from a kill to the survivor leading.
+const CONVERGE: Duration = Duration::from_secs(300);
+
+const TOOLS: &[&str] =
+    &["mmdebstrap", "kine", "etcdctl", "qemu-system-x86_64", "qemu-img", "xorriso", "mcopy", "tar2sqfs", "bridge"];
+
+/// Tears the lab down however the test ends.
+struct Teardown(PathBuf);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        match QemuLab::down(&self.0) {
+            Ok(removed) => eprintln!("lab down: removed {removed:?}"),
+            Err(e) => eprintln!("lab down failed: {e:#}"),
+        }
+    }
+}
+
+fn fail(lab: &QemuLab, what: &str) -> ! {
+    panic!(
+        "{what}\nstatus:\n{}\nconsole logs: {}/node1/node1-console.log, {}/node2/node2-console.log",
+        lab.render_status(),
+        lab.run_dir.display(),
+        lab.run_dir.display()
+    )
+}
+
+/// Write `key` through the VIP until it is acknowledged; the time it took.
+fn put_until_acked(lab: &QemuLab, key: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    poll::until(&format!("{key} acknowledged through the VIP"), timeout, Duration::from_millis(100), || {
+        lab.put(key, "v")
+    })
+    .unwrap_or_else(|e| fail(lab, &e));
+    start.elapsed()
+}
+
+fn wait_leader(lab: &QemuLab, node: &str) {
+    poll::until(&format!("{node} leading with the VIP"), CONVERGE, Duration::from_secs(1), || {
+        let s = lab.status();
+        match s.get(node) {
+            Some(Ok(v)) if v["role"] == "leader" && v["vip"]["held_here"] == true => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap_or_else(|e| fail(lab, &e));
+}
+
+fn assert_all_present(lab: &QemuLab, acked: &BTreeSet<String>) {
+    let keys: BTreeSet<String> =
+        poll::until("reading /lab/ through the VIP", CONVERGE, Duration::from_millis(500), || lab.keys("/lab/"))
+            .unwrap_or_else(|e| fail(lab, &e))
+            .into_iter()
+            .collect();
+    let lost: Vec<&String> = acked.difference(&keys).collect();
+    if !lost.is_empty() {
+        fail(lab, &format!("acknowledged writes lost: {lost:?}"));
+    }
+}
+
+#[test]
+fn leader_killed_follower_promotes_old_leader_rejoins_and_both_reboot_with_the_data() {
+    if let Some(reason) = skip::requires(true, TOOLS) {
+        return skip::skip(module_path!(), &reason);
+    }
+    if let Some(reason) = qemu::requires(Firmware::Uefi) {
+        return skip::skip(module_path!(), &reason);
+    }
+    let Some(agent) = agent_binary() else {
+        return skip::skip(module_path!(), "no gemin_k8s in target/: run `cargo build -p geminik8s-agent`");
+    };
+    let base = target_dir().join("qemu-lab");
+    let run_dir = base.join("run");
+    let config_dir = base.join("cluster");
+    // Leftovers of an interrupted run.
+    QemuLab::down(&run_dir).unwrap();
+    let _ = std::fs::remove_dir_all(&config_dir); // Absent on the first run.
+    let accel = qemu::accel_choice();
+    eprintln!("accelerator: {} ({})", accel.accel.as_str(), accel.reason);
+
+    let _teardown = Teardown(run_dir.clone());
+    let opts = UpOptions {
+        config_dir,
+        run_dir,
+        agent_bin: agent,
+        image: None,
+        image_dir: target_dir().join("image-boot"),
+        memory_mib: 2048,
+        cpus: 1,
+        boot_timeout: BOOT,
+        form_timeout: CONVERGE,
+    };
+    let up = QemuLab::up(&opts).unwrap_or_else(|e| panic!("qemu up: {e:#}"));
+    let mut lab = up.lab;
+    eprintln!("MEASURED up -> formed cluster: {:.1?} (leader {})", up.formed_after, up.leader);
+    for (node, report) in &up.reports {
+        assert_eq!(report["hostname"], *node, "hostname from the CIDATA cloud-config");
+        assert_eq!(report["agent"], "active");
+        assert_eq!(report["root"], "read-only");
+    }
+    assert_eq!(up.leader, "node1", "the bootstrap leader leads a fresh cluster");
+    eprint!("{}", lab.render_status());
+    let leader = up.leader.clone();
+    let follower = if leader == "node1" { "node2" } else { "node1" }.to_string();
+    let leader_mac = lab.node(&leader).unwrap().mac.clone();
+
+    // (a) Writes through the VIP from the client namespace.
+    let mut acked = BTreeSet::new();
+    for i in 0..20 {
+        let key = format!("/lab/before/{i:02}");
+        put_until_acked(&lab, &key, Duration::from_secs(10));
+        acked.insert(key);
+    }
+    assert_eq!(lab.client_vip_mac().as_deref(), Some(leader_mac.as_str()), "the client reaches the VIP at the leader");
+
+    // The leader's VM is lost (QEMU SIGKILL): the follower promotes.
+    let from = lab.console_offset(&leader).unwrap();
+    lab.kill(&leader).unwrap();
+    let failover = put_until_acked(&lab, "/lab/after/00", CONVERGE);
+    acked.insert("/lab/after/00".into());
+    eprintln!("MEASURED failover (QEMU SIGKILL of {leader} -> first write accepted through the VIP): {failover:.1?}");
+    wait_leader(&lab, &follower);
+    for i in 1..10 {
+        let key = format!("/lab/after/{i:02}");
+        put_until_acked(&lab, &key, Duration::from_secs(10));
+        acked.insert(key);
+    }
+    assert_all_present(&lab, &acked);
+    let survivor_mac = lab.node(&follower).unwrap().mac.clone();
+    assert_eq!(lab.client_vip_mac().as_deref(), Some(survivor_mac.as_str()), "the VIP moved to the survivor");
+
+    // The killed VM boots again with its disk: it rejoins as follower.
+    lab.start(&leader).unwrap();
+    lab.wait_boot(&leader, from, BOOT).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    let rejoined = Instant::now();
+    let now_leading = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    eprintln!("MEASURED {leader} booted -> cluster formed again: {:.1?}", rejoined.elapsed());
+    assert_eq!(now_leading, follower, "the promoted node keeps leading; the old leader rejoins as follower");
+    assert_all_present(&lab, &acked);
+    eprint!("{}", lab.render_status());
+
+    // (b) Both VMs powered off and booted again: the cluster comes back
+    // with one leader, the other streaming, and all the data.
+    let offsets: Vec<(String, u64)> =
+        lab.node_names().into_iter().map(|n| (n.clone(), lab.console_offset(&n).unwrap())).collect();
+    for n in lab.node_names() {
+        lab.powerdown(&n).unwrap();
+    }
+    for n in lab.node_names() {
+        lab.wait_stopped(&n, Duration::from_secs(300)).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    }
+    let restarted = Instant::now();
+    for n in lab.node_names() {
+        lab.start(&n).unwrap();
+    }
+    for (n, from) in &offsets {
+        let report = lab.wait_boot(n, *from, BOOT).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+        assert_eq!(report["agent"], "active");
+    }
+    let after_reboot = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    eprintln!("MEASURED both rebooted -> cluster formed: {:.1?}, leader {after_reboot}", restarted.elapsed());
+    assert_eq!(after_reboot, follower, "after a full restart the node with the higher epoch (the promoted one) leads");
+    assert_all_present(&lab, &acked);
+    put_until_acked(&lab, "/lab/rebooted", Duration::from_secs(30));
+    eprint!("{}", lab.render_status());
+}
