@@ -80,7 +80,23 @@ bench-failover kills="20":
     cargo build --release -p geminik8s-agent -p geminik8s-vm-tests
     target/release/bench-failover --kills {{kills}} --agent-bin target/release/gemin_k8s
 
-# Build the node image's root filesystem (root; Debian packages from the mirror in the spec).
+# Benchmark (root): build the default image, then again with every input cached (warm); prints both times and the sizes.
+bench-image spec="image/specs/default.yaml":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build --release -p geminik8s-agent -p geminik8s-image
+    out=target/bench-image
+    start=$SECONDS
+    target/release/gemin-image build --spec {{spec}} --out $out --replace-target --force --artifact gemin_k8s=target/release/gemin_k8s
+    first=$((SECONDS - start))
+    start=$SECONDS
+    target/release/gemin-image build --spec {{spec}} --out $out --replace-target --force --artifact gemin_k8s=target/release/gemin_k8s
+    warm=$((SECONDS - start))
+    echo "first build: ${first} s; warm build (everything cached, outputs rebuilt): ${warm} s"
+    ls -l $out | grep -v '^d\|^total'
+    du -sh --apparent-size $out/*-rootfs.tar
+
+# Build the node image: root filesystem and bootable images (root; Debian packages from the mirror in the spec).
 image spec="image/specs/default.yaml":
     cargo build --release -p geminik8s-agent -p geminik8s-image
     target/release/gemin-image build --spec {{spec}} --out out --artifact gemin_k8s=target/release/gemin_k8s
