@@ -267,6 +267,7 @@ pub async fn build(opts: &BuildOptions, cache: &Cache, progress: &Progress) -> a
             name: &spec.name,
             epoch,
             sizes: &spec.sizes,
+            labels: &spec.labels,
             seed: &inputs_key,
             formats: disk_formats,
         };

@@ -6,6 +6,7 @@
 
 mod check;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +37,7 @@ pub struct ImageSpec {
     pub disable_units: Vec<String>,
     pub outputs: Vec<OutputFormat>,
     pub sizes: Sizes,
+    pub labels: Labels,
     /// Timestamp every file in the outputs is clamped to, unless the
     /// `SOURCE_DATE_EPOCH` environment variable or a flag overrides it.
     pub source_date_epoch: Option<u64>,
@@ -188,6 +190,37 @@ pub struct Sizes {
     pub root: Option<u64>,
     pub oem: Option<u64>,
     pub persistent: Option<u64>,
+}
+
+/// GPT partition names of the disk images, by key (`esp`, `oem`,
+/// `root_a`, `root_b`, `persistent`); a key not set takes its default.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Labels(pub BTreeMap<String, String>);
+
+impl Labels {
+    pub const DEFAULTS: [(&'static str, &'static str); 5] = [
+        ("esp", "gemin-esp"),
+        ("oem", "gemin-oem"),
+        ("root_a", "gemin-root-a"),
+        ("root_b", "gemin-root-b"),
+        ("persistent", "gemin-persistent"),
+    ];
+
+    /// Set the label of `key` (one of [`Labels::DEFAULTS`]' keys).
+    pub fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_string(), value);
+    }
+
+    /// The label of `key`, or its default.
+    pub fn get(&self, key: &str) -> &str {
+        let default = Self::DEFAULTS.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        self.0.get(key).map(String::as_str).or(default).unwrap_or_else(|| unreachable!("not a label key: {key}"))
+    }
+
+    /// Every (key, label), defaults filled in.
+    pub fn resolved(&self) -> Vec<(&'static str, &str)> {
+        Self::DEFAULTS.iter().map(|(k, _)| (*k, self.get(k))).collect()
+    }
 }
 
 /// Everything wrong with a spec file.

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use gemin_image::build::{BuildOptions, build};
 use gemin_image::cache::{Cache, sha256_file};
-use gemin_image::disk::layout::{self, Layout, Slot};
+use gemin_image::disk::layout::{self, Layout, Role, Slot};
 use gemin_image::output::write_rootfs_tar;
 use gemin_image::progress::Progress;
 use gemin_image::spec::ImageSpec;
@@ -42,7 +42,8 @@ fn spec(dir: &Path, root_size: &str) -> ImageSpec {
     let text = format!(
         "name: t\nbase:\n  tarball:\n    path: {}\ncloud_config: cc.yaml\n\
          outputs: [rootfs-tar, raw, qcow2, iso, pxe]\n\
-         sizes: {{esp: 32M, oem: 8M, root: {root_size}, persistent: 64M}}\n",
+         sizes: {{esp: 32M, oem: 8M, root: {root_size}, persistent: 64M}}\n\
+         labels: {{esp: site-esp, root_b: site-root-b}}\n",
         base_tarball(dir).display()
     );
     let path = dir.join("spec.yaml");
@@ -94,7 +95,13 @@ async fn disk_iso_and_pxe_carry_the_same_root_and_rebuild_byte_identical() {
     let raw = out.join("t.raw");
 
     // The GPT as the layout says, read back by sfdisk.
-    let built = Layout::new(&spec.sizes, &first.inputs_key);
+    let built = Layout::new(&spec.sizes, &spec.labels, &first.inputs_key);
+    let names: Vec<&str> = built.partitions.iter().map(|p| p.label.as_str()).collect();
+    assert_eq!(
+        names,
+        ["site-esp", "gemin-oem", "gemin-root-a", "site-root-b", "gemin-persistent"],
+        "labels from the spec"
+    );
     let table: serde_json::Value =
         serde_json::from_slice(&run(Command::new("sfdisk").arg("--json").arg(&raw))).unwrap();
     let parts = table["partitiontable"]["partitions"].as_array().unwrap();
@@ -108,7 +115,7 @@ async fn disk_iso_and_pxe_carry_the_same_root_and_rebuild_byte_identical() {
     assert_eq!(fs::metadata(&raw).unwrap().len(), built.size);
 
     // The ESP: the loader, a kernel and initramfs per slot, slot A first.
-    let esp = format!("{}@@{}", raw.display(), built.get(layout::ESP_LABEL).start);
+    let esp = format!("{}@@{}", raw.display(), built.part(Role::Esp).start);
     let mtype = |path: &str| {
         String::from_utf8(run(Command::new("mtype").env("MTOOLS_SKIP_CHECK", "1").args(["-i", &esp, path]))).unwrap()
     };
@@ -117,11 +124,16 @@ async fn disk_iso_and_pxe_carry_the_same_root_and_rebuild_byte_identical() {
         assert_eq!(mtype(&format!("::/gemin/{}/vmlinuz", slot.letter())), "a kernel");
         assert_eq!(mtype(&format!("::/gemin/{}/initrd.img", slot.letter())), "an initramfs");
         let entry = mtype(&format!("::/loader/entries/{}.conf", slot.entry_id()));
-        assert!(entry.contains(&format!("options {}\n", layout::slot_cmdline(slot))), "{entry}");
+        assert!(entry.contains(&format!("options {}\n", built.slot_cmdline(slot))), "{entry}");
         let version = if slot == Slot::A { "version 1\n" } else { "version 0\n" };
         assert!(entry.contains(version), "slot A sorts first: {entry}");
     }
     assert!(mtype("::/loader/loader.conf").contains("editor no"));
+    let b_entry = mtype("::/loader/entries/gemin-b.conf");
+    assert!(
+        b_entry.contains("gemin.root=PARTLABEL=site-root-b ") && b_entry.contains("gemin.esp=PARTLABEL=site-esp"),
+        "{b_entry}"
+    );
 
     // Both slots hold the same squashfs of the tree.
     let slot_a = built.slot(Slot::A);
@@ -152,20 +164,16 @@ async fn disk_iso_and_pxe_carry_the_same_root_and_rebuild_byte_identical() {
     let info = String::from_utf8(run(Command::new("xorriso").args(["-indev"]).arg(&iso).args(["-pvd_info"])))
         .unwrap_or_default();
     assert!(info.contains("GEMIN_LIVE"), "{info}");
-    let extract = d.join("iso-root.sqfs");
-    run(Command::new("xorriso")
-        .args(["-osirrox", "on", "-indev"])
-        .arg(&iso)
-        .args(["-extract", layout::LIVE_ROOT])
-        .arg(&extract));
-    assert_eq!(fs::read(&extract).unwrap(), from_pxe);
-    let script = d.join("layout.sfdisk");
-    run(Command::new("xorriso")
-        .args(["-osirrox", "on", "-indev"])
-        .arg(&iso)
-        .args(["-extract", "/gemin/install/layout.sfdisk"])
-        .arg(&script));
-    assert_eq!(fs::read_to_string(&script).unwrap(), built.sfdisk_install_script());
+    let from_iso = |path: &str| {
+        let out = d.join(path.rsplit('/').next().unwrap());
+        run(Command::new("xorriso").args(["-osirrox", "on", "-indev"]).arg(&iso).args(["-extract", path]).arg(&out));
+        fs::read(out).unwrap()
+    };
+    assert_eq!(from_iso(layout::LIVE_ROOT), from_pxe);
+    let script = String::from_utf8(from_iso("/gemin/install/layout.sfdisk")).unwrap();
+    assert_eq!(script, built.sfdisk_install_script());
+    let labels = String::from_utf8(from_iso("/gemin/install/labels.env")).unwrap();
+    assert!(labels.contains("ESP=site-esp\n"), "the installer uses the spec's labels: {labels}");
 
     // Rebuilt from scratch into another directory: the same bytes.
     let second_opts = options(spec, d.join("out2"));

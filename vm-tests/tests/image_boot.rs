@@ -20,7 +20,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use gemin_image::disk::layout;
-use gemin_image::spec::OutputFormat;
+use gemin_image::spec::{Labels, OutputFormat};
 use geminik8s_vm_tests::image::{BuiltImage, agent_binary, build_default_image_blocking, target_dir};
 use geminik8s_vm_tests::qemu::{self, BootOrder, DiskFormat, Drive, Firmware, Mark, Net, Vm, VmConfig};
 use geminik8s_vm_tests::{poll, skip};
@@ -244,7 +244,7 @@ fn a_broken_slot_b_marked_next_falls_back_to_slot_a() {
     let disk = disk_copy(image, &dir, image_size(image));
     // Slot B: unbootable (its squashfs superblock zeroed) and marked as the
     // next boot with two tries, as an upgrade would mark it.
-    let b_offset = partition_offset(&disk, &layout::Slot::B.partlabel());
+    let b_offset = partition_offset(&disk, Labels::default().get(layout::Slot::B.label_key()));
     let f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 1 << 20], b_offset).unwrap();
     drop(f);

@@ -4,7 +4,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::spec::Sizes;
+use crate::spec::{Labels, Sizes};
 
 pub const MIB: u64 = 1 << 20;
 /// Partitions start on 1 MiB boundaries; the first one at 1 MiB, and 1 MiB
@@ -14,7 +14,8 @@ pub const ALIGN: u64 = MIB;
 pub const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 pub const LINUX_TYPE: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 
-/// GPT partition names (PARTLABEL), which the boot script finds them by.
+/// Default GPT partition names (PARTLABEL), which the boot script finds
+/// the partitions by; the spec's `labels:` can change them.
 pub const ESP_LABEL: &str = "gemin-esp";
 pub const OEM_LABEL: &str = "gemin-oem";
 pub const PERSISTENT_LABEL: &str = "gemin-persistent";
@@ -44,8 +45,12 @@ impl Slot {
         }
     }
 
-    pub fn partlabel(self) -> String {
-        format!("gemin-root-{}", self.letter())
+    /// The key of the slot's partition name in the spec's `labels:`.
+    pub fn label_key(self) -> &'static str {
+        match self {
+            Slot::A => "root_a",
+            Slot::B => "root_b",
+        }
     }
 
     /// The boot entry id (file name without `.conf`) on the ESP.
@@ -60,10 +65,31 @@ pub const DEFAULT_OEM: u64 = 64 * MIB;
 pub const DEFAULT_ROOT: u64 = 2048 * MIB;
 pub const DEFAULT_PERSISTENT: u64 = 4096 * MIB;
 
+/// What a partition is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Esp,
+    Oem,
+    Root(Slot),
+    Persistent,
+}
+
+impl Role {
+    fn label_key(self) -> &'static str {
+        match self {
+            Role::Esp => "esp",
+            Role::Oem => "oem",
+            Role::Root(slot) => slot.label_key(),
+            Role::Persistent => "persistent",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
     /// 1-based GPT index.
     pub number: u32,
+    pub role: Role,
     pub label: String,
     pub type_guid: &'static str,
     pub uuid: String,
@@ -104,21 +130,23 @@ pub fn stable_uuid(seed: &str, what: &str) -> String {
 impl Layout {
     /// ESP, OEM, root A, root B, persistent; in that order on the disk, so
     /// the persistent partition is last and can grow to the end.
-    pub fn new(sizes: &Sizes, seed: &str) -> Layout {
+    pub fn new(sizes: &Sizes, labels: &Labels, seed: &str) -> Layout {
         let wanted = [
-            (ESP_LABEL.to_string(), ESP_TYPE, sizes.esp.unwrap_or(DEFAULT_ESP)),
-            (OEM_LABEL.to_string(), LINUX_TYPE, sizes.oem.unwrap_or(DEFAULT_OEM)),
-            (Slot::A.partlabel(), LINUX_TYPE, sizes.root.unwrap_or(DEFAULT_ROOT)),
-            (Slot::B.partlabel(), LINUX_TYPE, sizes.root.unwrap_or(DEFAULT_ROOT)),
-            (PERSISTENT_LABEL.to_string(), LINUX_TYPE, sizes.persistent.unwrap_or(DEFAULT_PERSISTENT)),
+            (Role::Esp, ESP_TYPE, sizes.esp.unwrap_or(DEFAULT_ESP)),
+            (Role::Oem, LINUX_TYPE, sizes.oem.unwrap_or(DEFAULT_OEM)),
+            (Role::Root(Slot::A), LINUX_TYPE, sizes.root.unwrap_or(DEFAULT_ROOT)),
+            (Role::Root(Slot::B), LINUX_TYPE, sizes.root.unwrap_or(DEFAULT_ROOT)),
+            (Role::Persistent, LINUX_TYPE, sizes.persistent.unwrap_or(DEFAULT_PERSISTENT)),
         ];
         let mut start = ALIGN;
         let mut partitions = Vec::new();
-        for (i, (label, type_guid, size)) in wanted.into_iter().enumerate() {
+        for (i, (role, type_guid, size)) in wanted.into_iter().enumerate() {
             let size = align_up(size);
+            let label = labels.get(role.label_key()).to_string();
             partitions.push(Partition {
                 number: i as u32 + 1,
-                uuid: stable_uuid(seed, &label),
+                role,
+                uuid: stable_uuid(seed, role.label_key()),
                 label,
                 type_guid,
                 start,
@@ -129,12 +157,29 @@ impl Layout {
         Layout { disk_uuid: stable_uuid(seed, "disk"), partitions, size: start + ALIGN }
     }
 
-    pub fn get(&self, label: &str) -> &Partition {
-        self.partitions.iter().find(|p| p.label == label).expect("every label of the layout is present")
+    pub fn part(&self, role: Role) -> &Partition {
+        self.partitions.iter().find(|p| p.role == role).expect("every role has its partition")
     }
 
     pub fn slot(&self, slot: Slot) -> &Partition {
-        self.get(&slot.partlabel())
+        self.part(Role::Root(slot))
+    }
+
+    /// The kernel command line of a root slot on this disk.
+    pub fn slot_cmdline(&self, slot: Slot) -> String {
+        format!(
+            "{COMMON_ARGS} gemin.slot={} gemin.root=PARTLABEL={} gemin.persistent=PARTLABEL={} gemin.oem=PARTLABEL={} gemin.esp=PARTLABEL={}",
+            slot.letter(),
+            self.slot(slot).label,
+            self.part(Role::Persistent).label,
+            self.part(Role::Oem).label,
+            self.part(Role::Esp).label,
+        )
+    }
+
+    /// `KEY=label` lines for the installer (`/gemin/install/labels.env`).
+    pub fn labels_env(&self) -> String {
+        self.partitions.iter().map(|p| format!("{}={}\n", p.role.label_key().to_uppercase(), p.label)).collect()
     }
 
     /// The layout as an `sfdisk` script (512-byte sectors).
@@ -168,15 +213,6 @@ impl Layout {
 /// Parameters every geminik8s boot gets. `panic=10`: a boot that fails in
 /// the initramfs reboots after 10 s, so boot counting can fall back.
 const COMMON_ARGS: &str = "boot=gemin console=tty0 console=ttyS0,115200 panic=10";
-
-/// The kernel command line of a root slot on disk.
-pub fn slot_cmdline(slot: Slot) -> String {
-    format!(
-        "{COMMON_ARGS} gemin.slot={} gemin.root=PARTLABEL={} gemin.persistent=PARTLABEL={PERSISTENT_LABEL} gemin.oem=PARTLABEL={OEM_LABEL}",
-        slot.letter(),
-        slot.partlabel()
-    )
-}
 
 /// The kernel command line of the live ISO: root from the medium, state in RAM.
 pub fn live_cmdline() -> String {
@@ -212,7 +248,7 @@ mod tests {
 
     #[test]
     fn partitions_are_aligned_contiguous_and_in_order() {
-        let l = Layout::new(&sizes(), "x");
+        let l = Layout::new(&sizes(), &Labels::default(), "x");
         let labels: Vec<&str> = l.partitions.iter().map(|p| p.label.as_str()).collect();
         assert_eq!(labels, ["gemin-esp", "gemin-oem", "gemin-root-a", "gemin-root-b", "gemin-persistent"]);
         assert_eq!(l.partitions[0].start, MIB);
@@ -227,9 +263,9 @@ mod tests {
 
     #[test]
     fn uuids_are_stable_per_seed_and_distinct() {
-        let a = Layout::new(&sizes(), "image-1");
-        assert_eq!(a, Layout::new(&sizes(), "image-1"));
-        let b = Layout::new(&sizes(), "image-2");
+        let a = Layout::new(&sizes(), &Labels::default(), "image-1");
+        assert_eq!(a, Layout::new(&sizes(), &Labels::default(), "image-1"));
+        let b = Layout::new(&sizes(), &Labels::default(), "image-2");
         assert_ne!(a.disk_uuid, b.disk_uuid);
         let mut all: Vec<&str> = a.partitions.iter().map(|p| p.uuid.as_str()).collect();
         all.push(&a.disk_uuid);
@@ -241,7 +277,7 @@ mod tests {
 
     #[test]
     fn sfdisk_script_uses_sectors() {
-        let l = Layout::new(&sizes(), "x");
+        let l = Layout::new(&sizes(), &Labels::default(), "x");
         let script = l.sfdisk_script();
         assert!(script.starts_with("label: gpt\n"));
         assert!(script.contains(&format!("start=2048, size={}, type={ESP_TYPE}", 100 * 2048)), "{script}");
@@ -253,10 +289,22 @@ mod tests {
     }
 
     #[test]
-    fn command_lines_name_their_root() {
-        let b = slot_cmdline(Slot::B);
+    fn command_lines_name_their_partitions() {
+        let b = Layout::new(&sizes(), &Labels::default(), "x").slot_cmdline(Slot::B);
         assert!(b.contains("gemin.root=PARTLABEL=gemin-root-b") && b.contains("gemin.slot=b"), "{b}");
+        assert!(
+            b.contains("gemin.esp=PARTLABEL=gemin-esp gemin") || b.ends_with("gemin.esp=PARTLABEL=gemin-esp"),
+            "{b}"
+        );
         assert!(b.contains("panic=10"), "failed boots must reboot for the fallback");
+        let mut labels = Labels::default();
+        labels.set("root_b", "site-b".into());
+        labels.set("esp", "site-esp".into());
+        let custom = Layout::new(&sizes(), &labels, "x");
+        let b = custom.slot_cmdline(Slot::B);
+        assert!(b.contains("gemin.root=PARTLABEL=site-b") && b.contains("gemin.esp=PARTLABEL=site-esp"), "{b}");
+        assert!(custom.labels_env().contains("ESP=site-esp\nOEM=gemin-oem\n"), "{}", custom.labels_env());
+        assert_eq!(custom.slot(Slot::B).uuid, Layout::new(&sizes(), &Labels::default(), "x").slot(Slot::B).uuid);
         assert!(live_cmdline().contains("gemin.root=live:LABEL=GEMIN_LIVE:/gemin/root.squashfs"));
         assert!(!live_cmdline().contains("gemin.persistent"));
         assert!(pxe_cmdline().contains("gemin.root=ram:/gemin/root.squashfs"));

@@ -25,8 +25,8 @@ use geminik8s::cmd::Tool;
 use crate::cache::sha256_file;
 use crate::output::OutputFile;
 use crate::progress::Progress;
-use crate::spec::{OutputFormat, Sizes};
-use layout::{Layout, MIB, Slot};
+use crate::spec::{Labels, OutputFormat, Sizes};
+use layout::{Layout, MIB, Role, Slot};
 
 /// Where the kernel, the initramfs and the boot loader are in the tree.
 #[derive(Debug, Clone)]
@@ -104,6 +104,7 @@ pub struct DiskJob<'a> {
     pub name: &'a str,
     pub epoch: u64,
     pub sizes: &'a Sizes,
+    pub labels: &'a Labels,
     /// Seed for the disk and filesystem UUIDs (the build's inputs key).
     pub seed: &'a str,
     pub formats: Vec<OutputFormat>,
@@ -294,7 +295,7 @@ fn write_sparse(dst: &File, src: &Path, offset: u64, room: u64, what: &str) -> a
 }
 
 /// The boot entries and files of the ESP of an installed disk.
-fn stage_esp(stage: &Path, boot: &BootFiles) -> anyhow::Result<()> {
+fn stage_esp(stage: &Path, boot: &BootFiles, layout: &Layout) -> anyhow::Result<()> {
     copy_file(&boot.systemd_boot, &stage.join("EFI/BOOT/BOOTX64.EFI"))?;
     copy_file(&boot.systemd_boot, &stage.join("EFI/systemd/systemd-bootx64.efi"))?;
     write_text(&stage.join("loader/loader.conf"), layout::LOADER_CONF)?;
@@ -309,7 +310,7 @@ fn stage_esp(stage: &Path, boot: &BootFiles) -> anyhow::Result<()> {
             version,
             &format!("/{dir}/vmlinuz"),
             &format!("/{dir}/initrd.img"),
-            &layout::slot_cmdline(slot),
+            &layout.slot_cmdline(slot),
         );
         write_text(&stage.join(format!("loader/entries/{}.conf", slot.entry_id())), &entry)?;
     }
@@ -317,19 +318,18 @@ fn stage_esp(stage: &Path, boot: &BootFiles) -> anyhow::Result<()> {
 }
 
 async fn write_raw(job: &DiskJob<'_>, work: &Path, boot: &BootFiles, root: &Path, out: &Path) -> anyhow::Result<()> {
-    let layout = Layout::new(job.sizes, job.seed);
+    let layout = Layout::new(job.sizes, job.labels, job.seed);
     let esp = work.join("esp.img");
     let stage = work.join("esp");
-    stage_esp(&stage, boot)?;
-    fat_image(&stage, &esp, layout.get(layout::ESP_LABEL).size, layout::ESP_FS_LABEL, job.seed, job.epoch).await?;
+    stage_esp(&stage, boot, &layout)?;
+    fat_image(&stage, &esp, layout.part(Role::Esp).size, layout::ESP_FS_LABEL, job.seed, job.epoch).await?;
 
     let oem_stage = work.join("oem");
     stage_oem(job.tree, &oem_stage)?;
     let oem = work.join("oem.img");
-    ext4_image(Some(&oem_stage), &oem, layout.get(layout::OEM_LABEL).size, layout::OEM_FS_LABEL, job.seed, job.epoch)
-        .await?;
+    ext4_image(Some(&oem_stage), &oem, layout.part(Role::Oem).size, layout::OEM_FS_LABEL, job.seed, job.epoch).await?;
     let persistent = work.join("persistent.img");
-    let p = layout.get(layout::PERSISTENT_LABEL);
+    let p = layout.part(Role::Persistent);
     ext4_image(None, &persistent, p.size, layout::PERSISTENT_FS_LABEL, job.seed, job.epoch).await?;
 
     let tmp = work.join("disk.raw");
@@ -343,8 +343,9 @@ async fn write_raw(job: &DiskJob<'_>, work: &Path, boot: &BootFiles, root: &Path
         .run()
         .await
         .context("writing the partition table (sfdisk comes from the Debian package fdisk)")?;
-    write_sparse(&file, &esp, layout.get(layout::ESP_LABEL).start, layout.get(layout::ESP_LABEL).size, "the ESP")?;
-    write_sparse(&file, &oem, layout.get(layout::OEM_LABEL).start, layout.get(layout::OEM_LABEL).size, "OEM")?;
+    for (image, role, what) in [(&esp, Role::Esp, "the ESP"), (&oem, Role::Oem, "OEM")] {
+        write_sparse(&file, image, layout.part(role).start, layout.part(role).size, what)?;
+    }
     for slot in Slot::BOTH {
         let part = layout.slot(slot);
         write_sparse(&file, root, part.start, part.size, "the root filesystem (squashfs)")?;
@@ -420,10 +421,11 @@ pub const INSTALL_DIR: &str = "/gemin/install";
 /// the disk), the ESP's files (slot B's kernel and initramfs left out: the
 /// installer copies slot A's) and the OEM partition's files.
 fn stage_install(job: &DiskJob<'_>, dir: &Path, boot: &BootFiles) -> anyhow::Result<()> {
-    let layout = Layout::new(job.sizes, job.seed);
+    let layout = Layout::new(job.sizes, job.labels, job.seed);
     write_text(&dir.join("layout.sfdisk"), &layout.sfdisk_install_script())?;
+    write_text(&dir.join("labels.env"), &layout.labels_env())?;
     let esp = dir.join("esp");
-    stage_esp(&esp, boot)?;
+    stage_esp(&esp, boot, &layout)?;
     let b = esp.join("gemin").join(Slot::B.letter());
     fs::remove_dir_all(&b).with_context(|| format!("removing {}", b.display()))?;
     stage_oem(job.tree, &dir.join("oem"))

@@ -20,6 +20,7 @@ const TOP: &[&str] = &[
     "disable_units",
     "outputs",
     "sizes",
+    "labels",
     "source_date_epoch",
 ];
 const BASES: &[&str] = &["debian", "oci", "tarball"];
@@ -32,6 +33,7 @@ const ARTIFACT: &[&str] = &["name", "url", "sha256", "path", "dest", "mode"];
 const CLOUD_CONFIG: &[&str] = &["path", "dest"];
 const USER: &[&str] = &["name", "uid", "groups", "shell", "ssh_authorized_keys"];
 const SIZES: &[&str] = &["esp", "root", "oem", "persistent"];
+const LABELS: &[&str] = &["esp", "oem", "root_a", "root_b", "persistent"];
 
 pub(super) fn diag(
     source: &str,
@@ -310,6 +312,7 @@ fn check_top(c: &mut Checker, root: &Node) -> Option<ImageSpec> {
         c.error(n.pos, "packages", "packages can only be installed on a `debian` base", hint);
     }
     let sizes = get(top, "sizes").map(|n| check_sizes(c, n)).unwrap_or_default();
+    let labels = get(top, "labels").map(|n| check_labels(c, n)).unwrap_or_default();
     let source_date_epoch = get(top, "source_date_epoch").and_then(|n| c.uint(n, "source_date_epoch", i64::MAX as u64));
     Some(ImageSpec {
         name,
@@ -323,6 +326,7 @@ fn check_top(c: &mut Checker, root: &Node) -> Option<ImageSpec> {
         disable_units,
         outputs,
         sizes,
+        labels,
         source_date_epoch,
     })
 }
@@ -546,6 +550,39 @@ fn check_user(c: &mut Checker, node: &Node, key: &str) -> Option<User> {
         }
     }
     Some(User { name: name?, uid, groups, shell, ssh_authorized_keys })
+}
+
+/// GPT partition names: what the boot script, fstab and the installer find
+/// the partitions by.
+fn check_labels(c: &mut Checker, node: &Node) -> Labels {
+    let Some(e) = c.map(node, "labels", LABELS) else { return Labels::default() };
+    let mut labels = Labels::default();
+    let mut given = Vec::new();
+    for (key, _, n) in e {
+        if !LABELS.contains(&key.as_str()) {
+            continue; // reported by `map`
+        }
+        let Some(text) = c.string(n, &format!("labels.{key}")) else { continue };
+        let valid = !text.is_empty()
+            && text.len() <= 36
+            && text.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'));
+        if !valid {
+            let hint = Some("1 to 36 characters: letters, digits, `-`, `_`, `.`".into());
+            c.error(n.pos, &format!("labels.{key}"), format!("`{text}` is not a usable partition name"), hint);
+            continue;
+        }
+        labels.set(key, text);
+        given.push((key.as_str(), n.pos));
+    }
+    let resolved = labels.resolved();
+    for (key, pos) in given {
+        let mine = labels.get(key);
+        if let Some((other, _)) = resolved.iter().find(|(k, v)| *k != key && *v == mine) {
+            let hint = Some("every partition needs its own name".into());
+            c.error(pos, &format!("labels.{key}"), format!("`{mine}` is also the name of `{other}`"), hint);
+        }
+    }
+    labels
 }
 
 fn check_sizes(c: &mut Checker, node: &Node) -> Sizes {

@@ -169,3 +169,23 @@ fn sizes_parse() {
     assert_eq!(parse_size("4096"), Some(4096));
     assert_eq!(parse_size("2X"), None);
 }
+
+#[test]
+fn partition_labels_are_checked_and_defaulted() {
+    let spec = parse("base:\n  tarball: {path: x.tar}\nlabels: {esp: site-esp}\n").unwrap();
+    assert_eq!(spec.labels.get("esp"), "site-esp");
+    assert_eq!(spec.labels.get("root_b"), "gemin-root-b", "unset labels take the default");
+
+    let d = one_error("base:\n  tarball: {path: x.tar}\nlabels:\n  oem: has space\n");
+    assert_eq!((d.line, d.key.as_str()), (4, "labels.oem"));
+    assert!(d.message.contains("not a usable partition name"), "{}", d.message);
+
+    // A label clashing with another partition's default is caught too.
+    let d = one_error("base:\n  tarball: {path: x.tar}\nlabels:\n  root_a: gemin-root-b\n");
+    assert_eq!((d.line, d.key.as_str()), (4, "labels.root_a"));
+    assert!(d.message.contains("also the name of `root_b`"), "{}", d.message);
+
+    let d = one_error("base:\n  tarball: {path: x.tar}\nlabels:\n  roota: x\n");
+    assert_eq!(d.key, "labels.roota");
+    assert!(d.hint.as_deref().unwrap_or_default().contains("root_a"), "{:?}", d.hint);
+}
