@@ -574,16 +574,7 @@ async fn postgres_manager_runs_the_server_as_the_systemd_unit() {
     let systemd = SystemdServices::connect(Some(&bus.address)).await.unwrap().with_env_dir(env_dir.path());
 
     let dir = tempfile::tempdir().unwrap();
-    let config: geminik8s::config::GeminiConfig = serde_json::from_value(serde_json::json!({
-        "cluster": {"name": "lab", "vip": "10.77.0.10", "bootstrap_leader": "a"},
-        "node": {"name": "a", "ip": "10.77.0.11"},
-        "peer": {"name": "b", "ip": "10.77.0.12"},
-        "api": {"token": "t"},
-        "postgres": {"replication_password": "p", "kine_password": "k"},
-        "k3s": {"token": "k"},
-        "tls": {"ca": "c", "cert": "c", "key": "k"},
-    }))
-    .unwrap();
+    let config = geminik8s::config::fixture::config(serde_json::json!({}));
     let mut settings = geminik8s::postgres::Settings::from_config(&config);
     settings.data_dir = dir.path().join("data");
     settings.socket_dir = dir.path().join("sock");

@@ -23,7 +23,6 @@
 //! hang, so the probe falls back to TCG. `GEMIN_QEMU_ACCEL=kvm|tcg`
 //! overrides the probe.
 
-use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -35,8 +34,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use geminik8s::cmd::tail;
 use serde::Deserialize;
 use serde_json::{Value, json};
+
+use crate::labstate::run;
 
 /// The QEMU binary every VM runs.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -964,30 +966,7 @@ impl Drop for Vm {
     }
 }
 
-/// The last `n` lines of `text`.
-pub fn tail(text: &str, n: usize) -> String {
-    let lines: VecDeque<&str> = text.lines().fold(VecDeque::new(), |mut q, l| {
-        if q.len() == n {
-            q.pop_front();
-        }
-        q.push_back(l);
-        q
-    });
-    lines.into_iter().collect::<Vec<_>>().join("\n")
-}
-
 // ---------------------------------------------------------------- images
-
-/// Run an external tool; on failure the error has the command and the tail
-/// of its stderr.
-fn run(cmd: &mut Command) -> Result<std::process::Output> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.output().with_context(|| format!("running {shown} (is it installed?)"))?;
-    if !out.status.success() {
-        bail!("{shown} failed ({}): {}", out.status, tail(&String::from_utf8_lossy(&out.stderr), 10));
-    }
-    Ok(out)
-}
 
 /// Write a NoCloud seed ISO `dir/cidata.iso` (volume id `CIDATA`, Joliet
 /// and Rock Ridge) holding `user-data` and `meta-data`; the files also stay
@@ -1021,7 +1000,7 @@ pub fn create_overlay(base: &Path, path: &Path) -> Result<()> {
     let base = std::path::absolute(base)?;
     let out = run(Command::new("qemu-img").args(["info", "--output=json"]).arg(&base))
         .with_context(|| format!("inspecting the base image {}", base.display()))?;
-    let info: ImgInfo = serde_json::from_slice(&out.stdout).context("parsing qemu-img info")?;
+    let info: ImgInfo = serde_json::from_str(&out).context("parsing qemu-img info")?;
     run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", &info.format, "-b"]).arg(&base).arg(path))
         .with_context(|| format!("creating the overlay {} on {}", path.display(), base.display()))?;
     Ok(())

@@ -364,7 +364,7 @@ impl QemuLab {
             let log = std::fs::read_to_string(cfg.qemu_log_path()).unwrap_or_default();
             anyhow::anyhow!(
                 "QEMU for {node} {what}: {}\n(log: {})",
-                qemu::tail(&log, 10),
+                geminik8s::cmd::tail(&log, 10),
                 cfg.qemu_log_path().display()
             )
         };
@@ -448,7 +448,7 @@ impl QemuLab {
                     Err(e) => e,
                     Ok(_) => format!("QEMU of {node} exited before the boot report"),
                 };
-                bail!("{why}\n--- last 40 console lines ({}) ---\n{}", log.display(), qemu::tail(&read(), 40))
+                bail!("{why}\n--- last 40 console lines ({}) ---\n{}", log.display(), geminik8s::cmd::tail(&read(), 40))
             }
         }
     }

@@ -119,7 +119,7 @@ fn partition_offset(disk: &Path, label: &str) -> u64 {
 
 /// `mtools` on the ESP inside `disk`.
 fn mtools(disk: &Path, tool: &str, args: &[&str]) -> String {
-    let esp = partition_offset(disk, layout::ESP_LABEL);
+    let esp = partition_offset(disk, Labels::default().get("esp"));
     let out = Command::new(tool)
         .env("MTOOLS_SKIP_CHECK", "1")
         .arg("-i")
@@ -206,7 +206,7 @@ fn raw_disk_boots_read_only_grows_persistent_keeps_state_and_marks_the_boot_good
     assert_eq!(first["hostname"], "node1", "hostname from the CIDATA cloud-config");
     assert_eq!(first["agent"], "active");
     let kib: u64 = first["persistent_kib"].parse().unwrap();
-    let (_, built) = partition(&image.path(OutputFormat::Raw), layout::PERSISTENT_LABEL);
+    let (_, built) = partition(&image.path(OutputFormat::Raw), Labels::default().get("persistent"));
     let extra = DISK - image_size(image);
     assert!(
         kib * 1024 > built + extra / 2,
@@ -338,7 +338,7 @@ fn the_live_system_installs_itself_to_a_named_disk_which_then_boots() {
     assert_eq!(report["boots"], "1");
     assert_eq!(report["agent"], "active");
     let kib: u64 = report["persistent_kib"].parse().unwrap();
-    let (_, built) = partition(&image.path(OutputFormat::Raw), layout::PERSISTENT_LABEL);
+    let (_, built) = partition(&image.path(OutputFormat::Raw), Labels::default().get("persistent"));
     assert!(kib * 1024 > built, "the installed persistent partition fills the disk: {kib} KiB");
     vm.kill().unwrap();
 }

@@ -38,9 +38,10 @@ pub fn merge_json(base: &mut serde_json::Value, over: &serde_json::Value) {
     }
 }
 
-/// Fixtures for the unit tests of the modules that read the configuration.
-#[cfg(test)]
-pub(crate) mod fixture {
+/// Fixtures for the tests of the modules that read the configuration (unit
+/// and integration tests).
+#[doc(hidden)]
+pub mod fixture {
     use serde_json::{Value, json};
 
     use super::GeminiConfig;

@@ -14,11 +14,6 @@ pub const ALIGN: u64 = MIB;
 pub const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 pub const LINUX_TYPE: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 
-/// Default GPT partition names (PARTLABEL), which the boot script finds
-/// the partitions by; the spec's `labels:` can change them.
-pub const ESP_LABEL: &str = "gemin-esp";
-pub const OEM_LABEL: &str = "gemin-oem";
-pub const PERSISTENT_LABEL: &str = "gemin-persistent";
 /// Filesystem labels.
 pub const ESP_FS_LABEL: &str = "GEMIN-ESP";
 pub const OEM_FS_LABEL: &str = "GEMIN_OEM";

@@ -33,7 +33,6 @@ const ARTIFACT: &[&str] = &["name", "url", "sha256", "path", "dest", "mode"];
 const CLOUD_CONFIG: &[&str] = &["path", "dest"];
 const USER: &[&str] = &["name", "uid", "groups", "shell", "ssh_authorized_keys"];
 const SIZES: &[&str] = &["esp", "root", "oem", "persistent"];
-const LABELS: &[&str] = &["esp", "oem", "root_a", "root_b", "persistent"];
 
 pub(super) fn diag(
     source: &str,
@@ -555,11 +554,12 @@ fn check_user(c: &mut Checker, node: &Node, key: &str) -> Option<User> {
 /// GPT partition names: what the boot script, fstab and the installer find
 /// the partitions by.
 fn check_labels(c: &mut Checker, node: &Node) -> Labels {
-    let Some(e) = c.map(node, "labels", LABELS) else { return Labels::default() };
+    let keys: Vec<&str> = Labels::DEFAULTS.iter().map(|(k, _)| *k).collect();
+    let Some(e) = c.map(node, "labels", &keys) else { return Labels::default() };
     let mut labels = Labels::default();
     let mut given = Vec::new();
     for (key, _, n) in e {
-        if !LABELS.contains(&key.as_str()) {
+        if !keys.contains(&key.as_str()) {
             continue; // reported by `map`
         }
         let Some(text) = c.string(n, &format!("labels.{key}")) else { continue };

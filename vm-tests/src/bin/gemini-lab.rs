@@ -360,7 +360,7 @@ fn qemu(cmd: Qemu) -> anyhow::Result<ExitCode> {
                 return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
             }
             let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            println!("{}", geminik8s_vm_tests::qemu::tail(&geminik8s_vm_tests::qemu::clean_console(&bytes), lines));
+            println!("{}", geminik8s::cmd::tail(&geminik8s_vm_tests::qemu::clean_console(&bytes), lines));
         }
     }
     Ok(ExitCode::SUCCESS)
