@@ -117,6 +117,11 @@ pub struct HostMeta {
     /// PostgreSQL WAL position of this node's data, when known.
     pub lsn: Option<Lsn>,
     pub agent_version: String,
+    /// This node fenced itself as leader (released the VIP, stopped
+    /// writes). A fenced former leader never resumes on its own after a
+    /// restart: it needs the peer's vote.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fenced: bool,
 }
 
 impl HostMeta {
@@ -134,6 +139,7 @@ impl HostMeta {
             timeline: None,
             lsn: None,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            fenced: false,
         }
     }
 
@@ -158,6 +164,7 @@ impl HostMeta {
             timeline: None,
             lsn: None,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            fenced: false,
         })
     }
 

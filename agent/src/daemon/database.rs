@@ -9,21 +9,21 @@ use anyhow::Context;
 
 use super::subsystems::{BoxFut, Database};
 use crate::config::Durability;
-use crate::election::WalPosition;
+use crate::election::{Replication, WalPosition};
 use crate::hostmeta::Lsn;
 use crate::peer::ReplicationView;
 use crate::postgres::files::has_cluster;
-use crate::postgres::{DurabilityController, DurabilityMode, Manager, PgRole, StopMode, Tail};
+use crate::postgres::{Manager, PgRole, PgStatus, StopMode, archive};
 
 pub struct Postgres {
     mgr: Manager,
-    /// One datastore operation at a time: a promotion, a rejoin and the
-    /// per-tick upkeep must not interleave.
+    /// One datastore operation at a time: a promotion, a rejoin and a
+    /// durability change must not interleave. (A fence does not wait for it.)
     op: tokio::sync::Mutex<()>,
-    durability: tokio::sync::Mutex<DurabilityController>,
-    /// Whether this standby was streaming when last looked at: a promotion
-    /// after that may only trust the tail if it was (and commits waited for it).
-    was_streaming: Mutex<bool>,
+    /// On the primary: the WAL position when commits were first seen
+    /// waiting for the peer. The peer holds every acknowledged write once it
+    /// has flushed past it (writes acknowledged before may not have waited).
+    sync_from: Mutex<Option<i64>>,
     /// Whether the server should be running: false until it is set up, and
     /// while demoted or fenced.
     expected: std::sync::atomic::AtomicBool,
@@ -31,17 +31,10 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn new(mgr: Manager) -> Self {
-        let s = mgr.settings();
-        let initial = match s.durability {
-            Durability::Synchronous => DurabilityMode::Degraded,
-            Durability::Async => DurabilityMode::Async,
-        };
-        let controller = DurabilityController::new(s.durability, s.degrade_after, initial);
         Postgres {
             mgr,
             op: tokio::sync::Mutex::new(()),
-            durability: tokio::sync::Mutex::new(controller),
-            was_streaming: Mutex::new(false),
+            sync_from: Mutex::new(None),
             expected: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -50,35 +43,46 @@ impl Postgres {
         has_cluster(&self.mgr.settings().data_dir)
     }
 
-    /// Start the server through the service manager unless it runs there
-    /// (a server left behind outside it is taken over: stopped and started).
-    async fn ensure_running(&self) -> anyhow::Result<()> {
-        self.mgr.start().await?;
-        Ok(())
-    }
-
-    async fn mode(&self) -> DurabilityMode {
-        self.durability.lock().await.mode()
-    }
-
-    /// On the primary, once per tick: degrade to async when the follower has
-    /// been gone for `degrade_after`, and back when it streams again.
-    pub async fn durability_tick(&self) -> anyhow::Result<DurabilityMode> {
-        let mut controller = self.durability.lock().await;
-        Ok(self.mgr.durability_tick(&mut controller, Instant::now()).await?)
+    /// The machine's view of the primary's replication, from `st`.
+    fn replication_of(&self, st: &PgStatus) -> Replication {
+        let peer = &self.mgr.settings().peer.name;
+        let replica = st.replica(peer);
+        let sync_configured = self.mgr.waits_for_peer(&st.synchronous_standby_names);
+        let peer_streaming = replica.is_some_and(|r| r.state.as_deref() == Some("streaming"));
+        let sync = replica.is_some_and(|r| r.sync_state.as_deref() == Some("sync"));
+        let mut from = self.sync_from.lock().unwrap_or_else(|p| p.into_inner());
+        if !(sync_configured && sync) {
+            *from = None;
+        } else if from.is_none() {
+            *from = Some(st.lsn_bytes);
+        }
+        let flushed_past = match (*from, replica.and_then(|r| r.flush_lsn_bytes)) {
+            (Some(from), Some(flushed)) => flushed >= from,
+            _ => false,
+        };
+        Replication { sync_configured, peer_streaming, peer_in_sync: sync_configured && peer_streaming && flushed_past }
     }
 }
 
 impl Database for Postgres {
+    fn has_data(&self) -> bool {
+        let data = &self.mgr.settings().data_dir;
+        let empty = crate::postgres::files::is_empty_or_missing(data).unwrap_or(false);
+        has_cluster(data) || !empty || !archive::list(data).is_empty()
+    }
+
     fn position(&self) -> BoxFut<'_, Option<WalPosition>> {
         Box::pin(async move {
             if !self.mgr.is_running()? {
-                return Ok(None);
+                // Stopped (after a reboot, before the election): the control
+                // file is fresher than the position hostMeta recorded.
+                return Ok(self
+                    .mgr
+                    .control_position()
+                    .await?
+                    .map(|c| WalPosition { timeline: c.timeline, lsn: Lsn(c.lsn_bytes) }));
             }
             let st = self.mgr.status().await?;
-            if st.role == PgRole::Standby {
-                *self.was_streaming.lock().unwrap_or_else(|p| p.into_inner()) = st.streaming();
-            }
             let timeline = u32::try_from(st.timeline).context("timeline out of range")?;
             let lsn = Lsn(u64::try_from(st.lsn_bytes).context("LSN out of range")?);
             Ok(Some(WalPosition { timeline, lsn }))
@@ -103,33 +107,54 @@ impl Database for Postgres {
 
     fn restart(&self) -> BoxFut<'_, ()> {
         Box::pin(async move {
+            let _op = self.op.lock().await;
+            if !self.expected.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             if self.mgr.is_running()? {
-                self.mgr.stop(StopMode::Fast).await?;
+                // Immediate: a fast stop waits for standbys that may be unreachable.
+                self.mgr.stop(StopMode::Immediate).await?;
             }
             self.mgr.start().await?;
             Ok(())
         })
     }
 
-    fn promote(&self, epoch: u64) -> BoxFut<'_, ()> {
+    fn promote(&self, epoch: u64, bootstrap: bool, not_after: Option<Instant>) -> BoxFut<'_, ()> {
         Box::pin(async move {
             let _op = self.op.lock().await;
-            // A logical-mode follower is a primary too, but with a subscription.
-            let primary = self.data_dir_has_cluster() && {
-                self.ensure_running().await?;
-                let st = self.mgr.status().await?;
-                st.role == PgRole::Primary && st.subscription.is_none()
-            };
-            if !self.data_dir_has_cluster() || primary {
-                // A fresh cluster, or this node already was the primary (an
-                // agent restart, or a first bootstrap cut short): converge.
+            if !self.data_dir_has_cluster() {
+                if !bootstrap {
+                    anyhow::bail!(
+                        "{} holds no PostgreSQL cluster; refusing to start an empty datastore at epoch {epoch} \
+                         (only the cluster's first formation does that). Rejoin this node to its peer, or restore \
+                         a backup",
+                        self.mgr.settings().data_dir.display()
+                    );
+                }
                 self.mgr.bootstrap_leader().await.context("bootstrapping PostgreSQL")?;
             } else {
-                let streamed = *self.was_streaming.lock().unwrap_or_else(|p| p.into_inner());
-                let synchronous = self.mgr.settings().durability == Durability::Synchronous;
-                let tail = if synchronous && streamed { Tail::Complete } else { Tail::MayBeLost };
-                self.mgr.promote(tail).await.context("promoting PostgreSQL")?;
+                self.mgr.start().await?;
+                let st = self.mgr.status().await?;
+                // A logical-mode follower is a primary too, but with a subscription.
+                if st.role == PgRole::Primary && st.subscription.is_none() {
+                    // Already the primary (an agent restart, or a first
+                    // bootstrap cut short): converge.
+                    self.mgr.bootstrap_leader().await.context("converging PostgreSQL as primary")?;
+                } else {
+                    if let Some(deadline) = not_after
+                        && Instant::now() > deadline
+                    {
+                        anyhow::bail!(
+                            "this standby's entitlement to take over ended {:?} ago: the leader may have \
+                             acknowledged writes it lacks; not promoting",
+                            deadline.elapsed()
+                        );
+                    }
+                    self.mgr.promote().await.context("promoting PostgreSQL")?;
+                }
             }
+            *self.sync_from.lock().unwrap_or_else(|p| p.into_inner()) = None;
             self.expected.store(true, Ordering::SeqCst);
             tracing::debug!(epoch, "datastore is primary");
             Ok(())
@@ -176,7 +201,6 @@ impl Database for Postgres {
 
     fn fence(&self) -> BoxFut<'_, ()> {
         Box::pin(async move {
-            let _op = self.op.lock().await;
             // Immediate, as for a demotion: the fence must hold before the
             // peer's promotion timer fires, even when the standby is cut off.
             self.expected.store(false, Ordering::SeqCst);
@@ -187,56 +211,57 @@ impl Database for Postgres {
 
     fn unfence(&self) -> BoxFut<'_, ()> {
         Box::pin(async move {
-            self.ensure_running().await?;
+            let _op = self.op.lock().await;
+            self.mgr.start().await?;
             self.expected.store(true, Ordering::SeqCst);
             Ok(())
         })
     }
 
-    fn replication(&self) -> BoxFut<'_, Option<ReplicationView>> {
+    fn replication(&self) -> BoxFut<'_, (Option<Replication>, Option<ReplicationView>)> {
         Box::pin(async move {
             if !self.mgr.is_running()? {
-                return Ok(None);
+                return Ok((None, None));
             }
             let st = self.mgr.status().await?;
             let peer = &self.mgr.settings().peer.name;
             // A logical-mode follower is a primary with a subscription.
-            let view = match st.role {
-                PgRole::Primary if st.subscription.is_none() => {
-                    let replica = st.replica(peer);
-                    ReplicationView {
-                        durability: match self.mode().await {
-                            DurabilityMode::Synchronous => "synchronous",
-                            DurabilityMode::Degraded => "degraded (async)",
-                            DurabilityMode::Async => "async",
-                        }
-                        .into(),
-                        streaming: replica.is_some_and(|r| r.state.as_deref() == Some("streaming")),
-                        lag_bytes: replica.and_then(|r| r.lag_bytes).and_then(|b| u64::try_from(b).ok()),
-                        lag_seconds: replica.and_then(|r| r.replay_lag_seconds),
-                    }
-                }
-                _ => ReplicationView {
+            if st.role != PgRole::Primary || st.subscription.is_some() {
+                let view = ReplicationView {
                     durability: "standby".into(),
                     streaming: st.streaming(),
-                    lag_bytes: None,
-                    lag_seconds: None,
-                },
+                    ..ReplicationView::default()
+                };
+                return Ok((None, Some(view)));
+            }
+            let r = self.replication_of(&st);
+            let replica = st.replica(peer);
+            let durability = match (self.mgr.settings().durability, r.sync_configured, r.peer_in_sync) {
+                (_, true, true) => "synchronous",
+                (_, true, false) => "synchronous, waiting for the standby",
+                (Durability::Synchronous, false, _) => "degraded (async)",
+                (Durability::Async, false, _) => "async",
             };
-            Ok(Some(view))
+            let view = ReplicationView {
+                durability: durability.into(),
+                streaming: r.peer_streaming,
+                synchronous_standby_names: Some(st.synchronous_standby_names.clone()),
+                sync_state: replica.and_then(|r| r.sync_state.clone()),
+                lag_bytes: replica.and_then(|r| r.lag_bytes).and_then(|b| u64::try_from(b).ok()),
+                lag_seconds: replica.and_then(|r| r.replay_lag_seconds),
+            };
+            Ok((Some(r), Some(view)))
         })
     }
 
-    fn tick(&self, leading: bool) -> BoxFut<'_, ()> {
+    fn set_durability(&self, synchronous: bool) -> BoxFut<'_, ()> {
         Box::pin(async move {
-            // Skip the upkeep while a promotion or rejoin is under way.
-            let Ok(_op) = self.op.try_lock() else { return Ok(()) };
-            if leading && self.mgr.is_running()? {
-                let st = self.mgr.status().await?;
-                if st.role == PgRole::Primary {
-                    self.durability_tick().await?;
-                }
+            let _op = self.op.lock().await;
+            if !self.mgr.is_running()? {
+                return Ok(());
             }
+            self.mgr.apply_durability(synchronous).await?;
+            *self.sync_from.lock().unwrap_or_else(|p| p.into_inner()) = None;
             Ok(())
         })
     }

@@ -1,17 +1,31 @@
 //! The agent loop: observe, step the role machine, act, publish.
+//!
+//! The loop never waits long: every probe of a tick runs at once with a
+//! budget below the heartbeat interval, and slow actions (promotion,
+//! rejoin, lease calls, service restarts, durability changes) run in the
+//! background. The fence deadline is kept by a timer of its own
+//! ([`super::fence`]), so even a stuck loop cannot keep a cut-off leader
+//! writing.
 
+mod report;
+
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::mpsc;
 
+use super::fence::FenceTimer;
 use super::observe::{self, LeaseState};
 use super::subsystems::Database;
 use crate::cli::version::VERSION;
 use crate::config::{GeminiConfig, WitnessMode};
-use crate::election::{Action, Completion, Component, Input, LocalMeta, Machine, Observation, Settings, WitnessView};
+use crate::election::{
+    Action, Completion, Component, Heartbeat, Input, LocalMeta, Machine, Observation, Replication, Settings,
+    WitnessView,
+};
 use crate::hostmeta::{self, HostMeta};
 use crate::k3s::K3sSettings;
 use crate::kine::{KineRecovery, KineSettings, RecoveryPolicy};
@@ -19,10 +33,7 @@ use crate::netlink::Vip;
 use crate::peer::client::AgentClient;
 use crate::peer::server::{self, ApiHooks, Control};
 use crate::peer::tls::TlsMaterial;
-use crate::peer::{
-    ABSENT, ComponentHealth, Counters, DISABLED, FAILED, FailoverView, NodeStatus, OK, PeerView, Published, Shared,
-    VipView, WitnessView as WitnessStatus,
-};
+use crate::peer::{Counters, FailoverView, NodeStatus, Published, ReplicationView, Shared};
 use crate::services::Services;
 use crate::witness::LeaseClient;
 
@@ -38,11 +49,16 @@ pub struct Subsystems {
     pub k3s: Option<K3sSettings>,
 }
 
-/// K3s as the agent runs it: readiness through `/readyz` with the admin
-/// credentials K3s generates, and a kubeconfig for the VIP once they exist.
+/// K3s as the agent runs it: started once the node has a datastore to talk
+/// to (never before the election), readiness through `/readyz` with the
+/// admin credentials K3s generates, and a kubeconfig for the VIP once they
+/// exist.
 struct K3sRun {
+    settings: K3sSettings,
     tls_dir: PathBuf,
     kubeconfig: PathBuf,
+    /// Whether the start has been asked for.
+    started: bool,
     /// `None` until K3s has generated its credentials.
     ready: Option<bool>,
     kubeconfig_written: bool,
@@ -64,19 +80,25 @@ pub struct Driver {
     k3s: Option<K3sRun>,
     peer: AgentClient,
     lease_client: Option<LeaseClient>,
-    lease: LeaseState,
+    /// Shared with the lease calls running in the background.
+    lease: Arc<Mutex<LeaseState>>,
     shared: Shared,
     hooks: Arc<ApiHooks>,
     control_rx: mpsc::Receiver<Control>,
     done_tx: mpsc::Sender<Completion>,
     done_rx: mpsc::Receiver<Completion>,
+    fence_timer: FenceTimer,
+    fence_rx: mpsc::Receiver<()>,
     started: Instant,
     counters: Counters,
     peer_last_heard: Option<Instant>,
     health: Vec<(Component, bool)>,
-    replication: Option<crate::peer::ReplicationView>,
+    replication: Option<ReplicationView>,
     last_failover: Option<FailoverView>,
     promotion: Option<PromotionTiming>,
+    /// Background work that must not run twice at once (service restarts,
+    /// durability changes), by what it works on.
+    in_flight: Arc<Mutex<BTreeSet<&'static str>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -93,6 +115,9 @@ pub const KUBECONFIG: &str = "/etc/rancher/k3s/geminik8s.yaml";
 /// Time limit for starting, stopping or restarting a service.
 const SERVICE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a stopping leader waits for its peer to take over.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// The service behind a component the machine may restart.
 fn service_name(component: Component) -> Option<&'static str> {
     match component {
@@ -104,9 +129,19 @@ fn service_name(component: Component) -> Option<&'static str> {
     }
 }
 
-fn local_meta(dir: &std::path::Path, cluster: &str) -> LocalMeta {
+/// The hostMeta found at start. A node without hostMeta but with data (a
+/// data directory, or archives of one) is not a new node: its record is
+/// recovered from the peer, it never starts a new cluster over that data.
+fn local_meta(dir: &std::path::Path, cluster: &str, has_data: bool) -> LocalMeta {
     match hostmeta::load(dir, cluster) {
         Ok(Some(meta)) => LocalMeta::Loaded(meta),
+        Ok(None) if has_data => {
+            tracing::error!(
+                "no hostMeta, but the PostgreSQL data directory (or an archive of it) holds data: this node's \
+                 record will be recovered from the peer; it never starts a new cluster over existing data"
+            );
+            LocalMeta::Unusable
+        }
         Ok(None) => LocalMeta::Missing,
         Err(e) => {
             tracing::error!(error = %e, "hostMeta is unusable; it is kept as is and will be recovered from the peer");
@@ -124,8 +159,13 @@ impl Driver {
         subsystems: Subsystems,
     ) -> anyhow::Result<Driver> {
         let tls = TlsMaterial::from_config(&cfg.tls).context("loading the agent's TLS certificates")?;
-        let settings = Settings::from_config(&cfg);
-        let machine = Machine::new(settings, local_meta(&state_dir, &cfg.cluster.name));
+        let mut settings = Settings::from_config(&cfg);
+        if subsystems.database.is_none() {
+            // No datastore here, so nothing that commits could wait for.
+            settings.durability = crate::config::Durability::Async;
+        }
+        let has_data = subsystems.database.as_ref().is_some_and(|db| db.has_data());
+        let machine = Machine::new(settings, local_meta(&state_dir, &cfg.cluster.name, has_data));
         let (control_tx, control_rx) = mpsc::channel(8);
         let hooks = Arc::new(ApiHooks::with_control(control_tx));
         // Filled by `publish` below, before the API serves anything.
@@ -141,8 +181,7 @@ impl Driver {
         let unix = server::bind_unix(&socket)?;
         let server_config = tls.server_config()?;
 
-        let timeout = cfg.health.interval.mul_f64(0.8).max(Duration::from_millis(200));
-        let peer = AgentClient::https(&format!("https://{}", cfg.peer.api_addr()), &tls, None, timeout)?;
+        let peer = AgentClient::https(&format!("https://{}", cfg.peer.api_addr()), &tls, None, probe_budget(&cfg))?;
         let lease_client = match (cfg.cluster.witness.mode, cfg.cluster.witness.targets.first()) {
             (WitnessMode::Arbiter, Some(target)) => {
                 Some(LeaseClient::new(target, &tls, &cfg.cluster.name, &cfg.node.name, cfg.cluster.witness.lease_ttl)?)
@@ -150,6 +189,8 @@ impl Driver {
             _ => None,
         };
         let (done_tx, done_rx) = mpsc::channel(16);
+        let (fence_tx, fence_rx) = mpsc::channel(4);
+        let fence_timer = FenceTimer::spawn(subsystems.vip.clone(), subsystems.database.clone(), fence_tx);
         let mut subsystems = subsystems;
         let kine = match (subsystems.kine.take(), &subsystems.services) {
             (Some(settings), Some(services)) => {
@@ -165,17 +206,14 @@ impl Driver {
             _ => None,
         };
         let k3s = match (subsystems.k3s.take(), &subsystems.services) {
-            (Some(settings), Some(services)) if settings.available() => {
-                services.configure(&settings.spec()).await.context("configuring K3s")?;
-                services.start(crate::k3s::SERVICE, SERVICE_TIMEOUT).await.context("starting K3s")?;
-                tracing::info!(binary = %settings.binary.display(), "K3s started");
-                Some(K3sRun {
-                    tls_dir: PathBuf::from(crate::k3s::SERVER_TLS_DIR),
-                    kubeconfig: PathBuf::from(KUBECONFIG),
-                    ready: None,
-                    kubeconfig_written: false,
-                })
-            }
+            (Some(settings), Some(_)) if settings.available() => Some(K3sRun {
+                settings,
+                tls_dir: PathBuf::from(crate::k3s::SERVER_TLS_DIR),
+                kubeconfig: PathBuf::from(KUBECONFIG),
+                started: false,
+                ready: None,
+                kubeconfig_written: false,
+            }),
             (Some(settings), _) => {
                 tracing::warn!(binary = %settings.binary.display(), "K3s is enabled but its binary is missing (or no service manager); running without it");
                 None
@@ -191,12 +229,14 @@ impl Driver {
             k3s,
             peer,
             lease_client,
-            lease: LeaseState::default(),
+            lease: Arc::new(Mutex::new(LeaseState::default())),
             shared,
             hooks,
             control_rx,
             done_tx,
             done_rx,
+            fence_timer,
+            fence_rx,
             started: Instant::now(),
             counters: Counters::default(),
             peer_last_heard: None,
@@ -204,6 +244,7 @@ impl Driver {
             replication: None,
             last_failover: None,
             promotion: None,
+            in_flight: Arc::new(Mutex::new(BTreeSet::new())),
             tasks: Vec::new(),
         };
         driver.publish();
@@ -219,7 +260,17 @@ impl Driver {
         self.started.elapsed()
     }
 
-    /// Run until SIGTERM or Ctrl-C.
+    /// Feed one input to the machine, carry out its actions, and hand the
+    /// fence deadline to the timer.
+    async fn step(&mut self, input: Input) {
+        let actions = self.machine.step(self.now(), input);
+        self.execute(actions).await;
+        self.fence_timer.set(self.machine.fence_deadline().map(|d| self.started + d));
+    }
+
+    /// Run until SIGTERM or Ctrl-C. A leader that is asked to stop hands
+    /// over to its peer first when it can (and waits up to
+    /// [`HANDOVER_TIMEOUT`] for the peer to lead).
     pub async fn run(mut self) -> anyhow::Result<()> {
         let mut ticker = tokio::time::interval(self.cfg.health.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -231,12 +282,17 @@ impl Driver {
         if let Some(n) = &notifier {
             n.ready("agent running").context("notifying systemd")?;
         }
+        let mut stopping: Option<Instant> = None;
         loop {
+            if let Some(since) = stopping
+                && (!self.machine.leading() && self.machine.peer_leading() || since.elapsed() > HANDOVER_TIMEOUT)
+            {
+                break;
+            }
             tokio::select! {
                 _ = ticker.tick() => {
                     let obs = self.observe().await;
-                    let actions = self.machine.step(self.now(), Input::Tick(obs));
-                    self.execute(actions).await;
+                    self.step(Input::Tick(obs)).await;
                     self.upkeep().await;
                     if let Some(n) = &notifier
                         && let Err(e) = n.watchdog()
@@ -244,27 +300,40 @@ impl Driver {
                         tracing::warn!(error = %e, "pinging the systemd watchdog failed");
                     }
                 }
+                Some(()) = self.fence_rx.recv() => {
+                    self.step(Input::FenceDeadlinePassed).await;
+                    self.fence_timer.acknowledge();
+                }
                 Some(done) = self.done_rx.recv() => {
-                    let actions = self.machine.step(self.now(), Input::Done(done));
                     self.note_completion(done);
-                    self.execute(actions).await;
+                    self.step(Input::Done(done)).await;
                 }
                 Some(control) = self.control_rx.recv() => match control {
                     Control::Switchover(reply) => {
                         let answer = if self.machine.can_hand_over() {
-                            let actions = self.machine.step(self.now(), Input::Switchover);
-                            self.execute(actions).await;
+                            self.step(Input::Switchover).await;
                             Ok(())
                         } else {
-                            Err(format!("switchover needs this node leading and the peer following (state {})", self.machine.state()))
+                            Err(format!(
+                                "switchover needs this node leading and the peer following in sync (state {}{})",
+                                self.machine.state(),
+                                if self.machine.leading() && self.machine.sync_standby().is_none() {
+                                    ", the peer is not the synchronous standby"
+                                } else {
+                                    ""
+                                }
+                            ))
                         };
                         if reply.send(answer).is_err() {
                             tracing::debug!("the switchover caller went away");
                         }
                     }
                 },
-                _ = term.recv() => break,
-                r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; break; }
+                _ = term.recv(), if stopping.is_none() => stopping = Some(self.begin_stop().await),
+                r = tokio::signal::ctrl_c(), if stopping.is_none() => {
+                    r.context("waiting for Ctrl-C")?;
+                    stopping = Some(self.begin_stop().await);
+                }
             }
             self.publish();
         }
@@ -272,9 +341,23 @@ impl Driver {
         Ok(())
     }
 
+    /// A stop was asked for: a leader whose peer can take over hands over
+    /// (the loop keeps running until the peer leads); anyone else just stops.
+    async fn begin_stop(&mut self) -> Instant {
+        if self.machine.can_hand_over() {
+            tracing::info!(event = "stopping", "agent stopping: handing leadership to the peer first");
+            self.step(Input::Switchover).await;
+            Instant::now()
+        } else {
+            tracing::info!(event = "stopping", leading = self.machine.leading(), "agent stopping");
+            Instant::now() - HANDOVER_TIMEOUT - Duration::from_secs(1)
+        }
+    }
+
     /// A planned stop hands the VIP and the lease back so the peer can lead.
     async fn shutdown(&mut self) {
         tracing::info!(leading = self.machine.leading(), "agent stopping");
+        self.fence_timer.set(None);
         if self.machine.holds_vip()
             && let Some(vip) = &self.subsystems.vip
             && let Err(e) = vip.release().await
@@ -299,52 +382,89 @@ impl Driver {
         }
     }
 
+    /// One round of probes, all at once, each within the tick's budget: the
+    /// peer (heartbeat; on a miss the second path and who answers for the
+    /// VIP), the witness, and the local datastore.
     async fn observe(&mut self) -> Observation {
-        let interval = self.cfg.health.interval;
-        let probe_timeout = interval.mul_f64(0.8).max(Duration::from_millis(200));
-        // The peer (heartbeat, then the second path on a miss) and the
-        // witness are asked at the same time, so a tick stays short even when
-        // both are unreachable and every probe runs into its timeout.
+        let started = self.now();
+        let budget = probe_budget(&self.cfg);
         let cfg = &self.cfg;
+        let vip = self.subsystems.vip.clone();
         let peer_probe = async {
             let (heartbeat, why) = observe::heartbeat(&self.peer).await;
-            let second_path = match heartbeat {
-                crate::election::Heartbeat::Ok { .. } => None,
-                crate::election::Heartbeat::Missed => {
+            let (second_path, vip_elsewhere) = match heartbeat {
+                Heartbeat::Ok { .. } => (None, None),
+                Heartbeat::Missed => {
                     tracing::debug!(reason = why.as_deref().unwrap_or("?"), "heartbeat missed");
-                    Some(observe::second_path(cfg.peer.ip, cfg.postgres.port, cfg.peer.api_port, probe_timeout).await)
+                    let second = observe::second_path(cfg.peer.ip, cfg.postgres.port, cfg.peer.api_port, budget);
+                    let elsewhere = async {
+                        let vip = vip.as_ref()?;
+                        match vip.held_elsewhere(budget).await {
+                            Ok(held) => Some(held),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "asking the link who answers for the VIP failed");
+                                None
+                            }
+                        }
+                    };
+                    let (second, elsewhere) = tokio::join!(second, elsewhere);
+                    (Some(second), elsewhere)
                 }
             };
-            (heartbeat, second_path)
+            (heartbeat, second_path, vip_elsewhere)
         };
-        let (lease_client, lease) = (&self.lease_client, &mut self.lease);
+        let lease_client = &self.lease_client;
+        let lease = self.lease.clone();
         let witness_probe = async {
             match cfg.cluster.witness.mode {
                 WitnessMode::None => WitnessView::NoOpinion,
-                WitnessMode::Gateway => observe::gateway(&cfg.cluster.witness.targets, probe_timeout).await,
+                WitnessMode::Gateway => observe::gateway(&cfg.cluster.witness.targets, budget).await,
                 WitnessMode::Arbiter => match lease_client {
-                    Some(client) => observe::arbiter(client, lease).await,
+                    Some(client) => observe::arbiter(client, &lease).await,
                     None => WitnessView::ArbiterUnreachable,
                 },
             }
         };
-        let ((heartbeat, second_path), witness) = tokio::join!(peer_probe, witness_probe);
-        match heartbeat {
-            crate::election::Heartbeat::Ok { .. } => self.peer_last_heard = Some(Instant::now()),
-            crate::election::Heartbeat::Missed => self.counters.heartbeats_missed_total += 1,
-        }
-        let mut health = Vec::new();
-        let mut position = None;
-        if let Some(db) = &self.subsystems.database {
-            match db.healthy().await {
-                Ok(Some(ok)) => health.push((Component::Postgres, ok)),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::debug!(error = %format!("{e:#}"), "PostgreSQL health check failed");
-                    health.push((Component::Postgres, false));
+        let db = self.subsystems.database.clone();
+        let db_budget = budget.max(Duration::from_secs(1));
+        let db_probe = async move {
+            let Some(db) = db else { return (None, None, (None, None)) };
+            let checks = async {
+                let health = match db.healthy().await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::debug!(error = %format!("{e:#}"), "PostgreSQL health check failed");
+                        Some(false)
+                    }
+                };
+                let position = db.position().await.unwrap_or_else(|e| {
+                    tracing::debug!(error = %format!("{e:#}"), "reading the PostgreSQL position failed");
+                    None
+                });
+                let replication = db.replication().await.unwrap_or_else(|e| {
+                    tracing::debug!(error = %format!("{e:#}"), "reading the replication state failed");
+                    (None, None)
+                });
+                (health, position, replication)
+            };
+            match tokio::time::timeout(db_budget, checks).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::debug!(budget = ?db_budget, "PostgreSQL did not answer within the tick's budget");
+                    (Some(false), None, (None, None))
                 }
             }
-            position = db.position().await.ok().flatten();
+        };
+        let ((heartbeat, second_path, vip_elsewhere), witness, (pg_health, position, (replication, view))) =
+            tokio::join!(peer_probe, witness_probe, db_probe);
+        let replication = replication.map(|r| self.effective(r, &heartbeat));
+        match heartbeat {
+            Heartbeat::Ok { .. } => self.peer_last_heard = Some(Instant::now()),
+            Heartbeat::Missed => self.counters.heartbeats_missed_total += 1,
+        }
+        let mut health = Vec::new();
+        if let Some(ok) = pg_health {
+            health.push((Component::Postgres, ok));
         }
         if let Some(script) = &self.cfg.health.checks.script {
             let result = observe::script(script, self.cfg.health.checks.script_timeout).await;
@@ -357,8 +477,37 @@ impl Driver {
             health.push((Component::K3s, ready));
         }
         self.health = health.clone();
+        self.replication = view;
         let peer_called_at = self.hooks.last_health_call().map(|t| t.saturating_duration_since(self.started));
-        Observation { heartbeat, second_path, witness, health, position, peer_called_at }
+        let arbiter = self.lease.lock().unwrap_or_else(|p| p.into_inner()).record.clone();
+        Observation {
+            started,
+            heartbeat,
+            second_path,
+            witness,
+            arbiter,
+            health,
+            position,
+            replication,
+            vip_elsewhere,
+            peer_called_at,
+        }
+    }
+
+    /// PostgreSQL's word on replication, checked against the agent's own
+    /// detection: under silent packet loss the walsender keeps saying
+    /// `streaming` until `wal_sender_timeout`, but a peer that misses its
+    /// heartbeats is not streaming anything.
+    fn effective(&self, mut r: Replication, heartbeat: &Heartbeat) -> Replication {
+        let misses = match heartbeat {
+            Heartbeat::Ok { .. } => 0,
+            Heartbeat::Missed => self.machine.missed_heartbeats() + 1,
+        };
+        if misses >= self.cfg.health.failure_threshold.max(1) {
+            r.peer_streaming = false;
+            r.peer_in_sync = false;
+        }
+        r
     }
 
     async fn execute(&mut self, actions: Vec<Action>) {
@@ -379,15 +528,16 @@ impl Driver {
                         Err(e) => tracing::error!(error = %e, "recovering hostMeta from the peer failed"),
                     }
                 }
-                Action::Promote { epoch } => {
+                Action::Promote { epoch, bootstrap, not_after } => {
                     self.primary_moved();
-                    tracing::debug!(epoch, "promoting the datastore");
+                    tracing::debug!(epoch, bootstrap, "promoting the datastore");
                     let silent_ms = self.peer_last_heard.map(|t| t.elapsed().as_millis() as u64);
                     self.promotion = Some(PromotionTiming { decided: Instant::now(), silent_ms, promoted: None });
+                    let not_after = not_after.map(|d| self.started + d);
                     let db = self.subsystems.database.clone();
                     self.background(async move {
                         match db {
-                            Some(db) => match db.promote(epoch).await {
+                            Some(db) => match db.promote(epoch, bootstrap, not_after).await {
                                 Ok(()) => Completion::PromotionDone,
                                 Err(e) => {
                                     tracing::error!(error = %format!("{e:#}"), "promotion failed");
@@ -449,7 +599,7 @@ impl Driver {
                     if let Some(vip) = &self.subsystems.vip
                         && let Err(e) = vip.take().await
                     {
-                        tracing::error!(error = %e, "taking the VIP failed");
+                        tracing::error!(error = %e, "taking the VIP failed; retried on the next tick");
                     }
                     self.note_vip_taken(started);
                 }
@@ -458,41 +608,79 @@ impl Driver {
                     if let Some(vip) = &self.subsystems.vip
                         && let Err(e) = vip.release().await
                     {
-                        tracing::error!(error = %e, "releasing the VIP failed");
+                        tracing::error!(error = %e, "releasing the VIP failed; retried on the next tick");
                     }
                 }
                 Action::AcquireLease { epoch } => {
-                    if let Some(client) = &self.lease_client {
-                        let view = client.acquire().await;
-                        tracing::debug!(epoch, ?view, "lease");
-                        self.lease.record(view);
+                    if let Some(client) = self.lease_client.clone() {
+                        let lease = self.lease.clone();
+                        self.spawn_once("lease", async move {
+                            let view = client.acquire().await;
+                            tracing::debug!(epoch, ?view, "lease");
+                            lease.lock().unwrap_or_else(|p| p.into_inner()).record_view(view);
+                        });
                     }
                 }
                 Action::ReleaseLease => {
-                    if let Some(client) = &self.lease_client {
-                        if let Err(e) = client.release().await {
-                            tracing::warn!(error = %format!("{e:#}"), "releasing the lease failed; it expires by itself");
-                        }
-                        self.lease = LeaseState::default();
+                    if let Some(client) = self.lease_client.clone() {
+                        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = LeaseState::default();
+                        self.spawn_once("lease-release", async move {
+                            if let Err(e) = client.release().await {
+                                tracing::warn!(error = %format!("{e:#}"), "releasing the lease failed; it expires by itself");
+                            }
+                        });
+                    }
+                }
+                Action::RecordSync(standby) => {
+                    tracing::warn!(
+                        ?standby,
+                        "INTEGRATION PENDING: the witness client cannot record the synchronous standby yet"
+                    );
+                }
+                Action::SetDurability { synchronous } => {
+                    if let Some(db) = self.subsystems.database.clone() {
+                        self.spawn_once("durability", async move {
+                            if let Err(e) = db.set_durability(synchronous).await {
+                                tracing::warn!(error = %format!("{e:#}"), synchronous, "changing the durability failed");
+                            }
+                        });
                     }
                 }
                 Action::RestartService(Component::Postgres) => {
-                    if let Some(db) = &self.subsystems.database
-                        && let Err(e) = db.restart().await
-                    {
-                        tracing::error!(error = %format!("{e:#}"), "restarting PostgreSQL failed");
+                    if let Some(db) = self.subsystems.database.clone() {
+                        self.spawn_once("restart-postgres", async move {
+                            if let Err(e) = db.restart().await {
+                                tracing::error!(error = %format!("{e:#}"), "restarting PostgreSQL failed");
+                            }
+                        });
                     }
                 }
                 Action::RestartService(component) => {
-                    tracing::debug!(?component, "restarting a service");
-                    if let (Some(services), Some(name)) = (&self.subsystems.services, service_name(component))
-                        && let Err(e) = services.restart(name, SERVICE_TIMEOUT).await
-                    {
-                        tracing::error!(?component, error = %e, "restart failed");
+                    if let (Some(services), Some(name)) = (self.subsystems.services.clone(), service_name(component)) {
+                        self.spawn_once(name, async move {
+                            tracing::debug!(?component, "restarting a service");
+                            if let Err(e) = services.restart(name, SERVICE_TIMEOUT).await {
+                                tracing::error!(?component, error = %e, "restart failed");
+                            }
+                        });
                     }
                 }
             }
         }
+    }
+
+    /// Run `work` in the background unless work under the same `key` still runs.
+    fn spawn_once(&mut self, key: &'static str, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        if !self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
+            tracing::debug!(key, "still running from an earlier tick; not started again");
+            return;
+        }
+        let in_flight = self.in_flight.clone();
+        self.tasks.retain(|t| !t.is_finished());
+        self.tasks.push(tokio::spawn(async move {
+            work.await;
+            in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        }));
     }
 
     /// Kine reconnects through the VIP by itself; give it time before restarting it.
@@ -502,36 +690,21 @@ impl Driver {
         }
     }
 
-    /// Per-tick upkeep of the datastore, and its replication state for status.
+    /// Per-tick upkeep: the VIP as the kernel has it, K3s, Kine.
     async fn upkeep(&mut self) {
-        if let Some(k3s) = &mut self.k3s {
-            match crate::k3s::ClusterCredentials::from_server_tls(&k3s.tls_dir) {
-                Ok(creds) => {
-                    let timeout = self.cfg.health.interval.mul_f64(0.8).max(Duration::from_millis(200));
-                    let local = crate::k3s::api_url(self.cfg.node.ip);
-                    k3s.ready = Some(crate::k3s::ready(&local, &creds, timeout).await.is_ok());
-                    if !k3s.kubeconfig_written {
-                        let text = crate::k3s::render_kubeconfig(
-                            &self.cfg.cluster.name,
-                            &crate::k3s::api_url(self.cfg.cluster.vip),
-                            &creds,
-                        );
-                        match crate::k3s::write_kubeconfig(&k3s.kubeconfig, &text) {
-                            Ok(()) => {
-                                k3s.kubeconfig_written = true;
-                                tracing::info!(path = %k3s.kubeconfig.display(), "kubeconfig for the VIP written");
-                            }
-                            Err(e) => tracing::warn!(error = %format!("{e:#}"), "writing the kubeconfig failed"),
-                        }
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "K3s credentials not there yet"),
-            }
-        }
+        self.reconcile_vip().await;
+        self.k3s_upkeep();
+        self.k3s_probe().await;
         if let (Some(kine), Some(services)) = (&mut self.kine, &self.subsystems.services) {
             let endpoint = kine.settings.etcd_endpoint();
-            let timeout = self.cfg.health.interval.mul_f64(0.8).max(Duration::from_millis(200));
-            match crate::kine::check_and_recover(services.as_ref(), &mut kine.recovery, &endpoint, timeout).await {
+            match crate::kine::check_and_recover(
+                services.as_ref(),
+                &mut kine.recovery,
+                &endpoint,
+                probe_budget(&self.cfg),
+            )
+            .await
+            {
                 Ok(verdict) => kine.healthy = verdict == crate::kine::Verdict::Healthy,
                 Err(e) => {
                     kine.healthy = false;
@@ -539,17 +712,90 @@ impl Driver {
                 }
             }
         }
-        let Some(db) = self.subsystems.database.clone() else { return };
-        if let Err(e) = db.tick(self.machine.leading()).await {
-            tracing::warn!(error = %format!("{e:#}"), "datastore upkeep failed");
+    }
+
+    /// Make the kernel agree with the role machine about the VIP: a take or
+    /// a release that failed is tried again. Nothing is taken back while the
+    /// fence timer's fence has not reached the machine yet.
+    async fn reconcile_vip(&mut self) {
+        let Some(vip) = self.subsystems.vip.clone() else { return };
+        let want = self.machine.holds_vip();
+        if want && self.fence_timer.fired() {
+            return;
         }
-        self.replication = match db.replication().await {
-            Ok(r) => r,
+        let held = match vip.held().await {
+            Ok(held) => held,
             Err(e) => {
-                tracing::debug!(error = %format!("{e:#}"), "reading the replication state failed");
-                None
+                tracing::warn!(error = %e, "reading the VIP from the kernel failed");
+                return;
             }
         };
+        if held == want {
+            return;
+        }
+        tracing::warn!(event = "vip_reconciled", vip = %self.cfg.cluster.vip, want, held, "the VIP is not as it should be; correcting");
+        let result = if want { vip.take().await } else { vip.release().await };
+        if let Err(e) = result {
+            tracing::error!(error = %e, want, "correcting the VIP failed");
+        }
+    }
+
+    /// K3s starts once the election has put the node in a role (its
+    /// datastore is then reachable through the local Kine and the VIP), in
+    /// the background: starting it never delays the role machine.
+    fn k3s_upkeep(&mut self) {
+        use crate::election::State;
+        let Some(k3s) = &mut self.k3s else { return };
+        let settled = matches!(self.machine.state(), State::Leader | State::Follower | State::HealthCheck);
+        if k3s.started || !settled {
+            return;
+        }
+        let Some(services) = self.subsystems.services.clone() else { return };
+        k3s.started = true;
+        let spec = k3s.settings.spec();
+        let binary = k3s.settings.binary.clone();
+        self.spawn_once("k3s-start", async move {
+            let result = async {
+                services.configure(&spec).await.context("configuring K3s")?;
+                services.start(crate::k3s::SERVICE, SERVICE_TIMEOUT).await.context("starting K3s")?;
+                anyhow::Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => tracing::info!(event = "k3s_started", binary = %binary.display(), "K3s started"),
+                // Counted as a failed component: the health checks restart it.
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "starting K3s failed"),
+            }
+        });
+    }
+
+    async fn k3s_probe(&mut self) {
+        let budget = probe_budget(&self.cfg);
+        let Some(k3s) = &mut self.k3s else { return };
+        if !k3s.started {
+            return;
+        }
+        match crate::k3s::ClusterCredentials::from_server_tls(&k3s.tls_dir) {
+            Ok(creds) => {
+                let local = crate::k3s::api_url(self.cfg.node.ip);
+                k3s.ready = Some(crate::k3s::ready(&local, &creds, budget).await.is_ok());
+                if !k3s.kubeconfig_written {
+                    let text = crate::k3s::render_kubeconfig(
+                        &self.cfg.cluster.name,
+                        &crate::k3s::api_url(self.cfg.cluster.vip),
+                        &creds,
+                    );
+                    match crate::k3s::write_kubeconfig(&k3s.kubeconfig, &text) {
+                        Ok(()) => {
+                            k3s.kubeconfig_written = true;
+                            tracing::info!(path = %k3s.kubeconfig.display(), "kubeconfig for the VIP written");
+                        }
+                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "writing the kubeconfig failed"),
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "K3s credentials not there yet"),
+        }
     }
 
     fn background(&mut self, work: impl std::future::Future<Output = Completion> + Send + 'static) {
@@ -591,11 +837,13 @@ impl Driver {
         self.last_failover = Some(view);
     }
 
+    /// Write hostMeta. A record that cannot be written is logged loudly:
+    /// the epoch it carries is what keeps a restart from resuming stale.
     fn persist(&self, meta: &mut HostMeta) {
         meta.touch();
         meta.agent_version = VERSION.to_string();
         if let Err(e) = hostmeta::store(&self.state_dir, meta) {
-            tracing::error!(error = %e, "writing hostMeta failed");
+            tracing::error!(event = "hostmeta_write_failed", error = %e, epoch = meta.epoch, "writing hostMeta failed");
         }
     }
 
@@ -607,122 +855,9 @@ impl Driver {
         p.status = status;
         p.counters = self.counters.clone();
     }
+}
 
-    fn status(&self) -> NodeStatus {
-        let cfg = &self.cfg;
-        let m = &self.machine;
-        let election = m.status();
-        let mut components = Vec::new();
-        let absent =
-            |name: &str, what: &str| ComponentHealth { name: name.into(), state: ABSENT.into(), detail: what.into() };
-        match &self.subsystems.database {
-            Some(_) => {
-                let ok =
-                    self.health.iter().find(|(c, _)| *c == Component::Postgres).map(|(_, ok)| *ok).unwrap_or(false);
-                components.push(ComponentHealth {
-                    name: "postgres".into(),
-                    state: if ok { OK } else { FAILED }.into(),
-                    detail: String::new(),
-                });
-            }
-            None => components.push(absent("postgres", "the datastore is not managed by this agent yet")),
-        }
-        match &self.kine {
-            Some(k) => components.push(ComponentHealth {
-                name: "kine".into(),
-                state: if k.healthy { OK } else { FAILED }.into(),
-                detail: if k.healthy {
-                    String::new()
-                } else {
-                    format!("{} does not answer", k.settings.etcd_endpoint())
-                },
-            }),
-            None => components.push(absent("kine", "Kine is not run by this agent")),
-        }
-        if self.subsystems.vip.is_none() {
-            components.push(absent("vip", "the VIP is not managed by this agent yet"));
-        }
-        match (&self.k3s, cfg.k3s.enabled) {
-            (_, false) => components.push(ComponentHealth {
-                name: "k3s".into(),
-                state: DISABLED.into(),
-                detail: "k3s.enabled is false".into(),
-            }),
-            (Some(k), true) => components.push(ComponentHealth {
-                name: "k3s".into(),
-                state: match k.ready {
-                    Some(true) => OK,
-                    Some(false) => FAILED,
-                    None => "starting",
-                }
-                .into(),
-                detail: if k.ready == Some(false) { "/readyz does not answer ok".into() } else { String::new() },
-            }),
-            (None, true) => components.push(absent("k3s", "no K3s binary (set GEMINIK8S_K3S_BINARY or install it)")),
-        }
-        if let Some((_, ok)) = self.health.iter().find(|(c, _)| *c == Component::Script) {
-            components.push(ComponentHealth {
-                name: "script".into(),
-                state: if *ok { OK } else { FAILED }.into(),
-                detail: String::new(),
-            });
-        }
-        let peer_reachable = self.peer_last_heard.is_some_and(|t| t.elapsed() < cfg.health.interval * 2);
-        let mut degraded = Vec::new();
-        if !peer_reachable {
-            degraded.push(format!("peer {} is unreachable", cfg.peer.name));
-        }
-        for c in components.iter().filter(|c| !c.is_ok()) {
-            degraded.push(format!("{}: {}", c.name, if c.detail.is_empty() { &c.state } else { &c.detail }));
-        }
-        if m.state() == crate::election::State::Fenced {
-            degraded.push("fenced: this node released the VIP and does not accept writes".into());
-        }
-        let witness_state = match m.witness() {
-            WitnessView::NoOpinion => "n/a",
-            WitnessView::GatewayReachable => "reachable",
-            WitnessView::GatewayUnreachable => "unreachable",
-            WitnessView::LeaseHeldByMe => "lease held here",
-            WitnessView::LeaseHeldByPeer => "lease held by peer",
-            WitnessView::LeaseFree => "lease free",
-            WitnessView::ArbiterUnreachable => "unreachable",
-        };
-        let mode = serde_json::to_value(cfg.cluster.witness.mode)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
-        let role = if election.leading {
-            "leader"
-        } else if m.state() == crate::election::State::Fenced {
-            "fenced"
-        } else if m.state() == crate::election::State::Follower {
-            "follower"
-        } else {
-            "unknown"
-        };
-        NodeStatus {
-            cluster: cfg.cluster.name.clone(),
-            node: cfg.node.name.clone(),
-            address: cfg.node.ip.to_string(),
-            agent_version: VERSION.to_string(),
-            role: role.into(),
-            state: m.state().to_string(),
-            epoch: m.meta().map(|h| h.epoch).unwrap_or(0),
-            peer: PeerView {
-                name: cfg.peer.name.clone(),
-                address: cfg.peer.ip.to_string(),
-                reachable: peer_reachable,
-                role: None,
-                epoch: None,
-                last_heard_ms: self.peer_last_heard.map(|t| t.elapsed().as_millis() as u64),
-                rtt_ms: m.last_rtt().map(|d| d.as_secs_f64() * 1000.0),
-            },
-            witness: WitnessStatus { mode, state: witness_state.into() },
-            vip: VipView { address: cfg.cluster.vip.to_string(), held_here: m.holds_vip() },
-            replication: self.replication.clone(),
-            last_failover: self.last_failover.clone(),
-            components,
-            degraded,
-        }
-    }
+/// How long one probe of a tick may take: below the heartbeat interval.
+fn probe_budget(cfg: &GeminiConfig) -> Duration {
+    cfg.health.interval.mul_f64(0.8).max(Duration::from_millis(200))
 }

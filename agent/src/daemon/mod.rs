@@ -10,6 +10,7 @@
 
 pub mod database;
 pub mod driver;
+pub mod fence;
 pub mod observe;
 pub mod subsystems;
 

@@ -3,11 +3,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::cmd::Tool;
 use crate::config::validate::parse_target;
-use crate::election::{Heartbeat, WitnessView};
+use crate::election::{ArbiterRecord, Heartbeat, WitnessView};
 use crate::peer::client::AgentClient;
 use crate::witness::{LeaseClient, LeaseView};
 
@@ -77,10 +78,12 @@ pub struct LeaseState {
     /// Trusted until this instant.
     pub held_until: Option<Instant>,
     pub last: Option<LeaseView>,
+    /// The arbiter's records (synchronous standby, last holder) as it last answered.
+    pub record: Option<ArbiterRecord>,
 }
 
 impl LeaseState {
-    pub fn record(&mut self, view: LeaseView) {
+    pub fn record_view(&mut self, view: LeaseView) {
         self.held_until = match &view {
             LeaseView::Held { until } => Some(*until),
             _ => None,
@@ -90,8 +93,9 @@ impl LeaseState {
 }
 
 /// Arbiter mode: our lease if still trusted, else who holds it.
-pub async fn arbiter(client: &LeaseClient, lease: &mut LeaseState) -> WitnessView {
-    if lease.held_until.is_some_and(|until| until > Instant::now()) {
+pub async fn arbiter(client: &LeaseClient, lease: &Mutex<LeaseState>) -> WitnessView {
+    let lock = || lease.lock().unwrap_or_else(|p| p.into_inner());
+    if lock().held_until.is_some_and(|until| until > Instant::now()) {
         return WitnessView::LeaseHeldByMe;
     }
     let view = client.holder().await;
@@ -104,14 +108,14 @@ pub async fn arbiter(client: &LeaseClient, lease: &mut LeaseState) -> WitnessVie
             } else {
                 WitnessView::LeaseFree
             };
-            lease.record(renewed);
+            lock().record_view(renewed);
             return w;
         }
         LeaseView::HeldBy(_) => WitnessView::LeaseHeldByPeer,
         LeaseView::Free | LeaseView::Held { .. } => WitnessView::LeaseFree,
         LeaseView::Unreachable(_) => WitnessView::ArbiterUnreachable,
     };
-    lease.record(view);
+    lock().record_view(view);
     witness
 }
 

@@ -5,8 +5,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Instant;
 
-use crate::election::WalPosition;
+use crate::election::{Replication, WalPosition};
 use crate::peer::ReplicationView;
 
 /// A boxed future returning `anyhow::Result<T>`, so the trait stays usable
@@ -15,7 +16,11 @@ pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = anyhow::Result<T>> + Send +
 
 /// The local PostgreSQL as the role machine needs it.
 pub trait Database: Send + Sync {
-    /// Timeline and LSN, when the server answers.
+    /// Whether the data directory holds a cluster (or archives of one): a
+    /// node with data but no hostMeta must not start a new cluster.
+    fn has_data(&self) -> bool;
+    /// Timeline and LSN: from the server when it runs, else from the data
+    /// directory's control file.
     fn position(&self) -> BoxFut<'_, Option<WalPosition>>;
     /// `SELECT 1` works; `None` while the server is not meant to run (not
     /// set up yet, demoted, fenced), so it is not restarted behind the
@@ -23,18 +28,22 @@ pub trait Database: Send + Sync {
     fn healthy(&self) -> BoxFut<'_, Option<bool>>;
     /// Start the server again after it failed.
     fn restart(&self) -> BoxFut<'_, ()>;
-    /// Become (or stay) the primary, recording `epoch`.
-    fn promote(&self, epoch: u64) -> BoxFut<'_, ()>;
+    /// Become (or stay) the primary, recording `epoch`. Only `bootstrap`
+    /// (the cluster's first formation) may create an empty datastore; a
+    /// standby is not promoted after `not_after`.
+    fn promote(&self, epoch: u64, bootstrap: bool, not_after: Option<Instant>) -> BoxFut<'_, ()>;
     /// Stop acting as primary.
     fn demote(&self) -> BoxFut<'_, ()>;
     /// Become a standby of the node called `leader`.
     fn rejoin(&self, leader: &str) -> BoxFut<'_, ()>;
-    /// Stop accepting writes.
+    /// Stop accepting writes at once. Never waits for another datastore
+    /// operation: the fence timer calls it whatever the agent loop is doing.
     fn fence(&self) -> BoxFut<'_, ()>;
     /// Accept writes again.
     fn unfence(&self) -> BoxFut<'_, ()>;
-    /// Replication state for `status`.
-    fn replication(&self) -> BoxFut<'_, Option<ReplicationView>>;
-    /// Periodic upkeep once per heartbeat interval (the primary's durability mode).
-    fn tick(&self, leading: bool) -> BoxFut<'_, ()>;
+    /// On a primary, its replication as PostgreSQL reports it (for the role
+    /// machine), and the view for `status`; on a standby only the view.
+    fn replication(&self) -> BoxFut<'_, (Option<Replication>, Option<ReplicationView>)>;
+    /// Make commits wait for the peer, or not.
+    fn set_durability(&self, synchronous: bool) -> BoxFut<'_, ()>;
 }

@@ -4,13 +4,17 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::config::WitnessMode;
+use crate::config::{Durability, WitnessMode};
 use crate::hostmeta::{HostMeta, Role};
 
 use super::{
-    Action, Claim, Completion, Component, Heartbeat, Input, LocalMeta, Observation, PeerStatus, Settings, State,
-    WalPosition, WitnessView, compare_claims,
+    Action, ArbiterRecord, Claim, Completion, Component, Heartbeat, Input, LocalMeta, Observation, PeerStatus,
+    Replication, Settings, State, WalPosition, WitnessView, compare_claims,
 };
+
+/// A component must stay healthy this long before its restart budget is
+/// given back (a flapping service is not restarted for ever).
+const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// Where the node is in its life cycle; [`State`] adds the overlays
 /// (fault detected, health check) for display.
@@ -32,6 +36,7 @@ struct ServiceHealth {
     attempts: u32,
     next_restart: Duration,
     gave_up: bool,
+    healthy_since: Option<Duration>,
 }
 
 /// The role state machine of one node. See the module documentation for
@@ -42,14 +47,23 @@ pub struct Machine {
     local: LocalMeta,
     mode: Mode,
     holds_vip: bool,
-    /// Last heartbeat answer or second-path success (initially: start).
+    /// Last heartbeat answer or second-path success, stamped when it was
+    /// read (initially: start). A follower waits from here.
     last_contact: Option<Duration>,
+    /// The same contact, stamped when its probe was sent: the peer was
+    /// alive after this. A leader's fence deadline counts from here.
+    last_contact_sent: Option<Duration>,
     /// Last heartbeat request from the peer. Delays promotion only: the
     /// peer reaching us says nothing about whether it hears us, so it never
     /// keeps a leader from fencing.
     last_called: Option<Duration>,
-    /// Last time the witness backed this node (gateway reachable, lease mine).
+    /// Last time the witness backed this node (gateway reachable, lease
+    /// mine), stamped when the probe was sent.
     last_witness: Option<Duration>,
+    /// The time of the latest step.
+    clock: Duration,
+    /// The peer answered or called since this agent started.
+    peer_seen: bool,
     misses: u32,
     last_rtt: Option<Duration>,
     second_path_down: bool,
@@ -57,12 +71,29 @@ pub struct Machine {
     peer: Option<PeerStatus>,
     peer_epoch_seen: u64,
     witness: WitnessView,
+    /// Arbiter mode: the arbiter's records as it answered this tick.
+    arbiter: Option<ArbiterRecord>,
+    /// Another host answered for the VIP this tick.
+    vip_elsewhere: bool,
     position: Option<WalPosition>,
     handing_over: bool,
     needs_rejoin: bool,
     rejoining: bool,
     retry_at: Duration,
     services: BTreeMap<Component, ServiceHealth>,
+    /// Leader: the primary's replication as read this tick.
+    replication: Option<Replication>,
+    /// Leader: since when the peer has not been streaming.
+    not_streaming_since: Option<Duration>,
+    /// Leader: commits should stop waiting for the peer; until they do,
+    /// the peer is no longer told it may take over.
+    degrade_wanted: bool,
+    /// Leader: this term has told the peer it may take over (it was in
+    /// sync). Until then the peer cannot promote on its own.
+    told_peer_in_sync: bool,
+    /// Follower: may promote on its own until then (modes none and
+    /// gateway; see [`Settings::eligibility_window`]).
+    eligible_until: Option<Duration>,
 }
 
 impl Machine {
@@ -83,20 +114,30 @@ impl Machine {
             mode,
             holds_vip: false,
             last_contact: None,
+            last_contact_sent: None,
             last_called: None,
             last_witness: None,
+            clock: Duration::ZERO,
+            peer_seen: false,
             misses: 0,
             last_rtt: None,
             second_path_down: false,
             peer: None,
             peer_epoch_seen: 0,
             witness: WitnessView::NoOpinion,
+            arbiter: None,
+            vip_elsewhere: false,
             position: None,
             handing_over: false,
             needs_rejoin: false,
             rejoining: false,
             retry_at: Duration::ZERO,
             services: BTreeMap::new(),
+            replication: None,
+            not_streaming_since: None,
+            degrade_wanted: false,
+            told_peer_in_sync: false,
+            eligible_until: None,
         }
     }
 
@@ -104,7 +145,16 @@ impl Machine {
     /// to run, in order.
     pub fn step(&mut self, now: Duration, input: Input) -> Vec<Action> {
         let mut out = Vec::new();
+        self.clock = self.clock.max(now);
         match input {
+            Input::FenceDeadlinePassed => {
+                if self.leading() {
+                    tracing::error!(event = "fenced", node = %self.s.own_name, reason = "fence deadline passed",
+                        "the fence timer released the VIP and stopped writes");
+                    self.holds_vip = false;
+                    self.enter_fenced(&mut out);
+                }
+            }
             Input::Tick(obs) => self.tick(now, obs, &mut out),
             Input::Done(done) => self.done(now, done, &mut out),
             Input::Switchover => {
@@ -150,7 +200,54 @@ impl Machine {
             leading: self.leading(),
             handing_over: self.handing_over,
             vote: self.vote(),
+            sync_standby: self.sync_standby(),
+            eligible: self.mode == Mode::Follower && self.entitled(self.clock),
         }
+    }
+
+    /// Leader: the peer, when PostgreSQL says it is the synchronous standby
+    /// holding every acknowledged write and no degrade is under way.
+    pub fn sync_standby(&self) -> Option<String> {
+        let in_sync = self.replication.is_some_and(|r| r.sync_configured && r.peer_in_sync);
+        (self.leading() && in_sync && !self.degrade_wanted).then(|| self.s.peer_name.clone())
+    }
+
+    /// When a leader in mode `gateway` or `arbiter` must be fenced at the
+    /// latest: `fence_timeout` after the last sign (sent) that the peer or the
+    /// witness was there. The driver keeps this deadline with a timer of its
+    /// own, so a slow tick cannot delay the fence.
+    pub fn fence_deadline(&self) -> Option<Duration> {
+        if self.s.witness == WitnessMode::None || !self.leading() {
+            return None;
+        }
+        let last = self.last_contact_sent.max(self.last_witness)?;
+        Some(last + self.s.fence_timeout)
+    }
+
+    /// Why this follower does not take over although its leader is gone,
+    /// for `status`; `None` when it would (or the leader is there).
+    pub fn takeover_blocked(&self) -> Option<String> {
+        if self.mode != Mode::Follower && self.mode != Mode::Election || !self.peer_down_confirmed() {
+            return None;
+        }
+        if self.vip_elsewhere {
+            return Some("another host answers for the VIP: the peer still serves it".into());
+        }
+        if self.entitled(self.clock) {
+            return None;
+        }
+        Some(match self.s.witness {
+            WitnessMode::Arbiter => format!(
+                "the arbiter does not record this node as the synchronous standby (it records {}): \
+                 the leader may have acknowledged writes this node lacks; wait for it, or force a failover \
+                 (`gemin_k8s failover --force`) to accept losing them",
+                self.arbiter.as_ref().and_then(|a| a.sync_standby.as_deref()).unwrap_or("none")
+            ),
+            _ => "this node was not the synchronous standby when it last heard the leader (or heard it too \
+                  long ago): the leader may have acknowledged writes this node lacks; wait for it, or force a \
+                  failover (`gemin_k8s failover --force`) to accept losing them"
+                .into(),
+        })
     }
 
     /// Who this node thinks should lead.
@@ -194,7 +291,8 @@ impl Machine {
     /// Whether a planned switchover can start now: this node leads and the
     /// peer answered the last heartbeat as a follower able to take over.
     pub fn can_hand_over(&self) -> bool {
-        self.mode == Mode::Leader && self.peer_can_take_over()
+        let in_sync = self.s.durability == Durability::Async || self.sync_standby().is_some();
+        self.mode == Mode::Leader && self.peer_can_take_over() && in_sync
     }
 
     fn peer_can_take_over(&self) -> bool {
@@ -218,6 +316,11 @@ impl Machine {
         self.last_contact.is_some()
     }
 
+    /// Whether the peer led when it last answered.
+    pub fn peer_leading(&self) -> bool {
+        self.peer.as_ref().is_some_and(|p| p.leading)
+    }
+
     /// Consecutive missed heartbeats.
     pub fn missed_heartbeats(&self) -> u32 {
         self.misses
@@ -233,15 +336,25 @@ impl Machine {
             // First tick since start: whatever a previous run left configured,
             // this node holds no VIP until it wins leadership again.
             out.push(Action::ReleaseVip);
+            self.last_contact = Some(now);
+            self.last_contact_sent = Some(obs.started);
         }
-        let contact = self.last_contact.get_or_insert(now);
         match obs.heartbeat {
             Heartbeat::Ok { peer, rtt } => {
-                *contact = now;
+                self.last_contact = Some(now);
+                self.last_contact_sent = Some(obs.started);
+                self.peer_seen = true;
                 self.last_rtt = Some(rtt);
                 self.misses = 0;
                 if let Some(m) = &peer.meta {
                     self.peer_epoch_seen = self.peer_epoch_seen.max(m.epoch);
+                }
+                if !self.leading() {
+                    // Only a leading peer's word entitles this node to take
+                    // over; anything else it says (restarting, electing,
+                    // degrading) takes the entitlement away.
+                    let told = peer.leading && peer.sync_standby.as_deref() == Some(self.s.own_name.as_str());
+                    self.eligible_until = told.then(|| now + self.s.eligibility_window());
                 }
                 self.peer = Some(*peer);
             }
@@ -253,15 +366,22 @@ impl Machine {
         self.second_path_down = obs.second_path == Some(false);
         if obs.second_path == Some(true) {
             self.last_contact = Some(now);
+            self.last_contact_sent = Some(obs.started);
         }
         self.witness = obs.witness;
         if matches!(obs.witness, WitnessView::GatewayReachable | WitnessView::LeaseHeldByMe) {
-            self.last_witness = Some(now);
+            self.last_witness = Some(obs.started);
+        }
+        self.arbiter = obs.arbiter;
+        self.vip_elsewhere = obs.vip_elsewhere == Some(true);
+        if obs.peer_called_at.is_some() && obs.peer_called_at > self.last_called {
+            self.peer_seen = true;
         }
         self.last_called = self.last_called.max(obs.peer_called_at);
         if obs.position.is_some() {
             self.position = obs.position;
         }
+        self.replication = obs.replication;
         if let (Some(p), LocalMeta::Loaded(meta)) = (self.position, &mut self.local) {
             meta.timeline = Some(p.timeline);
             meta.lsn = Some(p.lsn);
@@ -290,7 +410,6 @@ impl Machine {
                     return;
                 }
                 self.mode = Mode::Leader;
-                self.last_witness = Some(now);
                 self.take_vip_if_free(out);
             }
             (Mode::Promoting { .. }, Completion::PromotionFailed) => {
@@ -332,7 +451,10 @@ impl Machine {
             }
             return;
         };
-        let former_leader = meta.node.role == Role::Leader;
+        let was_leader = meta.node.role == Role::Leader;
+        // A leader that fenced itself must not resume without the peer: the
+        // peer may have taken over meanwhile.
+        let former_leader = was_leader && !meta.fenced;
         match self.peer.clone() {
             Some(peer) => {
                 let Some(pm) = peer.meta.as_ref() else {
@@ -344,17 +466,22 @@ impl Machine {
                 };
                 let i_win = self.i_win_against(&peer, pm);
                 if peer.leading {
-                    if i_win && former_leader {
+                    if i_win && was_leader {
                         // The peer sees our higher claim and steps down; wait.
                         return;
                     }
                     self.become_follower(out);
                 } else if i_win && self.peer_votes_for_me() {
-                    self.lead(now, former_leader, out);
+                    self.lead(now, was_leader, out);
                 }
             }
             None => {
-                if self.peer_down_confirmed() {
+                // Without the peer's vote only a node entitled to lead on its
+                // own does: with an arbiter, by its records; without one, a
+                // follower within its eligibility window (never right after a
+                // restart), and never a former leader, because the peer may
+                // have taken over while this node was away.
+                if self.peer_down_confirmed() && self.may_take_over(now) {
                     if former_leader {
                         self.lead(now, true, out);
                     } else if self.fence_window_passed(now) {
@@ -365,18 +492,21 @@ impl Machine {
         }
     }
 
-    /// No hostMeta on this node: the bootstrap leader starts the cluster at
-    /// epoch 1, unless the peer turns out to have a record (then we recover).
+    /// No hostMeta on this node (and no data: the driver treats a data
+    /// directory without hostMeta as unusable): the bootstrap leader starts
+    /// the cluster at epoch 1 once the peer answers and is fresh too, never
+    /// while the peer cannot be asked (it may hold the cluster's data).
+    /// Otherwise it waits, and recovers its record if the peer has one.
     fn elect_fresh(&mut self, now: Duration, out: &mut Vec<Action>) {
         if self.s.own_name != self.s.bootstrap_leader {
             return;
         }
-        let peer_is_fresh = self.peer.as_ref().is_some_and(|p| p.meta.is_none());
-        if peer_is_fresh || self.peer_down_confirmed() {
+        let peer_is_fresh = self.peer.as_ref().is_some_and(|p| p.meta.is_none() && p.state == State::Election);
+        if peer_is_fresh {
             let mut meta = self.s.fresh_meta();
             meta.epoch = 0;
             self.local = LocalMeta::Loaded(meta);
-            if !self.lead(now, false, out) {
+            if !self.start_leading(now, LeadKind::Bootstrap, out) {
                 self.local = LocalMeta::Missing;
             }
         }
@@ -417,6 +547,21 @@ impl Machine {
         if peer.handing_over != self.handing_over {
             return peer.handing_over;
         }
+        // With an arbiter, only a node its records name can get the lease:
+        // when they name one of the two, that one wins.
+        if self.s.witness == WitnessMode::Arbiter
+            && let Some(rec) = &self.arbiter
+        {
+            let named = |n: &str| {
+                rec.last_holder.as_deref() == Some(n)
+                    || rec.sync_standby.as_deref() == Some(n)
+                    || (rec.last_holder.is_none() && rec.sync_standby.is_none())
+            };
+            let (me, them) = (named(&self.s.own_name), named(&pm.node.name));
+            if me != them {
+                return me;
+            }
+        }
         let Some(mine) = self.meta() else { return false };
         compare_claims(&Claim::of(mine, &self.s.bootstrap_leader), &Claim::of(pm, &self.s.bootstrap_leader))
             == Ordering::Greater
@@ -446,12 +591,51 @@ impl Machine {
         now.saturating_sub(last) >= self.s.fence_timeout + self.s.promotion_margin
     }
 
+    /// Whether this node may lead without the peer's vote: entitled to, the
+    /// gateway reachable in mode `gateway`, and nobody else answering for
+    /// the VIP. (In mode `arbiter` the lease decides, in [`Self::lead`].)
+    fn may_take_over(&self, now: Duration) -> bool {
+        let witness = self.s.witness != WitnessMode::Gateway || self.witness == WitnessView::GatewayReachable;
+        witness && !self.vip_elsewhere && self.entitled(now)
+    }
+
+    /// Whether this node holds every acknowledged write as far as it can
+    /// know, so that leading without the peer loses nothing: with an
+    /// arbiter, its records name this node (synchronous standby or last
+    /// lease holder, or there are none yet); without one, the leader told it
+    /// so less than an eligibility window ago. Configured async: always.
+    fn entitled(&self, now: Duration) -> bool {
+        if self.s.durability == Durability::Async {
+            return true;
+        }
+        let me = Some(self.s.own_name.as_str());
+        match self.s.witness {
+            WitnessMode::Arbiter => {
+                self.witness == WitnessView::LeaseHeldByMe
+                    || self.arbiter.as_ref().is_some_and(|a| {
+                        a.sync_standby.as_deref() == me
+                            || a.last_holder.as_deref() == me
+                            || (a.sync_standby.is_none() && a.last_holder.is_none())
+                    })
+            }
+            _ => self.eligible_until.is_some_and(|until| now <= until),
+        }
+    }
+
     /// Start leading: `resume` keeps the epoch (a former leader), otherwise
     /// the epoch goes up by one. Returns whether it started; the witness and
     /// the local datastore must allow it.
     fn lead(&mut self, now: Duration, resume: bool, out: &mut Vec<Action>) -> bool {
+        let kind = if resume { LeadKind::Resume } else { LeadKind::TakeOver };
+        self.start_leading(now, kind, out)
+    }
+
+    fn start_leading(&mut self, now: Duration, kind: LeadKind, out: &mut Vec<Action>) -> bool {
         let Some(mut meta) = self.meta().cloned() else { return false };
-        let epoch = if resume { meta.epoch.max(1) } else { meta.epoch.max(self.peer_epoch_seen) + 1 };
+        let epoch = match kind {
+            LeadKind::Resume => meta.epoch.max(1),
+            LeadKind::TakeOver | LeadKind::Bootstrap => meta.epoch.max(self.peer_epoch_seen) + 1,
+        };
         let datastore_failing = self.services.get(&Component::Postgres).is_some_and(|h| h.failing);
         if now < self.retry_at || datastore_failing || self.needs_rejoin || self.rejoining {
             return false;
@@ -469,21 +653,34 @@ impl Machine {
         if !allowed {
             return false;
         }
+        // A standby taking over without the peer's vote must be promoted
+        // while it is still entitled to (modes none and gateway).
+        let not_after = match (kind, self.peer.is_some(), self.s.witness, self.s.durability) {
+            (LeadKind::TakeOver, false, WitnessMode::None | WitnessMode::Gateway, Durability::Synchronous) => {
+                self.eligible_until
+            }
+            _ => None,
+        };
         meta.node.role = Role::Leader;
         meta.peer.role = Role::Follower;
         meta.epoch = epoch;
+        meta.fenced = false;
         if let Some(p) = self.position {
             meta.timeline = Some(p.timeline);
             meta.lsn = Some(p.lsn);
         }
-        tracing::info!(event = "promoting", node = %self.s.own_name, epoch, resume, "taking leadership");
+        tracing::info!(event = "promoting", node = %self.s.own_name, epoch, kind = ?kind, "taking leadership");
         self.local = LocalMeta::Loaded(meta.clone());
         self.handing_over = false;
+        self.eligible_until = None;
+        self.not_streaming_since = None;
+        self.degrade_wanted = false;
+        self.told_peer_in_sync = false;
         out.push(Action::PersistHostMeta(meta));
         if self.s.witness == WitnessMode::Arbiter {
             out.push(Action::AcquireLease { epoch });
         }
-        out.push(Action::Promote { epoch });
+        out.push(Action::Promote { epoch, bootstrap: kind == LeadKind::Bootstrap, not_after });
         self.mode = Mode::Promoting { epoch };
         true
     }
@@ -513,11 +710,17 @@ impl Machine {
             self.fence(out);
             return;
         }
-        if self.s.witness != WitnessMode::None {
-            let last = self.last_contact.max(self.last_witness).unwrap_or(Duration::ZERO);
+        if self.vip_elsewhere && self.peer.is_none() {
+            // The peer took the VIP: it leads now, and this node must not write.
+            tracing::error!(event = "fenced", node = %self.s.own_name, reason = "another host answers for the VIP",
+                "fencing");
+            self.fence(out);
+            return;
+        }
+        if let Some(deadline) = self.fence_deadline() {
             // Act on the last tick before the deadline so the fence is in
-            // place by `last + fence_timeout`.
-            if now + self.s.heartbeat_interval >= last + self.s.fence_timeout {
+            // place by then (the driver's timer enforces it regardless).
+            if now + self.s.heartbeat_interval >= deadline {
                 tracing::error!(event = "fenced", node = %self.s.own_name, reason = "neither peer nor witness reachable",
                     "fencing");
                 self.fence(out);
@@ -536,12 +739,78 @@ impl Machine {
             self.hand_over(out);
             return;
         }
+        self.durability(now, out);
         self.take_vip_if_free(out);
+    }
+
+    /// Commits wait for the peer whenever it streams. They stop waiting only
+    /// after it has stopped streaming for `degrade_after`, and only once the
+    /// peer cannot take over on its own: it said so, or it was never told
+    /// it may this term, or (arbiter) the arbiter records no synchronous
+    /// standby, or (no arbiter) it has been silent for longer than any
+    /// eligibility it may hold and no other host answers for the VIP.
+    fn durability(&mut self, now: Duration, out: &mut Vec<Action>) {
+        let Some(r) = self.replication else { return };
+        if self.s.durability == Durability::Async {
+            if r.sync_configured {
+                out.push(Action::SetDurability { synchronous: false });
+            }
+            return;
+        }
+        let peer = Some(self.s.peer_name.as_str());
+        let recorded = self.arbiter.as_ref().map(|a| a.sync_standby.as_deref());
+        if r.peer_streaming {
+            self.not_streaming_since = None;
+            self.degrade_wanted = false;
+            if !r.sync_configured {
+                tracing::info!(event = "durability", node = %self.s.own_name, "the peer streams: commits wait for it again");
+                out.push(Action::SetDurability { synchronous: true });
+            } else if r.peer_in_sync {
+                self.told_peer_in_sync = true;
+                if self.s.witness == WitnessMode::Arbiter && recorded.is_some_and(|r| r != peer) {
+                    out.push(Action::RecordSync(Some(self.s.peer_name.clone())));
+                }
+            }
+            return;
+        }
+        let since = *self.not_streaming_since.get_or_insert(now);
+        if !r.sync_configured {
+            return;
+        }
+        let peer_may_take_over =
+            self.told_peer_in_sync || (self.s.witness == WitnessMode::Arbiter && recorded.is_none_or(|r| r == peer));
+        if peer_may_take_over && now.saturating_sub(since) < self.s.degrade_after {
+            return;
+        }
+        self.degrade_wanted = true;
+        let safe = match self.s.witness {
+            WitnessMode::Arbiter => match recorded {
+                Some(r) if r != peer => true,
+                Some(_) => {
+                    out.push(Action::RecordSync(None));
+                    false
+                }
+                None => false,
+            },
+            _ => {
+                !self.told_peer_in_sync
+                    || self.peer.as_ref().is_some_and(|p| !p.leading && !p.eligible)
+                    || (self.peer.is_none() && self.peer_seen && !self.vip_elsewhere && {
+                        let heard = self.last_called.max(self.last_contact).unwrap_or(Duration::ZERO);
+                        now.saturating_sub(heard) >= self.s.degrade_wait()
+                    })
+            }
+        };
+        if safe {
+            tracing::warn!(event = "durability", node = %self.s.own_name, degraded_after = ?now.saturating_sub(since),
+                "the peer is gone and cannot take over: commits stop waiting for it");
+            out.push(Action::SetDurability { synchronous: false });
+        }
     }
 
     fn follow_tick(&mut self, now: Duration, out: &mut Vec<Action>) {
         let Some(peer) = self.peer.clone() else {
-            if self.peer_down_confirmed() && self.fence_window_passed(now) {
+            if self.peer_down_confirmed() && self.fence_window_passed(now) && self.may_take_over(now) {
                 self.lead(now, false, out);
             }
             return;
@@ -559,6 +828,10 @@ impl Machine {
             }
         } else if peer.state != State::Fenced && self.i_win_against(&peer, pm) && self.peer_votes_for_me() {
             // The peer hands over, or our claim wins and it agrees.
+            self.lead(now, false, out);
+        } else if self.witness == WitnessView::LeaseHeldByMe {
+            // The arbiter granted us the lease (the leader lost it): it names
+            // us the leader now, and the peer cannot lead without it.
             self.lead(now, false, out);
         }
         // A lease taken for a promotion that did not happen would keep the
@@ -587,7 +860,10 @@ impl Machine {
         out.push(Action::Unfence);
         self.mode = Mode::Leader;
         self.last_contact = Some(now);
-        self.last_witness = Some(now);
+        if let LocalMeta::Loaded(m) = &mut self.local {
+            m.fenced = false;
+            out.push(Action::PersistHostMeta(m.clone()));
+        }
         self.take_vip_if_free(out);
     }
 
@@ -618,7 +894,17 @@ impl Machine {
         out.push(Action::ReleaseVip);
         self.holds_vip = false;
         out.push(Action::Fence);
+        self.enter_fenced(out);
+    }
+
+    /// Fenced (the VIP and writes are already stopped): remember it across
+    /// restarts, so this node never resumes leading without the peer.
+    fn enter_fenced(&mut self, out: &mut Vec<Action>) {
         self.mode = Mode::Fenced;
+        if let LocalMeta::Loaded(m) = &mut self.local {
+            m.fenced = true;
+            out.push(Action::PersistHostMeta(m.clone()));
+        }
     }
 
     fn take_vip_if_free(&mut self, out: &mut Vec<Action>) {
@@ -648,6 +934,7 @@ impl Machine {
         let peer_role = self.peer.as_ref().and_then(|p| p.meta.as_ref()).map(|m| m.node.role);
         if let LocalMeta::Loaded(m) = &mut self.local {
             m.node.role = role;
+            m.fenced &= role == Role::Leader;
             if let Some(r) = peer_role {
                 m.peer.role = r;
             } else if role == Role::Follower {
@@ -659,17 +946,30 @@ impl Machine {
 
     // ---- local health ----
 
+    /// Restart a component only after `failure_threshold` failed probes in
+    /// a row, with bounded attempts and backoff; its budget comes back only
+    /// after it stayed healthy for a while.
     fn check_health(&mut self, now: Duration, results: &[(Component, bool)], out: &mut Vec<Action>) {
         for &(c, ok) in results {
             let h = self.services.entry(c).or_default();
             if ok {
-                *h = ServiceHealth::default();
+                let since = *h.healthy_since.get_or_insert(now);
+                h.failing = false;
+                h.consecutive_failures = 0;
+                h.gave_up = false;
+                if now.saturating_sub(since) >= STABLE_AFTER {
+                    h.attempts = 0;
+                }
+                continue;
+            }
+            h.healthy_since = None;
+            h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+            if h.consecutive_failures < self.s.failure_threshold {
                 continue;
             }
             h.failing = true;
-            h.consecutive_failures = h.consecutive_failures.saturating_add(1);
             if !c.restartable() {
-                h.gave_up = h.consecutive_failures >= self.s.failure_threshold;
+                h.gave_up = true;
             } else if now >= h.next_restart {
                 if h.attempts < self.s.restart_attempts {
                     h.attempts += 1;
@@ -684,4 +984,15 @@ impl Machine {
             }
         }
     }
+}
+
+/// How a node starts leading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeadKind {
+    /// The first formation of the cluster (epoch 1, a new datastore).
+    Bootstrap,
+    /// A former leader carries on at its epoch.
+    Resume,
+    /// A new term: the epoch goes up.
+    TakeOver,
 }

@@ -65,7 +65,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{GeminiConfig, WitnessMode};
+use crate::config::{Durability, GeminiConfig, WitnessMode};
 use crate::hostmeta::{HostMeta, Lsn, Role};
 
 pub use machine::Machine;
@@ -131,6 +131,16 @@ pub struct PeerStatus {
     /// records. A node leads through an election only with the peer's vote,
     /// so two nodes deciding on different snapshots never both lead.
     pub vote: Option<String>,
+    /// Leader: the standby that has every acknowledged write and may take
+    /// over on its own, read from PostgreSQL (its `synchronous_standby_names`
+    /// and the standby's `sync_state`). `None` while commits do not wait for
+    /// it (degraded, catching up, or about to degrade).
+    #[serde(default)]
+    pub sync_standby: Option<String>,
+    /// Follower: whether it may promote on its own if the leader failed now
+    /// (see [`Settings::eligibility_window`]).
+    #[serde(default)]
+    pub eligible: bool,
 }
 
 /// Result of this tick's heartbeat to the peer.
@@ -190,22 +200,77 @@ pub struct WalPosition {
     pub lsn: Lsn,
 }
 
+/// Replication as the primary's PostgreSQL reports it (never the agent's
+/// belief): what commits wait for, and where the peer's standby stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Replication {
+    /// `synchronous_standby_names` names the peer: commits wait for it.
+    pub sync_configured: bool,
+    /// The peer streams from this primary (`pg_stat_replication` state `streaming`).
+    pub peer_streaming: bool,
+    /// The peer is the synchronous standby (`sync_state = 'sync'`) and has
+    /// flushed past the point where commits started waiting for it: it holds
+    /// every acknowledged write.
+    pub peer_in_sync: bool,
+}
+
+/// The arbiter's records for this cluster, as it answered this tick.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ArbiterRecord {
+    /// The node recorded as synchronous standby: the only one that may take
+    /// the lease from the last holder without an operator.
+    pub sync_standby: Option<String>,
+    /// The node that held the lease last.
+    pub last_holder: Option<String>,
+}
+
 /// Everything the driver learnt during one heartbeat interval.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observation {
+    /// When the probes of this round were sent (all at once). An answer
+    /// proves the other side was alive at some time after this, so a leader
+    /// counts its fence deadline from here, never from when the answer was
+    /// read.
+    pub started: Duration,
     pub heartbeat: Heartbeat,
     /// Second path to the peer (its PostgreSQL or API TCP port): `None` when
     /// not probed (the heartbeat answered), otherwise whether it answered.
     pub second_path: Option<bool>,
     pub witness: WitnessView,
+    /// Arbiter mode: the arbiter's records, when it answered.
+    pub arbiter: Option<ArbiterRecord>,
     /// Latest local health check results; components not listed are unchanged.
     pub health: Vec<(Component, bool)>,
     /// Local PostgreSQL position, when known.
     pub position: Option<WalPosition>,
+    /// On a primary: its replication, read from PostgreSQL this tick.
+    pub replication: Option<Replication>,
+    /// Whether another host answers ARP (or neighbour discovery) for the
+    /// VIP; `None` when not probed. Probed when the peer does not answer: a
+    /// foreign holder means the peer leads (a follower then never promotes,
+    /// a leader stops writing).
+    pub vip_elsewhere: Option<bool>,
     /// Monotonic time of the latest heartbeat request received from the
     /// peer, if any. Extends a follower's wait before promoting (the peer was
     /// alive then); never keeps a leader from fencing.
     pub peer_called_at: Option<Duration>,
+}
+
+impl Default for Observation {
+    fn default() -> Self {
+        Observation {
+            started: Duration::ZERO,
+            heartbeat: Heartbeat::Missed,
+            second_path: None,
+            witness: WitnessView::NoOpinion,
+            arbiter: None,
+            health: Vec::new(),
+            position: None,
+            replication: None,
+            vip_elsewhere: None,
+            peer_called_at: None,
+        }
+    }
 }
 
 /// Completion of a long action.
@@ -225,6 +290,9 @@ pub enum Input {
     Done(Completion),
     /// The operator asked this node (the leader) to hand over to its peer.
     Switchover,
+    /// The driver's fence timer found [`Machine::fence_deadline`] passed and
+    /// has already released the VIP and stopped the datastore.
+    FenceDeadlinePassed,
 }
 
 /// Something the driver must do. Actions come in the order they must run.
@@ -237,8 +305,14 @@ pub enum Action {
     RecoverHostMeta(HostMeta),
     /// Make the local PostgreSQL the primary (no-op when it already is) and
     /// record `epoch`; answer with PromotionDone or PromotionFailed.
+    /// `bootstrap`: the first formation of the cluster, the only promotion
+    /// that may create a new, empty datastore. `not_after`: a promotion of a
+    /// standby must not start after this instant (the end of its
+    /// eligibility; the driver checks it right before promoting).
     Promote {
         epoch: u64,
+        bootstrap: bool,
+        not_after: Option<Duration>,
     },
     /// Stop the local PostgreSQL acting as primary; answer with DemotionDone.
     Demote,
@@ -260,6 +334,12 @@ pub enum Action {
     },
     ReleaseLease,
     RestartService(Component),
+    /// Make commits wait for the peer (`true`) or not, on the local primary.
+    SetDurability {
+        synchronous: bool,
+    },
+    /// Arbiter mode, as lease holder: record who the synchronous standby is.
+    RecordSync(Option<String>),
 }
 
 /// Timing and identity the machine works with.
@@ -288,6 +368,11 @@ pub struct Settings {
     pub restart_attempts: u32,
     /// Wait after the first restart; doubles with every further attempt.
     pub restart_backoff: Duration,
+    /// Configured durability: synchronous commits (RPO 0) or async.
+    pub durability: Durability,
+    /// How long the peer must have stopped streaming before the leader lets
+    /// commits stop waiting for it (and only when the peer cannot promote).
+    pub degrade_after: Duration,
 }
 
 impl Settings {
@@ -309,6 +394,8 @@ impl Settings {
             promotion_margin: cfg.health.interval * 2,
             restart_attempts: 3,
             restart_backoff: Duration::from_secs(2),
+            durability: cfg.postgres.durability,
+            degrade_after: cfg.postgres.degrade_after,
         }
     }
 
@@ -319,6 +406,25 @@ impl Settings {
             + self.fence_timeout
             + self.promotion_margin
             + self.heartbeat_interval
+    }
+
+    /// How long a follower that was the synchronous standby stays entitled
+    /// to promote on its own after it last heard the leader say so (modes
+    /// `none` and `gateway`, which have no third party to remember who was
+    /// in sync): the promotion bound plus two intervals. Past it the
+    /// follower waits for the leader or an operator, because the leader may
+    /// have degraded and acknowledged writes it does not have.
+    pub fn eligibility_window(&self) -> Duration {
+        self.promotion_bound() + self.heartbeat_interval * 2
+    }
+
+    /// How long a leader whose peer is unreachable waits, from the peer's
+    /// last heartbeat request, before it may degrade: `degrade_after`, and
+    /// never less than the peer's eligibility window plus a heartbeat's
+    /// flight and one interval, so a follower that could still promote has
+    /// run out of time by then.
+    pub fn degrade_wait(&self) -> Duration {
+        self.degrade_after.max(self.eligibility_window() + self.heartbeat_interval * 2)
     }
 
     /// A fresh hostMeta for this node.

@@ -25,6 +25,8 @@ pub(super) fn settings(me: &str, witness: WitnessMode) -> Settings {
         promotion_margin: Duration::from_secs(2),
         restart_attempts: 3,
         restart_backoff: Duration::from_secs(2),
+        durability: crate::config::Durability::Synchronous,
+        degrade_after: Duration::from_secs(10),
     }
 }
 
@@ -39,10 +41,18 @@ fn meta(me: &str, role: Role, epoch: u64, pos: Option<(u32, u64)>) -> HostMeta {
     m
 }
 
-/// The peer's status; a leading peer votes for itself, others abstain.
+/// The peer's status; a leading peer votes for itself and tells its
+/// follower it is the synchronous standby; others abstain.
 fn status(meta: Option<HostMeta>, state: State) -> PeerStatus {
-    let vote = meta.as_ref().filter(|_| state.is_active_leader()).map(|m| m.node.name.clone());
-    PeerStatus { meta, leading: state.is_active_leader(), state, handing_over: false, vote }
+    let leading = state.is_active_leader();
+    let vote = meta.as_ref().filter(|_| leading).map(|m| m.node.name.clone());
+    let sync_standby = meta.as_ref().filter(|_| leading).map(|m| m.peer.name.clone());
+    PeerStatus { meta, leading, state, handing_over: false, vote, sync_standby, eligible: false }
+}
+
+/// A leading peer that does not (or no longer) count on us as its synchronous standby.
+fn not_in_sync(meta: HostMeta) -> PeerStatus {
+    PeerStatus { sync_standby: None, ..status(Some(meta), State::Leader) }
 }
 
 fn voting(meta: Option<HostMeta>, state: State, vote: &str) -> PeerStatus {
@@ -52,23 +62,13 @@ fn voting(meta: Option<HostMeta>, state: State, vote: &str) -> PeerStatus {
 fn seen(peer: PeerStatus, witness: WitnessView) -> Observation {
     Observation {
         heartbeat: Heartbeat::Ok { rtt: Duration::from_millis(1), peer: Box::new(peer) },
-        second_path: None,
         witness,
-        health: vec![],
-        position: None,
-        peer_called_at: None,
+        ..Observation::default()
     }
 }
 
 fn lost(second_path: bool, witness: WitnessView) -> Observation {
-    Observation {
-        heartbeat: Heartbeat::Missed,
-        second_path: Some(second_path),
-        witness,
-        health: vec![],
-        position: None,
-        peer_called_at: None,
-    }
+    Observation { heartbeat: Heartbeat::Missed, second_path: Some(second_path), witness, ..Observation::default() }
 }
 
 fn s(secs: u64) -> Duration {
@@ -77,7 +77,10 @@ fn s(secs: u64) -> Duration {
 
 /// One tick. The first tick of a machine always starts by releasing any VIP
 /// a previous run left behind; that is checked here and left out.
-fn tick(m: &mut Machine, at: Duration, obs: Observation) -> Vec<Action> {
+fn tick(m: &mut Machine, at: Duration, mut obs: Observation) -> Vec<Action> {
+    if obs.started == Duration::ZERO {
+        obs.started = at;
+    }
     let first = !m.started();
     let mut out = m.step(at, Input::Tick(obs));
     if first {
@@ -93,7 +96,7 @@ fn ticks(m: &mut Machine, from: u64, to: u64, obs: impl Fn() -> Observation) -> 
 }
 
 fn promotes(actions: &[Action]) -> Option<u64> {
-    actions.iter().find_map(|a| if let Action::Promote { epoch } = a { Some(*epoch) } else { None })
+    actions.iter().find_map(|a| if let Action::Promote { epoch, .. } = a { Some(*epoch) } else { None })
 }
 
 /// A machine that is already the leader at `epoch` and holds the VIP.
@@ -156,14 +159,18 @@ fn fresh_cluster_bootstrap_leader_leads_at_epoch_1() {
 }
 
 #[test]
-fn fresh_cluster_with_peer_absent() {
-    // The bootstrap leader starts alone once the peer is confirmed absent...
+fn fresh_cluster_needs_both_nodes() {
+    // The bootstrap leader never starts a cluster while it cannot ask the
+    // peer: the peer may hold the cluster's data.
     let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Missing);
-    let out = ticks(&mut a, 0, 3, || lost(false, WitnessView::NoOpinion));
-    assert_eq!(out.iter().find(|(_, a)| matches!(a, Action::Promote { .. })), Some(&(2, Action::Promote { epoch: 1 })));
-    // ...but not while the second path still answers.
-    let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Missing);
-    assert_eq!(ticks(&mut a, 0, 30, || lost(true, WitnessView::NoOpinion)), vec![]);
+    assert_eq!(ticks(&mut a, 0, 600, || lost(false, WitnessView::NoOpinion)), vec![]);
+    assert_eq!(ticks(&mut a, 601, 620, || lost(true, WitnessView::NoOpinion)), vec![]);
+    // Nor over a peer whose record is unusable (it has data but no record).
+    let out = tick(&mut a, s(621), seen(status(None, State::Init), WitnessView::NoOpinion));
+    assert_eq!(out, vec![]);
+    // A fresh peer: epoch 1, and the only promotion allowed to create a datastore.
+    let out = tick(&mut a, s(622), seen(status(None, State::Election), WitnessView::NoOpinion));
+    assert!(out.contains(&Action::Promote { epoch: 1, bootstrap: true, not_after: None }), "first formation: {out:?}");
     // The other node never starts a cluster on its own.
     let mut b = Machine::new(settings(B, WitnessMode::None), LocalMeta::Missing);
     assert_eq!(ticks(&mut b, 0, 600, || lost(false, WitnessView::NoOpinion)), vec![]);
@@ -273,56 +280,88 @@ fn both_leaders_after_partition() {
     }
 }
 
-/// Restart with the peer unreachable: a former leader resumes only with the
-/// witness' consent; a former follower also waits out the fence window.
+/// Restart with the peer unreachable. Without an arbiter nobody leads on
+/// its own after a restart: a former leader's peer may have taken over
+/// while it was away, and a former follower has not been told it is in
+/// sync since it started. With an arbiter its records decide: the node it
+/// names (last lease holder or synchronous standby) gets the lease.
 #[test]
 fn restart_with_peer_unreachable() {
     use WitnessMode::*;
     use WitnessView::*;
+    let record = |sync: Option<&str>, last: Option<&str>| ArbiterRecord {
+        sync_standby: sync.map(String::from),
+        last_holder: last.map(String::from),
+    };
+    // (mode, witness view, arbiter record, leader resumes, follower takes over)
     let rows = [
-        (None, NoOpinion, true),
-        (Gateway, GatewayReachable, true),
-        (Gateway, GatewayUnreachable, false),
-        (Arbiter, LeaseHeldByMe, true),
-        (Arbiter, LeaseHeldByPeer, false),
-        (Arbiter, LeaseFree, false),
-        (Arbiter, ArbiterUnreachable, false),
+        (None, NoOpinion, Option::None, false, false),
+        (Gateway, GatewayReachable, Option::None, false, false),
+        (Gateway, GatewayUnreachable, Option::None, false, false),
+        (Arbiter, LeaseHeldByMe, Option::None, true, true),
+        (Arbiter, LeaseHeldByPeer, Option::None, false, false),
+        (Arbiter, LeaseFree, Some(record(Some(B), Some(A))), false, false),
+        (Arbiter, LeaseFree, Some(record(Option::None, Some(B))), false, false),
+        (Arbiter, ArbiterUnreachable, Option::None, false, false),
     ];
-    for (mode, view, allowed) in rows {
+    for (mode, view, rec, leader_resumes, follower_takes_over) in rows {
+        let obs = || Observation { arbiter: rec.clone(), ..lost(false, view) };
         let mut a = Machine::new(settings(A, mode), LocalMeta::Loaded(meta(A, Role::Leader, 3, Option::None)));
-        let out: Vec<_> = ticks(&mut a, 0, 3, || lost(false, view)).into_iter().map(|(_, a)| a).collect();
-        assert_eq!(promotes(&out), if allowed { Some(3) } else { Option::None }, "leader {mode:?} {view:?}: {out:?}");
-        if view == LeaseFree {
-            assert!(out.contains(&Action::AcquireLease { epoch: 3 }), "asks for the lease: {out:?}");
+        let out: Vec<_> = ticks(&mut a, 0, 20, obs).into_iter().map(|(_, a)| a).collect();
+        let resumed = if leader_resumes { Some(3) } else { Option::None };
+        assert_eq!(promotes(&out), resumed, "leader {mode:?} {view:?} {rec:?}: {out:?}");
+        let asks = out.iter().any(|a| matches!(a, Action::AcquireLease { .. }));
+        let entitled = rec.as_ref().is_some_and(|r| r.last_holder.as_deref() == Some(A));
+        if view != LeaseHeldByMe {
+            assert_eq!(asks, view == LeaseFree && entitled, "leader asks for the lease when entitled: {out:?}");
         }
 
         let mut b = Machine::new(settings(B, mode), LocalMeta::Loaded(meta(B, Role::Follower, 3, Option::None)));
-        let early = ticks(&mut b, 0, 6, || lost(false, view));
+        let early = ticks(&mut b, 0, 6, obs);
         assert!(early.iter().all(|(_, a)| !matches!(a, Action::Promote { .. })), "follower must wait: {early:?}");
-        let out: Vec<_> = ticks(&mut b, 7, 9, || lost(false, view)).into_iter().map(|(_, a)| a).collect();
-        assert_eq!(promotes(&out), if allowed { Some(4) } else { Option::None }, "follower {mode:?} {view:?}: {out:?}");
+        let out: Vec<_> = ticks(&mut b, 7, 30, obs).into_iter().map(|(_, a)| a).collect();
+        let took = if follower_takes_over { Some(4) } else { Option::None };
+        assert_eq!(promotes(&out), took, "follower {mode:?} {view:?} {rec:?}: {out:?}");
+        let asks = out.iter().any(|a| matches!(a, Action::AcquireLease { .. }));
+        let entitled =
+            rec.as_ref().is_some_and(|r| r.sync_standby.as_deref() == Some(B) || r.last_holder.as_deref() == Some(B));
+        if view != LeaseHeldByMe {
+            assert_eq!(asks, view == LeaseFree && entitled, "follower asks for the lease when entitled: {out:?}");
+        }
     }
+    // Fenced, it never resumes without the peer; a peer that took over meanwhile is followed.
+    let mut fenced = meta(A, Role::Leader, 5, Option::None);
+    fenced.fenced = true;
+    let mut a = Machine::new(settings(A, Gateway), LocalMeta::Loaded(fenced));
+    assert_eq!(ticks(&mut a, 0, 20, || lost(false, GatewayReachable)), vec![]);
+    let leading = status(Some(meta(B, Role::Leader, 6, Option::None)), State::Leader);
+    let out = tick(&mut a, s(21), seen(leading, GatewayReachable));
+    assert!(out.contains(&Action::Rejoin { leader: B.into() }), "{out:?}");
 }
 
 /// A follower promotes only when every condition holds.
 #[test]
-fn follower_promotion_needs_misses_second_path_witness_and_fence_window() {
-    // (description, second path reachable, witness, expected promotion second)
+fn follower_promotion_needs_misses_second_path_witness_fence_window_and_entitlement() {
+    // (description, second path reachable, witness, VIP answered elsewhere, expected promotion second)
     let rows = [
-        ("all conditions", false, WitnessView::GatewayReachable, Some(17)),
-        ("second path still answers", true, WitnessView::GatewayReachable, None),
-        ("witness unreachable", false, WitnessView::GatewayUnreachable, None),
+        ("all conditions", false, WitnessView::GatewayReachable, false, Some(17)),
+        ("second path still answers", true, WitnessView::GatewayReachable, false, None),
+        ("witness unreachable", false, WitnessView::GatewayUnreachable, false, None),
+        ("another host answers for the VIP", false, WitnessView::GatewayReachable, true, None),
     ];
-    for (name, second, witness, expect) in rows {
+    for (name, second, witness, elsewhere, expect) in rows {
         let mut b = follower(B, WitnessMode::Gateway, 3);
         let lm = meta(A, Role::Leader, 3, None);
         ticks(&mut b, 1, 10, || seen(status(Some(lm.clone()), State::Leader), WitnessView::GatewayReachable));
+        assert!(b.status().eligible, "{name}: the leader said we are in sync");
         // Last heard at 10 s: misses from 11 s; fence window ends at 10 + 5 + 2 = 17 s.
-        let out = ticks(&mut b, 11, 40, || lost(second, witness));
+        let out = ticks(&mut b, 11, 40, || Observation { vip_elsewhere: Some(elsewhere), ..lost(second, witness) });
         let at = out.iter().find(|(_, a)| matches!(a, Action::Promote { .. }));
         assert_eq!(at.map(|(t, _)| *t), expect, "{name}: {out:?}");
         if expect.is_some() {
-            assert_eq!(at.unwrap().1, Action::Promote { epoch: 4 });
+            // Promoted no later than the end of its entitlement: 10 s + 11 s + 2 s.
+            let window = Some(s(10) + settings(B, WitnessMode::Gateway).eligibility_window());
+            assert_eq!(at.unwrap().1, Action::Promote { epoch: 4, bootstrap: false, not_after: window });
             assert_eq!(b.state(), State::Promoting);
             assert_eq!(b.step(s(41), Input::Done(Completion::PromotionDone)), vec![Action::TakeVip]);
         }
@@ -340,12 +379,54 @@ fn follower_promotion_needs_misses_second_path_witness_and_fence_window() {
     }
 }
 
+/// Without an arbiter, a follower may take over only if the leader told it
+/// it is the synchronous standby, and only within the eligibility window
+/// after it last heard so: past it, the leader may have stopped waiting for
+/// it and acknowledged writes it lacks.
+#[test]
+fn follower_takes_over_only_while_entitled() {
+    let w = settings(B, WitnessMode::None).eligibility_window();
+    let lm = meta(A, Role::Leader, 3, None);
+    // Told, then the leader says it no longer counts on us: not entitled.
+    let mut b = follower(B, WitnessMode::None, 3);
+    tick(&mut b, s(1), seen(status(Some(lm.clone()), State::Leader), WitnessView::NoOpinion));
+    tick(&mut b, s(2), seen(not_in_sync(lm.clone()), WitnessView::NoOpinion));
+    assert!(!b.status().eligible);
+    let out = ticks(&mut b, 3, 60, || lost(false, WitnessView::NoOpinion));
+    assert_eq!(promotes(&out.into_iter().map(|(_, a)| a).collect::<Vec<_>>()), None);
+    assert!(b.takeover_blocked().is_some_and(|why| why.contains("failover --force")), "{:?}", b.takeover_blocked());
+
+    // Told, then the leader gone but the second path answering past the
+    // window: when the path finally goes, the entitlement is gone too.
+    let mut b = follower(B, WitnessMode::None, 3);
+    tick(&mut b, s(1), seen(status(Some(lm.clone()), State::Leader), WitnessView::NoOpinion));
+    let end = 1 + w.as_secs();
+    let out = ticks(&mut b, 2, end + 1, || lost(true, WitnessView::NoOpinion));
+    assert_eq!(promotes(&out.into_iter().map(|(_, a)| a).collect::<Vec<_>>()), None);
+    let out = ticks(&mut b, end + 2, end + 30, || lost(false, WitnessView::NoOpinion));
+    assert_eq!(promotes(&out.into_iter().map(|(_, a)| a).collect::<Vec<_>>()), None, "past the window");
+
+    // Configured async: no entitlement needed (the mode accepts losing the tail).
+    let mut st = settings(B, WitnessMode::None);
+    st.durability = crate::config::Durability::Async;
+    let mut b = Machine::new(st, LocalMeta::Loaded(meta(B, Role::Follower, 3, Some((1, 90)))));
+    tick(&mut b, s(0), seen(not_in_sync(lm.clone()), WitnessView::NoOpinion));
+    b.step(s(0), Input::Done(Completion::RejoinDone));
+    let out = ticks(&mut b, 1, 20, || lost(false, WitnessView::NoOpinion));
+    assert_eq!(promotes(&out.into_iter().map(|(_, a)| a).collect::<Vec<_>>()), Some(4));
+}
+
 #[test]
 fn arbiter_follower_acquires_the_lease_before_promoting() {
     let mut b = follower(B, WitnessMode::Arbiter, 3);
     let out = ticks(&mut b, 1, 7, || lost(false, WitnessView::LeaseHeldByPeer));
     assert!(out.iter().all(|(_, a)| !matches!(a, Action::AcquireLease { .. } | Action::Promote { .. })), "{out:?}");
-    let out = tick(&mut b, s(8), lost(false, WitnessView::LeaseFree));
+    // The arbiter records the leader as the synchronous standby's... peer: not us. No lease asked for.
+    let other = ArbiterRecord { sync_standby: None, last_holder: Some(A.into()) };
+    let out = tick(&mut b, s(8), Observation { arbiter: Some(other), ..lost(false, WitnessView::LeaseFree) });
+    assert_eq!(out, vec![]);
+    let us = ArbiterRecord { sync_standby: Some(B.into()), last_holder: Some(A.into()) };
+    let out = tick(&mut b, s(8), Observation { arbiter: Some(us), ..lost(false, WitnessView::LeaseFree) });
     assert_eq!(out, vec![Action::AcquireLease { epoch: 4 }]);
     let out = tick(&mut b, s(9), lost(false, WitnessView::LeaseHeldByMe));
     assert_eq!(promotes(&out), Some(4));
@@ -387,7 +468,37 @@ fn leader_fences_when_cut_off_from_peer_and_witness() {
 fn arbiter_leader_that_loses_the_lease_fences_at_once() {
     let mut a = leader(A, WitnessMode::Arbiter, 3);
     let out = tick(&mut a, s(1), lost(false, WitnessView::LeaseHeldByPeer));
-    assert_eq!(out, vec![Action::ReleaseVip, Action::Fence]);
+    assert_eq!(&out[..2], &[Action::ReleaseVip, Action::Fence]);
+    assert!(matches!(&out[2..], [Action::PersistHostMeta(m)] if m.fenced), "the fence is remembered: {out:?}");
+    assert_eq!(a.fence_deadline(), None, "a fenced node has no deadline to keep");
+}
+
+/// The driver's fence timer enforces the deadline the machine computes from
+/// the last sign (as sent) of the peer or the witness; when the timer has
+/// fenced, the machine follows and remembers it.
+#[test]
+fn fence_deadline_counts_from_the_last_sign_sent_and_the_timer_fence_is_remembered() {
+    let mut a = leader(A, WitnessMode::Gateway, 3);
+    let mut obs = lost(false, WitnessView::GatewayReachable);
+    obs.started = Duration::from_millis(1_200);
+    tick(&mut a, s(2), obs);
+    assert_eq!(a.fence_deadline(), Some(Duration::from_millis(1_200) + s(5)), "from when the probe was sent");
+    assert_eq!(leader(A, WitnessMode::None, 3).fence_deadline(), None, "mode none never fences");
+    let out = a.step(s(7), Input::FenceDeadlinePassed);
+    assert!(matches!(&out[..], [Action::PersistHostMeta(m)] if m.fenced), "{out:?}");
+    assert_eq!((a.state(), a.holds_vip(), a.fence_deadline()), (State::Fenced, false, None));
+}
+
+/// A leader that hears another host answer for the VIP while its peer is
+/// silent stops writing: the peer took over.
+#[test]
+fn leader_fences_when_another_host_answers_for_the_vip() {
+    for mode in [WitnessMode::None, WitnessMode::Gateway] {
+        let mut a = leader(A, mode, 3);
+        let ok = if mode == WitnessMode::Gateway { WitnessView::GatewayReachable } else { WitnessView::NoOpinion };
+        let out = tick(&mut a, s(1), Observation { vip_elsewhere: Some(true), ..lost(false, ok) });
+        assert_eq!(&out[..2], &[Action::ReleaseVip, Action::Fence], "{mode:?}: {out:?}");
+    }
 }
 
 #[test]
@@ -402,7 +513,9 @@ fn fenced_leader_resumes_only_with_the_peer_following_and_demotes_to_a_newer_lea
     let out = tick(&mut a, s(31), seen(status(Some(back.clone()), State::Follower), WitnessView::GatewayReachable));
     assert_eq!(out, vec![], "not without the peer's vote");
     let out = tick(&mut a, s(32), seen(voting(Some(back), State::Follower, A), WitnessView::GatewayReachable));
-    assert_eq!(out, vec![Action::Unfence, Action::TakeVip]);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!((&out[0], &out[2]), (&Action::Unfence, &Action::TakeVip));
+    assert!(matches!(&out[1], Action::PersistHostMeta(m) if !m.fenced), "{out:?}");
 
     let mut a = leader(A, WitnessMode::Gateway, 3);
     ticks(&mut a, 1, 5, || lost(false, WitnessView::GatewayUnreachable));
@@ -455,19 +568,32 @@ fn failed_service_is_restarted_with_backoff_then_the_leader_hands_over() {
     }
     let restarts: Vec<_> =
         log.iter().filter(|(_, a)| *a == Action::RestartService(Component::Postgres)).map(|(t, _)| *t).collect();
-    assert_eq!(restarts, vec![1, 3, 7], "backoff 2 s, 4 s, then give up after 8 s: {log:?}");
+    assert_eq!(restarts, vec![3, 5, 9], "after 3 failed probes, then backoff 2 s, 4 s, give up after 8 s: {log:?}");
     let handover: Vec<_> = log.iter().filter(|(_, a)| !matches!(a, Action::RestartService(_))).collect();
-    assert_eq!(handover[0], &(15, Action::ReleaseVip), "{log:?}");
-    assert_eq!(handover[1], &(15, Action::Demote), "{log:?}");
+    assert_eq!(handover[0], &(17, Action::ReleaseVip), "{log:?}");
+    assert_eq!(handover[1], &(17, Action::Demote), "{log:?}");
     assert!(a.status().handing_over);
 
-    // A service that recovers resets its attempts.
+    // One failed probe is not a failure.
     let mut a = leader(A, WitnessMode::None, 3);
-    tick(&mut a, s(1), obs(false));
+    for t in 1..=30 {
+        assert_eq!(tick(&mut a, s(t), obs(t % 3 != 0)), vec![], "t={t}");
+    }
+    // A service that recovers keeps its spent attempts until it has been
+    // healthy for a while, so a flapping one is not restarted for ever.
+    let mut a = leader(A, WitnessMode::None, 3);
+    let fail =
+        |a: &mut Machine, from: u64| (from..from + 3).flat_map(|t| tick(a, s(t), obs(false))).collect::<Vec<_>>();
+    assert_eq!(fail(&mut a, 1), vec![Action::RestartService(Component::Postgres)]);
     assert_eq!(a.state(), State::HealthCheck);
-    tick(&mut a, s(2), obs(true));
+    tick(&mut a, s(4), obs(true));
     assert_eq!(a.state(), State::Leader);
-    assert_eq!(tick(&mut a, s(3), obs(false)), vec![Action::RestartService(Component::Postgres)]);
+    assert_eq!(fail(&mut a, 5), vec![Action::RestartService(Component::Postgres)], "second attempt");
+    for t in 8..=60 {
+        tick(&mut a, s(t), obs(true));
+    }
+    assert_eq!(fail(&mut a, 61), vec![Action::RestartService(Component::Postgres)]);
+    assert_eq!(fail(&mut a, 64), vec![Action::RestartService(Component::Postgres)], "budget given back");
 }
 
 #[test]
@@ -481,10 +607,27 @@ fn follower_with_failed_datastore_does_not_promote() {
     assert!(promotes(&out.into_iter().map(|(_, a)| a).collect::<Vec<_>>()).is_none());
 }
 
+/// What the primary's PostgreSQL reports with the follower streaming in sync.
+fn in_sync() -> Replication {
+    Replication { sync_configured: true, peer_streaming: true, peer_in_sync: true }
+}
+
 #[test]
 fn planned_switchover() {
     let mut a = leader(A, WitnessMode::Arbiter, 3);
     let mut b = follower(B, WitnessMode::Arbiter, 3);
+    // Not while the peer is not the synchronous standby.
+    assert!(!a.can_hand_over());
+    assert_eq!(a.step(s(1), Input::Switchover), vec![]);
+    let record = ArbiterRecord { sync_standby: Some(B.into()), last_holder: Some(A.into()) };
+    let obs = Observation {
+        replication: Some(in_sync()),
+        arbiter: Some(record),
+        ..seen(b.status(), WitnessView::LeaseHeldByMe)
+    };
+    tick(&mut a, s(1), obs);
+    assert_eq!(a.status().sync_standby.as_deref(), Some(B));
+    assert!(a.can_hand_over());
     let out = a.step(s(1), Input::Switchover);
     assert_eq!(&out[..3], &[Action::ReleaseVip, Action::ReleaseLease, Action::Demote], "{out:?}");
     let out = tick(&mut b, s(1), seen(a.status(), WitnessView::LeaseFree));
@@ -507,10 +650,105 @@ fn planned_switchover() {
 
     // So does a leader whose peer is not there to take over.
     let mut a = leader(A, WitnessMode::None, 3);
-    tick(&mut a, s(1), lost(false, WitnessView::NoOpinion));
+    tick(&mut a, s(1), Observation { replication: Some(in_sync()), ..lost(false, WitnessView::NoOpinion) });
     assert!(!a.can_hand_over());
     assert_eq!(a.step(s(1), Input::Switchover), vec![]);
     assert_eq!(a.state(), State::Leader);
+}
+
+/// The leader's durability follows PostgreSQL's word and the rules that
+/// keep a degrade from losing writes (modes none and gateway).
+#[test]
+fn durability_waits_for_the_peer_until_it_cannot_take_over() {
+    let st = settings(A, WitnessMode::Gateway);
+    let gw = WitnessView::GatewayReachable;
+    let follower_status =
+        |eligible: bool| PeerStatus { eligible, ..status(Some(meta(B, Role::Follower, 3, None)), State::Follower) };
+    let with = |peer: Option<PeerStatus>, r: Replication| {
+        let base = match peer {
+            Some(p) => seen(p, gw),
+            None => lost(false, gw),
+        };
+        Observation { replication: Some(r), ..base }
+    };
+    let not_streaming = Replication { sync_configured: true, peer_streaming: false, peer_in_sync: false };
+    let degrade = Action::SetDurability { synchronous: false };
+
+    // A new term whose peer was never told it may take over degrades at once
+    // (a fresh failover: the old leader is not a standby).
+    let mut a = leader(A, WitnessMode::Gateway, 3);
+    assert_eq!(tick(&mut a, s(1), with(Some(follower_status(false)), not_streaming)), vec![degrade.clone()]);
+    // The peer streams: commits wait for it again; in sync, it is told so.
+    let async_streaming = Replication { sync_configured: false, peer_streaming: true, peer_in_sync: false };
+    assert_eq!(
+        tick(&mut a, s(2), with(Some(follower_status(false)), async_streaming)),
+        vec![Action::SetDurability { synchronous: true }]
+    );
+    assert_eq!(a.status().sync_standby, None, "not before it has caught up");
+    tick(&mut a, s(3), with(Some(follower_status(true)), in_sync()));
+    assert_eq!(a.status().sync_standby.as_deref(), Some(B));
+
+    // It stops streaming but still answers and still believes it may take
+    // over: nothing changes, then after degrade_after it is no longer told
+    // so, and once it says it heard that, commits stop waiting.
+    let after = st.degrade_after.as_secs();
+    let out = ticks(&mut a, 4, 3 + after, || with(Some(follower_status(true)), not_streaming));
+    assert_eq!(out, vec![]);
+    assert_eq!(a.status().sync_standby, None, "the peer is not in sync any more");
+    assert_eq!(tick(&mut a, s(4 + after), with(Some(follower_status(true)), not_streaming)), vec![]);
+    assert_eq!(tick(&mut a, s(5 + after), with(Some(follower_status(false)), not_streaming)), vec![degrade.clone()]);
+
+    // The peer goes silent while in sync: commits wait until its
+    // entitlement has surely run out, and never while another host answers
+    // for the VIP (that one fences instead).
+    let mut a = leader(A, WitnessMode::Gateway, 3);
+    tick(&mut a, s(1), with(Some(follower_status(true)), in_sync()));
+    let wait = st.degrade_wait().as_secs();
+    let out = ticks(&mut a, 2, wait, || with(None, not_streaming));
+    assert_eq!(out, vec![], "waits {wait} s from the peer's last word");
+    assert_eq!(tick(&mut a, s(1 + wait), with(None, not_streaming)), vec![degrade.clone()]);
+
+    // A leader that restarted and has not heard its peer since never
+    // degrades on its own: the peer may have taken over meanwhile.
+    let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Loaded(meta(A, Role::Leader, 3, None)));
+    let mut back = seen(voting(Some(meta(B, Role::Follower, 3, None)), State::Follower, A), WitnessView::NoOpinion);
+    back.started = s(0);
+    tick(&mut a, s(0), back);
+    a.step(s(0), Input::Done(Completion::PromotionDone));
+    let mut b = Machine::new(settings(A, WitnessMode::None), LocalMeta::Loaded(meta(A, Role::Leader, 3, None)));
+    let out = ticks(&mut b, 0, 120, || Observation {
+        replication: Some(not_streaming),
+        ..lost(false, WitnessView::NoOpinion)
+    });
+    assert!(!out.iter().any(|(_, a)| *a == degrade), "{out:?}");
+}
+
+/// With an arbiter the leader first has the arbiter forget the synchronous
+/// standby, then stops waiting for it; back in sync, it records it again.
+#[test]
+fn arbiter_records_the_synchronous_standby_before_and_after_degrading() {
+    let mut a = leader(A, WitnessMode::Arbiter, 3);
+    let rec = |sync: Option<&str>| ArbiterRecord { sync_standby: sync.map(String::from), last_holder: Some(A.into()) };
+    let obs = |r: Replication, record: Option<&str>| Observation {
+        replication: Some(r),
+        arbiter: Some(rec(record)),
+        ..lost(false, WitnessView::LeaseHeldByMe)
+    };
+    let in_sync_heard = Observation {
+        replication: Some(in_sync()),
+        arbiter: Some(rec(None)),
+        ..seen(status(Some(meta(B, Role::Follower, 3, None)), State::Follower), WitnessView::LeaseHeldByMe)
+    };
+    let out = tick(&mut a, s(1), in_sync_heard);
+    assert!(out.contains(&Action::RecordSync(Some(B.into()))), "{out:?}");
+    let not_streaming = Replication { sync_configured: true, peer_streaming: false, peer_in_sync: false };
+    let after = settings(A, WitnessMode::Arbiter).degrade_after.as_secs();
+    let out = ticks(&mut a, 2, 1 + after, || obs(not_streaming, Some(B)));
+    assert!(out.iter().all(|(_, a)| matches!(a, Action::AcquireLease { .. })), "waits degrade_after: {out:?}");
+    let out = tick(&mut a, s(2 + after), obs(not_streaming, Some(B)));
+    assert!(out.contains(&Action::RecordSync(None)) && !out.contains(&Action::SetDurability { synchronous: false }));
+    let out = tick(&mut a, s(3 + after), obs(not_streaming, None));
+    assert!(out.contains(&Action::SetDurability { synchronous: false }), "{out:?}");
 }
 
 #[test]

@@ -5,8 +5,12 @@
 //! Frames go out through an `AF_PACKET` raw socket. The link-layer address
 //! the socket sends to is the interface's own `sockaddr_ll` as `getifaddrs`
 //! reports it (it carries the interface index), so no `sockaddr_ll` is built
-//! by hand and no `unsafe` is needed. The socket's protocol is 0: it sends,
-//! and never receives.
+//! by hand and no `unsafe` is needed. The announcer's socket has protocol 0:
+//! it sends, and never receives.
+//!
+//! [`held_elsewhere`] asks the link who has an address (an ARP probe in the
+//! form of duplicate address detection, RFC 5227: sender address 0.0.0.0)
+//! and listens for answers from other machines.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -39,6 +43,25 @@ pub fn frame(form: Form, mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
         Form::Request => (ARPOP_REQUEST, [0u8; 6]),
         Form::Reply => (ARPOP_REPLY, mac),
     };
+    arp_frame(op, mac, ip, target_mac, ip)
+}
+
+/// A broadcast ARP probe from `mac` asking who has `ip` (sender address
+/// 0.0.0.0, so no neighbour table learns anything from it).
+pub fn probe_frame(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
+    arp_frame(ARPOP_REQUEST, mac, Ipv4Addr::UNSPECIFIED, [0; 6], ip)
+}
+
+/// The sender MAC of `frame` when it is an ARP packet (request or reply)
+/// whose sender address is `ip`.
+pub fn sender_of(frame: &[u8], ip: Ipv4Addr) -> Option<[u8; 6]> {
+    if frame.len() < 42 || frame[12..14] != ETH_P_ARP.to_be_bytes() || frame[28..32] != ip.octets() {
+        return None;
+    }
+    frame[22..28].try_into().ok()
+}
+
+fn arp_frame(op: u16, mac: [u8; 6], sender_ip: Ipv4Addr, target_mac: [u8; 6], target_ip: Ipv4Addr) -> Vec<u8> {
     let mut f = Vec::with_capacity(MIN_FRAME);
     // Ethernet header.
     f.extend_from_slice(&BROADCAST);
@@ -51,11 +74,53 @@ pub fn frame(form: Form, mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
     f.push(4);
     f.extend_from_slice(&op.to_be_bytes());
     f.extend_from_slice(&mac);
-    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&sender_ip.octets());
     f.extend_from_slice(&target_mac);
-    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&target_ip.octets());
     f.resize(MIN_FRAME, 0);
     f
+}
+
+/// Whether a machine other than this one answers for `ip` on interface
+/// `ifindex` within `timeout`: two probes, the second halfway. The socket is
+/// opened in the calling thread's network namespace (then waited on in a
+/// blocking thread). Needs CAP_NET_RAW.
+pub async fn held_elsewhere(ifindex: u32, ip: Ipv4Addr, timeout: std::time::Duration) -> io::Result<bool> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let link = link_addr(ifindex)?;
+    let mac: [u8; 6] = link.addr().filter(|_| link.halen() == 6).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::Unsupported, format!("interface {ifindex} has no Ethernet address"))
+    })?;
+    // Receives only ARP, only from this interface once bound (the bind keeps
+    // the socket's protocol since the link address carries none).
+    let socket = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(i32::from(ETH_P_ARP.to_be()))))?;
+    nix::sys::socket::bind(socket.as_raw_fd(), &link)?;
+    tokio::task::spawn_blocking(move || {
+        let probe = probe_frame(mac, ip);
+        let start = std::time::Instant::now();
+        let mut sent = 0;
+        let mut buf = [0u8; 128];
+        loop {
+            let elapsed = start.elapsed();
+            if elapsed >= timeout {
+                return Ok(false);
+            }
+            if sent < 2 && elapsed >= timeout / 2 * sent {
+                nix::sys::socket::sendto(socket.as_raw_fd(), &probe, &link, MsgFlags::empty())?;
+                sent += 1;
+            }
+            let next = if sent < 2 { timeout / 2 } else { timeout };
+            let wait = next.saturating_sub(start.elapsed()).max(std::time::Duration::from_millis(1));
+            socket.set_read_timeout(Some(wait))?;
+            match nix::sys::socket::recv(socket.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(n) if sender_of(&buf[..n], ip).is_some_and(|m| m != mac) => return Ok(true),
+                Ok(_) | Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|join| Err(io::Error::other(format!("ARP probe task failed: {join}"))))
 }
 
 /// A raw link-layer socket that sends gratuitous ARP for one address out of
@@ -123,6 +188,20 @@ mod tests {
         assert_eq!(&f[32..38], &[0; 6], "target MAC");
         assert_eq!(&f[38..42], &[10, 0, 0, 10], "target IP");
         assert!(f[42..].iter().all(|&b| b == 0), "padding");
+    }
+
+    #[test]
+    fn probe_asks_for_the_address_from_nowhere_and_answers_are_recognised() {
+        let f = probe_frame(MAC, IP);
+        assert_eq!(&f[20..22], &[0, 1], "a request");
+        assert_eq!(&f[28..32], &[0, 0, 0, 0], "sender IP 0.0.0.0");
+        assert_eq!(&f[38..42], &[10, 0, 0, 10], "asks for the address");
+        assert_eq!(sender_of(&f, IP), None, "our own probe does not claim the address");
+        let other = [0x02, 0, 0, 0, 0, 9];
+        let answer = frame(Form::Reply, other, IP);
+        assert_eq!(sender_of(&answer, IP), Some(other));
+        assert_eq!(sender_of(&answer, Ipv4Addr::new(10, 0, 0, 11)), None);
+        assert_eq!(sender_of(&answer[..30], IP), None);
     }
 
     #[test]

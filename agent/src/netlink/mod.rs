@@ -39,6 +39,10 @@ pub trait Vip: Send + Sync {
     fn release(&self) -> VipFuture<'_, ()>;
     /// Whether the address is assigned on this host now (on any interface).
     fn held(&self) -> VipFuture<'_, bool>;
+    /// Whether another machine answers for the address on the VIP's link
+    /// within `timeout` (ARP for IPv4; always `false` for IPv6, which has no
+    /// probe here yet).
+    fn held_elsewhere(&self, timeout: Duration) -> VipFuture<'_, bool>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +75,13 @@ pub enum VipError {
         ifindex: u32,
         #[source]
         source: rtnetlink::Error,
+    },
+    #[error("asking {interface} who answers for {vip}")]
+    Probe {
+        vip: IpAddr,
+        interface: String,
+        #[source]
+        source: io::Error,
     },
     #[error(
         "{vip} is on {interface} but announcing it failed; clients keep the old MAC until their neighbour entries expire (take again to retry)"
@@ -241,6 +252,18 @@ impl NetlinkVip {
         Ok(!assigned.is_empty())
     }
 
+    async fn held_elsewhere_now(&self, timeout: Duration) -> Result<bool, VipError> {
+        let IpAddr::V4(vip) = self.settings.address else { return Ok(false) };
+        let netlink = Netlink::connect().map_err(VipError::Netlink)?;
+        let link = self.resolve(&netlink).await?;
+        drop(netlink);
+        garp::held_elsewhere(link.index, vip, timeout).await.map_err(|source| VipError::Probe {
+            vip: self.settings.address,
+            interface: link.name,
+            source,
+        })
+    }
+
     async fn resolve(&self, netlink: &Netlink) -> Result<Link, VipError> {
         match &self.settings.interface {
             InterfaceChoice::Named(name) => netlink
@@ -274,6 +297,10 @@ impl Vip for NetlinkVip {
 
     fn held(&self) -> VipFuture<'_, bool> {
         Box::pin(self.held_now())
+    }
+
+    fn held_elsewhere(&self, timeout: Duration) -> VipFuture<'_, bool> {
+        Box::pin(self.held_elsewhere_now(timeout))
     }
 }
 

@@ -101,11 +101,21 @@ pub struct VipView {
     pub held_here: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReplicationView {
-    /// `synchronous`, `async`, or `degraded (async)`.
+    /// Read from PostgreSQL, not believed: `synchronous` (commits wait for
+    /// the peer and it has every acknowledged write), `synchronous, waiting
+    /// for the standby` (commits wait; the peer is not in sync: writes
+    /// stall), `degraded (async)` (configured synchronous, commits do not
+    /// wait), `async`, or `standby` on a follower.
     pub durability: String,
     pub streaming: bool,
+    /// Primary: `synchronous_standby_names` as the server applies it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synchronous_standby_names: Option<String>,
+    /// Primary: the peer's `sync_state` in `pg_stat_replication`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_state: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

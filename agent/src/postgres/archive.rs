@@ -33,6 +33,28 @@ pub fn archive_path(data_dir: &Path, now: time::OffsetDateTime) -> PathBuf {
     candidate
 }
 
+/// The archives of `data_dir` next to it, oldest first (their names sort by time).
+pub fn list(data_dir: &Path) -> Vec<PathBuf> {
+    let name = data_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "pgdata".into());
+    let parent = data_dir.parent().unwrap_or(Path::new("/"));
+    let prefix = format!("{name}-");
+    let mut found: Vec<PathBuf> = fs::read_dir(parent)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".tar.gz"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
 /// Archive `data_dir` (the server must be stopped) and return the tarball's
 /// path. The archive is complete and synced to disk before this returns; on
 /// error nothing is left half-written under the final name.

@@ -1,13 +1,10 @@
 //! Bootstrap, follower initialisation, promotion, durability and rejoin.
 
-use std::time::Instant;
-
 use super::archive;
-use super::durability::{DurabilityController, DurabilityMode};
 use super::files;
 use super::render::{self, KINE_DB, KINE_ROLE, REPLICATION_ROLE, ServerRole, quote_ident, quote_literal};
 use super::server::{Manager, Session, StopMode};
-use super::{PgError, Rejoin, Result, Tail};
+use super::{PgError, Rejoin, Result};
 use crate::config::Replication;
 
 /// Functions `pg_rewind` calls on its source, granted to the replication role.
@@ -62,8 +59,8 @@ impl Manager {
     /// database, and what the follower will need (its physical slot, or in
     /// logical mode the Kine table and its publication). Idempotent: on a
     /// data directory that already holds a cluster it only converges.
-    /// Commits do not wait for the follower until the agent's
-    /// [`DurabilityController`] applies its first mode.
+    /// Commits do not wait for the follower until the agent asks for it
+    /// ([`Manager::apply_durability`]).
     pub async fn bootstrap_leader(&self) -> Result<()> {
         self.require_passwords("bootstrapping the leader")?;
         if !files::has_cluster(&self.settings.data_dir) {
@@ -213,11 +210,14 @@ impl Manager {
     }
 
     /// Promote this node. Streaming: `pg_promote()`; logical: stop applying
-    /// the old leader's changes. Then: commits stop waiting for the (failed)
-    /// peer, the peer gets a slot or publication to rejoin with, and the
-    /// Kine sequence moves past every revision the old leader may have
-    /// handed out. Idempotent.
-    pub async fn promote(&self, tail: Tail) -> Result<()> {
+    /// the old leader's changes. Then the peer gets a slot or publication to
+    /// rejoin with, and the Kine sequence moves past every revision the old
+    /// leader may have handed out: always by the safety margin, because a
+    /// commit whose wait for this standby was cancelled (a client timeout)
+    /// stays visible on the old primary without reaching this node, and its
+    /// revision must never be handed out twice. Commits do not wait for any
+    /// standby afterwards until the agent asks for it. Idempotent.
+    pub async fn promote(&self) -> Result<()> {
         let s = &self.settings;
         let db = self.connect("postgres").await?;
         db.local_commits().await?;
@@ -238,40 +238,35 @@ impl Manager {
                 db.batch("checkpoint after promotion", "CHECKPOINT").await?;
             }
         }
-        // Primary configuration, and commits stop waiting for the failed peer
-        // (the agent's durability controller restores synchronous when it is back).
+        // Primary configuration (without the standby's settings, so commits
+        // wait for nobody until the agent asks).
         self.write_config(ServerRole::Primary)?;
-        self.apply_durability(DurabilityMode::Degraded).await?;
+        self.apply_durability(false).await?;
 
         let kine = self.connect(KINE_DB).await?;
         kine.local_commits().await?;
-        let margin = match tail {
-            Tail::Complete => 0,
-            Tail::MayBeLost => s.sequence_margin,
-        };
         match s.replication {
             Replication::Streaming => {
                 self.ensure_peer_slot(&db).await?;
-                if margin > 0 {
-                    self.advance_kine_sequence(&kine, margin).await?;
-                }
+                self.advance_kine_sequence(&kine, s.sequence_margin).await?;
             }
             Replication::Logical => {
                 self.drop_subscription(&kine).await?;
                 self.ensure_kine_schema(&kine).await?;
-                // Sequences are not replicated logically: always move past max(id).
-                self.advance_kine_sequence(&kine, margin).await?;
+                // Sequences are not replicated logically: move past max(id) too.
+                self.advance_kine_sequence(&kine, s.sequence_margin).await?;
                 self.ensure_publication(&kine).await?;
             }
         }
-        tracing::info!(event = "postgres_promoted", node = %s.node.name, tail = ?tail, "PostgreSQL promoted");
+        tracing::info!(event = "postgres_promoted", node = %s.node.name, "PostgreSQL promoted");
         Ok(())
     }
 
-    /// Set `synchronous_standby_names` for `mode` (`ALTER SYSTEM`, reload).
-    /// Commits waiting for a follower are released when it becomes empty.
-    pub async fn apply_durability(&self, mode: DurabilityMode) -> Result<()> {
-        let value = render::synchronous_standby_names(mode.waits_for_follower(), &self.settings.peer.name);
+    /// Make commits wait for the peer (`synchronous_standby_names` names it)
+    /// or not (empty), through `ALTER SYSTEM` and a reload. Waiting commits
+    /// are released when it becomes empty.
+    pub async fn apply_durability(&self, synchronous: bool) -> Result<()> {
+        let value = render::synchronous_standby_names(synchronous, &self.settings.peer.name);
         let db = self.connect("postgres").await?;
         db.batch(
             "setting synchronous_standby_names",
@@ -279,33 +274,14 @@ impl Manager {
         )
         .await?;
         db.execute("reloading the configuration", "SELECT pg_reload_conf()", &[]).await?;
-        tracing::info!(event = "postgres_durability", mode = ?mode, "PostgreSQL durability set");
+        tracing::info!(event = "postgres_durability", synchronous, "PostgreSQL durability set");
         Ok(())
     }
 
-    /// Whether the peer is streaming from this primary (caught up, not
-    /// catching up), by its application name in `pg_stat_replication`.
-    pub async fn follower_streaming(&self) -> Result<bool> {
-        let db = self.connect("postgres").await?;
-        let row = db
-            .query_opt(
-                "reading pg_stat_replication",
-                "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state = 'streaming'",
-                &[&self.settings.peer.name],
-            )
-            .await?;
-        Ok(row.is_some())
-    }
-
-    /// One durability tick on the primary: observe the follower, let
-    /// `controller` decide, apply a change. Returns the current mode.
-    pub async fn durability_tick(&self, controller: &mut DurabilityController, now: Instant) -> Result<DurabilityMode> {
-        let streaming = self.follower_streaming().await?;
-        if let Some(mode) = controller.tick(streaming, now) {
-            self.apply_durability(mode).await?;
-            controller.applied(mode);
-        }
-        Ok(controller.mode())
+    /// Whether `synchronous_standby_names` (as the server applies it now)
+    /// names the peer.
+    pub fn waits_for_peer(&self, synchronous_standby_names: &str) -> bool {
+        synchronous_standby_names == render::synchronous_standby_names(true, &self.settings.peer.name)
     }
 
     /// Rejoin after a failover as the follower of the peer (the new

@@ -1,11 +1,11 @@
 //! PostgreSQL on a node: configuration, bootstrap, streaming or logical
 //! replication, promotion, durability and rejoin after a failover.
 //!
-//! The agent's role state machine decides; [`Manager`] carries out. The
+//! The agent's role state machine decides (including durability: whether
+//! commits wait for the follower); [`Manager`] carries out. The
 //! pieces:
 //! - [`settings`]: what the manager needs, built from cloud-config;
 //! - [`render`]: pure rendering of the configuration files and SQL quoting;
-//! - [`durability`]: the pure synchronous/degraded decision;
 //! - [`files`]: writing the rendered files into a data directory;
 //! - [`archive`]: timestamped tarballs of a data directory before anything is discarded;
 //! - [`status`]: role, timeline, LSN, replication lag;
@@ -13,7 +13,6 @@
 //!   server runs as a service of the node's [`crate::services::Services`].
 
 pub mod archive;
-pub mod durability;
 pub mod files;
 mod leader;
 mod lifecycle;
@@ -28,21 +27,10 @@ use std::time::Duration;
 
 use crate::cmd::CmdError;
 
-pub use durability::{DurabilityController, DurabilityMode};
 pub use render::ServerRole;
 pub use server::{Manager, Session, StopMode, is_running};
 pub use settings::{Endpoint, Settings};
-pub use status::{PgRole, PgStatus, ReceiverStatus, ReplicaStatus, SubscriptionStatus};
-
-/// Whether a promotion may have lost acknowledged writes of the old primary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tail {
-    /// Every acknowledged commit reached this node (synchronous, not degraded).
-    Complete,
-    /// The old primary was async or degraded: its last commits may be missing
-    /// here, so the Kine sequence is advanced by a safety margin.
-    MayBeLost,
-}
+pub use status::{ControlPosition, PgRole, PgStatus, ReceiverStatus, ReplicaStatus, SubscriptionStatus};
 
 /// How a rejoin ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,9 +10,11 @@ use crate::config::{Durability, GeminiConfig, Replication};
 /// Default directory of the PostgreSQL 15 binaries on Debian.
 pub const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 
-/// How far the Kine sequence is advanced after a promotion that may have
-/// lost acknowledged writes (async or degraded durability).
-pub const DEFAULT_SEQUENCE_MARGIN: i64 = 1000;
+/// How far the Kine sequence is advanced on every promotion: past any
+/// revision the old primary handed out without this node seeing it (commits
+/// whose wait for the standby a client cancelled; an async tail). Revisions
+/// are 64-bit, so a generous margin costs nothing.
+pub const DEFAULT_SEQUENCE_MARGIN: i64 = 100_000;
 
 /// A cluster member as PostgreSQL sees it: its name (the replication
 /// `application_name`), and the address its server listens on.

@@ -57,6 +57,8 @@ pub struct ReplicaStatus {
     pub sync_state: Option<String>,
     pub sent_lsn: Option<String>,
     pub replay_lsn: Option<String>,
+    /// How far the standby has flushed WAL to disk, in bytes since 0/0.
+    pub flush_lsn_bytes: Option<i64>,
     /// WAL bytes written here but not yet replayed there.
     pub lag_bytes: Option<i64>,
     pub write_lag_seconds: Option<f64>,
@@ -83,7 +85,56 @@ pub struct SubscriptionStatus {
     pub received_lsn: Option<String>,
 }
 
+/// Where a stopped server's data ends, from its control file
+/// (`pg_controldata`): the later of the latest checkpoint and the minimum
+/// recovery point, with its timeline. A crashed primary may hold WAL past
+/// its last checkpoint, so this is a lower bound; it is fresh, unlike the
+/// position recorded in hostMeta at the last role change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlPosition {
+    pub timeline: u32,
+    pub lsn_bytes: u64,
+}
+
+/// Parse `pg_controldata` output (`LC_ALL=C`).
+pub fn parse_controldata(text: &str) -> Option<ControlPosition> {
+    let field = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(':')).map(str::trim))
+    };
+    let lsn = |name: &str| field(name).and_then(|v| v.parse::<crate::hostmeta::Lsn>().ok()).map(|l| l.0);
+    let tli = |name: &str| field(name).and_then(|v| v.parse::<u32>().ok());
+    let checkpoint = lsn("Latest checkpoint location")?;
+    let checkpoint_tli = tli("Latest checkpoint's TimeLineID")?;
+    let min_recovery = lsn("Minimum recovery ending location").unwrap_or(0);
+    let min_recovery_tli = tli("Min recovery ending loc's timeline").unwrap_or(0);
+    Some(if min_recovery > checkpoint && min_recovery_tli >= checkpoint_tli {
+        ControlPosition { timeline: min_recovery_tli, lsn_bytes: min_recovery }
+    } else {
+        ControlPosition { timeline: checkpoint_tli, lsn_bytes: checkpoint }
+    })
+}
+
 impl Manager {
+    /// The position recorded in the control file of the data directory
+    /// (the server may be stopped); `None` when there is no cluster.
+    pub async fn control_position(&self) -> Result<Option<ControlPosition>> {
+        if !super::files::has_cluster(&self.settings.data_dir) {
+            return Ok(None);
+        }
+        let out = self
+            .tool("pg_controldata")
+            .arg(&self.settings.data_dir)
+            .env("LC_ALL", "C")
+            .timeout(self.settings.tool_timeout)
+            .run()
+            .await
+            .map_err(|source| super::PgError::Tool {
+                action: format!("pg_controldata {}", self.settings.data_dir.display()),
+                source,
+            })?;
+        Ok(parse_controldata(&out.stdout))
+    }
+
     /// The server's status; it must be running.
     pub async fn status(&self) -> Result<PgStatus> {
         let db = self.connect("postgres").await?;
@@ -144,7 +195,7 @@ impl Manager {
                         CASE WHEN pg_is_in_recovery() THEN NULL \
                              ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::int8 END, \
                         EXTRACT(epoch FROM write_lag)::float8, EXTRACT(epoch FROM flush_lag)::float8, \
-                        EXTRACT(epoch FROM replay_lag)::float8 \
+                        EXTRACT(epoch FROM replay_lag)::float8, pg_wal_lsn_diff(flush_lsn, '0/0')::int8 \
                  FROM pg_stat_replication ORDER BY application_name",
                 &[],
             )
@@ -161,6 +212,7 @@ impl Manager {
                 write_lag_seconds: r.get(7),
                 flush_lag_seconds: r.get(8),
                 replay_lag_seconds: r.get(9),
+                flush_lsn_bytes: r.get(10),
             })
             .collect();
 
@@ -193,5 +245,30 @@ impl Manager {
             receiver,
             subscription,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PRIMARY: &str = "pg_control version number:            1300
+Database cluster state:               shut down
+Latest checkpoint location:           0/3000060
+Latest checkpoint's REDO location:    0/3000028
+Latest checkpoint's TimeLineID:       2
+Minimum recovery ending location:     0/0
+Min recovery ending loc's timeline:   0
+";
+
+    #[test]
+    fn controldata_position_is_the_checkpoint_or_the_later_recovery_point() {
+        assert_eq!(parse_controldata(PRIMARY), Some(ControlPosition { timeline: 2, lsn_bytes: 0x3000060 }));
+        let standby = PRIMARY
+            .replace("0/0\n", "0/5000100\n")
+            .replace("timeline:   0", "timeline:   2")
+            .replace("shut down", "shut down in recovery");
+        assert_eq!(parse_controldata(&standby), Some(ControlPosition { timeline: 2, lsn_bytes: 0x5000100 }));
+        assert_eq!(parse_controldata("garbage"), None);
     }
 }
