@@ -51,7 +51,7 @@ deps:
 
 # A cluster definition in ./lab-cluster, validated as the agent loads it (no root needed).
 demo dir="lab-cluster":
-    cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- init --name lab --node1-ip 10.77.0.11 --node2-ip 10.77.0.12 --vip 10.77.0.10 --config-dir {{dir}} --force
+    cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- init --name lab --node1-ip 10.77.0.11 --node2-ip 10.77.0.12 --vip 10.77.0.10 --witness gateway --witness-target 10.77.0.254 --config-dir {{dir}} --force
     cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- config validate --no-file-checks {{dir}}/node1.yaml
     cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- config validate --no-file-checks {{dir}}/node2.yaml
 
@@ -67,7 +67,7 @@ lab-down:
 # The network-namespace lab (root): a cluster in DIR (made if missing), both agents started.
 lab-netns dir="lab-cluster":
     cargo build -p geminik8s-agent -p geminik8s-vm-tests
-    [ -f {{dir}}/cluster.yaml ] || target/debug/gemin_k8s init --name lab --node1-ip 10.77.0.11 --node2-ip 10.77.0.12 --vip 10.77.0.10 --config-dir {{dir}}
+    [ -f {{dir}}/cluster.yaml ] || target/debug/gemin_k8s init --name lab --node1-ip 10.77.0.11 --node2-ip 10.77.0.12 --vip 10.77.0.10 --witness gateway --witness-target 10.77.0.254 --config-dir {{dir}}
     target/debug/gemini-lab netns up --config-dir {{dir}}
     @echo "status: target/debug/gemin_k8s status --socket run/netns/node1/agent.sock; teardown: target/debug/gemini-lab netns down"
 

@@ -23,8 +23,21 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-const LAB: &[&str] =
-    &["init", "--name", "lab", "--node1-ip", "10.77.0.11", "--node2-ip", "10.77.0.12", "--vip", "10.77.0.10"];
+const LAB: &[&str] = &[
+    "init",
+    "--name",
+    "lab",
+    "--node1-ip",
+    "10.77.0.11",
+    "--node2-ip",
+    "10.77.0.12",
+    "--vip",
+    "10.77.0.10",
+    "--witness",
+    "gateway",
+    "--witness-target",
+    "10.77.0.254",
+];
 
 fn init_into(dir: &Path, extra: &[&str]) -> Output {
     let mut args = LAB.to_vec();
@@ -140,6 +153,8 @@ fn init_names_the_missing_flags_and_bad_values() {
         "10.78.0.12",
         "--vip",
         "10.77.0.10",
+        "--witness",
+        "none",
         "--config-dir",
         d.to_str().unwrap(),
     ]);
@@ -147,6 +162,41 @@ fn init_names_the_missing_flags_and_bad_values() {
     let err = text(&out.stderr);
     assert!(err.contains("geminik8s.peer.ip") && err.contains("not in 10.77.0.0/24"), "{err}");
     assert!(!d.exists());
+}
+
+/// A new cluster never gets the mode that can lose data by default: without
+/// `--witness` (and no default gateway of this machine in the nodes' subnet)
+/// `init` explains the choices; `none` must be chosen and says what it risks.
+#[test]
+fn init_makes_the_witness_an_explicit_choice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("w");
+    let base = ["init", "--name", "lab", "--node1-ip", "198.51.100.11", "--node2-ip", "198.51.100.12"];
+    let mut args = base.to_vec();
+    args.extend(["--vip", "198.51.100.10", "--config-dir", d.to_str().unwrap()]);
+    let out = run(&args);
+    assert!(!out.status.success(), "no witness chosen: {}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--witness gateway") && err.contains("--witness arbiter") && err.contains("--witness none"),
+        "{err}"
+    );
+    assert!(!d.exists(), "nothing written");
+
+    args.extend(["--witness", "none"]);
+    let out = run(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("warning: witness `none`"), "{}", text(&out.stderr));
+    let loaded =
+        load_files(&[d.join("node1.yaml")], &CheckContext { check_files: false, ..Default::default() }).unwrap();
+    assert_eq!(loaded.gemini.cluster.witness.mode, geminik8s::config::WitnessMode::None);
+
+    let d2 = tmp.path().join("g");
+    let mut args = base.to_vec();
+    args.extend(["--vip", "198.51.100.10", "--config-dir", d2.to_str().unwrap(), "--witness", "gateway"]);
+    let out = run(&args);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--witness gateway needs --witness-target"), "{}", text(&out.stderr));
 }
 
 #[test]

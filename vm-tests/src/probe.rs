@@ -154,6 +154,12 @@ pub fn agent_bin() -> Option<PathBuf> {
 pub fn init_cluster(bin: &Path, dir: &Path, extra: &[&str]) -> Result<(), String> {
     let out = Command::new(bin)
         .args(["init", "--name", "lab", "--node1-ip", "10.77.0.11", "--node2-ip", "10.77.0.12", "--vip", "10.77.0.10"])
+        // The lab sets the witness it runs in its own overlay; the cluster files name the lab's gateway host.
+        .args(if extra.contains(&"--witness") {
+            &[][..]
+        } else {
+            &["--witness", "gateway", "--witness-target", "10.77.0.254"][..]
+        })
         .arg("--config-dir")
         .arg(dir)
         .args(extra)

@@ -191,7 +191,8 @@ impl QemuLab {
         if !cluster_path.exists() {
             run(Command::new(&opts.agent_bin)
                 .args(["init", "--name", "lab", "--node1-ip", "10.77.0.11", "--node2-ip", "10.77.0.12"])
-                .args(["--vip", "10.77.0.10", "--config-dir"])
+                // The client namespace stands in for the site's router.
+                .args(["--vip", "10.77.0.10", "--witness", "gateway", "--witness-target", "10.77.0.2", "--config-dir"])
                 .arg(&opts.config_dir))
             .context("making the lab cluster with `gemin_k8s init`")?;
         }

@@ -157,6 +157,7 @@ fn cidata(dir: &Path) -> PathBuf {
     let cfg = dir.join("cluster");
     let out = Command::new(&agent)
         .args(["init", "--name", "boot", "--node1-ip", "10.0.2.15", "--node2-ip", "10.0.2.16", "--vip", "10.0.2.100"])
+        .args(["--witness", "none"])
         .arg("--config-dir")
         .arg(&cfg)
         .output()

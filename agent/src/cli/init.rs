@@ -75,7 +75,11 @@ pub struct Args {
     /// Network interface for the VIP [default: the one holding the node's IP].
     #[arg(long, value_name = "IFACE")]
     pub interface: Option<String>,
-    /// Split-brain witness [default: none].
+    /// Split-brain witness. `gateway` (the default, with this machine's default gateway when it is in the
+    /// nodes' subnet): a leader that reaches neither its peer nor a target fences itself, and a follower
+    /// takes over only while it reaches one. `arbiter`: a lease from `gemin_k8s witness serve` on a third
+    /// box, which also remembers which node holds every acknowledged write. `none`: the peer alone decides;
+    /// an isolated node can then cost acknowledged writes (must be chosen explicitly).
     #[arg(long, value_enum)]
     pub witness: Option<WitnessMode>,
     /// Witness target (repeatable): `IP` or `IP:PORT` for gateway, one `IP:PORT` for arbiter.
@@ -187,10 +191,9 @@ fn resolve(args: &Args, template: &Template) -> anyhow::Result<Plan> {
     let mut vip = args.vip.or_else(|| t("cluster.vip").and_then(|s| s.parse().ok()));
     let mut prefix = args.vip_prefix.or_else(|| t("cluster.vip_prefix").and_then(|s| s.parse().ok())).unwrap_or(24);
     let mut interface = args.interface.clone().or_else(|| t("cluster.interface"));
-    let mut witness = args
-        .witness
-        .or_else(|| t("cluster.witness.mode").and_then(|s| clap::ValueEnum::from_str(&s, true).ok()))
-        .unwrap_or(WitnessMode::None);
+    let chosen =
+        args.witness.or_else(|| t("cluster.witness.mode").and_then(|s| clap::ValueEnum::from_str(&s, true).ok()));
+    let mut witness = chosen.unwrap_or(WitnessMode::Gateway);
     let mut targets = if args.witness_targets.is_empty() {
         template
             .block
@@ -241,10 +244,14 @@ fn resolve(args: &Args, template: &Template) -> anyhow::Result<Plan> {
         })?;
         interface = Some(iface).filter(|s| !s.is_empty());
         let current = clap::ValueEnum::to_possible_value(&witness).map(|v| v.get_name().to_string());
-        witness = p.ask("Witness mode (none, gateway, arbiter)", current.as_deref(), |s| {
+        eprintln!("{WITNESS_CHOICES}");
+        witness = p.ask("Witness mode (gateway, arbiter, none)", current.as_deref(), |s| {
             <WitnessMode as clap::ValueEnum>::from_str(s, true)
-                .map_err(|_| format!("`{s}` is not one of none, gateway, arbiter"))
+                .map_err(|_| format!("`{s}` is not one of gateway, arbiter, none"))
         })?;
+        if witness == WitnessMode::Gateway && targets.is_empty() {
+            targets = default_gateway_in(a, prefix).map(|g| vec![g.to_string()]).unwrap_or_default();
+        }
         if witness != WitnessMode::None {
             let joined = targets.join(",");
             targets = p.ask("Witness targets (comma-separated IP or IP:PORT)", Some(&joined), |s| {
@@ -277,6 +284,29 @@ fn resolve(args: &Args, template: &Template) -> anyhow::Result<Plan> {
         bail!("missing {} (give the flags, put them in --template, or run with --interactive)", missing.join(", "));
     }
     let name = check_name(&name.expect("checked")).map_err(anyhow::Error::msg).context("--name")?;
+    if witness == WitnessMode::Gateway && targets.is_empty() {
+        let node = ip1.expect("checked");
+        match default_gateway_in(node, prefix) {
+            Some(gateway) if chosen.is_none() => {
+                eprintln!(
+                    "witness: gateway {gateway} (this machine's default gateway, in the nodes' subnet); check that \
+                     it is the nodes' router, or choose with --witness"
+                );
+                targets.push(gateway.to_string());
+            }
+            _ => bail!(
+                "choose how the cluster tells a dead peer from a cut link: {}\n{WITNESS_CHOICES}",
+                if chosen.is_none() {
+                    "no --witness given and this machine's default gateway is not in the nodes' subnet"
+                } else {
+                    "--witness gateway needs --witness-target"
+                }
+            ),
+        }
+    }
+    if witness == WitnessMode::None {
+        eprintln!("warning: {NONE_RISK}");
+    }
     let bootstrap_leader =
         args.bootstrap_leader.clone().or_else(|| t("cluster.bootstrap_leader")).unwrap_or_else(|| names[0].clone());
     Ok(Plan {
@@ -288,6 +318,37 @@ fn resolve(args: &Args, template: &Template) -> anyhow::Result<Plan> {
         bootstrap_leader,
         witness,
         witness_targets: targets,
+    })
+}
+
+const WITNESS_CHOICES: &str = "  --witness gateway --witness-target ROUTER_IP   (recommended) the nodes' router: a leader cut off \
+from peer and router fences itself, a follower takes over only while it reaches the router
+  --witness arbiter --witness-target IP:PORT     `gemin_k8s witness serve` on a third box: a lease, and a record of which \
+node holds every acknowledged write (safest; survives a second fault)
+  --witness none                                 the peer alone decides (risk printed)";
+
+const NONE_RISK: &str = "witness `none`: a node cut off from everyone cannot tell that from a dead peer; both may lead, \
+and writes the cut-off leader acknowledges once it stops waiting for its peer (postgres.degrade_after) are discarded when \
+the network heals. Use `gateway` or `arbiter` unless the two nodes share a cable that cannot fail alone";
+
+/// This machine's IPv4 default gateway, when it lies in `node`'s subnet
+/// (`init` is often run from a machine on the nodes' LAN).
+fn default_gateway_in(node: IpAddr, prefix: u8) -> Option<IpAddr> {
+    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+    let gateway = parse_default_gateway(&routes)?;
+    same_subnet(gateway, node, prefix).then_some(gateway)
+}
+
+/// The default route's gateway in `/proc/net/route` (hexadecimal, little-endian).
+fn parse_default_gateway(routes: &str) -> Option<IpAddr> {
+    routes.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (destination, gateway) = (fields.get(1)?, fields.get(2)?);
+        if *destination != "00000000" {
+            return None;
+        }
+        let raw = u32::from_str_radix(gateway, 16).ok()?;
+        (raw != 0).then(|| IpAddr::from(raw.to_le_bytes()))
     })
 }
 
@@ -507,4 +568,18 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         println!("      then give each node its file as CIDATA user-data, or place it in /oem on the node's image");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_gateway_from_proc_net_route() {
+        let routes = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n\
+                      eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n\
+                      eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\n";
+        assert_eq!(parse_default_gateway(routes), Some("192.168.0.1".parse().unwrap()));
+        assert_eq!(parse_default_gateway("Iface\tDestination\tGateway\n"), None);
+    }
 }

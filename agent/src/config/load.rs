@@ -37,7 +37,14 @@ pub struct SourcePaths {
     pub cmdline: Option<PathBuf>,
     pub fetch_timeout: Duration,
     pub fetch_attempts: u32,
+    /// The last cloud-config fetched from the kernel command line's URL,
+    /// used when the URL cannot be reached (a node must start, and release
+    /// its VIP, without the network).
+    pub url_cache: Option<PathBuf>,
 }
+
+/// Where the copy of the URL's cloud-config is kept, below the root.
+pub const URL_CACHE: &str = "var/lib/geminik8s/config-url.yaml";
 
 impl SourcePaths {
     /// The locations on a node.
@@ -56,6 +63,7 @@ impl SourcePaths {
             cmdline: Some(root.join("proc/cmdline")),
             fetch_timeout: Duration::from_secs(10),
             fetch_attempts: 3,
+            url_cache: Some(root.join(URL_CACHE)),
         }
     }
 }
@@ -171,9 +179,31 @@ pub async fn gather(paths: &SourcePaths) -> anyhow::Result<(Vec<Source>, Vec<Dia
         && let Ok(text) = std::fs::read_to_string(cmdline)
         && let Some(url) = cmdline_url(&text)
     {
-        let text = fetch(&url, paths.fetch_timeout, paths.fetch_attempts)
+        let fetched = fetch(&url, paths.fetch_timeout, paths.fetch_attempts)
             .await
-            .with_context(|| format!("reading the cloud-config named by `{CMDLINE_KEY}` on the kernel command line"))?;
+            .with_context(|| format!("reading the cloud-config named by `{CMDLINE_KEY}` on the kernel command line"));
+        let text = match (fetched, &paths.url_cache) {
+            (Ok(text), cache) => {
+                if let Some(cache) = cache {
+                    // It holds the node's secrets: private to root.
+                    let saved = cache
+                        .parent()
+                        .map_or(Ok(()), std::fs::create_dir_all)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|()| crate::fsutil::write_atomic(cache, text.as_bytes(), 0o600));
+                    if let Err(e) = saved {
+                        tracing::warn!(cache = %cache.display(), error = %format!("{e:#}"), "could not keep a copy of the fetched cloud-config");
+                    }
+                }
+                text
+            }
+            (Err(e), Some(cache)) if cache.is_file() => {
+                tracing::warn!(url, cache = %cache.display(), error = %format!("{e:#}"),
+                    "the cloud-config URL cannot be reached: using the copy fetched last time");
+                std::fs::read_to_string(cache).with_context(|| format!("reading {}", cache.display()))?
+            }
+            (Err(e), _) => return Err(e),
+        };
         sources.push(Source { name: url, text });
     }
     Ok((sources, warnings))

@@ -120,12 +120,17 @@ pub const KEYS: &[Key] = &[
         "[]",
         "`gateway`: addresses probed (ICMP, or TCP when a port is given). `arbiter`: exactly one `IP:PORT` of the witness.",
     ),
-    optional("cluster.witness.lease_ttl", Kind::Duration, "10s", "`arbiter`: how long a granted lease lasts."),
+    optional(
+        "cluster.witness.lease_ttl",
+        Kind::Duration,
+        "3s",
+        "`arbiter`: how long a granted lease lasts; a failover waits for the dead leader's lease to run out.",
+    ),
     optional(
         "cluster.witness.lease_renew",
         Kind::Duration,
-        "3s",
-        "`arbiter`: how often the holder renews; less than `lease_ttl`.",
+        "1s",
+        "`arbiter`: how often the holder renews; less than `lease_ttl` (the holder trusts 80% of it).",
     ),
     section("node", "This node."),
     required("node.name", Kind::Name, "This node's name (also its hostname unless `hostname:` says otherwise)."),
@@ -157,8 +162,10 @@ pub const KEYS: &[Key] = &[
     optional(
         "postgres.degrade_after",
         Kind::Duration,
-        "30s",
-        "`synchronous`: how long the follower may be gone before the leader stops waiting for it.",
+        "10s",
+        "`synchronous`: how long the follower may be gone before the leader stops waiting for it, and only once \
+         the follower cannot take over on its own (it says so; or the arbiter records no synchronous standby; or \
+         it has been silent longer than its eligibility window). Writes stall that long when the follower fails.",
     ),
     optional("postgres.port", Kind::Port, "5432", "PostgreSQL port on both nodes."),
     optional(

@@ -246,16 +246,16 @@ pub(crate) mod defaults {
         24
     }
     pub fn lease_ttl() -> Duration {
-        Duration::from_secs(10)
+        Duration::from_secs(3)
     }
     pub fn lease_renew() -> Duration {
-        Duration::from_secs(3)
+        Duration::from_secs(1)
     }
     pub fn api_port() -> u16 {
         7443
     }
     pub fn degrade_after() -> Duration {
-        Duration::from_secs(30)
+        Duration::from_secs(10)
     }
     pub fn pg_port() -> u16 {
         5432

@@ -538,11 +538,11 @@ fn relations(c: &mut Checker, block: &Node, cfg: &GeminiConfig) {
             );
         }
     }
-    if witness.mode == WitnessMode::Arbiter && witness.lease_renew >= witness.lease_ttl {
+    if witness.mode == WitnessMode::Arbiter && witness.lease_renew >= witness.lease_ttl.mul_f64(0.8) {
         c.error(
             at("cluster.witness.lease_renew"),
             &full("cluster.witness.lease_renew"),
-            "must be shorter than `lease_ttl`",
+            "must be shorter than 80% of `lease_ttl` (the holder trusts its lease that long)",
             Some("renew at most a third of the TTL".into()),
         );
     }

@@ -612,12 +612,19 @@ impl Driver {
                     }
                 }
                 Action::AcquireLease { epoch } => {
-                    if let Some(client) = self.lease_client.clone() {
+                    let every = self.cfg.cluster.witness.lease_renew;
+                    let due = self.lease.lock().unwrap_or_else(|p| p.into_inner()).renewal_due(every);
+                    if let (Some(client), true) = (self.lease_client.clone(), due) {
                         let lease = self.lease.clone();
                         self.spawn_once("lease", async move {
+                            let sent = Instant::now();
                             let view = client.acquire().await;
                             tracing::debug!(epoch, ?view, "lease");
-                            lease.lock().unwrap_or_else(|p| p.into_inner()).record_view(view);
+                            let mut state = lease.lock().unwrap_or_else(|p| p.into_inner());
+                            if matches!(view, crate::witness::LeaseView::Held { .. }) {
+                                state.renewed_at = Some(sent);
+                            }
+                            state.record_view(view);
                         });
                     }
                 }

@@ -71,7 +71,55 @@ pub enum Subsystem {
     K3s,
 }
 
+/// What `--release-vip` needs, kept in the state directory by every start:
+/// releasing the VIP must work without the configuration's sources (a
+/// `config_url` may be unreachable exactly when the node is cut off).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct VipCache {
+    address: std::net::IpAddr,
+    prefix: u8,
+    interface: Option<String>,
+    node_ip: std::net::IpAddr,
+}
+
+const VIP_CACHE: &str = "vip.json";
+
+impl VipCache {
+    fn of(cfg: &crate::config::GeminiConfig) -> VipCache {
+        VipCache {
+            address: cfg.cluster.vip,
+            prefix: cfg.cluster.vip_prefix,
+            interface: cfg.cluster.interface.clone(),
+            node_ip: cfg.node.ip,
+        }
+    }
+
+    fn settings(&self) -> VipSettings {
+        VipSettings {
+            address: self.address,
+            prefix: self.prefix,
+            interface: match &self.interface {
+                Some(name) => crate::netlink::InterfaceChoice::Named(name.clone()),
+                None => crate::netlink::InterfaceChoice::Holding(self.node_ip),
+            },
+            announce: Default::default(),
+        }
+    }
+}
+
+/// `--release-vip` from the cached VIP settings, when there are some.
+async fn release_cached_vip(state_dir: &std::path::Path) -> anyhow::Result<bool> {
+    let path = state_dir.join(VIP_CACHE);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(false) };
+    let cache: VipCache = serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+    NetlinkVip::new(cache.settings()).release().await.context("releasing the VIP")?;
+    Ok(true)
+}
+
 pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    if args.release_vip && !args.without.contains(&Subsystem::Vip) && release_cached_vip(&args.state_dir).await? {
+        return Ok(ExitCode::SUCCESS);
+    }
     let ctx = CheckContext { root: args.root.clone(), check_files: true };
     let loaded = if args.cloud_config.is_empty() {
         crate::config::load(&SourcePaths::under(&args.root), &ctx).await?
@@ -90,6 +138,9 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let cache = serde_json::to_vec_pretty(&VipCache::of(&loaded.gemini))?;
+    crate::fsutil::write_atomic(&args.state_dir.join(VIP_CACHE), &cache, 0o644)
+        .with_context(|| format!("writing {}", args.state_dir.join(VIP_CACHE).display()))?;
     let services = if args.without.contains(&Subsystem::Services) {
         None
     } else {

@@ -80,6 +80,8 @@ pub struct LeaseState {
     pub last: Option<LeaseView>,
     /// The arbiter's records (synchronous standby, last holder) as it last answered.
     pub record: Option<ArbiterRecord>,
+    /// When the last renewal that was granted had been sent.
+    pub renewed_at: Option<Instant>,
 }
 
 impl LeaseState {
@@ -89,6 +91,13 @@ impl LeaseState {
             _ => None,
         };
         self.last = Some(view);
+    }
+
+    /// Whether a renewal is due: the lease is not trusted, or `every` has
+    /// passed since the last granted renewal was sent.
+    pub fn renewal_due(&self, every: Duration) -> bool {
+        let trusted = self.held_until.is_some_and(|until| until > Instant::now());
+        !trusted || self.renewed_at.is_none_or(|at| at.elapsed() >= every)
     }
 }
 

@@ -139,6 +139,11 @@ pub fn render_conf(settings: &Settings, role: ServerRole) -> String {
     set("hot_standby", "on".to_string());
     set("hot_standby_feedback", "on".to_string());
     set("synchronous_commit", "on".to_string());
+    // Bounded, not PostgreSQL's 60 s: a silent standby or primary is noticed
+    // (and its connection retried) within seconds of a cut healing. The
+    // agent's own heartbeats decide everything else.
+    set("wal_sender_timeout", conf_value("10s"));
+    set("wal_receiver_timeout", conf_value("10s"));
     if role == ServerRole::Standby {
         set("primary_conninfo", conf_value(&peer_conninfo(settings, None, true)));
         set("primary_slot_name", conf_value(&slot_name(&settings.node.name)));
@@ -265,6 +270,8 @@ wal_log_hints = on
 hot_standby = on
 hot_standby_feedback = on
 synchronous_commit = on
+wal_sender_timeout = '10s'
+wal_receiver_timeout = '10s'
 ";
         assert_eq!(conf, expected);
     }

@@ -25,6 +25,7 @@ pub fn init_loopback(root: &Path, api_port: u16, block: &str, extra: &[&str]) ->
         .args(["init", "--name", "lab", "--node1-ip", "127.0.0.1", "--node2-ip", "127.0.0.2"])
         .args(["--vip", "127.0.0.3", "--vip-prefix", "8"])
         .args(extra)
+        .args(if extra.contains(&"--witness") { &[][..] } else { &["--witness", "none"][..] })
         .arg("--template")
         .arg(&template)
         .arg("--config-dir")
