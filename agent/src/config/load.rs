@@ -323,4 +323,39 @@ mod tests {
         let want = [root.path().join("oem/10.yaml"), cidata.join("user-data")];
         assert_eq!(names, want.iter().map(|p| p.to_str().unwrap()).collect::<Vec<_>>());
     }
+
+    /// The URL's cloud-config is kept; when the URL cannot be reached the
+    /// kept copy is used (a node cut off from its config server still starts).
+    #[tokio::test]
+    async fn the_url_copy_is_used_when_the_url_cannot_be_reached() {
+        let root = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).await.unwrap();
+            let body = "#cloud-config\nhostname: from-url\n";
+            let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            conn.write_all(reply.as_bytes()).await.unwrap();
+        });
+        std::fs::create_dir_all(root.path().join("proc")).unwrap();
+        std::fs::write(root.path().join("proc/cmdline"), format!("quiet {CMDLINE_KEY}http://{addr}/node.yaml\n"))
+            .unwrap();
+        let mut paths = SourcePaths::under(root.path());
+        paths.fetch_timeout = Duration::from_secs(2);
+        paths.fetch_attempts = 1;
+        let (sources, _) = gather(&paths).await.unwrap();
+        server.await.unwrap();
+        assert_eq!(sources.last().unwrap().text, "#cloud-config\nhostname: from-url\n");
+        let cache = root.path().join(URL_CACHE);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o600);
+        // The server is gone now.
+        let (sources, _) = gather(&paths).await.unwrap();
+        assert_eq!(sources.last().unwrap().text, "#cloud-config\nhostname: from-url\n");
+        std::fs::remove_file(&cache).unwrap();
+        assert!(gather(&paths).await.is_err(), "no copy and no server: an error");
+    }
 }
