@@ -213,7 +213,12 @@ pub const KEYS: &[Key] = &[
         "A leader that reaches neither peer nor witness for this long fences itself. The follower waits this plus a margin before promoting.",
     ),
     section("health.checks", "Health levels from the design: network, Kubernetes API, PostgreSQL, custom script."),
-    optional("health.checks.network", Kind::Bool, "true", "Probe the peer over TCP (and ICMP where permitted)."),
+    optional(
+        "health.checks.network",
+        Kind::Bool,
+        "true",
+        "Confirm missed heartbeats over the peer's PostgreSQL and API ports (false: heartbeats alone decide).",
+    ),
     optional(
         "health.checks.kubernetes_api",
         Kind::Bool,

@@ -396,7 +396,12 @@ impl Driver {
                 Heartbeat::Ok { .. } => (None, None),
                 Heartbeat::Missed => {
                     tracing::debug!(reason = why.as_deref().unwrap_or("?"), "heartbeat missed");
-                    let second = observe::second_path(cfg.peer.ip, cfg.postgres.port, cfg.peer.api_port, budget);
+                    // `health.checks.network: false`: misses are not confirmed over the peer's ports.
+                    let check_ports = cfg.health.checks.network;
+                    let second = async move {
+                        check_ports
+                            && observe::second_path(cfg.peer.ip, cfg.postgres.port, cfg.peer.api_port, budget).await
+                    };
                     let elsewhere = async {
                         let vip = vip.as_ref()?;
                         match vip.held_elsewhere(budget).await {
@@ -463,7 +468,7 @@ impl Driver {
             Heartbeat::Missed => self.counters.heartbeats_missed_total += 1,
         }
         let mut health = Vec::new();
-        if let Some(ok) = pg_health {
+        if let Some(ok) = pg_health.filter(|_| self.cfg.health.checks.postgres) {
             health.push((Component::Postgres, ok));
         }
         if let Some(script) = &self.cfg.health.checks.script {
@@ -473,7 +478,8 @@ impl Driver {
             }
             health.push((Component::Script, result.is_ok()));
         }
-        if let Some(Some(ready)) = self.k3s.as_ref().map(|k| k.ready) {
+        if let Some(Some(ready)) = self.k3s.as_ref().map(|k| k.ready).filter(|_| self.cfg.health.checks.kubernetes_api)
+        {
             health.push((Component::K3s, ready));
         }
         self.health = health.clone();
@@ -511,10 +517,17 @@ impl Driver {
     }
 
     async fn execute(&mut self, actions: Vec<Action>) {
+        let mut unrecorded = false;
         for action in actions {
             tracing::debug!(?action, "action");
             match action {
-                Action::PersistHostMeta(mut meta) => self.persist(&mut meta),
+                Action::PersistHostMeta(mut meta) => unrecorded |= !self.persist(&mut meta),
+                Action::Promote { epoch, .. } if unrecorded => {
+                    // An epoch that is not on disk could be handed out again
+                    // after a restart: no promotion without it.
+                    tracing::error!(event = "promotion_failed", epoch, "hostMeta could not be written; not promoting");
+                    self.background(async { Completion::PromotionFailed });
+                }
                 Action::RecoverHostMeta(peer_meta) => {
                     match hostmeta::recover_from_peer(
                         &self.state_dir,
@@ -846,11 +859,15 @@ impl Driver {
 
     /// Write hostMeta. A record that cannot be written is logged loudly:
     /// the epoch it carries is what keeps a restart from resuming stale.
-    fn persist(&self, meta: &mut HostMeta) {
+    fn persist(&self, meta: &mut HostMeta) -> bool {
         meta.touch();
         meta.agent_version = VERSION.to_string();
-        if let Err(e) = hostmeta::store(&self.state_dir, meta) {
-            tracing::error!(event = "hostmeta_write_failed", error = %e, epoch = meta.epoch, "writing hostMeta failed");
+        match hostmeta::store(&self.state_dir, meta) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(event = "hostmeta_write_failed", error = %e, epoch = meta.epoch, "writing hostMeta failed");
+                false
+            }
         }
     }
 
