@@ -94,6 +94,8 @@ pub struct Machine {
     /// Follower: may promote on its own until then (modes none and
     /// gateway; see [`Settings::eligibility_window`]).
     eligible_until: Option<Duration>,
+    /// An operator forced a takeover: entitled until it happened.
+    forced: bool,
 }
 
 impl Machine {
@@ -138,6 +140,7 @@ impl Machine {
             degrade_wanted: false,
             told_peer_in_sync: false,
             eligible_until: None,
+            forced: false,
         }
     }
 
@@ -147,6 +150,14 @@ impl Machine {
         let mut out = Vec::new();
         self.clock = self.clock.max(now);
         match input {
+            Input::ForceTakeOver => match self.can_force() {
+                Ok(()) => {
+                    tracing::warn!(event = "forced_takeover", node = %self.s.own_name,
+                        "an operator forces this node to take over; writes only the old leader has are given up");
+                    self.forced = true;
+                }
+                Err(why) => tracing::warn!(%why, "forced takeover refused"),
+            },
             Input::FenceDeadlinePassed => {
                 if self.leading() {
                     tracing::error!(event = "fenced", node = %self.s.own_name, reason = "fence deadline passed",
@@ -222,6 +233,31 @@ impl Machine {
         }
         let last = self.last_contact_sent.max(self.last_witness)?;
         Some(last + self.s.fence_timeout)
+    }
+
+    /// Whether an operator may force this node to take over: it follows (or
+    /// waits in an election), its peer has missed its heartbeats, and no
+    /// other host answers for the VIP (a peer still serving it must be
+    /// stopped first, or two nodes would take writes).
+    pub fn can_force(&self) -> Result<(), String> {
+        if !matches!(self.mode, Mode::Follower | Mode::Election) || self.meta().is_none() {
+            return Err(format!("this node is {} and cannot be forced to take over", self.state()));
+        }
+        if self.misses < self.s.failure_threshold {
+            return Err("the peer still answers: use a planned switchover instead".into());
+        }
+        if self.vip_elsewhere {
+            return Err("another host still answers for the VIP: power the old leader off first".into());
+        }
+        if !self.second_path_down {
+            return Err("the old leader's PostgreSQL or agent port still answers: stop it first".into());
+        }
+        Ok(())
+    }
+
+    /// Whether a forced takeover is under way.
+    pub fn forcing(&self) -> bool {
+        self.forced
     }
 
     /// Why this follower does not take over although its leader is gone,
@@ -605,7 +641,7 @@ impl Machine {
     /// lease holder, or there are none yet); without one, the leader told it
     /// so less than an eligibility window ago. Configured async: always.
     fn entitled(&self, now: Duration) -> bool {
-        if self.s.durability == Durability::Async {
+        if self.s.durability == Durability::Async || self.forced {
             return true;
         }
         let me = Some(self.s.own_name.as_str());
@@ -673,6 +709,7 @@ impl Machine {
         self.local = LocalMeta::Loaded(meta.clone());
         self.handing_over = false;
         self.eligible_until = None;
+        self.forced = false;
         self.not_streaming_since = None;
         self.degrade_wanted = false;
         self.told_peer_in_sync = false;

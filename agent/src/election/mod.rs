@@ -293,6 +293,10 @@ pub enum Input {
     /// The driver's fence timer found [`Machine::fence_deadline`] passed and
     /// has already released the VIP and stopped the datastore.
     FenceDeadlinePassed,
+    /// An operator forces this follower to take over although it is not
+    /// entitled to (its leader is gone and may have acknowledged writes it
+    /// lacks). [`Machine::can_force`] says whether it would be accepted.
+    ForceTakeOver,
 }
 
 /// Something the driver must do. Actions come in the order they must run.

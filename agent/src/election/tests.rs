@@ -906,3 +906,29 @@ fn a_failed_first_promotion_is_retried() {
     }
     panic!("the cluster never formed after a failed first promotion: {:?}", &trace[trace.len() - 5..]);
 }
+
+/// A follower that is not entitled waits; an operator can force it once the
+/// old leader is silent everywhere, and the takeover raises the epoch (the
+/// old leader's divergent writes are archived when it rejoins).
+#[test]
+fn an_operator_can_force_a_takeover_only_once_the_old_leader_is_silent() {
+    let lm = meta(A, Role::Leader, 3, None);
+    let mut b = follower(B, WitnessMode::Gateway, 3);
+    tick(&mut b, s(1), seen(not_in_sync(lm), WitnessView::GatewayReachable));
+    assert!(b.can_force().is_err(), "the leader still answers");
+    let out = ticks(&mut b, 2, 30, || lost(true, WitnessView::GatewayReachable));
+    assert!(promotes(&out.into_iter().map(|(_, a)| a).collect::<Vec<_>>()).is_none());
+    assert!(b.can_force().unwrap_err().contains("port still answers"));
+    tick(&mut b, s(31), Observation { vip_elsewhere: Some(true), ..lost(false, WitnessView::GatewayReachable) });
+    assert!(b.can_force().unwrap_err().contains("VIP"));
+    tick(&mut b, s(32), lost(false, WitnessView::GatewayReachable));
+    assert_eq!(b.can_force(), Ok(()));
+    b.step(s(32), Input::ForceTakeOver);
+    assert!(b.forcing());
+    // Still only after the fence window since the old leader's port last answered (30 s + 5 s + 2 s).
+    let out = ticks(&mut b, 33, 40, || lost(false, WitnessView::GatewayReachable));
+    let at = out.iter().find(|(_, a)| matches!(a, Action::Promote { .. })).map(|(t, _)| *t);
+    assert_eq!(at, Some(37), "{out:?}");
+    assert_eq!(promotes(&out.into_iter().map(|(_, a)| a).collect::<Vec<_>>()), Some(4));
+    assert!(!b.forcing(), "one takeover per force");
+}
