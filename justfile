@@ -3,6 +3,8 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 kine_version := "v0.17.5"
+# The Kubernetes release K3s v1.34.2+k3s1 embeds; the K3s stand-in runs its kube-apiserver.
+kubernetes_version := "v1.34.2"
 apt_packages := "postgresql-15 etcd-client iproute2 iputils-ping arping dbus ca-certificates curl build-essential mmdebstrap docker-registry qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu squashfs-tools-ng xorriso mtools dosfstools fdisk cpio"
 
 # Show the recipes.
@@ -30,7 +32,7 @@ lint:
 docs:
     cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- gen-docs --out docs
 
-# Install what the tests need (idempotent): Debian packages and Kine.
+# Install what the tests need (idempotent): Debian packages, Kine, and kube-apiserver for the K3s stand-in.
 deps:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -48,6 +50,10 @@ deps:
         CGO_ENABLED=1 GOBIN=/usr/local/bin go install github.com/k3s-io/kine@{{kine_version}}
     fi
     echo "kine {{kine_version}}: $(command -v kine)"
+    # K3s cannot be downloaded everywhere: the K3s stand-in (vm-tests) runs the real
+    # kube-apiserver, built from the k8s.io/kubernetes Go module (first build: about 8 minutes).
+    vm-tests/k3s-standin/build-kube-apiserver.sh {{kubernetes_version}} /usr/local/bin
+    command -v kubectl >/dev/null || echo "kubectl is missing: the K3s stand-in tests skip without it" >&2
 
 # A cluster definition in ./lab-cluster, validated as the agent loads it (no root needed).
 demo dir="lab-cluster":
