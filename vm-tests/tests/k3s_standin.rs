@@ -60,6 +60,7 @@ async fn start_kine(supervisor: &Supervisor, dir: &Path) -> String {
 /// One node of the test: its cloud-config, the K3s settings the agent
 /// renders from it (with the stand-in as the K3s binary), its notify socket.
 struct Node {
+    dir: PathBuf,
     settings: K3sSettings,
     port: u16,
     notify: UnixDatagram,
@@ -87,17 +88,30 @@ impl Node {
         settings.binary = PathBuf::from(env!("CARGO_BIN_EXE_k3s-standin"));
         let notify = UnixDatagram::bind(dir.join("notify.sock")).unwrap();
         notify.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
-        Node { settings, port, notify, service: format!("k3s-{name}") }
+        Node { dir: dir.to_path_buf(), settings, port, notify, service: format!("k3s-{name}") }
     }
 
     /// The spec the agent renders, under a per-node service name (two nodes
     /// share one supervisor here), with systemd's notify socket.
-    fn spec(&self, dir: &Path) -> ServiceSpec {
+    fn spec(&self) -> ServiceSpec {
         let mut spec = self.settings.spec();
         assert_eq!(spec.name, k3s::SERVICE);
         spec.name = self.service.clone();
-        spec.env.insert("NOTIFY_SOCKET".into(), dir.join("notify.sock").display().to_string());
+        spec.env.insert("NOTIFY_SOCKET".into(), self.dir.join("notify.sock").display().to_string());
         spec
+    }
+
+    /// Who the API server takes the bearer `token` for (`kubectl auth whoami`).
+    async fn whoami(&self, token: &str) -> Value {
+        let ca = self.settings.tls_dir().join("server-ca.crt");
+        let args = [
+            format!("--server={}", self.url()),
+            format!("--certificate-authority={}", ca.display()),
+            format!("--token={token}"),
+            "auth".into(),
+            "whoami".into(),
+        ];
+        kubectl_json(Path::new("/dev/null"), &args.iter().map(String::as_str).collect::<Vec<_>>()).await
     }
 
     fn url(&self) -> String {
@@ -179,7 +193,7 @@ async fn standin_serves_namespaces_configmaps_and_deployments_through_the_agents
     let supervisor = Supervisor::new();
     let kine = start_kine(&supervisor, d).await;
     let node = Node::new("a", "127.0.0.1", &d.join("a"), &kine);
-    supervisor.configure(&node.spec(&d.join("a"))).await.unwrap();
+    supervisor.configure(&node.spec()).await.unwrap();
     supervisor.start(&node.service, Duration::from_secs(10)).await.unwrap();
     node.wait_ready().await;
 
@@ -218,17 +232,7 @@ async fn standin_serves_namespaces_configmaps_and_deployments_through_the_agents
     assert!(resource_version(&patched) > resource_version(&deploy), "{patched}");
 
     // The K3s token is a bearer token for the admin.
-    let whoami = kubectl_json(
-        Path::new("/dev/null"),
-        &[
-            &format!("--server={}", node.url()),
-            &format!("--certificate-authority={}", node.settings.tls_dir().join("server-ca.crt").display()),
-            &format!("--token={TOKEN}"),
-            "auth",
-            "whoami",
-        ],
-    )
-    .await;
+    let whoami = node.whoami(TOKEN).await;
     assert_eq!(whoami["status"]["userInfo"]["username"], "system:admin", "{whoami}");
 
     // The API server dies: the stand-in exits with it and the supervisor
@@ -277,8 +281,8 @@ async fn two_standins_on_one_datastore_share_objects_and_keys() {
     let a = Node::new("a", "127.0.0.1", &d.join("a"), &kine);
     let b = Node::new("b", "127.0.0.2", &d.join("b"), &kine);
     // Both at once: they race to create the bootstrap record.
-    supervisor.configure(&a.spec(&d.join("a"))).await.unwrap();
-    supervisor.configure(&b.spec(&d.join("b"))).await.unwrap();
+    supervisor.configure(&a.spec()).await.unwrap();
+    supervisor.configure(&b.spec()).await.unwrap();
     supervisor.start(&a.service, Duration::from_secs(10)).await.unwrap();
     supervisor.start(&b.service, Duration::from_secs(10)).await.unwrap();
     a.wait_ready().await;
@@ -309,17 +313,7 @@ async fn two_standins_on_one_datastore_share_objects_and_keys() {
     // A service-account token minted by a is accepted by b.
     kubectl(&kc_a, &["-n", "factory", "create", "serviceaccount", "robot"]).await;
     let token = kubectl(&kc_a, &["-n", "factory", "create", "token", "robot"]).await;
-    let whoami = kubectl_json(
-        Path::new("/dev/null"),
-        &[
-            &format!("--server={}", b.url()),
-            &format!("--certificate-authority={}", b.settings.tls_dir().join("server-ca.crt").display()),
-            &format!("--token={}", token.trim()),
-            "auth",
-            "whoami",
-        ],
-    )
-    .await;
+    let whoami = b.whoami(token.trim()).await;
     assert_eq!(whoami["status"]["userInfo"]["username"], "system:serviceaccount:factory:robot", "{whoami}");
 
     supervisor.shutdown(Duration::from_secs(60)).await.unwrap();
