@@ -87,25 +87,30 @@ bench-failover kills="20":
     target/release/bench-failover --kills {{kills}} --agent-bin target/release/gemin_k8s
 
 # Benchmark (root): build the default image, then again with every input cached (warm); prints both times and the sizes.
-bench-image spec="image/specs/default.yaml":
+# A second argument takes K3s from that file where the release cannot be downloaded
+# (`just bench-image image/specs/default.yaml target/debug/k3s-standin` with the K3s stand-in; sizes then differ from the real image).
+bench-image spec="image/specs/default.yaml" k3s="":
     #!/usr/bin/env bash
     set -euo pipefail
     cargo build --release -p geminik8s-agent -p geminik8s-image
     out=target/bench-image
+    artifacts="--artifact gemin_k8s=target/release/gemin_k8s{{ if k3s != "" { " --artifact k3s=" + k3s } else { "" } }}"
     start=$SECONDS
-    target/release/gemin-image build --spec {{spec}} --out $out --replace-target --force --artifact gemin_k8s=target/release/gemin_k8s
+    target/release/gemin-image build --spec {{spec}} --out $out --replace-target --force $artifacts
     first=$((SECONDS - start))
     start=$SECONDS
-    target/release/gemin-image build --spec {{spec}} --out $out --replace-target --force --artifact gemin_k8s=target/release/gemin_k8s
+    target/release/gemin-image build --spec {{spec}} --out $out --replace-target --force $artifacts
     warm=$((SECONDS - start))
     echo "first build: ${first} s; warm build (everything cached, outputs rebuilt): ${warm} s"
     ls -l $out | grep -v '^d\|^total'
     du -sh --apparent-size $out/*-rootfs.tar
 
 # Build the node image: root filesystem and bootable images (root; Debian packages from the mirror in the spec).
-image spec="image/specs/default.yaml":
+# A second argument takes K3s from that file where the release cannot be downloaded
+# (`just image image/specs/default.yaml target/debug/k3s-standin` for a lab image with the K3s stand-in).
+image spec="image/specs/default.yaml" k3s="":
     cargo build --release -p geminik8s-agent -p geminik8s-image
-    target/release/gemin-image build --spec {{spec}} --out out --artifact gemin_k8s=target/release/gemin_k8s
+    target/release/gemin-image build --spec {{spec}} --out out --artifact gemin_k8s=target/release/gemin_k8s{{ if k3s != "" { " --artifact k3s=" + k3s } else { "" } }}
 
 # What CI runs: deps, lints, tests.
 ci: deps lint test
