@@ -8,15 +8,20 @@ fn gemin_image() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gemin-image"))
 }
 
-#[test]
-fn json_events_are_one_object_per_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// `d/base.tar`: a base with only `/etc/passwd`.
+fn base_tar(d: &std::path::Path) {
     let base = d.join("base");
     fs::create_dir_all(base.join("etc")).unwrap();
     fs::write(base.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
     let status = Command::new("tar").arg("-cf").arg(d.join("base.tar")).arg("-C").arg(&base).arg(".").status().unwrap();
     assert!(status.success());
+}
+
+#[test]
+fn json_events_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    base_tar(d);
     fs::write(
         d.join("spec.yaml"),
         "name: j\nbase:\n  tarball:\n    path: base.tar\noutputs: [rootfs-tar, oci-archive]\n",
@@ -68,10 +73,7 @@ fn a_bad_spec_fails_with_file_line_and_hint() {
 fn an_unavailable_download_is_replaced_by_a_local_artifact() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let base = d.join("base");
-    fs::create_dir_all(base.join("etc")).unwrap();
-    let status = Command::new("tar").arg("-cf").arg(d.join("base.tar")).arg("-C").arg(&base).arg(".").status().unwrap();
-    assert!(status.success());
+    base_tar(d);
     fs::write(
         d.join("spec.yaml"),
         "name: a\nbase:\n  tarball:\n    path: base.tar\nartifacts:\n  - name: k3s\n    url: https://example.invalid/k3s\n    \
