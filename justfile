@@ -3,6 +3,8 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 kine_version := "v0.17.5"
+# The Kubernetes release K3s v1.34.2+k3s1 embeds; the K3s stand-in runs its kube-apiserver.
+kubernetes_version := "v1.34.2"
 apt_packages := "postgresql-15 etcd-client iproute2 iputils-ping arping dbus ca-certificates curl build-essential mmdebstrap docker-registry qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu squashfs-tools-ng xorriso mtools dosfstools fdisk cpio"
 
 # Show the recipes.
@@ -30,7 +32,7 @@ lint:
 docs:
     cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- gen-docs --out docs
 
-# Install what the tests need (idempotent): Debian packages and Kine.
+# Install what the tests need (idempotent): Debian packages, Kine, and kube-apiserver for the K3s stand-in.
 deps:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -48,6 +50,10 @@ deps:
         CGO_ENABLED=1 GOBIN=/usr/local/bin go install github.com/k3s-io/kine@{{kine_version}}
     fi
     echo "kine {{kine_version}}: $(command -v kine)"
+    # K3s cannot be downloaded everywhere: the K3s stand-in (vm-tests) runs the real
+    # kube-apiserver, built from the k8s.io/kubernetes Go module (first build: about 8 minutes).
+    vm-tests/k3s-standin/build-kube-apiserver.sh {{kubernetes_version}} /usr/local/bin
+    command -v kubectl >/dev/null || echo "kubectl is missing: the K3s stand-in tests skip without it" >&2
 
 # A cluster definition in ./lab-cluster, validated as the agent loads it (no root needed).
 demo dir="lab-cluster":
@@ -81,25 +87,30 @@ bench-failover kills="20":
     target/release/bench-failover --kills {{kills}} --agent-bin target/release/gemin_k8s
 
 # Benchmark (root): build the default image, then again with every input cached (warm); prints both times and the sizes.
-bench-image spec="image/specs/default.yaml":
+# A second argument takes K3s from that file where the release cannot be downloaded
+# (`just bench-image image/specs/default.yaml target/debug/k3s-standin` with the K3s stand-in; sizes then differ from the real image).
+bench-image spec="image/specs/default.yaml" k3s="":
     #!/usr/bin/env bash
     set -euo pipefail
     cargo build --release -p geminik8s-agent -p geminik8s-image
     out=target/bench-image
+    artifacts="--artifact gemin_k8s=target/release/gemin_k8s{{ if k3s != "" { " --artifact k3s=" + k3s } else { "" } }}"
     start=$SECONDS
-    target/release/gemin-image build --spec {{spec}} --out $out --replace-target --force --artifact gemin_k8s=target/release/gemin_k8s
+    target/release/gemin-image build --spec {{spec}} --out $out --replace-target --force $artifacts
     first=$((SECONDS - start))
     start=$SECONDS
-    target/release/gemin-image build --spec {{spec}} --out $out --replace-target --force --artifact gemin_k8s=target/release/gemin_k8s
+    target/release/gemin-image build --spec {{spec}} --out $out --replace-target --force $artifacts
     warm=$((SECONDS - start))
     echo "first build: ${first} s; warm build (everything cached, outputs rebuilt): ${warm} s"
     ls -l $out | grep -v '^d\|^total'
     du -sh --apparent-size $out/*-rootfs.tar
 
 # Build the node image: root filesystem and bootable images (root; Debian packages from the mirror in the spec).
-image spec="image/specs/default.yaml":
+# A second argument takes K3s from that file where the release cannot be downloaded
+# (`just image image/specs/default.yaml target/debug/k3s-standin` for a lab image with the K3s stand-in).
+image spec="image/specs/default.yaml" k3s="":
     cargo build --release -p geminik8s-agent -p geminik8s-image
-    target/release/gemin-image build --spec {{spec}} --out out --artifact gemin_k8s=target/release/gemin_k8s
+    target/release/gemin-image build --spec {{spec}} --out out --artifact gemin_k8s=target/release/gemin_k8s{{ if k3s != "" { " --artifact k3s=" + k3s } else { "" } }}
 
 # What CI runs: deps, lints, tests.
 ci: deps lint test

@@ -5,8 +5,15 @@
 //! the API, and clients reach whichever holds the VIP. The cluster token goes in
 //! `K3S_TOKEN`, which K3s reads itself, so it stays off the command line.
 //!
-//! K3s cannot be obtained on every build host: the start path is exercised only
-//! when `GEMINIK8S_K3S_BINARY` names a binary ([`binary_from_env`]).
+//! K3s keeps its state in `k3s.data_dir` (server certificates in
+//! [`K3sSettings::tls_dir`]) and writes its kubeconfig into `k3s.config_dir`,
+//! where the agent also writes the one for the VIP
+//! ([`K3sSettings::kubeconfig_path`]): two nodes sharing a filesystem (the
+//! network-namespace lab) each get their own.
+//!
+//! K3s cannot be obtained on every build host: the tests run this path
+//! against a binary named by `GEMINIK8S_K3S_BINARY` ([`binary_from_env`]),
+//! a real K3s or the lab's stand-in (`k3s-standin` in `vm-tests`).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -19,8 +26,13 @@ pub const K3S_BINARY: &str = "/usr/local/bin/k3s";
 /// The service name (`geminik8s-k3s.service` under systemd).
 pub const SERVICE: &str = "k3s";
 pub const API_PORT: u16 = 6443;
-/// Where K3s keeps its server certificates.
+/// Where K3s keeps its server certificates under the default `k3s.data_dir`
+/// (see [`K3sSettings::tls_dir`] for a node's own).
 pub const SERVER_TLS_DIR: &str = "/var/lib/rancher/k3s/server/tls";
+/// The kubeconfig K3s writes for local use (`https://127.0.0.1:6443`), in `k3s.config_dir`.
+pub const LOCAL_KUBECONFIG: &str = "k3s.yaml";
+/// The kubeconfig the agent writes for the VIP, in `k3s.config_dir`.
+pub const VIP_KUBECONFIG: &str = "geminik8s.yaml";
 /// The variable that points the tests and the lab at a K3s binary.
 pub const BINARY_ENV: &str = "GEMINIK8S_K3S_BINARY";
 
@@ -60,6 +72,10 @@ pub struct K3sSettings {
     pub token: String,
     /// The local Kine's etcd endpoint (`http://127.0.0.1:2379`).
     pub datastore_endpoint: String,
+    /// K3s's `--data-dir`.
+    pub data_dir: PathBuf,
+    /// Where the kubeconfigs go (K3s's own and the agent's).
+    pub config_dir: PathBuf,
     /// More `k3s server` arguments from the cloud-config, split at whitespace.
     pub extra_args: Vec<String>,
     pub log_file: Option<PathBuf>,
@@ -76,9 +92,28 @@ impl K3sSettings {
             vip: config.cluster.vip,
             token: config.k3s.token.clone(),
             datastore_endpoint: format!("http://{}", config.kine.listen),
+            data_dir: config.k3s.data_dir.clone(),
+            config_dir: config.k3s.config_dir.clone(),
             extra_args: config.k3s.extra_args.clone(),
             log_file: Some(log_dir.join("k3s.log")),
         }
+    }
+
+    /// K3s's server certificates: the CA the API server's certificate is
+    /// signed by (`server-ca.crt`) and the admin client certificate
+    /// (`client-admin.crt`, `client-admin.key`), see [`ClusterCredentials`].
+    pub fn tls_dir(&self) -> PathBuf {
+        self.data_dir.join("server/tls")
+    }
+
+    /// The kubeconfig the agent writes, pointing at the VIP ([`render_kubeconfig`]).
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.config_dir.join(VIP_KUBECONFIG)
+    }
+
+    /// The kubeconfig K3s writes itself (`--write-kubeconfig`), for the local API server.
+    pub fn local_kubeconfig_path(&self) -> PathBuf {
+        self.config_dir.join(LOCAL_KUBECONFIG)
     }
 
     /// Whether the K3s binary is there. Where it is not (build hosts, the
@@ -106,6 +141,10 @@ impl K3sSettings {
             "${GEMINIK8S_VIP}",
             "--tls-san",
             "${GEMINIK8S_NODE_IP}",
+            "--data-dir",
+            "${GEMINIK8S_K3S_DATA_DIR}",
+            "--write-kubeconfig",
+            "${GEMINIK8S_K3S_KUBECONFIG}",
             "$GEMINIK8S_EXTRA_ARGS",
         ]
         .into_iter()
@@ -119,6 +158,8 @@ impl K3sSettings {
         spec.env.insert("GEMINIK8S_NODE_NAME".into(), self.node_name.clone());
         spec.env.insert("GEMINIK8S_NODE_IP".into(), self.node_ip.to_string());
         spec.env.insert("GEMINIK8S_VIP".into(), self.vip.to_string());
+        spec.env.insert("GEMINIK8S_K3S_DATA_DIR".into(), self.data_dir.display().to_string());
+        spec.env.insert("GEMINIK8S_K3S_KUBECONFIG".into(), self.local_kubeconfig_path().display().to_string());
         spec.env.insert("GEMINIK8S_EXTRA_ARGS".into(), self.extra_args.join(" "));
         spec.env.insert("K3S_TOKEN".into(), self.token.clone());
         spec.log_file = self.log_file.clone();
@@ -260,6 +301,8 @@ mod tests {
             vip: "10.0.0.100".parse().unwrap(),
             token: "s3cret".into(),
             datastore_endpoint: "http://127.0.0.1:2379".into(),
+            data_dir: PathBuf::from("/var/lib/rancher/k3s"),
+            config_dir: PathBuf::from("/etc/rancher/k3s"),
             extra_args: vec!["--disable=traefik".into(), "--write-kubeconfig-mode=0600".into()],
             log_file: None,
         }
@@ -274,9 +317,34 @@ mod tests {
         let spec = K3sSettings::from_config(&config(), Path::new("/logs")).spec();
         let argv = spec.expanded_argv().unwrap();
         assert_eq!(argv[2..4], ["--datastore-endpoint", "http://127.0.0.1:12379"]);
-        assert_eq!(argv[10..], ["--tls-san", "10.77.0.10", "--tls-san", "10.77.0.11", "--disable=traefik"]);
+        assert_eq!(argv[10..14], ["--tls-san", "10.77.0.10", "--tls-san", "10.77.0.11"]);
+        assert_eq!(
+            argv[14..],
+            [
+                "--data-dir",
+                "/var/lib/rancher/k3s",
+                "--write-kubeconfig",
+                "/etc/rancher/k3s/k3s.yaml",
+                "--disable=traefik"
+            ]
+        );
         assert_eq!(spec.env["K3S_TOKEN"], "k3s-token");
         assert_eq!(spec.log_file.as_deref(), Some(Path::new("/logs/k3s.log")));
+    }
+
+    #[test]
+    fn paths_follow_the_data_and_config_dirs() {
+        let default = K3sSettings::from_config(&config(), Path::new("/logs"));
+        assert_eq!(default.tls_dir(), Path::new(SERVER_TLS_DIR));
+        assert_eq!(default.kubeconfig_path(), Path::new("/etc/rancher/k3s/geminik8s.yaml"));
+        let lab = crate::config::fixture::config(serde_json::json!({
+            "k3s": {"token": "k3s-token", "data_dir": "/run/lab/a/k3s", "config_dir": "/run/lab/a/etc"},
+        }));
+        let settings = K3sSettings::from_config(&lab, Path::new("/logs"));
+        assert_eq!(settings.tls_dir(), Path::new("/run/lab/a/k3s/server/tls"));
+        assert_eq!(settings.kubeconfig_path(), Path::new("/run/lab/a/etc/geminik8s.yaml"));
+        let argv = settings.spec().expanded_argv().unwrap();
+        assert_eq!(argv[14..18], ["--data-dir", "/run/lab/a/k3s", "--write-kubeconfig", "/run/lab/a/etc/k3s.yaml"]);
     }
 
     #[test]
@@ -300,6 +368,10 @@ mod tests {
                 "10.0.0.100",
                 "--tls-san",
                 "10.0.0.11",
+                "--data-dir",
+                "/var/lib/rancher/k3s",
+                "--write-kubeconfig",
+                "/etc/rancher/k3s/k3s.yaml",
                 "--disable=traefik",
                 "--write-kubeconfig-mode=0600",
             ]
@@ -312,7 +384,7 @@ mod tests {
     fn no_extra_args_adds_no_words() {
         let mut s = settings();
         s.extra_args.clear();
-        assert_eq!(s.spec().expanded_argv().unwrap().last().unwrap(), "10.0.0.11");
+        assert_eq!(s.spec().expanded_argv().unwrap().last().unwrap(), "/etc/rancher/k3s/k3s.yaml");
     }
 
     #[test]

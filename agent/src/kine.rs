@@ -39,7 +39,7 @@ pub enum KineError {
     },
     #[error("kine at {endpoint} answered HTTP {status}")]
     Http { endpoint: String, status: u16 },
-    #[error("kine at {endpoint} failed the read: gRPC status {code}: {message}")]
+    #[error("kine at {endpoint} failed the call: gRPC status {code}: {message}")]
     Grpc { endpoint: String, code: String, message: String },
     #[error("kine at {endpoint} sent no response message")]
     NoMessage { endpoint: String },
@@ -155,6 +155,13 @@ pub fn go_duration(d: Duration) -> String {
 /// One etcd `Range` of a single key through Kine's gRPC endpoint
 /// (`http://HOST:PORT`). `Ok` means Kine answered with data from the database.
 pub async fn probe(endpoint: &str, timeout: Duration) -> Result<(), KineError> {
+    call(endpoint, "etcdserverpb.KV/Range", &range_request(b"/geminik8s/health", 1), timeout).await.map(drop)
+}
+
+/// One unary call of Kine's etcd gRPC API: `method` such as
+/// `etcdserverpb.KV/Range`, `request` the protobuf-encoded message. Returns
+/// the protobuf-encoded response message.
+pub async fn call(endpoint: &str, method: &str, request: &[u8], timeout: Duration) -> Result<Vec<u8>, KineError> {
     crate::tls::install_crypto_provider();
     let endpoint = endpoint.trim_end_matches('/').to_string();
     let client = reqwest::Client::builder()
@@ -165,10 +172,10 @@ pub async fn probe(endpoint: &str, timeout: Duration) -> Result<(), KineError> {
         .map_err(KineError::Client)?;
     let call = async {
         let response = client
-            .post(format!("{endpoint}/etcdserverpb.KV/Range"))
+            .post(format!("{endpoint}/{method}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
-            .body(grpc_frame(&range_request(b"/geminik8s/health", 1)))
+            .body(grpc_frame(request))
             .send()
             .await
             .map_err(|source| KineError::Unreachable { endpoint: endpoint.clone(), source })?;
@@ -188,7 +195,7 @@ pub async fn probe(endpoint: &str, timeout: Duration) -> Result<(), KineError> {
         if body.len() >= 5 && body[0] == 0 {
             let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
             if body.len() >= 5 + len {
-                return Ok(());
+                return Ok(body[5..5 + len].to_vec());
             }
         }
         Err(KineError::NoMessage { endpoint: endpoint.clone() })
@@ -200,7 +207,7 @@ pub async fn probe(endpoint: &str, timeout: Duration) -> Result<(), KineError> {
 }
 
 /// `etcdserverpb.RangeRequest { key, limit }` in protobuf wire format.
-fn range_request(key: &[u8], limit: u64) -> Vec<u8> {
+pub fn range_request(key: &[u8], limit: u64) -> Vec<u8> {
     let mut msg = vec![0x0a]; // field 1 (key), length-delimited
     put_varint(&mut msg, key.len() as u64);
     msg.extend_from_slice(key);
@@ -209,7 +216,8 @@ fn range_request(key: &[u8], limit: u64) -> Vec<u8> {
     msg
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+/// A protobuf varint.
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;

@@ -32,7 +32,9 @@ pub struct ClusterPki {
 /// unattended for years; `replace-node` re-issues.
 pub const VALIDITY_DAYS: i64 = 3650;
 
-fn params(common_name: &str) -> anyhow::Result<CertificateParams> {
+/// Parameters of a certificate for `common_name` (organisation `geminik8s`),
+/// valid from an hour ago for [`VALIDITY_DAYS`].
+pub fn params(common_name: &str) -> anyhow::Result<CertificateParams> {
     let mut params = CertificateParams::new(Vec::<String>::new()).context("certificate parameters")?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "geminik8s");

@@ -265,13 +265,15 @@ async fn k3s_server_on_kine_becomes_ready() {
         vip: Ipv4Addr::LOCALHOST.into(),
         token: "geminik8s-test-token".into(),
         datastore_endpoint: kine_endpoint.clone(),
+        data_dir,
+        config_dir: pg.dir.path().join("k3s-config"),
         // Server only: no kubelet or containerd in a test.
-        extra_args: vec!["--disable-agent".into(), format!("--data-dir={}", data_dir.display())],
+        extra_args: vec!["--disable-agent".into()],
         log_file: Some(pg.dir.path().join("k3s.log")),
     };
     supervisor.configure(&settings.spec()).await.unwrap();
     supervisor.start(k3s::SERVICE, Duration::from_secs(10)).await.unwrap();
-    let tls = data_dir.join("server/tls");
+    let tls = settings.tls_dir();
     let url = k3s::api_url(settings.vip);
     let k3s_log = || std::fs::read_to_string(settings.log_file.as_ref().unwrap()).unwrap_or_default();
     until_async("K3s /readyz", Duration::from_secs(180), Duration::from_secs(1), || async {

@@ -84,7 +84,7 @@ fn cloud_config(node: &str, peer: &str, replication: Replication, durability: Du
             kine_password: "kine-pass".into(),
         },
         kine: Kine::default(),
-        k3s: K3s { enabled: false, extra_args: Vec::new(), token: "t".into() },
+        k3s: K3s { enabled: false, ..K3s::with_token("t") },
         health: Health::default(),
         tls: Tls { ca: String::new(), cert: String::new(), key: String::new() },
     }

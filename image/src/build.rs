@@ -12,7 +12,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::base;
-use crate::cache::{Cache, Request, hash_local};
+use crate::cache::{Cache, FetchError, Request, hash_local};
 use crate::disk;
 use crate::manifest::{self, BuildManifest, RootfsSize};
 use crate::output::{self, OutputFile};
@@ -141,7 +141,17 @@ pub async fn build(opts: &BuildOptions, cache: &Cache, progress: &Progress) -> a
                     sha256: sha256.clone(),
                     authorization: None,
                 };
-                (cache.fetch(&request, progress).await?, sha256.clone())
+                let file = match cache.fetch(&request, progress).await {
+                    Ok(file) => file,
+                    Err(e @ (FetchError::Http { .. } | FetchError::Status { .. } | FetchError::Offline { .. })) => {
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "artifact `{0}` is not available: give a local copy with `--artifact {0}=PATH`",
+                            artifact.name
+                        )));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                (file, sha256.clone())
             }
             ArtifactSource::Path { path, sha256 } => {
                 let actual = hash_local(&artifact.name, path, sha256.as_deref())?;

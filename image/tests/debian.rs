@@ -1,6 +1,7 @@
 //! Building the default image's Debian rootfs (`image/specs/default.yaml`)
-//! with mmdebstrap (root only), with the locally built kine and gemin_k8s as
-//! artifacts, the repository's overlays and default cloud-config. Checks the tree, the
+//! with mmdebstrap (root only), with the locally built kine and gemin_k8s, and
+//! the K3s stand-in in place of the K3s download, as artifacts, the
+//! repository's overlays and default cloud-config. Checks the tree, the
 //! manifest, that a rebuild (from the cached base, and from a second
 //! mmdebstrap run) gives a byte-identical tarball, and that an offline build
 //! works from the apt cache without a mirror.
@@ -17,7 +18,7 @@ use gemin_image::build::{BuildOptions, build};
 use gemin_image::cache::{Cache, sha256_file};
 use gemin_image::progress::{Mode, Progress};
 use gemin_image::spec::OutputFormat;
-use geminik8s_vm_tests::image::{agent_binary, default_spec, host_mirror, test_apt_cache, workspace};
+use geminik8s_vm_tests::image::{agent_binary, default_spec, host_mirror, k3s_artifact, test_apt_cache, workspace};
 use geminik8s_vm_tests::{require, skip};
 
 fn files_below(root: &Path) -> Vec<PathBuf> {
@@ -51,9 +52,10 @@ async fn a_debian_rootfs_is_assembled_and_reproducible() {
     let snapshot = d.join("gemin_k8s");
     fs::copy(&agent, &snapshot).unwrap();
     let agent = snapshot;
+    let k3s = k3s_artifact(d).unwrap();
     let apt = test_apt_cache();
     let mirror = host_mirror();
-    let mut spec = default_spec(&mirror, &kine, &agent, &apt).unwrap();
+    let mut spec = default_spec(&mirror, &kine, &agent, &k3s, &apt).unwrap();
     // The root filesystem is what this test is about; the bootable formats
     // are built and booted by vm-tests/tests/image_boot.rs.
     spec.outputs = vec![OutputFormat::RootfsTar, OutputFormat::OciArchive];
@@ -107,6 +109,7 @@ async fn a_debian_rootfs_is_assembled_and_reproducible() {
     let root = &opts.target;
     assert_eq!(sha256_file(&root.join("usr/local/bin/kine")).unwrap(), sha256_file(&kine).unwrap());
     assert_eq!(sha256_file(&root.join("usr/bin/gemin_k8s")).unwrap(), sha256_file(&agent).unwrap());
+    assert_eq!(sha256_file(&root.join("usr/local/bin/k3s")).unwrap(), sha256_file(&k3s).unwrap());
     let overlays = workspace().join("overlays");
     for file in files_below(&overlays) {
         let (ours, theirs) = (overlays.join(&file), root.join(&file));
@@ -151,7 +154,7 @@ async fn a_debian_rootfs_is_assembled_and_reproducible() {
     // Offline and without a mirror (an address nothing listens on): the apt
     // cache filled by the first build stands in for it.
     let no_mirror = "http://127.0.0.1:9/debian";
-    let mut offline_spec = default_spec(no_mirror, &kine, &agent, &apt).unwrap();
+    let mut offline_spec = default_spec(no_mirror, &kine, &agent, &k3s, &apt).unwrap();
     offline_spec.outputs = vec![OutputFormat::RootfsTar, OutputFormat::OciArchive];
     let offline_cache = Cache::new(d.join("cache-offline")).unwrap().offline(true);
     let offline_opts =

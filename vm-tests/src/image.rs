@@ -1,7 +1,8 @@
 //! Building the shipped default image for the tests and the QEMU lab: the
 //! spec in `image/specs/default.yaml`, pointed at this machine's Debian
 //! mirror and the artifacts at hand (the workspace's `gemin_k8s`, the
-//! installed Kine).
+//! installed Kine, and the K3s stand-in in place of K3s, which cannot be
+//! downloaded on every build host).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -64,14 +65,53 @@ pub fn agent_binary() -> Option<PathBuf> {
     ["debug", "release"].iter().map(|p| target_dir().join(p).join("gemin_k8s")).find(|p| p.is_file())
 }
 
+/// `GEMIN_IMAGE_TEST_K3S`, else the workspace's K3s stand-in
+/// (`k3s-standin`, debug or release build).
+pub fn k3s_standin_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("GEMIN_IMAGE_TEST_K3S") {
+        return Some(PathBuf::from(path));
+    }
+    ["debug", "release"].iter().map(|p| target_dir().join(p).join("k3s-standin")).find(|p| p.is_file())
+}
+
+/// Write `binary` without its symbols to `dest`, as a release image carries it.
+pub fn strip_into(binary: &Path, dest: &Path) -> anyhow::Result<()> {
+    let out = Command::new("strip").arg("-o").arg(dest).arg(binary).output().context("running strip")?;
+    anyhow::ensure!(out.status.success(), "strip {}: {}", binary.display(), String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// What goes into a test or lab image as K3s (artifact `k3s`), at `dir/k3s`:
+/// the K3s stand-in, stripped, or when it is not built, a placeholder script
+/// that says so and fails.
+pub fn k3s_artifact(dir: &Path) -> anyhow::Result<PathBuf> {
+    let dest = dir.join("k3s");
+    match k3s_standin_binary() {
+        Some(standin) => strip_into(&standin, &dest)?,
+        None => {
+            use std::os::unix::fs::PermissionsExt;
+            let text = concat!(
+                "#!/bin/sh\n",
+                "# Placeholder for K3s in a test image: the K3s stand-in was not built.\n",
+                "echo 'k3s: placeholder; build the K3s stand-in: cargo build -p geminik8s-vm-tests --bin k3s-standin' >&2\n",
+                "exit 1\n",
+            );
+            fs::write(&dest, text).with_context(|| format!("writing {}", dest.display()))?;
+            fs::set_permissions(&dest, fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    Ok(dest)
+}
+
 /// The apt cache the tests share, so only the first build downloads.
 pub fn test_apt_cache() -> PathBuf {
     std::env::temp_dir().join("gemin-image-test-apt")
 }
 
 /// The shipped default spec, as an operator builds it, pointed at `mirror`,
-/// the apt cache `apt` and the given Kine and agent binaries.
-pub fn default_spec(mirror: &str, kine: &Path, agent: &Path, apt: &Path) -> anyhow::Result<ImageSpec> {
+/// the apt cache `apt` and the given Kine, agent and K3s binaries (as
+/// `--artifact NAME=PATH` does).
+pub fn default_spec(mirror: &str, kine: &Path, agent: &Path, k3s: &Path, apt: &Path) -> anyhow::Result<ImageSpec> {
     let path = workspace().join("image/specs/default.yaml");
     let mut spec = ImageSpec::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     match &mut spec.base {
@@ -85,6 +125,7 @@ pub fn default_spec(mirror: &str, kine: &Path, agent: &Path, apt: &Path) -> anyh
         let path = match artifact.name.as_str() {
             "kine" => kine,
             "gemin_k8s" => agent,
+            "k3s" => k3s,
             other => anyhow::bail!("unexpected artifact {other} in the default spec"),
         };
         artifact.source = ArtifactSource::Path { path: path.to_path_buf(), sha256: None };
@@ -107,15 +148,15 @@ impl BuiltImage {
 
 /// Build the default image with its bootable outputs into `dir` (kept
 /// between runs: an unchanged build is skipped). The agent goes in
-/// stripped, as a release image would carry it.
+/// stripped, as a release image would carry it; K3s is [`k3s_artifact`].
 pub async fn build_default_image(dir: &Path, progress: &Progress) -> anyhow::Result<BuiltImage> {
     let agent = agent_binary().context("no gemin_k8s in target/: run `cargo build -p geminik8s-agent`")?;
     let kine = crate::skip::find_tool("kine").context("kine is not installed: run `just deps`")?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let stripped = dir.join("gemin_k8s");
-    let out = Command::new("strip").arg("-o").arg(&stripped).arg(&agent).output().context("running strip")?;
-    anyhow::ensure!(out.status.success(), "strip {}: {}", agent.display(), String::from_utf8_lossy(&out.stderr));
-    let spec = default_spec(&host_mirror(), &kine, &stripped, &test_apt_cache())?;
+    strip_into(&agent, &stripped)?;
+    let k3s = k3s_artifact(dir)?;
+    let spec = default_spec(&host_mirror(), &kine, &stripped, &k3s, &test_apt_cache())?;
     let cache = Cache::new(dir.join("cache"))?;
     let out_dir = dir.join("out");
     let opts = BuildOptions {

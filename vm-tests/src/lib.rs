@@ -4,6 +4,7 @@
 //! deadline and, on timeout, report what they saw last.
 
 pub mod image;
+pub mod k3s_standin;
 pub mod labstate;
 pub mod netns;
 pub mod poll;

@@ -253,8 +253,10 @@ impl Lab {
         }
         // Kine listens on all addresses so the client reaches the leader's Kine through the VIP.
         let mut text = format!(
-            "#cloud-config\n# Written by gemini-lab: per-node paths and the lab's witness.\ngeminik8s:\n  postgres:\n    data_dir: {}\n  kine:\n    listen: 0.0.0.0:2379\n  k3s:\n    enabled: false\n",
-            dir.join("pgdata").display()
+            "#cloud-config\n# Written by gemini-lab: per-node paths and the lab's witness.\ngeminik8s:\n  postgres:\n    data_dir: {}\n  kine:\n    listen: 0.0.0.0:2379\n  k3s:\n    enabled: false\n    data_dir: {}\n    config_dir: {}\n",
+            dir.join("pgdata").display(),
+            dir.join("k3s").display(),
+            dir.join("etc-rancher-k3s").display()
         );
         let mode = serde_json::to_value(self.witness)?.as_str().unwrap_or("none").to_string();
         if self.witness != cluster.witness.mode || self.witness != WitnessMode::None {

@@ -135,7 +135,8 @@ pub fn parse_report(line: &str) -> BTreeMap<String, String> {
 
 /// A node file from `gemin_k8s init` made into the VM's user-data: Kine
 /// listening on every address (the VIP reaches the leader's), K3s off
-/// (the default image carries no K3s), and a static address on the NIC
+/// (the lab's image carries the K3s stand-in, without a `kube-apiserver`
+/// to run), and a static address on the NIC
 /// with `mac` through systemd-networkd, written before networkd starts.
 pub fn user_data(node_file: &str, mac: &str, ip: IpAddr, prefix: u8) -> anyhow::Result<String> {
     let mut text = node_file.to_string();

@@ -383,7 +383,7 @@ fn node_file(
         api: crate::config::Api { token: String::new() },
         postgres: Postgres::default(),
         kine: Kine::default(),
-        k3s: crate::config::K3s { enabled: true, extra_args: Vec::new(), token: String::new() },
+        k3s: crate::config::K3s::with_token(""),
         health: Health::default(),
         tls: crate::config::Tls { ca: String::new(), cert: String::new(), key: String::new() },
     };

@@ -164,7 +164,26 @@ pub struct K3s {
     pub enabled: bool,
     #[serde(default)]
     pub extra_args: Vec<String>,
+    /// K3s's state (`--data-dir`); its server certificates are in `server/tls` below it.
+    #[serde(default = "defaults::k3s_data_dir")]
+    pub data_dir: PathBuf,
+    /// Where K3s writes its kubeconfig (`k3s.yaml`) and the agent the one for the VIP.
+    #[serde(default = "defaults::k3s_config_dir")]
+    pub config_dir: PathBuf,
     pub token: String,
+}
+
+impl K3s {
+    /// K3s enabled with `token` and every other setting at its default.
+    pub fn with_token(token: impl Into<String>) -> Self {
+        K3s {
+            enabled: true,
+            extra_args: Vec::new(),
+            data_dir: defaults::k3s_data_dir(),
+            config_dir: defaults::k3s_config_dir(),
+            token: token.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -262,6 +281,12 @@ pub(crate) mod defaults {
     }
     pub fn data_dir() -> PathBuf {
         PathBuf::from("/var/lib/postgresql/15/main")
+    }
+    pub fn k3s_data_dir() -> PathBuf {
+        PathBuf::from("/var/lib/rancher/k3s")
+    }
+    pub fn k3s_config_dir() -> PathBuf {
+        PathBuf::from("/etc/rancher/k3s")
     }
     pub fn kine_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 2379))

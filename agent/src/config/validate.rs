@@ -31,8 +31,18 @@ impl Default for CheckContext {
 pub const BLOCK: &str = "geminik8s";
 
 /// `k3s server` flags geminik8s sets itself.
-const MANAGED_K3S_FLAGS: &[&str] =
-    &["--datastore-endpoint", "--token", "--token-file", "--node-ip", "--cluster-init", "--server"];
+const MANAGED_K3S_FLAGS: &[&str] = &[
+    "--datastore-endpoint",
+    "--token",
+    "--token-file",
+    "--node-ip",
+    "--cluster-init",
+    "--server",
+    "--data-dir",
+    "-d",
+    "--write-kubeconfig",
+    "-o",
+];
 
 struct Checker<'a> {
     names: &'a [String],

@@ -157,6 +157,8 @@ mod tests {
             vip: "10.0.0.100".parse().unwrap(),
             token: "t".into(),
             datastore_endpoint: "http://127.0.0.1:2379".into(),
+            data_dir: "/var/lib/rancher/k3s".into(),
+            config_dir: "/etc/rancher/k3s".into(),
             extra_args: Vec::new(),
             log_file: None,
         };

@@ -69,6 +69,16 @@ fn the_shipped_default_spec_is_valid() {
     let dest = |name: &str| spec.artifacts.iter().find(|a| a.name == name).map(|a| a.dest.clone());
     assert_eq!(dest("kine").as_deref(), Some(geminik8s::kine::KINE_BINARY));
     assert_eq!(dest("gemin_k8s").as_deref(), Some(geminik8s::services::units::AGENT_ARGV[0]));
+    assert_eq!(dest("k3s").as_deref(), Some(geminik8s::k3s::K3S_BINARY));
+    // K3s is the pinned release, downloaded and checked against its digest.
+    let k3s = spec.artifacts.iter().find(|a| a.name == "k3s").unwrap();
+    match &k3s.source {
+        ArtifactSource::Url { url, sha256 } => {
+            assert!(url.ends_with("/v1.34.2%2Bk3s1/k3s"), "{url}");
+            assert_eq!(sha256, "15811d34187e03fe29d0e46108c42cc33e62cec1b3d9d80f50944536ebcad40a");
+        }
+        other => panic!("K3s comes from a URL with a digest, not {other:?}"),
+    }
 }
 
 #[test]
