@@ -26,9 +26,6 @@ pub const K3S_BINARY: &str = "/usr/local/bin/k3s";
 /// The service name (`geminik8s-k3s.service` under systemd).
 pub const SERVICE: &str = "k3s";
 pub const API_PORT: u16 = 6443;
-/// Where K3s keeps its server certificates under the default `k3s.data_dir`
-/// (see [`K3sSettings::tls_dir`] for a node's own).
-pub const SERVER_TLS_DIR: &str = "/var/lib/rancher/k3s/server/tls";
 /// The kubeconfig K3s writes for local use (`https://127.0.0.1:6443`), in `k3s.config_dir`.
 pub const LOCAL_KUBECONFIG: &str = "k3s.yaml";
 /// The kubeconfig the agent writes for the VIP, in `k3s.config_dir`.

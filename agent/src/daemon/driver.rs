@@ -109,9 +109,6 @@ struct PromotionTiming {
     promoted: Option<Instant>,
 }
 
-/// The kubeconfig the agent writes, pointing at the VIP.
-pub const KUBECONFIG: &str = "/etc/rancher/k3s/geminik8s.yaml";
-
 /// Time limit for starting, stopping or restarting a service.
 const SERVICE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -207,9 +204,9 @@ impl Driver {
         };
         let k3s = match (subsystems.k3s.take(), &subsystems.services) {
             (Some(settings), Some(_)) if settings.available() => Some(K3sRun {
+                tls_dir: settings.tls_dir(),
+                kubeconfig: settings.kubeconfig_path(),
                 settings,
-                tls_dir: PathBuf::from(crate::k3s::SERVER_TLS_DIR),
-                kubeconfig: PathBuf::from(KUBECONFIG),
                 started: false,
                 ready: None,
                 kubeconfig_written: false,
