@@ -207,9 +207,10 @@ impl Driver {
             tasks: Vec::new(),
         };
         driver.publish();
-        let app = server::router(driver.shared.clone(), Some(&driver.cfg.api.token), driver.hooks.clone());
+        let auth = server::Auth::tls(&driver.cfg.peer.name, &driver.cfg.api.token);
+        let app = server::router(driver.shared.clone(), auth, driver.hooks.clone());
         driver.tasks.push(tokio::spawn(server::serve_tls(listener, server_config, app, driver.hooks.clone())));
-        let local = server::router(driver.shared.clone(), None, driver.hooks.clone());
+        let local = server::router(driver.shared.clone(), server::Auth::Local, driver.hooks.clone());
         driver.tasks.push(tokio::spawn(server::serve_unix(unix, local)));
         tracing::info!(api = %addr, socket = %socket.display(), "agent API listening");
         Ok(driver)
@@ -463,7 +464,7 @@ impl Driver {
                 }
                 Action::AcquireLease { epoch } => {
                     if let Some(client) = &self.lease_client {
-                        let view = client.acquire().await;
+                        let view = client.acquire(false).await;
                         tracing::debug!(epoch, ?view, "lease");
                         self.lease.record(view);
                     }
@@ -550,6 +551,19 @@ impl Driver {
                 None
             }
         };
+        if let Some(client) = &self.lease_client
+            && self.machine.leading()
+        {
+            // The peer can take over with every acknowledged write while
+            // commits wait for it; with `durability: async` (the operator's
+            // choice to risk the tail) while it streams; never while degraded.
+            let eligible = self
+                .replication
+                .as_ref()
+                .is_some_and(|r| r.durability == "synchronous" || (r.durability == "async" && r.streaming));
+            let desired = eligible.then_some(self.cfg.peer.name.as_str());
+            observe::record_sync(client, &mut self.lease, desired).await;
+        }
     }
 
     fn background(&mut self, work: impl std::future::Future<Output = Completion> + Send + 'static) {

@@ -82,7 +82,7 @@ pub struct LeaseState {
 impl LeaseState {
     pub fn record(&mut self, view: LeaseView) {
         self.held_until = match &view {
-            LeaseView::Held { until } => Some(*until),
+            LeaseView::Mine { until, .. } => Some(*until),
             _ => None,
         };
         self.last = Some(view);
@@ -96,10 +96,10 @@ pub async fn arbiter(client: &LeaseClient, lease: &mut LeaseState) -> WitnessVie
     }
     let view = client.holder().await;
     let witness = match &view {
-        LeaseView::HeldBy(h) if h == client.node() => {
+        LeaseView::Mine { .. } => {
             // Held by us at the witness but no longer trusted here: renew first.
-            let renewed = client.acquire().await;
-            let w = if matches!(renewed, LeaseView::Held { .. }) {
+            let renewed = client.acquire(false).await;
+            let w = if matches!(renewed, LeaseView::Mine { .. }) {
                 WitnessView::LeaseHeldByMe
             } else {
                 WitnessView::LeaseFree
@@ -107,12 +107,28 @@ pub async fn arbiter(client: &LeaseClient, lease: &mut LeaseState) -> WitnessVie
             lease.record(renewed);
             return w;
         }
-        LeaseView::HeldBy(_) => WitnessView::LeaseHeldByPeer,
-        LeaseView::Free | LeaseView::Held { .. } => WitnessView::LeaseFree,
+        LeaseView::Other { .. } => WitnessView::LeaseHeldByPeer,
+        LeaseView::Free { .. } => WitnessView::LeaseFree,
         LeaseView::Unreachable(_) => WitnessView::ArbiterUnreachable,
     };
     lease.record(view);
     witness
+}
+
+/// As the lease holder, keep the witness's sync-standby record at `desired`
+/// (the record comes back with every renewal, so this calls only on a change).
+pub async fn record_sync(client: &LeaseClient, lease: &mut LeaseState, desired: Option<&str>) {
+    let Some(LeaseView::Mine { sync_standby, .. }) = &mut lease.last else { return };
+    if sync_standby.as_deref() == desired {
+        return;
+    }
+    match client.record_sync(desired).await {
+        Ok(recorded) => {
+            tracing::info!(event = "sync_standby_reported", sync_standby = ?recorded, "the witness records the synchronous standby");
+            *sync_standby = recorded;
+        }
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "reporting the synchronous standby to the witness failed"),
+    }
 }
 
 /// Run the custom health script: exit 0 within `timeout` is healthy.
