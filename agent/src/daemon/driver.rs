@@ -153,6 +153,7 @@ impl Driver {
         let mut subsystems = subsystems;
         let kine = match (subsystems.kine.take(), &subsystems.services) {
             (Some(settings), Some(services)) => {
+                settings.write_ca()?;
                 services.configure(&settings.spec()).await.context("configuring Kine")?;
                 services.start(crate::kine::SERVICE, SERVICE_TIMEOUT).await.context("starting Kine")?;
                 tracing::info!(listen = %settings.listen, datastore = %settings.db_host, "Kine started");

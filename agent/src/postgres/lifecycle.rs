@@ -119,6 +119,8 @@ impl Manager {
 
     async fn base_backup(&self) -> Result<()> {
         let s = &self.settings;
+        // The CA file the connection string's `sslrootcert=` names.
+        files::write_tls(s, self.owner)?;
         self.release_slot_on_leader("postgres", false).await?;
         self.tool("pg_basebackup")
             .arg("-D")
@@ -353,6 +355,8 @@ impl Manager {
 
     async fn rewind(&self) -> Result<()> {
         let s = &self.settings;
+        // The CA file the connection string's `sslrootcert=` names.
+        files::write_tls(s, self.owner)?;
         // pg_rewind itself runs crash recovery in single-user mode first
         // when the server was not shut down cleanly.
         self.tool("pg_rewind")
