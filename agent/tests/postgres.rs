@@ -85,6 +85,7 @@ fn cloud_config(node: &str, peer: &str, replication: Replication, durability: Du
             data_dir: PathBuf::new(),
             replication_password: "repl pass'word".into(),
             kine_password: "kine-pass".into(),
+            archive_keep: 3,
         },
         kine: Kine::default(),
         k3s: K3s { enabled: false, extra_args: Vec::new(), token: "t".into() },
@@ -408,6 +409,8 @@ async fn promoted_standby_takes_writes_and_the_old_primary_rejoins_by_rewind() {
     let Rejoin::Rewound { archive: Some(archive) } = &rejoin else { panic!("expected a rewind: {rejoin:?}") };
     let entries = archive_entries(archive);
     assert!(entries.iter().any(|e| e == "data/PG_VERSION"), "{entries:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(archive).unwrap().permissions().mode() & 0o777, 0o600, "the archive holds secrets");
     wait_streaming(&a, &b).await;
     let sa = a.status().await.unwrap();
     assert_eq!((sa.role, sa.timeline), (PgRole::Standby, 2));

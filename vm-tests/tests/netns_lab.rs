@@ -177,8 +177,9 @@ fn bootstrap_failover_and_rejoin() {
     // The old leader comes back and follows (pg_rewind), nothing lost.
     lab.start("node1").unwrap();
     wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
-    let archives = std::fs::read_dir(lab.node_dir("node1"))
-        .unwrap()
+    let archive_dir = geminik8s::postgres::archive::archive_dir(&lab.node_dir("node1").join("pgdata"));
+    let archives = std::fs::read_dir(&archive_dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", archive_dir.display()))
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tar.gz"))
         .count();

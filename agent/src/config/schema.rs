@@ -169,6 +169,12 @@ pub const KEYS: &[Key] = &[
     ),
     required("postgres.replication_password", Kind::Secret, "Password of the `replicator` role (SCRAM)."),
     required("postgres.kine_password", Kind::Secret, "Password of the `kine` role that Kine connects with."),
+    optional(
+        "postgres.archive_keep",
+        Kind::Int { min: 1, max: 100 },
+        "3",
+        "How many archives of old data directories (`<data_dir>-<time>.tar.gz`, taken before a rejoin discards anything) are kept; older ones are deleted, oldest first, after each new one.",
+    ),
     section("kine", "Kine, the etcd API over PostgreSQL."),
     optional(
         "kine.listen",

@@ -111,7 +111,7 @@ impl Manager {
             files::ensure_dir(data, 0o700, self.owner)?;
             return Ok(None);
         }
-        let archive = archive::archive_data_dir(data).await?;
+        let archive = archive::archive_data_dir(data, self.settings.archive_keep).await?;
         archive::clear_dir(data)?;
         files::ensure_dir(data, 0o700, self.owner)?;
         Ok(Some(archive))
@@ -326,7 +326,7 @@ impl Manager {
         let mut archive = None;
         self.checkpoint_leader().await?;
         if s.archive_before_rewind {
-            archive = Some(archive::archive_data_dir(&s.data_dir).await?);
+            archive = Some(archive::archive_data_dir(&s.data_dir, s.archive_keep).await?);
         }
         match self.rewind().await {
             Ok(()) => {
@@ -340,7 +340,7 @@ impl Manager {
                 tracing::warn!(event = "postgres_rewind_failed", error = %rewind_error, "pg_rewind failed; taking a fresh base backup");
                 let archive = match archive {
                     Some(a) => a,
-                    None => archive::archive_data_dir(&s.data_dir).await?,
+                    None => archive::archive_data_dir(&s.data_dir, s.archive_keep).await?,
                 };
                 archive::clear_dir(&s.data_dir)?;
                 files::ensure_dir(&s.data_dir, 0o700, self.owner)?;

@@ -271,6 +271,7 @@ mod tests {
             },
             sequence_margin: 1000,
             archive_before_rewind: true,
+            archive_keep: 3,
             max_slot_wal_keep_mb: 4096,
             start_timeout: Duration::from_secs(60),
             tool_timeout: Duration::from_secs(600),

@@ -70,6 +70,8 @@ pub struct Settings {
     /// Archive the data directory before `pg_rewind` too (pg_rewind discards
     /// the diverged tail; the archive keeps it).
     pub archive_before_rewind: bool,
+    /// How many archives of the data directory are kept (the newest).
+    pub archive_keep: usize,
     /// `max_slot_wal_keep_size` in MiB: a slot whose node is gone for good
     /// must not fill the disk.
     pub max_slot_wal_keep_mb: u64,
@@ -100,6 +102,7 @@ impl std::fmt::Debug for Settings {
             .field("tls", &HIDDEN)
             .field("sequence_margin", &self.sequence_margin)
             .field("archive_before_rewind", &self.archive_before_rewind)
+            .field("archive_keep", &self.archive_keep)
             .field("max_slot_wal_keep_mb", &self.max_slot_wal_keep_mb)
             .field("start_timeout", &self.start_timeout)
             .field("tool_timeout", &self.tool_timeout)
@@ -133,6 +136,7 @@ impl Settings {
             tls: cfg.tls.clone(),
             sequence_margin: DEFAULT_SEQUENCE_MARGIN,
             archive_before_rewind: true,
+            archive_keep: pg.archive_keep as usize,
             max_slot_wal_keep_mb: 4096,
             start_timeout: Duration::from_secs(60),
             tool_timeout: Duration::from_secs(30 * 60),
