@@ -541,27 +541,30 @@ impl Driver {
                 }
             }
         }
-        let Some(db) = self.subsystems.database.clone() else { return };
-        if let Err(e) = db.tick(self.machine.leading()).await {
-            tracing::warn!(error = %format!("{e:#}"), "datastore upkeep failed");
-        }
-        self.replication = match db.replication().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(error = %format!("{e:#}"), "reading the replication state failed");
-                None
+        if let Some(db) = self.subsystems.database.clone() {
+            if let Err(e) = db.tick(self.machine.leading()).await {
+                tracing::warn!(error = %format!("{e:#}"), "datastore upkeep failed");
             }
-        };
+            self.replication = match db.replication().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "reading the replication state failed");
+                    None
+                }
+            };
+        }
         if let Some(client) = &self.lease_client
             && self.machine.leading()
         {
             // The peer can take over with every acknowledged write while
             // commits wait for it; with `durability: async` (the operator's
             // choice to risk the tail) while it streams; never while degraded.
-            let eligible = self
-                .replication
-                .as_ref()
-                .is_some_and(|r| r.durability == "synchronous" || (r.durability == "async" && r.streaming));
+            // Without a datastore on this agent there is nothing to lose.
+            let eligible = match (&self.subsystems.database, &self.replication) {
+                (None, _) => true,
+                (Some(_), Some(r)) => r.durability == "synchronous" || (r.durability == "async" && r.streaming),
+                (Some(_), None) => false,
+            };
             let desired = eligible.then_some(self.cfg.peer.name.as_str());
             observe::record_sync(client, &mut self.lease, desired).await;
         }
