@@ -71,6 +71,22 @@ impl ApiHooks {
     pub fn last_health_call(&self) -> Option<Instant> {
         *self.last_health_call.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Log (`event=api_refused`, with the caller's identity) and count a
+    /// refused call, and answer it with `status` and `reason`.
+    pub fn refuse(
+        &self,
+        remote: Option<SocketAddr>,
+        caller: Option<&Caller>,
+        path: &str,
+        status: StatusCode,
+        reason: &str,
+    ) -> Response {
+        let identity = caller.map(ToString::to_string).unwrap_or_else(|| "unknown".into());
+        tracing::warn!(event = "api_refused", peer = ?remote, identity, path, reason, "refused an API call");
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        (status, format!("{reason}\n")).into_response()
+    }
 }
 
 /// Requests from operators to the agent loop.
@@ -113,19 +129,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Log and count a refused request, and answer it with `status`.
-pub fn refuse(hooks: &ApiHooks, request: &Request, status: StatusCode, reason: &str) -> Response {
+fn refuse(hooks: &ApiHooks, request: &Request, status: StatusCode, reason: &str) -> Response {
     let remote = request.extensions().get::<Remote>().and_then(|r| r.0);
-    let caller = request.extensions().get::<Caller>().map(ToString::to_string).unwrap_or_else(|| "unknown".into());
-    tracing::warn!(
-        event = "api_refused",
-        peer = ?remote,
-        identity = %caller,
-        path = %request.uri().path(),
-        reason,
-        "refused an API call"
-    );
-    hooks.refused.fetch_add(1, Ordering::Relaxed);
-    (status, format!("{reason}\n")).into_response()
+    hooks.refuse(remote, request.extensions().get::<Caller>(), request.uri().path(), status, reason)
 }
 
 fn certificate(request: &Request) -> Option<&Identity> {

@@ -31,7 +31,7 @@ use super::table::{Grant, LeaseTable, Persisted};
 use super::{LeaseRequest, ReleaseRequest, SyncRequest};
 use crate::fsutil;
 use crate::peer::identity::{Caller, Role};
-use crate::peer::server::{ApiHooks, refuse};
+use crate::peer::server::ApiHooks;
 
 /// Version of the state file format.
 const STATE_VERSION: u32 = 1;
@@ -136,19 +136,12 @@ async fn require_caller(State(state): State<Shared>, request: Request, next: Nex
     if allowed {
         return next.run(request).await;
     }
-    refuse(
-        &state.hooks,
-        &request,
-        StatusCode::FORBIDDEN,
-        "only the nodes' and the operator's certificates may use the witness",
-    )
+    let reason = "only the nodes' and the operator's certificates may use the witness";
+    state.hooks.refuse(None, request.extensions().get::<Caller>(), request.uri().path(), StatusCode::FORBIDDEN, reason)
 }
 
 fn forbidden(state: &WitnessState, caller: &Option<Extension<Caller>>, path: &str, why: String) -> Response {
-    let identity = caller.as_ref().map(|Extension(c)| c.to_string()).unwrap_or_else(|| "unknown".into());
-    tracing::warn!(event = "api_refused", identity, path, reason = %why, "refused a witness call");
-    state.hooks.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    (StatusCode::FORBIDDEN, format!("{why}\n")).into_response()
+    state.hooks.refuse(None, caller.as_ref().map(|Extension(c)| c), path, StatusCode::FORBIDDEN, &why)
 }
 
 fn bad_request(what: &str) -> Response {
