@@ -72,7 +72,16 @@ fn lab_up(init_extra: &[&str], witness: Option<WitnessMode>) -> Option<Up> {
     let lab = Lab::up(&opts).unwrap();
     // Only a lab this test created is torn down (`up` refuses when one exists).
     let keep = std::env::var_os("GEMINIK8S_LAB_KEEP").is_some();
-    let up = Up { lab, _guard: Guard(run), _tmp: if keep { None } else { Some(tmp) } };
+    let up = Up {
+        lab,
+        _guard: Guard(run),
+        _tmp: if keep {
+            drop(tmp.keep());
+            None
+        } else {
+            Some(tmp)
+        },
+    };
     if keep {
         eprintln!("keeping {}", root.display());
     }
