@@ -332,7 +332,7 @@ mod tests {
     #[test]
     fn paths_follow_the_data_and_config_dirs() {
         let default = K3sSettings::from_config(&config(), Path::new("/logs"));
-        assert_eq!(default.tls_dir(), Path::new(SERVER_TLS_DIR));
+        assert_eq!(default.tls_dir(), Path::new("/var/lib/rancher/k3s/server/tls"));
         assert_eq!(default.kubeconfig_path(), Path::new("/etc/rancher/k3s/geminik8s.yaml"));
         let lab = crate::config::fixture::config(serde_json::json!({
             "k3s": {"token": "k3s-token", "data_dir": "/run/lab/a/k3s", "config_dir": "/run/lab/a/etc"},

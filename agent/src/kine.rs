@@ -7,7 +7,11 @@
 //!
 //! The database password never appears on the command line (where every user
 //! can read it in `/proc`): the endpoint goes in `KINE_ENDPOINT`, which Kine
-//! reads itself.
+//! reads itself. The database connection is TLS, the server's certificate
+//! verified against the cluster CA and the VIP (`sslmode=verify-full`; node
+//! certificates carry the VIP): the agent writes the CA to
+//! [`KineSettings::ca_file`], readable by Kine's unprivileged user, before
+//! Kine starts ([`KineSettings::write_ca`]).
 //!
 //! Health is a real etcd `Range` call over gRPC (HTTP/2 without TLS, which is
 //! what Kine serves when it has no server certificate) made with reqwest, so
@@ -28,6 +32,8 @@ pub const KINE_DATABASE: &str = "kine";
 pub const KINE_USER: &str = "kine";
 /// The service name (`geminik8s-kine.service` under systemd).
 pub const SERVICE: &str = "kine";
+/// The cluster CA as Kine reads it, in the runtime directory.
+pub const CA_FILE: &str = "kine-ca.crt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KineError {
@@ -63,6 +69,10 @@ pub struct KineSettings {
     pub compaction_interval: Duration,
     /// Where the supervisor writes Kine's output.
     pub log_file: Option<PathBuf>,
+    /// The cluster CA (the cloud-config's `tls.ca`: inline PEM or a path).
+    pub ca: String,
+    /// Where [`KineSettings::write_ca`] puts it for Kine (`sslrootcert=`).
+    pub ca_file: PathBuf,
 }
 
 impl KineSettings {
@@ -78,20 +88,37 @@ impl KineSettings {
             listen: config.kine.listen,
             compaction_interval: config.kine.compaction_interval,
             log_file: Some(log_dir.join("kine.log")),
+            ca: config.tls.ca.clone(),
+            ca_file: Path::new(crate::services::ENV_DIR).join(CA_FILE),
         }
     }
 
-    /// `postgres://kine:PASSWORD@HOST:PORT/kine?sslmode=disable`, password percent-encoded.
+    /// `postgres://kine:PASSWORD@HOST:PORT/kine?sslmode=verify-full&sslrootcert=CA_FILE`,
+    /// password and path percent-encoded.
     pub fn endpoint(&self) -> String {
         let host = match self.db_host {
             IpAddr::V4(ip) => ip.to_string(),
             IpAddr::V6(ip) => format!("[{ip}]"),
         };
         format!(
-            "postgres://{KINE_USER}:{}@{host}:{}/{KINE_DATABASE}?sslmode=disable",
+            "postgres://{KINE_USER}:{}@{host}:{}/{KINE_DATABASE}?sslmode=verify-full&sslrootcert={}",
             percent_encode(&self.password),
-            self.db_port
+            self.db_port,
+            percent_encode(&self.ca_file.to_string_lossy())
         )
+    }
+
+    /// Write the cluster CA to [`KineSettings::ca_file`] (mode 0644: it is
+    /// public, and Kine runs as an unprivileged user); before Kine starts.
+    pub fn write_ca(&self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let pem = crate::config::Tls::resolve(&self.ca)
+            .context("reading `tls.ca` (inline PEM or a readable PEM file) for Kine's database connection")?;
+        if let Some(dir) = self.ca_file.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        crate::fsutil::write_atomic(&self.ca_file, pem.as_bytes(), 0o644)
+            .with_context(|| format!("writing the cluster CA for Kine to {}", self.ca_file.display()))
     }
 
     /// The etcd endpoint Kine serves, for K3s and for health probes (loopback
@@ -334,6 +361,8 @@ mod tests {
             listen: "127.0.0.1:2379".parse().unwrap(),
             compaction_interval: Duration::from_secs(300),
             log_file: None,
+            ca: "/etc/geminik8s/ca.crt".into(),
+            ca_file: PathBuf::from("/run/geminik8s/kine-ca.crt"),
         }
     }
 
@@ -344,7 +373,10 @@ mod tests {
     #[test]
     fn settings_from_config_reach_kine_through_the_vip() {
         let settings = KineSettings::from_config(&config(), Path::new("/var/log/geminik8s/a"));
-        assert_eq!(settings.endpoint(), "postgres://kine:k%20p@10.77.0.10:5433/kine?sslmode=disable");
+        assert_eq!(
+            settings.endpoint(),
+            "postgres://kine:k%20p@10.77.0.10:5433/kine?sslmode=verify-full&sslrootcert=%2Frun%2Fgeminik8s%2Fkine-ca.crt"
+        );
         let spec = settings.spec();
         assert_eq!(
             spec.expanded_argv().unwrap()[1..5],
@@ -357,10 +389,11 @@ mod tests {
     #[test]
     fn endpoint_encodes_the_password_and_brackets_ipv6() {
         let mut s = settings();
-        assert_eq!(s.endpoint(), "postgres://kine:p%40ss%3Aw%2Frd%3F%23%25%C3%A9@10.0.0.100:5432/kine?sslmode=disable");
+        let tls = "sslmode=verify-full&sslrootcert=%2Frun%2Fgeminik8s%2Fkine-ca.crt";
+        assert_eq!(s.endpoint(), format!("postgres://kine:p%40ss%3Aw%2Frd%3F%23%25%C3%A9@10.0.0.100:5432/kine?{tls}"));
         s.db_host = "fd00::100".parse().unwrap();
         s.password = "plain".into();
-        assert_eq!(s.endpoint(), "postgres://kine:plain@[fd00::100]:5432/kine?sslmode=disable");
+        assert_eq!(s.endpoint(), format!("postgres://kine:plain@[fd00::100]:5432/kine?{tls}"));
     }
 
     #[test]

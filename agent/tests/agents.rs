@@ -183,7 +183,8 @@ impl Drop for Witness {
 
 /// Arbiter mode: a real `gemin_k8s witness serve` and two agents contending
 /// for its lease. Only the holder leads; when it dies, the lease passes to
-/// the other node once it has expired, and only then does that node lead.
+/// the other node (the recorded sync standby) once it has expired, and only
+/// then does that node lead.
 #[test]
 fn arbiter_lease_decides_who_leads() {
     let tmp = tempfile::tempdir().unwrap();
@@ -206,12 +207,13 @@ fn arbiter_lease_decides_who_leads() {
             .spawn()
             .unwrap(),
     );
-    let lease_holder = || -> Option<String> {
-        // The witness persists the holder on every change of holder.
+    // The witness persists its records on every change (holder, release, sync standby).
+    let lease_record = |field: &str| -> Option<String> {
         let v = std::fs::read_to_string(dir.join("witness-state/leases.json")).ok()?;
-        let map: serde_json::Map<String, Value> = serde_json::from_str(&v).ok()?;
-        map.get("lab").and_then(Value::as_str).map(str::to_string)
+        let state: Value = serde_json::from_str(&v).ok()?;
+        state["clusters"]["lab"][field].as_str().map(str::to_string)
     };
+    let lease_holder = || lease_record("last_holder");
 
     let mut n1 = start(&dir, "node1");
     let n2 = start(&dir, "node2");
@@ -239,6 +241,12 @@ fn arbiter_lease_decides_who_leads() {
     );
     formed.unwrap_or_else(|e| panic!("{e}\n{}", logs(&dir)));
     assert_eq!(lease_holder().as_deref(), Some("node1"));
+    // Without a datastore there is nothing to lose: the leader names its
+    // peer as the one that may take over.
+    poll::until("node2 recorded as sync standby", Duration::from_secs(10), Duration::from_millis(100), || {
+        lease_record("sync_standby").filter(|s| s == "node2").ok_or_else(|| lease_record("sync_standby"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&dir)));
 
     n1.child.kill().unwrap();
     n1.child.wait().unwrap();

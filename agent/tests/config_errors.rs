@@ -236,6 +236,14 @@ fn each_bad_input_gets_a_specific_positioned_error() {
         ),
         case("same node names", edit(15, "    name: node1"), 15, "geminik8s.peer.name", "is also `node.name`", None),
         case(
+            "a certificate name as node name",
+            edit(15, "    name: witness"),
+            15,
+            "geminik8s.peer.name",
+            "`witness` is reserved",
+            Some("choose another node name"),
+        ),
+        case(
             "invalid name",
             edit(5, "    name: Lab_1"),
             5,

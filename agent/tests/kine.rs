@@ -1,9 +1,11 @@
-//! Real Kine on a real PostgreSQL 15, run by the process supervisor from the
-//! rendered spec: etcd reads and writes go through it, the health probe follows
-//! the database going away and coming back, and the recovery helper brings Kine
+//! Real Kine on a real PostgreSQL 15 that takes Kine's role only over TLS, run
+//! by the process supervisor from the rendered spec: etcd reads and writes go
+//! through it (the database connection verified against the cluster CA), a
+//! Kine trusting another CA gets nowhere, the health probe follows the
+//! database going away and coming back, and the recovery helper brings Kine
 //! back when it does not recover by itself.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use std::time::Duration;
 use geminik8s::cmd::Tool;
 use geminik8s::k3s;
 use geminik8s::kine::{self, KineRecovery, KineSettings, RecoveryPolicy, Verdict};
+use geminik8s::pki::{self, ClusterPki};
 use geminik8s::services::supervisor::Supervisor;
 use geminik8s::services::{RunAs, Services};
 use geminik8s_vm_tests::poll::until_async;
@@ -31,10 +34,12 @@ fn tool(name: &str) -> PathBuf {
 }
 
 /// A throwaway PostgreSQL 15 in a temp dir, stopped (immediately) on drop.
+/// It takes Kine's role only over TLS, with a node certificate of `pki`.
 struct Postgres {
     dir: tempfile::TempDir,
     port: u16,
     user: RunAs,
+    pki: ClusterPki,
 }
 
 impl Postgres {
@@ -42,7 +47,9 @@ impl Postgres {
         let user = geminik8s::services::units::postgres_user().unwrap();
         let dir = tempfile::tempdir().unwrap();
         nix::unistd::chown(dir.path(), Some(user.uid.into()), Some(user.gid.into())).unwrap();
-        let pg = Postgres { dir, port: free_port(), user };
+        let lo = IpAddr::from(Ipv4Addr::LOCALHOST);
+        let pki = pki::generate("lab", &[("node1".into(), lo)], lo, None).unwrap();
+        let pg = Postgres { dir, port: free_port(), user, pki };
         std::fs::create_dir(pg.sockets()).unwrap();
         nix::unistd::chown(&pg.sockets(), Some(user.uid.into()), Some(user.gid.into())).unwrap();
         pg.as_postgres(tool("initdb"))
@@ -57,6 +64,13 @@ impl Postgres {
             .run()
             .await
             .unwrap();
+        for (file, pem) in [("server.crt", &pg.pki.nodes[0].cert), ("server.key", &pg.pki.nodes[0].key)] {
+            let path = pg.dir.path().join(file);
+            geminik8s::fsutil::write_atomic(&path, pem.as_bytes(), 0o600).unwrap();
+            nix::unistd::chown(&path, Some(user.uid.into()), Some(user.gid.into())).unwrap();
+        }
+        let hba = pg.data().join("pg_hba.conf");
+        std::fs::write(&hba, "local all all trust\nhostssl kine kine 127.0.0.1/32 scram-sha-256\n").unwrap();
         pg
     }
 
@@ -76,7 +90,12 @@ impl Postgres {
     }
 
     async fn start(&self) {
-        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.sockets().display());
+        let d = self.dir.path().display();
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key",
+            self.port,
+            self.sockets().display()
+        );
         self.as_postgres(tool("pg_ctl"))
             .args(["start", "-w", "-D", self.data().to_str().unwrap(), "-o", &options])
             .arg("-l")
@@ -152,6 +171,8 @@ fn kine_settings(pg: &Postgres) -> KineSettings {
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port())),
         compaction_interval: Duration::from_secs(300),
         log_file: Some(pg.dir.path().join("kine.log")),
+        ca: pg.pki.ca.cert.clone(),
+        ca_file: pg.dir.path().join("kine-ca.crt"),
     }
 }
 
@@ -164,6 +185,7 @@ async fn kine_on_postgres_serves_etcd_and_recovers_after_the_database_returns() 
     let log = settings.log_file.clone().unwrap();
     let kine_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let supervisor = Supervisor::new();
+    settings.write_ca().unwrap();
     supervisor.configure(&settings.spec()).await.unwrap();
     supervisor.start(kine::SERVICE, Duration::from_secs(10)).await.unwrap();
 
@@ -236,6 +258,31 @@ async fn kine_on_postgres_serves_etcd_and_recovers_after_the_database_returns() 
     assert!(!settings.spec().expanded_argv().unwrap().concat().contains("k1ne"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kine_refuses_a_database_whose_certificate_the_cluster_ca_did_not_sign() {
+    require!(root: true, tools: ["initdb", "pg_ctl", "psql", "kine"]);
+    let pg = postgres_with_kine_database().await;
+    let mut settings = kine_settings(&pg);
+    let lo = IpAddr::from(Ipv4Addr::LOCALHOST);
+    settings.ca = pki::generate("other", &[("node1".into(), lo)], lo, None).unwrap().ca.cert;
+    let log = settings.log_file.clone().unwrap();
+    let supervisor = Supervisor::new();
+    settings.write_ca().unwrap();
+    supervisor.configure(&settings.spec()).await.unwrap();
+    supervisor.start(kine::SERVICE, Duration::from_secs(10)).await.unwrap();
+    let seen = until_async("kine to report the untrusted certificate", Duration::from_secs(30), EVERY, || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("unknown authority") { Ok(text) } else { Err(text) }
+    })
+    .await
+    .unwrap();
+    assert!(
+        kine::probe(&settings.etcd_endpoint(), PROBE_TIMEOUT).await.is_err(),
+        "kine serves without its database:\n{seen}"
+    );
+    supervisor.shutdown(Duration::from_secs(15)).await.unwrap();
+}
+
 /// K3s on Kine on PostgreSQL, started from the rendered spec by the supervisor,
 /// until `/readyz` answers through the rendered credentials. K3s cannot be
 /// obtained on every build host: this runs when `GEMINIK8S_K3S_BINARY` names one.
@@ -252,6 +299,7 @@ async fn k3s_server_on_kine_becomes_ready() {
     let pg = postgres_with_kine_database().await;
     let kine_settings = kine_settings(&pg);
     let supervisor = Supervisor::new();
+    kine_settings.write_ca().unwrap();
     supervisor.configure(&kine_settings.spec()).await.unwrap();
     supervisor.start(kine::SERVICE, Duration::from_secs(10)).await.unwrap();
     let kine_endpoint = kine_settings.etcd_endpoint();

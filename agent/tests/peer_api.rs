@@ -1,6 +1,7 @@
 //! The agent API over real mutual TLS on loopback: who gets in, who is
-//! refused, what they see; the witness lease with two contending nodes; and
-//! `gemin_k8s status` reading both nodes of a cluster made by `init`.
+//! refused (by CA and by the name in the certificate), what they see, whose
+//! heartbeat counts; and `gemin_k8s status` reading both nodes of a cluster
+//! made by `init`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
@@ -8,11 +9,10 @@ use std::time::Duration;
 
 use geminik8s::hostmeta::HostMeta;
 use geminik8s::peer::client::AgentClient;
-use geminik8s::peer::server::{ApiHooks, bind_unix, router, serve_tls, serve_unix};
+use geminik8s::peer::server::{ApiHooks, Auth, MAX_HANDSHAKES, bind_unix, router, serve_tls, serve_unix};
 use geminik8s::peer::tls::TlsMaterial;
 use geminik8s::peer::{ComponentHealth, Counters, NodeStatus, PeerView, Published, Shared, VipView, WitnessView};
 use geminik8s::pki::{self, ClusterPki};
-use geminik8s::witness::{self, LeaseClient, LeaseView};
 
 mod common;
 use common::{free_port, init_loopback};
@@ -60,6 +60,7 @@ fn status(node: &str, role: &str, holds_vip: bool) -> NodeStatus {
 struct Running {
     addr: SocketAddr,
     shared: Shared,
+    hooks: Arc<ApiHooks>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -69,15 +70,26 @@ impl Drop for Running {
     }
 }
 
+/// A node's API on `ip:port` whose peer is the other of node1 and node2.
 async fn start(tls: &TlsMaterial, ip: &str, port: u16, st: NodeStatus, token: &str) -> Running {
+    let peer = if st.node == "node1" { "node2" } else { "node1" };
     let shared: Shared =
         Arc::new(RwLock::new(Published { hostmeta: None, status: st, counters: Counters::default(), election: None }));
     let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let refused = Arc::new(ApiHooks::default());
-    let app = router(shared.clone(), Some(token), refused.clone());
-    let task = tokio::spawn(serve_tls(listener, tls.server_config().unwrap(), app, refused));
-    Running { addr, shared, task }
+    let hooks = Arc::new(ApiHooks::default());
+    let app = router(shared.clone(), Auth::tls(peer, token), hooks.clone());
+    let task = tokio::spawn(serve_tls(listener, tls.server_config().unwrap(), app, hooks.clone()));
+    Running { addr, shared, hooks, task }
+}
+
+fn operator_tls(p: &ClusterPki) -> TlsMaterial {
+    TlsMaterial::from_pem(&p.ca.cert, &p.operator.cert, &p.operator.key).unwrap()
+}
+
+fn witness_tls(p: &ClusterPki) -> TlsMaterial {
+    let w = p.witness.as_ref().unwrap();
+    TlsMaterial::from_pem(&p.ca.cert, &w.cert, &w.key).unwrap()
 }
 
 #[tokio::test]
@@ -107,7 +119,7 @@ async fn mutual_tls_token_and_routes() {
     assert!(format!("{err:#}").contains("API token"), "{err:#}");
 
     // The operator with the token sees status and metrics.
-    let op_tls = TlsMaterial::from_pem(&p.ca.cert, &p.operator.cert, &p.operator.key).unwrap();
+    let op_tls = operator_tls(&p);
     let op = AgentClient::https(&url, &op_tls, Some(TOKEN.into()), TIMEOUT).unwrap();
     assert_eq!(op.status().await.unwrap(), status("node1", "leader", true));
     let wrong = AgentClient::https(&url, &op_tls, Some("not-the-token-0000000".into()), TIMEOUT).unwrap();
@@ -149,48 +161,84 @@ async fn local_socket_serves_status_without_token() {
         election: None,
     }));
     let listener = bind_unix(&path).unwrap();
-    let task = tokio::spawn(serve_unix(listener, router(shared, None, Arc::new(ApiHooks::default()))));
+    let hooks = Arc::new(ApiHooks::default());
+    let task = tokio::spawn(serve_unix(listener, router(shared, Auth::Local, hooks.clone())));
     let client = AgentClient::unix(&path, TIMEOUT);
     assert_eq!(client.status().await.unwrap().role, "follower");
+    let (health, _) = client.health().await.unwrap();
+    assert_eq!(health.node, "node1");
+    assert_eq!(hooks.last_health_call(), None, "a local call is not the peer's heartbeat");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     task.abort();
 }
 
 #[tokio::test]
-async fn witness_lease_goes_to_one_node_at_a_time() {
+async fn only_the_peer_certificate_is_the_peer() {
     let p = cluster_pki(Some("127.0.0.1".parse().unwrap()));
-    let w = p.witness.clone().unwrap();
-    let wtls = TlsMaterial::from_pem(&p.ca.cert, &w.cert, &w.key).unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let app = witness::router(Duration::from_secs(30), &state.path().join("leases.json")).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = listener.local_addr().unwrap().to_string();
-    let task = tokio::spawn(serve_tls(listener, wtls.server_config().unwrap(), app, Arc::new(ApiHooks::default())));
+    let server = start(&material(&p, 0), "127.0.0.1", 0, status("node1", "follower", false), TOKEN).await;
+    let url = format!("https://127.0.0.1:{}", server.addr.port());
 
-    let ttl = Duration::from_secs(2);
-    let a = LeaseClient::new(&target, &material(&p, 0), "lab", "node1", ttl).unwrap();
-    let b = LeaseClient::new(&target, &material(&p, 1), "lab", "node2", ttl).unwrap();
-    // Both ask at once: exactly one wins.
-    let (ra, rb) = tokio::join!(a.acquire(), b.acquire());
-    let winners = [&ra, &rb].iter().filter(|v| matches!(v, LeaseView::Held { .. })).count();
-    assert_eq!(winners, 1, "{ra:?} / {rb:?}");
-    let (holder, loser, loser_name) =
-        if matches!(ra, LeaseView::Held { .. }) { (&a, &b, "node1") } else { (&b, &a, "node2") };
-    assert_eq!(loser.acquire().await, LeaseView::HeldBy(loser_name.to_string()));
-    match holder.acquire().await {
-        LeaseView::Held { until } => assert!(until <= std::time::Instant::now() + ttl, "trusted beyond the TTL"),
-        other => panic!("renewal failed: {other:?}"),
+    // The operator's certificate, even with the token: no heartbeat, no hostMeta.
+    let op = AgentClient::https(&url, &operator_tls(&p), Some(TOKEN.into()), TIMEOUT).unwrap();
+    let err = format!("{:#}", op.health().await.unwrap_err());
+    assert!(err.contains("403") && err.contains("only the peer node `node2`"), "{err}");
+    let err = format!("{:#}", op.hostmeta().await.unwrap_err());
+    assert!(err.contains("403"), "{err}");
+    assert_eq!(server.hooks.last_health_call(), None, "the operator's call delayed the follower's promotion");
+    assert_eq!(server.hooks.refused(), 2);
+
+    // The witness's certificate: nothing, not even with the token.
+    let witness = AgentClient::https(&url, &witness_tls(&p), Some(TOKEN.into()), TIMEOUT).unwrap();
+    assert!(format!("{:#}", witness.health().await.unwrap_err()).contains("403"));
+    let err = format!("{:#}", witness.status().await.unwrap_err());
+    assert!(err.contains("403") && err.contains("not the certificate `witness`"), "{err}");
+    assert_eq!(server.hooks.last_health_call(), None);
+
+    // A node certificate that is not the peer's (this node's own, used elsewhere).
+    let myself = AgentClient::https(&url, &material(&p, 0), Some(TOKEN.into()), TIMEOUT).unwrap();
+    assert!(format!("{:#}", myself.health().await.unwrap_err()).contains("403"));
+    assert!(format!("{:#}", myself.status().await.unwrap_err()).contains("403"));
+    assert_eq!(server.hooks.last_health_call(), None);
+    assert_eq!(server.hooks.refused(), 6);
+
+    // The peer's own certificate: its heartbeat counts; with the token it is an operator too.
+    let before = std::time::Instant::now();
+    let peer = AgentClient::https(&url, &material(&p, 1), Some(TOKEN.into()), TIMEOUT).unwrap();
+    assert_eq!(peer.health().await.unwrap().0.node, "node1");
+    assert!(server.hooks.last_health_call().is_some_and(|t| t >= before), "the peer's heartbeat was not recorded");
+    assert_eq!(peer.status().await.unwrap().node, "node1");
+    assert_eq!(server.hooks.refused(), 6);
+}
+
+#[tokio::test]
+async fn handshakes_beyond_the_cap_wait_until_others_finish() {
+    let p = cluster_pki(None);
+    let server = start(&material(&p, 0), "127.0.0.1", 0, status("node1", "leader", true), TOKEN).await;
+    let url = format!("https://127.0.0.1:{}", server.addr.port());
+    let peer = AgentClient::https(&url, &material(&p, 1), None, Duration::from_secs(2)).unwrap();
+    assert!(peer.health().await.is_ok());
+
+    // Connections that never start their handshake take every slot...
+    let mut idle = Vec::new();
+    for _ in 0..MAX_HANDSHAKES {
+        idle.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
     }
-    holder.release().await.unwrap();
-    assert!(matches!(loser.acquire().await, LeaseView::Held { .. }), "free after release");
-    assert!(state.path().join("leases.json").exists(), "the holder is persisted");
-
-    // A node of another cluster's CA is refused.
-    let other = cluster_pki(None);
-    let stranger = LeaseClient::new(&target, &material(&other, 0), "lab", "node1", ttl).unwrap();
-    assert!(matches!(stranger.acquire().await, LeaseView::Unreachable(_)));
-    task.abort();
+    // ...so a new client waits in the backlog instead of costing the agent a descriptor.
+    let peer = AgentClient::https(&url, &material(&p, 1), None, Duration::from_secs(2)).unwrap();
+    let err = peer.health().await.unwrap_err();
+    assert!(format!("{err:#}").contains("timed out") || format!("{err:#}").contains("timeout"), "{err:#}");
+    // Once they go, the slots are free again.
+    drop(idle);
+    let answered = geminik8s_vm_tests::poll::until_async(
+        "the peer's heartbeat to be answered",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async { peer.health().await.map(|(h, _)| h.node).map_err(|e| format!("{e:#}")) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(answered, "node1");
 }
 
 #[tokio::test]

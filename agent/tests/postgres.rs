@@ -18,6 +18,7 @@ use geminik8s::services::units::POSTGRES;
 use geminik8s::services::{ActiveState, Services};
 use geminik8s_vm_tests::poll::until_async;
 use geminik8s_vm_tests::require;
+use rustls::pki_types::pem::PemObject;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const EVERY: Duration = Duration::from_millis(100);
@@ -60,7 +61,7 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn cloud_config(node: &str, peer: &str, replication: Replication, durability: Durability) -> GeminiConfig {
+fn cloud_config(node: &str, peer: &str, replication: Replication, durability: Durability, tls: Tls) -> GeminiConfig {
     let lo: IpAddr = "127.0.0.1".parse().unwrap();
     GeminiConfig {
         cluster: Cluster {
@@ -82,12 +83,19 @@ fn cloud_config(node: &str, peer: &str, replication: Replication, durability: Du
             data_dir: PathBuf::new(),
             replication_password: "repl pass'word".into(),
             kine_password: "kine-pass".into(),
+            archive_keep: 3,
         },
         kine: Kine::default(),
         k3s: K3s { enabled: false, ..K3s::with_token("t") },
         health: Health::default(),
-        tls: Tls { ca: String::new(), cert: String::new(), key: String::new() },
+        tls,
     }
+}
+
+/// A cluster CA and the two nodes' certificates (both on 127.0.0.1).
+fn cluster_pki() -> geminik8s::pki::ClusterPki {
+    let lo: IpAddr = "127.0.0.1".parse().unwrap();
+    geminik8s::pki::generate("lab", &[("a".into(), lo), ("b".into(), lo)], lo, None).unwrap()
 }
 
 /// A node's PostgreSQL, run by the node's own process supervisor as the
@@ -108,9 +116,12 @@ impl std::ops::Deref for Node {
 /// Two nodes `a` and `b` on loopback, each the other's peer.
 fn pair(lab: &Lab, replication: Replication, durability: Durability) -> (Node, Node) {
     let (pa, pb) = (free_port(), free_port());
+    let pki = cluster_pki();
     let make = |name: &str, peer: &str, port: u16, peer_port: u16| {
         let dir = lab.node_dir(name);
-        let mut s = Settings::from_config(&cloud_config(name, peer, replication, durability));
+        let i = usize::from(name != "a");
+        let tls = Tls { ca: pki.ca.cert.clone(), cert: pki.nodes[i].cert.clone(), key: pki.nodes[i].key.clone() };
+        let mut s = Settings::from_config(&cloud_config(name, peer, replication, durability, tls));
         s.data_dir = dir.join("data");
         s.log_file = dir.join("postgres.log");
         s.socket_dir = dir.join("sock");
@@ -221,29 +232,77 @@ async fn standby_replays_rows_written_on_the_primary() {
     assert_eq!(replica.sync_state.as_deref(), Some("async"));
     assert!(serde_json::to_value(&sa).unwrap()["replicas"][0]["lag_bytes"].is_number());
 
-    // Kine's role logs in over TCP with its SCRAM password.
-    let (client, conn) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(a.settings().node.port)
-        .user("kine")
-        .password("kine-pass")
-        .dbname("kine")
-        .connect(tokio_postgres::NoTls)
+    // The standby streams over TLS.
+    let ssl: bool = a
+        .connect("postgres")
         .await
-        .unwrap();
-    tokio::spawn(conn);
+        .unwrap()
+        .query_one(
+            "reading pg_stat_ssl",
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_replication r USING (pid) WHERE r.application_name = 'b'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the replication connection is not encrypted");
+    // The server's key: its own directory, 0600, the OS user's.
+    let key = a.settings().tls_dir().join("node.key");
+    let meta = std::fs::metadata(&key).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", key.display());
+    assert_eq!(meta.uid(), a.owner().uid);
+    assert_eq!(std::fs::metadata(a.settings().tls_dir()).unwrap().permissions().mode() & 0o777, 0o700);
+
+    // Kine's role logs in over TLS (verified against the cluster CA, no
+    // client certificate, as Kine does) with its SCRAM password.
+    let ca = a.settings().tls.ca.clone();
+    let connect = |user: &str, password: &str, dbname: &str, tls: Option<&str>| {
+        let mut config = tokio_postgres::Config::new();
+        config.host("127.0.0.1").port(a.settings().node.port).user(user).password(password).dbname(dbname);
+        let tls = tls.map(|ca| {
+            geminik8s::tls::install_crypto_provider();
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()).unwrap();
+            let mut c = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+            c.alpn_protocols = vec![b"postgresql".to_vec()];
+            tokio_postgres_rustls::MakeRustlsConnect::new(c)
+        });
+        async move {
+            match tls {
+                Some(tls) => {
+                    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                    let (client, conn) = config.connect(tls).await?;
+                    tokio::spawn(conn);
+                    Ok(client)
+                }
+                None => {
+                    let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+                    tokio::spawn(conn);
+                    Ok::<_, tokio_postgres::Error>(client)
+                }
+            }
+        }
+    };
+    let client = connect("kine", "kine-pass", "kine", Some(&ca)).await.unwrap();
     let n: i64 = client.query_one("SELECT count(*) FROM kine", &[]).await.unwrap().get(0);
     assert_eq!(n, 3);
-    // ...and nothing else does.
-    let wrong = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(a.settings().node.port)
-        .user("kine")
-        .password("wrong")
-        .dbname("kine")
-        .connect(tokio_postgres::NoTls)
-        .await;
-    assert!(wrong.is_err());
+    // ...and nothing else does: not with a wrong password, not without TLS
+    // (Kine's role or the replication role), not trusting another CA.
+    assert!(connect("kine", "wrong", "kine", Some(&ca)).await.is_err());
+    for (user, password, dbname) in [("kine", "kine-pass", "kine"), ("replicator", "repl pass'word", "postgres")] {
+        let refused =
+            connect(user, password, dbname, None).await.err().map(|e| e.as_db_error().map(|d| d.message().to_string()));
+        let message = refused.flatten().unwrap_or_default();
+        assert!(message.contains("no encryption"), "{user} without TLS: {message:?}");
+    }
+    // The replication role needs a node's client certificate besides TLS and its password.
+    let err = connect("replicator", "repl pass'word", "postgres", Some(&ca)).await.unwrap_err();
+    let message = err.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| format!("{err:?}"));
+    assert!(message.contains("client certificate"), "{message}");
+    let foreign = cluster_pki().ca.cert;
+    let err = connect("kine", "kine-pass", "kine", Some(&foreign)).await.unwrap_err();
+    assert!(format!("{err:?}").to_lowercase().contains("certificate"), "{err:?}");
 }
 
 /// Durability as the agent applies it: with `synchronous_standby_names`
@@ -356,6 +415,8 @@ async fn promoted_standby_takes_writes_and_the_old_primary_rejoins_by_rewind() {
     let Rejoin::Rewound { archive: Some(archive) } = &rejoin else { panic!("expected a rewind: {rejoin:?}") };
     let entries = archive_entries(archive);
     assert!(entries.iter().any(|e| e == "data/PG_VERSION"), "{entries:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(archive).unwrap().permissions().mode() & 0o777, 0o600, "the archive holds secrets");
     wait_streaming(&a, &b).await;
     let sa = a.status().await.unwrap();
     assert_eq!((sa.role, sa.timeline), (PgRole::Standby, 2));

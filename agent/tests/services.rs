@@ -580,6 +580,10 @@ async fn postgres_manager_runs_the_server_as_the_systemd_unit() {
     settings.socket_dir = dir.path().join("sock");
     settings.log_file = dir.path().join("postgres.log");
     settings.start_timeout = Duration::from_millis(500);
+    let lo = "127.0.0.1".parse().unwrap();
+    let pki = geminik8s::pki::generate("lab", &[("node1".into(), lo)], lo, None).unwrap();
+    settings.tls =
+        geminik8s::config::Tls { ca: pki.ca.cert, cert: pki.nodes[0].cert.clone(), key: pki.nodes[0].key.clone() };
     let mgr = geminik8s::postgres::Manager::new(settings.clone(), Arc::new(systemd)).unwrap();
 
     let err = mgr.start().await.unwrap_err().to_string();
@@ -592,6 +596,13 @@ async fn postgres_manager_runs_the_server_as_the_systemd_unit() {
         format!("PGDATA=\"{}\"\n", settings.data_dir.display())
     );
     assert!(settings.socket_dir.is_dir(), "the socket directory is made before the start");
+    let key = settings.tls_dir().join("node.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the key is there before the start"
+    );
     mgr.stop(geminik8s::postgres::StopMode::Immediate).await.unwrap();
     mgr.stop(geminik8s::postgres::StopMode::Fast).await.unwrap();
 

@@ -72,7 +72,16 @@ fn lab_up(init_extra: &[&str], witness: Option<WitnessMode>) -> Option<Up> {
     let lab = Lab::up(&opts).unwrap();
     // Only a lab this test created is torn down (`up` refuses when one exists).
     let keep = std::env::var_os("GEMINIK8S_LAB_KEEP").is_some();
-    let up = Up { lab, _guard: Guard(run), _tmp: if keep { None } else { Some(tmp) } };
+    let up = Up {
+        lab,
+        _guard: Guard(run),
+        _tmp: if keep {
+            drop(tmp.keep());
+            None
+        } else {
+            Some(tmp)
+        },
+    };
     if keep {
         eprintln!("keeping {}", root.display());
     }
@@ -177,8 +186,9 @@ fn bootstrap_failover_and_rejoin() {
     // The old leader comes back and follows (pg_rewind), nothing lost.
     lab.start("node1").unwrap();
     wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
-    let archives = std::fs::read_dir(lab.node_dir("node1"))
-        .unwrap()
+    let archive_dir = geminik8s::postgres::archive::archive_dir(&lab.node_dir("node1").join("pgdata"));
+    let archives = std::fs::read_dir(&archive_dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", archive_dir.display()))
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tar.gz"))
         .count();

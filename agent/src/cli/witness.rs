@@ -39,7 +39,7 @@ pub struct ServeArgs {
     /// Longest lease granted, whatever the nodes ask for; also the grace period after a restart.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub max_ttl: Duration,
-    /// Where the current lease holders are kept across restarts.
+    /// Where the lease records (holders, last holders, sync-standby records) are kept across restarts.
     #[arg(long, default_value = "/var/lib/geminik8s-witness", value_name = "DIR")]
     pub state_dir: PathBuf,
 }
@@ -54,11 +54,11 @@ pub async fn run(cmd: Command, _global: &GlobalArgs) -> anyhow::Result<ExitCode>
     let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let tls = TlsMaterial::from_pem(&read(&ca)?, &read(&cert)?, &read(&key)?)?;
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let app = witness::router(args.max_ttl, &args.state_dir.join("leases.json"))?;
+    let hooks = std::sync::Arc::new(crate::peer::server::ApiHooks::default());
+    let app = witness::router(args.max_ttl, &args.state_dir.join("leases.json"), hooks.clone())?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, max_ttl = ?args.max_ttl, "witness serving leases");
-    let hooks = std::sync::Arc::new(crate::peer::server::ApiHooks::default());
     tokio::select! {
         () = serve_tls(listener, tls.server_config()?, app, hooks) => {}
         r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,

@@ -176,6 +176,12 @@ pub const KEYS: &[Key] = &[
     ),
     required("postgres.replication_password", Kind::Secret, "Password of the `replicator` role (SCRAM)."),
     required("postgres.kine_password", Kind::Secret, "Password of the `kine` role that Kine connects with."),
+    optional(
+        "postgres.archive_keep",
+        Kind::Int { min: 1, max: 100 },
+        "3",
+        "How many archives of old data directories (`<data_dir>-<time>.tar.gz`, taken before a rejoin discards anything) are kept; older ones are deleted, oldest first, after each new one.",
+    ),
     section("kine", "Kine, the etcd API over PostgreSQL."),
     optional(
         "kine.listen",
@@ -240,9 +246,20 @@ pub const KEYS: &[Key] = &[
     optional("health.checks.postgres", Kind::Bool, "true", "Run `SELECT 1` on the local PostgreSQL."),
     optional("health.checks.script", Kind::File, "null", "Custom check: an executable; exit 0 means healthy."),
     optional("health.checks.script_timeout", Kind::Duration, "5s", "Time limit of the custom check."),
-    section("tls", "Mutual TLS between the agents (`gemin_k8s init` generates all three)."),
-    required("tls.ca", Kind::Pem, "CA certificate that both agents' certificates are signed by."),
-    required("tls.cert", Kind::Pem, "This node's certificate (client and server)."),
+    section(
+        "tls",
+        "Mutual TLS between the agents and with the witness, and TLS for PostgreSQL (replication, Kine) (`gemin_k8s init` generates all three).",
+    ),
+    required(
+        "tls.ca",
+        Kind::Pem,
+        "CA certificate that every certificate of the cluster is signed by; PostgreSQL clients (the peer, Kine) verify the server against it.",
+    ),
+    required(
+        "tls.cert",
+        Kind::Pem,
+        "This node's certificate (client and server; its common name is `node.name`, its addresses the node's IP and the VIP). PostgreSQL serves it too.",
+    ),
     required("tls.key", Kind::Pem, "This node's private key. Only this node's file holds it."),
 ];
 

@@ -126,6 +126,8 @@ pub struct Postgres {
     pub replication_password: String,
     #[serde(default)]
     pub kine_password: String,
+    #[serde(default = "defaults::archive_keep")]
+    pub archive_keep: u32,
 }
 
 impl Default for Postgres {
@@ -138,6 +140,7 @@ impl Default for Postgres {
             data_dir: defaults::data_dir(),
             replication_password: String::new(),
             kine_password: String::new(),
+            archive_keep: defaults::archive_keep(),
         }
     }
 }
@@ -287,6 +290,9 @@ pub(crate) mod defaults {
     }
     pub fn k3s_config_dir() -> PathBuf {
         PathBuf::from("/etc/rancher/k3s")
+    }
+    pub fn archive_keep() -> u32 {
+        3
     }
     pub fn kine_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 2379))

@@ -443,6 +443,19 @@ fn relations(c: &mut Checker, block: &Node, cfg: &GeminiConfig) {
             Some("the two nodes need different names".into()),
         );
     }
+    for (path, name) in [("node.name", &node.name), ("peer.name", &peer.name)] {
+        if crate::peer::identity::RESERVED.contains(&name.as_str()) {
+            c.error(
+                at(path),
+                &full(path),
+                format!("`{name}` is reserved: it is the name in the {name}'s certificate"),
+                Some(format!(
+                    "choose another node name; `{}` identify the operator's and the witness's certificates",
+                    crate::peer::identity::RESERVED.join("` and `")
+                )),
+            );
+        }
+    }
     if cluster.bootstrap_leader != node.name && cluster.bootstrap_leader != peer.name {
         c.error(
             at("cluster.bootstrap_leader"),

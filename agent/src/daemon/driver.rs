@@ -191,6 +191,7 @@ impl Driver {
         let mut subsystems = subsystems;
         let kine = match (subsystems.kine.take(), &subsystems.services) {
             (Some(settings), Some(services)) => {
+                settings.write_ca()?;
                 services.configure(&settings.spec()).await.context("configuring Kine")?;
                 services.start(crate::kine::SERVICE, SERVICE_TIMEOUT).await.context("starting Kine")?;
                 tracing::info!(listen = %settings.listen, datastore = %settings.db_host, "Kine started");
@@ -245,9 +246,10 @@ impl Driver {
             tasks: Vec::new(),
         };
         driver.publish();
-        let app = server::router(driver.shared.clone(), Some(&driver.cfg.api.token), driver.hooks.clone());
+        let auth = server::Auth::tls(&driver.cfg.peer.name, &driver.cfg.api.token);
+        let app = server::router(driver.shared.clone(), auth, driver.hooks.clone());
         driver.tasks.push(tokio::spawn(server::serve_tls(listener, server_config, app, driver.hooks.clone())));
-        let local = server::router(driver.shared.clone(), None, driver.hooks.clone());
+        let local = server::router(driver.shared.clone(), server::Auth::Local, driver.hooks.clone());
         driver.tasks.push(tokio::spawn(server::serve_unix(unix, local)));
         tracing::info!(api = %addr, socket = %socket.display(), "agent API listening");
         Ok(driver)
@@ -459,7 +461,16 @@ impl Driver {
         };
         let ((heartbeat, second_path, vip_elsewhere), witness, (pg_health, position, (replication, view))) =
             tokio::join!(peer_probe, witness_probe, db_probe);
-        let replication = replication.map(|r| self.effective(r, &heartbeat));
+        // Without a datastore on this agent there is nothing to lose: the
+        // peer counts as streaming whenever it answers.
+        let replication = match (&self.subsystems.database, self.machine.leading()) {
+            (None, true) => Some(Replication {
+                sync_configured: false,
+                peer_streaming: matches!(heartbeat, Heartbeat::Ok { .. }),
+                peer_in_sync: false,
+            }),
+            _ => replication.map(|r| self.effective(r, &heartbeat)),
+        };
         match heartbeat {
             Heartbeat::Ok { .. } => self.peer_last_heard = Some(Instant::now()),
             Heartbeat::Missed => self.counters.heartbeats_missed_total += 1,
@@ -626,15 +637,16 @@ impl Driver {
                     let due = self.lease.lock().unwrap_or_else(|p| p.into_inner()).renewal_due(every);
                     if let (Some(client), true) = (self.lease_client.clone(), due) {
                         let lease = self.lease.clone();
+                        let force = self.machine.forcing();
                         self.spawn_once("lease", async move {
                             let sent = Instant::now();
-                            let view = client.acquire().await;
-                            tracing::debug!(epoch, ?view, "lease");
+                            let view = client.acquire(force).await;
+                            tracing::debug!(epoch, force, ?view, "lease");
                             let mut state = lease.lock().unwrap_or_else(|p| p.into_inner());
-                            if matches!(view, crate::witness::LeaseView::Held { .. }) {
+                            if matches!(view, crate::witness::LeaseView::Mine { .. }) {
                                 state.renewed_at = Some(sent);
                             }
-                            state.record_view(view);
+                            state.record_view(client.node(), view);
                         });
                     }
                 }
@@ -649,10 +661,23 @@ impl Driver {
                     }
                 }
                 Action::RecordSync(standby) => {
-                    tracing::warn!(
-                        ?standby,
-                        "INTEGRATION PENDING: the witness client cannot record the synchronous standby yet"
-                    );
+                    if let Some(client) = self.lease_client.clone() {
+                        let lease = self.lease.clone();
+                        self.spawn_once("sync-record", async move {
+                            match client.record_sync(standby.as_deref()).await {
+                                Ok(recorded) => {
+                                    tracing::info!(event = "sync_standby_recorded", sync_standby = ?recorded,
+                                        "the arbiter records the synchronous standby");
+                                    let mut state = lease.lock().unwrap_or_else(|p| p.into_inner());
+                                    if let Some(record) = &mut state.record {
+                                        record.sync_standby = recorded;
+                                    }
+                                }
+                                Err(e) => tracing::warn!(error = %format!("{e:#}"),
+                                    "recording the synchronous standby at the arbiter failed"),
+                            }
+                        });
+                    }
                 }
                 Action::SetDurability { synchronous } => {
                     if let Some(db) = self.subsystems.database.clone() {

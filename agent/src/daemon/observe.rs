@@ -85,11 +85,25 @@ pub struct LeaseState {
 }
 
 impl LeaseState {
-    pub fn record_view(&mut self, view: LeaseView) {
+    /// Take in an answer of the witness for `node`: whether the lease is ours,
+    /// and the records that come with every answer.
+    pub fn record_view(&mut self, node: &str, view: LeaseView) {
         self.held_until = match &view {
-            LeaseView::Held { until } => Some(*until),
+            LeaseView::Mine { until, .. } => Some(*until),
             _ => None,
         };
+        let record = |sync_standby: &Option<String>, last_holder: Option<&str>| ArbiterRecord {
+            sync_standby: sync_standby.clone(),
+            last_holder: last_holder.map(str::to_string),
+        };
+        match &view {
+            LeaseView::Mine { sync_standby, .. } => self.record = Some(record(sync_standby, Some(node))),
+            LeaseView::Other { holder, sync_standby } => self.record = Some(record(sync_standby, Some(holder))),
+            LeaseView::Free { last_holder, sync_standby } => {
+                self.record = Some(record(sync_standby, last_holder.as_deref()))
+            }
+            LeaseView::Unreachable(_) => {}
+        }
         self.last = Some(view);
     }
 
@@ -109,22 +123,22 @@ pub async fn arbiter(client: &LeaseClient, lease: &Mutex<LeaseState>) -> Witness
     }
     let view = client.holder().await;
     let witness = match &view {
-        LeaseView::HeldBy(h) if h == client.node() => {
+        LeaseView::Mine { .. } => {
             // Held by us at the witness but no longer trusted here: renew first.
-            let renewed = client.acquire().await;
-            let w = if matches!(renewed, LeaseView::Held { .. }) {
+            let renewed = client.acquire(false).await;
+            let w = if matches!(renewed, LeaseView::Mine { .. }) {
                 WitnessView::LeaseHeldByMe
             } else {
                 WitnessView::LeaseFree
             };
-            lock().record_view(renewed);
+            lock().record_view(client.node(), renewed);
             return w;
         }
-        LeaseView::HeldBy(_) => WitnessView::LeaseHeldByPeer,
-        LeaseView::Free | LeaseView::Held { .. } => WitnessView::LeaseFree,
+        LeaseView::Other { .. } => WitnessView::LeaseHeldByPeer,
+        LeaseView::Free { .. } => WitnessView::LeaseFree,
         LeaseView::Unreachable(_) => WitnessView::ArbiterUnreachable,
     };
-    lock().record_view(view);
+    lock().record_view(client.node(), view);
     witness
 }
 

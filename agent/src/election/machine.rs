@@ -788,14 +788,19 @@ impl Machine {
     /// eligibility it may hold and no other host answers for the VIP.
     fn durability(&mut self, now: Duration, out: &mut Vec<Action>) {
         let Some(r) = self.replication else { return };
+        let peer = Some(self.s.peer_name.as_str());
+        let recorded = self.arbiter.as_ref().map(|a| a.sync_standby.as_deref());
         if self.s.durability == Durability::Async {
             if r.sync_configured {
                 out.push(Action::SetDurability { synchronous: false });
             }
+            // Async is the operator's choice to risk the tail: a streaming
+            // peer may take over, and the arbiter is told so.
+            if self.s.witness == WitnessMode::Arbiter && r.peer_streaming && recorded.is_some_and(|r| r != peer) {
+                out.push(Action::RecordSync(Some(self.s.peer_name.clone())));
+            }
             return;
         }
-        let peer = Some(self.s.peer_name.as_str());
-        let recorded = self.arbiter.as_ref().map(|a| a.sync_standby.as_deref());
         if r.peer_streaming {
             self.not_streaming_since = None;
             self.degrade_wanted = false;

@@ -92,7 +92,7 @@ impl AgentClient {
         match status {
             200 => serde_json::from_str(&body).map(Some).with_context(|| format!("reading the answer to {path}")),
             404 => Ok(None),
-            401 => bail!("{} refused the call: {}", self.describe(), body.trim()),
+            401 | 403 => bail!("{} refused the call (HTTP {status}): {}", self.describe(), body.trim()),
             other => bail!("{} answered {path} with HTTP {other}: {}", self.describe(), body.trim()),
         }
     }

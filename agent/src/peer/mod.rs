@@ -3,11 +3,13 @@
 //! on a local Unix socket for `gemin_k8s status` on the node.
 //!
 //! - [`tls`]: certificates from `gemin_k8s init` into rustls configurations;
+//! - [`identity`]: who a client certificate names (a node, the operator, the witness);
 //! - [`server`]: the axum routes and the TLS / Unix socket listeners;
 //! - [`client`]: calls to a peer or a node;
 //! - [`metrics`]: the Prometheus text rendering.
 
 pub mod client;
+pub mod identity;
 pub mod metrics;
 pub mod server;
 pub mod tls;

@@ -2,14 +2,19 @@
 //!
 //! | route | who | auth |
 //! |---|---|---|
-//! | `GET /v1/health` | the peer's heartbeat | mutual TLS |
-//! | `GET /v1/hostmeta` | the peer (arbitration, recovery) | mutual TLS |
-//! | `GET /v1/status` | operators | mutual TLS + API token |
-//! | `GET /metrics` | Prometheus | mutual TLS + API token |
-//! | `POST /v1/switchover` | operators: planned handover by the leader | mutual TLS + API token |
+//! | `GET /v1/health` | the peer's heartbeat | the peer's certificate |
+//! | `GET /v1/hostmeta` | the peer (arbitration, recovery) | the peer's certificate |
+//! | `GET /v1/status` | operators | the operator's or the peer's certificate + API token |
+//! | `GET /metrics` | Prometheus | the operator's or the peer's certificate + API token |
+//! | `POST /v1/switchover` | operators: planned handover by the leader | the operator's or the peer's certificate + API token |
 //!
-//! The local Unix socket (mode 0600, root) serves the same routes without
-//! TLS or token: whoever can open it is root on the node.
+//! Every TLS client must present a certificate signed by the cluster CA; its
+//! name ([`Identity`]) then decides the routes. Only the peer's heartbeat
+//! counts as the peer calling ([`ApiHooks::last_health_call`]), which delays
+//! the follower's promotion: an operator's or the witness's certificate gets
+//! 403 there. The local Unix socket (mode 0600, root) serves the same routes
+//! without TLS or token: whoever can open it is root on the node; its calls
+//! to `/v1/health` are answered but never count as the peer.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,19 +33,27 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use super::identity::{Caller, Identity};
 use super::{Shared, metrics};
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many TLS handshakes (clients not yet authenticated) run at once; more
+/// wait in the listen backlog, so a host on the LAN cannot use up the
+/// agent's file descriptors by opening connections and never finishing them.
+pub const MAX_HANDSHAKES: usize = 64;
 
 /// What the API records for the agent: refusals and when the peer last
 /// called, plus where operator requests go.
 #[derive(Debug, Default)]
 pub struct ApiHooks {
     pub refused: AtomicU64,
-    /// When `/v1/health` was last called (the peer's heartbeat reaching us).
+    /// When the peer last called `/v1/health` with its own certificate (its
+    /// heartbeat reaching us).
     pub last_health_call: Mutex<Option<Instant>>,
     /// The agent's control channel (planned switchover); `None` serves 503.
     pub control: Option<tokio::sync::mpsc::Sender<Control>>,
@@ -58,6 +71,22 @@ impl ApiHooks {
     pub fn last_health_call(&self) -> Option<Instant> {
         *self.last_health_call.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Log (`event=api_refused`, with the caller's identity) and count a
+    /// refused call, and answer it with `status` and `reason`.
+    pub fn refuse(
+        &self,
+        remote: Option<SocketAddr>,
+        caller: Option<&Caller>,
+        path: &str,
+        status: StatusCode,
+        reason: &str,
+    ) -> Response {
+        let identity = caller.map(ToString::to_string).unwrap_or_else(|| "unknown".into());
+        tracing::warn!(event = "api_refused", peer = ?remote, identity, path, reason, "refused an API call");
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        (status, format!("{reason}\n")).into_response()
+    }
 }
 
 /// Requests from operators to the agent loop.
@@ -67,11 +96,27 @@ pub enum Control {
     Switchover(tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
+/// Who may call what on a listener.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    /// The local Unix socket: every route, no token.
+    Local,
+    /// Mutual TLS: the peer routes for the peer's certificate only; the
+    /// operator routes for the operator's or the peer's certificate with the
+    /// API token.
+    Tls { peer: String, token: String },
+}
+
+impl Auth {
+    pub fn tls(peer: &str, token: &str) -> Auth {
+        Auth::Tls { peer: peer.to_string(), token: token.to_string() }
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     shared: Shared,
-    /// `None` on the local socket.
-    token: Option<Arc<str>>,
+    auth: Arc<Auth>,
     hooks: Arc<ApiHooks>,
 }
 
@@ -83,8 +128,44 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(token) = &state.token else { return next.run(request).await };
+/// Log and count a refused request, and answer it with `status`.
+fn refuse(hooks: &ApiHooks, request: &Request, status: StatusCode, reason: &str) -> Response {
+    let remote = request.extensions().get::<Remote>().and_then(|r| r.0);
+    hooks.refuse(remote, request.extensions().get::<Caller>(), request.uri().path(), status, reason)
+}
+
+fn certificate(request: &Request) -> Option<&Identity> {
+    match request.extensions().get::<Caller>() {
+        Some(Caller::Certificate(id)) => Some(id),
+        _ => None,
+    }
+}
+
+/// The peer routes: the peer's own certificate (or the local socket).
+async fn require_peer(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Auth::Tls { peer, .. } = &*state.auth else { return next.run(request).await };
+    match certificate(&request) {
+        Some(id) if id.is_node(peer) => next.run(request).await,
+        Some(id) => {
+            let reason = format!("only the peer node `{peer}` may call this route, not the certificate `{id}`");
+            refuse(&state.hooks, &request, StatusCode::FORBIDDEN, &reason)
+        }
+        None => refuse(&state.hooks, &request, StatusCode::FORBIDDEN, "a client certificate is required"),
+    }
+}
+
+/// The operator routes: the operator's or the peer's certificate, and the API token.
+async fn require_operator(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Auth::Tls { peer, token } = &*state.auth else { return next.run(request).await };
+    match certificate(&request) {
+        Some(id) if id.is_operator() || id.is_node(peer) => {}
+        Some(id) => {
+            let reason =
+                format!("operator routes take the operator's or the peer's certificate, not the certificate `{id}`");
+            return refuse(&state.hooks, &request, StatusCode::FORBIDDEN, &reason);
+        }
+        None => return refuse(&state.hooks, &request, StatusCode::FORBIDDEN, "a client certificate is required"),
+    }
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -93,24 +174,27 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
     if presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
         return next.run(request).await;
     }
-    let remote = request.extensions().get::<Remote>().and_then(|r| r.0);
-    tracing::warn!(
-        event = "api_refused",
-        peer = ?remote,
-        path = %request.uri().path(),
-        reason = if presented.is_some() { "wrong API token" } else { "no API token" },
-        "refused an operator call"
-    );
-    state.hooks.refused.fetch_add(1, Ordering::Relaxed);
-    (StatusCode::UNAUTHORIZED, "missing or wrong API token (Authorization: Bearer <api.token>)\n").into_response()
+    let reason = if presented.is_some() {
+        "wrong API token (Authorization: Bearer <api.token>)"
+    } else {
+        "missing API token (Authorization: Bearer <api.token>)"
+    };
+    refuse(&state.hooks, &request, StatusCode::UNAUTHORIZED, reason)
 }
 
 fn read(shared: &Shared) -> std::sync::RwLockReadGuard<'_, super::Published> {
     shared.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-async fn health(State(state): State<AppState>) -> Response {
-    *state.hooks.last_health_call.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+async fn health(State(state): State<AppState>, caller: Option<Extension<Caller>>) -> Response {
+    // Only the peer's own call is its heartbeat; the local socket's is not.
+    let from_peer = match (&*state.auth, caller) {
+        (Auth::Tls { peer, .. }, Some(Extension(Caller::Certificate(id)))) => id.is_node(peer),
+        _ => false,
+    };
+    if from_peer {
+        *state.hooks.last_health_call.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
     Json(read(&state.shared).health()).into_response()
 }
 
@@ -145,37 +229,40 @@ async fn prometheus(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-/// The API routes. `token: None` serves operator routes without a token
-/// (the local socket).
-pub fn router(shared: Shared, token: Option<&str>, hooks: Arc<ApiHooks>) -> Router {
-    let state = AppState { shared, token: token.map(Arc::from), hooks };
+/// The API routes, guarded as `auth` says.
+pub fn router(shared: Shared, auth: Auth, hooks: Arc<ApiHooks>) -> Router {
+    let state = AppState { shared, auth: Arc::new(auth), hooks };
     let operator = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/switchover", post(switchover))
         .route("/metrics", get(prometheus))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_operator));
+    let peer = Router::new()
         .route("/v1/health", get(health))
         .route("/v1/hostmeta", get(hostmeta))
-        .merge(operator)
-        .with_state(state)
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_peer));
+    Router::new().merge(peer).merge(operator).with_state(state)
 }
 
-async fn serve_connection<S>(io: S, app: Router, remote: Remote)
+async fn serve_connection<S>(io: S, app: Router, remote: Remote, caller: Caller)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = TowerToHyperService::new(app.layer(Extension(remote)));
+    let service = TowerToHyperService::new(app.layer(Extension(remote)).layer(Extension(caller)));
     if let Err(e) = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(io), service).await {
         tracing::debug!(peer = ?remote.0, error = %e, "API connection ended with an error");
     }
 }
 
 /// Serve `app` over mutual TLS until the task is dropped. Connections whose
-/// client certificate is not signed by the cluster CA are refused and logged.
+/// client certificate is not signed by the cluster CA are refused and
+/// logged; the others carry the certificate's [`Identity`] as a [`Caller`]
+/// request extension. At most [`MAX_HANDSHAKES`] handshakes run at once.
 pub async fn serve_tls(listener: TcpListener, config: Arc<rustls::ServerConfig>, app: Router, hooks: Arc<ApiHooks>) {
     let acceptor = TlsAcceptor::from(config);
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
+        let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
         let (tcp, addr) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
@@ -187,14 +274,38 @@ pub async fn serve_tls(listener: TcpListener, config: Arc<rustls::ServerConfig>,
         };
         let (acceptor, app, hooks) = (acceptor.clone(), app.clone(), hooks.clone());
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => serve_connection(tls, app, Remote(Some(addr))).await,
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            drop(permit);
+            let tls = match handshake {
+                Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::warn!(event = "api_refused", peer = %addr, error = %e, "refused a TLS connection");
                     hooks.refused.fetch_add(1, Ordering::Relaxed);
+                    return;
                 }
-                Err(_) => tracing::warn!(event = "api_refused", peer = %addr, "TLS handshake timed out"),
-            }
+                Err(_) => {
+                    tracing::warn!(event = "api_refused", peer = %addr, "TLS handshake timed out");
+                    hooks.refused.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            let leaf = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+            let identity = match leaf.map(Identity::from_der) {
+                Some(Ok(identity)) => identity,
+                Some(Err(e)) => {
+                    tracing::warn!(event = "api_refused", peer = %addr, error = %e, "refused a TLS connection");
+                    hooks.refused.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                None => {
+                    // The verifier requires a certificate; this is only a guard.
+                    tracing::warn!(event = "api_refused", peer = %addr, "refused a TLS connection without a client certificate");
+                    hooks.refused.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            tracing::debug!(peer = %addr, identity = %identity, "API connection");
+            serve_connection(tls, app, Remote(Some(addr)), Caller::Certificate(identity)).await
         });
     }
 }
@@ -221,7 +332,7 @@ pub async fn serve_unix(listener: UnixListener, app: Router) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, app.clone(), Remote(None)));
+                tokio::spawn(serve_connection(stream, app.clone(), Remote(None), Caller::Local));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a local status connection failed");

@@ -42,17 +42,22 @@ fn certs(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>, 
     Ok(certs)
 }
 
+fn roots(ca: &str) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs("the CA certificate", ca)? {
+        roots.add(c).map_err(|e| TlsError::Pem {
+            what: "the CA certificate",
+            kind: "certificate",
+            detail: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
 impl TlsMaterial {
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
         crate::tls::install_crypto_provider();
-        let mut roots = RootCertStore::empty();
-        for c in certs("the CA certificate", ca)? {
-            roots.add(c).map_err(|e| TlsError::Pem {
-                what: "the CA certificate",
-                kind: "certificate",
-                detail: e.to_string(),
-            })?;
-        }
+        let roots = roots(ca)?;
         let chain = certs("the certificate", cert)?;
         let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| TlsError::Pem {
             what: "the key",

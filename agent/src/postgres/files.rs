@@ -74,6 +74,31 @@ pub fn write_owned(path: &Path, contents: &str, owner: Owner) -> Result<()> {
     owner.chown(path)
 }
 
+/// Copy the cluster CA, the node's certificate and its key into
+/// [`Settings::tls_dir`] (0700, every file 0600, owned by `owner`): the
+/// server's `ssl_*_file`s and the `sslrootcert=` of the tools run as the
+/// OS user. Rewritten before every start, so a re-issued certificate is
+/// picked up.
+pub fn write_tls(settings: &Settings, owner: Owner) -> Result<()> {
+    let dir = settings.tls_dir();
+    if let Some(parent) = dir.parent()
+        && !parent.is_dir()
+    {
+        ensure_dir(parent, 0o755, owner)?;
+    }
+    ensure_dir(&dir, 0o700, owner)?;
+    let tls = &settings.tls;
+    for (key, value, file) in [
+        ("tls.ca", &tls.ca, super::settings::CA_FILE),
+        ("tls.cert", &tls.cert, super::settings::CERT_FILE),
+        ("tls.key", &tls.key, super::settings::KEY_FILE),
+    ] {
+        let pem = crate::config::Tls::resolve(value).map_err(|source| PgError::TlsMaterial { key, source })?;
+        write_owned(&dir.join(file), &pem, owner)?;
+    }
+    Ok(())
+}
+
 fn read(path: &Path) -> Result<String> {
     match fs::read_to_string(path) {
         Ok(text) => Ok(text),

@@ -7,14 +7,15 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::render::{self, REPLICATION_ROLE};
-use super::server::{Manager, open_session};
+use super::server::{Manager, open_tls_session};
 use super::{PgError, Result};
 
 /// How long a stale session may take to let go of the slot.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Manager {
-    /// A session with the leader (the peer) as the replication role.
+    /// A session with the leader (the peer) as the replication role, over
+    /// TLS verified against the cluster CA, with this node's certificate.
     /// Returns the client and a description of it for errors.
     pub(super) async fn connect_leader(&self, dbname: &str) -> Result<(Client, String)> {
         let s = &self.settings;
@@ -26,7 +27,7 @@ impl Manager {
             .user(REPLICATION_ROLE)
             .password(s.replication_password.as_bytes())
             .dbname(dbname);
-        let client = open_session(config, &target).await?;
+        let client = open_tls_session(config, &target, &s.tls).await?;
         Ok((client, target))
     }
 

@@ -108,7 +108,7 @@ impl Manager {
             files::ensure_dir(data, 0o700, self.owner)?;
             return Ok(None);
         }
-        let archive = archive::archive_data_dir(data).await?;
+        let archive = archive::archive_data_dir(data, self.settings.archive_keep).await?;
         archive::clear_dir(data)?;
         files::ensure_dir(data, 0o700, self.owner)?;
         Ok(Some(archive))
@@ -116,6 +116,8 @@ impl Manager {
 
     async fn base_backup(&self) -> Result<()> {
         let s = &self.settings;
+        // The CA file the connection string's `sslrootcert=` names.
+        files::write_tls(s, self.owner)?;
         self.release_slot_on_leader("postgres", false).await?;
         self.tool("pg_basebackup")
             .arg("-D")
@@ -300,7 +302,7 @@ impl Manager {
         let mut archive = None;
         self.checkpoint_leader().await?;
         if s.archive_before_rewind {
-            archive = Some(archive::archive_data_dir(&s.data_dir).await?);
+            archive = Some(archive::archive_data_dir(&s.data_dir, s.archive_keep).await?);
         }
         match self.rewind().await {
             Ok(()) => {
@@ -314,7 +316,7 @@ impl Manager {
                 tracing::warn!(event = "postgres_rewind_failed", error = %rewind_error, "pg_rewind failed; taking a fresh base backup");
                 let archive = match archive {
                     Some(a) => a,
-                    None => archive::archive_data_dir(&s.data_dir).await?,
+                    None => archive::archive_data_dir(&s.data_dir, s.archive_keep).await?,
                 };
                 archive::clear_dir(&s.data_dir)?;
                 files::ensure_dir(&s.data_dir, 0o700, self.owner)?;
@@ -329,6 +331,8 @@ impl Manager {
 
     async fn rewind(&self) -> Result<()> {
         let s = &self.settings;
+        // The CA file the connection string's `sslrootcert=` names.
+        files::write_tls(s, self.owner)?;
         // pg_rewind itself runs crash recovery in single-user mode first
         // when the server was not shut down cleanly.
         self.tool("pg_rewind")

@@ -102,6 +102,14 @@ pub enum PgError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("reading `{key}` for PostgreSQL's TLS: {source}; give inline PEM or the path of a readable PEM file")]
+    TlsMaterial {
+        key: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS for the session with {target}: {detail}")]
+    TlsConfig { target: String, detail: String },
     #[error("archiving {data_dir} to {archive}: {source}; nothing was removed")]
     Archive {
         data_dir: PathBuf,

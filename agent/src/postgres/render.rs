@@ -96,10 +96,16 @@ pub fn conninfo(pairs: &[(&str, &str)]) -> String {
 }
 
 /// How this node connects to the peer as the replication role, optionally
-/// with the password (left out where it goes through `PGPASSWORD`).
+/// with the password (left out where it goes through `PGPASSWORD`): over
+/// TLS, the server's certificate verified against the cluster CA and its
+/// address (`sslmode=verify-full`; node certificates carry their IP), this
+/// node's certificate presented as the client's.
 pub fn peer_conninfo(settings: &Settings, dbname: Option<&str>, with_password: bool) -> String {
     let host = settings.peer.ip.to_string();
     let port = settings.peer.port.to_string();
+    let file = |name: &str| settings.tls_dir().join(name).to_string_lossy().into_owned();
+    let (ca, cert, key) =
+        (file(super::settings::CA_FILE), file(super::settings::CERT_FILE), file(super::settings::KEY_FILE));
     let mut pairs = vec![("host", host.as_str()), ("port", port.as_str()), ("user", REPLICATION_ROLE)];
     if with_password {
         pairs.push(("password", settings.replication_password.as_str()));
@@ -108,6 +114,10 @@ pub fn peer_conninfo(settings: &Settings, dbname: Option<&str>, with_password: b
         pairs.push(("dbname", db));
     }
     pairs.push(("application_name", settings.node.name.as_str()));
+    pairs.push(("sslmode", "verify-full"));
+    pairs.push(("sslrootcert", ca.as_str()));
+    pairs.push(("sslcert", cert.as_str()));
+    pairs.push(("sslkey", key.as_str()));
     conninfo(&pairs)
 }
 
@@ -144,6 +154,14 @@ pub fn render_conf(settings: &Settings, role: ServerRole) -> String {
     // agent's own heartbeats decide everything else.
     set("wal_sender_timeout", conf_value("10s"));
     set("wal_receiver_timeout", conf_value("10s"));
+    // TLS with the node's certificate; pg_hba.conf takes the network roles
+    // only over TLS.
+    let tls = |file: &str| conf_value(&settings.tls_dir().join(file).to_string_lossy());
+    set("ssl", "on".to_string());
+    set("ssl_cert_file", tls(super::settings::CERT_FILE));
+    set("ssl_key_file", tls(super::settings::KEY_FILE));
+    set("ssl_ca_file", tls(super::settings::CA_FILE));
+    set("ssl_min_protocol_version", conf_value("TLSv1.2"));
     if role == ServerRole::Standby {
         set("primary_conninfo", conf_value(&peer_conninfo(settings, None, true)));
         set("primary_slot_name", conf_value(&slot_name(&settings.node.name)));
@@ -154,17 +172,20 @@ pub fn render_conf(settings: &Settings, role: ServerRole) -> String {
 
 /// `pg_hba.conf`: the superuser over the Unix socket (root and the OS user
 /// through [`IDENT_MAP`]); the replication role only from the peer; Kine's
-/// role from the node addresses, the VIP and loopback. Everything by SCRAM.
+/// role from the node addresses, the VIP and loopback. Over the network
+/// only TLS (`hostssl`), and everything by SCRAM; the replication role also
+/// needs a client certificate signed by the cluster CA (a node's), which
+/// Kine, running without the node's key, does not present.
 pub fn render_hba(settings: &Settings) -> String {
     let peer = host_cidr(settings.peer.ip);
     let mut out = String::from("# Managed by geminik8s; rewritten on every role change.\n");
     out.push_str(&format!("local all {SUPERUSER} peer map={IDENT_MAP}\n"));
     // Streaming replication and pg_basebackup.
-    out.push_str(&format!("host replication {REPLICATION_ROLE} {peer} scram-sha-256\n"));
+    out.push_str(&format!("hostssl replication {REPLICATION_ROLE} {peer} scram-sha-256 {NODE_CERT}\n"));
     // pg_rewind reads the source through ordinary functions.
-    out.push_str(&format!("host postgres {REPLICATION_ROLE} {peer} scram-sha-256\n"));
+    out.push_str(&format!("hostssl postgres {REPLICATION_ROLE} {peer} scram-sha-256 {NODE_CERT}\n"));
     if settings.replication == Replication::Logical {
-        out.push_str(&format!("host {KINE_DB} {REPLICATION_ROLE} {peer} scram-sha-256\n"));
+        out.push_str(&format!("hostssl {KINE_DB} {REPLICATION_ROLE} {peer} scram-sha-256 {NODE_CERT}\n"));
     }
     let mut kine_sources: Vec<IpAddr> = Vec::new();
     for ip in [settings.node.ip, settings.peer.ip, settings.vip, IpAddr::from([127, 0, 0, 1]), "::1".parse().unwrap()] {
@@ -173,10 +194,13 @@ pub fn render_hba(settings: &Settings) -> String {
         }
     }
     for ip in kine_sources {
-        out.push_str(&format!("host {KINE_DB} {KINE_ROLE} {} scram-sha-256\n", host_cidr(ip)));
+        out.push_str(&format!("hostssl {KINE_DB} {KINE_ROLE} {} scram-sha-256\n", host_cidr(ip)));
     }
     out
 }
+
+/// The `pg_hba.conf` option requiring a client certificate signed by `ssl_ca_file`.
+const NODE_CERT: &str = "clientcert=verify-ca";
 
 /// `pg_ident.conf`: root (the agent) and the server's OS user may connect as the superuser.
 pub fn render_ident(os_user: &str) -> String {
@@ -245,8 +269,14 @@ mod tests {
             degrade_after: Duration::from_secs(30),
             replication_password: "s3cr'et word".into(),
             kine_password: "kinepw".into(),
+            tls: crate::config::Tls {
+                ca: "/etc/ca.crt".into(),
+                cert: "/etc/node.crt".into(),
+                key: "/etc/node.key".into(),
+            },
             sequence_margin: 1000,
             archive_before_rewind: true,
+            archive_keep: 3,
             max_slot_wal_keep_mb: 4096,
             start_timeout: Duration::from_secs(60),
             tool_timeout: Duration::from_secs(600),
@@ -272,6 +302,11 @@ hot_standby_feedback = on
 synchronous_commit = on
 wal_sender_timeout = '10s'
 wal_receiver_timeout = '10s'
+ssl = on
+ssl_cert_file = '/run/geminik8s/postgres-node-a/tls/node.crt'
+ssl_key_file = '/run/geminik8s/postgres-node-a/tls/node.key'
+ssl_ca_file = '/run/geminik8s/postgres-node-a/tls/ca.crt'
+ssl_min_protocol_version = 'TLSv1.2'
 ";
         assert_eq!(conf, expected);
     }
@@ -280,7 +315,9 @@ wal_receiver_timeout = '10s'
     fn standby_conf_follows_the_peer_through_its_own_slot() {
         let conf = render_conf(&settings(Replication::Streaming), ServerRole::Standby);
         assert!(conf.contains(
-            "primary_conninfo = 'host=10.0.0.2 port=5433 user=replicator password=''s3cr\\\\''et word'' application_name=node-a'\n"
+            "primary_conninfo = 'host=10.0.0.2 port=5433 user=replicator password=''s3cr\\\\''et word'' application_name=node-a \
+             sslmode=verify-full sslrootcert=/run/geminik8s/postgres-node-a/tls/ca.crt \
+             sslcert=/run/geminik8s/postgres-node-a/tls/node.crt sslkey=/run/geminik8s/postgres-node-a/tls/node.key'\n"
         ), "{conf}");
         assert!(conf.contains("primary_slot_name = 'gk8s_node_a'\n"), "{conf}");
         assert!(conf.contains("recovery_target_timeline = 'latest'\n"), "{conf}");
@@ -300,18 +337,18 @@ wal_receiver_timeout = '10s'
     }
 
     #[test]
-    fn hba_allows_replication_only_from_the_peer() {
+    fn hba_allows_replication_only_from_the_peer_over_tls() {
         let hba = render_hba(&settings(Replication::Streaming));
         let expected = "\
 # Managed by geminik8s; rewritten on every role change.
 local all postgres peer map=geminik8s
-host replication replicator 10.0.0.2/32 scram-sha-256
-host postgres replicator 10.0.0.2/32 scram-sha-256
-host kine kine 10.0.0.1/32 scram-sha-256
-host kine kine 10.0.0.2/32 scram-sha-256
-host kine kine 10.0.0.10/32 scram-sha-256
-host kine kine 127.0.0.1/32 scram-sha-256
-host kine kine ::1/128 scram-sha-256
+hostssl replication replicator 10.0.0.2/32 scram-sha-256 clientcert=verify-ca
+hostssl postgres replicator 10.0.0.2/32 scram-sha-256 clientcert=verify-ca
+hostssl kine kine 10.0.0.1/32 scram-sha-256
+hostssl kine kine 10.0.0.2/32 scram-sha-256
+hostssl kine kine 10.0.0.10/32 scram-sha-256
+hostssl kine kine 127.0.0.1/32 scram-sha-256
+hostssl kine kine ::1/128 scram-sha-256
 ";
         assert_eq!(hba, expected);
     }
@@ -322,15 +359,17 @@ host kine kine ::1/128 scram-sha-256
         s.peer.ip = "127.0.0.1".parse().unwrap();
         s.node.ip = "127.0.0.1".parse().unwrap();
         let hba = render_hba(&s);
-        assert!(hba.contains("host kine replicator 127.0.0.1/32 scram-sha-256\n"), "{hba}");
-        assert_eq!(hba.matches("host kine kine 127.0.0.1/32").count(), 1, "{hba}");
+        assert!(hba.contains("hostssl kine replicator 127.0.0.1/32 scram-sha-256 clientcert=verify-ca\n"), "{hba}");
+        assert_eq!(hba.matches("hostssl kine kine 127.0.0.1/32").count(), 1, "{hba}");
     }
 
     #[test]
     fn hba_uses_host_prefix_for_ipv6_peers() {
         let mut s = settings(Replication::Streaming);
         s.peer.ip = "fd00::2".parse().unwrap();
-        assert!(render_hba(&s).contains("host replication replicator fd00::2/128 scram-sha-256\n"));
+        assert!(
+            render_hba(&s).contains("hostssl replication replicator fd00::2/128 scram-sha-256 clientcert=verify-ca\n")
+        );
     }
 
     #[test]
@@ -373,7 +412,9 @@ host kine kine ::1/128 scram-sha-256
         let s = settings(Replication::Streaming);
         assert_eq!(
             peer_conninfo(&s, Some("postgres"), false),
-            "host=10.0.0.2 port=5433 user=replicator dbname=postgres application_name=node-a"
+            "host=10.0.0.2 port=5433 user=replicator dbname=postgres application_name=node-a \
+             sslmode=verify-full sslrootcert=/run/geminik8s/postgres-node-a/tls/ca.crt \
+             sslcert=/run/geminik8s/postgres-node-a/tls/node.crt sslkey=/run/geminik8s/postgres-node-a/tls/node.key"
         );
     }
 

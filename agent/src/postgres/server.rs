@@ -16,6 +16,7 @@ use super::render::{self, ServerRole};
 use super::settings::Settings;
 use super::{PgError, Result};
 use crate::cmd::Tool;
+use crate::config::Tls;
 use crate::services::{ActiveState, RunAs, ServiceSpec, ServiceStatus, Services, units};
 
 /// How to stop the server.
@@ -121,9 +122,11 @@ impl Manager {
         )
     }
 
-    /// Create the socket directory and the log file, owned by the OS user.
+    /// Create the socket directory with the server's TLS files and the log
+    /// file, owned by the OS user.
     pub fn prepare_run_dirs(&self) -> Result<()> {
         files::ensure_dir(&self.settings.socket_dir, 0o755, self.owner)?;
+        files::write_tls(&self.settings, self.owner)?;
         let log = &self.settings.log_file;
         if let Some(parent) = log.parent() {
             std::fs::create_dir_all(parent).map_err(|source| PgError::Io {
@@ -303,13 +306,34 @@ impl Manager {
     }
 }
 
-/// Open a session with `config` (the agent's application name and connect
-/// timeout added); the connection is driven in the background.
-pub(super) async fn open_session(mut config: tokio_postgres::Config, target: &str) -> Result<Client> {
+/// Open a session with `config` over the Unix socket (the agent's
+/// application name and connect timeout added); the connection is driven in
+/// the background.
+pub(super) async fn open_session(config: tokio_postgres::Config, target: &str) -> Result<Client> {
+    open_with(config, target, NoTls).await
+}
+
+/// Open a session over TCP with TLS required, the server's certificate
+/// verified against the cluster CA and the host's address, this node's
+/// certificate presented as the client's (all from `tls`).
+pub(super) async fn open_tls_session(mut config: tokio_postgres::Config, target: &str, tls: &Tls) -> Result<Client> {
+    let tls_error = |detail: String| PgError::TlsConfig { target: target.to_string(), detail };
+    let material = crate::peer::tls::TlsMaterial::from_config(tls).map_err(|e| tls_error(e.to_string()))?;
+    let mut client_config = material.client_config().map_err(|e| tls_error(e.to_string()))?;
+    client_config.alpn_protocols = vec![b"postgresql".to_vec()];
+    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    open_with(config, target, tokio_postgres_rustls::MakeRustlsConnect::new(client_config)).await
+}
+
+async fn open_with<T>(mut config: tokio_postgres::Config, target: &str, tls: T) -> Result<Client>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
     let (client, connection) = config
         .application_name("geminik8s-agent")
         .connect_timeout(Duration::from_secs(10))
-        .connect(NoTls)
+        .connect(tls)
         .await
         .map_err(|source| PgError::Connect { target: target.to_string(), source })?;
     let target = target.to_string();

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{Durability, GeminiConfig, Replication};
+use crate::config::{Durability, GeminiConfig, Replication, Tls};
 
 /// Default directory of the PostgreSQL 15 binaries on Debian.
 pub const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
@@ -15,6 +15,12 @@ pub const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 /// whose wait for the standby a client cancelled; an async tail). Revisions
 /// are 64-bit, so a generous margin costs nothing.
 pub const DEFAULT_SEQUENCE_MARGIN: i64 = 100_000;
+
+/// File names in [`Settings::tls_dir`]. The node's certificate serves the
+/// server and, as a client certificate, the connections to the peer's.
+pub const CA_FILE: &str = "ca.crt";
+pub const CERT_FILE: &str = "node.crt";
+pub const KEY_FILE: &str = "node.key";
 
 /// A cluster member as PostgreSQL sees it: its name (the replication
 /// `application_name`), and the address its server listens on.
@@ -27,7 +33,8 @@ pub struct Endpoint {
 
 /// Everything the manager needs. Built with [`Settings::from_config`];
 /// the fields are public so tests and the lab can adjust paths and ports.
-#[derive(Debug, Clone)]
+/// `Debug` leaves the passwords and the key out.
+#[derive(Clone)]
 pub struct Settings {
     /// Directory holding `initdb`, `pg_basebackup`, `pg_rewind`, `postgres`.
     pub bin_dir: PathBuf,
@@ -55,11 +62,18 @@ pub struct Settings {
     pub degrade_after: Duration,
     pub replication_password: String,
     pub kine_password: String,
+    /// The cluster CA, this node's certificate and its key (inline PEM or
+    /// file paths, as in the cloud-config's `tls:` block): the server's TLS
+    /// identity, and what the peer's server is verified against. Copied
+    /// into [`Settings::tls_dir`] for the server and the tools.
+    pub tls: Tls,
     /// See [`DEFAULT_SEQUENCE_MARGIN`].
     pub sequence_margin: i64,
     /// Archive the data directory before `pg_rewind` too (pg_rewind discards
     /// the diverged tail; the archive keeps it).
     pub archive_before_rewind: bool,
+    /// How many archives of the data directory are kept (the newest).
+    pub archive_keep: usize,
     /// `max_slot_wal_keep_size` in MiB: a slot whose node is gone for good
     /// must not fill the disk.
     pub max_slot_wal_keep_mb: u64,
@@ -67,6 +81,35 @@ pub struct Settings {
     pub start_timeout: Duration,
     /// Limit for `initdb`, `pg_basebackup` and `pg_rewind`.
     pub tool_timeout: Duration,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const HIDDEN: &str = "<hidden>";
+        f.debug_struct("Settings")
+            .field("bin_dir", &self.bin_dir)
+            .field("data_dir", &self.data_dir)
+            .field("log_file", &self.log_file)
+            .field("socket_dir", &self.socket_dir)
+            .field("listen_addresses", &self.listen_addresses)
+            .field("os_user", &self.os_user)
+            .field("node", &self.node)
+            .field("peer", &self.peer)
+            .field("vip", &self.vip)
+            .field("replication", &self.replication)
+            .field("durability", &self.durability)
+            .field("degrade_after", &self.degrade_after)
+            .field("replication_password", &HIDDEN)
+            .field("kine_password", &HIDDEN)
+            .field("tls", &HIDDEN)
+            .field("sequence_margin", &self.sequence_margin)
+            .field("archive_before_rewind", &self.archive_before_rewind)
+            .field("archive_keep", &self.archive_keep)
+            .field("max_slot_wal_keep_mb", &self.max_slot_wal_keep_mb)
+            .field("start_timeout", &self.start_timeout)
+            .field("tool_timeout", &self.tool_timeout)
+            .finish()
+    }
 }
 
 impl Settings {
@@ -92,12 +135,27 @@ impl Settings {
             degrade_after: pg.degrade_after,
             replication_password: pg.replication_password.clone(),
             kine_password: pg.kine_password.clone(),
+            tls: cfg.tls.clone(),
             sequence_margin: DEFAULT_SEQUENCE_MARGIN,
             archive_before_rewind: true,
+            archive_keep: pg.archive_keep as usize,
             max_slot_wal_keep_mb: 4096,
             start_timeout: Duration::from_secs(60),
             tool_timeout: Duration::from_secs(30 * 60),
         }
+    }
+
+    /// Where the server's certificate, key and the cluster CA are copied,
+    /// owned by the OS user (mode 0700; the server refuses a key others can
+    /// read): a directory of the socket directory, outside the data
+    /// directory so base backups and archives never carry the key.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.socket_dir.join("tls")
+    }
+
+    /// The cluster CA in [`Settings::tls_dir`] (`ssl_ca_file`, `sslrootcert=`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.tls_dir().join(CA_FILE)
     }
 
     /// Path of a PostgreSQL binary.

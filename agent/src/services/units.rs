@@ -149,6 +149,8 @@ mod tests {
             listen: "127.0.0.1:2379".parse().unwrap(),
             compaction_interval: Duration::from_secs(300),
             log_file: None,
+            ca: "/etc/geminik8s/ca.crt".into(),
+            ca_file: "/run/geminik8s/kine-ca.crt".into(),
         };
         let k3s = K3sSettings {
             binary: crate::k3s::K3S_BINARY.into(),
