@@ -145,7 +145,7 @@ fn bring_up(opts: &Options, mode: WitnessMode, root: &Path, generation: usize) -
         }
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         init_cluster(&opts.agent_bin, &cluster, &extra)
-            .map_err(|e| anyhow::anyhow!("gemin_k8s init for the {mode:?} lab: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("gemin_k8s init for the {} lab: {e}", report::mode_name(mode)))?;
     }
     let run_dir = root.join(format!("run-{generation}"));
     let lab = Lab::up(&UpOptions {
@@ -175,7 +175,11 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     for mode in &opts.modes {
         let result = run_mode(opts, *mode, &mut trials);
         if let Err(e) = result {
-            return Err(e.context(format!("the {mode:?} run stopped after {} trials", trials.len())));
+            return Err(e.context(format!(
+                "the {} run stopped after {} trials",
+                report::mode_name(*mode),
+                trials.len()
+            )));
         }
     }
     let timings = if opts.product_timings { "product default" } else { "fast (health interval 300 ms, fence 1 s)" };
@@ -224,7 +228,7 @@ fn run_mode(opts: &Options, mode: WitnessMode, trials: &mut Vec<TrialReport>) ->
         if converged {
             lab = Some(current);
         } else {
-            eprintln!("[{mode:?}] trial {n} left the cluster unconverged: bringing up a fresh lab");
+            eprintln!("[{}] trial {n} left the cluster unconverged: bringing up a fresh lab", report::mode_name(mode));
             // Dropping the lab tears it down before the next one comes up.
             drop(current);
         }
@@ -236,7 +240,7 @@ fn run_mode(opts: &Options, mode: WitnessMode, trials: &mut Vec<TrialReport>) ->
 /// invariant the mode does not promise) in the artifacts directory.
 fn save_logs(current: &ModeLab, opts: &Options, report: &TrialReport) -> anyhow::Result<PathBuf> {
     let lab = &current.lab;
-    let mode = format!("{:?}", report.mode).to_lowercase();
+    let mode = report::mode_name(report.mode);
     let dir = opts.artifacts.join(format!("{mode}-seed{}-trial{}", opts.seed, report.trial));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for node in &lab.nodes {

@@ -144,7 +144,8 @@ impl TrialReport {
     }
 }
 
-fn mode_name(mode: WitnessMode) -> String {
+/// `none`, `gateway`, `arbiter`.
+pub fn mode_name(mode: WitnessMode) -> String {
     serde_json::to_value(mode).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
