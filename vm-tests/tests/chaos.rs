@@ -1,6 +1,6 @@
-//! A short run of the chaos suite in each witness mode: two trials (the
-//! leader's power cut, then the leader's isolation) under steady writers,
-//! with a fixed seed. Each mode must keep what it promises: no acknowledged
+//! A short run of the chaos suite in each witness mode: two trials (a cut
+//! of the link between the nodes, then the leader's isolation) under steady
+//! writers, with a fixed seed. Each mode must keep what it promises: no acknowledged
 //! write lost, no revision going back, one VIP holder (except in `none`,
 //! where two are expected by design), and convergence after the heal.
 //! Needs root, nftables, PostgreSQL 15, Kine and etcdctl; skips with a
@@ -18,7 +18,7 @@ use geminik8s_vm_tests::probe::agent_bin;
 /// The lab's namespace names are global: one lab at a time.
 static LAB: Mutex<()> = Mutex::new(());
 
-const FAULTS: &str = "kill-leader,isolate-leader";
+const FAULTS: &str = "cut,isolate-leader";
 const SEED: u64 = 20;
 
 fn chaos_run(mode: WitnessMode) {
@@ -48,7 +48,7 @@ fn chaos_run(mode: WitnessMode) {
     println!("{}", report.table());
     assert_eq!(report.trials.len(), 2);
     let names: Vec<String> = report.trials.iter().map(|t| t.draw.scenario.to_string()).collect();
-    assert_eq!(names, ["kill-leader", "isolate-leader"]);
+    assert_eq!(names, ["cut", "isolate-leader"]);
     let violating: Vec<String> = report
         .trials
         .iter()
