@@ -38,6 +38,7 @@ fn chaos_run(mode: WitnessMode) {
         scenarios: plan::parse_scenarios(FAULTS).unwrap(),
         seed: SEED,
         in_order: true,
+        long_cuts: plan::LONG_CUTS,
         product_timings: false,
         agent_bin: bin,
         keep: false,

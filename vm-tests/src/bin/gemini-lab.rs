@@ -48,6 +48,12 @@ struct ChaosArgs {
     /// Take the faults in list order, round robin, instead of drawing them.
     #[arg(long)]
     in_order: bool,
+    /// The range of the long cuts and isolations (one in five): past `degrade_after` (30 s), and
+    /// past PostgreSQL's `wal_sender_timeout` (60 s) plus `degrade_after` to reach the leader's
+    /// real degrade point under silent loss.
+    #[arg(long, value_name = "MIN,MAX", num_args = 2, value_delimiter = ',', default_values = ["30s", "40s"],
+          value_parser = humantime::parse_duration)]
+    long_cuts: Vec<Duration>,
     /// The product's default health and lease timings instead of the fast ones
     /// (health interval 300 ms, fence timeout 1 s; arbiter lease 3 s).
     #[arg(long)]
@@ -407,6 +413,7 @@ fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         scenarios,
         seed: args.seed,
         in_order: args.in_order,
+        long_cuts: (args.long_cuts[0], args.long_cuts[1]),
         product_timings: args.product_timings,
         agent_bin,
         keep: args.keep,

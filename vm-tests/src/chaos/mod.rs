@@ -52,6 +52,8 @@ pub struct Options {
     pub seed: u64,
     /// Take the scenarios in list order instead of drawing them.
     pub in_order: bool,
+    /// The range of the long cuts (one cut in five).
+    pub long_cuts: (Duration, Duration),
     /// The product's default health and lease timings instead of the fast ones.
     pub product_timings: bool,
     pub agent_bin: PathBuf,
@@ -191,7 +193,8 @@ fn run_mode(opts: &Options, mode: WitnessMode, trials: &mut Vec<TrialReport>) ->
     // PostgreSQL runs as `postgres` and must reach its data under here.
     std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let root = if opts.keep { tmp.keep() } else { tmp.path().to_path_buf() };
-    let mut planner = Planner::new(opts.seed, opts.scenarios.clone(), opts.in_order);
+    let mut planner =
+        Planner::new(opts.seed, opts.scenarios.clone(), opts.in_order).long_cuts(opts.long_cuts.0, opts.long_cuts.1);
     let mut lab = Some(bring_up(opts, mode, &root, 0)?);
     let mut max_acked = 0i64;
     for n in 1..=opts.trials {

@@ -163,9 +163,9 @@ impl fmt::Display for Draw {
 
 /// Fault durations: most cross the detection and fencing times (about 1-3 s
 /// with the fast timings, 2-5 s with the defaults); one cut in five lasts
-/// long enough to cross the leader's 30 s degrade time.
+/// [`LONG_CUTS`], past the leader's `degrade_after` (30 s by default).
 const DURATION_MS: (u64, u64) = (5_000, 25_000);
-const LONG_CUT_MS: (u64, u64) = (30_000, 40_000);
+pub const LONG_CUTS: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(40));
 const LONG_CUT_ONE_IN: u32 = 5;
 const POWER_ON_DELAY_MS: (u64, u64) = (0, 8_000);
 
@@ -175,13 +175,20 @@ pub struct Planner {
     rng: StdRng,
     scenarios: Vec<Scenario>,
     in_order: bool,
+    long_cuts: (Duration, Duration),
     next: usize,
 }
 
 impl Planner {
     /// `in_order`: take the scenarios in list order, round robin, instead of drawing them.
     pub fn new(seed: u64, scenarios: Vec<Scenario>, in_order: bool) -> Planner {
-        Planner { rng: StdRng::seed_from_u64(seed), scenarios, in_order, next: 0 }
+        Planner { rng: StdRng::seed_from_u64(seed), scenarios, in_order, long_cuts: LONG_CUTS, next: 0 }
+    }
+
+    /// The range of the long cuts instead of [`LONG_CUTS`].
+    pub fn long_cuts(mut self, min: Duration, max: Duration) -> Planner {
+        self.long_cuts = (min.min(max), max.max(min));
+        self
     }
 
     pub fn draw(&mut self) -> Draw {
@@ -195,7 +202,7 @@ impl Planner {
         // Every number is drawn every time, so one trial's kind does not shift the next trial's draws.
         let long = self.rng.random_ratio(1, LONG_CUT_ONE_IN);
         let short_ms = self.rng.random_range(DURATION_MS.0..=DURATION_MS.1);
-        let long_ms = self.rng.random_range(LONG_CUT_MS.0..=LONG_CUT_MS.1);
+        let long_ms = self.rng.random_range(self.long_cuts.0.as_millis() as u64..=self.long_cuts.1.as_millis() as u64);
         let second_share: f64 = self.rng.random_range(0.0..0.5);
         let from_leader = self.rng.random_bool(0.5);
         let delay_ms = self.rng.random_range(POWER_ON_DELAY_MS.0..=POWER_ON_DELAY_MS.1);
@@ -249,7 +256,7 @@ mod tests {
             let cut = d.scenario.0.iter().any(|f| f.is_cut());
             if ms > DURATION_MS.1 {
                 assert!(cut, "{d}");
-                assert!((LONG_CUT_MS.0..=LONG_CUT_MS.1).contains(&ms), "{d}");
+                assert!((LONG_CUTS.0..=LONG_CUTS.1).contains(&d.duration), "{d}");
                 long_cuts += 1;
             } else {
                 assert!(ms >= DURATION_MS.0, "{d}");
@@ -257,6 +264,17 @@ mod tests {
             assert!(d.second_after < d.duration / 2 + Duration::from_millis(1), "{d}");
         }
         assert!(long_cuts > 0, "no long cut in 500 draws");
+    }
+
+    #[test]
+    fn long_cuts_take_the_range_given() {
+        let list = parse_scenarios("cut").unwrap();
+        let (min, max) = (Duration::from_secs(95), Duration::from_secs(100));
+        let mut p = Planner::new(1, list, false).long_cuts(max, min);
+        let long: Vec<Duration> =
+            (0..100).map(|_| p.draw().duration).filter(|d| *d > Duration::from_secs(25)).collect();
+        assert!(!long.is_empty());
+        assert!(long.iter().all(|d| (min..=max).contains(d)), "{long:?}");
     }
 
     #[test]
