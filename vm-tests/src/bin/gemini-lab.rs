@@ -51,7 +51,7 @@ struct ChaosArgs {
     /// The range of the long cuts and isolations (one in five): past `degrade_after` (30 s), and
     /// past PostgreSQL's `wal_sender_timeout` (60 s) plus `degrade_after` to reach the leader's
     /// real degrade point under silent loss.
-    #[arg(long, value_name = "MIN,MAX", num_args = 2, value_delimiter = ',', default_values = ["30s", "40s"],
+    #[arg(long, value_names = ["MIN", "MAX"], num_args = 2, value_delimiter = ',', default_values = ["30s", "40s"],
           value_parser = humantime::parse_duration)]
     long_cuts: Vec<Duration>,
     /// The product's default health and lease timings instead of the fast ones
