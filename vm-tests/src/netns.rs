@@ -313,7 +313,7 @@ impl Lab {
         let err_file = log_file.try_clone()?;
         // setsid: the process leaves the lab command's session, so it keeps
         // running after `up` returns and a terminal's Ctrl-C does not reach it.
-        let child = Command::new("setsid")
+        let mut child = Command::new("setsid")
             .args(["ip", "netns", "exec", netns])
             .args(argv)
             .stdin(Stdio::null())
@@ -321,7 +321,10 @@ impl Lab {
             .stderr(err_file)
             .spawn()
             .with_context(|| format!("starting {argv:?} in {netns}"))?;
-        Ok(child.id())
+        let pid = child.id();
+        // Reap it when it dies (killed by a fault), so no zombie is left in a long run.
+        std::thread::spawn(move || child.wait());
+        Ok(pid)
     }
 
     fn start_witness(&self, target: &str) -> anyhow::Result<()> {
