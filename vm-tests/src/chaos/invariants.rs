@@ -116,7 +116,8 @@ mod tests {
     use super::*;
 
     fn ack(key: &str, revision: i64, at_ms: u64) -> Ack {
-        Ack { key: key.into(), value: format!("v-{key}"), revision, at: Duration::from_millis(at_ms) }
+        let at = Duration::from_millis(at_ms);
+        Ack { key: key.into(), value: format!("v-{key}"), revision, sent: at, at }
     }
 
     fn kv(key: &str, value: &str, mod_revision: i64) -> Kv {

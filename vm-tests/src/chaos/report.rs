@@ -345,9 +345,10 @@ impl Report {
                 if let Some(l) = t.lost.first() {
                     let _ = writeln!(
                         out,
-                        "  first lost write: {} from {} acked at revision {} at {:.1} s, read back as {:?}",
+                        "  first lost write: {} from {} sent at {:.1} s, acked at revision {} at {:.1} s, read back as {:?}",
                         l.ack.key,
                         l.writer,
+                        l.ack.sent.as_secs_f64(),
                         l.ack.revision,
                         l.ack.at.as_secs_f64(),
                         l.found
@@ -375,7 +376,8 @@ mod tests {
     use crate::chaos::writers::Ack;
 
     fn trial(mode: WitnessMode, dual: usize, lost: usize) -> TrialReport {
-        let ack = Ack { key: "/k".into(), value: "v".into(), revision: 5, at: Duration::from_secs(1) };
+        let ack =
+            Ack { key: "/k".into(), value: "v".into(), revision: 5, sent: Duration::ZERO, at: Duration::from_secs(1) };
         TrialReport {
             mode,
             trial: 1,

@@ -59,6 +59,9 @@ pub fn run(lab: &Lab, input: &TrialInput) -> anyhow::Result<TrialReport> {
 
     let acks: Vec<(String, Vec<_>)> = writers.iter().map(|w| (w.spec.name.clone(), w.acks())).collect();
     for w in &writers {
+        if !w.powered_off().is_zero() {
+            notes.push(format!("{}: its node was off for about {:.1} s", w.spec.name, w.powered_off().as_secs_f64()));
+        }
         if let Some(e) = w.last_error() {
             notes.push(format!("{}: {} attempts, last error: {}", w.spec.name, w.attempts(), last_line(&e)));
         }

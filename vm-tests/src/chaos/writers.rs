@@ -23,6 +23,9 @@ pub struct Ack {
     pub value: String,
     /// The revision Kine acknowledged.
     pub revision: i64,
+    /// When the put was sent, since the trial started.
+    #[serde(serialize_with = "super::secs::serialize")]
+    pub sent: Duration,
     /// When the acknowledgement came, since the trial started.
     #[serde(serialize_with = "super::secs::serialize")]
     pub at: Duration,
@@ -65,12 +68,20 @@ pub struct Writer {
     pub spec: WriterSpec,
     acks: Mutex<Vec<Ack>>,
     attempts: AtomicU64,
+    /// Pauses because the writer's node was powered off.
+    powered_off_pauses: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
 impl Writer {
     pub fn new(spec: WriterSpec) -> Writer {
-        Writer { spec, acks: Mutex::new(Vec::new()), attempts: AtomicU64::new(0), last_error: Mutex::new(None) }
+        Writer {
+            spec,
+            acks: Mutex::new(Vec::new()),
+            attempts: AtomicU64::new(0),
+            powered_off_pauses: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
     }
 
     /// Put `/chaos/<trial>/<writer>/<seq>` until `stop`, each key once,
@@ -80,6 +91,7 @@ impl Writer {
         let mut seq = 0u64;
         while !stop.load(Ordering::Relaxed) {
             if self.spec.node.as_deref().is_some_and(|n| !lab.powered(n)) {
+                self.powered_off_pauses.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(RETRY_PAUSE);
                 continue;
             }
@@ -87,8 +99,9 @@ impl Writer {
             let key = format!("/chaos/{trial}/{}/{seq:06}", self.spec.name);
             let value = format!("{trial}:{}:{seq}", self.spec.name);
             self.attempts.fetch_add(1, Ordering::Relaxed);
+            let sent = start.elapsed();
             match put_from(lab, &self.spec.from, &self.spec.endpoint, &key, &value) {
-                Ok(revision) => lock(&self.acks).push(Ack { key, value, revision, at: start.elapsed() }),
+                Ok(revision) => lock(&self.acks).push(Ack { key, value, revision, sent, at: start.elapsed() }),
                 Err(e) => {
                     *lock(&self.last_error) = Some(e);
                     std::thread::sleep(RETRY_PAUSE);
@@ -108,6 +121,11 @@ impl Writer {
 
     pub fn attempts(&self) -> u64 {
         self.attempts.load(Ordering::Relaxed)
+    }
+
+    /// How long the writer did not write because its node was powered off (roughly).
+    pub fn powered_off(&self) -> Duration {
+        RETRY_PAUSE * u32::try_from(self.powered_off_pauses.load(Ordering::Relaxed)).unwrap_or(u32::MAX)
     }
 
     pub fn last_error(&self) -> Option<String> {
