@@ -5,7 +5,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 kine_version := "v0.17.5"
 # The Kubernetes release K3s v1.34.2+k3s1 embeds; the K3s stand-in runs its kube-apiserver.
 kubernetes_version := "v1.34.2"
-apt_packages := "postgresql-15 etcd-client iproute2 iputils-ping arping dbus ca-certificates curl build-essential mmdebstrap docker-registry qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu squashfs-tools-ng xorriso mtools dosfstools fdisk cpio"
+apt_packages := "postgresql-15 etcd-client iproute2 nftables iputils-ping arping dbus ca-certificates curl build-essential mmdebstrap docker-registry qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu squashfs-tools-ng xorriso mtools dosfstools fdisk cpio"
 
 # Show the recipes.
 default:
@@ -85,6 +85,26 @@ lab-netns-down:
 bench-failover kills="20":
     cargo build --release -p geminik8s-agent -p geminik8s-vm-tests
     target/release/bench-failover --kills {{kills}} --agent-bin target/release/gemin_k8s
+
+# The chaos suite (root): drawn faults under steady writers in each witness mode; prints the table of
+# docs/reliability.md. `just chaos trials=50 witness="none gateway arbiter"`; other words go to `gemini-lab chaos`
+# (e.g. --seed 7 --faults cut,kill-leader).
+[positional-arguments]
+chaos *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    trials=5 witness="none gateway arbiter" rest=()
+    for a in "$@"; do
+        case "$a" in
+            trials=*) trials="${a#trials=}" ;;
+            witness=*) witness="${a#witness=}" ;;
+            *) rest+=("$a") ;;
+        esac
+    done
+    cargo build --release -p geminik8s-agent -p geminik8s-vm-tests
+    bin="${CARGO_TARGET_DIR:-target}/release"
+    # shellcheck disable=SC2086 # the modes are words
+    "$bin/gemini-lab" chaos --trials "$trials" --witness $witness --agent-bin "$bin/gemin_k8s" "${rest[@]}"
 
 # Benchmark (root): build the default image, then again with every input cached (warm); prints both times and the sizes.
 # A second argument takes K3s from that file where the release cannot be downloaded

@@ -3,6 +3,7 @@
 //! Tests never sleep for a fixed time: they poll a condition until a
 //! deadline and, on timeout, report what they saw last.
 
+pub mod chaos;
 pub mod image;
 pub mod k3s_standin;
 pub mod labstate;

@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::labstate::namespaces;
 use crate::labstate::{self, ip};
 
+mod faults;
+
 pub const SWITCH: &str = "gk-sw";
 pub const CLIENT: &str = "gk-client";
 pub const GATEWAY: &str = "gk-gw";
@@ -73,12 +75,37 @@ pub struct UpOptions {
     pub start_agents: bool,
 }
 
+/// Tears a lab down when dropped (also on a panic), unless told to keep it.
+#[derive(Debug)]
+pub struct LabGuard {
+    run_dir: PathBuf,
+    keep: bool,
+}
+
+impl LabGuard {
+    pub fn new(run_dir: PathBuf, keep: bool) -> LabGuard {
+        LabGuard { run_dir, keep }
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("the lab stays up: `gemini-lab netns down --run-dir {}` removes it", self.run_dir.display());
+            return;
+        }
+        if let Err(e) = Lab::down(&self.run_dir) {
+            eprintln!("lab teardown failed: {e:#}");
+        }
+    }
+}
+
 /// PIDs of every process in `netns`.
 pub fn pids(netns: &str) -> Vec<i32> {
     ip(&["netns", "pids", netns]).map(|o| o.lines().filter_map(|l| l.trim().parse().ok()).collect()).unwrap_or_default()
 }
 
-fn kill_all(netns: &str) -> usize {
+pub(crate) fn kill_all(netns: &str) -> usize {
     let pids = pids(netns);
     for pid in &pids {
         // A process may exit between listing and killing.
@@ -210,13 +237,13 @@ impl Lab {
         }
         if opts.start_agents {
             for node in lab.nodes.clone() {
-                lab.start(&node.name)?;
+                lab.start_agent(&node.name)?;
             }
         }
         Ok(lab)
     }
 
-    fn all_hosts(&self) -> Vec<&Host> {
+    pub(crate) fn all_hosts(&self) -> Vec<&Host> {
         self.nodes.iter().chain([&self.client, &self.gateway]).collect()
     }
 
@@ -288,7 +315,7 @@ impl Lab {
         let err_file = log_file.try_clone()?;
         // setsid: the process leaves the lab command's session, so it keeps
         // running after `up` returns and a terminal's Ctrl-C does not reach it.
-        let child = Command::new("setsid")
+        let mut child = Command::new("setsid")
             .args(["ip", "netns", "exec", netns])
             .args(argv)
             .stdin(Stdio::null())
@@ -296,7 +323,10 @@ impl Lab {
             .stderr(err_file)
             .spawn()
             .with_context(|| format!("starting {argv:?} in {netns}"))?;
-        Ok(child.id())
+        let pid = child.id();
+        // Reap it when it dies (killed by a fault), so no zombie is left in a long run.
+        std::thread::spawn(move || child.wait());
+        Ok(pid)
     }
 
     fn start_witness(&self, target: &str) -> anyhow::Result<()> {
@@ -318,8 +348,9 @@ impl Lab {
         Ok(())
     }
 
-    /// Start the agent of `node` (after a `kill`, or when `up` did not).
-    pub fn start(&self, node: &str) -> anyhow::Result<u32> {
+    /// Start the agent of `node` as its service manager would; see
+    /// [`Lab::start`] for powering a node on.
+    pub fn start_agent(&self, node: &str) -> anyhow::Result<u32> {
         let host = self.node(node)?;
         let dir = self.node_dir(node);
         let argv: Vec<String> = vec![
@@ -345,56 +376,6 @@ impl Lab {
         self.spawn_in(&host.netns, &dir.join("agent.log"), &argv)
     }
 
-    /// The node dies: kill -9 every process of `node` (agent, PostgreSQL,
-    /// Kine), and its VIP goes with it, as on a power cut (a dead machine
-    /// answers no ARP; a rebooted one starts without the address).
-    pub fn kill(&self, node: &str) -> anyhow::Result<usize> {
-        let host = self.node(node)?;
-        let killed = kill_all(&host.netns);
-        let vip = format!("{}/{}", self.vip, self.prefix);
-        if self.vip_holders().iter().any(|h| h == node) {
-            ip(&["-n", &host.netns, "addr", "del", &vip, "dev", &host.dev])?;
-        }
-        Ok(killed)
-    }
-
-    /// Drop traffic between two hosts, both ways (`a_to_b_only`: one way).
-    pub fn partition(&self, a: &str, b: &str, a_to_b_only: bool) -> anyhow::Result<()> {
-        let (ha, hb) = (self.host(a)?, self.host(b)?);
-        let block = |from: &Host, to: &Host| -> anyhow::Result<()> {
-            // A host route wins over the subnet route; the VIP stays reachable
-            // only through whoever holds it, as on a real cut cable.
-            ip(&["-n", &from.netns, "route", "replace", "blackhole", &format!("{}/32", to.ip)])?;
-            Ok(())
-        };
-        block(ha, hb)?;
-        if !a_to_b_only {
-            block(hb, ha)?;
-        }
-        Ok(())
-    }
-
-    /// Cut `node` off from everyone (its cable pulled).
-    pub fn isolate(&self, node: &str) -> anyhow::Result<()> {
-        let h = self.host(node)?;
-        ip(&["-n", SWITCH, "link", "set", &format!("v-{}", h.name), "down"])?;
-        Ok(())
-    }
-
-    /// Undo every partition and isolation.
-    pub fn heal(&self) -> anyhow::Result<()> {
-        for h in self.all_hosts() {
-            ip(&["-n", SWITCH, "link", "set", &format!("v-{}", h.name), "up"])?;
-            let routes = ip(&["-n", &h.netns, "route", "show", "type", "blackhole"])?;
-            for route in routes.lines() {
-                if let Some(dst) = route.split_whitespace().nth(1) {
-                    ip(&["-n", &h.netns, "route", "del", "blackhole", dst])?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Run a command in a host's namespace and return its output.
     pub fn exec(&self, host: &str, argv: &[&str]) -> anyhow::Result<std::process::Output> {
         let h = self.host(host)?;
@@ -406,17 +387,19 @@ impl Lab {
             .with_context(|| format!("running {argv:?} in {}", h.netns))
     }
 
-    /// Which nodes have the VIP on their interface right now.
+    /// Which nodes answer for the VIP right now: powered on (see
+    /// [`Lab::powered`]) with the VIP on their interface. A powered-off node
+    /// keeps the address in its namespace, as a dead machine's RAM would, but
+    /// answers nothing.
     pub fn vip_holders(&self) -> Vec<String> {
-        self.nodes
-            .iter()
-            .filter(|n| {
-                ip(&["-n", &n.netns, "-o", "addr", "show", "dev", &n.dev])
-                    .map(|out| out.contains(&format!(" {}/", self.vip)))
-                    .unwrap_or(false)
-            })
-            .map(|n| n.name.clone())
-            .collect()
+        self.nodes.iter().filter(|n| self.powered(&n.name) && self.has_vip(n)).map(|n| n.name.clone()).collect()
+    }
+
+    /// Whether the VIP is configured on `host`'s interface, powered or not.
+    pub(crate) fn has_vip(&self, host: &Host) -> bool {
+        ip(&["-n", &host.netns, "-o", "addr", "show", "dev", &host.dev])
+            .map(|out| out.contains(&format!(" {}/", self.vip)))
+            .unwrap_or(false)
     }
 
     /// The MAC address the client's neighbour table has for the VIP.

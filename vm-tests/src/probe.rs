@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use geminik8s::cmd::Tool;
 use serde_json::Value;
 
 use crate::netns::Lab;
@@ -18,30 +19,74 @@ pub fn etcd(lab: &Lab, args: &[&str]) -> Result<Value, String> {
 
 /// `etcdctl` in the client namespace, talking to the Kine at `host`.
 pub fn etcd_at(lab: &Lab, host: &str, args: &[&str]) -> Result<Value, String> {
+    etcd_from(lab, "client", host, COMMAND_TIMEOUT, args)
+}
+
+/// etcdctl's own limit on one request: short, so that an outage shows as
+/// failed writes rather than as one long write.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+const DIAL_TIMEOUT: &str = "300ms";
+/// Beyond etcdctl's own timeouts: an etcdctl that hangs anyway is killed.
+const HARD_LIMIT: Duration = Duration::from_secs(3);
+
+/// `etcdctl` in the namespace of lab host `from` (a node or `client`),
+/// talking to the Kine at `host`, with `command_timeout` per request. An
+/// etcdctl that outlives its timeouts is killed.
+pub fn etcd_from(lab: &Lab, from: &str, host: &str, command_timeout: Duration, args: &[&str]) -> Result<Value, String> {
+    let netns = &lab.host(from).map_err(|e| e.to_string())?.netns;
     let endpoint = format!("http://{host}:2379");
-    let mut argv = vec![
-        "env",
-        "ETCDCTL_API=3",
-        "etcdctl",
-        "--endpoints",
-        &endpoint,
-        "--command-timeout=1s",
-        "--dial-timeout=300ms",
-        "-w",
-        "json",
-    ];
-    argv.extend_from_slice(args);
-    let out = lab.exec("client", &argv).map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    let tool = Tool::new("ip")
+        .args(["netns", "exec", netns, "env", "ETCDCTL_API=3", "etcdctl", "--endpoints", &endpoint])
+        .arg(format!("--command-timeout={}ms", command_timeout.as_millis()))
+        .arg(format!("--dial-timeout={DIAL_TIMEOUT}"))
+        .args(["-w", "json"])
+        .args(args)
+        .timeout(command_timeout + HARD_LIMIT);
+    let out = blocking(tool.run()).map_err(|e| e.to_string())?;
+    serde_json::from_str(&out.stdout).map_err(|e| format!("{e}: {}", out.stdout))
+}
+
+/// Run a future on a runtime of the calling thread (probes are called from
+/// plain threads).
+fn blocking<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread runtime").block_on(f)
 }
 
 /// Write a key; returns the revision Kine acknowledged.
 pub fn put(lab: &Lab, key: &str, value: &str) -> Result<i64, String> {
-    let v = etcd(lab, &["put", key, value])?;
+    put_from(lab, "client", &lab.vip.to_string(), key, value)
+}
+
+/// Write a key from lab host `from` through the Kine at `host`; returns the
+/// revision Kine acknowledged.
+pub fn put_from(lab: &Lab, from: &str, host: &str, key: &str, value: &str) -> Result<i64, String> {
+    let v = etcd_from(lab, from, host, COMMAND_TIMEOUT, &["put", key, value])?;
     v["header"]["revision"].as_i64().ok_or_else(|| format!("no revision in {v}"))
+}
+
+/// A key as read back: its value and the revision that last wrote it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kv {
+    pub key: String,
+    pub value: String,
+    pub mod_revision: i64,
+}
+
+/// Every key under `prefix` with its value and mod revision, read through the VIP.
+pub fn range(lab: &Lab, prefix: &str) -> Result<Vec<Kv>, String> {
+    let vip = lab.vip.to_string();
+    let v = etcd_from(lab, "client", &vip, Duration::from_secs(10), &["get", prefix, "--prefix"])?;
+    let kvs = v["kvs"].as_array().cloned().unwrap_or_default();
+    kvs.iter()
+        .map(|kv| {
+            let text = |field: &str| kv[field].as_str().and_then(base64_decode);
+            Ok(Kv {
+                key: text("key").ok_or_else(|| format!("no key in {kv}"))?,
+                value: text("value").unwrap_or_default(),
+                mod_revision: kv["mod_revision"].as_i64().ok_or_else(|| format!("no mod_revision in {kv}"))?,
+            })
+        })
+        .collect()
 }
 
 /// Keys under `prefix`, in key order.
@@ -88,29 +133,42 @@ pub fn status(lab: &Lab, node: &str) -> Result<Value, String> {
 /// serving, and `follower` streams from it.
 pub fn wait_formed(lab: &Lab, leader: &str, follower: &str, timeout: Duration) -> Result<(), String> {
     poll::until(&format!("{leader} leading, {follower} streaming from it"), timeout, Duration::from_millis(250), || {
-        let (l, f) = (status(lab, leader)?, status(lab, follower)?);
-        let kine_ok = |v: &Value| {
-            v["components"].as_array().is_some_and(|c| c.iter().any(|c| c["name"] == "kine" && c["state"] == "ok"))
-        };
-        let ok = l["role"] == "leader"
-            && kine_ok(&l)
-            && f["role"] == "follower"
-            && f["replication"]["streaming"] == true
-            && l["replication"]["durability"] == "synchronous"
-            && lab.vip_holders() == [leader.to_string()];
-        if ok {
-            Ok(())
-        } else {
-            Err(format!(
-                "{leader}: {} {}; {follower}: {} {}; VIP on {:?}",
-                l["role"],
-                l["replication"],
-                f["role"],
-                f["replication"],
-                lab.vip_holders()
-            ))
-        }
+        formed(lab, leader, follower)
     })
+}
+
+/// Whether `leader` leads with the VIP (and nobody else has it),
+/// synchronous replication and Kine serving, and `follower` streams from it;
+/// the error says what was seen instead.
+pub fn formed(lab: &Lab, leader: &str, follower: &str) -> Result<(), String> {
+    let (l, f) = (status(lab, leader)?, status(lab, follower)?);
+    let kine_ok = |v: &Value| {
+        v["components"].as_array().is_some_and(|c| c.iter().any(|c| c["name"] == "kine" && c["state"] == "ok"))
+    };
+    let holders = lab.vip_holders();
+    let ok = l["role"] == "leader"
+        && kine_ok(&l)
+        && f["role"] == "follower"
+        && f["replication"]["streaming"] == true
+        && l["replication"]["durability"] == "synchronous"
+        && holders == [leader.to_string()];
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{leader}: {} {} {}; {follower}: {} {} {}; VIP on {holders:?}",
+            l["role"], l["state"], l["replication"], f["role"], f["state"], f["replication"]
+        ))
+    }
+}
+
+/// The cluster as formed right now: `(leader, follower)` when one node
+/// leads as [`formed`] says and the other follows; the error says what was seen.
+pub fn roles(lab: &Lab) -> Result<(String, String), String> {
+    let [a, b] = [&lab.nodes[0].name, &lab.nodes[1].name];
+    let a_leads = status(lab, a).map(|s| s["role"] == "leader").unwrap_or(false);
+    let (leader, follower) = if a_leads { (a, b) } else { (b, a) };
+    formed(lab, leader, follower).map(|()| (leader.clone(), follower.clone()))
 }
 
 /// For failure messages: each agent's first errors and warnings, and the

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use geminik8s_vm_tests::chaos::report::percentile;
 use geminik8s_vm_tests::netns::{Lab, UpOptions};
 use geminik8s_vm_tests::poll::until;
 use geminik8s_vm_tests::probe::{agent_bin, init_cluster, keys, logs, put, status, wait_formed};
@@ -77,11 +78,6 @@ impl Writer {
         let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
         acked.iter().filter(|(_, _, at)| *at <= t).map(|(k, _, _)| k.clone()).collect()
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn secs(d: Duration) -> String {

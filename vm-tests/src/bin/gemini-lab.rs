@@ -25,6 +25,61 @@ enum LabKind {
     /// The QEMU lab: two VMs booting the default image (gq-sw bridge, gq-client namespace).
     #[command(subcommand)]
     Qemu(Qemu),
+    /// The chaos suite: drawn faults on a formed namespace lab under steady writers; checks that no
+    /// acknowledged write is lost, revisions never go back, the VIP is never on two nodes, and the
+    /// cluster converges. Exits non-zero when a witness mode breaks what it promises.
+    Chaos(ChaosArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ChaosArgs {
+    /// Trials per witness mode.
+    #[arg(long, default_value_t = 5)]
+    trials: usize,
+    /// Witness modes to run, each on its own lab, in turn (repeatable, or a list).
+    #[arg(long, value_enum, num_args = 1.., value_delimiter = ',', default_values = ["none", "gateway", "arbiter"])]
+    witness: Vec<WitnessMode>,
+    /// Scenarios to draw from: faults, or two joined by `+` (one starts during the other).
+    #[arg(long, value_name = "LIST", default_value = geminik8s_vm_tests::chaos::plan::DEFAULT_FAULTS)]
+    faults: String,
+    /// Seed of the draws: the same seed and faults give the same trials.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Take the faults in list order, round robin, instead of drawing them.
+    #[arg(long)]
+    in_order: bool,
+    /// The range of the long cuts and isolations (one in five): past `degrade_after` (30 s), and
+    /// past PostgreSQL's `wal_sender_timeout` (60 s) plus `degrade_after` to reach the leader's
+    /// real degrade point under silent loss.
+    #[arg(long, value_names = ["MIN", "MAX"], num_args = 2, value_delimiter = ',', default_values = ["30s", "40s"],
+          value_parser = humantime::parse_duration)]
+    long_cuts: Vec<Duration>,
+    /// The product's default health and lease timings instead of the fast ones
+    /// (health interval 300 ms, fence timeout 1 s; arbiter lease 3 s).
+    #[arg(long)]
+    product_timings: bool,
+    /// How long the cluster may take to converge after the heal.
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = humantime::parse_duration)]
+    converge_timeout: Duration,
+    /// Output of the final report.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// The gemin_k8s binary (default: next to this one).
+    #[arg(long, value_name = "FILE")]
+    agent_bin: Option<PathBuf>,
+    /// Leave the last lab up (and its cluster and logs).
+    #[arg(long)]
+    keep: bool,
+    /// Where the agents' logs of trials with a violation are saved.
+    #[arg(long, value_name = "DIR", default_value = "run/chaos")]
+    artifacts: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Output {
+    /// Markdown tables.
+    Table,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,20 +184,23 @@ enum Netns {
     Status(RunDir),
     /// Remove everything the lab created (also after a crash).
     Down(RunDir),
-    /// kill -9 every process of a node.
+    /// Power cut: the node's switch port goes down and every process in its namespace gets SIGKILL;
+    /// nothing is tidied (the VIP stays configured, as in the RAM of a dead machine).
     Kill {
         node: String,
         #[command(flatten)]
         run: RunDir,
     },
-    /// Start a node's agent again.
+    /// Power on a killed node (it boots without the VIP and its runtime directory) and start its
+    /// agent; after `kill-agent`, only start the agent again.
     Start {
         node: String,
         #[command(flatten)]
         run: RunDir,
     },
-    /// Drop traffic between two hosts (nodes, `client` or `gw`).
-    Partition {
+    /// Drop all traffic between the own addresses of two hosts (nodes, `client` or `gw`), silently;
+    /// ARP and the VIP still pass.
+    Cut {
         a: String,
         b: String,
         /// Only from A to B.
@@ -151,13 +209,49 @@ enum Netns {
         #[command(flatten)]
         run: RunDir,
     },
-    /// Cut a host off from everyone.
+    /// Cut a host off from everyone: every packet on its interface is dropped silently.
     Isolate {
         host: String,
         #[command(flatten)]
         run: RunDir,
     },
-    /// Undo partitions and isolation.
+    /// SIGKILL a node's agent only; PostgreSQL, Kine and the VIP stay.
+    KillAgent {
+        node: String,
+        #[command(flatten)]
+        run: RunDir,
+    },
+    /// SIGSTOP a node's agent (it hangs; everything else runs).
+    Pause {
+        node: String,
+        #[command(flatten)]
+        run: RunDir,
+    },
+    /// SIGCONT a node's agent stopped by `pause`.
+    Resume {
+        node: String,
+        #[command(flatten)]
+        run: RunDir,
+    },
+    /// Make the witness host (gateway, and `witness serve` in arbiter mode) unreachable, silently.
+    WitnessDown(RunDir),
+    /// Undo `witness-down`.
+    WitnessUp(RunDir),
+    /// Kill both nodes, then power FIRST on, and SECOND after a delay.
+    PowerCycle {
+        first: String,
+        second: String,
+        /// How long both stay off.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+        off: Duration,
+        /// Between powering FIRST and SECOND on.
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+        delay: Duration,
+        #[command(flatten)]
+        run: RunDir,
+    },
+    /// Undo every fault: drop rules removed, killed nodes powered on, paused agents resumed, missing
+    /// agents started.
     Heal(RunDir),
     /// Run a command in a host's namespace.
     Exec {
@@ -194,6 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cmd = match cli.lab {
         LabKind::Netns(cmd) => cmd,
         LabKind::Qemu(cmd) => return qemu(cmd),
+        LabKind::Chaos(args) => return chaos(args),
     };
     match cmd {
         Netns::Up { config_dir, witness, agent_bin, no_agents, run } => {
@@ -223,7 +318,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let lab = Lab::load(&run.run_dir)?;
             for h in lab.nodes.iter().chain([&lab.client, &lab.gateway]) {
                 let pids = geminik8s_vm_tests::netns::pids(&h.netns);
-                println!("{:<8} {:<10} {:<15} {} processes", h.name, h.netns, h.ip.to_string(), pids.len());
+                let node = if lab.nodes.contains(h) {
+                    let agent = lab.agent_pid(&h.name).map_or("no agent".to_string(), |p| format!("agent pid {p}"));
+                    format!(", powered {}, {agent}", if lab.powered(&h.name) { "on" } else { "off" })
+                } else {
+                    String::new()
+                };
+                println!("{:<8} {:<10} {:<15} {} processes{node}", h.name, h.netns, h.ip.to_string(), pids.len());
             }
             let holders = lab.vip_holders();
             println!(
@@ -242,15 +343,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Netns::Kill { node, run } => {
             let n = Lab::load(&run.run_dir)?.kill(&node)?;
-            println!("killed {n} processes of {node}");
+            println!("{node} powered off ({n} processes killed)");
         }
         Netns::Start { node, run } => {
             let pid = Lab::load(&run.run_dir)?.start(&node)?;
             println!("started the agent of {node} (pid {pid})");
         }
-        Netns::Partition { a, b, one_way, run } => Lab::load(&run.run_dir)?.partition(&a, &b, one_way)?,
-        Netns::Isolate { host, run } => Lab::load(&run.run_dir)?.isolate(&host)?,
-        Netns::Heal(run) => Lab::load(&run.run_dir)?.heal()?,
+        Netns::Cut { a, b, one_way, run } => {
+            Lab::load(&run.run_dir)?.cut(&a, &b, one_way)?;
+            println!("{a} {} {b} cut; `heal` restores it", if one_way { "->" } else { "<->" });
+        }
+        Netns::Isolate { host, run } => {
+            Lab::load(&run.run_dir)?.isolate(&host)?;
+            println!("{host} isolated; `heal` restores it");
+        }
+        Netns::KillAgent { node, run } => {
+            let pid = Lab::load(&run.run_dir)?.kill_agent(&node)?;
+            println!("killed the agent of {node} (pid {pid}); `start {node}` or `heal` starts it again");
+        }
+        Netns::Pause { node, run } => {
+            let pid = Lab::load(&run.run_dir)?.pause_agent(&node)?;
+            println!("stopped the agent of {node} (pid {pid}); `resume {node}` continues it");
+        }
+        Netns::Resume { node, run } => {
+            let pid = Lab::load(&run.run_dir)?.resume_agent(&node)?;
+            println!("continued the agent of {node} (pid {pid})");
+        }
+        Netns::WitnessDown(run) => {
+            Lab::load(&run.run_dir)?.witness_down()?;
+            println!("the witness host is unreachable; `witness-up` restores it");
+        }
+        Netns::WitnessUp(run) => Lab::load(&run.run_dir)?.witness_up()?,
+        Netns::PowerCycle { first, second, off, delay, run } => {
+            Lab::load(&run.run_dir)?.power_cycle(&first, &second, off, delay)?;
+            println!("both nodes powered off for {off:?}; {first} on, then {second} {delay:?} later");
+        }
+        Netns::Heal(run) => {
+            for done in Lab::load(&run.run_dir)?.heal()? {
+                println!("{done}");
+            }
+            println!("healed");
+        }
         Netns::Exec { host, command, run } => {
             let lab = Lab::load(&run.run_dir)?;
             let argv: Vec<&str> = command.iter().map(String::as_str).collect();
@@ -261,6 +394,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
+    use geminik8s_vm_tests::chaos;
+    let agent_bin = match args.agent_bin {
+        Some(p) => absolute(p)?,
+        None => geminik8s_vm_tests::probe::agent_bin().context(
+            "gemin_k8s not found next to gemini-lab: build it (`cargo build -p geminik8s-agent`) or pass --agent-bin",
+        )?,
+    };
+    let scenarios = chaos::plan::parse_scenarios(&args.faults).map_err(anyhow::Error::msg)?;
+    let mut modes = args.witness;
+    modes.dedup();
+    let opts = chaos::Options {
+        modes,
+        trials: args.trials,
+        scenarios,
+        seed: args.seed,
+        in_order: args.in_order,
+        long_cuts: (args.long_cuts[0], args.long_cuts[1]),
+        product_timings: args.product_timings,
+        agent_bin,
+        keep: args.keep,
+        converge_timeout: args.converge_timeout,
+        artifacts: absolute(args.artifacts)?,
+    };
+    chaos::stop_on_signals()?;
+    let report = chaos::run(&opts)?;
+    match args.output {
+        Output::Table => print!("{}", report.table()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(if report.violated() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 fn qemu(cmd: Qemu) -> anyhow::Result<ExitCode> {
