@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::subsystems::{BoxFut, Database};
+use super::subsystems::{BoxFut, Database, DbReport};
 use crate::config::Durability;
 use crate::election::{Replication, WalPosition};
 use crate::hostmeta::Lsn;
@@ -64,6 +64,40 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// The primary's replication for the role machine, and the view for
+    /// `status` (a standby gets only the view).
+    fn replication_of_status(&self, st: &PgStatus) -> (Option<Replication>, ReplicationView) {
+        let peer = &self.mgr.settings().peer.name;
+        // A logical-mode follower is a primary with a subscription.
+        if st.role != PgRole::Primary || st.subscription.is_some() {
+            let view = ReplicationView {
+                durability: "standby".into(),
+                streaming: st.streaming(),
+                ..ReplicationView::default()
+            };
+            return (None, view);
+        }
+        let r = self.replication_of(st);
+        let replica = st.replica(peer);
+        let durability = match (self.mgr.settings().durability, r.sync_configured, r.peer_in_sync) {
+            (_, true, true) => "synchronous",
+            (_, true, false) => "synchronous, waiting for the standby",
+            (Durability::Synchronous, false, _) => "degraded (async)",
+            (Durability::Async, false, _) => "async",
+        };
+        let view = ReplicationView {
+            durability: durability.into(),
+            streaming: r.peer_streaming,
+            synchronous_standby_names: Some(st.synchronous_standby_names.clone()),
+            sync_state: replica.and_then(|r| r.sync_state.clone()),
+            lag_bytes: replica.and_then(|r| r.lag_bytes).and_then(|b| u64::try_from(b).ok()),
+            lag_seconds: replica.and_then(|r| r.replay_lag_seconds),
+        };
+        (Some(r), view)
+    }
+}
+
 impl Database for Postgres {
     fn has_data(&self) -> bool {
         let data = &self.mgr.settings().data_dir;
@@ -71,37 +105,36 @@ impl Database for Postgres {
         has_cluster(data) || !empty || !archive::list(data).is_empty()
     }
 
-    fn position(&self) -> BoxFut<'_, Option<WalPosition>> {
+    fn observe(&self) -> BoxFut<'_, DbReport> {
         Box::pin(async move {
+            let expected = self.expected.load(Ordering::SeqCst);
             if !self.mgr.is_running()? {
                 // Stopped (after a reboot, before the election): the control
                 // file is fresher than the position hostMeta recorded.
-                return Ok(self
+                let position = self
                     .mgr
                     .control_position()
                     .await?
-                    .map(|c| WalPosition { timeline: c.timeline, lsn: Lsn(c.lsn_bytes) }));
+                    .map(|c| WalPosition { timeline: c.timeline, lsn: Lsn(c.lsn_bytes) });
+                return Ok(DbReport { healthy: expected.then_some(false), position, ..DbReport::default() });
             }
-            let st = self.mgr.status().await?;
-            let timeline = u32::try_from(st.timeline).context("timeline out of range")?;
-            let lsn = Lsn(u64::try_from(st.lsn_bytes).context("LSN out of range")?);
-            Ok(Some(WalPosition { timeline, lsn }))
-        })
-    }
-
-    fn healthy(&self) -> BoxFut<'_, Option<bool>> {
-        Box::pin(async move {
-            if !self.expected.load(Ordering::SeqCst) {
-                return Ok(None);
-            }
-            let ok = match self.mgr.connect("postgres").await {
-                Ok(db) => db.query_one("health check", "SELECT 1", &[]).await.is_ok(),
+            // One session answers everything: health, position, replication.
+            let st = match self.mgr.status().await {
+                Ok(st) => st,
                 Err(e) => {
-                    tracing::debug!(error = %e, "PostgreSQL health check failed");
-                    false
+                    tracing::debug!(error = %e, "PostgreSQL does not answer");
+                    return Ok(DbReport { healthy: expected.then_some(false), ..DbReport::default() });
                 }
             };
-            Ok(Some(ok))
+            let timeline = u32::try_from(st.timeline).context("timeline out of range")?;
+            let lsn = Lsn(u64::try_from(st.lsn_bytes).context("LSN out of range")?);
+            let (replication, view) = self.replication_of_status(&st);
+            Ok(DbReport {
+                healthy: expected.then_some(true),
+                position: Some(WalPosition { timeline, lsn }),
+                replication,
+                view: Some(view),
+            })
         })
     }
 
@@ -215,42 +248,6 @@ impl Database for Postgres {
             self.mgr.start().await?;
             self.expected.store(true, Ordering::SeqCst);
             Ok(())
-        })
-    }
-
-    fn replication(&self) -> BoxFut<'_, (Option<Replication>, Option<ReplicationView>)> {
-        Box::pin(async move {
-            if !self.mgr.is_running()? {
-                return Ok((None, None));
-            }
-            let st = self.mgr.status().await?;
-            let peer = &self.mgr.settings().peer.name;
-            // A logical-mode follower is a primary with a subscription.
-            if st.role != PgRole::Primary || st.subscription.is_some() {
-                let view = ReplicationView {
-                    durability: "standby".into(),
-                    streaming: st.streaming(),
-                    ..ReplicationView::default()
-                };
-                return Ok((None, Some(view)));
-            }
-            let r = self.replication_of(&st);
-            let replica = st.replica(peer);
-            let durability = match (self.mgr.settings().durability, r.sync_configured, r.peer_in_sync) {
-                (_, true, true) => "synchronous",
-                (_, true, false) => "synchronous, waiting for the standby",
-                (Durability::Synchronous, false, _) => "degraded (async)",
-                (Durability::Async, false, _) => "async",
-            };
-            let view = ReplicationView {
-                durability: durability.into(),
-                streaming: r.peer_streaming,
-                synchronous_standby_names: Some(st.synchronous_standby_names.clone()),
-                sync_state: replica.and_then(|r| r.sync_state.clone()),
-                lag_bytes: replica.and_then(|r| r.lag_bytes).and_then(|b| u64::try_from(b).ok()),
-                lag_seconds: replica.and_then(|r| r.replay_lag_seconds),
-            };
-            Ok((Some(r), Some(view)))
         })
     }
 

@@ -59,16 +59,28 @@ struct K3sRun {
     kubeconfig: PathBuf,
     /// Whether the start has been asked for.
     started: bool,
-    /// `None` until K3s has generated its credentials.
-    ready: Option<bool>,
-    kubeconfig_written: bool,
+    /// `None` until K3s has generated its credentials (set by the probe).
+    ready: Arc<Mutex<Option<bool>>>,
+    kubeconfig_written: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Kine as the agent runs it: its settings and the restart bookkeeping.
+/// Kine as the agent runs it: its settings and the restart bookkeeping,
+/// shared with the check that runs in the background.
 struct KineRun {
     settings: KineSettings,
-    recovery: KineRecovery,
-    healthy: bool,
+    recovery: Arc<tokio::sync::Mutex<KineRecovery>>,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the slow local checks found last; they run in the background, so
+/// the loop never waits on a datastore or a script.
+#[derive(Default)]
+struct LocalChecks {
+    /// The last datastore report, and when its probe started.
+    db: Option<(Instant, super::subsystems::DbReport)>,
+    /// When the probe in flight started.
+    db_probing: Option<Instant>,
+    script: Option<bool>,
 }
 
 pub struct Driver {
@@ -99,6 +111,7 @@ pub struct Driver {
     /// Background work that must not run twice at once (service restarts,
     /// durability changes), by what it works on.
     in_flight: Arc<Mutex<BTreeSet<&'static str>>>,
+    checks: Arc<Mutex<LocalChecks>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -195,7 +208,11 @@ impl Driver {
                 services.configure(&settings.spec()).await.context("configuring Kine")?;
                 services.start(crate::kine::SERVICE, SERVICE_TIMEOUT).await.context("starting Kine")?;
                 tracing::info!(listen = %settings.listen, datastore = %settings.db_host, "Kine started");
-                Some(KineRun { settings, recovery: KineRecovery::new(RecoveryPolicy::default()), healthy: false })
+                Some(KineRun {
+                    settings,
+                    recovery: Arc::new(tokio::sync::Mutex::new(KineRecovery::new(RecoveryPolicy::default()))),
+                    healthy: Arc::default(),
+                })
             }
             (Some(_), None) => {
                 tracing::warn!("Kine needs the service manager; running without it");
@@ -209,8 +226,8 @@ impl Driver {
                 kubeconfig: settings.kubeconfig_path(),
                 settings,
                 started: false,
-                ready: None,
-                kubeconfig_written: false,
+                ready: Arc::default(),
+                kubeconfig_written: Arc::default(),
             }),
             (Some(settings), _) => {
                 tracing::warn!(binary = %settings.binary.display(), "K3s is enabled but its binary is missing (or no service manager); running without it");
@@ -243,6 +260,7 @@ impl Driver {
             last_failover: None,
             promotion: None,
             in_flight: Arc::new(Mutex::new(BTreeSet::new())),
+            checks: Arc::default(),
             tasks: Vec::new(),
         };
         driver.publish();
@@ -289,6 +307,12 @@ impl Driver {
                 break;
             }
             tokio::select! {
+                // A fence the timer carried out reaches the machine first.
+                biased;
+                Some(()) = self.fence_rx.recv() => {
+                    self.step(Input::FenceDeadlinePassed).await;
+                    self.fence_timer.acknowledge();
+                }
                 _ = ticker.tick() => {
                     let obs = self.observe().await;
                     self.step(Input::Tick(obs)).await;
@@ -298,10 +322,6 @@ impl Driver {
                     {
                         tracing::warn!(error = %e, "pinging the systemd watchdog failed");
                     }
-                }
-                Some(()) = self.fence_rx.recv() => {
-                    self.step(Input::FenceDeadlinePassed).await;
-                    self.fence_timer.acknowledge();
                 }
                 Some(done) = self.done_rx.recv() => {
                     self.note_completion(done);
@@ -429,38 +449,8 @@ impl Driver {
                 },
             }
         };
-        let db = self.subsystems.database.clone();
-        let db_budget = budget.max(Duration::from_secs(1));
-        let db_probe = async move {
-            let Some(db) = db else { return (None, None, (None, None)) };
-            let checks = async {
-                let health = match db.healthy().await {
-                    Ok(h) => h,
-                    Err(e) => {
-                        tracing::debug!(error = %format!("{e:#}"), "PostgreSQL health check failed");
-                        Some(false)
-                    }
-                };
-                let position = db.position().await.unwrap_or_else(|e| {
-                    tracing::debug!(error = %format!("{e:#}"), "reading the PostgreSQL position failed");
-                    None
-                });
-                let replication = db.replication().await.unwrap_or_else(|e| {
-                    tracing::debug!(error = %format!("{e:#}"), "reading the replication state failed");
-                    (None, None)
-                });
-                (health, position, replication)
-            };
-            match tokio::time::timeout(db_budget, checks).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::debug!(budget = ?db_budget, "PostgreSQL did not answer within the tick's budget");
-                    (Some(false), None, (None, None))
-                }
-            }
-        };
-        let ((heartbeat, second_path, vip_elsewhere), witness, (pg_health, position, (replication, view))) =
-            tokio::join!(peer_probe, witness_probe, db_probe);
+        let ((heartbeat, second_path, vip_elsewhere), witness) = tokio::join!(peer_probe, witness_probe);
+        let (pg_health, position, replication, view) = self.local_checks();
         // Without a datastore on this agent there is nothing to lose: the
         // peer counts as streaming whenever it answers.
         let replication = match (&self.subsystems.database, self.machine.leading()) {
@@ -479,15 +469,11 @@ impl Driver {
         if let Some(ok) = pg_health.filter(|_| self.cfg.health.checks.postgres) {
             health.push((Component::Postgres, ok));
         }
-        if let Some(script) = &self.cfg.health.checks.script {
-            let result = observe::script(script, self.cfg.health.checks.script_timeout).await;
-            if let Err(e) = &result {
-                tracing::warn!(script = %script.display(), error = %e, "custom health check failed");
-            }
-            health.push((Component::Script, result.is_ok()));
+        if let Some(ok) = self.checks.lock().unwrap_or_else(|p| p.into_inner()).script {
+            health.push((Component::Script, ok));
         }
-        if let Some(Some(ready)) = self.k3s.as_ref().map(|k| k.ready).filter(|_| self.cfg.health.checks.kubernetes_api)
-        {
+        let k3s_ready = self.k3s.as_ref().and_then(|k| *k.ready.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(ready) = k3s_ready.filter(|_| self.cfg.health.checks.kubernetes_api) {
             health.push((Component::K3s, ready));
         }
         self.health = health.clone();
@@ -506,6 +492,53 @@ impl Driver {
             vip_elsewhere,
             peer_called_at,
         }
+    }
+
+    /// The latest datastore report (a fresh probe is started in the
+    /// background for the next tick), and the custom script's result: health,
+    /// position, replication, and the view for `status`. A probe that has
+    /// not answered for three intervals counts as a failed health check.
+    #[allow(clippy::type_complexity, reason = "one use, right below")]
+    fn local_checks(
+        &mut self,
+    ) -> (Option<bool>, Option<crate::election::WalPosition>, Option<Replication>, Option<ReplicationView>) {
+        let interval = self.cfg.health.interval;
+        if let Some(db) = self.subsystems.database.clone() {
+            let checks = self.checks.clone();
+            let started = Instant::now();
+            let mut spawned = false;
+            self.spawn_once_then("db-probe", || spawned = true, async move {
+                let report = db.observe().await.unwrap_or_else(|e| {
+                    tracing::debug!(error = %format!("{e:#}"), "probing PostgreSQL failed");
+                    super::subsystems::DbReport::default()
+                });
+                let mut c = checks.lock().unwrap_or_else(|p| p.into_inner());
+                c.db = Some((started, report));
+                c.db_probing = None;
+            });
+            if spawned {
+                self.checks.lock().unwrap_or_else(|p| p.into_inner()).db_probing = Some(started);
+            }
+        }
+        if let Some(script) = self.cfg.health.checks.script.clone() {
+            let (checks, timeout) = (self.checks.clone(), self.cfg.health.checks.script_timeout);
+            self.spawn_once("script", async move {
+                let result = observe::script(&script, timeout).await;
+                if let Err(e) = &result {
+                    tracing::warn!(script = %script.display(), error = %e, "custom health check failed");
+                }
+                checks.lock().unwrap_or_else(|p| p.into_inner()).script = Some(result.is_ok());
+            });
+        }
+        let c = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        let stuck = c.db_probing.is_some_and(|since| since.elapsed() > interval * 3);
+        let Some((at, report)) = &c.db else { return (stuck.then_some(false), None, None, None) };
+        let fresh = at.elapsed() < interval * 3;
+        let healthy = if stuck { Some(false) } else { report.healthy };
+        if !fresh {
+            return (healthy, None, None, None);
+        }
+        (healthy, report.position, report.replication, report.view.clone())
     }
 
     /// PostgreSQL's word on replication, checked against the agent's own
@@ -713,10 +746,21 @@ impl Driver {
 
     /// Run `work` in the background unless work under the same `key` still runs.
     fn spawn_once(&mut self, key: &'static str, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.spawn_once_then(key, || {}, work);
+    }
+
+    /// [`Self::spawn_once`], calling `started` when the work was started.
+    fn spawn_once_then(
+        &mut self,
+        key: &'static str,
+        started: impl FnOnce(),
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         if !self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
             tracing::debug!(key, "still running from an earlier tick; not started again");
             return;
         }
+        started();
         let in_flight = self.in_flight.clone();
         self.tasks.retain(|t| !t.is_finished());
         self.tasks.push(tokio::spawn(async move {
@@ -727,32 +771,34 @@ impl Driver {
 
     /// Kine reconnects through the VIP by itself; give it time before restarting it.
     fn primary_moved(&mut self) {
-        if let Some(kine) = &mut self.kine {
-            kine.recovery.primary_moved(Instant::now());
+        if let Some(kine) = &self.kine {
+            let (recovery, now) = (kine.recovery.clone(), Instant::now());
+            self.tasks.push(tokio::spawn(async move { recovery.lock().await.primary_moved(now) }));
         }
     }
 
-    /// Per-tick upkeep: the VIP as the kernel has it, K3s, Kine.
+    /// Per-tick upkeep: the VIP as the kernel has it; K3s and Kine checked
+    /// in the background (a restart there waits for the service).
     async fn upkeep(&mut self) {
         self.reconcile_vip().await;
         self.k3s_upkeep();
-        self.k3s_probe().await;
-        if let (Some(kine), Some(services)) = (&mut self.kine, &self.subsystems.services) {
+        self.k3s_probe();
+        if let (Some(kine), Some(services)) = (&self.kine, self.subsystems.services.clone()) {
             let endpoint = kine.settings.etcd_endpoint();
-            match crate::kine::check_and_recover(
-                services.as_ref(),
-                &mut kine.recovery,
-                &endpoint,
-                probe_budget(&self.cfg),
-            )
-            .await
-            {
-                Ok(verdict) => kine.healthy = verdict == crate::kine::Verdict::Healthy,
-                Err(e) => {
-                    kine.healthy = false;
-                    tracing::error!(error = %e, "restarting Kine failed");
-                }
-            }
+            let (recovery, healthy) = (kine.recovery.clone(), kine.healthy.clone());
+            let budget = probe_budget(&self.cfg);
+            self.spawn_once("kine-check", async move {
+                let mut recovery = recovery.lock().await;
+                let ok = match crate::kine::check_and_recover(services.as_ref(), &mut recovery, &endpoint, budget).await
+                {
+                    Ok(verdict) => verdict == crate::kine::Verdict::Healthy,
+                    Err(e) => {
+                        tracing::error!(error = %e, "restarting Kine failed");
+                        false
+                    }
+                };
+                healthy.store(ok, std::sync::atomic::Ordering::Relaxed);
+            });
         }
     }
 
@@ -811,33 +857,42 @@ impl Driver {
         });
     }
 
-    async fn k3s_probe(&mut self) {
+    /// Check K3s's `/readyz` in the background, and write the kubeconfig for
+    /// the VIP once its credentials exist.
+    fn k3s_probe(&mut self) {
         let budget = probe_budget(&self.cfg);
-        let Some(k3s) = &mut self.k3s else { return };
+        let Some(k3s) = &self.k3s else { return };
         if !k3s.started {
             return;
         }
-        match crate::k3s::ClusterCredentials::from_server_tls(&k3s.tls_dir) {
-            Ok(creds) => {
-                let local = crate::k3s::api_url(self.cfg.node.ip);
-                k3s.ready = Some(crate::k3s::ready(&local, &creds, budget).await.is_ok());
-                if !k3s.kubeconfig_written {
-                    let text = crate::k3s::render_kubeconfig(
-                        &self.cfg.cluster.name,
-                        &crate::k3s::api_url(self.cfg.cluster.vip),
-                        &creds,
-                    );
-                    match crate::k3s::write_kubeconfig(&k3s.kubeconfig, &text) {
-                        Ok(()) => {
-                            k3s.kubeconfig_written = true;
-                            tracing::info!(path = %k3s.kubeconfig.display(), "kubeconfig for the VIP written");
-                        }
-                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "writing the kubeconfig failed"),
+        let (tls_dir, kubeconfig, ready, written) =
+            (k3s.tls_dir.clone(), k3s.kubeconfig.clone(), k3s.ready.clone(), k3s.kubeconfig_written.clone());
+        let (cluster, local, vip_url) = (
+            self.cfg.cluster.name.clone(),
+            crate::k3s::api_url(self.cfg.node.ip),
+            crate::k3s::api_url(self.cfg.cluster.vip),
+        );
+        self.spawn_once("k3s-probe", async move {
+            let creds = match crate::k3s::ClusterCredentials::from_server_tls(&tls_dir) {
+                Ok(creds) => creds,
+                Err(e) => {
+                    tracing::debug!(error = %e, "K3s credentials not there yet");
+                    return;
+                }
+            };
+            let ok = crate::k3s::ready(&local, &creds, budget).await.is_ok();
+            *ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(ok);
+            if !written.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = crate::k3s::render_kubeconfig(&cluster, &vip_url, &creds);
+                match crate::k3s::write_kubeconfig(&kubeconfig, &text) {
+                    Ok(()) => {
+                        written.store(true, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(path = %kubeconfig.display(), "kubeconfig for the VIP written");
                     }
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "writing the kubeconfig failed"),
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "K3s credentials not there yet"),
-        }
+        });
     }
 
     fn background(&mut self, work: impl std::future::Future<Output = Completion> + Send + 'static) {

@@ -64,8 +64,12 @@ impl FenceTimer {
         FenceTimer { deadline, fired, task }
     }
 
-    /// The deadline now in force (`None`: nothing to enforce).
+    /// The deadline now in force (`None`: nothing to enforce). Ignored
+    /// between a fence by the timer and its acknowledgement.
     pub fn set(&self, deadline: Option<Instant>) {
+        if self.fired() {
+            return;
+        }
         self.deadline.send_if_modified(|d| {
             let changed = *d != deadline;
             *d = deadline;
@@ -78,8 +82,10 @@ impl FenceTimer {
         self.fired.load(Ordering::SeqCst)
     }
 
-    /// The loop has fed the fence to the role machine.
+    /// The loop has fed the fence to the role machine (which has no
+    /// deadline while fenced).
     pub fn acknowledge(&self) {
+        self.deadline.send_replace(None);
         self.fired.store(false, Ordering::SeqCst);
     }
 }

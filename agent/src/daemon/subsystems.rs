@@ -14,18 +14,29 @@ use crate::peer::ReplicationView;
 /// as `Arc<dyn Database>`.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = anyhow::Result<T>> + Send + 'a>>;
 
+/// One look at the local PostgreSQL.
+#[derive(Debug, Clone, Default)]
+pub struct DbReport {
+    /// The server answers queries; `None` while it is not meant to run (not
+    /// set up yet, demoted, fenced), so it is not restarted behind the role
+    /// machine's back.
+    pub healthy: Option<bool>,
+    /// Timeline and LSN: from the server when it runs, else from the data
+    /// directory's control file.
+    pub position: Option<WalPosition>,
+    /// On a primary, its replication as PostgreSQL reports it.
+    pub replication: Option<Replication>,
+    /// Replication for `status`.
+    pub view: Option<ReplicationView>,
+}
+
 /// The local PostgreSQL as the role machine needs it.
 pub trait Database: Send + Sync {
     /// Whether the data directory holds a cluster (or archives of one): a
     /// node with data but no hostMeta must not start a new cluster.
     fn has_data(&self) -> bool;
-    /// Timeline and LSN: from the server when it runs, else from the data
-    /// directory's control file.
-    fn position(&self) -> BoxFut<'_, Option<WalPosition>>;
-    /// `SELECT 1` works; `None` while the server is not meant to run (not
-    /// set up yet, demoted, fenced), so it is not restarted behind the
-    /// role machine's back.
-    fn healthy(&self) -> BoxFut<'_, Option<bool>>;
+    /// Health, position and replication, read in one session.
+    fn observe(&self) -> BoxFut<'_, DbReport>;
     /// Start the server again after it failed.
     fn restart(&self) -> BoxFut<'_, ()>;
     /// Become (or stay) the primary, recording `epoch`. Only `bootstrap`
@@ -41,9 +52,6 @@ pub trait Database: Send + Sync {
     fn fence(&self) -> BoxFut<'_, ()>;
     /// Accept writes again.
     fn unfence(&self) -> BoxFut<'_, ()>;
-    /// On a primary, its replication as PostgreSQL reports it (for the role
-    /// machine), and the view for `status`; on a standby only the view.
-    fn replication(&self) -> BoxFut<'_, (Option<Replication>, Option<ReplicationView>)>;
     /// Make commits wait for the peer, or not.
     fn set_durability(&self, synchronous: bool) -> BoxFut<'_, ()>;
 }

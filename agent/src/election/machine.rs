@@ -291,7 +291,9 @@ impl Machine {
         let me = || Some(self.s.own_name.clone());
         let peer = || Some(self.s.peer_name.clone());
         match self.mode {
-            Mode::Leader | Mode::Promoting { .. } | Mode::Fenced => me(),
+            // A fenced node votes on the claims like everyone else: the peer
+            // may hold more than it does.
+            Mode::Leader | Mode::Promoting { .. } => me(),
             _ if self.handing_over => peer(),
             _ => {
                 let status = self.peer.as_ref()?;
@@ -868,8 +870,9 @@ impl Machine {
                 self.rejoining = true;
                 out.push(Action::Rejoin { leader: pm.node.name.clone() });
             }
-        } else if peer.state != State::Fenced && self.i_win_against(&peer, pm) && self.peer_votes_for_me() {
-            // The peer hands over, or our claim wins and it agrees.
+        } else if self.i_win_against(&peer, pm) && self.peer_votes_for_me() {
+            // The peer hands over, or our claim wins and it agrees (also a
+            // fenced peer whose data is behind ours).
             self.lead(now, false, out);
         } else if self.witness == WitnessView::LeaseHeldByMe {
             // The arbiter granted us the lease (the leader lost it): it names

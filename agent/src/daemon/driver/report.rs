@@ -29,14 +29,17 @@ impl Driver {
             None => components.push(absent("postgres", "the datastore is not managed by this agent yet")),
         }
         match &self.kine {
-            Some(k) => components.push(ComponentHealth {
-                name: "kine".into(),
-                state: if k.healthy { OK } else { FAILED }.into(),
-                detail: if k.healthy {
-                    String::new()
-                } else {
-                    format!("{} does not answer", k.settings.etcd_endpoint())
-                },
+            Some(k) => components.push({
+                let healthy = k.healthy.load(std::sync::atomic::Ordering::Relaxed);
+                ComponentHealth {
+                    name: "kine".into(),
+                    state: if healthy { OK } else { FAILED }.into(),
+                    detail: if healthy {
+                        String::new()
+                    } else {
+                        format!("{} does not answer", k.settings.etcd_endpoint())
+                    },
+                }
             }),
             None => components.push(absent("kine", "Kine is not run by this agent")),
         }
@@ -49,15 +52,18 @@ impl Driver {
                 state: DISABLED.into(),
                 detail: "k3s.enabled is false".into(),
             }),
-            (Some(k), true) => components.push(ComponentHealth {
-                name: "k3s".into(),
-                state: match k.ready {
-                    Some(true) => OK,
-                    Some(false) => FAILED,
-                    None => "starting",
+            (Some(k), true) => components.push({
+                let ready = *k.ready.lock().unwrap_or_else(|p| p.into_inner());
+                ComponentHealth {
+                    name: "k3s".into(),
+                    state: match ready {
+                        Some(true) => OK,
+                        Some(false) => FAILED,
+                        None => "starting",
+                    }
+                    .into(),
+                    detail: if ready == Some(false) { "/readyz does not answer ok".into() } else { String::new() },
                 }
-                .into(),
-                detail: if k.ready == Some(false) { "/readyz does not answer ok".into() } else { String::new() },
             }),
             (None, true) => components.push(absent("k3s", "no K3s binary (set GEMINIK8S_K3S_BINARY or install it)")),
         }
