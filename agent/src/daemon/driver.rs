@@ -314,9 +314,18 @@ impl Driver {
                     self.fence_timer.acknowledge();
                 }
                 _ = ticker.tick() => {
+                    let began = Instant::now();
                     let obs = self.observe().await;
+                    let observed = began.elapsed();
                     self.step(Input::Tick(obs)).await;
+                    let acted = began.elapsed();
                     self.upkeep().await;
+                    let took = began.elapsed();
+                    if took > self.cfg.health.interval {
+                        tracing::warn!(event = "slow_tick", observe_ms = observed.as_millis() as u64,
+                            act_ms = (acted - observed).as_millis() as u64, upkeep_ms = (took - acted).as_millis() as u64,
+                            "a tick took longer than the heartbeat interval");
+                    }
                     if let Some(n) = &notifier
                         && let Err(e) = n.watchdog()
                     {
@@ -409,33 +418,35 @@ impl Driver {
         let budget = probe_budget(&self.cfg);
         let cfg = &self.cfg;
         let vip = self.subsystems.vip.clone();
+        // Once the peer has missed a heartbeat, the second path (its ports)
+        // and the link (who answers ARP for the VIP) are asked at the same
+        // time as the next heartbeat, so a tick stays within its budget.
+        let suspect = self.machine.missed_heartbeats() > 0;
         let peer_probe = async {
-            let (heartbeat, why) = observe::heartbeat(&self.peer).await;
-            let (second_path, vip_elsewhere) = match heartbeat {
-                Heartbeat::Ok { .. } => (None, None),
-                Heartbeat::Missed => {
-                    tracing::debug!(reason = why.as_deref().unwrap_or("?"), "heartbeat missed");
-                    // `health.checks.network: false`: misses are not confirmed over the peer's ports.
-                    let check_ports = cfg.health.checks.network;
-                    let second = async move {
-                        check_ports
-                            && observe::second_path(cfg.peer.ip, cfg.postgres.port, cfg.peer.api_port, budget).await
-                    };
-                    let elsewhere = async {
-                        let vip = vip.as_ref()?;
-                        match vip.held_elsewhere(budget).await {
-                            Ok(held) => Some(held),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "asking the link who answers for the VIP failed");
-                                None
-                            }
-                        }
-                    };
-                    let (second, elsewhere) = tokio::join!(second, elsewhere);
-                    (Some(second), elsewhere)
+            let second = async move {
+                // `health.checks.network: false`: misses are not confirmed over the peer's ports.
+                suspect
+                    && cfg.health.checks.network
+                    && observe::second_path(cfg.peer.ip, cfg.postgres.port, cfg.peer.api_port, budget).await
+            };
+            let elsewhere = async {
+                let vip = vip.as_ref().filter(|_| suspect)?;
+                match vip.held_elsewhere(budget).await {
+                    Ok(held) => Some(held),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "asking the link who answers for the VIP failed");
+                        None
+                    }
                 }
             };
-            (heartbeat, second_path, vip_elsewhere)
+            let ((heartbeat, why), second, elsewhere) = tokio::join!(observe::heartbeat(&self.peer), second, elsewhere);
+            match heartbeat {
+                Heartbeat::Ok { .. } => (heartbeat, None, None),
+                Heartbeat::Missed => {
+                    tracing::debug!(reason = why.as_deref().unwrap_or("?"), "heartbeat missed");
+                    (heartbeat, suspect.then_some(second), elsewhere)
+                }
+            }
         };
         let lease_client = &self.lease_client;
         let lease = self.lease.clone();

@@ -40,11 +40,20 @@ impl Invariant {
 
 /// What each witness mode does not promise, and why. Everything else holds
 /// in every mode, whatever single fault (and the combinations drawn) happen.
-const NOT_PROMISED: &[(WitnessMode, Invariant, &str)] = &[(
-    WitnessMode::None,
-    Invariant::OneVipHolder,
-    "witness `none` decides on peer loss alone: a cut between the nodes makes the follower lead while the leader keeps the VIP",
-)];
+const NOT_PROMISED: &[(WitnessMode, Invariant, &str)] = &[
+    (
+        WitnessMode::None,
+        Invariant::OneVipHolder,
+        "witness `none` decides on peer loss alone: a node cut off from everyone is taken for dead, so the follower \
+         leads while the isolated leader keeps the VIP",
+    ),
+    (
+        WitnessMode::None,
+        Invariant::NoLostWrite,
+        "witness `none`: a node cut off from everyone is taken for dead; once the isolated leader has waited out its \
+         follower's entitlement it acknowledges its own node's writes alone, and the heal discards them",
+    ),
+];
 
 /// Whether `mode` promises `invariant`; `Err(reason)` when it does not by design.
 pub fn promised(mode: WitnessMode, invariant: Invariant) -> Result<(), &'static str> {
