@@ -81,10 +81,11 @@ lab-netns dir="lab-cluster":
 lab-netns-down:
     target/debug/gemini-lab netns down
 
-# Benchmark (root): kill the leader N times under a steady writer; prints times, phases and lost writes.
-bench-failover kills="20":
+# Benchmark (root): kill the leader N times per witness mode under writers on the client and both nodes;
+# prints times, phases and lost writes (`just bench-failover 20 gateway,arbiter`).
+bench-failover kills="20" witness="none,gateway,arbiter":
     cargo build --release -p geminik8s-agent -p geminik8s-vm-tests
-    target/release/bench-failover --kills {{kills}} --agent-bin target/release/gemin_k8s
+    target/release/bench-failover --kills {{kills}} --witness {{witness}} --agent-bin target/release/gemin_k8s
 
 # The chaos suite (root): drawn faults under steady writers in each witness mode; prints the table of
 # docs/reliability.md. `just chaos trials=50 witness="none gateway arbiter"`; other words go to `gemini-lab chaos`

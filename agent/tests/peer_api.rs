@@ -38,6 +38,7 @@ fn status(node: &str, role: &str, holds_vip: bool) -> NodeStatus {
         agent_version: "test".into(),
         role: role.into(),
         state: role.into(),
+        takeover: Default::default(),
         epoch: 4,
         peer: PeerView {
             name: "node2".into(),

@@ -58,6 +58,10 @@ pub struct Lab {
     pub gateway: Host,
     /// `IP:PORT` of `gemin_k8s witness serve` in `gk-gw` (arbiter mode).
     pub arbiter: Option<String>,
+    /// The K3s binary the agents run (a real K3s or the lab's stand-in);
+    /// `None`: K3s is off in this lab.
+    #[serde(default)]
+    pub k3s: Option<PathBuf>,
 }
 
 /// Options for [`Lab::up`].
@@ -73,6 +77,8 @@ pub struct UpOptions {
     pub extra_block: Option<String>,
     /// Start the agents (false: only the network, for tests that start them later).
     pub start_agents: bool,
+    /// Run K3s with this binary (a real K3s or `k3s-standin`); `None` leaves it off.
+    pub k3s: Option<PathBuf>,
 }
 
 /// Tears a lab down when dropped (also on a panic), unless told to keep it.
@@ -222,6 +228,7 @@ impl Lab {
             client: host("client", CLIENT, client_ip),
             gateway: host("gw", GATEWAY, gw_ip),
             arbiter,
+            k3s: opts.k3s.clone(),
         };
         std::fs::create_dir_all(&lab.run_dir).with_context(|| format!("creating {}", lab.run_dir.display()))?;
         lab.save()?;
@@ -280,8 +287,9 @@ impl Lab {
         }
         // Kine listens on all addresses so the client reaches the leader's Kine through the VIP.
         let mut text = format!(
-            "#cloud-config\n# Written by gemini-lab: per-node paths and the lab's witness.\ngeminik8s:\n  postgres:\n    data_dir: {}\n  kine:\n    listen: 0.0.0.0:2379\n  k3s:\n    enabled: false\n    data_dir: {}\n    config_dir: {}\n",
+            "#cloud-config\n# Written by gemini-lab: per-node paths and the lab's witness.\ngeminik8s:\n  postgres:\n    data_dir: {}\n  kine:\n    listen: 0.0.0.0:2379\n  k3s:\n    enabled: {}\n    data_dir: {}\n    config_dir: {}\n",
             dir.join("pgdata").display(),
+            self.k3s.is_some(),
             dir.join("k3s").display(),
             dir.join("etc-rancher-k3s").display()
         );
@@ -307,6 +315,10 @@ impl Lab {
     }
 
     fn spawn_in(&self, netns: &str, log: &Path, argv: &[String]) -> anyhow::Result<u32> {
+        self.spawn_with(netns, log, argv, &[])
+    }
+
+    fn spawn_with(&self, netns: &str, log: &Path, argv: &[String], env: &[(&str, &Path)]) -> anyhow::Result<u32> {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -316,6 +328,7 @@ impl Lab {
         // setsid: the process leaves the lab command's session, so it keeps
         // running after `up` returns and a terminal's Ctrl-C does not reach it.
         let mut child = Command::new("setsid")
+            .envs(env.iter().copied())
             .args(["ip", "netns", "exec", netns])
             .args(argv)
             .stdin(Stdio::null())
@@ -373,7 +386,13 @@ impl Lab {
             "--log-level".into(),
             "debug".into(),
         ];
-        self.spawn_in(&host.netns, &dir.join("agent.log"), &argv)
+        let env: Vec<(&str, &Path)> = self.k3s.iter().map(|k3s| (geminik8s::k3s::BINARY_ENV, k3s.as_path())).collect();
+        self.spawn_with(&host.netns, &dir.join("agent.log"), &argv, &env)
+    }
+
+    /// The kubeconfig the agent of `node` wrote for the VIP (when K3s runs).
+    pub fn kubeconfig(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("etc-rancher-k3s").join(geminik8s::k3s::VIP_KUBECONFIG)
     }
 
     /// Run a command in a host's namespace and return its output.

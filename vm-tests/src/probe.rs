@@ -151,13 +151,15 @@ pub fn formed(lab: &Lab, leader: &str, follower: &str) -> Result<(), String> {
         && f["role"] == "follower"
         && f["replication"]["streaming"] == true
         && l["replication"]["durability"] == "synchronous"
+        // The follower knows it may take over (with an arbiter, the arbiter knows).
+        && (f["takeover"]["eligible"] == true || lab.witness == geminik8s::config::WitnessMode::Arbiter)
         && holders == [leader.to_string()];
     if ok {
         Ok(())
     } else {
         Err(format!(
-            "{leader}: {} {} {}; {follower}: {} {} {}; VIP on {holders:?}",
-            l["role"], l["state"], l["replication"], f["role"], f["state"], f["replication"]
+            "{leader}: {} {} {}; {follower}: {} {} {} takeover {}; VIP on {holders:?}",
+            l["role"], l["state"], l["replication"], f["role"], f["state"], f["replication"], f["takeover"]
         ))
     }
 }

@@ -112,6 +112,8 @@ pub struct Driver {
     /// durability changes), by what it works on.
     in_flight: Arc<Mutex<BTreeSet<&'static str>>>,
     checks: Arc<Mutex<LocalChecks>>,
+    /// The peer's entitlement last published (as leader) and this node's own (as follower).
+    told: (Option<String>, bool),
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -261,6 +263,7 @@ impl Driver {
             promotion: None,
             in_flight: Arc::new(Mutex::new(BTreeSet::new())),
             checks: Arc::default(),
+            told: (None, false),
             tasks: Vec::new(),
         };
         driver.publish();
@@ -959,7 +962,13 @@ impl Driver {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        let told = (self.machine.sync_standby(), self.machine.status().eligible);
+        if told != self.told {
+            tracing::info!(event = "entitlement", sync_standby = ?told.0, eligible = told.1,
+                "who may take over without the peer changed");
+            self.told = told;
+        }
         let status = self.status();
         let mut p = self.shared.write().unwrap_or_else(|p| p.into_inner());
         p.hostmeta = self.machine.meta().cloned();

@@ -81,8 +81,10 @@ pub struct Machine {
     rejoining: bool,
     retry_at: Duration,
     services: BTreeMap<Component, ServiceHealth>,
-    /// Leader: the primary's replication as read this tick.
+    /// Leader: the primary's replication as last read.
     replication: Option<Replication>,
+    /// Whether it was read this tick.
+    replication_fresh: bool,
     /// Leader: since when the peer has not been streaming.
     not_streaming_since: Option<Duration>,
     /// Leader: commits should stop waiting for the peer; until they do,
@@ -136,6 +138,7 @@ impl Machine {
             retry_at: Duration::ZERO,
             services: BTreeMap::new(),
             replication: None,
+            replication_fresh: false,
             not_streaming_since: None,
             degrade_wanted: false,
             told_peer_in_sync: false,
@@ -419,7 +422,13 @@ impl Machine {
         if obs.position.is_some() {
             self.position = obs.position;
         }
-        self.replication = obs.replication;
+        // A datastore that did not answer this tick changes nothing it said
+        // before (only a fresh report, or this node's own SetDurability, can
+        // tell the peer it is no longer in sync); no decision is taken on it.
+        self.replication_fresh = obs.replication.is_some();
+        if obs.replication.is_some() || !self.leading() {
+            self.replication = obs.replication;
+        }
         if let (Some(p), LocalMeta::Loaded(meta)) = (self.position, &mut self.local) {
             meta.timeline = Some(p.timeline);
             meta.lsn = Some(p.lsn);
@@ -789,7 +798,7 @@ impl Machine {
     /// standby, or (no arbiter) it has been silent for longer than any
     /// eligibility it may hold and no other host answers for the VIP.
     fn durability(&mut self, now: Duration, out: &mut Vec<Action>) {
-        let Some(r) = self.replication else { return };
+        let Some(r) = self.replication.filter(|_| self.replication_fresh) else { return };
         let peer = Some(self.s.peer_name.as_str());
         let recorded = self.arbiter.as_ref().map(|a| a.sync_standby.as_deref());
         if self.s.durability == Durability::Async {

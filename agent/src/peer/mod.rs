@@ -67,11 +67,26 @@ pub struct NodeStatus {
     pub vip: VipView,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<ReplicationView>,
+    /// Who may take over without the peer: on the leader, the follower it
+    /// tells it is the synchronous standby; on a follower, whether it was told
+    /// (recently enough) that it is.
+    #[serde(default)]
+    pub takeover: TakeoverView,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover: Option<FailoverView>,
     pub components: Vec<ComponentHealth>,
     /// Why the node or cluster is degraded; empty when all is well.
     pub degraded: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TakeoverView {
+    /// Leader: the standby that holds every acknowledged write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_standby: Option<String>,
+    /// Follower: it may promote on its own if the leader failed now.
+    #[serde(default)]
+    pub eligible: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -1,34 +1,41 @@
-//! `bench-failover`: kill the leader N times in the network-namespace lab
-//! while a client writes through the VIP; print how long writes were
-//! refused, the phases of each failover, and whether any acknowledged write
-//! was lost. A benchmark: it prints, it does not judge. Needs root.
+//! `bench-failover`: kill the leader N times in the network-namespace lab,
+//! in each witness mode asked for, while writers put keys continuously from
+//! the client (through the VIP) and from both nodes (through each node's own
+//! Kine); print how long writes through the VIP were refused, the phases of
+//! each failover, and whether any acknowledged write was lost. A benchmark:
+//! it prints, it does not judge. Needs root.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use geminik8s_vm_tests::chaos::report::percentile;
-use geminik8s_vm_tests::netns::{Lab, UpOptions};
+use geminik8s::config::WitnessMode;
+use geminik8s_vm_tests::chaos::invariants::lost_writes;
+use geminik8s_vm_tests::chaos::report::{mode_name, percentile};
+use geminik8s_vm_tests::chaos::writers::{CLIENT, Writer, WriterSpec};
+use geminik8s_vm_tests::chaos::{self, Options, bring_up};
+use geminik8s_vm_tests::netns::Lab;
 use geminik8s_vm_tests::poll::until;
-use geminik8s_vm_tests::probe::{agent_bin, init_cluster, keys, logs, put, status, wait_formed};
+use geminik8s_vm_tests::probe::{agent_bin, logs, range, status, wait_formed};
 
 #[derive(Debug, Parser)]
-#[command(name = "bench-failover", about = "Leader kills under a steady writer in the namespace lab")]
+#[command(name = "bench-failover", about = "Leader kills under steady writers in the namespace lab")]
 struct Args {
-    /// How many times to kill the leader.
+    /// How many times to kill the leader, per witness mode.
     #[arg(long, default_value_t = 20)]
     kills: usize,
+    /// Witness modes to measure, each on its own lab, in turn.
+    #[arg(long, value_enum, value_delimiter = ',', num_args = 1.., default_values_t = [WitnessMode::None, WitnessMode::Gateway, WitnessMode::Arbiter])]
+    witness: Vec<WitnessMode>,
     /// The gemin_k8s binary (default: next to this one).
     #[arg(long)]
     agent_bin: Option<PathBuf>,
-    /// Extra `geminik8s:` settings for both nodes (YAML), e.g. "health:\n  interval: 300ms".
+    /// The lab tests' fast timings (300 ms heartbeats, 1 s fence) instead of the product's defaults.
     #[arg(long)]
-    settings: Option<String>,
-    /// Keep the lab and its logs when done.
+    fast: bool,
+    /// Keep the last lab and its logs when done.
     #[arg(long)]
     keep: bool,
 }
@@ -37,47 +44,19 @@ struct Args {
 #[derive(Debug)]
 struct Sample {
     killed: String,
-    /// Kill to the first write acknowledged through the VIP.
+    /// Kill to the first write sent after it and acknowledged through the VIP.
     total: Duration,
     silent_ms: Option<u64>,
     promote_ms: u64,
     vip_ms: u64,
+}
+
+/// What one witness mode gave.
+struct ModeResult {
+    mode: WitnessMode,
+    samples: Vec<Sample>,
+    acked: usize,
     lost: usize,
-}
-
-/// Writes `/bench/NNNNNN` through the VIP until stopped; keeps what was
-/// acknowledged, when each write was sent and when it was acknowledged.
-struct Writer {
-    acked: Mutex<Vec<(String, Instant, Instant)>>,
-    attempts: Mutex<u64>,
-    stop: AtomicBool,
-}
-
-impl Writer {
-    fn run(&self, lab: &Lab) {
-        let mut n = 0u64;
-        while !self.stop.load(Ordering::Relaxed) {
-            let key = format!("/bench/{n:06}");
-            *self.attempts.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-            let sent = Instant::now();
-            if put(lab, &key, "v").is_ok() {
-                self.acked.lock().unwrap_or_else(|p| p.into_inner()).push((key, sent, Instant::now()));
-                n += 1;
-            }
-        }
-    }
-
-    /// When the first write sent after `t` was acknowledged (a write in
-    /// flight at `t` may have been committed by the old leader just before).
-    fn first_ack_after(&self, t: Instant) -> Option<Instant> {
-        let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
-        acked.iter().find(|(_, sent, _)| *sent > t).map(|(_, _, at)| *at)
-    }
-
-    fn acked_before(&self, t: Instant) -> Vec<String> {
-        let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
-        acked.iter().filter(|(_, _, at)| *at <= t).map(|(k, _, _)| k.clone()).collect()
-    }
 }
 
 fn secs(d: Duration) -> String {
@@ -87,146 +66,162 @@ fn secs(d: Duration) -> String {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin = args.agent_bin.clone().or_else(agent_bin).context("gemin_k8s not found: build it or pass --agent-bin")?;
-    if let Some(reason) = geminik8s_vm_tests::skip::requires(true, &["ip", "etcdctl", "initdb", "kine"]) {
+    if let Some(reason) = geminik8s_vm_tests::skip::requires(true, &["ip", "nft", "etcdctl", "initdb", "kine"]) {
         bail!("cannot run here: {reason}");
     }
-    let tmp = tempfile::tempdir()?;
-    let root = tmp.path().to_path_buf();
-    std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let dir = root.join("cluster");
-    init_cluster(&bin, &dir, &[]).map_err(anyhow::Error::msg)?;
-    let run = root.join("run");
-    let lab = Lab::up(&UpOptions {
-        config_dir: dir,
-        run_dir: run.clone(),
+    chaos::stop_on_signals()?;
+    let opts = Options {
+        modes: args.witness.clone(),
+        trials: 0,
+        scenarios: Vec::new(),
+        seed: 0,
+        in_order: false,
+        long_cuts: (Duration::ZERO, Duration::ZERO),
+        product_timings: !args.fast,
         agent_bin: bin,
-        witness: None,
-        extra_block: args.settings.clone(),
-        start_agents: true,
-    })?;
-    let result = bench(&lab, &args);
-    if args.keep {
-        let kept = tmp.keep();
-        eprintln!("lab kept: {} (remove with `gemini-lab netns down --run-dir {}`)", kept.display(), run.display());
-    } else {
-        Lab::down(&run)?;
+        keep: args.keep,
+        converge_timeout: Duration::from_secs(120),
+        artifacts: PathBuf::from("run/bench-failover"),
+    };
+    let mut results = Vec::new();
+    for &mode in &args.witness {
+        let tmp = tempfile::tempdir()?;
+        std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let up = bring_up(&opts, mode, tmp.path(), 0)?;
+        eprintln!("[{}] formed; {} kills", mode_name(mode), args.kills);
+        results.push(bench(&up.lab, mode, args.kills)?);
+        if args.keep {
+            let kept = tmp.keep();
+            eprintln!("lab kept under {}", kept.display());
+        }
     }
-    result
-}
-
-fn bench(lab: &Lab, args: &Args) -> anyhow::Result<()> {
-    let form = Duration::from_secs(120);
-    wait_formed(lab, "node1", "node2", form).map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
-    let writer =
-        Arc::new(Writer { acked: Mutex::new(Vec::new()), attempts: Mutex::new(0), stop: AtomicBool::new(false) });
-    let samples = std::thread::scope(|s| -> anyhow::Result<Vec<Sample>> {
-        let w = writer.clone();
-        s.spawn(move || w.run(lab));
-        // However the kills end, the writer stops, or the scope would wait for it forever.
-        let result = kills(lab, args, &writer, form);
-        writer.stop.store(true, Ordering::Relaxed);
-        result
-    })?;
-    report(&samples, &writer);
+    report(&results, args.fast);
     Ok(())
 }
 
-fn kills(lab: &Lab, args: &Args, writer: &Writer, form: Duration) -> anyhow::Result<Vec<Sample>> {
-    {
-        let mut samples = Vec::new();
-        let (mut leader, mut follower) = ("node1".to_string(), "node2".to_string());
-        for i in 1..=args.kills {
-            // Let the writer get going against the current leader.
-            let warm = Instant::now();
-            until(&format!("a write before kill {i}"), Duration::from_secs(30), Duration::from_millis(20), || {
-                writer.first_ack_after(warm).ok_or("none yet")
-            })
-            .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
-            let killed_at = Instant::now();
-            lab.kill(&leader)?;
-            let first = until(
-                &format!("writes to resume after kill {i}"),
-                Duration::from_secs(120),
-                Duration::from_millis(10),
-                || writer.first_ack_after(killed_at).ok_or("none yet"),
-            )
-            .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
-            let before = writer.acked_before(killed_at);
-            // Read back through the VIP (retried: the new leader's Kine may still be settling).
-            let present: BTreeSet<String> =
-                until("reading the keys back", Duration::from_secs(30), Duration::from_millis(200), || {
-                    keys(lab, "/bench/")
-                })
-                .map_err(anyhow::Error::msg)?
-                .into_iter()
-                .collect();
-            let lost = before.iter().filter(|k| !present.contains(*k)).count();
-            let st = status(lab, &follower).map_err(anyhow::Error::msg)?;
-            let f = &st["last_failover"];
-            let sample = Sample {
-                killed: leader.clone(),
-                total: first - killed_at,
-                silent_ms: f["silent_ms"].as_u64(),
-                promote_ms: f["promote_ms"].as_u64().unwrap_or(0),
-                vip_ms: f["vip_ms"].as_u64().unwrap_or(0),
-                lost,
-            };
-            eprintln!(
-                "kill {i:>2}/{}: {} down, writes back after {} s, lost {}",
-                args.kills,
-                sample.killed,
-                secs(sample.total),
-                sample.lost
-            );
-            samples.push(sample);
-            // The old leader restarts and rejoins before the next kill.
-            lab.start(&leader)?;
-            std::mem::swap(&mut leader, &mut follower);
-            wait_formed(lab, &leader, &follower, form).map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+fn bench(lab: &Lab, mode: WitnessMode, kills: usize) -> anyhow::Result<ModeResult> {
+    let writers: Vec<Writer> = WriterSpec::all(lab).into_iter().map(Writer::new).collect();
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    let samples = std::thread::scope(|s| -> anyhow::Result<Vec<Sample>> {
+        for w in &writers {
+            let stop = &stop;
+            s.spawn(move || w.run(lab, 1, start, stop));
         }
-        Ok(samples)
-    }
+        // However the kills end, the writers stop, or the scope would wait for them forever.
+        let result = kill_loop(lab, mode, kills, &writers, start);
+        stop.store(true, Ordering::Relaxed);
+        result
+    })?;
+    // Everything acknowledged, by every writer, reads back through the VIP.
+    let acks: Vec<(String, Vec<_>)> = writers.iter().map(|w| (w.spec.name.clone(), w.acks())).collect();
+    let read =
+        until("reading the keys back", Duration::from_secs(60), Duration::from_millis(500), || range(lab, "/chaos/1/"))
+            .map_err(anyhow::Error::msg)?;
+    let lost = lost_writes(&acks, &read).len();
+    let acked = acks.iter().map(|(_, a)| a.len()).sum();
+    Ok(ModeResult { mode, samples, acked, lost })
 }
 
-fn report(samples: &[Sample], writer: &Writer) {
-    println!("\nleader kills under a steady etcdctl writer through the VIP (default settings unless --settings)");
-    println!(
-        "{:>4}  {:<7} {:>9} {:>10} {:>10} {:>7} {:>8} {:>5}",
-        "kill", "killed", "writes_s", "silence_s", "promote_s", "vip_s", "rest_s", "lost"
-    );
-    for (i, s) in samples.iter().enumerate() {
-        let silence = s.silent_ms.map(Duration::from_millis).unwrap_or_default();
-        let phases = silence + Duration::from_millis(s.promote_ms + s.vip_ms);
-        let rest = s.total.saturating_sub(phases);
+fn kill_loop(
+    lab: &Lab,
+    mode: WitnessMode,
+    kills: usize,
+    writers: &[Writer],
+    start: Instant,
+) -> anyhow::Result<Vec<Sample>> {
+    let client = writers.iter().find(|w| w.spec.name == CLIENT).expect("a client writer");
+    let form = Duration::from_secs(120);
+    let mut samples = Vec::new();
+    let (mut leader, mut follower) = ("node1".to_string(), "node2".to_string());
+    for i in 1..=kills {
+        if chaos::interrupted() {
+            bail!("interrupted");
+        }
+        // Let the writers get going against the current leader.
+        let warm = start.elapsed();
+        until(&format!("a write before kill {i}"), Duration::from_secs(30), Duration::from_millis(20), || {
+            client.acked_after(warm).then_some(()).ok_or("none yet")
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+        let killed_at = start.elapsed();
+        lab.kill(&leader)?;
+        let first = until(
+            &format!("writes through the VIP to resume after kill {i}"),
+            Duration::from_secs(120),
+            Duration::from_millis(10),
+            || client.acks().into_iter().find(|a| a.sent > killed_at).map(|a| a.at).ok_or("none yet"),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+        let st = status(lab, &follower).map_err(anyhow::Error::msg)?;
+        let f = &st["last_failover"];
+        let sample = Sample {
+            killed: leader.clone(),
+            total: first - killed_at,
+            silent_ms: f["silent_ms"].as_u64(),
+            promote_ms: f["promote_ms"].as_u64().unwrap_or(0),
+            vip_ms: f["vip_ms"].as_u64().unwrap_or(0),
+        };
+        eprintln!(
+            "[{}] kill {i:>2}/{kills}: {} down, writes through the VIP back after {} s",
+            mode_name(mode),
+            sample.killed,
+            secs(sample.total)
+        );
+        samples.push(sample);
+        // The old leader is powered on again and rejoins before the next kill.
+        lab.start(&leader)?;
+        std::mem::swap(&mut leader, &mut follower);
+        wait_formed(lab, &leader, &follower, form).map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+    }
+    Ok(samples)
+}
+
+fn report(results: &[ModeResult], fast: bool) {
+    let timings = if fast { "fast lab timings (300 ms heartbeats, 1 s fence)" } else { "default settings" };
+    println!("\nleader kills under steady writers (client through the VIP, each node through its own Kine), {timings}");
+    for r in results {
+        println!("\n{}:", mode_name(r.mode));
         println!(
-            "{:>4}  {:<7} {:>9} {:>10} {:>10} {:>7} {:>8} {:>5}",
-            i + 1,
-            s.killed,
-            secs(s.total),
-            secs(silence),
-            secs(Duration::from_millis(s.promote_ms)),
-            secs(Duration::from_millis(s.vip_ms)),
-            secs(rest),
-            s.lost
+            "{:>4}  {:<7} {:>9} {:>10} {:>10} {:>7} {:>8}",
+            "kill", "killed", "writes_s", "silence_s", "promote_s", "vip_s", "rest_s"
+        );
+        for (i, s) in r.samples.iter().enumerate() {
+            let silence = s.silent_ms.map(Duration::from_millis).unwrap_or_default();
+            let phases = silence + Duration::from_millis(s.promote_ms + s.vip_ms);
+            println!(
+                "{:>4}  {:<7} {:>9} {:>10} {:>10} {:>7} {:>8}",
+                i + 1,
+                s.killed,
+                secs(s.total),
+                secs(silence),
+                secs(Duration::from_millis(s.promote_ms)),
+                secs(Duration::from_millis(s.vip_ms)),
+                secs(s.total.saturating_sub(phases))
+            );
+        }
+    }
+    println!("\n| witness | kills | p50 s | p99 s | max s | acknowledged | lost |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in results {
+        let mut totals: Vec<Duration> = r.samples.iter().map(|s| s.total).collect();
+        totals.sort();
+        if totals.is_empty() {
+            continue;
+        }
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            mode_name(r.mode),
+            totals.len(),
+            secs(percentile(&totals, 50.0)),
+            secs(percentile(&totals, 99.0)),
+            secs(*totals.last().expect("not empty")),
+            r.acked,
+            r.lost
         );
     }
-    let mut totals: Vec<Duration> = samples.iter().map(|s| s.total).collect();
-    totals.sort();
-    if totals.is_empty() {
-        return;
-    }
-    let lost: usize = samples.iter().map(|s| s.lost).sum();
-    let acked = writer.acked.lock().map(|a| a.len()).unwrap_or(0);
-    let attempts = writer.attempts.lock().map(|a| *a).unwrap_or(0);
-    println!(
-        "\nkill to first write through the VIP: p50 {} s, p99 {} s, max {} s over {} kills",
-        secs(percentile(&totals, 50.0)),
-        secs(percentile(&totals, 99.0)),
-        secs(*totals.last().expect("not empty")),
-        totals.len()
-    );
-    println!("acknowledged writes lost: {lost} (of {acked} acknowledged, {attempts} attempted)");
+    println!("\nwrites_s = kill to the first write sent after it and acknowledged through the VIP;");
     println!("silence = last word from the old leader to the promotion decision (detection + fence wait);");
     println!("rest = Kine reconnecting and the client's next attempt (etcdctl, 300 ms dial timeout), plus the");
-    println!("part of the silence before the kill; resolution is one write attempt.");
+    println!("part of the silence before the kill; lost = acknowledged writes of any writer not read back.");
 }

@@ -177,6 +177,10 @@ enum Netns {
         /// Create the network only.
         #[arg(long)]
         no_agents: bool,
+        /// Leave K3s off. By default the agents run K3s when a binary is there: the one named by
+        /// GEMINIK8S_K3S_BINARY, else the lab's stand-in (`k3s-standin`, with `kube-apiserver` on PATH).
+        #[arg(long)]
+        no_k3s: bool,
         #[command(flatten)]
         run: RunDir,
     },
@@ -291,7 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         LabKind::Chaos(args) => return chaos(args),
     };
     match cmd {
-        Netns::Up { config_dir, witness, agent_bin, no_agents, run } => {
+        Netns::Up { config_dir, witness, agent_bin, no_agents, no_k3s, run } => {
             let agent_bin = absolute(agent_bin)?;
             if !agent_bin.is_file() {
                 anyhow::bail!(
@@ -306,8 +310,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 witness,
                 extra_block: None,
                 start_agents: !no_agents,
+                k3s: if no_k3s { None } else { geminik8s_vm_tests::k3s_standin::lab_k3s() },
             };
             let lab = Lab::up(&opts)?;
+            match &lab.k3s {
+                Some(k3s) => {
+                    println!("K3s: {} (kubeconfig for the VIP: {})", k3s.display(), lab.kubeconfig("node1").display())
+                }
+                None => println!("K3s: off (no K3s binary, or no kube-apiserver for the stand-in: `just deps`)"),
+            }
             println!("lab up: cluster {} VIP {}/{} witness {:?}", lab.cluster, lab.vip, lab.prefix, lab.witness);
             for h in lab.nodes.iter().chain([&lab.client, &lab.gateway]) {
                 println!("  {:<8} {:<10} {}", h.name, h.netns, h.ip);

@@ -124,16 +124,17 @@ pub fn pause(d: Duration) -> anyhow::Result<()> {
 }
 
 /// A formed lab for one witness mode, torn down when dropped.
-struct ModeLab {
-    lab: Lab,
+pub struct ModeLab {
+    pub lab: Lab,
     _guard: LabGuard,
     root: PathBuf,
     generation: usize,
 }
 
 /// Make a cluster for `mode` in `root/cluster` (once) and bring up a lab
-/// on it in `root/run-<generation>`, formed with node1 leading.
-fn bring_up(opts: &Options, mode: WitnessMode, root: &Path, generation: usize) -> anyhow::Result<ModeLab> {
+/// on it in `root/run-<generation>`, formed with node1 leading. Only the
+/// agent binary, the timings and `keep` of `opts` matter here.
+pub fn bring_up(opts: &Options, mode: WitnessMode, root: &Path, generation: usize) -> anyhow::Result<ModeLab> {
     let cluster = root.join("cluster");
     if !cluster.join(geminik8s::clusterfile::FILE_NAME).exists() {
         let mut extra: Vec<String> = Vec::new();
@@ -157,6 +158,7 @@ fn bring_up(opts: &Options, mode: WitnessMode, root: &Path, generation: usize) -
         witness: Some(mode),
         extra_block: (!opts.product_timings).then(|| FAST_SETTINGS.to_string()),
         start_agents: true,
+        k3s: None,
     })?;
     let guard = LabGuard::new(run_dir, opts.keep);
     wait_formed(&lab, "node1", "node2", FORM_TIMEOUT).map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&lab)))?;

@@ -293,6 +293,17 @@ pub fn apiserver_args(args: &ServerArgs, files: &tls::Files) -> Vec<String> {
 }
 
 /// The `kube-apiserver` to run: [`APISERVER_ENV`], else the one on `PATH`.
+/// The K3s binary a lab runs: `GEMINIK8S_K3S_BINARY` when it names one,
+/// else the stand-in when it is built and `kube-apiserver` is there.
+pub fn lab_k3s() -> Option<PathBuf> {
+    if let Some(real) = geminik8s::k3s::binary_from_env() {
+        return Some(real);
+    }
+    let standin = crate::image::k3s_standin_binary()?;
+    apiserver_binary().ok()?;
+    std::fs::canonicalize(standin).ok()
+}
+
 pub fn apiserver_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os(APISERVER_ENV) {
         return Ok(PathBuf::from(path));

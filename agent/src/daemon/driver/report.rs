@@ -137,6 +137,10 @@ impl Driver {
             witness: WitnessStatus { mode, state: witness_state.into() },
             vip: VipView { address: cfg.cluster.vip.to_string(), held_here: m.holds_vip() },
             replication: self.replication.clone(),
+            takeover: crate::peer::TakeoverView {
+                sync_standby: election.sync_standby.clone(),
+                eligible: election.eligible,
+            },
             last_failover: self.last_failover.clone(),
             components,
             degraded,
