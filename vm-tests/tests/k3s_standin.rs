@@ -29,6 +29,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(240);
 const EVERY: Duration = Duration::from_millis(500);
 const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// One test at a time: each starts Kine and API servers on ports picked as
+/// free, and two at once race for them (and for the two cores).
+static ONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -53,7 +57,10 @@ async fn start_kine(supervisor: &Supervisor, dir: &Path) -> String {
     let endpoint = format!("http://{listen}");
     until_async("kine", Duration::from_secs(30), EVERY, || geminik8s::kine::probe(&endpoint, Duration::from_secs(2)))
         .await
-        .unwrap();
+        .unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(dir.join("kine.log")).unwrap_or_default();
+            panic!("{e}\nkine.log:\n{}", geminik8s::cmd::tail(&log, 20))
+        });
     endpoint
 }
 
@@ -187,6 +194,7 @@ fn child_of(pid: u32) -> Option<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standin_serves_namespaces_configmaps_and_deployments_through_the_agents_k3s_path() {
+    let _one = ONE.lock().await;
     require!(root: false, tools: ["kine", "kube-apiserver", "kubectl"]);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -273,6 +281,7 @@ async fn standin_serves_namespaces_configmaps_and_deployments_through_the_agents
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_standins_on_one_datastore_share_objects_and_keys() {
+    let _one = ONE.lock().await;
     require!(root: false, tools: ["kine", "kube-apiserver", "kubectl"]);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -64,6 +64,11 @@ impl Manager {
         self.advance_kine_sequence(&kine, margin).await
     }
 
+    /// Move Kine's id sequence `margin` past everything this node holds and
+    /// everything its sequence handed out, and fill the skipped ids with
+    /// Kine's own gap records (`gap-<id>`, deleted): Kine's watch stream
+    /// expects contiguous ids and otherwise fills a gap one id at a time,
+    /// holding every watch meanwhile.
     pub(super) async fn advance_kine_sequence(&self, kine: &Session, margin: i64) -> Result<Option<i64>> {
         let table = format!("public.{KINE_TABLE}");
         let exists: bool =
@@ -71,14 +76,23 @@ impl Manager {
         if !exists {
             return Ok(None);
         }
+        let t = quote_ident(KINE_TABLE);
+        let max_id: i64 = kine
+            .query_one("reading the highest Kine revision", &format!("SELECT COALESCE(max(id), 0)::int8 FROM {t}"), &[])
+            .await?
+            .get(0);
         let sql = format!(
-            "SELECT setval(seq, GREATEST((SELECT COALESCE(max(id), 0) FROM {t}), \
-                                  COALESCE(pg_sequence_last_value(seq), 0), 1) + $1, true) \
-             FROM (SELECT pg_get_serial_sequence($2, 'id')::regclass AS seq) s",
-            t = quote_ident(KINE_TABLE)
+            "SELECT setval(seq, GREATEST($3::int8, COALESCE(pg_sequence_last_value(seq), 0), 1) + $1, true) \
+             FROM (SELECT pg_get_serial_sequence($2, 'id')::regclass AS seq) s"
         );
-        let value: i64 = kine.query_one("advancing the Kine sequence", &sql, &[&margin, &table]).await?.get(0);
-        tracing::info!(event = "kine_sequence_advanced", value, margin, "Kine revision sequence advanced");
+        let value: i64 = kine.query_one("advancing the Kine sequence", &sql, &[&margin, &table, &max_id]).await?.get(0);
+        let fill = format!(
+            "INSERT INTO {t} (id, name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
+             SELECT g, 'gap-' || g, 0, 1, 0, 0, 0, NULL, NULL FROM generate_series($1::int8 + 1, $2::int8) g \
+             ON CONFLICT (id) DO NOTHING"
+        );
+        let filled = kine.execute("filling the skipped Kine revisions", &fill, &[&max_id, &value]).await?;
+        tracing::info!(event = "kine_sequence_advanced", value, margin, filled, "Kine revision sequence advanced");
         Ok(Some(value))
     }
 

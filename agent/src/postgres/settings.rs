@@ -12,9 +12,9 @@ pub const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 
 /// How far the Kine sequence is advanced on every promotion: past any
 /// revision the old primary handed out without this node seeing it (commits
-/// whose wait for the standby a client cancelled; an async tail). Revisions
-/// are 64-bit, so a generous margin costs nothing.
-pub const DEFAULT_SEQUENCE_MARGIN: i64 = 100_000;
+/// whose wait for the standby a client cancelled while writes stalled). The
+/// skipped ids are filled with Kine's gap records in one statement.
+pub const DEFAULT_SEQUENCE_MARGIN: i64 = 1000;
 
 /// File names in [`Settings::tls_dir`]. The node's certificate serves the
 /// server and, as a client certificate, the connections to the peer's.
