@@ -81,11 +81,9 @@ impl Manager {
             .query_one("reading the highest Kine revision", &format!("SELECT COALESCE(max(id), 0)::int8 FROM {t}"), &[])
             .await?
             .get(0);
-        let sql = format!(
-            "SELECT setval(seq, GREATEST($3::int8, COALESCE(pg_sequence_last_value(seq), 0), 1) + $1, true) \
-             FROM (SELECT pg_get_serial_sequence($2, 'id')::regclass AS seq) s"
-        );
-        let value: i64 = kine.query_one("advancing the Kine sequence", &sql, &[&margin, &table, &max_id]).await?.get(0);
+        let sql = "SELECT setval(seq, GREATEST($3::int8, COALESCE(pg_sequence_last_value(seq), 0), 1) + $1, true) \
+                   FROM (SELECT pg_get_serial_sequence($2, 'id')::regclass AS seq) s";
+        let value: i64 = kine.query_one("advancing the Kine sequence", sql, &[&margin, &table, &max_id]).await?.get(0);
         let fill = format!(
             "INSERT INTO {t} (id, name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
              SELECT g, 'gap-' || g, 0, 1, 0, 0, 0, NULL, NULL FROM generate_series($1::int8 + 1, $2::int8) g \
