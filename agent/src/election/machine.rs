@@ -90,6 +90,9 @@ pub struct Machine {
     /// Leader: commits should stop waiting for the peer; until they do,
     /// the peer is no longer told it may take over.
     degrade_wanted: bool,
+    /// When `degrade_wanted` was set: the peer's word that it is not
+    /// entitled counts only once it can have heard that.
+    degrade_marked: Duration,
     /// Leader: this term has told the peer it may take over (it was in
     /// sync). Until then the peer cannot promote on its own.
     told_peer_in_sync: bool,
@@ -141,6 +144,7 @@ impl Machine {
             replication_fresh: false,
             not_streaming_since: None,
             degrade_wanted: false,
+            degrade_marked: Duration::ZERO,
             told_peer_in_sync: false,
             eligible_until: None,
             forced: false,
@@ -835,7 +839,14 @@ impl Machine {
         if peer_may_take_over && now.saturating_sub(since) < self.s.degrade_after {
             return;
         }
-        self.degrade_wanted = true;
+        if !self.degrade_wanted {
+            self.degrade_wanted = true;
+            self.degrade_marked = now;
+        }
+        // The peer's status must be one it published after hearing that it
+        // is no longer in sync: a tick of ours to publish it, one of the
+        // peer's to hear it, and one more for its answer to reach us.
+        let peer_heard_since = now.saturating_sub(self.degrade_marked) >= self.s.heartbeat_interval * 3;
         let safe = match self.s.witness {
             WitnessMode::Arbiter => match recorded {
                 Some(r) if r != peer => true,
@@ -847,7 +858,7 @@ impl Machine {
             },
             _ => {
                 !self.told_peer_in_sync
-                    || self.peer.as_ref().is_some_and(|p| !p.leading && !p.eligible)
+                    || (peer_heard_since && self.peer.as_ref().is_some_and(|p| !p.leading && !p.eligible))
                     || (self.peer.is_none() && self.peer_seen && !self.vip_elsewhere && {
                         let heard = self.last_called.max(self.last_contact).unwrap_or(Duration::ZERO);
                         now.saturating_sub(heard) >= self.s.degrade_wait()
