@@ -44,6 +44,7 @@ fn chaos_run(mode: WitnessMode) {
         keep: false,
         converge_timeout: Duration::from_secs(90),
         artifacts: PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos"),
+        k3s: None,
     };
     let report = chaos::run(&opts).unwrap_or_else(|e| panic!("{e:#}"));
     println!("{}", report.table());

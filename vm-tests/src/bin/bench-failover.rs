@@ -38,6 +38,42 @@ struct Args {
     /// Keep the last lab and its logs when done.
     #[arg(long)]
     keep: bool,
+    /// Also run K3s (the binary in GEMINIK8S_K3S_BINARY, else the stand-in) and measure the kill to
+    /// the first Kubernetes API write accepted through the VIP.
+    #[arg(long)]
+    kubernetes: bool,
+}
+
+/// Creates a ConfigMap through the VIP (kubectl from the client namespace)
+/// until stopped; keeps when each accepted one was sent and accepted.
+struct KubeWriter {
+    kubeconfig: PathBuf,
+    acks: std::sync::Mutex<Vec<(Duration, Duration)>>,
+}
+
+impl KubeWriter {
+    fn run(&self, lab: &Lab, start: Instant, stop: &AtomicBool) {
+        let kc = self.kubeconfig.to_string_lossy().into_owned();
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let name = format!("bench-{n}");
+            let sent = start.elapsed();
+            let argv =
+                ["kubectl", "--kubeconfig", &kc, "--request-timeout=2s", "create", "configmap", &name, "-n", "default"];
+            match lab.exec("client", &argv) {
+                Ok(out) if out.status.success() => {
+                    self.acks.lock().unwrap_or_else(|p| p.into_inner()).push((sent, start.elapsed()))
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// When the first write sent after `t` was accepted.
+    fn first_after(&self, t: Duration) -> Option<Duration> {
+        self.acks.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|(sent, _)| *sent > t).map(|(_, at)| *at)
+    }
 }
 
 /// One failover, measured.
@@ -46,6 +82,8 @@ struct Sample {
     killed: String,
     /// Kill to the first write sent after it and acknowledged through the VIP.
     total: Duration,
+    /// Kill to the first Kubernetes write sent after it and accepted through the VIP.
+    kubernetes: Option<Duration>,
     silent_ms: Option<u64>,
     promote_ms: u64,
     vip_ms: u64,
@@ -82,6 +120,13 @@ fn main() -> anyhow::Result<()> {
         keep: args.keep,
         converge_timeout: Duration::from_secs(120),
         artifacts: PathBuf::from("run/bench-failover"),
+        k3s: if args.kubernetes {
+            Some(geminik8s_vm_tests::k3s_standin::lab_k3s().context(
+                "--kubernetes needs K3s: GEMINIK8S_K3S_BINARY, or the stand-in with kube-apiserver (`just deps`)",
+            )?)
+        } else {
+            None
+        },
     };
     let mut results = Vec::new();
     for &mode in &args.witness {
@@ -89,7 +134,7 @@ fn main() -> anyhow::Result<()> {
         std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let up = bring_up(&opts, mode, tmp.path(), 0)?;
         eprintln!("[{}] formed; {} kills", mode_name(mode), args.kills);
-        results.push(bench(&up.lab, mode, args.kills)?);
+        results.push(bench(&up.lab, mode, args.kills, args.kubernetes)?);
         if args.keep {
             let kept = tmp.keep();
             eprintln!("lab kept under {}", kept.display());
@@ -99,8 +144,23 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(lab: &Lab, mode: WitnessMode, kills: usize) -> anyhow::Result<ModeResult> {
+fn bench(lab: &Lab, mode: WitnessMode, kills: usize, kubernetes: bool) -> anyhow::Result<ModeResult> {
     let writers: Vec<Writer> = WriterSpec::all(lab).into_iter().map(Writer::new).collect();
+    let kube = if kubernetes {
+        let kubeconfig = lab.kubeconfig("node1");
+        let kc = kubeconfig.to_string_lossy().into_owned();
+        until("the Kubernetes API through the VIP", Duration::from_secs(300), Duration::from_secs(1), || {
+            lab.exec("client", &["kubectl", "--kubeconfig", &kc, "--request-timeout=5s", "get", "namespaces"])
+                .map_err(|e| e.to_string())
+                .and_then(|o| {
+                    if o.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&o.stderr).into_owned()) }
+                })
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+        Some(KubeWriter { kubeconfig, acks: std::sync::Mutex::new(Vec::new()) })
+    } else {
+        None
+    };
     let stop = AtomicBool::new(false);
     let start = Instant::now();
     let samples = std::thread::scope(|s| -> anyhow::Result<Vec<Sample>> {
@@ -108,8 +168,12 @@ fn bench(lab: &Lab, mode: WitnessMode, kills: usize) -> anyhow::Result<ModeResul
             let stop = &stop;
             s.spawn(move || w.run(lab, 1, start, stop));
         }
+        if let Some(k) = &kube {
+            let stop = &stop;
+            s.spawn(move || k.run(lab, start, stop));
+        }
         // However the kills end, the writers stop, or the scope would wait for them forever.
-        let result = kill_loop(lab, mode, kills, &writers, start);
+        let result = kill_loop(lab, mode, kills, &writers, kube.as_ref(), start);
         stop.store(true, Ordering::Relaxed);
         result
     })?;
@@ -128,6 +192,7 @@ fn kill_loop(
     mode: WitnessMode,
     kills: usize,
     writers: &[Writer],
+    kube: Option<&KubeWriter>,
     start: Instant,
 ) -> anyhow::Result<Vec<Sample>> {
     let client = writers.iter().find(|w| w.spec.name == CLIENT).expect("a client writer");
@@ -153,20 +218,35 @@ fn kill_loop(
             || client.acks().into_iter().find(|a| a.sent > killed_at).map(|a| a.at).ok_or("none yet"),
         )
         .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+        let kubernetes = match kube {
+            Some(k) => Some(
+                until(
+                    &format!("Kubernetes writes through the VIP to resume after kill {i}"),
+                    Duration::from_secs(180),
+                    Duration::from_millis(50),
+                    || k.first_after(killed_at).ok_or("none yet"),
+                )
+                .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?
+                    - killed_at,
+            ),
+            None => None,
+        };
         let st = status(lab, &follower).map_err(anyhow::Error::msg)?;
         let f = &st["last_failover"];
         let sample = Sample {
             killed: leader.clone(),
             total: first - killed_at,
+            kubernetes,
             silent_ms: f["silent_ms"].as_u64(),
             promote_ms: f["promote_ms"].as_u64().unwrap_or(0),
             vip_ms: f["vip_ms"].as_u64().unwrap_or(0),
         };
         eprintln!(
-            "[{}] kill {i:>2}/{kills}: {} down, writes through the VIP back after {} s",
+            "[{}] kill {i:>2}/{kills}: {} down, writes through the VIP back after {} s{}",
             mode_name(mode),
             sample.killed,
-            secs(sample.total)
+            secs(sample.total),
+            sample.kubernetes.map(|k| format!(", Kubernetes writes after {} s", secs(k))).unwrap_or_default()
         );
         samples.push(sample);
         // The old leader is powered on again and rejoins before the next kill.
@@ -201,26 +281,34 @@ fn report(results: &[ModeResult], fast: bool) {
             );
         }
     }
-    println!("\n| witness | kills | p50 s | p99 s | max s | acknowledged | lost |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "\n| witness | kills | p50 s | p99 s | max s | Kubernetes p50 s | Kubernetes p99 s | acknowledged | lost |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in results {
         let mut totals: Vec<Duration> = r.samples.iter().map(|s| s.total).collect();
         totals.sort();
         if totals.is_empty() {
             continue;
         }
+        let mut kube: Vec<Duration> = r.samples.iter().filter_map(|s| s.kubernetes).collect();
+        kube.sort();
+        let kube_p = |p: f64| if kube.is_empty() { "-".to_string() } else { secs(percentile(&kube, p)) };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             mode_name(r.mode),
             totals.len(),
             secs(percentile(&totals, 50.0)),
             secs(percentile(&totals, 99.0)),
             secs(*totals.last().expect("not empty")),
+            kube_p(50.0),
+            kube_p(99.0),
             r.acked,
             r.lost
         );
     }
-    println!("\nwrites_s = kill to the first write sent after it and acknowledged through the VIP;");
+    println!("\nwrites_s = kill to the first write sent after it and acknowledged through the VIP (etcd API);");
+    println!("Kubernetes = kill to the first `kubectl create configmap` sent after it and accepted through the VIP;");
     println!("silence = last word from the old leader to the promotion decision (detection + fence wait);");
     println!("rest = Kine reconnecting and the client's next attempt (etcdctl, 300 ms dial timeout), plus the");
     println!("part of the silence before the kill; lost = acknowledged writes of any writer not read back.");

@@ -430,6 +430,7 @@ fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         keep: args.keep,
         converge_timeout: args.converge_timeout,
         artifacts: absolute(args.artifacts)?,
+        k3s: None,
     };
     chaos::stop_on_signals()?;
     let report = chaos::run(&opts)?;

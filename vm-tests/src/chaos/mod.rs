@@ -62,6 +62,8 @@ pub struct Options {
     pub converge_timeout: Duration,
     /// Where the logs of trials with a violation go.
     pub artifacts: PathBuf,
+    /// Run K3s in the lab with this binary (the chaos suite leaves it off).
+    pub k3s: Option<PathBuf>,
 }
 
 /// Durations as seconds (milliseconds precision) in the JSON report.
@@ -158,7 +160,7 @@ pub fn bring_up(opts: &Options, mode: WitnessMode, root: &Path, generation: usiz
         witness: Some(mode),
         extra_block: (!opts.product_timings).then(|| FAST_SETTINGS.to_string()),
         start_agents: true,
-        k3s: None,
+        k3s: opts.k3s.clone(),
     })?;
     let guard = LabGuard::new(run_dir, opts.keep);
     wait_formed(&lab, "node1", "node2", FORM_TIMEOUT).map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&lab)))?;
