@@ -86,7 +86,7 @@ lab-netns-down:
 # built (or GEMINIK8S_K3S_BINARY), it also measures the kill to the first Kubernetes write through the VIP.
 bench-failover kills="20" witness="none,gateway,arbiter":
     cargo build --release -p geminik8s-agent -p geminik8s-vm-tests
-    k8s=""; if target/release/k3s-standin --help >/dev/null 2>&1 && command -v kube-apiserver >/dev/null; then k8s=--kubernetes; fi; \
+    k8s=""; if [ -x target/release/k3s-standin ] && command -v kube-apiserver >/dev/null; then k8s=--kubernetes; fi; \
     GEMINIK8S_K3S_BINARY="${GEMINIK8S_K3S_BINARY:-$PWD/target/release/k3s-standin}" target/release/bench-failover --kills {{kills}} --witness {{witness}} --agent-bin target/release/gemin_k8s $k8s
 
 # The chaos suite (root): drawn faults under steady writers in each witness mode; prints the table of
