@@ -224,6 +224,41 @@ fn planned_switchover_through_the_api() {
     wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
 }
 
+/// A planned stop of the leader's agent (what `systemctl stop` sends) hands
+/// leadership to the follower before the agent exits: writes go on through
+/// the VIP on node2, nothing acknowledged is lost, and the stopped node
+/// follows when its agent starts again.
+#[test]
+fn stopping_the_leaders_agent_hands_over() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(up) = lab_up(&[], None) else { return };
+    let lab = &up.lab;
+    let (acked, max_rev) = write_keys(lab, "/lab/stop/", 10, 0);
+    let pid = lab.agent_pid("node1").expect("node1's agent runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    poll::until("node1's agent to exit", Duration::from_secs(30), Duration::from_millis(100), || {
+        match lab.agent_pid("node1") {
+            None => Ok(()),
+            Some(p) => Err(p),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let s2 = status(lab, "node2").unwrap();
+    assert_eq!(s2["role"], "leader", "node2 leads once node1's agent has stopped: {s2}");
+    let rev =
+        poll::until("a write through the VIP on node2", Duration::from_secs(30), Duration::from_millis(100), || {
+            put(lab, "/lab/stop/after", "v")
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(rev > max_rev);
+    assert_eq!(lab.vip_holders(), vec!["node2".to_string()]);
+    let mut all = acked.clone();
+    all.push("/lab/stop/after".into());
+    assert_eq!(keys(lab, "/lab/stop/").unwrap(), all, "acknowledged writes were lost in the handover");
+    lab.start_agent("node1").unwrap();
+    wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+}
+
 /// Witness `gateway`, and a partition where node1 (the leader) sees neither
 /// its peer nor the gateway: it fences itself (VIP released, writes refused)
 /// before node2, which still sees the gateway, takes over. Never two VIP

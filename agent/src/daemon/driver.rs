@@ -360,10 +360,16 @@ impl Driver {
                         }
                     }
                 },
-                _ = term.recv(), if stopping.is_none() => stopping = Some(self.begin_stop().await),
+                _ = term.recv(), if stopping.is_none() => match self.begin_stop().await {
+                    Some(since) => stopping = Some(since),
+                    None => break,
+                },
                 r = tokio::signal::ctrl_c(), if stopping.is_none() => {
                     r.context("waiting for Ctrl-C")?;
-                    stopping = Some(self.begin_stop().await);
+                    match self.begin_stop().await {
+                        Some(since) => stopping = Some(since),
+                        None => break,
+                    }
                 }
             }
             self.publish();
@@ -373,15 +379,16 @@ impl Driver {
     }
 
     /// A stop was asked for: a leader whose peer can take over hands over
-    /// (the loop keeps running until the peer leads); anyone else just stops.
-    async fn begin_stop(&mut self) -> Instant {
+    /// and the loop keeps running until the peer leads (returns when the
+    /// handover started); anyone else just stops (`None`).
+    async fn begin_stop(&mut self) -> Option<Instant> {
         if self.machine.can_hand_over() {
             tracing::info!(event = "stopping", "agent stopping: handing leadership to the peer first");
             self.step(Input::Switchover).await;
-            Instant::now()
+            Some(Instant::now())
         } else {
             tracing::info!(event = "stopping", leading = self.machine.leading(), "agent stopping");
-            Instant::now() - HANDOVER_TIMEOUT - Duration::from_secs(1)
+            None
         }
     }
 
