@@ -37,6 +37,12 @@ fn files_below(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Removes a build's outputs once compared: each is close to 3 GB (a rootfs,
+/// its tarball and its OCI archive), and test machines' disks are not large.
+fn discard(out_dir: &Path) {
+    fs::remove_dir_all(out_dir).unwrap_or_else(|e| panic!("removing {}: {e}", out_dir.display()));
+}
+
 #[tokio::test]
 async fn a_debian_rootfs_is_assembled_and_reproducible() {
     require!(root: true, tools: ["mmdebstrap", "kine"]);
@@ -84,6 +90,7 @@ async fn a_debian_rootfs_is_assembled_and_reproducible() {
     assert!(second.base.cached, "the second build reuses the cached base");
     assert_eq!(second.outputs[0].sha256, first.outputs[0].sha256, "rootfs tarballs are byte-identical");
     assert_eq!(second.outputs[1].sha256, first.outputs[1].sha256, "OCI archives are byte-identical");
+    discard(&second_opts.out_dir);
 
     // A second cold base (mmdebstrap run again): still the same bytes.
     let started = Instant::now();
@@ -93,6 +100,7 @@ async fn a_debian_rootfs_is_assembled_and_reproducible() {
     let cold_twice = started.elapsed();
     assert!(!cold_again.base.cached);
     assert_eq!(cold_again.outputs[0].sha256, first.outputs[0].sha256, "two cold builds give the same tarball");
+    discard(&cold_opts.out_dir);
 
     // Nothing changed: the third build is skipped.
     let started = Instant::now();
@@ -170,6 +178,7 @@ async fn a_debian_rootfs_is_assembled_and_reproducible() {
     assert_eq!(offline.packages, first.packages, "the same packages and versions without a mirror");
     let sources = fs::read_to_string(offline_opts.target.join("etc/apt/sources.list")).unwrap();
     assert_eq!(sources.trim(), format!("deb {no_mirror} bookworm main"), "the image names the mirror, not the cache");
+    discard(&offline_opts.out_dir);
 
     // The agent binary runs against the image's own libraries.
     let out = geminik8s::cmd::Tool::new("chroot").arg(root).arg("/usr/bin/gemin_k8s").arg("--help").run().await;

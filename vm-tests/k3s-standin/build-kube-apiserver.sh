@@ -6,8 +6,8 @@
 # The module's go.mod replaces the k8s.io/* staging modules with ./staging
 # paths that the module zip does not carry; the build drops those replaces and
 # requires the published staging modules at the matching v0.x version instead.
-# The Go module cache (GOMODCACHE) keeps the sources, so a rebuild downloads
-# nothing; Go's build cache keeps the compiled packages.
+# The sources and Go's build cache live in a scratch directory removed at the
+# end: together about 4 GB that nothing else needs once the binary is installed.
 #
 # Usage: build-kube-apiserver.sh [VERSION [BINDIR]]   (default v1.34.2 /usr/local/bin)
 set -euo pipefail
@@ -22,13 +22,15 @@ if [ -x "$target" ] && "$target" --version 2>/dev/null | grep -qx "Kubernetes $v
 fi
 command -v go >/dev/null || { echo "Go is needed to build kube-apiserver: install Go 1.24 or newer" >&2; exit 1; }
 
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+export GOMODCACHE="$work/mod" GOCACHE="$work/cache" GOFLAGS=-modcacherw
+
 # v1.34.2 -> the staging modules' v0.34.2.
 staging_version="v0.${version#v1.}"
 module_dir="$(go mod download -json "k8s.io/kubernetes@$version" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
 [ -d "$module_dir" ] || { echo "go mod download k8s.io/kubernetes@$version gave no module directory" >&2; exit 1; }
 
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
 cp -r "$module_dir" "$work/kubernetes"
 chmod -R u+w "$work/kubernetes"
 cd "$work/kubernetes"
@@ -48,6 +50,6 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ldflags+=" -X $pkg.gitMinor=$(echo "$version" | cut -d. -f2) -X $pkg.gitTreeState=clean"
 done
 mkdir -p "$bindir"
-GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$work/kube-apiserver" ./cmd/kube-apiserver
+GOFLAGS="-mod=mod -modcacherw" CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$work/kube-apiserver" ./cmd/kube-apiserver
 install -m 0755 "$work/kube-apiserver" "$target"
 "$target" --version

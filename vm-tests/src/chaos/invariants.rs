@@ -8,6 +8,7 @@ use std::time::Duration;
 use geminik8s::config::WitnessMode;
 use serde::Serialize;
 
+use super::plan::{Fault, Scenario};
 use super::sampler::Sample;
 use super::writers::Ack;
 use crate::probe::Kv;
@@ -38,27 +39,42 @@ impl Invariant {
     }
 }
 
-/// What each witness mode does not promise, and why. Everything else holds
-/// in every mode, whatever single fault (and the combinations drawn) happen.
-const NOT_PROMISED: &[(WitnessMode, Invariant, &str)] = &[
-    (
-        WitnessMode::None,
-        Invariant::OneVipHolder,
-        "witness `none` decides on peer loss alone: a node cut off from everyone is taken for dead, so the follower \
-         leads while the isolated leader keeps the VIP",
-    ),
-    (
-        WitnessMode::None,
-        Invariant::NoLostWrite,
-        "witness `none`: a node cut off from everyone is taken for dead; once the isolated leader has waited out its \
-         follower's entitlement it acknowledges its own node's writes alone, and the heal discards them",
-    ),
+/// One thing a witness mode does not promise, in the scenarios that contain
+/// one of `faults`, and why.
+struct Exception {
+    mode: WitnessMode,
+    invariant: Invariant,
+    faults: &'static [Fault],
+    why: &'static str,
+}
+
+/// What each witness mode does not promise. Everything else holds in every
+/// mode, whatever single fault (and the combinations drawn) happen.
+const NOT_PROMISED: &[Exception] = &[
+    Exception {
+        mode: WitnessMode::None,
+        invariant: Invariant::OneVipHolder,
+        faults: &[Fault::IsolateLeader, Fault::IsolateFollower],
+        why: "witness `none` decides on peer loss alone: a node cut off from everyone is taken for dead, so the \
+              follower leads while the isolated leader keeps the VIP",
+    },
+    Exception {
+        mode: WitnessMode::None,
+        invariant: Invariant::NoLostWrite,
+        faults: &[Fault::IsolateLeader, Fault::IsolateFollower],
+        why: "witness `none`: a node cut off from everyone is taken for dead; once the isolated leader has waited out \
+              its follower's entitlement it acknowledges its own node's writes alone, and the heal discards one side",
+    },
 ];
 
-/// Whether `mode` promises `invariant`; `Err(reason)` when it does not by design.
-pub fn promised(mode: WitnessMode, invariant: Invariant) -> Result<(), &'static str> {
-    match NOT_PROMISED.iter().find(|(m, i, _)| *m == mode && *i == invariant) {
-        Some((_, _, why)) => Err(why),
+/// Whether `mode` promises `invariant` in `scenario`; `Err(reason)` when it
+/// does not by design.
+pub fn promised(mode: WitnessMode, invariant: Invariant, scenario: &Scenario) -> Result<(), &'static str> {
+    let exception = NOT_PROMISED
+        .iter()
+        .find(|e| e.mode == mode && e.invariant == invariant && scenario.0.iter().any(|f| e.faults.contains(f)));
+    match exception {
+        Some(e) => Err(e.why),
         None => Ok(()),
     }
 }
@@ -169,13 +185,22 @@ mod tests {
     }
 
     #[test]
-    fn only_none_allows_two_vip_holders() {
-        assert!(promised(WitnessMode::None, Invariant::OneVipHolder).is_err());
-        for inv in [Invariant::NoLostWrite, Invariant::NoRevisionRegression, Invariant::Converges] {
-            assert!(promised(WitnessMode::None, inv).is_ok());
+    fn only_none_isolated_may_lose_writes_or_hold_two_vips() {
+        let isolated = Scenario(vec![Fault::IsolateLeader]);
+        let killed = Scenario(vec![Fault::KillLeader, Fault::IsolateFollower]);
+        let cut = Scenario(vec![Fault::Cut, Fault::KillAgentLeader]);
+        for inv in [Invariant::OneVipHolder, Invariant::NoLostWrite] {
+            assert!(promised(WitnessMode::None, inv, &isolated).is_err());
+            assert!(promised(WitnessMode::None, inv, &killed).is_err(), "a combination with an isolation");
+            assert!(promised(WitnessMode::None, inv, &cut).is_ok(), "no isolation: promised");
+        }
+        for inv in [Invariant::NoRevisionRegression, Invariant::Converges] {
+            assert!(promised(WitnessMode::None, inv, &isolated).is_ok());
         }
         for mode in [WitnessMode::Gateway, WitnessMode::Arbiter] {
-            assert!(promised(mode, Invariant::OneVipHolder).is_ok());
+            for inv in [Invariant::OneVipHolder, Invariant::NoLostWrite] {
+                assert!(promised(mode, inv, &isolated).is_ok());
+            }
         }
     }
 }

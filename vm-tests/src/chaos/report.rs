@@ -102,12 +102,15 @@ impl TrialReport {
 
     /// Broken invariants the mode promises.
     pub fn violations(&self) -> Vec<Invariant> {
-        self.broken().into_iter().filter(|i| promised(self.mode, *i).is_ok()).collect()
+        self.broken().into_iter().filter(|i| promised(self.mode, *i, &self.draw.scenario).is_ok()).collect()
     }
 
     /// Broken invariants the mode does not promise, with the reason.
     pub fn by_design(&self) -> Vec<(Invariant, &'static str)> {
-        self.broken().into_iter().filter_map(|i| promised(self.mode, i).err().map(|why| (i, why))).collect()
+        self.broken()
+            .into_iter()
+            .filter_map(|i| promised(self.mode, i, &self.draw.scenario).err().map(|why| (i, why)))
+            .collect()
     }
 
     /// The trial's line in the progress output.
@@ -409,8 +412,10 @@ mod tests {
     }
 
     #[test]
-    fn dual_vip_in_none_is_by_design_and_elsewhere_a_violation() {
-        let none = trial(WitnessMode::None, 3, 0);
+    fn dual_vip_in_none_isolated_is_by_design_and_elsewhere_a_violation() {
+        let mut none = trial(WitnessMode::None, 3, 0);
+        assert_eq!(none.violations(), [Invariant::OneVipHolder], "a cut is not an isolation");
+        none.draw.scenario = Scenario(vec![Fault::IsolateLeader]);
         assert!(none.violations().is_empty());
         assert_eq!(none.by_design().len(), 1);
         assert!(none.line().contains("dual VIP expected by design"), "{}", none.line());
