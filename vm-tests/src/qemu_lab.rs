@@ -162,6 +162,20 @@ pub fn user_data(node_file: &str, mac: &str, ip: IpAddr, prefix: u8) -> anyhow::
     Ok(text)
 }
 
+/// The health timings of a VM under software emulation, where the guest
+/// runs tens of times slower than on hardware: one probe round (a TLS
+/// heartbeat, a ping, a database session) of a debug build takes more than a
+/// second there, beyond the product's 500 ms interval. Only the defaults
+/// `gemin_k8s init` writes are changed; timings the file sets otherwise stay.
+pub fn emulated_timings(user_data: &str) -> String {
+    EMULATED_TIMINGS.iter().fold(user_data.to_string(), |text, (from, to)| text.replacen(from, to, 1))
+}
+
+const EMULATED_TIMINGS: [(&str, &str); 2] = [
+    ("  health:\n    interval: 500ms\n", "  health:\n    interval: 2s\n"),
+    ("    fence_timeout: 2s\n", "    fence_timeout: 10s\n"),
+];
+
 impl QemuLab {
     /// The lab described by a run directory.
     pub fn load(run_dir: &Path) -> anyhow::Result<QemuLab> {
@@ -230,8 +244,11 @@ impl QemuLab {
             let node_file = opts.config_dir.join(format!("{name}.yaml"));
             let text =
                 std::fs::read_to_string(&node_file).with_context(|| format!("reading {}", node_file.display()))?;
-            let data = user_data(&text, &mac, entry.member.ip, cluster.vip_prefix)
+            let mut data = user_data(&text, &mac, entry.member.ip, cluster.vip_prefix)
                 .with_context(|| format!("preparing {}", node_file.display()))?;
+            if qemu::accel_choice().accel == qemu::Accel::Tcg {
+                data = emulated_timings(&data);
+            }
             qemu::make_cidata_iso(&dir, &data, &format!("instance-id: lab-{name}\nlocal-hostname: {name}\n"))?;
             qemu::create_overlay(&base_image, &dir.join("disk.qcow2"))?;
             nodes.push(Node { tap: format!("tap-{name}"), name, ip: entry.member.ip, mac, dir, pid: None });
@@ -721,6 +738,15 @@ mod tests {
         assert_eq!(files[0].mode(), Ok(0o644));
         assert!(!loaded.gemini.k3s.enabled);
         assert_eq!(loaded.gemini.kine.listen.to_string(), "0.0.0.0:2379");
+    }
+
+    #[test]
+    fn emulation_slows_only_the_default_health_timings() {
+        let init = "geminik8s:\n  health:\n    interval: 500ms\n    failure_threshold: 3\n    fence_timeout: 2s\n";
+        let slowed = emulated_timings(init);
+        assert!(slowed.contains("    interval: 2s\n") && slowed.contains("    fence_timeout: 10s\n"), "{slowed}");
+        let own = "geminik8s:\n  health:\n    interval: 1s\n    fence_timeout: 5s\n";
+        assert_eq!(emulated_timings(own), own);
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub trait Manager {
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
 
     #[zbus(signal)]
     fn job_removed(&self, id: u32, job: zbus::zvariant::ObjectPath<'_>, unit: &str, result: &str) -> zbus::Result<()>;
@@ -128,6 +129,14 @@ impl SystemdServices {
         let run = async {
             // Listen before the call so the signal cannot slip past.
             let mut removed = self.manager.receive_job_removed().await.map_err(|e| dbus("AddMatch JobRemoved", e))?;
+            if matches!(kind, Job::Start | Job::Restart)
+                && let Err(e) = self.manager.reset_failed_unit(&unit).await
+            {
+                // The agent decides when a service starts, with its own
+                // backoff: systemd's start limit (hit after a few restarts,
+                // e.g. while PostgreSQL was away) must not refuse it for good.
+                tracing::debug!(%unit, error = %e, "ResetFailedUnit before a start failed");
+            }
             let call = match kind {
                 Job::Start => self.manager.start_unit(&unit, "replace").await,
                 Job::Stop => self.manager.stop_unit(&unit, "replace").await,
