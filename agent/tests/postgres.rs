@@ -421,7 +421,7 @@ async fn promoted_standby_takes_writes_and_the_old_primary_rejoins_by_rewind() {
     };
     assert_eq!(count, max, "every revision up to {max} is a row (the skipped ones as Kine's gap records)");
 
-    let rejoin = a.rejoin().await.unwrap();
+    let rejoin = a.rejoin(false).await.unwrap();
     let Rejoin::Rewound { archive: Some(archive) } = &rejoin else { panic!("expected a rewind: {rejoin:?}") };
     let entries = archive_entries(archive);
     assert!(entries.iter().any(|e| e == "data/PG_VERSION"), "{entries:?}");
@@ -466,7 +466,7 @@ async fn failed_rewind_leaves_an_archive_and_a_working_standby() {
     let mut settings = a.settings().clone();
     settings.archive_before_rewind = false;
     a.mgr = Manager::new(settings, a.supervisor.clone()).unwrap();
-    let rejoin = a.rejoin().await.unwrap();
+    let rejoin = a.rejoin(false).await.unwrap();
     let Rejoin::Recloned { archive: Some(archive), rewind_error: Some(error) } = &rejoin else {
         panic!("expected a re-clone after a failed rewind: {rejoin:?}")
     };
@@ -522,7 +522,7 @@ async fn logical_replication_and_promotion_move_the_sequence_past_max_id() {
     assert!(next > last_on_a, "revision {next} after promotion is not above {last_on_a}");
 
     // The old leader comes back as the subscriber of the new one.
-    let rejoin = a.rejoin().await.unwrap();
+    let rejoin = a.rejoin(false).await.unwrap();
     assert!(matches!(&rejoin, Rejoin::Recloned { archive: Some(p), .. } if p.is_file()), "{rejoin:?}");
     wait_for_keys(&a, &["/l1", "/l2", "/l3", "/after-promotion"]).await;
     let next_after_rejoin = put(&kine_db(&b).await, "/after-rejoin").await;

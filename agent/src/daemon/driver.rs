@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::fence::FenceTimer;
 use super::observe::{self, LeaseState};
-use super::subsystems::Database;
+use super::subsystems::{CatchUpFailed, Database};
 use crate::cli::version::VERSION;
 use crate::config::{GeminiConfig, WitnessMode};
 use crate::election::{
@@ -126,6 +126,10 @@ struct PromotionTiming {
 
 /// Time limit for starting, stopping or restarting a service.
 const SERVICE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a hand-over's clean shutdown may take before it is made
+/// immediate (and the hand-over withdrawn).
+const HANDOVER_STOP: Duration = Duration::from_secs(10);
 
 /// How long a stopping leader waits for its peer to take over.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -603,7 +607,7 @@ impl Driver {
                         Err(e) => tracing::error!(error = %e, "recovering hostMeta from the peer failed"),
                     }
                 }
-                Action::Promote { epoch, bootstrap, not_after } => {
+                Action::Promote { epoch, bootstrap, not_after, catch_up } => {
                     self.primary_moved();
                     tracing::debug!(epoch, bootstrap, "promoting the datastore");
                     let silent_ms = self.peer_last_heard.map(|t| t.elapsed().as_millis() as u64);
@@ -612,8 +616,12 @@ impl Driver {
                     let db = self.subsystems.database.clone();
                     self.background(async move {
                         match db {
-                            Some(db) => match db.promote(epoch, bootstrap, not_after).await {
+                            Some(db) => match db.promote(epoch, bootstrap, not_after, catch_up).await {
                                 Ok(()) => Completion::PromotionDone,
+                                Err(e) if e.downcast_ref::<CatchUpFailed>().is_some() => {
+                                    tracing::error!(error = %format!("{e:#}"), "not promoting");
+                                    Completion::CatchUpFailed
+                                }
                                 Err(e) => {
                                     tracing::error!(error = %format!("{e:#}"), "promotion failed");
                                     Completion::PromotionFailed
@@ -633,6 +641,23 @@ impl Driver {
                             tracing::error!(error = %format!("{e:#}"), "demotion failed; carrying on as follower");
                         }
                         Completion::DemotionDone
+                    });
+                }
+                Action::HandOver => {
+                    tracing::info!(event = "handover", "stopping the datastore cleanly for the hand-over");
+                    let db = self.subsystems.database.clone();
+                    self.background(async move {
+                        let checkpoint = match db {
+                            Some(db) => match db.hand_over(HANDOVER_STOP).await {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    tracing::error!(error = %format!("{e:#}"), "stopping the datastore for the hand-over failed");
+                                    None
+                                }
+                            },
+                            None => None,
+                        };
+                        Completion::HandedOver(checkpoint)
                     });
                 }
                 Action::Rejoin { leader } => {
