@@ -119,6 +119,7 @@ impl Postgres {
             let view = ReplicationView {
                 durability: "standby".into(),
                 streaming: st.streaming(),
+                settings: st.settings.clone(),
                 ..ReplicationView::default()
             };
             return (None, view);
@@ -138,6 +139,10 @@ impl Postgres {
             sync_state: replica.and_then(|r| r.sync_state.clone()),
             lag_bytes: replica.and_then(|r| r.lag_bytes).and_then(|b| u64::try_from(b).ok()),
             lag_seconds: replica.and_then(|r| r.replay_lag_seconds),
+            flush_lag_bytes: replica
+                .and_then(|r| r.flush_lsn_bytes)
+                .and_then(|f| u64::try_from(st.lsn_bytes.saturating_sub(f)).ok()),
+            settings: st.settings.clone(),
         };
         (Some(r), view)
     }
@@ -334,6 +339,10 @@ impl Database for Postgres {
             self.expected.store(true, Ordering::SeqCst);
             Ok(())
         })
+    }
+
+    fn probe_write(&self, host: std::net::IpAddr) -> BoxFut<'_, Duration> {
+        Box::pin(async move { Ok(self.mgr.probe_write(host).await?) })
     }
 
     fn set_durability(&self, synchronous: bool) -> BoxFut<'_, ()> {

@@ -363,6 +363,27 @@ impl Driver {
                             tracing::debug!("the switchover caller went away");
                         }
                     }
+                    Control::ForceTakeOver(reply) => {
+                        let answer = self.machine.can_force();
+                        if answer.is_ok() {
+                            self.step(Input::ForceTakeOver).await;
+                        }
+                        if reply.send(answer).is_err() {
+                            tracing::debug!("the forced takeover's caller went away");
+                        }
+                    }
+                    Control::ProbeWrite(reply) => {
+                        let (db, vip) = (self.subsystems.database.clone(), self.cfg.cluster.vip);
+                        self.tasks.push(tokio::spawn(async move {
+                            let answer = match db {
+                                Some(db) => db.probe_write(vip).await.map_err(|e| format!("{e:#}")),
+                                None => Err("this agent manages no datastore".to_string()),
+                            };
+                            if reply.send(answer).is_err() {
+                                tracing::debug!("the probe write's caller went away");
+                            }
+                        }));
+                    }
                 },
                 _ = term.recv(), if stopping.is_none() => match self.begin_stop().await {
                     Some(since) => stopping = Some(since),

@@ -80,6 +80,8 @@ pub trait Database: Send + Sync {
     fn fence(&self) -> BoxFut<'_, ()>;
     /// Accept writes again.
     fn unfence(&self) -> BoxFut<'_, ()>;
+    /// One write through `host` (the VIP); how long its commit took.
+    fn probe_write(&self, host: std::net::IpAddr) -> BoxFut<'_, Duration>;
     /// Make commits wait for the peer, or not.
     fn set_durability(&self, synchronous: bool) -> BoxFut<'_, ()>;
 }

@@ -30,7 +30,9 @@ use crate::cmd::CmdError;
 pub use render::ServerRole;
 pub use server::{Manager, Session, StopMode, is_running};
 pub use settings::{Endpoint, Settings};
-pub use status::{ControlPosition, PgRole, PgStatus, ReceiverStatus, ReplicaStatus, SubscriptionStatus};
+pub use status::{
+    ControlPosition, HOT_STANDBY_SETTINGS, PgRole, PgStatus, ReceiverStatus, ReplicaStatus, SubscriptionStatus,
+};
 
 /// How a rejoin ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

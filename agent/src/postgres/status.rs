@@ -32,7 +32,20 @@ pub struct PgStatus {
     pub receiver: Option<ReceiverStatus>,
     /// The logical-mode subscription, when there is one.
     pub subscription: Option<SubscriptionStatus>,
+    /// The settings a hot standby needs at least as large as its primary's
+    /// ([`HOT_STANDBY_SETTINGS`]), as the server applies them.
+    pub settings: std::collections::BTreeMap<String, i64>,
 }
+
+/// Settings a standby must have at least as large as its primary's, or it
+/// stops replaying (and an old primary with larger ones cannot follow).
+pub const HOT_STANDBY_SETTINGS: [&str; 5] = [
+    "max_connections",
+    "max_worker_processes",
+    "max_wal_senders",
+    "max_prepared_transactions",
+    "max_locks_per_transaction",
+];
 
 impl PgStatus {
     /// Whether this standby is streaming from its primary.
@@ -239,7 +252,20 @@ impl Manager {
                 received_lsn: r.get(3),
             });
 
+        let names: Vec<String> = HOT_STANDBY_SETTINGS.iter().map(|s| s.to_string()).collect();
+        let settings = db
+            .query(
+                "reading the hot standby settings",
+                "SELECT name, setting::int8 FROM pg_settings WHERE name = ANY($1)",
+                &[&names],
+            )
+            .await?
+            .into_iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+            .collect();
+
         Ok(PgStatus {
+            settings,
             role: if in_recovery { PgRole::Standby } else { PgRole::Primary },
             timeline,
             lsn,
