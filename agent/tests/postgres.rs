@@ -631,3 +631,49 @@ async fn a_server_running_outside_the_supervisor_is_taken_over_on_start() {
     assert!(matches!(state.as_deref(), None | Some("Z" | "X")), "the stray server still runs ({state:?})");
     assert_eq!(kine_db(&a).await.query_one("ping", "SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
 }
+
+/// A planned hand-over at the datastore level: the primary shuts down
+/// cleanly under synchronous replication, the standby replays past the
+/// shutdown checkpoint read from the control file and is promoted, and the
+/// old primary follows the new timeline as it is: no pg_rewind, no archive,
+/// every row on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanly_stopped_primary_follows_the_promoted_standby_without_rewind() {
+    require_postgres!();
+    let lab = Lab::new();
+    let (a, b) = pair(&lab, Replication::Streaming, Durability::Synchronous);
+    a.bootstrap_leader().await.unwrap();
+    create_kine_table(&a).await;
+    b.init_follower().await.unwrap();
+    wait_streaming(&b, &a).await;
+    a.apply_durability(true).await.unwrap();
+    let db = kine_db(&a).await;
+    for key in ["/k1", "/k2", "/k3"] {
+        put(&db, key).await;
+    }
+    drop(db);
+
+    a.stop(StopMode::Fast).await.unwrap();
+    let control = a.control_position().await.unwrap().unwrap();
+    assert!(control.clean_shutdown, "{control:?}");
+    // The proof: the standby's last replayed record ends past the start of
+    // the shutdown checkpoint record, on the same timeline.
+    until_async("b to replay past the shutdown checkpoint", DEADLINE, Duration::from_millis(10), || async {
+        let s = b.status().await.map_err(|e| e.to_string())?;
+        let past = s.lsn_bytes as u64 > control.lsn_bytes && s.timeline == i64::from(control.timeline);
+        if past { Ok(()) } else { Err(format!("replayed {} on {}", s.lsn, s.timeline)) }
+    })
+    .await
+    .unwrap();
+    b.promote().await.unwrap();
+    assert_eq!(b.status().await.unwrap().timeline, i64::from(control.timeline) + 1);
+
+    let rejoin = a.rejoin(true).await.unwrap();
+    assert_eq!(rejoin, Rejoin::Followed);
+    assert!(geminik8s::postgres::archive::list(&a.settings().data_dir).is_empty(), "nothing archived");
+    wait_streaming(&a, &b).await;
+    let sa = a.status().await.unwrap();
+    assert_eq!((sa.role, sa.timeline), (PgRole::Standby, i64::from(control.timeline) + 1));
+    put(&kine_db(&b).await, "/after").await;
+    wait_for_keys(&a, &["/k1", "/k2", "/k3", "/after"]).await;
+}

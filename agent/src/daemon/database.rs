@@ -335,6 +335,9 @@ impl Database for Postgres {
     fn unfence(&self) -> BoxFut<'_, ()> {
         Box::pin(async move {
             let _op = self.op.lock().await;
+            // Leading again (also after a withdrawn hand-over): a later
+            // rejoin is not one that may follow without pg_rewind.
+            *self.handed_over.lock().unwrap_or_else(|p| p.into_inner()) = None;
             self.mgr.start().await?;
             self.expected.store(true, Ordering::SeqCst);
             Ok(())
