@@ -178,7 +178,7 @@ async fn ask(clients: &[(String, AgentClient)]) -> Vec<Answer> {
 
 /// Free space the checks ask for on each node's data directory.
 const MIN_FREE_BYTES: u64 = 1 << 30;
-const MIN_FREE_PERCENT: u64 = 10;
+const MIN_FREE_PERCENT: u64 = 5;
 /// The largest clock offset between the nodes the checks accept.
 const MAX_CLOCK_OFFSET_MS: i64 = 1000;
 
@@ -290,7 +290,7 @@ pub fn checks(leader: &Answer, follower: &Answer) -> Vec<Check> {
                     out.push(Check::fail(
                         &format!("disk headroom on {}", s.node),
                         value,
-                        format!("free space on {}'s data volume (at least 1 GiB and 10%)", s.node),
+                        format!("free space on {}'s data volume (at least 1 GiB and 5%)", s.node),
                     ));
                 }
             }
