@@ -486,10 +486,9 @@ async fn switchover(args: &Args, clients: &[(String, AgentClient)]) -> anyhow::R
         if Instant::now() >= deadline {
             report.outcome = "stuck".into();
             report.detail = Some(format!(
-                "no result within {:?} (last seen: {last}). {old} stays fenced (no VIP, PostgreSQL stopped): it \
-                 resumes leading by itself only once {new} answers that it never promoted, and follows {new} if it \
-                 did. Bring {new} back (or its network) and watch `gemin_k8s status`; if {new} promoted and is \
-                 then lost for good, `gemin_k8s failover --force --promote {old}` makes {old} lead with what it has",
+                "no result within {:?} (last seen: {last}). {old} stays fenced (no VIP, PostgreSQL stopped) and \
+                 never resumes blindly: it leads again by itself once {new} answers that it never promoted, and \
+                 follows {new} if it did. Bring {new} (or the network to it) back and watch `gemin_k8s status`",
                 args.timeout,
                 old = leader.name,
                 new = target.name,
