@@ -488,7 +488,9 @@ async fn switchover(args: &Args, clients: &[(String, AgentClient)]) -> anyhow::R
             report.detail = Some(format!(
                 "no result within {:?} (last seen: {last}). {old} stays fenced (no VIP, PostgreSQL stopped) and \
                  never resumes blindly: it leads again by itself once {new} answers that it never promoted, and \
-                 follows {new} if it did. Bring {new} (or the network to it) back and watch `gemin_k8s status`",
+                 follows {new} if it did. Bring {new} (or the network to it) back and watch `gemin_k8s status`; \
+                 if {new} is lost for good, `gemin_k8s failover --force --promote {old}` makes {old} lead again \
+                 (what {new} wrote after a promotion would be lost)",
                 args.timeout,
                 old = leader.name,
                 new = target.name,
@@ -644,8 +646,8 @@ fn may_lose(leader: &Answer, target: &NodeStatus) -> String {
     };
     let heard = target.peer.last_heard_ms.map_or("never".into(), |ms| format!("{:.1} s ago", ms as f64 / 1000.0));
     let leader_part = match &leader.status {
-        Some(l) => format!("{} (leader) is at {} now", l.node, pos(l)),
-        None => format!("{} (leader) does not answer; {} last heard it {heard}", leader.name, target.node),
+        Some(l) => format!("{} ({}) is at {} now", l.node, l.role, pos(l)),
+        None => format!("{} does not answer; {} last heard it {heard}", leader.name, target.node),
     };
     format!(
         "{} is at {}; {leader_part}. {} {} the synchronous standby when it last heard the leader: {}",
@@ -752,7 +754,7 @@ mod tests {
         f.peer.last_heard_ms = Some(12_300);
         let text = may_lose(&gone, &f);
         assert!(text.contains("node2 is at timeline 2, LSN 0/3000000"), "{text}");
-        assert!(text.contains("last heard it 12.3 s ago"), "{text}");
+        assert!(text.contains("node1 does not answer; node2 last heard it 12.3 s ago"), "{text}");
         assert!(text.contains("was NOT the synchronous standby"), "{text}");
         f.takeover.eligible = true;
         assert!(may_lose(&gone, &f).contains("should hold every acknowledged write"));

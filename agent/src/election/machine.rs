@@ -180,6 +180,16 @@ impl Machine {
                 Ok(()) => {
                     tracing::warn!(event = "forced_takeover", node = %self.s.own_name,
                         "an operator forces this node to take over; writes only the old leader has are given up");
+                    if self.handing_over && !self.rejoining {
+                        // Its own hand-over's peer is gone: its data never
+                        // followed anyone, so it may lead again (at a new epoch).
+                        tracing::warn!(event = "handover_withdrawn", node = %self.s.own_name,
+                            reason = "forced takeover", "the switchover is given up");
+                        self.handing_over = false;
+                        self.handover = None;
+                        self.withdrawn_at = None;
+                        self.needs_rejoin = false;
+                    }
                     self.forced = true;
                 }
                 Err(why) => tracing::warn!(%why, "forced takeover refused"),

@@ -1090,3 +1090,20 @@ fn a_hand_over_for_a_failed_datastore_gives_no_proof_and_the_peer_promotes_as_be
     let out = tick(&mut b, s(1), seen(legacy, WitnessView::NoOpinion));
     assert!(out.contains(&Action::Promote { epoch: 4, bootstrap: false, not_after: None, catch_up: None }), "{out:?}");
 }
+
+#[test]
+fn a_leader_whose_follower_vanished_mid_switchover_can_be_forced_back() {
+    let (mut a, _b, checkpoint) = handing_over();
+    a.step(s(2), Input::Done(Completion::HandedOver(Some(checkpoint))));
+    // The follower is gone for good: nothing happens on its own.
+    let out = ticks(&mut a, 3, 30, || lost(false, WitnessView::NoOpinion));
+    assert!(
+        out.iter().all(|(_, a)| !matches!(a, Action::Promote { .. } | Action::Unfence | Action::TakeVip)),
+        "{out:?}"
+    );
+    assert!(a.can_force().is_ok(), "{:?}", a.can_force());
+    a.step(s(30), Input::ForceTakeOver);
+    let out = tick(&mut a, s(31), lost(false, WitnessView::NoOpinion));
+    assert!(out.contains(&Action::Promote { epoch: 4, bootstrap: false, not_after: None, catch_up: None }), "{out:?}");
+    assert!(a.status().handover.is_none());
+}
