@@ -279,6 +279,15 @@ pub fn render_text(view: &ClusterView, args: &Args) -> String {
                 let secs = r.lag_seconds.map(|x| format!(", {x:.3} s behind")).unwrap_or_default();
                 let _ = writeln!(out, "  replication {}{secs}", r.durability);
             }
+            if let Some(d) = &s.datastore
+                && let (Some(tl), Some(lsn)) = (d.timeline, &d.lsn)
+            {
+                let _ = writeln!(out, "  datastore timeline {tl}, LSN {lsn}");
+            }
+            if let Some(h) = &s.handover {
+                let at = h.checkpoint.as_deref().map(|c| format!(" (shutdown checkpoint {c})")).unwrap_or_default();
+                let _ = writeln!(out, "  switchover under way: {}{at}", h.state);
+            }
             match &s.last_failover {
                 Some(f) => {
                     let silent = f.silent_ms.map(|m| format!("{m} ms of silence, then ")).unwrap_or_default();
