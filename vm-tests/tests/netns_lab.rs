@@ -423,6 +423,7 @@ fn dry_run_reports_mismatched_max_connections() {
     let leader_value = status(lab, "node1").unwrap()["replication"]["settings"]["max_connections"].as_i64().unwrap();
     let larger = (leader_value + 50).to_string();
     let sql = format!("ALTER SYSTEM SET max_connections = {larger}");
+    let socket_dir = lab.node_dir("node2").join("runtime/postgres-node2");
     let out = lab
         .exec(
             "node2",
@@ -433,7 +434,7 @@ fn dry_run_reports_mismatched_max_connections() {
                 "--",
                 "psql",
                 "-h",
-                "/run/geminik8s/postgres-node2",
+                socket_dir.to_str().unwrap(),
                 "-d",
                 "postgres",
                 "-c",

@@ -459,7 +459,7 @@ async fn switchover(args: &Args, clients: &[(String, AgentClient)]) -> anyhow::R
         }
         if let Some(t) = &t
             && t.role == "leader"
-            && t.state == "leader"
+            && t.state != "promoting"
             && t.vip.held_here
             && t.epoch > epoch_before
         {
@@ -603,7 +603,8 @@ async fn force(args: &Args, clients: &[(String, AgentClient)]) -> anyhow::Result
     let deadline = asked + args.timeout;
     loop {
         match client.status().await {
-            Ok(s) if s.role == "leader" && s.state == "leader" && s.vip.held_here => {
+            // Its peer gone, a leader shows as fault_detected.
+            Ok(s) if s.role == "leader" && s.state != "promoting" && s.vip.held_here => {
                 report.outcome = "done".into();
                 report.pause_ms = s.last_failover.as_ref().map(|f| f.duration_ms);
                 report.detail = Some(format!(

@@ -964,6 +964,12 @@ impl Machine {
             return;
         };
         let Some(pm) = peer.meta.as_ref() else { return };
+        if self.handover().is_some() && peer.state == State::Promoting {
+            // The peer is proving it holds everything of this node's
+            // hand-over (it is not primary yet, and may refuse): the
+            // hand-over stands until it leads or refuses.
+            return;
+        }
         if peer.leading && pm.epoch > self.epoch() && !self.needs_rejoin && !self.rejoining {
             self.bump_epoch(pm.epoch);
             self.persist_role(Role::Follower, out);

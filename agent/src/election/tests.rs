@@ -985,6 +985,8 @@ fn a_planned_switchover_promotes_only_past_the_clean_shutdown() {
     a.step(s(30), Input::Done(Completion::HandedOver(Some(checkpoint))));
     let out = tick(&mut b, s(31), seen(a.status(), WitnessView::NoOpinion));
     assert!(out.contains(&Action::Promote { epoch: 4, bootstrap: false, not_after: None, catch_up: Some(checkpoint) }));
+    let out = tick(&mut a, s(31), seen(b.status(), WitnessView::NoOpinion));
+    assert!(out.is_empty(), "no rejoin of a peer that is not primary yet: {out:?}");
     b.step(s(31), Input::Done(Completion::PromotionDone));
     // The old leader follows once the peer leads.
     let out = tick(&mut a, s(32), seen(b.status(), WitnessView::NoOpinion));
@@ -1023,6 +1025,13 @@ fn a_follower_that_cannot_catch_up_refuses_and_the_leader_resumes() {
     a.step(s(2), Input::Done(Completion::HandedOver(Some(checkpoint))));
     let out = tick(&mut b, s(2), seen(a.status(), WitnessView::NoOpinion));
     assert_eq!(promotes(&out), Some(4));
+    // While the follower catches up (promoting, not yet primary), the old
+    // leader neither rejoins it nor gives its hand-over up.
+    for t in 3..12 {
+        let out = tick(&mut a, s(t), seen(b.status(), WitnessView::NoOpinion));
+        assert!(out.is_empty(), "{t}: {out:?}");
+        assert_eq!(a.status().handover, Some(HandOver::Clean(checkpoint)));
+    }
     b.step(s(12), Input::Done(Completion::CatchUpFailed));
     assert_eq!(b.status().refused, Some(checkpoint));
     assert!(!b.leading());
