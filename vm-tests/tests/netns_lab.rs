@@ -232,6 +232,16 @@ struct Writers {
     acked: Mutex<Vec<(String, String, i64, Instant)>>,
 }
 
+/// Stops the writers when dropped, also when the test fails while they run
+/// (the scope waits for them, so they must end).
+struct StopOnDrop<'a>(&'a Writers);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Writers {
     const HOSTS: [&str; 3] = ["client", "node1", "node2"];
 
@@ -299,6 +309,7 @@ fn switchover_under_writes_loses_nothing_and_needs_no_rewind() {
             let w = &writers;
             scope.spawn(move || w.run(lab, host, prefix));
         }
+        let _stop = StopOnDrop(&writers);
         let begin = Instant::now();
         poll::until("writes from every host before the switchover", FORM, Duration::from_millis(100), || {
             let counts: Vec<usize> = Writers::HOSTS.iter().map(|h| writers.count(h, begin)).collect();
@@ -376,6 +387,7 @@ fn failover_command_switches_over_and_back() {
             let w = &writers;
             scope.spawn(move || w.run(lab, host, prefix));
         }
+        let _stop = StopOnDrop(&writers);
         for (from, to) in [("node1", "node2"), ("node2", "node1")] {
             let begin = Instant::now();
             poll::until("writes from every host", FORM, Duration::from_millis(100), || {
