@@ -11,6 +11,7 @@ use std::time::Duration;
 use geminik8s::config::{
     Api, Cluster, Durability, GeminiConfig, Health, K3s, Kine, Member, Postgres, Replication, Tls, Witness,
 };
+use geminik8s::daemon::database::Postgres as Datastore;
 use geminik8s::postgres::render::KINE_SCHEMA;
 use geminik8s::postgres::{Manager, PgRole, Rejoin, Session, Settings, StopMode};
 use geminik8s::services::supervisor::{Supervisor, group_alive};
@@ -676,4 +677,23 @@ async fn a_cleanly_stopped_primary_follows_the_promoted_standby_without_rewind()
     assert_eq!((sa.role, sa.timeline), (PgRole::Standby, i64::from(control.timeline) + 1));
     put(&kine_db(&b).await, "/after").await;
     wait_for_keys(&a, &["/k1", "/k2", "/k3", "/after"]).await;
+
+    // And back, through the agent's datastore layer: right after following
+    // a new timeline, the standby's control file still names the old one
+    // and its WAL receiver ends with the primary's shutdown; the proof
+    // still holds, at once, and nothing needs pg_rewind.
+    use geminik8s::daemon::subsystems::Database;
+    b.apply_durability(true).await.unwrap();
+    let (db_a, db_b) = (Datastore::new(a.mgr.clone()), Datastore::new(b.mgr.clone()));
+    let checkpoint = db_b.hand_over(Duration::from_secs(10)).await.unwrap().expect("a clean shutdown");
+    assert_eq!(checkpoint.timeline, 2);
+    let started = std::time::Instant::now();
+    db_a.promote(3, false, None, Some(checkpoint)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3), "the proof took {:?}", started.elapsed());
+    assert_eq!(a.status().await.unwrap().timeline, 3);
+    db_b.rejoin("a").await.unwrap();
+    wait_streaming(&b, &a).await;
+    assert!(geminik8s::postgres::archive::list(&b.settings().data_dir).is_empty(), "nothing archived");
+    put(&kine_db(&a).await, "/back").await;
+    wait_for_keys(&b, &["/k1", "/k2", "/k3", "/after", "/back"]).await;
 }

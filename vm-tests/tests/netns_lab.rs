@@ -519,7 +519,10 @@ fn forced_failover_promotes_and_the_old_leader_rejoins_archived() {
     let s2 = status(lab, "node2").unwrap();
     assert_eq!(s2["role"], "leader");
     assert!(s2["epoch"].as_u64().unwrap() > epoch_before, "{s2}");
-    let rev = put(lab, "/lab/force/after/000", "v").unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let rev = poll::until("a write through the VIP on node2", FORM, Duration::from_millis(200), || {
+        put(lab, "/lab/force/after/000", "v")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
     assert!(rev > alone, "revisions went backwards after the forced failover: {rev} after {alone}");
     assert_eq!(keys(lab, "/lab/force/before/").unwrap(), before, "writes node2 had were lost");
 

@@ -54,12 +54,26 @@ impl Postgres {
     /// the last replayed record lies beyond the start of the shutdown
     /// checkpoint record: that whole record, and every commit before it,
     /// is here) on the same timeline.
+    ///
+    /// A standby shows its timeline through its WAL receiver, which exits
+    /// when the primary shuts down; without it, the control file's (the
+    /// last restartpoint's) may still name the timeline before. Then a
+    /// restartpoint (`CHECKPOINT` on the standby) settles it: it lands on
+    /// the last replayed checkpoint record, the old primary's shutdown
+    /// checkpoint, with its timeline.
     async fn replay_past(&self, checkpoint: WalPosition) -> anyhow::Result<()> {
         let started = Instant::now();
+        let mut restartpoint = false;
         loop {
             let last = match self.mgr.status().await {
                 Ok(st) if st.role == PgRole::Standby => {
                     let past = u64::try_from(st.lsn_bytes).is_ok_and(|l| l > checkpoint.lsn.0);
+                    if past && st.timeline < i64::from(checkpoint.timeline) && !restartpoint {
+                        restartpoint = true;
+                        let db = self.mgr.connect("postgres").await?;
+                        db.batch("a restartpoint to settle the replayed timeline", "CHECKPOINT").await?;
+                        continue;
+                    }
                     if past && st.timeline == i64::from(checkpoint.timeline) {
                         tracing::info!(event = "handover_caught_up", timeline = st.timeline, replayed = %st.lsn,
                             checkpoint = %checkpoint.lsn, waited_ms = started.elapsed().as_millis() as u64,
