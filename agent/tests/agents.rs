@@ -133,6 +133,40 @@ fn two_agents_elect_agree_and_detect_a_killed_leader() {
         assert!(comps.iter().any(|c| c["name"] == "postgres" && c["state"] == "absent"), "{n}");
     }
 
+    // `failover` over mutual TLS with the operator certificate: both agents
+    // answer, the roles are settled, and without a datastore the replication
+    // checks fail, so a switchover is refused and nothing changes.
+    let failover = |extra: &[&str]| {
+        let out = bin()
+            .args(["--config", dir.join("cluster.yaml").to_str().unwrap(), "failover", "-o", "json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), report)
+    };
+    let (code, dry) = failover(&["--dry-run"]);
+    assert_eq!(code, Some(1), "{dry:#}");
+    assert_eq!(
+        (dry["from"].as_str(), dry["to"].as_str(), dry["outcome"].as_str()),
+        (Some("node1"), Some("node2"), Some("checks failed"))
+    );
+    let check = |name: &str| dry["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).cloned().unwrap();
+    for passing in [
+        "agent on node1 reachable",
+        "agent on node2 reachable",
+        "one leader, one follower",
+        "clock offset between the nodes",
+    ] {
+        assert_eq!(check(passing)["pass"], true, "{dry:#}");
+    }
+    assert_eq!(check("follower streaming")["pass"], false);
+    assert!(check("follower streaming")["fix"].as_str().is_some(), "{dry:#}");
+    let (code, refused) = failover(&[]);
+    assert_eq!((code, refused["outcome"].as_str()), (Some(1), Some("refused: checks failed")), "{refused:#}");
+    assert_eq!(local(&n1).unwrap()["role"], "leader", "a refused switchover changes nothing");
+
     // Kill the leader: the follower sees it unreachable, then (witness none) promotes.
     n1.child.kill().unwrap();
     n1.child.wait().unwrap();

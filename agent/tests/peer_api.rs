@@ -55,6 +55,9 @@ fn status(node: &str, role: &str, holds_vip: bool) -> NodeStatus {
         last_failover: None,
         components: vec![ComponentHealth { name: "postgres".into(), state: "ok".into(), detail: String::new() }],
         degraded: vec![],
+        datastore: None,
+        handover: None,
+        served_at_unix_ms: 0,
     }
 }
 
@@ -122,7 +125,10 @@ async fn mutual_tls_token_and_routes() {
     // The operator with the token sees status and metrics.
     let op_tls = operator_tls(&p);
     let op = AgentClient::https(&url, &op_tls, Some(TOKEN.into()), TIMEOUT).unwrap();
-    assert_eq!(op.status().await.unwrap(), status("node1", "leader", true));
+    let mut answer = op.status().await.unwrap();
+    assert!(answer.served_at_unix_ms > 1_700_000_000_000, "the answer carries the node's clock");
+    answer.served_at_unix_ms = 0;
+    assert_eq!(answer, status("node1", "leader", true));
     let wrong = AgentClient::https(&url, &op_tls, Some("not-the-token-0000000".into()), TIMEOUT).unwrap();
     assert!(wrong.status().await.is_err());
 

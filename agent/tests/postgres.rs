@@ -11,6 +11,7 @@ use std::time::Duration;
 use geminik8s::config::{
     Api, Cluster, Durability, GeminiConfig, Health, K3s, Kine, Member, Postgres, Replication, Tls, Witness,
 };
+use geminik8s::daemon::database::Postgres as Datastore;
 use geminik8s::postgres::render::KINE_SCHEMA;
 use geminik8s::postgres::{Manager, PgRole, Rejoin, Session, Settings, StopMode};
 use geminik8s::services::supervisor::{Supervisor, group_alive};
@@ -421,7 +422,7 @@ async fn promoted_standby_takes_writes_and_the_old_primary_rejoins_by_rewind() {
     };
     assert_eq!(count, max, "every revision up to {max} is a row (the skipped ones as Kine's gap records)");
 
-    let rejoin = a.rejoin().await.unwrap();
+    let rejoin = a.rejoin(false).await.unwrap();
     let Rejoin::Rewound { archive: Some(archive) } = &rejoin else { panic!("expected a rewind: {rejoin:?}") };
     let entries = archive_entries(archive);
     assert!(entries.iter().any(|e| e == "data/PG_VERSION"), "{entries:?}");
@@ -466,7 +467,7 @@ async fn failed_rewind_leaves_an_archive_and_a_working_standby() {
     let mut settings = a.settings().clone();
     settings.archive_before_rewind = false;
     a.mgr = Manager::new(settings, a.supervisor.clone()).unwrap();
-    let rejoin = a.rejoin().await.unwrap();
+    let rejoin = a.rejoin(false).await.unwrap();
     let Rejoin::Recloned { archive: Some(archive), rewind_error: Some(error) } = &rejoin else {
         panic!("expected a re-clone after a failed rewind: {rejoin:?}")
     };
@@ -522,7 +523,7 @@ async fn logical_replication_and_promotion_move_the_sequence_past_max_id() {
     assert!(next > last_on_a, "revision {next} after promotion is not above {last_on_a}");
 
     // The old leader comes back as the subscriber of the new one.
-    let rejoin = a.rejoin().await.unwrap();
+    let rejoin = a.rejoin(false).await.unwrap();
     assert!(matches!(&rejoin, Rejoin::Recloned { archive: Some(p), .. } if p.is_file()), "{rejoin:?}");
     wait_for_keys(&a, &["/l1", "/l2", "/l3", "/after-promotion"]).await;
     let next_after_rejoin = put(&kine_db(&b).await, "/after-rejoin").await;
@@ -630,4 +631,69 @@ async fn a_server_running_outside_the_supervisor_is_taken_over_on_start() {
         .and_then(|stat| stat[stat.rfind(')')? + 1..].split_whitespace().next().map(str::to_string));
     assert!(matches!(state.as_deref(), None | Some("Z" | "X")), "the stray server still runs ({state:?})");
     assert_eq!(kine_db(&a).await.query_one("ping", "SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}
+
+/// A planned hand-over at the datastore level: the primary shuts down
+/// cleanly under synchronous replication, the standby replays past the
+/// shutdown checkpoint read from the control file and is promoted, and the
+/// old primary follows the new timeline as it is: no pg_rewind, no archive,
+/// every row on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanly_stopped_primary_follows_the_promoted_standby_without_rewind() {
+    require_postgres!();
+    let lab = Lab::new();
+    let (a, b) = pair(&lab, Replication::Streaming, Durability::Synchronous);
+    a.bootstrap_leader().await.unwrap();
+    create_kine_table(&a).await;
+    b.init_follower().await.unwrap();
+    wait_streaming(&b, &a).await;
+    a.apply_durability(true).await.unwrap();
+    let db = kine_db(&a).await;
+    for key in ["/k1", "/k2", "/k3"] {
+        put(&db, key).await;
+    }
+    drop(db);
+
+    a.stop(StopMode::Fast).await.unwrap();
+    let control = a.control_position().await.unwrap().unwrap();
+    assert!(control.clean_shutdown, "{control:?}");
+    // The proof: the standby's last replayed record ends past the start of
+    // the shutdown checkpoint record, on the same timeline.
+    until_async("b to replay past the shutdown checkpoint", DEADLINE, Duration::from_millis(10), || async {
+        let s = b.status().await.map_err(|e| e.to_string())?;
+        let past = s.lsn_bytes as u64 > control.lsn_bytes && s.timeline == i64::from(control.timeline);
+        if past { Ok(()) } else { Err(format!("replayed {} on {}", s.lsn, s.timeline)) }
+    })
+    .await
+    .unwrap();
+    b.promote().await.unwrap();
+    assert_eq!(b.status().await.unwrap().timeline, i64::from(control.timeline) + 1);
+
+    let rejoin = a.rejoin(true).await.unwrap();
+    assert_eq!(rejoin, Rejoin::Followed);
+    assert!(geminik8s::postgres::archive::list(&a.settings().data_dir).is_empty(), "nothing archived");
+    wait_streaming(&a, &b).await;
+    let sa = a.status().await.unwrap();
+    assert_eq!((sa.role, sa.timeline), (PgRole::Standby, i64::from(control.timeline) + 1));
+    put(&kine_db(&b).await, "/after").await;
+    wait_for_keys(&a, &["/k1", "/k2", "/k3", "/after"]).await;
+
+    // And back, through the agent's datastore layer: right after following
+    // a new timeline, the standby's control file still names the old one
+    // and its WAL receiver ends with the primary's shutdown; the proof
+    // still holds, at once, and nothing needs pg_rewind.
+    use geminik8s::daemon::subsystems::Database;
+    b.apply_durability(true).await.unwrap();
+    let (db_a, db_b) = (Datastore::new(a.mgr.clone()), Datastore::new(b.mgr.clone()));
+    let checkpoint = db_b.hand_over(Duration::from_secs(10)).await.unwrap().expect("a clean shutdown");
+    assert_eq!(checkpoint.timeline, 2);
+    let started = std::time::Instant::now();
+    db_a.promote(3, false, None, Some(checkpoint)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3), "the proof took {:?}", started.elapsed());
+    assert_eq!(a.status().await.unwrap().timeline, 3);
+    db_b.rejoin("a").await.unwrap();
+    wait_streaming(&b, &a).await;
+    assert!(geminik8s::postgres::archive::list(&b.settings().data_dir).is_empty(), "nothing archived");
+    put(&kine_db(&a).await, "/back").await;
+    wait_for_keys(&b, &["/k1", "/k2", "/k3", "/after", "/back"]).await;
 }

@@ -224,6 +224,379 @@ fn planned_switchover_through_the_api() {
     wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
 }
 
+/// Writers through the VIP from the client and from both nodes, until
+/// `stop`: each writes its own keys in order and keeps what was
+/// acknowledged, with the revision and the time of the acknowledgement.
+struct Writers {
+    stop: std::sync::atomic::AtomicBool,
+    acked: Mutex<Vec<(String, String, i64, Instant)>>,
+}
+
+/// Stops the writers when dropped, also when the test fails while they run
+/// (the scope waits for them, so they must end).
+struct StopOnDrop<'a>(&'a Writers);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Writers {
+    const HOSTS: [&str; 3] = ["client", "node1", "node2"];
+
+    fn new() -> Writers {
+        Writers { stop: std::sync::atomic::AtomicBool::new(false), acked: Mutex::new(Vec::new()) }
+    }
+
+    fn run(&self, lab: &Lab, from: &str, prefix: &str) {
+        let vip = lab.vip.to_string();
+        let mut i = 0;
+        while !self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let key = format!("{prefix}{from}/{i:05}");
+            if let Ok(rev) = geminik8s_vm_tests::probe::put_from(lab, from, &vip, &key, from) {
+                self.acked.lock().unwrap().push((from.to_string(), key, rev, Instant::now()));
+            }
+            i += 1;
+        }
+    }
+
+    fn count(&self, from: &str, after: Instant) -> usize {
+        self.acked.lock().unwrap().iter().filter(|a| a.0 == from && a.3 > after).count()
+    }
+
+    /// The longest time without an acknowledged write from `from` after `since`.
+    fn longest_gap(&self, from: &str, since: Instant) -> Duration {
+        let acked = self.acked.lock().unwrap();
+        let times: Vec<Instant> = acked.iter().filter(|a| a.0 == from).map(|a| a.3).collect();
+        times.windows(2).filter(|w| w[1] > since).map(|w| w[1] - w[0]).max().unwrap_or_default()
+    }
+}
+
+/// Every acknowledged write is there with the value and revision it was
+/// acknowledged with, and each writer's revisions went up.
+fn assert_acked_writes_kept(lab: &Lab, writers: &Writers, prefix: &str) {
+    let stored: std::collections::BTreeMap<String, (String, i64)> = geminik8s_vm_tests::probe::range(lab, prefix)
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)))
+        .into_iter()
+        .map(|kv| (kv.key, (kv.value, kv.mod_revision)))
+        .collect();
+    let acked = writers.acked.lock().unwrap();
+    for host in Writers::HOSTS {
+        let revs: Vec<i64> = acked.iter().filter(|a| a.0 == host).map(|a| a.2).collect();
+        assert!(revs.windows(2).all(|w| w[0] < w[1]), "{host}'s acknowledged revisions went backwards: {revs:?}");
+    }
+    let lost: Vec<&(String, String, i64, Instant)> =
+        acked.iter().filter(|(host, key, rev, _)| stored.get(key) != Some(&(host.clone(), *rev))).collect();
+    assert!(lost.is_empty(), "{} of {} acknowledged writes lost or changed: {lost:?}", lost.len(), acked.len());
+}
+
+/// A planned switchover under steady writes from the client and both
+/// nodes: no acknowledged write is lost, revisions only go up, the old
+/// leader follows the new timeline without pg_rewind (nothing archived),
+/// and the write pause is short.
+#[test]
+fn switchover_under_writes_loses_nothing_and_needs_no_rewind() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(up) = lab_up(&[], None) else { return };
+    let lab = &up.lab;
+    let prefix = "/lab/handover/";
+    let writers = Writers::new();
+    let leader = AgentClient::unix(&lab.socket("node1"), Duration::from_secs(5));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    std::thread::scope(|scope| {
+        for host in Writers::HOSTS {
+            let w = &writers;
+            scope.spawn(move || w.run(lab, host, prefix));
+        }
+        let _stop = StopOnDrop(&writers);
+        let begin = Instant::now();
+        poll::until("writes from every host before the switchover", FORM, Duration::from_millis(100), || {
+            let counts: Vec<usize> = Writers::HOSTS.iter().map(|h| writers.count(h, begin)).collect();
+            if counts.iter().all(|c| *c >= 10) { Ok(()) } else { Err(counts) }
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+        let asked = Instant::now();
+        rt.block_on(leader.switchover()).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(lab)));
+        poll::until("node2 to lead and writes from every host after it", FORM, Duration::from_millis(100), || {
+            let counts: Vec<usize> = Writers::HOSTS.iter().map(|h| writers.count(h, asked)).collect();
+            let leads = status(lab, "node2").map(|s| s["role"] == "leader").unwrap_or(false);
+            if leads && counts.iter().all(|c| *c >= 10) { Ok(()) } else { Err((leads, counts)) }
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+        writers.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        eprintln!(
+            "switchover: longest write pause seen by the client {:?}, node1 {:?}, node2 {:?}",
+            writers.longest_gap("client", asked),
+            writers.longest_gap("node1", asked),
+            writers.longest_gap("node2", asked)
+        );
+    });
+    assert_eq!(lab.vip_holders(), vec!["node2".to_string()]);
+    wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert_acked_writes_kept(lab, &writers, prefix);
+    let log = std::fs::read_to_string(lab.node_dir("node1").join("agent.log")).unwrap();
+    assert!(log.contains("postgres_followed"), "node1 did not follow the new timeline as it was\n{}", logs(lab));
+    assert!(
+        !log.contains("postgres_rewound") && !log.contains("postgres_recloned"),
+        "the old leader needed pg_rewind or a new copy\n{}",
+        logs(lab)
+    );
+    let archive_dir = geminik8s::postgres::archive::archive_dir(&lab.node_dir("node1").join("pgdata"));
+    let archives = std::fs::read_dir(&archive_dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(archives, 0, "the old leader's data was archived: it was rewound or re-copied");
+    let s1 = status(lab, "node1").unwrap();
+    assert_eq!(s1["role"], "follower", "{s1}");
+}
+
+/// `gemin_k8s failover` on the client host, as an operator runs it with the
+/// cluster file and operator certificate from `init`; its JSON report.
+fn failover_cli(lab: &Lab, extra: &[&str]) -> (bool, serde_json::Value) {
+    let bin = agent_bin().unwrap();
+    let cluster = lab.config_dir.join(geminik8s::clusterfile::FILE_NAME);
+    let (bin, cluster) = (bin.to_string_lossy().into_owned(), cluster.to_string_lossy().into_owned());
+    let mut argv = vec![bin.as_str(), "--config", cluster.as_str(), "failover", "--output", "json"];
+    argv.extend_from_slice(extra);
+    let out = lab.exec("client", &argv).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!("failover {extra:?}: {e}\nstdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
+    });
+    (out.status.success(), report)
+}
+
+/// The operator's command: every check of `--dry-run` passes on a healthy
+/// pair; a switchover under writes from three hosts reports done with its
+/// write pause by step, `--wait --verify` see the old leader follow and a
+/// write through the VIP commit with replication synchronous again; then
+/// back. Nothing acknowledged is lost and neither old leader needs pg_rewind.
+#[test]
+fn failover_command_switches_over_and_back() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(up) = lab_up(&[], None) else { return };
+    let lab = &up.lab;
+    let prefix = "/lab/failover/";
+    let (ok, dry) = failover_cli(lab, &["--dry-run"]);
+    assert!(ok, "a healthy pair passes every check: {dry:#}");
+    assert_eq!(dry["outcome"], "every check passed", "{dry:#}");
+    assert!(dry["checks"].as_array().is_some_and(|c| c.len() >= 12), "{dry:#}");
+    let writers = Writers::new();
+    let mut reports = Vec::new();
+    std::thread::scope(|scope| {
+        for host in Writers::HOSTS {
+            let w = &writers;
+            scope.spawn(move || w.run(lab, host, prefix));
+        }
+        let _stop = StopOnDrop(&writers);
+        for (from, to) in [("node1", "node2"), ("node2", "node1")] {
+            let begin = Instant::now();
+            poll::until("writes from every host", FORM, Duration::from_millis(100), || {
+                let counts: Vec<usize> = Writers::HOSTS.iter().map(|h| writers.count(h, begin)).collect();
+                if counts.iter().all(|c| *c >= 5) { Ok(()) } else { Err(counts) }
+            })
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+            // Right after a switchover the checks may still wait for the standby.
+            let (ok, report) = poll::until("the failover command to succeed", FORM, Duration::from_millis(500), || {
+                let (ok, report) = failover_cli(lab, &["--promote", to, "--wait", "--verify", "--timeout", "60s"]);
+                if ok || report["outcome"] != "refused: checks failed" { Ok((ok, report)) } else { Err(report) }
+            })
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+            assert!(ok, "{report:#}\n{}", logs(lab));
+            assert_eq!((report["from"].as_str(), report["to"].as_str()), (Some(from), Some(to)), "{report:#}");
+            assert_eq!(report["outcome"], "done", "{report:#}");
+            assert_eq!(report["verify_durability"], "synchronous", "{report:#}");
+            assert!(report["verify_commit_ms"].as_f64().is_some(), "{report:#}");
+            let steps: Vec<&str> =
+                report["steps"].as_array().unwrap().iter().filter_map(|s| s["step"].as_str()).collect();
+            assert_eq!(steps, ["stop writes", "shutdown", "catch-up and promote", "VIP"], "{report:#}");
+            assert_eq!(status(lab, to).unwrap()["role"], "leader");
+            assert_eq!(lab.vip_holders(), vec![to.to_string()]);
+            eprintln!("failover {from} -> {to}: {report}");
+            reports.push(report);
+        }
+        writers.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    assert_acked_writes_kept(lab, &writers, prefix);
+    for node in ["node1", "node2"] {
+        let log = std::fs::read_to_string(lab.node_dir(node).join("agent.log")).unwrap();
+        assert!(log.contains("postgres_followed"), "{node} did not follow as it was\n{}", logs(lab));
+        assert!(!log.contains("postgres_rewound") && !log.contains("postgres_recloned"), "{node}\n{}", logs(lab));
+    }
+}
+
+/// `--dry-run` reports a `max_connections` that differs between the nodes
+/// as FAIL with both values and the fix, changes nothing, and exits 1; a
+/// switchover is refused on it.
+#[test]
+fn dry_run_reports_mismatched_max_connections() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(up) = lab_up(&[], None) else { return };
+    let lab = &up.lab;
+    let leader_value = status(lab, "node1").unwrap()["replication"]["settings"]["max_connections"].as_i64().unwrap();
+    let larger = (leader_value + 50).to_string();
+    let sql = format!("ALTER SYSTEM SET max_connections = {larger}");
+    let socket_dir = lab.node_dir("node2").join("runtime/postgres-node2");
+    let out = lab
+        .exec(
+            "node2",
+            &[
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                "psql",
+                "-h",
+                socket_dir.to_str().unwrap(),
+                "-d",
+                "postgres",
+                "-c",
+                &sql,
+            ],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A clean stop: the agent starts it again with the new setting.
+    let pid_file = lab.node_dir("node2").join("pgdata/postmaster.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().lines().next().unwrap().trim().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT).unwrap();
+    poll::until("node2 to run with the larger max_connections", FORM, Duration::from_millis(200), || {
+        let s = status(lab, "node2")?;
+        let v = s["replication"]["settings"]["max_connections"].as_i64();
+        if v == Some(leader_value + 50) { Ok(()) } else { Err(format!("{v:?}")) }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let (ok, dry) = failover_cli(lab, &["--dry-run"]);
+    assert!(!ok, "{dry:#}");
+    let failed: Vec<&serde_json::Value> =
+        dry["checks"].as_array().unwrap().iter().filter(|c| c["pass"] == false).collect();
+    assert_eq!(failed.len(), 1, "{dry:#}");
+    assert_eq!(failed[0]["name"], "max_connections");
+    assert_eq!(failed[0]["value"], format!("node1 {leader_value}, node2 {larger}"));
+    assert!(failed[0]["fix"].as_str().unwrap().contains(&format!("max_connections = {larger}")), "{dry:#}");
+    let (ok, refused) = failover_cli(lab, &[]);
+    assert!(!ok);
+    assert_eq!(refused["outcome"], "refused: checks failed", "{refused:#}");
+    assert_eq!(status(lab, "node1").unwrap()["role"], "leader", "nothing changed");
+}
+
+/// A forced failover, the way an operator meets it: the follower was away
+/// (powered off) long enough for the leader to degrade and take writes it
+/// lacks, then the leader dies. The follower, back, does not take over on
+/// its own; `failover --force` says it was not the synchronous standby and
+/// promotes it at a higher epoch. The old leader, back, does not lead: it
+/// archives its data directory (the writes only it had are in there) and
+/// follows.
+#[test]
+fn forced_failover_promotes_and_the_old_leader_rejoins_archived() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(up) = lab_up(&[], None) else { return };
+    let lab = &up.lab;
+    let (before, max_rev) = write_keys(lab, "/lab/force/before/", 10, 0);
+    lab.kill("node2").unwrap();
+    let alone = poll::until("node1 to take writes without node2", FORM, Duration::from_millis(200), || {
+        put(lab, "/lab/force/alone/000", "v")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(alone > max_rev);
+    let epoch_before = status(lab, "node1").unwrap()["epoch"].as_u64().unwrap();
+    lab.kill("node1").unwrap();
+    lab.start("node2").unwrap();
+    poll::until("node2 to say it does not take over on its own", FORM, Duration::from_millis(200), || {
+        let s = status(lab, "node2")?;
+        let blocked = s["degraded"].as_array().is_some_and(|d| {
+            d.iter().any(|x| x.as_str().is_some_and(|t| t.contains("not taking over") && t.contains("--force")))
+        });
+        if blocked { Ok(()) } else { Err(s.to_string()) }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert_ne!(status(lab, "node2").unwrap()["role"], "leader");
+
+    let (ok, report) = failover_cli(lab, &["--force", "--yes", "--promote", "node2", "--timeout", "60s"]);
+    assert!(ok, "{report:#}\n{}", logs(lab));
+    assert_eq!(report["outcome"], "done", "{report:#}");
+    let lose = report["may_lose"].as_str().unwrap();
+    assert!(lose.contains("node1 does not answer") && lose.contains("was NOT the synchronous standby"), "{lose}");
+    let s2 = status(lab, "node2").unwrap();
+    assert_eq!(s2["role"], "leader");
+    assert!(s2["epoch"].as_u64().unwrap() > epoch_before, "{s2}");
+    let rev = poll::until("a write through the VIP on node2", FORM, Duration::from_millis(200), || {
+        put(lab, "/lab/force/after/000", "v")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(rev > alone, "revisions went backwards after the forced failover: {rev} after {alone}");
+    assert_eq!(keys(lab, "/lab/force/before/").unwrap(), before, "writes node2 had were lost");
+
+    lab.start("node1").unwrap();
+    wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let archive_dir = geminik8s::postgres::archive::archive_dir(&lab.node_dir("node1").join("pgdata"));
+    let archives = std::fs::read_dir(&archive_dir)
+        .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tar.gz")).count())
+        .unwrap_or(0);
+    assert!(archives > 0, "the old leader's divergent data was not archived\n{}", logs(lab));
+    assert_eq!(lab.vip_holders(), vec!["node2".to_string()]);
+    assert_eq!(status(lab, "node1").unwrap()["role"], "follower");
+}
+
+/// The pid of `node`'s WAL receiver: the child of its postmaster named so.
+fn wal_receiver(lab: &Lab, node: &str) -> Option<i32> {
+    let pid_file = lab.node_dir(node).join("pgdata/postmaster.pid");
+    let postmaster: u32 = std::fs::read_to_string(pid_file).ok()?.lines().next()?.trim().parse().ok()?;
+    std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).find_map(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let named = String::from_utf8_lossy(&cmdline).contains("walreceiver");
+        (named && proc_stat(pid)?.1 == postmaster).then_some(pid as i32)
+    })
+}
+
+/// The abort path: the follower's WAL receiver is stopped (SIGSTOP) just
+/// before a switchover, so it can neither take the old primary's shutdown
+/// checkpoint nor replay past it. Nothing is promoted; the command says
+/// "aborted, cluster unchanged", node1 leads again at its epoch with every
+/// acknowledged write, and takes writes once the receiver runs again.
+#[test]
+fn switchover_aborts_when_the_follower_cannot_catch_up() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(up) = lab_up(&[], None) else { return };
+    let lab = &up.lab;
+    let (acked, max_rev) = write_keys(lab, "/lab/abort/", 10, 0);
+    let (ok, dry) = failover_cli(lab, &["--dry-run"]);
+    assert!(ok, "{dry:#}");
+    let epoch = status(lab, "node1").unwrap()["epoch"].as_u64().unwrap();
+    let receiver = wal_receiver(lab, "node2").expect("node2 runs a WAL receiver");
+    let pid = nix::unistd::Pid::from_raw(receiver);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // The leader still counts node2 in sync (PostgreSQL notices a silent
+    // standby only after wal_sender_timeout): the switchover is accepted.
+    let (ok, report) = failover_cli(lab, &["--timeout", "90s"]);
+    let resumed = poll::until("node1 to lead again", FORM, Duration::from_millis(200), || {
+        let s = status(lab, "node1")?;
+        if s["role"] == "leader" && s["state"] == "leader" && s.get("handover").is_none() {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    });
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(!ok, "{report:#}");
+    assert_eq!(report["outcome"], "aborted, cluster unchanged", "{report:#}\n{}", logs(lab));
+    let s1 = resumed.unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(s1["epoch"].as_u64().unwrap() >= epoch, "{s1}");
+    let s2 = status(lab, "node2").unwrap();
+    assert_ne!(s2["role"], "leader", "node2 must not have promoted: {s2}");
+    let log1 = std::fs::read_to_string(lab.node_dir("node1").join("agent.log")).unwrap();
+    assert!(log1.contains("switchover_aborted"), "{}", logs(lab));
+    let rev = poll::until("a write through the VIP on node1", FORM, Duration::from_millis(200), || {
+        put(lab, "/lab/abort/after", "v")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(rev > max_rev);
+    assert_eq!(lab.vip_holders(), vec!["node1".to_string()]);
+    let mut all = acked.clone();
+    all.push("/lab/abort/after".into());
+    assert_eq!(keys(lab, "/lab/abort/").unwrap(), all, "acknowledged writes were lost in the aborted switchover");
+    wait_formed(lab, "node1", "node2", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+}
+
 /// A planned stop of the leader's agent (what `systemctl stop` sends) hands
 /// leadership to the follower before the agent exits: writes go on through
 /// the VIP on node2, nothing acknowledged is lost, and the stopped node

@@ -9,6 +9,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 pub mod completion;
 pub mod config;
 pub mod docs;
+pub mod failover;
 pub mod init;
 pub mod output;
 pub mod prompt;
@@ -83,6 +84,8 @@ pub enum Command {
     Config(config::Command),
     /// Show the cluster's state as the agents see it (exit 1 when degraded).
     Status(status::Args),
+    /// Planned switchover (proven lossless), its checks (--dry-run), or a forced failover (--force).
+    Failover(failover::Args),
     /// Print version information.
     Version(version::Args),
     /// The arbiter witness for split-brain protection.
@@ -126,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init(args) => init::run(args, &cli.global).await,
         Command::Config(cmd) => config::run(cmd, &cli.global).await,
         Command::Status(args) => status::run(args, &cli.global).await,
+        Command::Failover(args) => failover::run(args, &cli.global).await,
         Command::Version(args) => version::run(args).await,
         Command::Witness(cmd) => witness::run(cmd, &cli.global).await,
         Command::Completion(args) => completion::run(args),

@@ -81,18 +81,36 @@ pub struct ClusterView {
     pub nodes: Vec<NodeAnswer>,
 }
 
-fn cluster_file(args: &Args, global: &GlobalArgs) -> Option<PathBuf> {
-    global.config.clone().or_else(|| args.cluster.as_ref().map(|c| Path::new(c).join(clusterfile::FILE_NAME)))
+/// The cluster file: `--config FILE`, else `./NAME/cluster.yaml` for `--cluster NAME`.
+pub fn cluster_file(cluster: Option<&str>, global: &GlobalArgs) -> Option<PathBuf> {
+    global.config.clone().or_else(|| cluster.map(|c| Path::new(c).join(clusterfile::FILE_NAME)))
+}
+
+fn from_file(path: &Path) -> anyhow::Result<(ClusterFile, crate::peer::tls::TlsMaterial)> {
+    let cluster = ClusterFile::load(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tls = cluster.operator_tls(dir).context("loading the operator certificate")?;
+    Ok((cluster, tls))
+}
+
+/// A client for each node of the cluster file at `path`, over mutual TLS
+/// with the operator certificate and the API token; with the node names.
+pub fn node_clients(path: &Path, timeout: Duration) -> anyhow::Result<(ClusterFile, Vec<(String, AgentClient)>)> {
+    let (cluster, tls) = from_file(path)?;
+    let clients = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let url = format!("https://{}", n.member.api_addr());
+            let client = AgentClient::https(&url, &tls, Some(cluster.api_token.clone()), timeout)?;
+            Ok((n.member.name.clone(), client))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok((cluster, clients))
 }
 
 fn clients(args: &Args, global: &GlobalArgs) -> anyhow::Result<Vec<AgentClient>> {
-    let file = cluster_file(args, global);
-    let from_file = |path: &Path| -> anyhow::Result<(ClusterFile, crate::peer::tls::TlsMaterial)> {
-        let cluster = ClusterFile::load(path)?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let tls = cluster.operator_tls(dir).context("loading the operator certificate")?;
-        Ok((cluster, tls))
-    };
+    let file = cluster_file(args.cluster.as_deref(), global);
     if let Some(endpoint) = &args.endpoint {
         let Some(path) = file else {
             bail!(
@@ -103,15 +121,7 @@ fn clients(args: &Args, global: &GlobalArgs) -> anyhow::Result<Vec<AgentClient>>
         return Ok(vec![AgentClient::https(endpoint, &tls, Some(cluster.api_token), args.timeout)?]);
     }
     if let Some(path) = file {
-        let (cluster, tls) = from_file(&path)?;
-        return cluster
-            .nodes
-            .iter()
-            .map(|n| {
-                let url = format!("https://{}", n.member.api_addr());
-                AgentClient::https(&url, &tls, Some(cluster.api_token.clone()), args.timeout)
-            })
-            .collect();
+        return Ok(node_clients(&path, args.timeout)?.1.into_iter().map(|(_, c)| c).collect());
     }
     if args.socket.exists() {
         return Ok(vec![AgentClient::unix(&args.socket, args.timeout)]);
@@ -268,6 +278,15 @@ pub fn render_text(view: &ClusterView, args: &Args) -> String {
             if let Some(r) = &s.replication {
                 let secs = r.lag_seconds.map(|x| format!(", {x:.3} s behind")).unwrap_or_default();
                 let _ = writeln!(out, "  replication {}{secs}", r.durability);
+            }
+            if let Some(d) = &s.datastore
+                && let (Some(tl), Some(lsn)) = (d.timeline, &d.lsn)
+            {
+                let _ = writeln!(out, "  datastore timeline {tl}, LSN {lsn}");
+            }
+            if let Some(h) = &s.handover {
+                let at = h.checkpoint.as_deref().map(|c| format!(" (shutdown checkpoint {c})")).unwrap_or_default();
+                let _ = writeln!(out, "  switchover under way: {}{at}", h.state);
             }
             match &s.last_failover {
                 Some(f) => {

@@ -3,11 +3,11 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::subsystems::{BoxFut, Database, DbReport};
+use super::subsystems::{BoxFut, CatchUpFailed, Database, DbReport};
 use crate::config::Durability;
 use crate::election::{Replication, WalPosition};
 use crate::hostmeta::Lsn;
@@ -27,7 +27,17 @@ pub struct Postgres {
     /// Whether the server should be running: false until it is set up, and
     /// while demoted or fenced.
     expected: std::sync::atomic::AtomicBool,
+    /// A hand-over shut the primary down cleanly here: the rejoin that
+    /// follows tries to follow the new primary without `pg_rewind`.
+    handed_over: Mutex<Option<WalPosition>>,
 }
+
+/// How long a standby may take to replay past a hand-over's shutdown
+/// checkpoint before it refuses to promote (the old leader then resumes).
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the standby's replay position is read while catching up.
+const CATCH_UP_POLL: Duration = Duration::from_millis(10);
 
 impl Postgres {
     pub fn new(mgr: Manager) -> Self {
@@ -36,6 +46,55 @@ impl Postgres {
             op: tokio::sync::Mutex::new(()),
             sync_from: Mutex::new(None),
             expected: std::sync::atomic::AtomicBool::new(false),
+            handed_over: Mutex::new(None),
+        }
+    }
+
+    /// Wait until this standby has replayed past `checkpoint` (the end of
+    /// the last replayed record lies beyond the start of the shutdown
+    /// checkpoint record: that whole record, and every commit before it,
+    /// is here) on the same timeline.
+    ///
+    /// A standby shows its timeline through its WAL receiver, which exits
+    /// when the primary shuts down; without it, the control file's (the
+    /// last restartpoint's) may still name the timeline before. Then a
+    /// restartpoint (`CHECKPOINT` on the standby) settles it: it lands on
+    /// the last replayed checkpoint record, the old primary's shutdown
+    /// checkpoint, with its timeline.
+    async fn replay_past(&self, checkpoint: WalPosition) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut restartpoint = false;
+        loop {
+            let last = match self.mgr.status().await {
+                Ok(st) if st.role == PgRole::Standby => {
+                    let past = u64::try_from(st.lsn_bytes).is_ok_and(|l| l > checkpoint.lsn.0);
+                    if past && st.timeline < i64::from(checkpoint.timeline) && !restartpoint {
+                        restartpoint = true;
+                        let db = self.mgr.connect("postgres").await?;
+                        db.batch("a restartpoint to settle the replayed timeline", "CHECKPOINT").await?;
+                        continue;
+                    }
+                    if past && st.timeline == i64::from(checkpoint.timeline) {
+                        tracing::info!(event = "handover_caught_up", timeline = st.timeline, replayed = %st.lsn,
+                            checkpoint = %checkpoint.lsn, waited_ms = started.elapsed().as_millis() as u64,
+                            "replayed past the old primary's shutdown checkpoint");
+                        return Ok(());
+                    }
+                    format!("replayed {} on timeline {}", st.lsn, st.timeline)
+                }
+                Ok(st) => format!("the server is {:?}", st.role),
+                Err(e) => e.to_string(),
+            };
+            if started.elapsed() >= CATCH_UP_TIMEOUT {
+                return Err(CatchUpFailed {
+                    timeline: checkpoint.timeline,
+                    checkpoint: checkpoint.lsn,
+                    waited: CATCH_UP_TIMEOUT,
+                    last,
+                }
+                .into());
+            }
+            tokio::time::sleep(CATCH_UP_POLL).await;
         }
     }
 
@@ -74,6 +133,7 @@ impl Postgres {
             let view = ReplicationView {
                 durability: "standby".into(),
                 streaming: st.streaming(),
+                settings: st.settings.clone(),
                 ..ReplicationView::default()
             };
             return (None, view);
@@ -93,6 +153,10 @@ impl Postgres {
             sync_state: replica.and_then(|r| r.sync_state.clone()),
             lag_bytes: replica.and_then(|r| r.lag_bytes).and_then(|b| u64::try_from(b).ok()),
             lag_seconds: replica.and_then(|r| r.replay_lag_seconds),
+            flush_lag_bytes: replica
+                .and_then(|r| r.flush_lsn_bytes)
+                .and_then(|f| u64::try_from(st.lsn_bytes.saturating_sub(f)).ok()),
+            settings: st.settings.clone(),
         };
         (Some(r), view)
     }
@@ -153,7 +217,13 @@ impl Database for Postgres {
         })
     }
 
-    fn promote(&self, epoch: u64, bootstrap: bool, not_after: Option<Instant>) -> BoxFut<'_, ()> {
+    fn promote(
+        &self,
+        epoch: u64,
+        bootstrap: bool,
+        not_after: Option<Instant>,
+        catch_up: Option<WalPosition>,
+    ) -> BoxFut<'_, ()> {
         Box::pin(async move {
             let _op = self.op.lock().await;
             if !self.data_dir_has_cluster() {
@@ -175,6 +245,9 @@ impl Database for Postgres {
                     // bootstrap cut short): converge.
                     self.mgr.bootstrap_leader().await.context("converging PostgreSQL as primary")?;
                 } else {
+                    if let Some(checkpoint) = catch_up {
+                        self.replay_past(checkpoint).await?;
+                    }
                     if let Some(deadline) = not_after
                         && Instant::now() > deadline
                     {
@@ -206,6 +279,36 @@ impl Database for Postgres {
         })
     }
 
+    fn hand_over(&self, budget: Duration) -> BoxFut<'_, Option<WalPosition>> {
+        Box::pin(async move {
+            let _op = self.op.lock().await;
+            self.expected.store(false, Ordering::SeqCst);
+            // A clean (fast) shutdown disconnects every client, writes the
+            // shutdown checkpoint and lets the walsender send it to the
+            // standby before it exits. The walsender waits for a standby
+            // that does not take it, hence the budget.
+            let started = Instant::now();
+            match tokio::time::timeout(budget, self.mgr.stop(StopMode::Fast)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "the clean shutdown for the hand-over failed"),
+                Err(_) => {
+                    tracing::warn!(?budget, "the clean shutdown for the hand-over took too long; stopping at once")
+                }
+            }
+            if self.mgr.is_running()? {
+                self.mgr.stop(StopMode::Immediate).await.context("stopping PostgreSQL to hand over")?;
+            }
+            let control = self.mgr.control_position().await.context("reading the control file after the shutdown")?;
+            let checkpoint = control
+                .filter(|c| c.clean_shutdown)
+                .map(|c| WalPosition { timeline: c.timeline, lsn: Lsn(c.lsn_bytes) });
+            tracing::info!(event = "handover_shutdown", clean = checkpoint.is_some(), checkpoint = ?checkpoint,
+                shutdown_ms = started.elapsed().as_millis() as u64, "PostgreSQL stopped for the hand-over");
+            *self.handed_over.lock().unwrap_or_else(|p| p.into_inner()) = checkpoint;
+            Ok(checkpoint)
+        })
+    }
+
     fn rejoin(&self, leader: &str) -> BoxFut<'_, ()> {
         let leader = leader.to_string();
         Box::pin(async move {
@@ -223,7 +326,8 @@ impl Database for Postgres {
                     return Ok(());
                 }
             }
-            let outcome = self.mgr.rejoin().await.with_context(|| format!("rejoining {leader}"))?;
+            let follow_first = self.handed_over.lock().unwrap_or_else(|p| p.into_inner()).take().is_some();
+            let outcome = self.mgr.rejoin(follow_first).await.with_context(|| format!("rejoining {leader}"))?;
             if let Some(archive) = outcome.archive() {
                 tracing::warn!(event = "datastore_archived", archive = %archive.display(), "the old data directory was kept as an archive");
             }
@@ -245,10 +349,17 @@ impl Database for Postgres {
     fn unfence(&self) -> BoxFut<'_, ()> {
         Box::pin(async move {
             let _op = self.op.lock().await;
+            // Leading again (also after a withdrawn hand-over): a later
+            // rejoin is not one that may follow without pg_rewind.
+            *self.handed_over.lock().unwrap_or_else(|p| p.into_inner()) = None;
             self.mgr.start().await?;
             self.expected.store(true, Ordering::SeqCst);
             Ok(())
         })
+    }
+
+    fn probe_write(&self, host: std::net::IpAddr) -> BoxFut<'_, Duration> {
+        Box::pin(async move { Ok(self.mgr.probe_write(host).await?) })
     }
 
     fn set_durability(&self, synchronous: bool) -> BoxFut<'_, ()> {

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::fence::FenceTimer;
 use super::observe::{self, LeaseState};
-use super::subsystems::Database;
+use super::subsystems::{CatchUpFailed, Database};
 use crate::cli::version::VERSION;
 use crate::config::{GeminiConfig, WitnessMode};
 use crate::election::{
@@ -126,6 +126,10 @@ struct PromotionTiming {
 
 /// Time limit for starting, stopping or restarting a service.
 const SERVICE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a hand-over's clean shutdown may take before it is made
+/// immediate (and the hand-over withdrawn).
+const HANDOVER_STOP: Duration = Duration::from_secs(10);
 
 /// How long a stopping leader waits for its peer to take over.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -358,6 +362,27 @@ impl Driver {
                         if reply.send(answer).is_err() {
                             tracing::debug!("the switchover caller went away");
                         }
+                    }
+                    Control::ForceTakeOver(reply) => {
+                        let answer = self.machine.can_force();
+                        if answer.is_ok() {
+                            self.step(Input::ForceTakeOver).await;
+                        }
+                        if reply.send(answer).is_err() {
+                            tracing::debug!("the forced takeover's caller went away");
+                        }
+                    }
+                    Control::ProbeWrite(reply) => {
+                        let (db, vip) = (self.subsystems.database.clone(), self.cfg.cluster.vip);
+                        self.tasks.push(tokio::spawn(async move {
+                            let answer = match db {
+                                Some(db) => db.probe_write(vip).await.map_err(|e| format!("{e:#}")),
+                                None => Err("this agent manages no datastore".to_string()),
+                            };
+                            if reply.send(answer).is_err() {
+                                tracing::debug!("the probe write's caller went away");
+                            }
+                        }));
                     }
                 },
                 _ = term.recv(), if stopping.is_none() => match self.begin_stop().await {
@@ -603,7 +628,7 @@ impl Driver {
                         Err(e) => tracing::error!(error = %e, "recovering hostMeta from the peer failed"),
                     }
                 }
-                Action::Promote { epoch, bootstrap, not_after } => {
+                Action::Promote { epoch, bootstrap, not_after, catch_up } => {
                     self.primary_moved();
                     tracing::debug!(epoch, bootstrap, "promoting the datastore");
                     let silent_ms = self.peer_last_heard.map(|t| t.elapsed().as_millis() as u64);
@@ -612,8 +637,12 @@ impl Driver {
                     let db = self.subsystems.database.clone();
                     self.background(async move {
                         match db {
-                            Some(db) => match db.promote(epoch, bootstrap, not_after).await {
+                            Some(db) => match db.promote(epoch, bootstrap, not_after, catch_up).await {
                                 Ok(()) => Completion::PromotionDone,
+                                Err(e) if e.downcast_ref::<CatchUpFailed>().is_some() => {
+                                    tracing::error!(error = %format!("{e:#}"), "not promoting");
+                                    Completion::CatchUpFailed
+                                }
                                 Err(e) => {
                                     tracing::error!(error = %format!("{e:#}"), "promotion failed");
                                     Completion::PromotionFailed
@@ -633,6 +662,23 @@ impl Driver {
                             tracing::error!(error = %format!("{e:#}"), "demotion failed; carrying on as follower");
                         }
                         Completion::DemotionDone
+                    });
+                }
+                Action::HandOver => {
+                    tracing::info!(event = "handover", "stopping the datastore cleanly for the hand-over");
+                    let db = self.subsystems.database.clone();
+                    self.background(async move {
+                        let checkpoint = match db {
+                            Some(db) => match db.hand_over(HANDOVER_STOP).await {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    tracing::error!(error = %format!("{e:#}"), "stopping the datastore for the hand-over failed");
+                                    None
+                                }
+                            },
+                            None => None,
+                        };
+                        Completion::HandedOver(checkpoint)
                     });
                 }
                 Action::Rejoin { leader } => {

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::election::{Replication, WalPosition};
 use crate::peer::ReplicationView;
@@ -13,6 +13,20 @@ use crate::peer::ReplicationView;
 /// A boxed future returning `anyhow::Result<T>`, so the trait stays usable
 /// as `Arc<dyn Database>`.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = anyhow::Result<T>> + Send + 'a>>;
+
+/// A promotion's proof failed: the standby did not replay past the old
+/// primary's shutdown checkpoint in time. Nothing was promoted.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the standby did not replay past the old primary's shutdown checkpoint ({timeline}/{checkpoint}) within {waited:?}; \
+     last seen: {last}"
+)]
+pub struct CatchUpFailed {
+    pub timeline: u32,
+    pub checkpoint: crate::hostmeta::Lsn,
+    pub waited: Duration,
+    pub last: String,
+}
 
 /// One look at the local PostgreSQL.
 #[derive(Debug, Clone, Default)]
@@ -41,10 +55,24 @@ pub trait Database: Send + Sync {
     fn restart(&self) -> BoxFut<'_, ()>;
     /// Become (or stay) the primary, recording `epoch`. Only `bootstrap`
     /// (the cluster's first formation) may create an empty datastore; a
-    /// standby is not promoted after `not_after`.
-    fn promote(&self, epoch: u64, bootstrap: bool, not_after: Option<Instant>) -> BoxFut<'_, ()>;
+    /// standby is not promoted after `not_after`, nor before it has
+    /// replayed past `catch_up` (a hand-over's shutdown checkpoint): when
+    /// it does not get there in time the error is [`CatchUpFailed`] and the
+    /// standby is left as it was.
+    fn promote(
+        &self,
+        epoch: u64,
+        bootstrap: bool,
+        not_after: Option<Instant>,
+        catch_up: Option<WalPosition>,
+    ) -> BoxFut<'_, ()>;
     /// Stop acting as primary.
     fn demote(&self) -> BoxFut<'_, ()>;
+    /// Stop acting as primary for a planned hand-over: writes are refused
+    /// from the start, then a clean shutdown within `budget` (made
+    /// immediate after it). Returns where the shutdown checkpoint starts,
+    /// `None` when the shutdown was not clean.
+    fn hand_over(&self, budget: Duration) -> BoxFut<'_, Option<WalPosition>>;
     /// Become a standby of the node called `leader`.
     fn rejoin(&self, leader: &str) -> BoxFut<'_, ()>;
     /// Stop accepting writes at once. Never waits for another datastore
@@ -52,6 +80,8 @@ pub trait Database: Send + Sync {
     fn fence(&self) -> BoxFut<'_, ()>;
     /// Accept writes again.
     fn unfence(&self) -> BoxFut<'_, ()>;
+    /// One write through `host` (the VIP); how long its commit took.
+    fn probe_write(&self, host: std::net::IpAddr) -> BoxFut<'_, Duration>;
     /// Make commits wait for the peer, or not.
     fn set_durability(&self, synchronous: bool) -> BoxFut<'_, ()>;
 }

@@ -8,8 +8,8 @@ use crate::config::{Durability, WitnessMode};
 use crate::hostmeta::{HostMeta, Role};
 
 use super::{
-    Action, ArbiterRecord, Claim, Completion, Component, Heartbeat, Input, LocalMeta, Observation, PeerStatus,
-    Replication, Settings, State, WalPosition, WitnessView, compare_claims,
+    Action, ArbiterRecord, Claim, Completion, Component, HandOver, Heartbeat, Input, LocalMeta, Observation,
+    PeerStatus, Replication, Settings, State, WalPosition, WitnessView, compare_claims,
 };
 
 /// A component must stay healthy this long before its restart budget is
@@ -77,6 +77,20 @@ pub struct Machine {
     vip_elsewhere: bool,
     position: Option<WalPosition>,
     handing_over: bool,
+    /// A planned hand-over: how far this node's datastore has stopped.
+    /// `None` for a hand-over without proof (a failed datastore).
+    handover: Option<HandOver>,
+    /// When this node withdrew its hand-over (shutdown not clean, or the
+    /// peer could not catch up): it resumes leading once the peer has had
+    /// time to hear it and still follows.
+    withdrawn_at: Option<Duration>,
+    /// Follower: the shutdown checkpoint it is promoting past.
+    catching_up: Option<WalPosition>,
+    /// Follower: a hand-over it could not catch up with; never promoted on again.
+    refused: Option<WalPosition>,
+    /// The peer refused this node's hand-over (it never promoted, though
+    /// its attempt raised its epoch).
+    peer_refused: bool,
     needs_rejoin: bool,
     rejoining: bool,
     retry_at: Duration,
@@ -136,6 +150,11 @@ impl Machine {
             vip_elsewhere: false,
             position: None,
             handing_over: false,
+            handover: None,
+            withdrawn_at: None,
+            catching_up: None,
+            refused: None,
+            peer_refused: false,
             needs_rejoin: false,
             rejoining: false,
             retry_at: Duration::ZERO,
@@ -161,6 +180,16 @@ impl Machine {
                 Ok(()) => {
                     tracing::warn!(event = "forced_takeover", node = %self.s.own_name,
                         "an operator forces this node to take over; writes only the old leader has are given up");
+                    if self.handing_over && !self.rejoining {
+                        // Its own hand-over's peer is gone: its data never
+                        // followed anyone, so it may lead again (at a new epoch).
+                        tracing::warn!(event = "handover_withdrawn", node = %self.s.own_name,
+                            reason = "forced takeover", "the switchover is given up");
+                        self.handing_over = false;
+                        self.handover = None;
+                        self.withdrawn_at = None;
+                        self.needs_rejoin = false;
+                    }
                     self.forced = true;
                 }
                 Err(why) => tracing::warn!(%why, "forced takeover refused"),
@@ -178,7 +207,7 @@ impl Machine {
             Input::Switchover => {
                 if self.can_hand_over() {
                     tracing::info!(event = "switchover", node = %self.s.own_name, "handing leadership to the peer");
-                    self.hand_over(&mut out);
+                    self.hand_over(true, &mut out);
                 } else {
                     tracing::warn!(state = %self.state(), peer_reachable = self.peer.is_some(),
                         "switchover needs this node leading and the peer following; ignored");
@@ -220,6 +249,30 @@ impl Machine {
             vote: self.vote(),
             sync_standby: self.sync_standby(),
             eligible: self.mode == Mode::Follower && self.entitled(self.clock),
+            handover: if self.handing_over { self.handover } else { None },
+            refused: self.refused,
+        }
+    }
+
+    /// A planned hand-over under way on this node: how far it has got.
+    pub fn handover(&self) -> Option<HandOver> {
+        if self.handing_over { self.handover } else { None }
+    }
+
+    /// Whether a peer handing over (as heard this tick) lets this node
+    /// promote, and past which position it must have replayed first:
+    /// `Some(None)` without a proof to wait for (the peer is not handing
+    /// over, or its agent gives none), `Some(Some(checkpoint))` once the
+    /// peer's datastore shut down cleanly, `None` while it has not (or it
+    /// withdrew, or this node already failed to catch up with it).
+    fn handover_proof(&self, peer: &PeerStatus) -> Option<Option<WalPosition>> {
+        if !peer.handing_over {
+            return Some(None);
+        }
+        match peer.handover {
+            None => Some(None),
+            Some(HandOver::Clean(c)) if self.refused != Some(c) => Some(Some(c)),
+            Some(_) => None,
         }
     }
 
@@ -463,8 +516,21 @@ impl Machine {
                 self.mode = Mode::Leader;
                 self.take_vip_if_free(out);
             }
+            (Mode::Promoting { .. }, Completion::CatchUpFailed) => {
+                // Nothing was promoted: the old leader may resume.
+                tracing::error!(event = "handover_refused", node = %self.s.own_name, checkpoint = ?self.catching_up,
+                    "did not replay past the old primary's shutdown checkpoint in time; not promoting");
+                self.refused = self.catching_up.take();
+                self.mode = Mode::Follower;
+                self.retry_at = now + self.s.restart_backoff;
+                self.persist_role(Role::Follower, out);
+                if self.s.witness == WitnessMode::Arbiter {
+                    out.push(Action::ReleaseLease);
+                }
+            }
             (Mode::Promoting { .. }, Completion::PromotionFailed) => {
                 tracing::error!(event = "promotion_failed", node = %self.s.own_name, "promotion failed; staying follower");
+                self.catching_up = None;
                 self.mode = Mode::Follower;
                 self.retry_at = now + self.s.restart_backoff;
                 self.persist_role(Role::Follower, out);
@@ -476,6 +542,19 @@ impl Machine {
                 self.mode = Mode::Follower;
                 self.needs_rejoin = true;
                 self.rejoining = false;
+            }
+            (Mode::Demoting, Completion::HandedOver(checkpoint)) => {
+                self.mode = Mode::Follower;
+                self.needs_rejoin = true;
+                self.rejoining = false;
+                match checkpoint {
+                    Some(c) => {
+                        tracing::info!(event = "handover_stopped", node = %self.s.own_name, timeline = c.timeline,
+                            checkpoint = %c.lsn, "PostgreSQL shut down cleanly; the peer promotes once it has replayed past the shutdown checkpoint");
+                        self.handover = Some(HandOver::Clean(c));
+                    }
+                    None => self.withdraw(now, "PostgreSQL did not shut down cleanly"),
+                }
             }
             (_, Completion::RejoinDone) => {
                 self.rejoining = false;
@@ -522,7 +601,7 @@ impl Machine {
                         return;
                     }
                     self.become_follower(out);
-                } else if i_win && self.peer_votes_for_me() {
+                } else if i_win && self.peer_votes_for_me() && self.handover_proof(&peer).is_some() {
                     self.lead(now, was_leader, out);
                 }
             }
@@ -712,6 +791,7 @@ impl Machine {
             }
             _ => None,
         };
+        let catch_up = self.peer.as_ref().and_then(|p| self.handover_proof(p)).flatten();
         meta.node.role = Role::Leader;
         meta.peer.role = Role::Follower;
         meta.epoch = epoch;
@@ -723,6 +803,9 @@ impl Machine {
         tracing::info!(event = "promoting", node = %self.s.own_name, epoch, kind = ?kind, "taking leadership");
         self.local = LocalMeta::Loaded(meta.clone());
         self.handing_over = false;
+        self.handover = None;
+        self.withdrawn_at = None;
+        self.refused = None;
         self.eligible_until = None;
         self.forced = false;
         self.not_streaming_since = None;
@@ -732,7 +815,8 @@ impl Machine {
         if self.s.witness == WitnessMode::Arbiter {
             out.push(Action::AcquireLease { epoch });
         }
-        out.push(Action::Promote { epoch, bootstrap: kind == LeadKind::Bootstrap, not_after });
+        self.catching_up = catch_up;
+        out.push(Action::Promote { epoch, bootstrap: kind == LeadKind::Bootstrap, not_after, catch_up });
         self.mode = Mode::Promoting { epoch };
         true
     }
@@ -788,7 +872,7 @@ impl Machine {
         if critical_failed && peer_can_take_over {
             tracing::error!(event = "giving_up_leadership", node = %self.s.own_name, failed = ?self.failed_components(),
                 "a critical component stays failed; handing over");
-            self.hand_over(out);
+            self.hand_over(false, out);
             return;
         }
         self.durability(now, out);
@@ -880,16 +964,36 @@ impl Machine {
             return;
         };
         let Some(pm) = peer.meta.as_ref() else { return };
+        if self.handover().is_some() && peer.state == State::Promoting {
+            // The peer is proving it holds everything of this node's
+            // hand-over (it is not primary yet, and may refuse): the
+            // hand-over stands until it leads or refuses.
+            return;
+        }
         if peer.leading && pm.epoch > self.epoch() && !self.needs_rejoin && !self.rejoining {
             self.bump_epoch(pm.epoch);
             self.persist_role(Role::Follower, out);
         }
+        if let Some(HandOver::Clean(c)) = self.handover()
+            && peer.refused == Some(c)
+        {
+            self.withdraw(now, "the peer could not replay past the shutdown checkpoint in time");
+            self.peer_refused = true;
+        }
         if peer.leading {
             self.handing_over = false;
+            self.handover = None;
+            self.refused = None;
+            self.withdrawn_at = None;
             if self.needs_rejoin && !self.rejoining && now >= self.retry_at {
                 self.rejoining = true;
                 out.push(Action::Rejoin { leader: pm.node.name.clone() });
             }
+        } else if self.may_resume(now, &peer, pm) {
+            self.resume(now, out);
+        } else if self.handover_proof(&peer).is_none() {
+            // The peer hands over but has not proven (yet) that this node
+            // can have everything: no promotion, not even through the lease.
         } else if self.i_win_against(&peer, pm) && self.peer_votes_for_me() {
             // The peer hands over, or our claim wins and it agrees (also a
             // fenced peer whose data is behind ours).
@@ -937,6 +1041,12 @@ impl Machine {
     /// The peer outranks us: release the VIP before anything else, demote,
     /// and rejoin once demoted.
     fn lose(&mut self, out: &mut Vec<Action>) {
+        self.step_down(false, out);
+    }
+
+    /// Release the VIP before anything else, then stop the datastore:
+    /// `clean` through a hand-over's clean shutdown, otherwise at once.
+    fn step_down(&mut self, clean: bool, out: &mut Vec<Action>) {
         let peer_epoch = self.peer.as_ref().and_then(|p| p.meta.as_ref()).map_or(0, |m| m.epoch);
         tracing::warn!(event = "demoting", node = %self.s.own_name, peer_epoch, "the peer outranks this node");
         out.push(Action::ReleaseVip);
@@ -944,15 +1054,68 @@ impl Machine {
         if self.s.witness == WitnessMode::Arbiter {
             out.push(Action::ReleaseLease);
         }
-        out.push(Action::Demote);
+        out.push(if clean { Action::HandOver } else { Action::Demote });
         // Our epoch stays until our data has rejoined the new leader's.
         self.persist_role(Role::Follower, out);
         self.mode = Mode::Demoting;
     }
 
-    fn hand_over(&mut self, out: &mut Vec<Action>) {
-        self.lose(out);
+    /// Give leadership to the peer. `planned`: an operator's switchover,
+    /// with the proof (clean shutdown, the peer promotes only once it has
+    /// replayed past it); otherwise (a failed datastore) the peer promotes
+    /// at once, as the synchronous standby.
+    fn hand_over(&mut self, planned: bool, out: &mut Vec<Action>) {
+        self.step_down(planned, out);
         self.handing_over = true;
+        self.handover = planned.then_some(HandOver::Stopping);
+        self.withdrawn_at = None;
+        self.peer_refused = false;
+    }
+
+    /// Give up a planned hand-over: the peer must not promote on it any more.
+    fn withdraw(&mut self, now: Duration, why: &str) {
+        tracing::warn!(event = "handover_withdrawn", node = %self.s.own_name, reason = why,
+            "the switchover is aborted; resuming leadership once the peer is heard still following");
+        self.handover = Some(HandOver::Unclean);
+        self.withdrawn_at.get_or_insert(now);
+    }
+
+    /// Whether a withdrawn hand-over can end with this node leading again:
+    /// the peer has had three intervals to hear the withdrawal (its status
+    /// is then one published after it), and it still follows, never
+    /// promoted: at an epoch no higher than ours, or higher only by an
+    /// attempt it reports it gave up before promoting (it refused).
+    fn may_resume(&self, now: Duration, peer: &PeerStatus, pm: &HostMeta) -> bool {
+        let Some(at) = self.withdrawn_at.filter(|_| self.handover() == Some(HandOver::Unclean)) else {
+            return false;
+        };
+        let never_promoted = pm.epoch <= self.epoch() || (self.peer_refused && peer.refused.is_some());
+        now.saturating_sub(at) >= self.s.heartbeat_interval * 3
+            && !peer.leading
+            && matches!(peer.state, State::Follower | State::HealthCheck | State::Election)
+            && never_promoted
+    }
+
+    /// Lead again after a withdrawn hand-over: the datastore (stopped, never
+    /// followed anyone) restarts as the primary it was.
+    fn resume(&mut self, now: Duration, out: &mut Vec<Action>) {
+        tracing::warn!(event = "switchover_aborted", node = %self.s.own_name, epoch = self.epoch(),
+            "the peer never promoted: leading again, cluster unchanged");
+        self.handing_over = false;
+        self.handover = None;
+        self.withdrawn_at = None;
+        self.peer_refused = false;
+        // The peer's refused attempt raised its epoch: lead at least at it,
+        // so its claim never outranks this node's data.
+        let peer_epoch = self.peer.as_ref().and_then(|p| p.meta.as_ref()).map_or(0, |m| m.epoch);
+        self.bump_epoch(peer_epoch);
+        self.needs_rejoin = false;
+        self.rejoining = false;
+        self.mode = Mode::Leader;
+        self.last_contact = Some(now);
+        self.persist_role(Role::Leader, out);
+        out.push(Action::Unfence);
+        self.take_vip_if_free(out);
     }
 
     fn fence(&mut self, out: &mut Vec<Action>) {

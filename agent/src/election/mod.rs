@@ -141,6 +141,31 @@ pub struct PeerStatus {
     /// (see [`Settings::eligibility_window`]).
     #[serde(default)]
     pub eligible: bool,
+    /// A node handing over: how far its datastore has stopped. `None` from
+    /// an agent that does not say (the peer then promotes as it always did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<HandOver>,
+    /// Follower: the hand-over it refused because it could not prove it had
+    /// everything (the old leader may resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<WalPosition>,
+}
+
+/// How far a leader handing over has got: it stops writes and shuts its
+/// PostgreSQL down cleanly; the peer promotes only once it has replayed
+/// past the shutdown checkpoint, so it holds every write the old leader
+/// ever made and the old leader can follow it without `pg_rewind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandOver {
+    /// Writes are stopped; the clean shutdown is under way.
+    Stopping,
+    /// Shut down cleanly: the shutdown checkpoint record starts here.
+    Clean(WalPosition),
+    /// The clean shutdown did not happen (or could not be verified): no
+    /// proof can be given, so the peer does not promote and this node
+    /// resumes leading.
+    Unclean,
 }
 
 /// Result of this tick's heartbeat to the peer.
@@ -279,6 +304,13 @@ pub enum Completion {
     PromotionDone,
     PromotionFailed,
     DemotionDone,
+    /// A promotion that had to replay past a hand-over's shutdown
+    /// checkpoint did not get there in time; the standby was left as it was
+    /// (still in recovery on the old timeline).
+    CatchUpFailed,
+    /// A hand-over's clean shutdown: where its checkpoint starts, `None`
+    /// when the datastore did not shut down cleanly.
+    HandedOver(Option<WalPosition>),
     RejoinDone,
     RejoinFailed,
 }
@@ -313,13 +345,22 @@ pub enum Action {
     /// that may create a new, empty datastore. `not_after`: a promotion of a
     /// standby must not start after this instant (the end of its
     /// eligibility; the driver checks it right before promoting).
+    /// `catch_up`: a planned hand-over's proof; the standby must have
+    /// replayed past this position (the old primary's shutdown checkpoint)
+    /// on its timeline before it is promoted, otherwise the promotion fails
+    /// and nothing changed.
     Promote {
         epoch: u64,
         bootstrap: bool,
         not_after: Option<Duration>,
+        catch_up: Option<WalPosition>,
     },
     /// Stop the local PostgreSQL acting as primary; answer with DemotionDone.
     Demote,
+    /// Hand over: stop the local primary cleanly (bounded; a shutdown that
+    /// does not finish in time is made immediate) and answer with
+    /// HandedOver and the shutdown checkpoint's position.
+    HandOver,
     /// Make the local PostgreSQL a standby of `leader` (pg_rewind, else a
     /// fresh base backup, keeping the old data as a tarball); answer with
     /// RejoinDone or RejoinFailed.

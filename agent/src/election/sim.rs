@@ -224,6 +224,8 @@ enum Fault {
     Pause(usize, u64),
     /// Power on (or start the agent again).
     Restart(usize),
+    /// An operator asks this node for a planned switchover.
+    Switchover(usize),
 }
 
 #[derive(Debug)]
@@ -651,6 +653,10 @@ impl Sim {
                 self.stop_pg(node);
                 Completion::DemotionDone
             }
+            Completion::HandedOver(clean) => {
+                self.stop_pg(node);
+                Completion::HandedOver(clean)
+            }
             Completion::RejoinDone => {
                 let leader = &self.nodes[p].pg;
                 let reachable = self.net.link_up(node, p, t) && self.net.link_up(p, node, t);
@@ -688,7 +694,7 @@ impl Sim {
                 Action::RecoverHostMeta(pm) => {
                     self.nodes[n].disk = Some(HostMeta::derive_from_peer(&pm, NAMES[n]).expect("same cluster"));
                 }
-                Action::Promote { epoch, bootstrap, not_after } => {
+                Action::Promote { epoch, bootstrap, not_after, catch_up } => {
                     self.promotions.push((t, n, epoch));
                     if epoch > epoch_before {
                         self.new_epochs.push(epoch);
@@ -704,6 +710,10 @@ impl Sim {
                         Completion::PromotionDone
                     } else if !pg.initialised || late {
                         Completion::PromotionFailed
+                    } else if catch_up.is_some_and(|c| c.timeline != pg.timeline || (pg.log.len() as u64) < c.lsn.0) {
+                        // The proof of a hand-over: the standby must hold the
+                        // old primary's whole log (here, the position is its length).
+                        Completion::CatchUpFailed
                     } else {
                         Completion::PromotionDone
                     };
@@ -711,6 +721,18 @@ impl Sim {
                 }
                 Action::Demote => {
                     self.at(t + 200, life, Event::Done { node: n, done: Completion::DemotionDone });
+                }
+                Action::HandOver => {
+                    // A clean shutdown: the walsender sends the rest to a
+                    // standby it reaches; the checkpoint is the log's end.
+                    self.replicate();
+                    let pg = &self.nodes[n].pg;
+                    let clean = (pg.running && pg.primary).then_some(WalPosition {
+                        timeline: pg.timeline,
+                        lsn: crate::hostmeta::Lsn(pg.log.len() as u64),
+                    });
+                    self.stop_pg(n);
+                    self.at(t + 200, life, Event::Done { node: n, done: Completion::HandedOver(clean) });
                 }
                 Action::Rejoin { .. } => self.at(t + 500, life, Event::Done { node: n, done: Completion::RejoinDone }),
                 Action::Fence => self.stop_pg(n),
@@ -884,6 +906,11 @@ impl Sim {
                 self.nodes[n].life += 1;
             }
             Fault::Pause(n, d) => self.nodes[n].paused_until = self.t + d,
+            Fault::Switchover(n) => {
+                if self.nodes[n].agent.as_ref().is_some_and(Machine::can_hand_over) {
+                    self.step(n, Input::Switchover);
+                }
+            }
             Fault::Restart(n) => {
                 if !self.nodes[n].powered {
                     // A reboot: no address survives it.
@@ -1037,6 +1064,27 @@ fn scenarios() -> Vec<Scenario> {
             net(seed),
             vec![(FAULT_AT, Crash(0)), (HEAL_AT, Restart(0))],
             Expect::Failover { from: FAULT_AT },
+        ));
+        out.push(Scenario::new(
+            "planned switchover under writes",
+            mode,
+            net(seed),
+            vec![(FAULT_AT, Switchover(0))],
+            Expect::Failover { from: FAULT_AT },
+        ));
+        out.push(Scenario::new(
+            "planned switchover, the old leader crashes while it shuts down",
+            mode,
+            net(seed),
+            vec![(FAULT_AT, Switchover(0)), (FAULT_AT + 100, Crash(0)), (HEAL_AT, Restart(0))],
+            Expect::Invariants,
+        ));
+        out.push(Scenario::new(
+            "planned switchover, the follower crashes while it would catch up",
+            mode,
+            net(seed),
+            vec![(FAULT_AT, Switchover(0)), (FAULT_AT + 150, Crash(1)), (HEAL_AT, Restart(1))],
+            Expect::Invariants,
         ));
         out.push(Scenario::new(
             "leader agent killed (PostgreSQL and the VIP stay), restarted",

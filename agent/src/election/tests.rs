@@ -47,7 +47,17 @@ fn status(meta: Option<HostMeta>, state: State) -> PeerStatus {
     let leading = state.is_active_leader();
     let vote = meta.as_ref().filter(|_| leading).map(|m| m.node.name.clone());
     let sync_standby = meta.as_ref().filter(|_| leading).map(|m| m.peer.name.clone());
-    PeerStatus { meta, leading, state, handing_over: false, vote, sync_standby, eligible: false }
+    PeerStatus {
+        meta,
+        leading,
+        state,
+        handing_over: false,
+        vote,
+        sync_standby,
+        eligible: false,
+        handover: None,
+        refused: None,
+    }
 }
 
 /// A leading peer that does not (or no longer) count on us as its synchronous standby.
@@ -170,7 +180,10 @@ fn fresh_cluster_needs_both_nodes() {
     assert_eq!(out, vec![]);
     // A fresh peer: epoch 1, and the only promotion allowed to create a datastore.
     let out = tick(&mut a, s(622), seen(status(None, State::Election), WitnessView::NoOpinion));
-    assert!(out.contains(&Action::Promote { epoch: 1, bootstrap: true, not_after: None }), "first formation: {out:?}");
+    assert!(
+        out.contains(&Action::Promote { epoch: 1, bootstrap: true, not_after: None, catch_up: None }),
+        "first formation: {out:?}"
+    );
     // The other node never starts a cluster on its own.
     let mut b = Machine::new(settings(B, WitnessMode::None), LocalMeta::Missing);
     assert_eq!(ticks(&mut b, 0, 600, || lost(false, WitnessView::NoOpinion)), vec![]);
@@ -361,7 +374,10 @@ fn follower_promotion_needs_misses_second_path_witness_fence_window_and_entitlem
         if expect.is_some() {
             // Promoted no later than the end of its entitlement: 10 s + 11 s + 2 s.
             let window = Some(s(10) + settings(B, WitnessMode::Gateway).eligibility_window());
-            assert_eq!(at.unwrap().1, Action::Promote { epoch: 4, bootstrap: false, not_after: window });
+            assert_eq!(
+                at.unwrap().1,
+                Action::Promote { epoch: 4, bootstrap: false, not_after: window, catch_up: None }
+            );
             assert_eq!(b.state(), State::Promoting);
             assert_eq!(b.step(s(41), Input::Done(Completion::PromotionDone)), vec![Action::TakeVip]);
         }
@@ -629,13 +645,21 @@ fn planned_switchover() {
     assert_eq!(a.status().sync_standby.as_deref(), Some(B));
     assert!(a.can_hand_over());
     let out = a.step(s(1), Input::Switchover);
-    assert_eq!(&out[..3], &[Action::ReleaseVip, Action::ReleaseLease, Action::Demote], "{out:?}");
+    assert_eq!(&out[..3], &[Action::ReleaseVip, Action::ReleaseLease, Action::HandOver], "{out:?}");
+    assert_eq!(a.status().handover, Some(HandOver::Stopping));
+    // No promotion before the old primary has shut down cleanly, not even
+    // with the lease.
+    let out = tick(&mut b, s(1), seen(a.status(), WitnessView::LeaseHeldByMe));
+    assert_eq!(promotes(&out), None, "{out:?}");
+    let checkpoint = WalPosition { timeline: 1, lsn: Lsn(4096) };
+    a.step(s(1), Input::Done(Completion::HandedOver(Some(checkpoint))));
+    assert_eq!(a.status().handover, Some(HandOver::Clean(checkpoint)));
     let out = tick(&mut b, s(1), seen(a.status(), WitnessView::LeaseFree));
     assert_eq!(out, vec![Action::AcquireLease { epoch: 4 }]);
     let out = tick(&mut b, s(1), seen(a.status(), WitnessView::LeaseHeldByMe));
     assert_eq!(promotes(&out), Some(4));
+    assert!(out.contains(&Action::Promote { epoch: 4, bootstrap: false, not_after: None, catch_up: Some(checkpoint) }));
     assert_eq!(b.step(s(1), Input::Done(Completion::PromotionDone)), vec![Action::TakeVip]);
-    a.step(s(1), Input::Done(Completion::DemotionDone));
     let out = tick(&mut a, s(2), seen(b.status(), WitnessView::LeaseHeldByPeer));
     assert_eq!(out, vec![Action::Rejoin { leader: B.into() }]);
     assert_eq!(a.meta().unwrap().epoch, 3, "the new epoch is adopted once rejoined");
@@ -935,4 +959,160 @@ fn an_operator_can_force_a_takeover_only_once_the_old_leader_is_silent() {
     assert_eq!(at, Some(37), "{out:?}");
     assert_eq!(promotes(&out.into_iter().map(|(_, a)| a).collect::<Vec<_>>()), Some(4));
     assert!(!b.forcing(), "one takeover per force");
+}
+
+/// A leader handing over, its follower, and the checkpoint of its clean
+/// shutdown; modes none.
+fn handing_over() -> (Machine, Machine, WalPosition) {
+    let mut a = leader(A, WitnessMode::None, 3);
+    let mut b = follower(B, WitnessMode::None, 3);
+    tick(&mut a, s(1), Observation { replication: Some(in_sync()), ..seen(b.status(), WitnessView::NoOpinion) });
+    let out = a.step(s(1), Input::Switchover);
+    assert_eq!(&out[..2], &[Action::ReleaseVip, Action::HandOver], "{out:?}");
+    tick(&mut b, s(1), seen(a.status(), WitnessView::NoOpinion));
+    (a, b, WalPosition { timeline: 1, lsn: Lsn(8192) })
+}
+
+#[test]
+fn a_planned_switchover_promotes_only_past_the_clean_shutdown() {
+    let (mut a, mut b, checkpoint) = handing_over();
+    // While the old primary shuts down, the follower waits, however long.
+    for t in 2..30 {
+        let out = tick(&mut b, s(t), seen(a.status(), WitnessView::NoOpinion));
+        assert_eq!(promotes(&out), None, "{t}: {out:?}");
+        tick(&mut a, s(t), seen(b.status(), WitnessView::NoOpinion));
+    }
+    a.step(s(30), Input::Done(Completion::HandedOver(Some(checkpoint))));
+    let out = tick(&mut b, s(31), seen(a.status(), WitnessView::NoOpinion));
+    assert!(out.contains(&Action::Promote { epoch: 4, bootstrap: false, not_after: None, catch_up: Some(checkpoint) }));
+    let out = tick(&mut a, s(31), seen(b.status(), WitnessView::NoOpinion));
+    assert!(out.is_empty(), "no rejoin of a peer that is not primary yet: {out:?}");
+    b.step(s(31), Input::Done(Completion::PromotionDone));
+    // The old leader follows once the peer leads.
+    let out = tick(&mut a, s(32), seen(b.status(), WitnessView::NoOpinion));
+    assert_eq!(out, vec![Action::Rejoin { leader: B.into() }]);
+    assert_eq!(a.status().handover, None);
+}
+
+#[test]
+fn an_unclean_shutdown_aborts_the_switchover_and_the_leader_resumes() {
+    let (mut a, mut b, _) = handing_over();
+    a.step(s(2), Input::Done(Completion::HandedOver(None)));
+    assert_eq!(a.status().handover, Some(HandOver::Unclean));
+    // The follower never promotes on it; the old leader resumes once the
+    // follower has had time to hear that, and still follows.
+    let mut resumed = None;
+    for t in 2..10 {
+        let out = tick(&mut b, s(t), seen(a.status(), WitnessView::NoOpinion));
+        assert_eq!(promotes(&out), None, "{t}: {out:?}");
+        let out = tick(&mut a, s(t), seen(b.status(), WitnessView::NoOpinion));
+        if out.contains(&Action::Unfence) {
+            resumed = Some((t, out));
+            break;
+        }
+    }
+    let (t, out) = resumed.expect("the old leader resumes");
+    assert!(t >= 5, "not before the follower heard the withdrawal: {t}");
+    assert!(out.contains(&Action::TakeVip), "{out:?}");
+    assert!(a.leading() && a.status().handover.is_none());
+    assert_eq!(a.meta().unwrap().epoch, 3, "cluster unchanged");
+    assert_eq!(a.meta().unwrap().node.role, Role::Leader);
+}
+
+#[test]
+fn a_follower_that_cannot_catch_up_refuses_and_the_leader_resumes() {
+    let (mut a, mut b, checkpoint) = handing_over();
+    a.step(s(2), Input::Done(Completion::HandedOver(Some(checkpoint))));
+    let out = tick(&mut b, s(2), seen(a.status(), WitnessView::NoOpinion));
+    assert_eq!(promotes(&out), Some(4));
+    // While the follower catches up (promoting, not yet primary), the old
+    // leader neither rejoins it nor gives its hand-over up.
+    for t in 3..12 {
+        let out = tick(&mut a, s(t), seen(b.status(), WitnessView::NoOpinion));
+        assert!(out.is_empty(), "{t}: {out:?}");
+        assert_eq!(a.status().handover, Some(HandOver::Clean(checkpoint)));
+    }
+    b.step(s(12), Input::Done(Completion::CatchUpFailed));
+    assert_eq!(b.status().refused, Some(checkpoint));
+    assert!(!b.leading());
+    let mut resumed = None;
+    for t in 13..25 {
+        // Never again on the same checkpoint, even after the backoff.
+        let out = tick(&mut b, s(t), seen(a.status(), WitnessView::NoOpinion));
+        assert_eq!(promotes(&out), None, "{t}: {out:?}");
+        let out = tick(&mut a, s(t), seen(b.status(), WitnessView::NoOpinion));
+        if out.contains(&Action::Unfence) {
+            resumed = Some(t);
+            break;
+        }
+    }
+    assert!(resumed.is_some_and(|t| t >= 16), "{resumed:?}");
+    assert!(a.leading());
+    assert_eq!(a.meta().unwrap().epoch, 4, "at least the epoch of the peer's refused attempt");
+    // The follower forgets the refusal once the old leader leads again.
+    tick(&mut b, s(30), seen(a.status(), WitnessView::NoOpinion));
+    assert_eq!(b.status().refused, None);
+}
+
+#[test]
+fn a_withdrawn_switchover_never_resumes_over_a_peer_that_promoted() {
+    let (mut a, mut b, checkpoint) = handing_over();
+    a.step(s(2), Input::Done(Completion::HandedOver(Some(checkpoint))));
+    let out = tick(&mut b, s(2), seen(a.status(), WitnessView::NoOpinion));
+    assert_eq!(promotes(&out), Some(4));
+    // The promotion itself failed after it may have started: the peer's
+    // state is unknown; it keeps its new epoch and the old leader stays down.
+    b.step(s(3), Input::Done(Completion::PromotionFailed));
+    assert_eq!(b.status().refused, None);
+    for t in 3..20 {
+        let out = tick(&mut a, s(t), seen(b.status(), WitnessView::NoOpinion));
+        assert!(!out.contains(&Action::Unfence), "{t}: {out:?}");
+    }
+    assert!(!a.leading());
+    // Even if it withdrew on its own (a later unclean report): the peer's
+    // epoch is higher, so it does not resume.
+    let mut a2 = handing_over().0;
+    a2.step(s(2), Input::Done(Completion::HandedOver(None)));
+    let promoted = PeerStatus { meta: Some(meta(B, Role::Follower, 4, None)), ..status(None, State::Follower) };
+    for t in 2..20 {
+        let out = tick(&mut a2, s(t), seen(promoted.clone(), WitnessView::NoOpinion));
+        assert!(!out.contains(&Action::Unfence), "{t}: {out:?}");
+    }
+    // Nor while the peer is promoting.
+    let mut a3 = handing_over().0;
+    a3.step(s(2), Input::Done(Completion::HandedOver(None)));
+    let promoting = status(Some(meta(B, Role::Leader, 3, None)), State::Promoting);
+    for t in 2..20 {
+        let out = tick(&mut a3, s(t), seen(promoting.clone(), WitnessView::NoOpinion));
+        assert!(!out.contains(&Action::Unfence), "{t}: {out:?}");
+    }
+}
+
+#[test]
+fn a_hand_over_for_a_failed_datastore_gives_no_proof_and_the_peer_promotes_as_before() {
+    let mut b = follower(B, WitnessMode::None, 3);
+    let legacy = PeerStatus {
+        handing_over: true,
+        vote: Some(B.into()),
+        ..status(Some(meta(A, Role::Follower, 3, Some((1, 100)))), State::Demoting)
+    };
+    let out = tick(&mut b, s(1), seen(legacy, WitnessView::NoOpinion));
+    assert!(out.contains(&Action::Promote { epoch: 4, bootstrap: false, not_after: None, catch_up: None }), "{out:?}");
+}
+
+#[test]
+fn a_leader_whose_follower_vanished_mid_switchover_can_be_forced_back() {
+    let (mut a, _b, checkpoint) = handing_over();
+    a.step(s(2), Input::Done(Completion::HandedOver(Some(checkpoint))));
+    // The follower is gone for good: nothing happens on its own.
+    let out = ticks(&mut a, 3, 30, || lost(false, WitnessView::NoOpinion));
+    assert!(
+        out.iter().all(|(_, a)| !matches!(a, Action::Promote { .. } | Action::Unfence | Action::TakeVip)),
+        "{out:?}"
+    );
+    assert!(a.can_force().is_ok(), "{:?}", a.can_force());
+    a.step(s(30), Input::ForceTakeOver);
+    let out = tick(&mut a, s(31), lost(false, WitnessView::NoOpinion));
+    assert!(out.contains(&Action::Promote { epoch: 4, bootstrap: false, not_after: None, catch_up: None }), "{out:?}");
+    assert!(a.status().handover.is_none());
 }

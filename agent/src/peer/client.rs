@@ -122,6 +122,26 @@ impl AgentClient {
         }
     }
 
+    /// Force this node (the follower of a leader that is gone) to take over.
+    pub async fn force_takeover(&self) -> anyhow::Result<()> {
+        let (status, body) = self.request(hyper::Method::POST, "/v1/force-takeover").await?;
+        match status {
+            202 => Ok(()),
+            _ => bail!("{} refused the forced takeover (HTTP {status}): {}", self.describe(), body.trim()),
+        }
+    }
+
+    /// Ask this node to write once through the VIP; how long the commit took.
+    pub async fn probe_write(&self) -> anyhow::Result<Duration> {
+        let (status, body) = self.request(hyper::Method::POST, "/v1/probe-write").await?;
+        if status != 200 {
+            bail!("{} could not write through the VIP (HTTP {status}): {}", self.describe(), body.trim());
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).context("reading the probe write's answer")?;
+        let ms = v["commit_ms"].as_f64().context("no commit_ms in the probe write's answer")?;
+        Ok(Duration::from_secs_f64(ms / 1000.0))
+    }
+
     pub async fn metrics(&self) -> anyhow::Result<String> {
         let (status, body) = self.get_text("/metrics").await?;
         if status != 200 {

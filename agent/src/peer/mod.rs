@@ -77,6 +77,14 @@ pub struct NodeStatus {
     pub components: Vec<ComponentHealth>,
     /// Why the node or cluster is degraded; empty when all is well.
     pub degraded: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datastore: Option<DatastoreView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<HandOverView>,
+    /// Wall-clock time the answer was served, in milliseconds since the
+    /// Unix epoch (0 when unknown): operators compare the nodes' clocks.
+    #[serde(default)]
+    pub served_at_unix_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -137,6 +145,38 @@ pub struct ReplicationView {
     pub lag_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_seconds: Option<f64>,
+    /// Primary: WAL written here that the peer has not flushed, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush_lag_bytes: Option<u64>,
+    /// The settings a standby needs at least as large as its primary's.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub settings: std::collections::BTreeMap<String, i64>,
+}
+
+/// The local datastore as the agent last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DatastoreView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    /// Primary: where it writes; standby: how far it replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
+    /// Free and total bytes on the data directory's file system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_free_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_total_bytes: Option<u64>,
+}
+
+/// A planned switchover under way on this node (the leader handing over).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandOverView {
+    /// `stopping` (clean shutdown under way), `clean` (shut down; the peer
+    /// promotes once it has replayed past `checkpoint`) or `withdrawn`
+    /// (aborted: this node resumes once the peer is heard still following).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

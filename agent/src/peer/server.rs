@@ -7,6 +7,8 @@
 //! | `GET /v1/status` | operators | the operator's or the peer's certificate + API token |
 //! | `GET /metrics` | Prometheus | the operator's or the peer's certificate + API token |
 //! | `POST /v1/switchover` | operators: planned handover by the leader | the operator's or the peer's certificate + API token |
+//! | `POST /v1/force-takeover` | operators: forced failover on the follower | the operator's or the peer's certificate + API token |
+//! | `POST /v1/probe-write` | operators: one write through the VIP | the operator's or the peer's certificate + API token |
 //!
 //! Every TLS client must present a certificate signed by the cluster CA; its
 //! name ([`Identity`]) then decides the routes. Only the peer's heartbeat
@@ -94,6 +96,11 @@ impl ApiHooks {
 pub enum Control {
     /// Hand leadership to the peer; the answer says whether it was accepted.
     Switchover(tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// Take over although not entitled to (the leader is gone); the answer
+    /// says whether the machine accepted it.
+    ForceTakeOver(tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// Write once through the VIP; the answer is how long the commit took.
+    ProbeWrite(tokio::sync::oneshot::Sender<Result<Duration, String>>),
 }
 
 /// Who may call what on a listener.
@@ -198,18 +205,43 @@ async fn health(State(state): State<AppState>, caller: Option<Extension<Caller>>
     Json(read(&state.shared).health()).into_response()
 }
 
-async fn switchover(State(state): State<AppState>) -> Response {
+/// Hand a request to the agent loop and wait for its answer.
+async fn ask_loop<T>(
+    state: &AppState,
+    request: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, String>>) -> Control,
+) -> Result<T, Response> {
     let Some(control) = &state.hooks.control else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "this process does not run the agent loop\n").into_response();
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "this process does not run the agent loop\n").into_response());
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if control.send(Control::Switchover(tx)).await.is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "the agent loop is not running\n").into_response();
+    if control.send(request(tx)).await.is_err() {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "the agent loop is not running\n").into_response());
     }
     match rx.await {
-        Ok(Ok(())) => (StatusCode::ACCEPTED, "switchover started\n").into_response(),
-        Ok(Err(why)) => (StatusCode::CONFLICT, format!("{why}\n")).into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the agent loop stopped\n").into_response(),
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(why)) => Err((StatusCode::CONFLICT, format!("{why}\n")).into_response()),
+        Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "the agent loop stopped\n").into_response()),
+    }
+}
+
+async fn switchover(State(state): State<AppState>) -> Response {
+    match ask_loop(&state, Control::Switchover).await {
+        Ok(()) => (StatusCode::ACCEPTED, "switchover started\n").into_response(),
+        Err(refused) => refused,
+    }
+}
+
+async fn force_takeover(State(state): State<AppState>) -> Response {
+    match ask_loop(&state, Control::ForceTakeOver).await {
+        Ok(()) => (StatusCode::ACCEPTED, "forced takeover started\n").into_response(),
+        Err(refused) => refused,
+    }
+}
+
+async fn probe_write(State(state): State<AppState>) -> Response {
+    match ask_loop(&state, Control::ProbeWrite).await {
+        Ok(took) => Json(serde_json::json!({ "commit_ms": took.as_secs_f64() * 1000.0 })).into_response(),
+        Err(refused) => refused,
     }
 }
 
@@ -221,7 +253,11 @@ async fn hostmeta(State(state): State<AppState>) -> Response {
 }
 
 async fn status(State(state): State<AppState>) -> Response {
-    Json(read(&state.shared).status.clone()).into_response()
+    let mut status = read(&state.shared).status.clone();
+    status.served_at_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Json(status).into_response()
 }
 
 async fn prometheus(State(state): State<AppState>) -> Response {
@@ -235,6 +271,8 @@ pub fn router(shared: Shared, auth: Auth, hooks: Arc<ApiHooks>) -> Router {
     let operator = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/switchover", post(switchover))
+        .route("/v1/force-takeover", post(force_takeover))
+        .route("/v1/probe-write", post(probe_write))
         .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_operator));
     let peer = Router::new()

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use super::render::{self, REPLICATION_ROLE};
+use super::render::{self, KINE_DB, KINE_ROLE, REPLICATION_ROLE};
 use super::server::{Manager, open_tls_session};
 use super::{PgError, Result};
 
@@ -29,6 +29,31 @@ impl Manager {
             .dbname(dbname);
         let client = open_tls_session(config, &target, &s.tls).await?;
         Ok((client, target))
+    }
+
+    /// One write through `host` (the VIP) as Kine writes: a transaction
+    /// that takes a transaction id commits a WAL record, and its commit
+    /// waits for the synchronous standby when commits wait for one. Kine's
+    /// data is not touched. Returns how long the commit took.
+    pub async fn probe_write(&self, host: std::net::IpAddr) -> Result<Duration> {
+        let s = &self.settings;
+        let target = format!("{host}:{} database {KINE_DB} as {KINE_ROLE}", s.node.port);
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(host.to_string())
+            .port(s.node.port)
+            .user(KINE_ROLE)
+            .password(s.kine_password.as_bytes())
+            .dbname(KINE_DB)
+            .connect_timeout(Duration::from_secs(3));
+        let client = open_tls_session(config, &target, &s.tls).await?;
+        let started = Instant::now();
+        client.batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT").await.map_err(|source| PgError::Sql {
+            what: "a probe write".into(),
+            target,
+            source,
+        })?;
+        Ok(started.elapsed())
     }
 
     /// Make the leader write a checkpoint, so its control file shows the

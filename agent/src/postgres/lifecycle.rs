@@ -4,10 +4,15 @@ use super::archive;
 use super::files;
 use super::render::{self, KINE_DB, KINE_ROLE, REPLICATION_ROLE, ServerRole, quote_ident, quote_literal};
 use super::server::{Manager, Session, StopMode};
+use super::status::PgRole;
 use super::{PgError, Rejoin, Result};
 use crate::config::Replication;
 
 /// Functions `pg_rewind` calls on its source, granted to the replication role.
+/// How long an old primary started as the new primary's standby may take
+/// to stream on the new timeline before it is rewound instead.
+const FOLLOW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 const REWIND_FUNCTIONS: &[&str] = &[
     "pg_catalog.pg_ls_dir(text, boolean, boolean)",
     "pg_catalog.pg_stat_file(text, boolean)",
@@ -287,17 +292,29 @@ impl Manager {
     }
 
     /// Rejoin after a failover as the follower of the peer (the new
-    /// primary). Streaming: stop, archive (if configured), `pg_rewind`; if
-    /// that fails, archive (if not done yet), then a fresh `pg_basebackup`.
-    /// Logical: archive and re-initialise as a subscriber. Nothing in the
-    /// data directory is discarded without an archive.
-    pub async fn rejoin(&self) -> Result<Rejoin> {
+    /// primary). Streaming: `follow_first` (a planned hand-over whose peer
+    /// replayed past this node's shutdown checkpoint) starts a cleanly shut
+    /// down data directory as the standby it can be, without `pg_rewind`;
+    /// otherwise (or when it does not stream on the new timeline in time)
+    /// stop, archive (if configured), `pg_rewind`; if that fails, archive
+    /// (if not done yet), then a fresh `pg_basebackup`. Logical: archive and
+    /// re-initialise as a subscriber. Nothing in the data directory is
+    /// discarded without an archive.
+    pub async fn rejoin(&self, follow_first: bool) -> Result<Rejoin> {
         self.require_passwords("rejoining as follower")?;
         let s = &self.settings;
         self.stop(StopMode::Fast).await?;
         if s.replication == Replication::Logical || !files::has_cluster(&s.data_dir) {
             let archive = self.init_follower().await?;
             return Ok(Rejoin::Recloned { archive, rewind_error: None });
+        }
+        if follow_first {
+            match self.follow().await {
+                Ok(true) => return Ok(Rejoin::Followed),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "following the new primary without pg_rewind failed"),
+            }
+            self.stop(StopMode::Fast).await?;
         }
         let mut archive = None;
         self.checkpoint_leader().await?;
@@ -326,6 +343,39 @@ impl Manager {
                 tracing::info!(event = "postgres_recloned", node = %s.node.name, archive = %archive.display(), "PostgreSQL re-cloned from the new primary");
                 Ok(Rejoin::Recloned { archive: Some(archive), rewind_error: Some(rewind_error.to_string()) })
             }
+        }
+    }
+
+    /// Start a cleanly shut down old primary as the peer's standby, as it
+    /// is, and wait until it streams on a later timeline. PostgreSQL itself
+    /// refuses a timeline that forked off before this node's WAL ends (it
+    /// then never streams), so a wrong start costs time, never data.
+    /// Returns whether it streams.
+    async fn follow(&self) -> Result<bool> {
+        let s = &self.settings;
+        let Some(control) = self.control_position().await? else { return Ok(false) };
+        if !control.clean_shutdown {
+            return Ok(false);
+        }
+        files::write_tls(s, self.owner)?;
+        self.write_config(ServerRole::Standby)?;
+        self.start().await?;
+        let deadline = std::time::Instant::now() + FOLLOW_TIMEOUT;
+        loop {
+            let st = self.status().await?;
+            let on_new_timeline =
+                st.receiver.as_ref().and_then(|r| r.received_timeline).unwrap_or(0) > i64::from(control.timeline);
+            if st.role == PgRole::Standby && st.streaming() && on_new_timeline {
+                tracing::info!(event = "postgres_followed", node = %s.node.name, primary = %s.peer.ip,
+                    timeline = st.timeline, "PostgreSQL follows the new primary's timeline without pg_rewind");
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(event = "postgres_follow_failed", node = %s.node.name, waited = ?FOLLOW_TIMEOUT,
+                    receiver = ?st.receiver, "the old primary does not stream on the new timeline; rewinding instead");
+                return Ok(false);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
 

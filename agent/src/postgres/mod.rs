@@ -30,11 +30,16 @@ use crate::cmd::CmdError;
 pub use render::ServerRole;
 pub use server::{Manager, Session, StopMode, is_running};
 pub use settings::{Endpoint, Settings};
-pub use status::{ControlPosition, PgRole, PgStatus, ReceiverStatus, ReplicaStatus, SubscriptionStatus};
+pub use status::{
+    ControlPosition, HOT_STANDBY_SETTINGS, PgRole, PgStatus, ReceiverStatus, ReplicaStatus, SubscriptionStatus,
+};
 
 /// How a rejoin ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejoin {
+    /// A cleanly shut-down old primary whose WAL ends where the new
+    /// primary's timeline forks off: started as its standby, no `pg_rewind`.
+    Followed,
     /// `pg_rewind` brought the data directory onto the new primary's timeline.
     Rewound { archive: Option<PathBuf> },
     /// `pg_rewind` was impossible (or the mode is logical): the old data
@@ -47,6 +52,7 @@ impl Rejoin {
     /// The tarball holding the data directory as it was before the rejoin.
     pub fn archive(&self) -> Option<&PathBuf> {
         match self {
+            Rejoin::Followed => None,
             Rejoin::Rewound { archive } => archive.as_ref(),
             Rejoin::Recloned { archive, .. } => archive.as_ref(),
         }

@@ -32,7 +32,20 @@ pub struct PgStatus {
     pub receiver: Option<ReceiverStatus>,
     /// The logical-mode subscription, when there is one.
     pub subscription: Option<SubscriptionStatus>,
+    /// The settings a hot standby needs at least as large as its primary's
+    /// ([`HOT_STANDBY_SETTINGS`]), as the server applies them.
+    pub settings: std::collections::BTreeMap<String, i64>,
 }
+
+/// Settings a standby must have at least as large as its primary's, or it
+/// stops replaying (and an old primary with larger ones cannot follow).
+pub const HOT_STANDBY_SETTINGS: [&str; 5] = [
+    "max_connections",
+    "max_worker_processes",
+    "max_wal_senders",
+    "max_prepared_transactions",
+    "max_locks_per_transaction",
+];
 
 impl PgStatus {
     /// Whether this standby is streaming from its primary.
@@ -94,6 +107,9 @@ pub struct SubscriptionStatus {
 pub struct ControlPosition {
     pub timeline: u32,
     pub lsn_bytes: u64,
+    /// A primary shut down cleanly (`Database cluster state: shut down`):
+    /// its WAL ends with the shutdown checkpoint, which starts at `lsn_bytes`.
+    pub clean_shutdown: bool,
 }
 
 /// Parse `pg_controldata` output (`LC_ALL=C`).
@@ -108,9 +124,10 @@ pub fn parse_controldata(text: &str) -> Option<ControlPosition> {
     let min_recovery = lsn("Minimum recovery ending location").unwrap_or(0);
     let min_recovery_tli = tli("Min recovery ending loc's timeline").unwrap_or(0);
     Some(if min_recovery > checkpoint && min_recovery_tli >= checkpoint_tli {
-        ControlPosition { timeline: min_recovery_tli, lsn_bytes: min_recovery }
+        ControlPosition { timeline: min_recovery_tli, lsn_bytes: min_recovery, clean_shutdown: false }
     } else {
-        ControlPosition { timeline: checkpoint_tli, lsn_bytes: checkpoint }
+        let clean_shutdown = field("Database cluster state") == Some("shut down");
+        ControlPosition { timeline: checkpoint_tli, lsn_bytes: checkpoint, clean_shutdown }
     })
 }
 
@@ -235,7 +252,20 @@ impl Manager {
                 received_lsn: r.get(3),
             });
 
+        let names: Vec<String> = HOT_STANDBY_SETTINGS.iter().map(|s| s.to_string()).collect();
+        let settings = db
+            .query(
+                "reading the hot standby settings",
+                "SELECT name, setting::int8 FROM pg_settings WHERE name = ANY($1)",
+                &[&names],
+            )
+            .await?
+            .into_iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+            .collect();
+
         Ok(PgStatus {
+            settings,
             role: if in_recovery { PgRole::Standby } else { PgRole::Primary },
             timeline,
             lsn,
@@ -263,12 +293,25 @@ Min recovery ending loc's timeline:   0
 
     #[test]
     fn controldata_position_is_the_checkpoint_or_the_later_recovery_point() {
-        assert_eq!(parse_controldata(PRIMARY), Some(ControlPosition { timeline: 2, lsn_bytes: 0x3000060 }));
+        assert_eq!(
+            parse_controldata(PRIMARY),
+            Some(ControlPosition { timeline: 2, lsn_bytes: 0x3000060, clean_shutdown: true })
+        );
+        let crashed = PRIMARY.replace("shut down", "in production");
+        assert_eq!(
+            parse_controldata(&crashed),
+            Some(ControlPosition { timeline: 2, lsn_bytes: 0x3000060, clean_shutdown: false })
+        );
         let standby = PRIMARY
             .replace("0/0\n", "0/5000100\n")
             .replace("timeline:   0", "timeline:   2")
             .replace("shut down", "shut down in recovery");
-        assert_eq!(parse_controldata(&standby), Some(ControlPosition { timeline: 2, lsn_bytes: 0x5000100 }));
+        assert_eq!(
+            parse_controldata(&standby),
+            Some(ControlPosition { timeline: 2, lsn_bytes: 0x5000100, clean_shutdown: false })
+        );
+        let standby_at_checkpoint = PRIMARY.replace("shut down", "shut down in recovery");
+        assert!(!parse_controldata(&standby_at_checkpoint).unwrap().clean_shutdown);
         assert_eq!(parse_controldata("garbage"), None);
     }
 }

@@ -1,9 +1,10 @@
 //! The node's status as `status` and the peer API show it.
 
 use crate::cli::version::VERSION;
-use crate::election::{Component, WitnessView};
+use crate::election::{Component, HandOver, WitnessView};
 use crate::peer::{
-    ABSENT, ComponentHealth, DISABLED, FAILED, NodeStatus, OK, PeerView, VipView, WitnessView as WitnessStatus,
+    ABSENT, ComponentHealth, DISABLED, DatastoreView, FAILED, HandOverView, NodeStatus, OK, PeerView, VipView,
+    WitnessView as WitnessStatus,
 };
 
 use super::Driver;
@@ -144,6 +145,28 @@ impl Driver {
             last_failover: self.last_failover.clone(),
             components,
             degraded,
+            datastore: Some(self.datastore_view()),
+            handover: m.handover().map(|h| match h {
+                HandOver::Stopping => HandOverView { state: "stopping".into(), checkpoint: None },
+                HandOver::Clean(c) => {
+                    HandOverView { state: "clean".into(), checkpoint: Some(format!("{}/{}", c.timeline, c.lsn)) }
+                }
+                HandOver::Unclean => HandOverView { state: "withdrawn".into(), checkpoint: None },
+            }),
+            served_at_unix_ms: 0,
+        }
+    }
+
+    /// Position (as the machine last saw it) and disk space of the datastore.
+    fn datastore_view(&self) -> DatastoreView {
+        let meta = self.machine.meta();
+        let disk = nix::sys::statvfs::statvfs(&self.cfg.postgres.data_dir).ok();
+        let bytes = |blocks: u64, s: &nix::sys::statvfs::Statvfs| blocks.saturating_mul(s.fragment_size());
+        DatastoreView {
+            timeline: meta.and_then(|m| m.timeline),
+            lsn: meta.and_then(|m| m.lsn).map(|l| l.to_string()),
+            disk_free_bytes: disk.as_ref().map(|s| bytes(s.blocks_available(), s)),
+            disk_total_bytes: disk.as_ref().map(|s| bytes(s.blocks(), s)),
         }
     }
 }
