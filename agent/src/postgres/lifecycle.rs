@@ -8,11 +8,11 @@ use super::status::PgRole;
 use super::{PgError, Rejoin, Result};
 use crate::config::Replication;
 
-/// Functions `pg_rewind` calls on its source, granted to the replication role.
 /// How long an old primary started as the new primary's standby may take
 /// to stream on the new timeline before it is rewound instead.
 const FOLLOW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// Functions `pg_rewind` calls on its source, granted to the replication role.
 const REWIND_FUNCTIONS: &[&str] = &[
     "pg_catalog.pg_ls_dir(text, boolean, boolean)",
     "pg_catalog.pg_stat_file(text, boolean)",
