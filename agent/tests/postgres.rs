@@ -136,6 +136,16 @@ fn pair(lab: &Lab, replication: Replication, durability: Durability) -> (Node, N
     (make("a", "b", pa, pb), make("b", "a", pb, pa))
 }
 
+/// A bootstrapped primary `a` with Kine's table and `b` streaming from it.
+async fn streaming_pair(lab: &Lab, durability: Durability) -> (Node, Node) {
+    let (a, b) = pair(lab, Replication::Streaming, durability);
+    a.bootstrap_leader().await.unwrap();
+    create_kine_table(&a).await;
+    b.init_follower().await.unwrap();
+    wait_streaming(&b, &a).await;
+    (a, b)
+}
+
 async fn kine_db(node: &Node) -> Session {
     node.connect("kine").await.unwrap()
 }
@@ -319,11 +329,7 @@ async fn standby_replays_rows_written_on_the_primary() {
 async fn synchronous_commit_waits_for_the_standby_until_degraded() {
     require_postgres!();
     let lab = Lab::new();
-    let (a, b) = pair(&lab, Replication::Streaming, Durability::Synchronous);
-    a.bootstrap_leader().await.unwrap();
-    create_kine_table(&a).await;
-    b.init_follower().await.unwrap();
-    wait_streaming(&b, &a).await;
+    let (a, b) = streaming_pair(&lab, Durability::Synchronous).await;
 
     assert!(!a.waits_for_peer(&a.status().await.unwrap().synchronous_standby_names), "bootstrap starts async");
     a.apply_durability(true).await.unwrap();
@@ -385,11 +391,7 @@ async fn a_stopped_servers_position_is_read_from_its_control_file() {
 async fn promoted_standby_takes_writes_and_the_old_primary_rejoins_by_rewind() {
     require_postgres!();
     let lab = Lab::new();
-    let (a, b) = pair(&lab, Replication::Streaming, Durability::Async);
-    a.bootstrap_leader().await.unwrap();
-    create_kine_table(&a).await;
-    b.init_follower().await.unwrap();
-    wait_streaming(&b, &a).await;
+    let (a, b) = streaming_pair(&lab, Durability::Async).await;
     let db = kine_db(&a).await;
     for key in ["/k1", "/k2", "/k3"] {
         put(&db, key).await;
@@ -642,11 +644,7 @@ async fn a_server_running_outside_the_supervisor_is_taken_over_on_start() {
 async fn a_cleanly_stopped_primary_follows_the_promoted_standby_without_rewind() {
     require_postgres!();
     let lab = Lab::new();
-    let (a, b) = pair(&lab, Replication::Streaming, Durability::Synchronous);
-    a.bootstrap_leader().await.unwrap();
-    create_kine_table(&a).await;
-    b.init_follower().await.unwrap();
-    wait_streaming(&b, &a).await;
+    let (a, b) = streaming_pair(&lab, Durability::Synchronous).await;
     a.apply_durability(true).await.unwrap();
     let db = kine_db(&a).await;
     for key in ["/k1", "/k2", "/k3"] {
