@@ -5,7 +5,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 kine_version := "v0.17.5"
 # The Kubernetes release K3s v1.34.2+k3s1 embeds; the K3s stand-in runs its kube-apiserver.
 kubernetes_version := "v1.34.2"
-apt_packages := "postgresql-15 etcd-client iproute2 nftables iputils-ping arping dbus ca-certificates curl build-essential mmdebstrap docker-registry qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu squashfs-tools-ng xorriso mtools dosfstools fdisk cpio"
+apt_packages := "patch postgresql-15 etcd-client iproute2 nftables iputils-ping arping dbus ca-certificates curl build-essential mmdebstrap docker-registry qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu squashfs-tools-ng xorriso mtools dosfstools fdisk cpio"
 
 # Show the recipes.
 default:
@@ -32,7 +32,7 @@ lint:
 docs:
     cargo run --quiet -p geminik8s-agent --bin gemin_k8s -- gen-docs --out docs
 
-# Install what the tests need (idempotent): Debian packages, Kine, and kube-apiserver for the K3s stand-in.
+# Install what the tests need (idempotent): Debian packages, Kine (patched), and kube-apiserver for the K3s stand-in.
 deps:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -44,16 +44,8 @@ deps:
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
     fi
-    # `go install` builds carry the module version in their build info, not in `kine --version`.
-    if ! command -v kine >/dev/null || ! go version -m "$(command -v kine)" | grep -q "github.com/k3s-io/kine[[:space:]]*{{kine_version}}"; then
-        command -v go >/dev/null || { echo "Go is needed to build Kine: install Go 1.22 or newer" >&2; exit 1; }
-        # A scratch module and build cache: about 1 GB that nothing needs once Kine is installed.
-        scratch="$(mktemp -d)"
-        GOMODCACHE="$scratch/mod" GOCACHE="$scratch/cache" GOFLAGS=-modcacherw CGO_ENABLED=1 GOBIN=/usr/local/bin \
-            go install github.com/k3s-io/kine@{{kine_version}}
-        rm -rf "$scratch"
-    fi
-    echo "kine {{kine_version}}: $(command -v kine)"
+    # Kine with the geminik8s patches (image/kine/: a failed create must not be acknowledged).
+    image/kine/build-kine.sh {{kine_version}} /usr/local/bin
     # K3s cannot be downloaded everywhere: the K3s stand-in (vm-tests) runs the real
     # kube-apiserver, built from the k8s.io/kubernetes Go module (first build: about 8 minutes).
     vm-tests/k3s-standin/build-kube-apiserver.sh {{kubernetes_version}} /usr/local/bin

@@ -33,6 +33,17 @@ const HARD_LIMIT: Duration = Duration::from_secs(3);
 /// talking to the Kine at `host`, with `command_timeout` per request. An
 /// etcdctl that outlives its timeouts is killed.
 pub fn etcd_from(lab: &Lab, from: &str, host: &str, command_timeout: Duration, args: &[&str]) -> Result<Value, String> {
+    etcd_run(lab, from, host, command_timeout, args, None)
+}
+
+fn etcd_run(
+    lab: &Lab,
+    from: &str,
+    host: &str,
+    command_timeout: Duration,
+    args: &[&str],
+    stdin: Option<String>,
+) -> Result<Value, String> {
     let netns = &lab.host(from).map_err(|e| e.to_string())?.netns;
     let endpoint = format!("http://{host}:2379");
     let tool = Tool::new("ip")
@@ -42,6 +53,10 @@ pub fn etcd_from(lab: &Lab, from: &str, host: &str, command_timeout: Duration, a
         .args(["-w", "json"])
         .args(args)
         .timeout(command_timeout + HARD_LIMIT);
+    let tool = match stdin {
+        Some(input) => tool.stdin(input),
+        None => tool,
+    };
     let out = blocking(tool.run()).map_err(|e| e.to_string())?;
     serde_json::from_str(&out.stdout).map_err(|e| format!("{e}: {}", out.stdout))
 }
@@ -57,11 +72,25 @@ pub fn put(lab: &Lab, key: &str, value: &str) -> Result<i64, String> {
     put_from(lab, "client", &lab.vip.to_string(), key, value)
 }
 
-/// Write a key from lab host `from` through the Kine at `host`; returns the
-/// revision Kine acknowledged.
+/// Create a new key from lab host `from` through the Kine at `host`, as
+/// Kubernetes creates an object: a transaction that puts the key only if
+/// it does not exist, acknowledged only when the transaction says it
+/// succeeded, or when the key already holds `value` (an earlier attempt
+/// whose answer was lost created it). Returns the revision Kine
+/// acknowledged. (A plain etcd `put` is no such promise: Kine answers it
+/// with the current revision even when its create did not happen, e.g.
+/// when its PostgreSQL connection was cut.)
 pub fn put_from(lab: &Lab, from: &str, host: &str, key: &str, value: &str) -> Result<i64, String> {
-    let v = etcd_from(lab, from, host, COMMAND_TIMEOUT, &["put", key, value])?;
-    v["header"]["revision"].as_i64().ok_or_else(|| format!("no revision in {v}"))
+    let txn = format!("mod(\"{key}\") = \"0\"\n\nput {key} {value}\n\nget {key}\n\n");
+    let v = etcd_run(lab, from, host, COMMAND_TIMEOUT, &["txn"], Some(txn))?;
+    if v["succeeded"] == true {
+        return v["header"]["revision"].as_i64().ok_or_else(|| format!("no revision in {v}"));
+    }
+    let kv = &v["responses"][0]["Response"]["ResponseRange"]["kvs"][0];
+    match (kv["value"].as_str().and_then(base64_decode), kv["mod_revision"].as_i64()) {
+        (Some(found), Some(revision)) if found == value => Ok(revision),
+        _ => Err(format!("the create of {key} did not succeed and the key does not hold its value: {v}")),
+    }
 }
 
 /// A key as read back: its value and the revision that last wrote it.

@@ -77,6 +77,9 @@ pub struct Machine {
     vip_elsewhere: bool,
     position: Option<WalPosition>,
     handing_over: bool,
+    /// Election rounds in which this node, a former leader, lost to the
+    /// peer's claim without knowing its own position.
+    losing_rounds: u32,
     /// A planned hand-over: how far this node's datastore has stopped.
     /// `None` for a hand-over without proof (a failed datastore).
     handover: Option<HandOver>,
@@ -150,6 +153,7 @@ impl Machine {
             vip_elsewhere: false,
             position: None,
             handing_over: false,
+            losing_rounds: 0,
             handover: None,
             withdrawn_at: None,
             catching_up: None,
@@ -354,13 +358,31 @@ impl Machine {
             // A fenced node votes on the claims like everyone else: the peer
             // may hold more than it does.
             Mode::Leader | Mode::Promoting { .. } => me(),
+            // Its datastore is still stopping: until it has, it may take
+            // writes the peer would not have.
+            Mode::Demoting => None,
             _ if self.handing_over => peer(),
             _ => {
                 let status = self.peer.as_ref()?;
                 let pm = status.meta.as_ref()?;
-                if status.leading || !self.i_win_against(status, pm) { peer() } else { me() }
+                if !status.leading && self.i_win_against(status, pm) {
+                    me()
+                } else if matches!(self.mode, Mode::Init | Mode::Election) && self.unfenced_former_leader() {
+                    // A former leader after a restart: its datastore may
+                    // still run as the primary (only the agent died), so it
+                    // never votes the peer in before it has stopped it.
+                    None
+                } else {
+                    peer()
+                }
             }
         }
+    }
+
+    /// This node's record says it led and it never fenced: its datastore
+    /// may be a running primary.
+    fn unfenced_former_leader(&self) -> bool {
+        self.meta().is_some_and(|m| m.node.role == Role::Leader && !m.fenced)
     }
 
     /// Whether the peer (heard this tick) votes for this node.
@@ -603,6 +625,17 @@ impl Machine {
                     self.become_follower(out);
                 } else if i_win && self.peer_votes_for_me() && self.handover_proof(&peer).is_some() {
                     self.lead(now, was_leader, out);
+                } else if former_leader && !i_win {
+                    // The peer's claim wins: stop the datastore (it may still
+                    // take writes) before the peer can have this node's vote.
+                    // Judged on this node's own fresh position, or, when its
+                    // datastore tells none, after a few rounds without one.
+                    self.losing_rounds += 1;
+                    if self.position.is_some() || self.losing_rounds >= 3 {
+                        tracing::warn!(event = "former_leader_steps_down", node = %self.s.own_name,
+                            "the peer's claim wins: stopping this node's datastore before voting for it");
+                        self.lose(out);
+                    }
                 }
             }
             None => {

@@ -192,6 +192,9 @@ fn fresh_cluster_needs_both_nodes() {
 
 /// Restart with the peer reachable: both nodes in election, each sees the
 /// other's record; exactly the expected one leads, with the expected epoch.
+/// A loser whose record says it led (its datastore may still run as the
+/// primary, e.g. only its agent restarted) never votes the peer in before
+/// it has stopped its datastore.
 #[test]
 fn restart_with_peer_reachable_picks_one_winner() {
     use Role::{Follower as F, Leader as L};
@@ -206,24 +209,46 @@ fn restart_with_peer_reachable_picks_one_winner() {
         ("both leaders, equal: bootstrap", (L, 3, Some((1, 50))), (L, 3, Some((1, 50))), A, 3),
         ("both followers, equal: bootstrap", (F, 3, Some((1, 50))), (F, 3, Some((1, 50))), A, 4),
     ];
+    // Each node's own datastore reports the position its record holds.
+    let observed = |peer: PeerStatus, pos: Option<(u32, u64)>| Observation {
+        position: pos.map(|(timeline, lsn)| WalPosition { timeline, lsn: Lsn(lsn) }),
+        ..seen(peer, WitnessView::NoOpinion)
+    };
     for (name, ma, mb, winner, epoch) in rows {
-        let meta_a = meta(A, ma.0, ma.1, ma.2);
-        let meta_b = meta(B, mb.0, mb.1, mb.2);
-        let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Loaded(meta_a.clone()));
-        let mut b = Machine::new(settings(B, WitnessMode::None), LocalMeta::Loaded(meta_b.clone()));
-        // First exchange: each learns the other's record and votes; nobody leads without a vote.
-        let (sa, sb) = (a.status(), b.status());
-        assert_eq!((sa.vote.clone(), sb.vote.clone()), (None, None));
-        assert_eq!(tick(&mut a, s(0), seen(sb, WitnessView::NoOpinion)), vec![], "{name}");
-        assert_eq!(tick(&mut b, s(0), seen(sa, WitnessView::NoOpinion)), vec![], "{name}");
+        let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Loaded(meta(A, ma.0, ma.1, ma.2)));
+        let mut b = Machine::new(settings(B, WitnessMode::None), LocalMeta::Loaded(meta(B, mb.0, mb.1, mb.2)));
+        let (loser_was_leader, loser_pos) = if *winner == A { (mb.0 == L, mb.2) } else { (ma.0 == L, ma.2) };
+        // Exchanges until the loser votes for the winner; nobody leads before.
+        let mut demoted = false;
+        for round in 0..4 {
+            let (sa, sb) = (a.status(), b.status());
+            let out_a = tick(&mut a, s(round), observed(sb, ma.2));
+            let out_b = tick(&mut b, s(round), observed(sa, mb.2));
+            assert_eq!(promotes(&out_a).or(promotes(&out_b)), None, "{name}: round {round}: nobody leads yet");
+            let out_loser = if *winner == A { &out_b } else { &out_a };
+            if out_loser.contains(&Action::Demote) {
+                assert!(loser_was_leader, "{name}: only a former leader stops its datastore: {out_loser:?}");
+                assert!(loser_pos.is_some() || round >= 2, "{name}: stepped down in round {round} without a position");
+                demoted = true;
+                let loser = if *winner == A { &mut b } else { &mut a };
+                loser.step(s(round), Input::Done(Completion::DemotionDone));
+            }
+            let (va, vb) = (a.status().vote, b.status().vote);
+            let loser_vote = if *winner == A { vb } else { va };
+            if loser_vote.as_deref() == Some(*winner) {
+                break;
+            }
+            assert!(loser_was_leader && !demoted, "{name}: round {round}: the loser votes {loser_vote:?}");
+        }
+        assert_eq!(demoted, loser_was_leader, "{name}: a former leader stops its datastore before voting");
         let (sa, sb) = (a.status(), b.status());
         assert_eq!(sa.vote.as_deref(), Some(*winner), "{name}: a's vote");
         assert_eq!(sb.vote.as_deref(), Some(*winner), "{name}: b's vote");
-        let out_a = tick(&mut a, s(1), seen(sb, WitnessView::NoOpinion));
-        let out_b = tick(&mut b, s(1), seen(sa, WitnessView::NoOpinion));
+        let out_a = tick(&mut a, s(9), observed(sb, ma.2));
+        let out_b = tick(&mut b, s(9), observed(sa, mb.2));
         let (win, lose) = if *winner == A { (&out_a, &out_b) } else { (&out_b, &out_a) };
         assert_eq!(promotes(win), Some(*epoch), "{name}: winner {win:?}");
-        assert_eq!(lose, &vec![], "{name}: the loser waits for the winner to lead");
+        assert_eq!(promotes(lose), None, "{name}: the loser does not lead: {lose:?}");
     }
 }
 

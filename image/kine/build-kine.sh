@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Build Kine VERSION with the patches in this directory and install it into
+# BINDIR as `kine`. Idempotent: does nothing when BINDIR/kine already
+# reports the patched version.
+#
+# Why patched: Kine v0.17.5's Create (pkg/logstructured) answers a create
+# whose insert failed (its PostgreSQL connection cut mid-statement, as in a
+# restart or a failover) with success and the current revision when the key
+# does not exist: a write acknowledged that never happened. The patch
+# returns the insert's error instead. See docs/image.md.
+#
+# The sources and Go's caches live in a scratch directory removed at the end.
+#
+# Usage: build-kine.sh [VERSION [BINDIR]]   (default v0.17.5 /usr/local/bin)
+set -euo pipefail
+
+version="${1:-v0.17.5}"
+bindir="${2:-/usr/local/bin}"
+patches="$(cd "$(dirname "$0")" && pwd)"
+local_version="$version+geminik8s.1"
+target="$bindir/kine"
+
+if [ -x "$target" ] && "$target" --version 2>/dev/null | grep -qF "kine version $local_version "; then
+    echo "kine $local_version: $target"
+    exit 0
+fi
+command -v go >/dev/null || { echo "Go is needed to build Kine: install Go 1.22 or newer" >&2; exit 1; }
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+export GOMODCACHE="$work/mod" GOCACHE="$work/cache" GOFLAGS=-modcacherw
+
+module_dir="$(go mod download -json "github.com/k3s-io/kine@$version" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+[ -d "$module_dir" ] || { echo "go mod download github.com/k3s-io/kine@$version gave no module directory" >&2; exit 1; }
+cp -r "$module_dir" "$work/kine"
+chmod -R u+w "$work/kine"
+cd "$work/kine"
+for p in "$patches"/*.patch; do
+    echo "applying $(basename "$p")"
+    patch -p1 --forward --silent < "$p"
+done
+
+mkdir -p "$bindir"
+CGO_ENABLED=1 go build -trimpath -ldflags "-X github.com/k3s-io/kine/pkg/version.Version=$local_version -X github.com/k3s-io/kine/pkg/version.GitCommit=$version" -o "$work/kine-bin" .
+install -m 0755 "$work/kine-bin" "$target"
+"$target" --version
