@@ -24,16 +24,11 @@ if [ -x "$target" ] && "$target" --version 2>/dev/null | grep -qF "kine version 
     echo "kine $local_version: $target"
     exit 0
 fi
-command -v go >/dev/null || { echo "Go is needed to build Kine: install Go 1.22 or newer" >&2; exit 1; }
-
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-export GOMODCACHE="$work/mod" GOCACHE="$work/cache" GOFLAGS=-modcacherw
-
-module_dir="$(go mod download -json "github.com/k3s-io/kine@$version" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
-[ -d "$module_dir" ] || { echo "go mod download github.com/k3s-io/kine@$version gave no module directory" >&2; exit 1; }
-cp -r "$module_dir" "$work/kine"
-chmod -R u+w "$work/kine"
+# shellcheck source=image/kine/go-module.sh
+. "$patches/go-module.sh"
+go_module_source "github.com/k3s-io/kine@$version" "$work/kine"
 cd "$work/kine"
 for p in "$patches"/*.patch; do
     echo "applying $(basename "$p")"

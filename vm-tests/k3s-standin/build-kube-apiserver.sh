@@ -20,19 +20,14 @@ if [ -x "$target" ] && "$target" --version 2>/dev/null | grep -qx "Kubernetes $v
     echo "kube-apiserver $version: $target"
     exit 0
 fi
-command -v go >/dev/null || { echo "Go is needed to build kube-apiserver: install Go 1.24 or newer" >&2; exit 1; }
-
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-export GOMODCACHE="$work/mod" GOCACHE="$work/cache" GOFLAGS=-modcacherw
+# shellcheck source=image/kine/go-module.sh
+. "$(dirname "$0")/../../image/kine/go-module.sh"
+go_module_source "k8s.io/kubernetes@$version" "$work/kubernetes"
 
 # v1.34.2 -> the staging modules' v0.34.2.
 staging_version="v0.${version#v1.}"
-module_dir="$(go mod download -json "k8s.io/kubernetes@$version" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
-[ -d "$module_dir" ] || { echo "go mod download k8s.io/kubernetes@$version gave no module directory" >&2; exit 1; }
-
-cp -r "$module_dir" "$work/kubernetes"
-chmod -R u+w "$work/kubernetes"
 cd "$work/kubernetes"
 rm -f go.work go.work.sum
 
