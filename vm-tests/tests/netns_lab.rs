@@ -677,8 +677,9 @@ fn gateway_witness_partition_fences_the_cut_off_leader() {
     assert_eq!(keys(lab, "/lab/gw/").unwrap(), acked);
 }
 
-/// Witness `arbiter`: node1 is cut off from everyone. Its lease runs out, it
-/// fences, and only then does node2 get the lease and lead.
+/// Witness `arbiter`: the witness goes down and comes back while both nodes
+/// are up, and nothing changes. Then node1 is cut off from everyone: its
+/// lease runs out, it fences, and only then does node2 get the lease and lead.
 #[test]
 fn arbiter_witness_isolated_leader_loses_the_lease() {
     let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
@@ -697,8 +698,36 @@ fn arbiter_witness_isolated_leader_loses_the_lease() {
     let extra = ["--witness", "arbiter", "--witness-target", "10.77.0.254:7440", "--template", t];
     let Some(up) = lab_up(&extra, None) else { return };
     let lab = &up.lab;
-    let (acked, _) = write_keys(lab, "/lab/arb/", 10, 0);
+    let (mut acked, mut rev) = write_keys(lab, "/lab/arb/", 10, 0);
     assert_eq!(status(lab, "node1").unwrap()["witness"]["state"], "lease held here");
+
+    // The witness goes away for three lease lifetimes while both nodes are
+    // up: nothing changes. The leader keeps its peer, so it keeps taking
+    // writes; the follower has nobody to take a lease from.
+    lab.witness_down().unwrap();
+    let outage = Instant::now();
+    let mut n = 0;
+    while outage.elapsed() < Duration::from_secs(9) {
+        let key = format!("/lab/arb/outage-{n:04}");
+        let r = put(lab, &key, "v").unwrap_or_else(|e| {
+            panic!("write {key} {:?} into the witness outage: {e}\n{}", outage.elapsed(), logs(lab))
+        });
+        assert!(r > rev, "revision went backwards: {r} after {rev}");
+        (rev, n) = (r, n + 1);
+        acked.push(key);
+    }
+    let s1 = status(lab, "node1").unwrap();
+    assert!(s1["role"] == "leader" && s1["state"] != "fenced", "the leader gave up with its peer there: {s1}");
+    lab.witness_up().unwrap();
+    // Back with the witness, the leader holds the lease again (its old
+    // connection to the witness may have been stuck in TCP's back-off).
+    poll::until("node1 to hold the lease again", Duration::from_secs(20), Duration::from_millis(200), || match status(
+        lab, "node1",
+    ) {
+        Ok(v) if v["role"] == "leader" && v["witness"]["state"] == "lease held here" => Ok(()),
+        other => Err(format!("{:?}", other.map(|v| (v["role"].clone(), v["witness"].clone())))),
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
 
     lab.isolate("node1").unwrap();
     let result = std::thread::scope(|s| {

@@ -489,8 +489,13 @@ impl Driver {
             match cfg.cluster.witness.mode {
                 WitnessMode::None => WitnessView::NoOpinion,
                 WitnessMode::Gateway => observe::gateway(&cfg.cluster.witness.targets, budget).await,
+                // Within the tick's budget like every probe: a witness that
+                // does not answer must not delay the heartbeat's news (the
+                // leader's fence deadline counts from it).
                 WitnessMode::Arbiter => match lease_client {
-                    Some(client) => observe::arbiter(client, &lease).await,
+                    Some(client) => tokio::time::timeout(budget, observe::arbiter(client, &lease))
+                        .await
+                        .unwrap_or(WitnessView::ArbiterUnreachable),
                     None => WitnessView::ArbiterUnreachable,
                 },
             }

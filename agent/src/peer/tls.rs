@@ -103,6 +103,11 @@ impl TlsMaterial {
             .timeout(timeout)
             .connect_timeout(timeout)
             .pool_idle_timeout(std::time::Duration::from_secs(30))
+            // After a silent cut TCP backs its retransmissions off for up to
+            // two minutes, and every request queued on the pooled connection
+            // times out meanwhile: drop a connection whose data stays
+            // unacknowledged, so the next request opens a new one.
+            .tcp_user_timeout((timeout * 2).max(std::time::Duration::from_secs(1)))
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))
     }
