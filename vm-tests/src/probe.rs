@@ -127,20 +127,8 @@ pub fn keys(lab: &Lab, prefix: &str) -> Result<Vec<String>, String> {
 
 /// etcdctl's JSON carries keys in standard base64.
 pub fn base64_decode(s: &str) -> Option<String> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut bits = 0u32;
-    let mut n = 0;
-    let mut out = Vec::new();
-    for c in s.bytes().filter(|c| *c != b'=') {
-        bits = (bits << 6) | ALPHABET.iter().position(|a| *a == c)? as u32;
-        n += 6;
-        if n >= 8 {
-            n -= 8;
-            out.push((bits >> n) as u8);
-            bits &= (1 << n) - 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    use base64::Engine;
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).ok()?).ok()
 }
 
 /// A node's status as its agent reports it on the local socket.
@@ -237,6 +225,32 @@ pub fn agent_bin() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
     [dir.join("gemin_k8s"), dir.parent()?.join("gemin_k8s")].into_iter().find(|p| p.is_file())
+}
+
+/// `gemin_k8s failover --output json` on the client host of the namespace
+/// lab with `bin`, as an operator runs it with the cluster file and operator
+/// certificate from `init`: whether it exited 0, and its JSON report.
+pub fn failover_cli(lab: &Lab, bin: &Path, extra: &[&str]) -> Result<(bool, Value), String> {
+    failover_with(bin, &lab.config_dir, extra, |argv| lab.exec("client", argv).map_err(|e| format!("{e:#}")))
+}
+
+/// [`failover_cli`] for any lab: `exec` runs the command line on its client host.
+pub fn failover_with(
+    bin: &Path,
+    config_dir: &Path,
+    extra: &[&str],
+    exec: impl FnOnce(&[&str]) -> Result<std::process::Output, String>,
+) -> Result<(bool, Value), String> {
+    let cluster = config_dir.join(geminik8s::clusterfile::FILE_NAME);
+    let (bin, cluster) = (bin.to_string_lossy(), cluster.to_string_lossy());
+    let mut argv = vec![&*bin, "--config", &*cluster, "failover", "--output", "json"];
+    argv.extend_from_slice(extra);
+    let out = exec(&argv)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(&stdout).map_err(|e| {
+        format!("failover {extra:?}: {e}\nstdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
+    })?;
+    Ok((out.status.success(), report))
 }
 
 /// `gemin_k8s init` for the lab's addresses, into `dir`.

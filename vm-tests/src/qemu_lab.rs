@@ -499,6 +499,19 @@ impl QemuLab {
             .collect()
     }
 
+    /// `gemin_k8s failover --output json EXTRA` from the client namespace
+    /// (see [`crate::probe::failover_with`]).
+    pub fn failover(&self, extra: &[&str]) -> Result<(bool, Value), String> {
+        crate::probe::failover_with(&self.agent_bin, &self.config_dir, extra, |argv| {
+            Command::new("ip")
+                .args(["netns", "exec", CLIENT])
+                .args(argv)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| e.to_string())
+        })
+    }
+
     /// `etcdctl` in the client namespace, talking to Kine through the VIP.
     pub fn etcd(&self, args: &[&str]) -> Result<Value, String> {
         let endpoint = format!("http://{}:2379", self.vip);

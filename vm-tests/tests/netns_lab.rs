@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use geminik8s::config::WitnessMode;
 use geminik8s::peer::client::AgentClient;
 use geminik8s_vm_tests::netns::{Lab, LabGuard, UpOptions};
-use geminik8s_vm_tests::poll;
 use geminik8s_vm_tests::probe::{agent_bin, init_cluster, keys, logs, put, status, wait_formed};
+use geminik8s_vm_tests::{poll, probe};
 
 /// The lab's namespace names are global: one lab at a time.
 static LAB: Mutex<()> = Mutex::new(());
@@ -349,20 +349,9 @@ fn switchover_under_writes_loses_nothing_and_needs_no_rewind() {
     assert_eq!(s1["role"], "follower", "{s1}");
 }
 
-/// `gemin_k8s failover` on the client host, as an operator runs it with the
-/// cluster file and operator certificate from `init`; its JSON report.
+/// `gemin_k8s failover` on the client host (see [`probe::failover_cli`]).
 fn failover_cli(lab: &Lab, extra: &[&str]) -> (bool, serde_json::Value) {
-    let bin = agent_bin().unwrap();
-    let cluster = lab.config_dir.join(geminik8s::clusterfile::FILE_NAME);
-    let (bin, cluster) = (bin.to_string_lossy().into_owned(), cluster.to_string_lossy().into_owned());
-    let mut argv = vec![bin.as_str(), "--config", cluster.as_str(), "failover", "--output", "json"];
-    argv.extend_from_slice(extra);
-    let out = lab.exec("client", &argv).unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!("failover {extra:?}: {e}\nstdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
-    });
-    (out.status.success(), report)
+    probe::failover_cli(lab, &agent_bin().unwrap(), extra).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The operator's command: every check of `--dry-run` passes on a healthy

@@ -1,6 +1,7 @@
 //! The QEMU lab end to end: two VMs booting the shipped default image form
-//! a cluster, lose their leader to a QEMU SIGKILL, get it back, and are
-//! both rebooted, with every acknowledged write through the VIP kept.
+//! a cluster, lose their leader to a QEMU SIGKILL, get it back, switch back
+//! to it with `gemin_k8s failover`, and are both rebooted, with every
+//! acknowledged write through the VIP kept.
 //!
 //! One test walks all the steps so the VMs boot as few times as possible
 //! (each boot takes a minute or more under TCG). On failure the run
@@ -170,6 +171,28 @@ fn leader_killed_follower_promotes_old_leader_rejoins_and_both_reboot_with_the_d
     assert_all_present(&lab, &acked);
     eprint!("{}", lab.render_status());
 
+    // A planned switchover back through the operator's command, run from
+    // the client host with the cluster file and operator certificate.
+    let (ok, report) = poll::until(&format!("a switchover to {leader}"), CONVERGE, Duration::from_secs(2), || {
+        let (ok, report) = lab.failover(&["--promote", &leader, "--wait", "--timeout", "120s"])?;
+        // Right after the rejoin the checks may still wait for the standby.
+        if ok || report["outcome"] != "refused: checks failed" { Ok((ok, report)) } else { Err(report.to_string()) }
+    })
+    .unwrap_or_else(|e| fail(&lab, &e));
+    if !ok || report["outcome"] != "done" || report["to"] != leader.as_str() {
+        fail(&lab, &format!("the switchover to {leader} did not happen: {report:#}"));
+    }
+    eprintln!("MEASURED switchover {follower} -> {leader} (the command's pause): {} ms", report["pause_ms"]);
+    for i in 0..10 {
+        let key = format!("/lab/switched/{i:02}");
+        put_until_acked(&lab, &key, Duration::from_secs(30));
+        acked.insert(key);
+    }
+    let switched_to = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    assert_eq!(switched_to, leader, "the switchover's target leads and the other follows it");
+    assert_eq!(lab.client_vip_mac().as_deref(), Some(leader_mac.as_str()), "the VIP moved back");
+    assert_all_present(&lab, &acked);
+
     // (b) Both VMs powered off and booted again: the cluster comes back
     // with one leader, the other streaming, and all the data. The power
     // button stops the agents: the leader hands over if its peer is still
@@ -195,7 +218,7 @@ fn leader_killed_follower_promotes_old_leader_rejoins_and_both_reboot_with_the_d
     eprintln!("MEASURED both rebooted -> cluster formed: {:.1?}, leader {after_reboot}", restarted.elapsed());
     let after = epochs(&lab);
     let leader_epoch = after[&after_reboot];
-    if after_reboot == follower {
+    if after_reboot == leader {
         assert!(leader_epoch >= epoch_before, "{after_reboot} leads again on epoch {leader_epoch} < {epoch_before}");
     } else {
         assert!(

@@ -2,30 +2,36 @@
 //! in each witness mode asked for, while writers put keys continuously from
 //! the client (through the VIP) and from both nodes (through each node's own
 //! Kine); print how long writes through the VIP were refused, the phases of
-//! each failover, and whether any acknowledged write was lost. A benchmark:
-//! it prints, it does not judge. Needs root.
+//! each failover, and whether any acknowledged write was lost. With
+//! `--switchover`, planned switchovers through `gemin_k8s failover` instead
+//! of kills: the write pause each writer saw, the command's own figure, and
+//! whether the old leader needed pg_rewind. A benchmark: it prints, it does
+//! not judge. Needs root.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use geminik8s::config::WitnessMode;
-use geminik8s_vm_tests::chaos::invariants::lost_writes;
+use geminik8s_vm_tests::chaos::invariants::{gaps, lost_writes};
 use geminik8s_vm_tests::chaos::report::{mode_name, percentile};
-use geminik8s_vm_tests::chaos::writers::{CLIENT, Writer, WriterSpec};
+use geminik8s_vm_tests::chaos::writers::{Ack, CLIENT, Writer, WriterSpec};
 use geminik8s_vm_tests::chaos::{self, Options, bring_up};
 use geminik8s_vm_tests::netns::Lab;
 use geminik8s_vm_tests::poll::until;
-use geminik8s_vm_tests::probe::{agent_bin, logs, range, status, wait_formed};
+use geminik8s_vm_tests::probe::{agent_bin, failover_cli, logs, range, status, wait_formed};
 
 #[derive(Debug, Parser)]
 #[command(name = "bench-failover", about = "Leader kills under steady writers in the namespace lab")]
 struct Args {
-    /// How many times to kill the leader, per witness mode.
-    #[arg(long, default_value_t = 20)]
+    /// How many times to kill the leader (or switch over), per witness mode.
+    #[arg(long, visible_alias = "switchovers", default_value_t = 20)]
     kills: usize,
+    /// Planned switchovers (`gemin_k8s failover --promote`, from the client host) instead of kills.
+    #[arg(long)]
+    switchover: bool,
     /// Witness modes to measure, each on its own lab, in turn.
     #[arg(long, value_enum, value_delimiter = ',', num_args = 1.., default_values_t = [WitnessMode::None, WitnessMode::Gateway, WitnessMode::Arbiter])]
     witness: Vec<WitnessMode>,
@@ -89,10 +95,29 @@ struct Sample {
     vip_ms: u64,
 }
 
+/// One planned switchover, measured.
+#[derive(Debug)]
+struct Switchover {
+    from: String,
+    to: String,
+    /// The longest time between two acknowledged writes of the writer
+    /// through the VIP, from the request to its first write after the end.
+    client_pause: Duration,
+    /// The same for the nodes' own writers: the longer of the two.
+    node_pause: Duration,
+    /// The command's own figure: the request to the new leader holding the VIP.
+    command_ms: u64,
+    /// The command's steps, `name ms` each.
+    steps: String,
+    /// Whether the old leader needed pg_rewind or a new copy to follow.
+    rewound: bool,
+}
+
 /// What one witness mode gave.
 struct ModeResult {
     mode: WitnessMode,
     samples: Vec<Sample>,
+    switchovers: Vec<Switchover>,
     acked: usize,
     lost: usize,
 }
@@ -133,18 +158,24 @@ fn main() -> anyhow::Result<()> {
         let tmp = tempfile::tempdir()?;
         std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let up = bring_up(&opts, mode, tmp.path(), 0)?;
-        eprintln!("[{}] formed; {} kills", mode_name(mode), args.kills);
-        results.push(bench(&up.lab, mode, args.kills, args.kubernetes)?);
+        let what = if args.switchover { "switchovers" } else { "kills" };
+        eprintln!("[{}] formed; {} {what}", mode_name(mode), args.kills);
+        results.push(bench(&up.lab, mode, &args, &opts.agent_bin)?);
         if args.keep {
             let kept = tmp.keep();
             eprintln!("lab kept under {}", kept.display());
         }
     }
-    report(&results, args.fast);
+    if args.switchover {
+        report_switchovers(&results, args.fast);
+    } else {
+        report(&results, args.fast);
+    }
     Ok(())
 }
 
-fn bench(lab: &Lab, mode: WitnessMode, kills: usize, kubernetes: bool) -> anyhow::Result<ModeResult> {
+fn bench(lab: &Lab, mode: WitnessMode, args: &Args, bin: &Path) -> anyhow::Result<ModeResult> {
+    let (kills, kubernetes) = (args.kills, args.kubernetes);
     let writers: Vec<Writer> = WriterSpec::all(lab).into_iter().map(Writer::new).collect();
     let kube = if kubernetes {
         let kubeconfig = lab.kubeconfig("node1");
@@ -163,7 +194,7 @@ fn bench(lab: &Lab, mode: WitnessMode, kills: usize, kubernetes: bool) -> anyhow
     };
     let stop = AtomicBool::new(false);
     let start = Instant::now();
-    let samples = std::thread::scope(|s| -> anyhow::Result<Vec<Sample>> {
+    let (samples, switchovers) = std::thread::scope(|s| -> anyhow::Result<(Vec<Sample>, Vec<Switchover>)> {
         for w in &writers {
             let stop = &stop;
             s.spawn(move || w.run(lab, 1, start, stop));
@@ -173,7 +204,11 @@ fn bench(lab: &Lab, mode: WitnessMode, kills: usize, kubernetes: bool) -> anyhow
             s.spawn(move || k.run(lab, start, stop));
         }
         // However the kills end, the writers stop, or the scope would wait for them forever.
-        let result = kill_loop(lab, mode, kills, &writers, kube.as_ref(), start);
+        let result = if args.switchover {
+            switchover_loop(lab, mode, kills, &writers, bin, start).map(|s| (Vec::new(), s))
+        } else {
+            kill_loop(lab, mode, kills, &writers, kube.as_ref(), start).map(|k| (k, Vec::new()))
+        };
         stop.store(true, Ordering::Relaxed);
         result
     })?;
@@ -184,7 +219,106 @@ fn bench(lab: &Lab, mode: WitnessMode, kills: usize, kubernetes: bool) -> anyhow
             .map_err(anyhow::Error::msg)?;
     let lost = lost_writes(&acks, &read).len();
     let acked = acks.iter().map(|(_, a)| a.len()).sum();
-    Ok(ModeResult { mode, samples, acked, lost })
+    Ok(ModeResult { mode, samples, switchovers, acked, lost })
+}
+
+/// How often `node`'s agent has rewound or re-copied its datastore.
+fn rewinds(lab: &Lab, node: &str) -> usize {
+    let log = std::fs::read_to_string(lab.node_dir(node).join("agent.log")).unwrap_or_default();
+    log.matches("postgres_rewound").count() + log.matches("postgres_recloned").count()
+}
+
+/// The longest time between two acknowledgements of `acks` from `from` on,
+/// up to the first write sent after `to`.
+fn pause(acks: &[Ack], from: Duration, to: Duration) -> Duration {
+    let end = acks.iter().position(|a| a.sent > to).map_or(acks.len(), |i| i + 1);
+    let begin = acks[..end].iter().rposition(|a| a.at <= from).unwrap_or(0);
+    gaps(&acks[begin..end]).into_iter().max().unwrap_or_default()
+}
+
+fn switchover_loop(
+    lab: &Lab,
+    mode: WitnessMode,
+    rounds: usize,
+    writers: &[Writer],
+    bin: &Path,
+    start: Instant,
+) -> anyhow::Result<Vec<Switchover>> {
+    let form = Duration::from_secs(120);
+    let mut samples = Vec::new();
+    let (mut leader, mut follower) = ("node1".to_string(), "node2".to_string());
+    for i in 1..=rounds {
+        if chaos::interrupted() {
+            bail!("interrupted");
+        }
+        wait_formed(lab, &leader, &follower, form).map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+        let warm = start.elapsed();
+        until(&format!("writes from every host before switchover {i}"), form, Duration::from_millis(20), || {
+            let waiting: Vec<&str> =
+                writers.iter().filter(|w| !w.acked_after(warm)).map(|w| w.spec.name.as_str()).collect();
+            if waiting.is_empty() { Ok(()) } else { Err(waiting) }
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+        let rewound_before = rewinds(lab, &leader);
+        let asked = start.elapsed();
+        // Right after the last switchover the checks may still wait for the standby.
+        let report = until(&format!("switchover {i} to be accepted"), form, Duration::from_millis(200), || {
+            let (ok, report) = failover_cli(lab, bin, &["--promote", &follower, "--wait", "--timeout", "60s"])?;
+            let retry = report["outcome"] == "refused: checks failed";
+            if ok {
+                Ok(Ok(report))
+            } else if retry {
+                Err(report.to_string())
+            } else {
+                Ok(Err(report))
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?
+        .map_err(|r| anyhow::anyhow!("switchover {i} did not succeed: {r:#}\n{}", logs(lab)))?;
+        let done = start.elapsed();
+        until(&format!("writes from every host after switchover {i}"), form, Duration::from_millis(20), || {
+            let waiting: Vec<&str> = writers
+                .iter()
+                .filter(|w| !w.acks().iter().any(|a| a.sent > done))
+                .map(|w| w.spec.name.as_str())
+                .collect();
+            if waiting.is_empty() { Ok(()) } else { Err(waiting) }
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+        let pause_of = |w: &Writer| pause(&w.acks(), asked, done);
+        let client = writers.iter().find(|w| w.spec.name == CLIENT).expect("a client writer");
+        let node_pause = writers.iter().filter(|w| w.spec.name != CLIENT).map(pause_of).max().unwrap_or_default();
+        // The old leader follows the new one: only then is it known whether it needed pg_rewind.
+        wait_formed(lab, &follower, &leader, form).map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+        let steps = report["steps"].as_array().map_or(String::new(), |steps| {
+            steps
+                .iter()
+                .map(|s| format!("{} {}", s["step"].as_str().unwrap_or("?"), s["ms"]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        let sample = Switchover {
+            from: leader.clone(),
+            to: follower.clone(),
+            client_pause: pause_of(client),
+            node_pause,
+            command_ms: report["pause_ms"].as_u64().unwrap_or(0),
+            steps,
+            rewound: rewinds(lab, &leader) > rewound_before,
+        };
+        eprintln!(
+            "[{}] switchover {i:>2}/{rounds}: {} -> {}, writes through the VIP paused {} s (command: {} ms){}",
+            mode_name(mode),
+            sample.from,
+            sample.to,
+            secs(sample.client_pause),
+            sample.command_ms,
+            if sample.rewound { ", the old leader NEEDED pg_rewind" } else { "" }
+        );
+        samples.push(sample);
+        std::mem::swap(&mut leader, &mut follower);
+    }
+    Ok(samples)
 }
 
 fn kill_loop(
@@ -255,6 +389,62 @@ fn kill_loop(
         wait_formed(lab, &leader, &follower, form).map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
     }
     Ok(samples)
+}
+
+fn report_switchovers(results: &[ModeResult], fast: bool) {
+    let timings = if fast { "fast lab timings (300 ms heartbeats, 1 s fence)" } else { "default settings" };
+    println!(
+        "\nplanned switchovers (`gemin_k8s failover --promote`) under steady writers (client through the VIP, \
+         each node through its own Kine), {timings}"
+    );
+    for r in results {
+        println!("\n{}:", mode_name(r.mode));
+        println!(
+            "{:>4}  {:<14} {:>9} {:>7} {:>10}  {:<9} steps (ms)",
+            "#", "from -> to", "client_s", "node_s", "command_s", "rewind"
+        );
+        for (i, s) in r.switchovers.iter().enumerate() {
+            println!(
+                "{:>4}  {:<14} {:>9} {:>7} {:>10}  {:<9} {}",
+                i + 1,
+                format!("{} -> {}", s.from, s.to),
+                secs(s.client_pause),
+                secs(s.node_pause),
+                secs(Duration::from_millis(s.command_ms)),
+                if s.rewound { "NEEDED" } else { "no" },
+                s.steps
+            );
+        }
+    }
+    println!(
+        "\n| witness | switchovers | pause p50 s | pause p99 s | pause max s | node pause max s | command p50 s | pg_rewind | acknowledged | lost |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in results {
+        let mut pauses: Vec<Duration> = r.switchovers.iter().map(|s| s.client_pause).collect();
+        pauses.sort();
+        let Some(max) = pauses.last() else { continue };
+        let mut command: Vec<Duration> = r.switchovers.iter().map(|s| Duration::from_millis(s.command_ms)).collect();
+        command.sort();
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            mode_name(r.mode),
+            pauses.len(),
+            secs(percentile(&pauses, 50.0)),
+            secs(percentile(&pauses, 99.0)),
+            secs(*max),
+            secs(r.switchovers.iter().map(|s| s.node_pause).max().unwrap_or_default()),
+            secs(percentile(&command, 50.0)),
+            r.switchovers.iter().filter(|s| s.rewound).count(),
+            r.acked,
+            r.lost
+        );
+    }
+    println!("\npause = the longest time between two acknowledged writes of the writer through the VIP, from the");
+    println!("request to its first write after the command returned (etcdctl, a new process per write: its own");
+    println!("start-up counts); node pause = the same for each node's writer through its own Kine; command = the");
+    println!("command's own figure, the request to the new leader holding the VIP; pg_rewind = switchovers after");
+    println!("which the old leader needed pg_rewind or a new copy; lost = acknowledged writes not read back.");
 }
 
 fn report(results: &[ModeResult], fast: bool) {
