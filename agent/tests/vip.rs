@@ -1,7 +1,8 @@
 //! The VIP in network namespaces: three nodes on one bridge. `a` and `c`
 //! take turns holding the VIP; `b` plays the client whose neighbour entry must
 //! follow the VIP to the new holder's MAC without sending anything itself,
-//! which is what failover relies on.
+//! which is what failover relies on, and whose connection to the old holder
+//! is reset when it lets the VIP go.
 //!
 //! Needs root and `ip`; skips with a printed reason otherwise. Each test
 //! creates its own uniquely named namespaces and deletes them, also when it
@@ -197,6 +198,25 @@ fn held(ns: &InNetns, vip: &Arc<NetlinkVip>) -> bool {
     ns.run(async move { vip.held().await }).unwrap_or_else(|e| panic!("held: {:#}", anyhow::Error::from(e)))
 }
 
+/// A TCP connection from `client` to a listener of `server` on `vip`,
+/// accepted and held open by the server.
+fn connected_client(server: &InNetns, client: &InNetns, vip: IpAddr, port: u16) -> std::net::TcpStream {
+    server.run(async move {
+        let listener = tokio::net::TcpListener::bind((vip, port)).await.expect("listening on the VIP");
+        tokio::spawn(async move {
+            let (_held, _) = listener.accept().await.expect("accepting the client");
+            std::future::pending::<()>().await
+        });
+    });
+    let stream = client.run(async move {
+        let stream = tokio::net::TcpStream::connect((vip, port)).await.expect("connecting through the VIP");
+        stream.into_std().expect("a std socket")
+    });
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+}
+
 /// Take the VIP on `a`, see `b` learn a's MAC from the announcement, release
 /// it, take it on `c`, see `b` move to c's MAC.
 fn moves_between_nodes(tag: &str, net: u8, vip_addr: IpAddr, prefix: u8) {
@@ -234,7 +254,21 @@ fn moves_between_nodes(tag: &str, net: u8, vip_addr: IpAddr, prefix: u8) {
     }
     wait_for_neighbour(&lab.b, vip_addr, &mac_a);
 
+    // A client on `b` connected to `a` through the VIP: the release resets
+    // it instead of leaving it waiting on an address that went silent
+    // (checked over IPv4; the reset does not depend on the family).
+    let in_b = InNetns::enter(&lab.b);
+    let port = 7400 + u16::from(net);
+    let client = vip_addr.is_ipv4().then(|| connected_client(&in_a, &in_b, vip_addr, port));
+
     release(&in_a, &on_a);
+    if let Some(client) = client {
+        let read = std::io::Read::read(&mut &client, &mut [0u8; 1]);
+        assert!(
+            matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the client's connection to the released VIP was not reset: {read:?}"
+        );
+    }
     release(&in_a, &on_a);
     assert_eq!(addresses(&lab.a, "eth0"), before_a, "release removes the VIP and nothing else");
     assert!(!held(&in_a, &on_a));
@@ -248,13 +282,13 @@ fn moves_between_nodes(tag: &str, net: u8, vip_addr: IpAddr, prefix: u8) {
 
 #[test]
 fn ipv4_vip_moves_between_nodes_by_gratuitous_arp() {
-    require!(root: true, tools: ["ip"]);
+    require!(root: true, tools: ["ip", "ss"]);
     moves_between_nodes("v4", 1, "10.199.1.100".parse().unwrap(), 24);
 }
 
 #[test]
 fn ipv6_vip_moves_between_nodes_by_neighbour_advertisement() {
-    require!(root: true, tools: ["ip"]);
+    require!(root: true, tools: ["ip", "ss"]);
     moves_between_nodes("v6", 2, "fd00:199:2::100".parse().unwrap(), 64);
 }
 

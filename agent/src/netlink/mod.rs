@@ -220,6 +220,11 @@ impl NetlinkVip {
         let vip = self.settings.address;
         let netlink = Netlink::connect().map_err(VipError::Netlink)?;
         let assigned = netlink.addresses_of(vip).await.map_err(|source| query(format!("addresses {vip}"), source))?;
+        if !assigned.is_empty() {
+            // While the address is still here: the kernel routes the resets
+            // only from an address of its own.
+            reset_connections(vip).await;
+        }
         let mut removed_from = Vec::new();
         for address in assigned {
             let ifindex = address.header.index;
@@ -242,6 +247,7 @@ impl NetlinkVip {
             was_held = !removed_from.is_empty(),
             "VIP {vip} released"
         );
+
         Ok(())
     }
 
@@ -308,6 +314,32 @@ impl Drop for NetlinkVip {
     fn drop(&mut self) {
         if let Some(task) = self.repeats.get_mut().take() {
             task.abort();
+        }
+    }
+}
+
+/// How long releasing the VIP waits for [`reset_connections`]: the release
+/// of a fencing leader must not wait on it.
+const RESET_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Reset the TCP connections this host has on `vip` (`ss -K`, the kernel's
+/// SOCK_DESTROY, which sends each peer an RST): once the address is gone
+/// their packets would be dropped in silence, and their clients (a kubectl
+/// watch, a Kine on the other node, an etcd client) would wait out their own
+/// timeouts. With the reset they reconnect at once, to the VIP's next holder.
+async fn reset_connections(vip: IpAddr) {
+    let address = match vip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    };
+    let ss = crate::cmd::Tool::new("ss").args(["-K", "-t", "-n", "-H", "src", &address]).timeout(RESET_TIMEOUT);
+    match ss.run().await {
+        Ok(out) => {
+            let reset = out.stdout.lines().filter(|l| !l.trim().is_empty()).count();
+            tracing::info!(event = "vip_connections_reset", vip = %vip, reset, "connections on the VIP reset");
+        }
+        Err(e) => {
+            tracing::warn!(vip = %vip, error = %e, "resetting the connections on the VIP failed: clients of this node wait for their own timeouts")
         }
     }
 }
