@@ -233,7 +233,7 @@ fn stream_backup(
     let action = format!("taking a base backup with `{}`", tool.display());
     let (child, stdout) =
         tool.spawn_streaming().map_err(|source| BackupError::Tool { action: action.clone(), source })?;
-    let mut sink = match store.put_object(id, name).and_then(|o| ObjectSink::new(o, compression, keys)) {
+    let mut sink = match store.put_object(id, name).and_then(|o| ObjectSink::new(o, name, compression, keys)) {
         Ok(s) => s,
         Err(e) => {
             child.kill();

@@ -311,7 +311,7 @@ mod tests {
         std::fs::write(&recipients, format!("# site key\n{public}\n")).unwrap();
         for value in [public.clone(), recipients.display().to_string()] {
             let keys = Keys::parse(&[value]).unwrap();
-            assert_eq!(keys.describe().recipients, [public.clone()]);
+            assert_eq!(keys.describe().recipients, std::slice::from_ref(&public));
             let sealed = encrypt(&keys, b"rows");
             let ids = Identities::load(&[key.display().to_string()]).unwrap();
             let mut plain = String::new();

@@ -93,7 +93,11 @@ pub async fn restore(
     let started = Instant::now();
     let target = opts.data_dir.clone();
     let what = format!("restoring backup {} into {}", m.id, target.display());
-    if crate::postgres::is_running(&target).unwrap_or(false) {
+    let running = crate::postgres::is_running(&target).map_err(|e| BackupError::Refused {
+        what: what.clone(),
+        detail: format!("cannot tell whether a server runs on it: {e}"),
+    })?;
+    if running {
         return Err(BackupError::Refused {
             what,
             detail: "a PostgreSQL server runs on this data directory; stop the agent (systemctl stop geminik8s-agent) and the server first".into(),

@@ -130,12 +130,13 @@ pub struct Written {
 }
 
 impl ObjectSink {
-    pub fn new(object: Box<dyn ObjectWriter>, compression: Compression, keys: &Keys) -> Result<ObjectSink> {
+    /// `name` is the object's name, for errors.
+    pub fn new(object: Box<dyn ObjectWriter>, name: &str, compression: Compression, keys: &Keys) -> Result<ObjectSink> {
         let stored = Hashing::new(io::BufWriter::with_capacity(1 << 20, object));
         let sealing = match keys.encryptor()? {
             Some(e) => Sealing::Age(e.wrap_output(stored).map_err(|e| BackupError::Io {
                 action: "writing the encryption header".into(),
-                path: Default::default(),
+                path: name.into(),
                 source: e,
             })?),
             None => Sealing::Plain(stored),
@@ -263,7 +264,7 @@ mod tests {
         let keys = Keys::parse(&ids.public_keys()).unwrap();
         let compression = Compression::Zstd { level: 3 };
 
-        let mut sink = ObjectSink::new(store.put_object("b", "o").unwrap(), compression, &keys).unwrap();
+        let mut sink = ObjectSink::new(store.put_object("b", "o").unwrap(), "o", compression, &keys).unwrap();
         sink.write_all(&content).unwrap();
         let (object, written) = sink.finish().unwrap();
         object.commit().unwrap();

@@ -22,10 +22,12 @@ pub fn manifest(store: &dyn Store, id: &str) -> Result<Manifest> {
     })
 }
 
-/// A complete backup as listed, or one whose manifest cannot be read.
-#[derive(Debug)]
+/// A complete backup as listed, or one whose manifest cannot be read
+/// (serialised as the manifest, or as `{"id", "error"}`).
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
 pub enum Listed {
-    Ok(Manifest),
+    Ok(Box<Manifest>),
     Unreadable { id: String, error: String },
 }
 
@@ -35,7 +37,7 @@ pub fn list(store: &dyn Store) -> Result<Vec<Listed>> {
     let mut out = Vec::new();
     for entry in store.list()?.into_iter().filter(|e| e.complete) {
         match manifest(store, &entry.id) {
-            Ok(m) => out.push(Listed::Ok(m)),
+            Ok(m) => out.push(Listed::Ok(Box::new(m))),
             Err(e) => out.push(Listed::Unreadable { id: entry.id, error: e.to_string() }),
         }
     }
@@ -48,7 +50,7 @@ pub fn latest(store: &dyn Store) -> Result<Manifest> {
         .into_iter()
         .rev()
         .find_map(|l| match l {
-            Listed::Ok(m) => Some(m),
+            Listed::Ok(m) => Some(*m),
             Listed::Unreadable { .. } => None,
         })
         .ok_or_else(|| BackupError::NoBackups { destination: store.url() })

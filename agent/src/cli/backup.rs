@@ -93,7 +93,7 @@ pub struct CreateArgs {
     #[arg(long, default_value = DEFAULT_DESTINATION, value_name = "DEST")]
     pub output: String,
     /// Backup type.
-    #[arg(long = "type", value_enum, default_value_t = BackupType::Full)]
+    #[arg(long = "type", value_enum, default_value_t = BackupType::Full, value_name = "TYPE")]
     pub kind: BackupType,
     /// Compression: a zstd level (1-19) or `none`.
     #[arg(long, default_value = "3", value_parser = parse_compression, value_name = "LEVEL|none")]
@@ -290,32 +290,26 @@ fn encryption_text(m: &Manifest) -> String {
     }
 }
 
-/// One row of `backup list`.
-#[derive(Debug, Serialize)]
-#[serde(untagged)]
-enum ListRow {
-    Ok(Manifest),
-    Unreadable { id: String, error: String },
-}
-
 fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
     let store = backup::store::open(&a.from)?;
-    let listed = backup::verify::list(store.as_ref())?;
-    let rows: Vec<ListRow> = listed
-        .into_iter()
-        .map(|l| match l {
-            Listed::Ok(m) => ListRow::Ok(m),
-            Listed::Unreadable { id, error } => ListRow::Unreadable { id, error },
-        })
-        .collect();
+    let rows = backup::verify::list(store.as_ref())?;
     match a.output {
         ListFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        ListFormat::Table => print!("{}", list_table(&rows, &store.url())),
+        ListFormat::Table => {
+            print!("{}", list_table(&rows, &store.url()));
+            let incomplete: Vec<String> = store.list()?.into_iter().filter(|e| !e.complete).map(|e| e.id).collect();
+            if !incomplete.is_empty() {
+                println!(
+                    "incomplete (no manifest: running, interrupted or failed; never restored): {}",
+                    incomplete.join(", ")
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn list_table(rows: &[ListRow], url: &str) -> String {
+fn list_table(rows: &[Listed], url: &str) -> String {
     if rows.is_empty() {
         return format!("no backups in {url}\n");
     }
@@ -323,7 +317,7 @@ fn list_table(rows: &[ListRow], url: &str) -> String {
     let mut table = vec![header.to_vec()];
     for r in rows {
         table.push(match r {
-            ListRow::Ok(m) => vec![
+            Listed::Ok(m) => vec![
                 m.id.clone(),
                 m.start_time.clone(),
                 human_size(m.stored_size()),
@@ -333,7 +327,7 @@ fn list_table(rows: &[ListRow], url: &str) -> String {
                 m.encryption.kind.to_string(),
                 m.verified.as_ref().map_or("never".into(), |v| format!("{} ({})", v.at, v.level)),
             ],
-            ListRow::Unreadable { id, error } => vec![id.clone(), format!("unreadable: {error}")],
+            Listed::Unreadable { id, error } => vec![id.clone(), format!("unreadable: {error}")],
         });
     }
     render_table(&table)
@@ -384,7 +378,7 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             None => backup::verify::list(s.as_ref())?
                 .into_iter()
                 .map(|l| match l {
-                    Listed::Ok(m) => Ok(m),
+                    Listed::Ok(m) => Ok(*m),
                     Listed::Unreadable { id, error } => Err((id, error)),
                 })
                 .collect(),
