@@ -186,6 +186,86 @@ impl Tool {
     }
 }
 
+/// A tool started with its standard output as a stream for the caller to
+/// read (`pg_basebackup -D -`), its standard error collected in the
+/// background for the error. Blocking: use it from a blocking thread.
+pub struct Streaming {
+    command: String,
+    child: std::process::Child,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Tool {
+    /// Start the tool with its standard output piped to the caller (see
+    /// [`Streaming`]). The timeout is not applied: the caller reads at its
+    /// own pace and ends the tool with [`Streaming::kill`].
+    pub fn spawn_streaming(&self) -> Result<(Streaming, std::process::ChildStdout), CmdError> {
+        use std::io::Read as _;
+        use std::os::unix::process::CommandExt as _;
+
+        let command = self.display();
+        let mut cmd = std::process::Command::new(&self.program);
+        cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
+        if let Some((uid, gid)) = self.uid_gid {
+            cmd.uid(uid).gid(gid);
+        }
+        tracing::debug!(%command, "running, streaming its output");
+        let mut child = cmd.spawn().map_err(|source| CmdError::Spawn { command: command.clone(), source })?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                // What could be read is what the error shows.
+                if let Err(e) = pipe.read_to_end(&mut bytes) {
+                    tracing::debug!(error = %e, "reading a tool's stderr");
+                }
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+        });
+        Ok((Streaming { command, child, stderr }, stdout))
+    }
+}
+
+impl Streaming {
+    /// The command line (for errors and logs).
+    pub fn command(&self) -> &str {
+        &self.command
+    }
+
+    /// Wait for the tool to exit; a non-zero exit is an error carrying the
+    /// stderr tail. Returns what it printed on stderr.
+    pub fn wait(mut self) -> Result<String, CmdError> {
+        let status = self.child.wait().map_err(|source| CmdError::Spawn { command: self.command.clone(), source })?;
+        let stderr = self.stderr.take().and_then(|t| t.join().ok()).unwrap_or_default();
+        if status.success() {
+            Ok(stderr)
+        } else {
+            Err(CmdError::Failed {
+                command: self.command,
+                status: describe_status(status),
+                stderr_tail: tail(&stderr, STDERR_TAIL_LINES),
+            })
+        }
+    }
+
+    /// End the tool (the reader gave up) and reap it.
+    pub fn kill(mut self) {
+        if let Err(e) = self.child.kill() {
+            tracing::debug!(command = %self.command, error = %e, "killing a tool that may have exited");
+        }
+        if let Err(e) = self.child.wait() {
+            tracing::debug!(command = %self.command, error = %e, "reaping a killed tool");
+        }
+    }
+}
+
 impl fmt::Display for Tool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.display())
@@ -231,6 +311,19 @@ mod tests {
     async fn timeout_kills_the_command() {
         let err = Tool::new("sleep").arg("30").timeout(Duration::from_millis(100)).run().await.unwrap_err();
         assert!(matches!(err, CmdError::TimedOut { .. }), "{err}");
+    }
+
+    #[test]
+    fn streaming_output_is_read_and_failure_carries_the_stderr_tail() {
+        use std::io::Read as _;
+        let (child, mut out) = Tool::new("sh").args(["-c", "printf data; echo oops >&2"]).spawn_streaming().unwrap();
+        let mut text = String::new();
+        out.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "data");
+        assert_eq!(child.wait().unwrap(), "oops\n");
+        let (child, _out) = Tool::new("sh").args(["-c", "echo broken >&2; exit 4"]).spawn_streaming().unwrap();
+        let text = child.wait().unwrap_err().to_string();
+        assert!(text.contains("exit code 4") && text.ends_with("broken"), "{text}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! This crate is both the node daemon (`gemin_k8s agent`) and the operator CLI.
 //! `main.rs` is a thin wrapper around [`cli::main`].
 
+pub mod backup;
 pub mod cli;
 pub mod clusterfile;
 pub mod cmd;

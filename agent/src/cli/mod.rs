@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
+pub mod backup;
 pub mod completion;
 pub mod config;
 pub mod docs;
@@ -13,6 +14,7 @@ pub mod failover;
 pub mod init;
 pub mod output;
 pub mod prompt;
+pub mod restore;
 pub mod status;
 pub mod version;
 pub mod witness;
@@ -86,6 +88,10 @@ pub enum Command {
     Status(status::Args),
     /// Planned switchover (proven lossless), its checks (--dry-run), or a forced failover (--force).
     Failover(failover::Args),
+    /// Full backups of this node's PostgreSQL (encrypted with age), and list, verify, prune.
+    Backup(backup::Args),
+    /// Restore a full backup into a data directory on this node.
+    Restore(restore::Args),
     /// Print version information.
     Version(version::Args),
     /// The arbiter witness for split-brain protection.
@@ -130,6 +136,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => config::run(cmd, &cli.global).await,
         Command::Status(args) => status::run(args, &cli.global).await,
         Command::Failover(args) => failover::run(args, &cli.global).await,
+        Command::Backup(args) => backup::run(args, &cli.global).await,
+        Command::Restore(args) => restore::run(args, &cli.global).await,
         Command::Version(args) => version::run(args).await,
         Command::Witness(cmd) => witness::run(cmd, &cli.global).await,
         Command::Completion(args) => completion::run(args),

@@ -171,7 +171,7 @@ pub fn render_conf(settings: &Settings, role: ServerRole) -> String {
 }
 
 /// `pg_hba.conf`: the superuser over the Unix socket (root and the OS user
-/// through [`IDENT_MAP`]); the replication role only from the peer; Kine's
+/// through [`IDENT_MAP`]), also for replication (local base backups); the replication role only from the peer; Kine's
 /// role from the node addresses, the VIP and loopback. Over the network
 /// only TLS (`hostssl`), and everything by SCRAM; the replication role also
 /// needs a client certificate signed by the cluster CA (a node's), which
@@ -180,6 +180,8 @@ pub fn render_hba(settings: &Settings) -> String {
     let peer = host_cidr(settings.peer.ip);
     let mut out = String::from("# Managed by geminik8s; rewritten on every role change.\n");
     out.push_str(&format!("local all {SUPERUSER} peer map={IDENT_MAP}\n"));
+    // `gemin_k8s backup` runs pg_basebackup on the node over the socket.
+    out.push_str(&format!("local replication {SUPERUSER} peer map={IDENT_MAP}\n"));
     // Streaming replication and pg_basebackup.
     out.push_str(&format!("hostssl replication {REPLICATION_ROLE} {peer} scram-sha-256 {NODE_CERT}\n"));
     // pg_rewind reads the source through ordinary functions.
@@ -342,6 +344,7 @@ ssl_min_protocol_version = 'TLSv1.2'
         let expected = "\
 # Managed by geminik8s; rewritten on every role change.
 local all postgres peer map=geminik8s
+local replication postgres peer map=geminik8s
 hostssl replication replicator 10.0.0.2/32 scram-sha-256 clientcert=verify-ca
 hostssl postgres replicator 10.0.0.2/32 scram-sha-256 clientcert=verify-ca
 hostssl kine kine 10.0.0.1/32 scram-sha-256

@@ -1,0 +1,271 @@
+//! Restoring a full backup into a data directory PostgreSQL starts from.
+//!
+//! The backup is decrypted, decompressed and unpacked into a staging
+//! directory next to the target, checked against the manifest and with
+//! `pg_verifybackup` (PostgreSQL's own manifest, and the WAL it needs),
+//! handed to the server's OS user with mode 0700, and only then renamed
+//! into place. A target that holds data is refused unless `force` is
+//! given, and then moved aside, never deleted.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::crypto::Identities;
+use super::manifest::Manifest;
+use super::store::Store;
+use super::stream::ObjectSource;
+use super::verify;
+use super::{BackupError, Result, io};
+use crate::cmd::Tool;
+use crate::postgres::files::Owner;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    /// Move a data directory that holds data aside instead of refusing.
+    pub force: bool,
+    /// The server's OS account (the data directory's owner).
+    pub owner: Owner,
+    /// Directory of `pg_verifybackup` and `pg_waldump`.
+    pub bin_dir: PathBuf,
+    /// Verify the backup end to end and say what would be done; write nothing.
+    pub dry_run: bool,
+}
+
+/// What [`restore`] did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Restored {
+    pub backup: String,
+    pub data_dir: PathBuf,
+    /// Where the data directory that was there went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moved_aside: Option<PathBuf>,
+    pub content_bytes: u64,
+    pub dry_run: bool,
+    #[serde(skip)]
+    pub elapsed: Duration,
+}
+
+fn name_of(dir: &Path) -> String {
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "pgdata".into())
+}
+
+fn sibling(dir: &Path, name: String) -> PathBuf {
+    dir.parent().unwrap_or(Path::new("/")).join(name)
+}
+
+/// The name a data directory is moved aside to: `<dir>.pre-restore-<stamp>`.
+pub fn aside_path(data_dir: &Path, now: time::OffsetDateTime) -> PathBuf {
+    let base = format!("{}.pre-restore-{}", name_of(data_dir), super::backup_id(now));
+    let mut candidate = sibling(data_dir, base.clone());
+    let mut n = 1;
+    while candidate.exists() {
+        candidate = sibling(data_dir, format!("{base}.{n}"));
+        n += 1;
+    }
+    candidate
+}
+
+/// The PostgreSQL major version of the tools in `bin_dir`.
+async fn tools_major(bin_dir: &Path) -> Result<u32> {
+    let tool = Tool::new(bin_dir.join("pg_verifybackup")).arg("--version");
+    let out = tool.run().await.map_err(|source| BackupError::Tool {
+        action: format!("asking the PostgreSQL tools in {} for their version (--pg-bin-dir)", bin_dir.display()),
+        source,
+    })?;
+    // "pg_verifybackup (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)"
+    out.stdout.split_whitespace().nth(2).and_then(|v| v.split('.').next()).and_then(|m| m.parse().ok()).ok_or_else(
+        || BackupError::Postgres {
+            what: format!("reading the version of {}", tool.display()),
+            detail: format!("unexpected output {:?}", out.stdout.trim()),
+        },
+    )
+}
+
+/// Restore backup `m` from `store` into `opts.data_dir`.
+pub async fn restore(
+    store: std::sync::Arc<dyn Store>,
+    m: &Manifest,
+    identities: std::sync::Arc<Identities>,
+    opts: &Options,
+) -> Result<Restored> {
+    let started = Instant::now();
+    let target = opts.data_dir.clone();
+    let what = format!("restoring backup {} into {}", m.id, target.display());
+    let running = crate::postgres::is_running(&target).map_err(|e| BackupError::Refused {
+        what: what.clone(),
+        detail: format!("cannot tell whether a server runs on it: {e}"),
+    })?;
+    if running {
+        return Err(BackupError::Refused {
+            what,
+            detail: "a PostgreSQL server runs on this data directory; stop the agent (systemctl stop geminik8s-agent) and the server first".into(),
+        });
+    }
+    let major = tools_major(&opts.bin_dir).await?;
+    if major != m.postgres.major {
+        return Err(BackupError::Refused {
+            what,
+            detail: format!(
+                "the backup is of PostgreSQL {} and the tools in {} are PostgreSQL {major}; use the same major version",
+                m.postgres.major,
+                opts.bin_dir.display()
+            ),
+        });
+    }
+    let holds_data = match std::fs::read_dir(&target) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io("reading", &target)(e)),
+    };
+    if holds_data && !opts.force {
+        return Err(BackupError::Refused {
+            what,
+            detail: "the data directory is not empty; give --force to move it aside (to <dir>.pre-restore-<time>, nothing is deleted), or choose another --data-dir".into(),
+        });
+    }
+    let aside = holds_data.then(|| aside_path(&target, time::OffsetDateTime::now_utc()));
+
+    if opts.dry_run {
+        let (s, m2, ids) = (store.clone(), m.clone(), identities.clone());
+        tokio::task::spawn_blocking(move || verify::verify(s.as_ref(), &m2, &ids, true))
+            .await
+            .map_err(|e| BackupError::Postgres { what: "the verify task".into(), detail: e.to_string() })??;
+        return Ok(Restored {
+            backup: m.id.clone(),
+            data_dir: target,
+            moved_aside: aside,
+            content_bytes: m.objects.iter().map(|o| o.content_size).sum(),
+            dry_run: true,
+            elapsed: started.elapsed(),
+        });
+    }
+
+    let staging = sibling(&target, format!(".{}.restoring-{}", name_of(&target), m.id));
+    remove_staging(&staging)?;
+    std::fs::create_dir_all(target.parent().unwrap_or(Path::new("/"))).map_err(io("creating", &target))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&staging).map_err(io("creating", &staging))?;
+    }
+    let result = async {
+        let (s, m2, ids, dir) = (store.clone(), m.clone(), identities.clone(), staging.clone());
+        let content_bytes = tokio::task::spawn_blocking(move || unpack(s.as_ref(), &m2, &ids, &dir))
+            .await
+            .map_err(|e| BackupError::Postgres { what: "the restore task".into(), detail: e.to_string() })??;
+        chown_tree(&staging, opts.owner)?;
+        super::store::make_private(&staging)?;
+        Tool::new(opts.bin_dir.join("pg_verifybackup")).arg(&staging).current_dir("/").run().await.map_err(
+            |source| BackupError::Tool {
+                action: format!("checking the restored files of backup {} with pg_verifybackup", m.id),
+                source,
+            },
+        )?;
+        Ok::<u64, BackupError>(content_bytes)
+    }
+    .await;
+    let content_bytes = match result {
+        Ok(n) => n,
+        Err(e) => {
+            if let Err(cleanup) = remove_staging(&staging) {
+                tracing::warn!(error = %cleanup, "could not remove the staging directory");
+            }
+            return Err(e);
+        }
+    };
+    if let Some(aside) = &aside {
+        std::fs::rename(&target, aside)
+            .map_err(io(format!("moving the old data directory aside to {}", aside.display()), &target))?;
+        tracing::info!(event = "restore_moved_aside", from = %target.display(), to = %aside.display(), "moved the old data directory aside");
+    } else if target.exists() {
+        std::fs::remove_dir(&target).map_err(io("removing the empty data directory", &target))?;
+    }
+    std::fs::rename(&staging, &target).map_err(io(format!("renaming {} into place", staging.display()), &target))?;
+    let parent = target.parent().unwrap_or(Path::new("/"));
+    std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io("syncing directory", parent))?;
+    tracing::info!(event = "restore_done", backup = %m.id, data_dir = %target.display(), "restored a backup");
+    Ok(Restored {
+        backup: m.id.clone(),
+        data_dir: target,
+        moved_aside: aside,
+        content_bytes,
+        dry_run: false,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn remove_staging(staging: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(staging) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("removing the staging directory", staging)(e)),
+    }
+}
+
+/// Decrypt, decompress and unpack every object of `m` into `dir`, checking
+/// both ends against the manifest. Returns the content bytes.
+fn unpack(store: &dyn Store, m: &Manifest, identities: &Identities, dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for o in &m.objects {
+        let corrupt = |detail: String| BackupError::Corrupt { id: m.id.clone(), object: o.name.clone(), detail };
+        let reader = store.get_object(&m.id, &o.name)?;
+        let mut source = ObjectSource::new(reader, m.compression, &m.encryption, identities, &m.id, &o.name)?;
+        {
+            let mut archive = tar::Archive::new(&mut source);
+            archive.set_preserve_permissions(true);
+            archive.set_overwrite(false);
+            archive.unpack(dir).map_err(|e| corrupt(format!("unpacking into {}: {e}", dir.display())))?;
+            io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(|e| corrupt(format!("reading: {e}")))?;
+        }
+        let got = source.finish();
+        if (got.size, got.sha256.as_str(), got.content_size, got.content_sha256.as_str())
+            != (o.size, o.sha256.as_str(), o.content_size, o.content_sha256.as_str())
+        {
+            return Err(corrupt(format!(
+                "read {} bytes (SHA-256 {}) holding {} bytes (SHA-256 {}); the manifest says {} ({}) holding {} ({})",
+                got.size,
+                got.sha256,
+                got.content_size,
+                got.content_sha256,
+                o.size,
+                o.sha256,
+                o.content_size,
+                o.content_sha256
+            )));
+        }
+        total += got.content_size;
+    }
+    Ok(total)
+}
+
+/// Give `root` and everything under it to `owner` (symlinks themselves, not their targets).
+fn chown_tree(root: &Path, owner: Owner) -> Result<()> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        std::os::unix::fs::lchown(&path, Some(owner.uid), Some(owner.gid)).map_err(io("changing owner", &path))?;
+        let meta = std::fs::symlink_metadata(&path).map_err(io("reading", &path))?;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(io("reading", &path))? {
+                stack.push(entry.map_err(io("reading", &path))?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_directory_is_moved_aside_to_a_new_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("main");
+        let now = time::OffsetDateTime::from_unix_timestamp(1_787_307_302).unwrap();
+        let first = aside_path(&data, now);
+        assert_eq!(first, tmp.path().join("main.pre-restore-20260821T101502Z"));
+        std::fs::create_dir(&first).unwrap();
+        assert_eq!(aside_path(&data, now), tmp.path().join("main.pre-restore-20260821T101502Z.1"));
+    }
+}

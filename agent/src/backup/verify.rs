@@ -1,0 +1,122 @@
+//! Reading backups back: the list of complete backups, and `verify`, which
+//! checks every object against the manifest (stored checksums without a
+//! key; with an identity, also decrypted and decompressed end to end, and
+//! the tar read to its end with PostgreSQL's files in it).
+
+use std::io::{self, Read};
+
+use super::crypto::Identities;
+use super::manifest::{Manifest, Verified, VerifyLevel};
+use super::store::Store;
+use super::stream::{ObjectSource, hash_all};
+use super::{BackupError, Result};
+
+/// The manifest of backup `id`; an error when it is missing or unusable.
+pub fn manifest(store: &dyn Store, id: &str) -> Result<Manifest> {
+    let bytes =
+        store.get_manifest(id)?.ok_or_else(|| BackupError::NotFound { id: id.into(), destination: store.url() })?;
+    Manifest::parse(&bytes, id).map_err(|detail| BackupError::BadManifest {
+        id: id.into(),
+        destination: store.url(),
+        detail,
+    })
+}
+
+/// A complete backup as listed, or one whose manifest cannot be read
+/// (serialised as the manifest, or as `{"id", "error"}`).
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum Listed {
+    Ok(Box<Manifest>),
+    Unreadable { id: String, error: String },
+}
+
+/// Every complete backup in `store`, oldest first (by id, which is the
+/// UTC start time).
+pub fn list(store: &dyn Store) -> Result<Vec<Listed>> {
+    let mut out = Vec::new();
+    for entry in store.list()?.into_iter().filter(|e| e.complete) {
+        match manifest(store, &entry.id) {
+            Ok(m) => out.push(Listed::Ok(Box::new(m))),
+            Err(e) => out.push(Listed::Unreadable { id: entry.id, error: e.to_string() }),
+        }
+    }
+    Ok(out)
+}
+
+/// The newest complete backup with a readable manifest.
+pub fn latest(store: &dyn Store) -> Result<Manifest> {
+    list(store)?
+        .into_iter()
+        .rev()
+        .find_map(|l| match l {
+            Listed::Ok(m) => Some(*m),
+            Listed::Unreadable { .. } => None,
+        })
+        .ok_or_else(|| BackupError::NoBackups { destination: store.url() })
+}
+
+/// The files a base backup's tar must hold to be restorable.
+const REQUIRED_FILES: &[&str] = &["PG_VERSION", "backup_label", "backup_manifest", "global/pg_control"];
+
+/// Check every object of `m` in `store`: its stored size and checksum;
+/// with `identities` (not empty, or the backup is not encrypted and
+/// `full` is asked) also its content. Returns the level reached; the error
+/// names the damaged object.
+pub fn verify(store: &dyn Store, m: &Manifest, identities: &Identities, full: bool) -> Result<VerifyLevel> {
+    let level = if full { VerifyLevel::Full } else { VerifyLevel::Checksums };
+    for o in &m.objects {
+        let corrupt = |detail: String| BackupError::Corrupt { id: m.id.clone(), object: o.name.clone(), detail };
+        let reader = store.get_object(&m.id, &o.name)?;
+        if level == VerifyLevel::Checksums {
+            let (size, sha) = hash_all(reader).map_err(|e| corrupt(format!("reading it: {e}")))?;
+            check_stored(o, size, &sha).map_err(corrupt)?;
+            continue;
+        }
+        let mut source = ObjectSource::new(reader, m.compression, &m.encryption, identities, &m.id, &o.name)?;
+        let missing = check_tar(&mut source).map_err(|e| corrupt(format!("reading its content: {e}")))?;
+        let got = source.finish();
+        check_stored(o, got.size, &got.sha256).map_err(corrupt)?;
+        if (got.content_size, got.content_sha256.as_str()) != (o.content_size, o.content_sha256.as_str()) {
+            return Err(corrupt(format!(
+                "its content is {} bytes with SHA-256 {}, the manifest says {} bytes with {}",
+                got.content_size, got.content_sha256, o.content_size, o.content_sha256
+            )));
+        }
+        if !missing.is_empty() {
+            return Err(corrupt(format!("the base backup lacks {}", missing.join(", "))));
+        }
+    }
+    Ok(level)
+}
+
+fn check_stored(o: &super::manifest::Object, size: u64, sha256: &str) -> std::result::Result<(), String> {
+    if size != o.size || sha256 != o.sha256 {
+        return Err(format!(
+            "it is {size} bytes with SHA-256 {sha256}, the manifest says {} bytes with {}",
+            o.size, o.sha256
+        ));
+    }
+    Ok(())
+}
+
+/// Read a tar to its end; returns the [`REQUIRED_FILES`] it lacks.
+fn check_tar(input: impl Read) -> io::Result<Vec<String>> {
+    let mut archive = tar::Archive::new(input);
+    let mut seen = Vec::new();
+    for entry in archive.entries()? {
+        let entry = entry?;
+        let path = entry.path()?.to_string_lossy().into_owned();
+        if REQUIRED_FILES.contains(&path.as_str()) {
+            seen.push(path);
+        }
+    }
+    io::copy(&mut archive.into_inner(), &mut io::sink())?;
+    Ok(REQUIRED_FILES.iter().filter(|f| !seen.iter().any(|s| s == *f)).map(|f| f.to_string()).collect())
+}
+
+/// Record a successful verification in the manifest.
+pub fn record(store: &dyn Store, m: &mut Manifest, level: VerifyLevel) -> Result<()> {
+    m.verified = Some(Verified { at: super::now_rfc3339(), level });
+    store.put_manifest(&m.id, &m.to_json())
+}

@@ -1,0 +1,484 @@
+//! `gemin_k8s backup`: full backups of this node's PostgreSQL (the Kine
+//! datastore) to a local directory, encrypted with age, and the commands
+//! around them.
+//!
+//! `gemin_k8s backup --output DEST` (the design document's form) is the
+//! same as `gemin_k8s backup create --output DEST`; `backup list`, `verify`,
+//! `prune` and `keygen` are subcommands. It runs on a node as root: it
+//! reads the node's cloud-config (`--config FILE`, or the node's sources)
+//! for the cluster and node names and how to reach PostgreSQL, or takes
+//! `--pg-host`/`--pg-port` and `--cluster` explicitly.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use super::GlobalArgs;
+use crate::backup::crypto::{Identities, Keys};
+use crate::backup::manifest::{Compression, Manifest};
+use crate::backup::verify::Listed;
+use crate::backup::{self, DEFAULT_DESTINATION, human_size};
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub create: CreateArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Take a full backup (the same as `gemin_k8s backup` with these flags).
+    Create(CreateArgs),
+    /// List the complete backups in a destination.
+    List(ListArgs),
+    /// Check backups against their manifests; with --identity, end to end.
+    Verify(VerifyArgs),
+    /// Remove backups older than --retention days (never the newest).
+    Prune(PruneArgs),
+    /// Make an age key pair for backups: the secret key into --out, the public key printed.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackupType {
+    Full,
+    /// Not built yet.
+    Incremental,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ListFormat {
+    Table,
+    Json,
+}
+
+/// `--compress`: a zstd level (1-19) or `none`.
+fn parse_compression(text: &str) -> Result<Compression, String> {
+    if text == "none" {
+        return Ok(Compression::None);
+    }
+    match text.parse::<i32>() {
+        Ok(level) if (1..=19).contains(&level) => Ok(Compression::Zstd { level }),
+        _ => Err(format!("{text:?} is neither a zstd level from 1 to 19 nor `none`")),
+    }
+}
+
+/// How `backup create` reaches PostgreSQL, when not from the cloud-config.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PgArgs {
+    /// PostgreSQL's Unix socket directory or host (default: the node's socket, /run/geminik8s/postgres-NODE).
+    #[arg(long, value_name = "DIR|HOST")]
+    pub pg_host: Option<String>,
+    /// PostgreSQL's port (default: `postgres.port` of the cloud-config).
+    #[arg(long, value_name = "PORT")]
+    pub pg_port: Option<u16>,
+    /// The role pg_basebackup connects as (over the socket, root maps to it).
+    #[arg(long, default_value = crate::postgres::render::SUPERUSER, value_name = "ROLE")]
+    pub pg_user: String,
+    /// Directory of the PostgreSQL tools.
+    #[arg(long, default_value = crate::postgres::settings::DEFAULT_BIN_DIR, value_name = "DIR")]
+    pub pg_bin_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CreateArgs {
+    /// Destination: a directory (a path or file:///path). Each backup is a subdirectory.
+    #[arg(long, default_value = DEFAULT_DESTINATION, value_name = "DEST")]
+    pub output: String,
+    /// Backup type.
+    #[arg(long = "type", value_enum, default_value_t = BackupType::Full, value_name = "TYPE")]
+    pub kind: BackupType,
+    /// Compression: a zstd level (1-19) or `none`.
+    #[arg(long, default_value = "3", value_parser = parse_compression, value_name = "LEVEL|none")]
+    pub compress: Compression,
+    /// Encrypt to this key (repeatable): an age recipient (age1...), a file of recipients, or
+    /// passphrase:FILE (the first line of FILE).
+    #[arg(long, value_name = "KEY")]
+    pub encryption_key: Vec<String>,
+    /// Write the backup unencrypted (it holds every Kubernetes Secret).
+    #[arg(long, conflicts_with = "encryption_key")]
+    pub no_encryption: bool,
+    /// Then remove backups in the destination older than this many days (never the newest).
+    #[arg(long, value_name = "DAYS")]
+    pub retention: Option<u32>,
+    /// Then read the backup back and check it against its manifest.
+    #[arg(long)]
+    pub verify: bool,
+    /// Cluster name recorded in the manifest (default: the cloud-config's; must match it).
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Node name recorded in the manifest (default: the cloud-config's, or the hostname).
+    #[arg(long)]
+    pub node: Option<String>,
+    #[command(flatten)]
+    pub pg: PgArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Destination to list.
+    #[arg(long, default_value = DEFAULT_DESTINATION, value_name = "DEST")]
+    pub from: String,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = ListFormat::Table)]
+    pub output: ListFormat,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Destination holding the backups.
+    #[arg(long, default_value = DEFAULT_DESTINATION, value_name = "DEST")]
+    pub from: String,
+    /// The backup to check (default: every complete backup).
+    #[arg(long, value_name = "ID")]
+    pub backup: Option<String>,
+    /// Decrypt with this identity (repeatable): an age identity file, or passphrase:FILE.
+    /// Then the content is checked end to end, not only the stored checksums.
+    #[arg(long, value_name = "FILE")]
+    pub identity: Vec<String>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = ListFormat::Table)]
+    pub output: ListFormat,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PruneArgs {
+    /// Destination holding the backups.
+    #[arg(long, default_value = DEFAULT_DESTINATION, value_name = "DEST")]
+    pub from: String,
+    /// Keep backups younger than this many days (and always the newest complete one).
+    #[arg(long, value_name = "DAYS")]
+    pub retention: u32,
+    /// Say what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = ListFormat::Table)]
+    pub output: ListFormat,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeygenArgs {
+    /// Where to write the secret key (created 0600; never overwritten). Keep it off the nodes.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+pub async fn run(args: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        None => create(args.create, global).await,
+        Some(Command::Create(a)) => create(a, global).await,
+        Some(Command::List(a)) => list(a),
+        Some(Command::Verify(a)) => verify(a).await,
+        Some(Command::Prune(a)) => prune(a),
+        Some(Command::Keygen(a)) => {
+            let public = backup::crypto::write_new_identity(&a.out)?;
+            eprintln!(
+                "wrote the secret key to {}; keep it off the nodes. The public key (--encryption-key):",
+                a.out.display()
+            );
+            println!("{public}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn days(n: u32) -> Duration {
+    Duration::from_secs(u64::from(n) * 24 * 3600)
+}
+
+/// The node's cloud-config, from `--config FILE` or the node's sources.
+pub(super) async fn node_config(global: &GlobalArgs) -> anyhow::Result<crate::config::GeminiConfig> {
+    let ctx = crate::config::CheckContext { root: PathBuf::from("/"), check_files: false };
+    let loaded = match &global.config {
+        Some(path) => crate::config::load_files(std::slice::from_ref(path), &ctx)?,
+        None => crate::config::load(&crate::config::SourcePaths::under(std::path::Path::new("/")), &ctx)
+            .await
+            .context("reading the node's cloud-config (or give --pg-host, --pg-port and --cluster)")?,
+    };
+    Ok(loaded.gemini)
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into())
+}
+
+async fn source_and_labels(
+    a: &CreateArgs,
+    global: &GlobalArgs,
+) -> anyhow::Result<(backup::create::Source, backup::create::Labels)> {
+    let cfg = if a.pg.pg_host.is_none() || global.config.is_some() { Some(node_config(global).await?) } else { None };
+    let cluster = match (&a.cluster, &cfg) {
+        (Some(given), Some(c)) if *given != c.cluster.name => {
+            bail!("--cluster {given} does not match the cloud-config's cluster {}", c.cluster.name)
+        }
+        (Some(given), _) => given.clone(),
+        (None, Some(c)) => c.cluster.name.clone(),
+        (None, None) => {
+            bail!("give --cluster NAME (the cluster name comes from the cloud-config, which --pg-host skips)")
+        }
+    };
+    let node = a.node.clone().or_else(|| cfg.as_ref().map(|c| c.node.name.clone())).unwrap_or_else(hostname);
+    let host = match (&a.pg.pg_host, &cfg) {
+        (Some(h), _) => h.clone(),
+        (None, Some(c)) => crate::postgres::Settings::from_config(c).socket_dir.display().to_string(),
+        (None, None) => unreachable!("the config is read when --pg-host is missing"),
+    };
+    let port = a.pg.pg_port.or_else(|| cfg.as_ref().map(|c| c.postgres.port)).unwrap_or(5432);
+    let source = backup::create::Source { bin_dir: a.pg.pg_bin_dir.clone(), host, port, user: a.pg.pg_user.clone() };
+    Ok((source, backup::create::Labels { cluster, node }))
+}
+
+async fn create(a: CreateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    if a.kind == BackupType::Incremental {
+        bail!("incremental backups are not built yet; take --type full");
+    }
+    let keys = Keys::parse(&a.encryption_key)?;
+    if matches!(keys, Keys::None) && !a.no_encryption {
+        bail!(
+            "no encryption key: a backup holds every Kubernetes Secret. Give --encryption-key age1... \
+             (make a key pair with `gemin_k8s backup keygen --out FILE` on a machine you trust and keep FILE \
+             off the nodes), --encryption-key passphrase:FILE, or --no-encryption to write it in the clear"
+        );
+    }
+    let store: Arc<dyn backup::Store> = Arc::from(backup::store::open(&a.output)?);
+    let (source, labels) = source_and_labels(&a, global).await?;
+    let created = backup::create::create(&source, store.clone(), &labels, a.compress, Arc::new(keys)).await?;
+    let mut m = created.manifest;
+    println!(
+        "backup {} complete in {}: {} stored ({} of data) in {:.1} s; timeline {}, LSN {} to {}; {}",
+        m.id,
+        store.url(),
+        human_size(m.stored_size()),
+        human_size(m.objects.iter().map(|o| o.content_size).sum()),
+        created.elapsed.as_secs_f64(),
+        m.postgres.timeline,
+        m.postgres.start_lsn,
+        m.postgres.stop_lsn,
+        encryption_text(&m),
+    );
+    if a.verify {
+        let s = store.clone();
+        let level = tokio::task::spawn_blocking(move || {
+            let level = backup::verify::verify(s.as_ref(), &m, &Identities::default(), false)?;
+            backup::verify::record(s.as_ref(), &mut m, level)?;
+            Ok::<_, backup::BackupError>(level)
+        })
+        .await??;
+        println!("verified: {level}");
+    }
+    if let Some(n) = a.retention {
+        let pruned = backup::prune::prune(store.as_ref(), days(n), false)?;
+        if !pruned.removed.is_empty() {
+            println!("removed past {n} days: {}", pruned.removed.join(", "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn encryption_text(m: &Manifest) -> String {
+    match m.encryption.recipients.as_slice() {
+        [] => m.encryption.kind.to_string(),
+        r => format!("{} to {}", m.encryption.kind, r.join(", ")),
+    }
+}
+
+fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
+    let store = backup::store::open(&a.from)?;
+    let rows = backup::verify::list(store.as_ref())?;
+    match a.output {
+        ListFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        ListFormat::Table => {
+            print!("{}", list_table(&rows, &store.url()));
+            let incomplete: Vec<String> = store.list()?.into_iter().filter(|e| !e.complete).map(|e| e.id).collect();
+            if !incomplete.is_empty() {
+                println!(
+                    "incomplete (no manifest: running, interrupted or failed; never restored): {}",
+                    incomplete.join(", ")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list_table(rows: &[Listed], url: &str) -> String {
+    if rows.is_empty() {
+        return format!("no backups in {url}\n");
+    }
+    let header = ["ID", "STARTED", "SIZE", "DATA", "TL", "LSN RANGE", "ENCRYPTION", "VERIFIED"].map(String::from);
+    let mut table = vec![header.to_vec()];
+    for r in rows {
+        table.push(match r {
+            Listed::Ok(m) => vec![
+                m.id.clone(),
+                m.start_time.clone(),
+                human_size(m.stored_size()),
+                human_size(m.objects.iter().map(|o| o.content_size).sum()),
+                m.postgres.timeline.to_string(),
+                format!("{}-{}", m.postgres.start_lsn, m.postgres.stop_lsn),
+                m.encryption.kind.to_string(),
+                m.verified.as_ref().map_or("never".into(), |v| format!("{} ({})", v.at, v.level)),
+            ],
+            Listed::Unreadable { id, error } => vec![id.clone(), format!("unreadable: {error}")],
+        });
+    }
+    render_table(&table)
+}
+
+/// Columns padded to their widest cell; the last column is not padded.
+fn render_table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            rows.iter().filter(|r| r.len() > 1).filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let last = row.len().saturating_sub(1);
+        for (i, cell) in row.iter().enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// One backup's result in `backup verify`.
+#[derive(Debug, Serialize)]
+struct VerifyRow {
+    backup: String,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    level: Option<backup::manifest::VerifyLevel>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let store: Arc<dyn backup::Store> = Arc::from(backup::store::open(&a.from)?);
+    let identities = Arc::new(Identities::load(&a.identity)?);
+    let full = !identities.is_empty();
+    let s = store.clone();
+    let rows = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<VerifyRow>> {
+        let targets: Vec<Result<Manifest, (String, String)>> = match &a.backup {
+            Some(id) => vec![backup::verify::manifest(s.as_ref(), id).map_err(|e| (id.clone(), e.to_string()))],
+            None => backup::verify::list(s.as_ref())?
+                .into_iter()
+                .map(|l| match l {
+                    Listed::Ok(m) => Ok(*m),
+                    Listed::Unreadable { id, error } => Err((id, error)),
+                })
+                .collect(),
+        };
+        if targets.is_empty() {
+            bail!("no complete backup in {}", s.url());
+        }
+        let mut rows = Vec::new();
+        for t in targets {
+            let row = match t {
+                Err((backup, error)) => VerifyRow { backup, ok: false, level: None, error: Some(error) },
+                Ok(mut m) => {
+                    // A backup written without encryption is checked end to end without a key.
+                    let full = full || m.encryption.kind == backup::manifest::EncryptionKind::None;
+                    match backup::verify::verify(s.as_ref(), &m, &identities, full) {
+                        Ok(level) => {
+                            if let Err(e) = backup::verify::record(s.as_ref(), &mut m, level) {
+                                tracing::warn!(backup = %m.id, error = %e, "could not record the verification in the manifest");
+                            }
+                            VerifyRow { backup: m.id, ok: true, level: Some(level), error: None }
+                        }
+                        Err(e) => VerifyRow { backup: m.id, ok: false, level: None, error: Some(e.to_string()) },
+                    }
+                }
+            };
+            rows.push(row);
+        }
+        Ok(rows)
+    })
+    .await??;
+    match a.output {
+        ListFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        ListFormat::Table => {
+            let mut table = vec![["BACKUP", "RESULT"].map(String::from).to_vec()];
+            for r in &rows {
+                let result = match (&r.level, &r.error) {
+                    (Some(level), _) => format!("ok ({level})"),
+                    (None, Some(e)) => format!("FAILED: {e}"),
+                    (None, None) => "FAILED".into(),
+                };
+                table.push(vec![r.backup.clone(), result]);
+            }
+            print!("{}", render_table(&table));
+        }
+    }
+    Ok(if rows.iter().all(|r| r.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
+    let store = backup::store::open(&a.from)?;
+    let pruned = backup::prune::prune(store.as_ref(), days(a.retention), a.dry_run)?;
+    match a.output {
+        ListFormat::Json => println!("{}", serde_json::to_string_pretty(&pruned)?),
+        ListFormat::Table => {
+            let verb = if a.dry_run { "would remove" } else { "removed" };
+            let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+            println!("{verb}: {}", list(&pruned.removed));
+            println!("kept: {}", list(&pruned.kept));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command as Top};
+
+    fn parse(args: &[&str]) -> Args {
+        match Cli::try_parse_from(args).unwrap().command {
+            Top::Backup(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_design_documents_form_and_the_subcommands_both_parse() {
+        let a =
+            parse(&["gemin_k8s", "backup", "--output", "/mnt/usb", "--encryption-key", "age1x", "--retention", "7"]);
+        assert!(a.command.is_none());
+        assert_eq!((a.create.output.as_str(), a.create.retention), ("/mnt/usb", Some(7)));
+        assert_eq!(a.create.compress, Compression::Zstd { level: 3 });
+        let a = parse(&["gemin_k8s", "backup", "create", "--compress", "none", "--no-encryption"]);
+        let Some(Command::Create(c)) = a.command else { panic!() };
+        assert_eq!((c.compress, c.no_encryption, c.output.as_str()), (Compression::None, true, DEFAULT_DESTINATION));
+        let a = parse(&["gemin_k8s", "backup", "list", "--from", "/mnt/usb", "-o", "json"]);
+        assert!(matches!(a.command, Some(Command::List(ListArgs { output: ListFormat::Json, .. }))));
+        assert!(Cli::try_parse_from(["gemin_k8s", "backup", "--compress", "25"]).is_err());
+        assert!(Cli::try_parse_from(["gemin_k8s", "backup", "--encryption-key", "k", "--no-encryption"]).is_err());
+    }
+
+    #[test]
+    fn the_table_pads_columns_and_says_when_there_is_nothing() {
+        let rows = vec![
+            vec!["ID".to_string(), "SIZE".into(), "VERIFIED".into()],
+            vec!["20260821T101502Z".to_string(), "3.1 MiB".into(), "never".into()],
+        ];
+        assert_eq!(render_table(&rows), "ID                SIZE     VERIFIED\n20260821T101502Z  3.1 MiB  never\n");
+        assert_eq!(list_table(&[], "file:///b"), "no backups in file:///b\n");
+    }
+}

@@ -1,0 +1,404 @@
+//! `gemin_k8s backup` and `gemin_k8s restore` against real PostgreSQL 15:
+//! a node's server configured and run as the agent runs it, backed up
+//! through the binary, restored into a new data directory and started
+//! there. Needs root (the servers run as the `postgres` user) and the
+//! PostgreSQL tools.
+
+use std::net::IpAddr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use geminik8s::config::{
+    Api, Cluster, Durability, GeminiConfig, Health, K3s, Kine, Member, Postgres, Replication, Tls, Witness,
+};
+use geminik8s::postgres::render::{KINE_SCHEMA, ServerRole};
+use geminik8s::postgres::{Manager, Settings, StopMode};
+use geminik8s::services::supervisor::Supervisor;
+use geminik8s_vm_tests::require;
+
+macro_rules! require_postgres {
+    () => {
+        require!(root: true, tools: ["initdb", "pg_basebackup", "pg_verifybackup", "pg_waldump", "postgres"]);
+    };
+}
+
+/// A directory for the test, traversable by the `postgres` user.
+struct Lab {
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let mut dir = tempfile::Builder::new().prefix("gk8s-backup-").tempdir().unwrap();
+        // GEMINIK8S_KEEP_TEST_DIRS=1 keeps the data directories and logs for a post-mortem.
+        dir.disable_cleanup(std::env::var_os("GEMINIK8S_KEEP_TEST_DIRS").is_some());
+        chown_to_postgres(dir.path());
+        Lab { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn node_dir(&self, name: &str) -> PathBuf {
+        let d = self.path(name);
+        std::fs::create_dir_all(&d).unwrap();
+        chown_to_postgres(&d);
+        d
+    }
+}
+
+fn postgres_user() -> nix::unistd::User {
+    nix::unistd::User::from_name("postgres").unwrap().expect("the postgres user")
+}
+
+fn chown_to_postgres(path: &Path) {
+    let user = postgres_user();
+    nix::unistd::chown(path, Some(user.uid), Some(user.gid)).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One node's PostgreSQL, run by its own process supervisor as the agent
+/// runs it (killed when dropped, also when the test panics).
+struct Node {
+    mgr: Manager,
+    _supervisor: Arc<Supervisor>,
+}
+
+impl std::ops::Deref for Node {
+    type Target = Manager;
+    fn deref(&self) -> &Manager {
+        &self.mgr
+    }
+}
+
+/// A node `name` of cluster `lab` on loopback; its data in `DIR/data`.
+fn node(lab: &Lab, name: &str) -> Node {
+    let lo: IpAddr = "127.0.0.1".parse().unwrap();
+    let pki = geminik8s::pki::generate("lab", &[("a".into(), lo), ("b".into(), lo)], lo, None).unwrap();
+    let tls = Tls { ca: pki.ca.cert.clone(), cert: pki.nodes[0].cert.clone(), key: pki.nodes[0].key.clone() };
+    let cfg = GeminiConfig {
+        cluster: Cluster {
+            name: "lab".into(),
+            vip: lo,
+            vip_prefix: 32,
+            interface: None,
+            bootstrap_leader: name.into(),
+            witness: Witness::default(),
+        },
+        node: Member { name: name.into(), ip: lo, api_port: 7443 },
+        peer: Member { name: "peer".into(), ip: lo, api_port: 7443 },
+        api: Api { token: "t".into() },
+        postgres: Postgres {
+            replication: Replication::Streaming,
+            durability: Durability::Async,
+            degrade_after: Duration::from_secs(2),
+            port: 5432,
+            data_dir: PathBuf::new(),
+            replication_password: "repl".into(),
+            kine_password: "kine".into(),
+            archive_keep: 3,
+        },
+        kine: Kine::default(),
+        k3s: K3s { enabled: false, ..K3s::with_token("t") },
+        health: Health::default(),
+        tls,
+    };
+    let dir = lab.node_dir(name);
+    let mut s = Settings::from_config(&cfg);
+    s.data_dir = dir.join("data");
+    s.log_file = dir.join("postgres.log");
+    s.socket_dir = dir.join("sock");
+    s.listen_addresses = vec!["127.0.0.1".into()];
+    s.node.port = free_port();
+    s.peer.port = free_port();
+    s.start_timeout = Duration::from_secs(30);
+    let supervisor = Arc::new(Supervisor::new());
+    Node { mgr: Manager::new(s, supervisor.clone()).unwrap(), _supervisor: supervisor }
+}
+
+/// Bootstrap `node` as the agent does for a leader, with Kine's table.
+async fn leader(node: &Node) {
+    node.bootstrap_leader().await.unwrap();
+    let db = node.connect("kine").await.unwrap();
+    db.batch("creating the kine table", KINE_SCHEMA).await.unwrap();
+    db.batch("handing it to kine", "ALTER TABLE kine OWNER TO kine").await.unwrap();
+}
+
+/// Insert `keys` the way Kine does.
+async fn put(node: &Node, keys: &[String]) {
+    let db = node.connect("kine").await.unwrap();
+    for key in keys {
+        db.execute(
+            "inserting a row",
+            "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
+             VALUES ($1, 1, 0, 0, 0, 0, decode(repeat('ab', 512), 'hex'), NULL)",
+            &[key],
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Every key in revision order.
+async fn keys(node: &Node) -> Vec<String> {
+    let db = node.connect("kine").await.unwrap();
+    let rows = db.query("listing keys", "SELECT name FROM kine ORDER BY id", &[]).await.unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("/registry/{prefix}/{i:04}")).collect()
+}
+
+/// Run `gemin_k8s ARGS`.
+fn gemin(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gemin_k8s")).args(args).output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn failed(out: Output) -> String {
+    assert!(!out.status.success(), "expected a failure:\n{}", text(&out));
+    text(&out)
+}
+
+/// `backup create` of `node` into `dest` with extra flags.
+fn backup(node: &Node, dest: &Path, extra: &[&str]) -> String {
+    let s = node.settings();
+    let (host, port) = (s.socket_dir.display().to_string(), s.node.port.to_string());
+    let mut args = vec!["backup", "create", "--output", dest.to_str().unwrap(), "--pg-host", &host, "--pg-port", &port];
+    args.extend(["--cluster", "lab", "--node", "a"]);
+    args.extend(extra);
+    ok(gemin(&args))
+}
+
+fn list(dest: &Path) -> Vec<serde_json::Value> {
+    let out = ok(gemin(&["backup", "list", "--from", dest.to_str().unwrap(), "-o", "json"]));
+    serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
+}
+
+fn keygen(lab: &Lab, name: &str) -> (PathBuf, String) {
+    let path = lab.path(name);
+    let public = ok(gemin(&["backup", "keygen", "--out", path.to_str().unwrap()])).trim().to_string();
+    assert!(public.starts_with("age1"), "{public}");
+    (path, public)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_backup_holds_exactly_the_rows_written_before_it() {
+    require_postgres!();
+    let lab = Lab::new();
+    let a = node(&lab, "a");
+    leader(&a).await;
+    let before = names("before", 2000);
+    put(&a, &before).await;
+    let dest = lab.path("backups");
+    let (key, public) = keygen(&lab, "key.txt");
+    let (other_key, _) = keygen(&lab, "other.txt");
+
+    let started = Instant::now();
+    let out = backup(&a, &dest, &["--encryption-key", &public, "--verify"]);
+    let took = started.elapsed();
+    assert!(out.contains("verified: checksums"), "{out}");
+    put(&a, &names("after", 10)).await;
+
+    let listed = list(&dest);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let m = &listed[0];
+    let id = m["id"].as_str().unwrap().to_string();
+    assert_eq!((m["cluster"].as_str(), m["node"].as_str(), m["kind"].as_str()), (Some("lab"), Some("a"), Some("full")));
+    assert_eq!(m["encryption"]["kind"], "age-x25519");
+    assert_eq!(m["encryption"]["recipients"], serde_json::json!([public]));
+    assert_eq!(m["postgres"]["major"], 15);
+    assert_eq!(m["verified"]["level"], "checksums");
+    let sysid: String = a
+        .connect("postgres")
+        .await
+        .unwrap()
+        .query_one("system id", "SELECT system_identifier::text FROM pg_control_system()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(m["postgres"]["system_identifier"], sysid.as_str());
+    let object = &m["objects"][0];
+    assert_eq!(object["name"], "base.tar.zst.age");
+    let stored = std::fs::read(dest.join(&id).join("base.tar.zst.age")).unwrap();
+    assert!(stored.starts_with(b"age-encryption.org/v1\n"), "the stored object is an age file");
+    assert!(
+        !stored.windows(b"/registry/before".len()).any(|w| w == b"/registry/before"),
+        "no row is readable in the stored object"
+    );
+    eprintln!(
+        "backup of {} rows: {} bytes of base backup stored as {} bytes in {:.2} s",
+        before.len(),
+        object["content_size"],
+        object["size"],
+        took.as_secs_f64()
+    );
+
+    // Without the identity, or with another one: refused, nothing written.
+    let target = lab.path("restored").join("data");
+    let target_s = target.to_str().unwrap();
+    let from = dest.to_str().unwrap();
+    let err = failed(gemin(&["restore", "--from", from, "--data-dir", target_s]));
+    assert!(err.contains("give --identity"), "{err}");
+    let err =
+        failed(gemin(&["restore", "--from", from, "--data-dir", target_s, "--identity", other_key.to_str().unwrap()]));
+    assert!(err.contains("cannot decrypt backup") && err.contains(&public), "{err}");
+    assert!(!target.exists(), "a failed restore leaves nothing behind");
+
+    let out = ok(gemin(&["restore", "--from", from, "--data-dir", target_s, "--identity", key.to_str().unwrap()]));
+    assert!(out.contains(&format!("restored backup {id}")), "{out}");
+    let meta = std::fs::metadata(&target).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (postgres_user().uid.as_raw(), 0o700));
+
+    // PostgreSQL starts on it, configured for this node as the agent does.
+    let mut r = node(&lab, "restored");
+    let mut s = r.settings().clone();
+    s.data_dir = target.clone();
+    r.mgr = Manager::new(s, r._supervisor.clone()).unwrap();
+    r.write_config(ServerRole::Primary).unwrap();
+    r.start().await.unwrap();
+    assert_eq!(keys(&r).await, before, "exactly the rows written before the backup");
+
+    // The data directory now holds data: refused without --force, kept as it is.
+    let id_flag = ["--identity", key.to_str().unwrap()];
+    let err = failed(gemin(&[&["restore", "--from", from, "--data-dir", target_s][..], &id_flag].concat()));
+    assert!(err.contains("a PostgreSQL server runs on this data directory"), "{err}");
+    r.stop(StopMode::Fast).await.unwrap();
+    let err = failed(gemin(&[&["restore", "--from", from, "--data-dir", target_s][..], &id_flag].concat()));
+    assert!(err.contains("not empty; give --force"), "{err}");
+    let out = ok(gemin(
+        &[&["restore", "--from", from, "--data-dir", target_s, "--dry-run", "--force"][..], &id_flag].concat(),
+    ));
+    assert!(out.contains("intact end to end") && out.contains("would move"), "{out}");
+
+    // --force moves it aside; the restore is the backup again.
+    r.start().await.unwrap();
+    put(&r, &names("on-the-restored-copy", 3)).await;
+    r.stop(StopMode::Fast).await.unwrap();
+    let out = ok(gemin(&[&["restore", "--from", from, "--data-dir", target_s, "--force"][..], &id_flag].concat()));
+    let aside: Vec<PathBuf> = std::fs::read_dir(target.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("data.pre-restore-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{out}");
+    assert!(aside[0].join("PG_VERSION").is_file(), "the old data directory is kept whole");
+    r.write_config(ServerRole::Primary).unwrap();
+    r.start().await.unwrap();
+    assert_eq!(keys(&r).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_a_damaged_object_and_prune_keeps_the_newest() {
+    require_postgres!();
+    let lab = Lab::new();
+    let a = node(&lab, "a");
+    leader(&a).await;
+    put(&a, &names("x", 50)).await;
+    let dest = lab.path("backups");
+    let from = dest.to_str().unwrap();
+    let (key, public) = keygen(&lab, "key.txt");
+    let passphrase = lab.path("passphrase");
+    std::fs::write(&passphrase, "correct horse battery staple\n").unwrap();
+    let pass_flag = format!("passphrase:{}", passphrase.display());
+
+    // No key and no --no-encryption: refused with what to do.
+    let s = a.settings();
+    let err = failed(gemin(&[
+        "backup",
+        "--output",
+        from,
+        "--pg-host",
+        s.socket_dir.to_str().unwrap(),
+        "--pg-port",
+        &s.node.port.to_string(),
+        "--cluster",
+        "lab",
+    ]));
+    assert!(err.contains("no encryption key") && err.contains("backup keygen"), "{err}");
+    assert!(list(&dest).is_empty());
+
+    backup(&a, &dest, &["--encryption-key", &public]);
+    backup(&a, &dest, &["--encryption-key", &pass_flag]);
+    let listed = list(&dest);
+    assert_eq!(listed.len(), 2);
+    let (first, second) =
+        (listed[0]["id"].as_str().unwrap().to_string(), listed[1]["id"].as_str().unwrap().to_string());
+    assert_eq!(listed[1]["encryption"]["kind"], "age-passphrase");
+
+    // Intact: checksums without a key, end to end with the key and the passphrase.
+    let out = ok(gemin(&["backup", "verify", "--from", from]));
+    assert_eq!(out.matches("ok (checksums)").count(), 2, "{out}");
+    let out =
+        ok(gemin(&["backup", "verify", "--from", from, "--identity", key.to_str().unwrap(), "--identity", &pass_flag]));
+    assert_eq!(out.matches("ok (full)").count(), 2, "{out}");
+    assert_eq!(list(&dest)[0]["verified"]["level"], "full");
+
+    // One flipped byte in the first backup's object.
+    let object = dest.join(&first).join("base.tar.zst.age");
+    let mut bytes = std::fs::read(&object).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&object, &bytes).unwrap();
+    let out = gemin(&["backup", "verify", "--from", from, "-o", "json"]);
+    let report = failed(out.clone());
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((rows[0]["backup"].as_str(), rows[0]["ok"].as_bool()), (Some(first.as_str()), Some(false)), "{report}");
+    let error = rows[0]["error"].as_str().unwrap();
+    assert!(error.contains(&format!("backup {first}: object base.tar.zst.age is damaged")), "{error}");
+    assert_eq!(rows[1]["ok"], true, "the other backup is intact: {report}");
+    // End to end the damage is found too (age authenticates every chunk).
+    let err =
+        failed(gemin(&["backup", "verify", "--from", from, "--backup", &first, "--identity", key.to_str().unwrap()]));
+    assert!(err.contains("object base.tar.zst.age is damaged"), "{err}");
+    // And restore refuses it, leaving nothing behind.
+    let target = lab.path("restored");
+    let err = failed(gemin(&[
+        "restore",
+        "--from",
+        from,
+        "--backup",
+        &first,
+        "--identity",
+        key.to_str().unwrap(),
+        "--data-dir",
+        target.to_str().unwrap(),
+    ]));
+    assert!(err.contains("damaged"), "{err}");
+    assert!(!target.exists());
+
+    // Retention 0 removes everything but the newest complete backup; an
+    // interrupted backup (no manifest) that is recent is left alone.
+    std::fs::create_dir(dest.join("29990101T000000Z")).unwrap();
+    let out = ok(gemin(&["backup", "prune", "--from", from, "--retention", "0", "--dry-run"]));
+    assert!(out.contains(&format!("would remove: {first}")), "{out}");
+    assert_eq!(list(&dest).len(), 2, "a dry run removes nothing");
+    let out = ok(gemin(&["backup", "prune", "--from", from, "--retention", "0"]));
+    assert!(out.contains(&format!("removed: {first}")), "{out}");
+    let left: Vec<String> = list(&dest).iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(left, [second]);
+    assert!(dest.join("29990101T000000Z").is_dir());
+    assert!(!dest.join(&first).exists());
+}
