@@ -171,9 +171,10 @@ pub fn render_conf(settings: &Settings, role: ServerRole) -> String {
 }
 
 /// `pg_hba.conf`: the superuser over the Unix socket (root and the OS user
-/// through [`IDENT_MAP`]), also for replication (local base backups); the replication role only from the peer; Kine's
-/// role from the node addresses, the VIP and loopback. Over the network
-/// only TLS (`hostssl`), and everything by SCRAM; the replication role also
+/// through [`IDENT_MAP`]), also for replication (local base backups); the
+/// replication role only from the peer; Kine's role from the node addresses,
+/// the VIP and loopback. Over the network only TLS (`hostssl`), and
+/// everything by SCRAM; the replication role also
 /// needs a client certificate signed by the cluster CA (a node's), which
 /// Kine, running without the node's key, does not present.
 pub fn render_hba(settings: &Settings) -> String {
