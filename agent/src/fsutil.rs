@@ -7,6 +7,20 @@ use std::path::Path;
 
 use anyhow::Context;
 
+/// A UTC time for file names, sorting in time order: `20260821T101502Z`.
+pub fn utc_stamp(now: time::OffsetDateTime) -> String {
+    let now = now.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    )
+}
+
 /// Write `contents` to `path` atomically: a temporary file in the same
 /// directory, fsync, rename over `path`, fsync the directory. After a crash
 /// `path` holds either the old or the new contents, never a mix.

@@ -78,15 +78,7 @@ pub fn now_rfc3339() -> String {
 
 /// A backup id from a UTC time: `20260821T101502Z`. Ids sort in time order.
 pub fn backup_id(now: time::OffsetDateTime) -> String {
-    format!(
-        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second()
-    )
+    crate::fsutil::utc_stamp(now)
 }
 
 /// Human size: `512 B`, `1.5 KiB`, `23.4 MiB`.

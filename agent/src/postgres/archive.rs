@@ -31,15 +31,7 @@ pub fn archive_dir(data_dir: &Path) -> PathBuf {
 /// `<archive_dir>/<name>-<UTC timestamp>.tar.gz`; a numeric suffix keeps
 /// two archives taken within one second apart.
 pub fn archive_path(data_dir: &Path, now: time::OffsetDateTime) -> PathBuf {
-    let stamp = format!(
-        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second()
-    );
+    let stamp = crate::fsutil::utc_stamp(now);
     let name = dir_name(data_dir);
     let dir = archive_dir(data_dir);
     let mut candidate = dir.join(format!("{name}-{stamp}.tar.gz"));
