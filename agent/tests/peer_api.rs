@@ -302,3 +302,101 @@ async fn status_command_reads_both_nodes_of_an_init_cluster() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "node2: healthy\ncluster: healthy\n");
 }
+
+/// Forwards connections to `target` until told to wedge the ones it has:
+/// those then stop moving bytes while their sockets stay open (what a peer
+/// whose process stalled looks like; its kernel still acknowledges).
+struct WedgingProxy {
+    addr: SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    wedged_up_to: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WedgingProxy {
+    async fn start(target: SocketAddr) -> WedgingProxy {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, wedged_up_to) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (count, wedge) = (accepted.clone(), wedged_up_to.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let index = count.fetch_add(1, Ordering::SeqCst) + 1;
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else { continue };
+                let ((in_read, in_write), (out_read, out_write)) = (inbound.into_split(), outbound.into_split());
+                for (mut from, mut to) in [(in_read, out_write), (out_read, in_write)] {
+                    let wedge = wedge.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if index <= wedge.load(Ordering::SeqCst) {
+                                // Hold both halves open and move nothing, for good.
+                                let _open = (&from, &to);
+                                std::future::pending::<()>().await
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        WedgingProxy { addr, accepted, wedged_up_to, task }
+    }
+
+    /// Wedge every connection accepted so far.
+    fn wedge(&self) {
+        use std::sync::atomic::Ordering;
+        self.wedged_up_to.store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for WedgingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A pooled connection to the peer that wedges (its agent was paused and
+/// sits on what it had queued) does not keep every heartbeat timing out:
+/// after a few failed requests the client opens a new connection.
+#[tokio::test]
+async fn a_wedged_connection_is_replaced_after_failed_requests() {
+    let p = cluster_pki(None);
+    let server = start(&material(&p, 0), "127.0.0.1", 0, status("node1", "leader", true), TOKEN).await;
+    let proxy = WedgingProxy::start(server.addr).await;
+    let url = format!("https://127.0.0.1:{}", proxy.addr.port());
+    let peer = AgentClient::https(&url, &material(&p, 1), None, Duration::from_millis(300)).unwrap();
+    assert!(peer.health().await.is_ok());
+    assert_eq!(proxy.accepted(), 1);
+
+    proxy.wedge();
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    let answered = geminik8s_vm_tests::poll::until_async(
+        "a heartbeat answered past the wedged connection",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async {
+            peer.health().await.map(|(h, _)| h.node).map_err(|e| {
+                failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                format!("{e:#}")
+            })
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(answered, "node1");
+    assert!(failed.into_inner() >= 1, "the wedged connection answered");
+    assert_eq!(proxy.accepted(), 2, "one new connection replaced the wedged one");
+}

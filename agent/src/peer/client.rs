@@ -10,7 +10,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
-use super::tls::TlsMaterial;
+use super::tls::{HttpClient, TlsMaterial};
 use super::{HealthReport, NodeStatus};
 use crate::hostmeta::HostMeta;
 
@@ -18,7 +18,7 @@ use crate::hostmeta::HostMeta;
 #[derive(Debug, Clone)]
 pub enum Endpoint {
     /// `https://IP:PORT` with mutual TLS (and the API token for operator routes).
-    Https { base: String, http: reqwest::Client, token: Option<String> },
+    Https { base: String, http: HttpClient, token: Option<String> },
     /// The node-local socket.
     Unix(PathBuf),
 }
@@ -54,13 +54,18 @@ impl AgentClient {
     async fn request(&self, method: hyper::Method, path: &str) -> anyhow::Result<(u16, String)> {
         match &self.endpoint {
             Endpoint::Https { base, http, token } => {
-                let mut req = http.request(method, format!("{base}{path}"));
+                let mut req = http.get().request(method, format!("{base}{path}"));
                 if let Some(t) = token {
                     req = req.bearer_auth(t);
                 }
-                let resp = req.send().await?;
-                let status = resp.status().as_u16();
-                Ok((status, resp.text().await?))
+                let result = async {
+                    let resp = req.send().await?;
+                    let status = resp.status().as_u16();
+                    anyhow::Ok((status, resp.text().await?))
+                }
+                .await;
+                http.answered(result.is_ok());
+                result
             }
             Endpoint::Unix(socket) => {
                 let fut = async {

@@ -1,7 +1,8 @@
 //! Mutual TLS for the agent API and the witness: every party presents a
 //! certificate signed by the cluster CA from `gemin_k8s init`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -97,18 +98,74 @@ impl TlsMaterial {
     }
 
     /// An HTTP client for the agent API or the witness, with a per-request timeout.
-    pub fn http_client(&self, timeout: std::time::Duration) -> Result<reqwest::Client, TlsError> {
-        reqwest::Client::builder()
-            .use_preconfigured_tls(self.client_config()?)
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
-            // After a silent cut TCP backs its retransmissions off for up to
-            // two minutes, and every request queued on the pooled connection
-            // times out meanwhile: drop a connection whose data stays
-            // unacknowledged, so the next request opens a new one.
-            .tcp_user_timeout((timeout * 2).max(std::time::Duration::from_secs(1)))
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))
+    pub fn http_client(&self, timeout: Duration) -> Result<HttpClient, TlsError> {
+        let config = self.client_config()?;
+        let client = build_http(&config, timeout)?;
+        Ok(HttpClient { config, timeout, state: Arc::new(Mutex::new(Renewing { client, failures: 0 })) })
     }
+}
+
+/// After how many failed requests in a row [`HttpClient`] opens a new connection.
+const RENEW_AFTER: u32 = 3;
+
+/// An HTTP client over mutual TLS whose pooled connection is replaced after
+/// [`RENEW_AFTER`] failed requests in a row. A connection can wedge where
+/// TCP cannot tell: the other end's process stalled while its kernel still
+/// acknowledges (after the agent was paused, the peer's server sat on the
+/// streams it had queued), and every request on it would time out.
+#[derive(Debug, Clone)]
+pub struct HttpClient {
+    config: ClientConfig,
+    timeout: Duration,
+    state: Arc<Mutex<Renewing>>,
+}
+
+#[derive(Debug)]
+struct Renewing {
+    client: reqwest::Client,
+    failures: u32,
+}
+
+impl HttpClient {
+    /// The client to send the next request with (cheap: a shared handle).
+    pub fn get(&self) -> reqwest::Client {
+        self.lock().client.clone()
+    }
+
+    /// Record whether a request sent with [`Self::get`]'s client got an
+    /// answer (whatever its status).
+    pub fn answered(&self, ok: bool) {
+        let mut state = self.lock();
+        if ok {
+            state.failures = 0;
+            return;
+        }
+        state.failures += 1;
+        if state.failures >= RENEW_AFTER {
+            // Only fails on a configuration that built before.
+            if let Ok(client) = build_http(&self.config, self.timeout) {
+                tracing::debug!(failures = state.failures, "requests keep failing: opening a new connection");
+                *state = Renewing { client, failures: 0 };
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Renewing> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn build_http(config: &ClientConfig, timeout: Duration) -> Result<reqwest::Client, TlsError> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config.clone())
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(30))
+        // After a silent cut TCP backs its retransmissions off for up to
+        // two minutes, and every request queued on the pooled connection
+        // times out meanwhile: drop a connection whose data stays
+        // unacknowledged, so the next request opens a new one.
+        .tcp_user_timeout((timeout * 2).max(Duration::from_secs(1)))
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))
 }

@@ -126,7 +126,7 @@ impl LeaseView {
 #[derive(Debug, Clone)]
 pub struct LeaseClient {
     base: String,
-    http: reqwest::Client,
+    http: crate::peer::tls::HttpClient,
     cluster: String,
     node: String,
     ttl: Duration,
@@ -150,7 +150,9 @@ impl LeaseClient {
 
     /// Send `request` and read a JSON answer; a refusal's text becomes the error.
     async fn call<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> anyhow::Result<T> {
-        let response = request.send().await.with_context(|| format!("calling the witness at {}", self.base))?;
+        let sent = request.send().await;
+        self.http.answered(sent.is_ok());
+        let response = sent.with_context(|| format!("calling the witness at {}", self.base))?;
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
@@ -183,7 +185,7 @@ impl LeaseClient {
             ttl_ms: self.ttl.as_millis() as u64,
             force,
         };
-        match self.call::<LeaseAnswer>(self.http.post(format!("{}/v1/lease", self.base)).json(&req)).await {
+        match self.call::<LeaseAnswer>(self.http.get().post(format!("{}/v1/lease", self.base)).json(&req)).await {
             Ok(answer) => self.view(answer, sent),
             Err(e) => LeaseView::Unreachable(format!("{e:#}")),
         }
@@ -193,7 +195,7 @@ impl LeaseClient {
     pub async fn holder(&self) -> LeaseView {
         let sent = Instant::now();
         let url = format!("{}/v1/lease/{}", self.base, self.cluster);
-        match self.call::<LeaseAnswer>(self.http.get(url)).await {
+        match self.call::<LeaseAnswer>(self.http.get().get(url)).await {
             Ok(answer) => self.view(answer, sent),
             Err(e) => LeaseView::Unreachable(format!("{e:#}")),
         }
@@ -208,7 +210,7 @@ impl LeaseClient {
             node: self.node.clone(),
             sync_standby: sync_standby.map(str::to_string),
         };
-        let answer: SyncAnswer = self.call(self.http.post(format!("{}/v1/sync", self.base)).json(&req)).await?;
+        let answer: SyncAnswer = self.call(self.http.get().post(format!("{}/v1/sync", self.base)).json(&req)).await?;
         if !answer.accepted {
             anyhow::bail!(
                 "the witness at {} refused to record {:?} as the synchronous standby of {}: the lease is held by {}",
@@ -224,7 +226,7 @@ impl LeaseClient {
     /// Give the lease up (planned switchover, shutdown).
     pub async fn release(&self) -> anyhow::Result<()> {
         let req = ReleaseRequest { cluster: self.cluster.clone(), node: self.node.clone() };
-        self.call::<LeaseAnswer>(self.http.post(format!("{}/v1/lease/release", self.base)).json(&req))
+        self.call::<LeaseAnswer>(self.http.get().post(format!("{}/v1/lease/release", self.base)).json(&req))
             .await
             .context("releasing the lease")?;
         Ok(())
