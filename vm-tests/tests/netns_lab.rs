@@ -667,8 +667,10 @@ fn gateway_witness_partition_fences_the_cut_off_leader() {
 }
 
 /// Witness `arbiter`: the witness goes down and comes back while both nodes
-/// are up, and nothing changes. Then node1 is cut off from everyone: its
-/// lease runs out, it fences, and only then does node2 get the lease and lead.
+/// are up, and nothing changes. node1's agent freezes past its lease and
+/// fences when it resumes; the pair forms again by itself. Then the leader
+/// is cut off from everyone: its lease runs out, it fences, and only then
+/// does the other node get the lease and lead.
 #[test]
 fn arbiter_witness_isolated_leader_loses_the_lease() {
     let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
@@ -718,26 +720,59 @@ fn arbiter_witness_isolated_leader_loses_the_lease() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
 
-    lab.isolate("node1").unwrap();
+    // node1's agent freezes (its PostgreSQL keeps serving) until its lease
+    // has run out at the witness. When it resumes it fences, as it must; the
+    // cluster then forms again by itself, one node leading with the lease.
+    // Writes go on meanwhile, so the follower's data moves past the frozen
+    // leader's last checkpoint (and it is the one to lead afterwards).
+    lab.pause_agent("node1").unwrap();
+    let mut n = 0;
+    poll::until("node1's lease to run out at the witness", Duration::from_secs(30), Duration::from_millis(200), || {
+        let key = format!("/lab/arb/paused-{n:04}");
+        if let Ok(r) = put(lab, &key, "v") {
+            assert!(r > rev, "revision went backwards: {r} after {rev}");
+            (rev, n) = (r, n + 1);
+            acked.push(key);
+        }
+        match status(lab, "node2") {
+            Ok(v) if v["witness"]["state"] != "lease held by peer" => Ok(()),
+            other => Err(format!("{:?}", other.map(|v| v["witness"].clone()))),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    lab.resume_agent("node1").unwrap();
+    let (leader, follower) = poll::until("one leader with the lease again", FORM, Duration::from_millis(250), || {
+        let (leader, follower) = probe::roles(lab)?;
+        match status(lab, &leader) {
+            Ok(v) if v["witness"]["state"] == "lease held here" => Ok((leader, follower)),
+            other => Err(format!("{leader}: {:?}", other.map(|v| v["witness"].clone()))),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert_eq!(keys(lab, "/lab/arb/").unwrap(), acked, "acknowledged writes were lost");
+
+    lab.isolate(&leader).unwrap();
     let result = std::thread::scope(|s| {
         let watcher = s.spawn(|| never_two_holders(lab, Duration::from_secs(10)));
-        let took =
-            poll::until("node2 to lead with the lease", Duration::from_secs(40), Duration::from_millis(100), || {
-                match status(lab, "node2") {
-                    Ok(v) if v["role"] == "leader" && v["witness"]["state"] == "lease held here" => Ok(()),
-                    other => Err(format!("{:?}", other.map(|v| (v["role"].clone(), v["witness"].clone())))),
-                }
-            });
+        let took = poll::until(
+            &format!("{follower} to lead with the lease"),
+            Duration::from_secs(40),
+            Duration::from_millis(100),
+            || match status(lab, &follower) {
+                Ok(v) if v["role"] == "leader" && v["witness"]["state"] == "lease held here" => Ok(()),
+                other => Err(format!("{:?}", other.map(|v| (v["role"].clone(), v["witness"].clone())))),
+            },
+        );
         (took, watcher.join())
     });
     result.0.unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
     if let Err(p) = result.1 {
         std::panic::resume_unwind(p);
     }
-    assert_eq!(status(lab, "node1").unwrap()["state"], "fenced");
+    assert_eq!(status(lab, &leader).unwrap()["state"], "fenced");
     assert_eq!(keys(lab, "/lab/arb/").unwrap(), acked, "acknowledged writes were lost");
     lab.heal().unwrap();
-    wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    wait_formed(lab, &follower, &leader, FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
 }
 
 /// `replication: logical` (the design document's mode): the same failover,

@@ -485,6 +485,7 @@ impl Driver {
         };
         let lease_client = &self.lease_client;
         let lease = self.lease.clone();
+        let leading = self.machine.leading();
         let witness_probe = async {
             match cfg.cluster.witness.mode {
                 WitnessMode::None => WitnessView::NoOpinion,
@@ -493,7 +494,7 @@ impl Driver {
                 // does not answer must not delay the heartbeat's news (the
                 // leader's fence deadline counts from it).
                 WitnessMode::Arbiter => match lease_client {
-                    Some(client) => tokio::time::timeout(budget, observe::arbiter(client, &lease))
+                    Some(client) => tokio::time::timeout(budget, observe::arbiter(client, &lease, leading))
                         .await
                         .unwrap_or(WitnessView::ArbiterUnreachable),
                     None => WitnessView::ArbiterUnreachable,

@@ -115,14 +115,25 @@ impl LeaseState {
     }
 }
 
-/// Arbiter mode: our lease if still trusted, else who holds it.
-pub async fn arbiter(client: &LeaseClient, lease: &Mutex<LeaseState>) -> WitnessView {
+/// Arbiter mode: our lease if still trusted, else who holds it; a lease of
+/// ours the witness still has is renewed only while `leading`.
+pub async fn arbiter(client: &LeaseClient, lease: &Mutex<LeaseState>, leading: bool) -> WitnessView {
     let lock = || lease.lock().unwrap_or_else(|p| p.into_inner());
     if lock().held_until.is_some_and(|until| until > Instant::now()) {
         return WitnessView::LeaseHeldByMe;
     }
     let view = client.holder().await;
     let witness = match &view {
+        LeaseView::Mine { sync_standby, .. } if !leading => {
+            // Ours at the witness from when this node led, no longer trusted
+            // here, and this node does not lead (it fenced): not renewed, so
+            // it runs out and the peer can take it, and free as far as this
+            // node taking it again goes (only when its peer votes for it).
+            let last_holder = Some(client.node().to_string());
+            let free = LeaseView::Free { last_holder, sync_standby: sync_standby.clone() };
+            lock().record_view(client.node(), free);
+            return WitnessView::LeaseFree;
+        }
         LeaseView::Mine { .. } => {
             // Held by us at the witness but no longer trusted here: renew first.
             let renewed = client.acquire(false).await;
