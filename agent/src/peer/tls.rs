@@ -101,7 +101,8 @@ impl TlsMaterial {
     pub fn http_client(&self, timeout: Duration) -> Result<HttpClient, TlsError> {
         let config = self.client_config()?;
         let client = build_http(&config, timeout)?;
-        Ok(HttpClient { config, timeout, state: Arc::new(Mutex::new(Renewing { client, failures: 0 })) })
+        let state = Mutex::new(Renewing { client, failures: 0 });
+        Ok(HttpClient(Arc::new(Renewable { config, timeout, state })))
     }
 }
 
@@ -114,10 +115,13 @@ const RENEW_AFTER: u32 = 3;
 /// acknowledges (after the agent was paused, the peer's server sat on the
 /// streams it had queued), and every request on it would time out.
 #[derive(Debug, Clone)]
-pub struct HttpClient {
+pub struct HttpClient(Arc<Renewable>);
+
+#[derive(Debug)]
+struct Renewable {
     config: ClientConfig,
     timeout: Duration,
-    state: Arc<Mutex<Renewing>>,
+    state: Mutex<Renewing>,
 }
 
 #[derive(Debug)]
@@ -143,7 +147,7 @@ impl HttpClient {
         state.failures += 1;
         if state.failures >= RENEW_AFTER {
             // Only fails on a configuration that built before.
-            if let Ok(client) = build_http(&self.config, self.timeout) {
+            if let Ok(client) = build_http(&self.0.config, self.0.timeout) {
                 tracing::debug!(failures = state.failures, "requests keep failing: opening a new connection");
                 *state = Renewing { client, failures: 0 };
             }
@@ -151,7 +155,7 @@ impl HttpClient {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Renewing> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
