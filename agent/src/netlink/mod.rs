@@ -247,7 +247,6 @@ impl NetlinkVip {
             was_held = !removed_from.is_empty(),
             "VIP {vip} released"
         );
-
         Ok(())
     }
 
