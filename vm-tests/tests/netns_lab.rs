@@ -86,12 +86,19 @@ fn write_keys(lab: &Lab, prefix: &str, n: usize, mut max_rev: i64) -> (Vec<Strin
     let mut acked = Vec::new();
     for i in 0..n {
         let key = format!("{prefix}{i:03}");
-        let rev = put(lab, &key, "v").unwrap_or_else(|e| panic!("write {key}: {e}\n{}", logs(lab)));
-        assert!(rev > max_rev, "revision went backwards: {rev} after {max_rev}");
-        max_rev = rev;
-        acked.push(key);
+        put_acked(lab, &key, &mut acked, &mut max_rev).unwrap_or_else(|e| panic!("write {key}: {e}\n{}", logs(lab)));
     }
     (acked, max_rev)
+}
+
+/// Write `key` through the VIP; once acknowledged, its revision must be
+/// above `max_rev`, and it joins `acked`.
+fn put_acked(lab: &Lab, key: &str, acked: &mut Vec<String>, max_rev: &mut i64) -> Result<(), String> {
+    let rev = put(lab, key, "v")?;
+    assert!(rev > *max_rev, "revision went backwards: {rev} after {max_rev}");
+    *max_rev = rev;
+    acked.push(key.to_string());
+    Ok(())
 }
 
 /// `/proc/PID/stat` fields after the command: state, parent, process group.
@@ -700,12 +707,10 @@ fn arbiter_witness_isolated_leader_loses_the_lease() {
     let mut n = 0;
     while outage.elapsed() < Duration::from_secs(9) {
         let key = format!("/lab/arb/outage-{n:04}");
-        let r = put(lab, &key, "v").unwrap_or_else(|e| {
+        put_acked(lab, &key, &mut acked, &mut rev).unwrap_or_else(|e| {
             panic!("write {key} {:?} into the witness outage: {e}\n{}", outage.elapsed(), logs(lab))
         });
-        assert!(r > rev, "revision went backwards: {r} after {rev}");
-        (rev, n) = (r, n + 1);
-        acked.push(key);
+        n += 1;
     }
     let s1 = status(lab, "node1").unwrap();
     assert!(s1["role"] == "leader" && s1["state"] != "fenced", "the leader gave up with its peer there: {s1}");
@@ -728,11 +733,8 @@ fn arbiter_witness_isolated_leader_loses_the_lease() {
     lab.pause_agent("node1").unwrap();
     let mut n = 0;
     poll::until("node1's lease to run out at the witness", Duration::from_secs(30), Duration::from_millis(200), || {
-        let key = format!("/lab/arb/paused-{n:04}");
-        if let Ok(r) = put(lab, &key, "v") {
-            assert!(r > rev, "revision went backwards: {r} after {rev}");
-            (rev, n) = (r, n + 1);
-            acked.push(key);
+        if put_acked(lab, &format!("/lab/arb/paused-{n:04}"), &mut acked, &mut rev).is_ok() {
+            n += 1;
         }
         match status(lab, "node2") {
             Ok(v) if v["witness"]["state"] != "lease held by peer" => Ok(()),
