@@ -385,6 +385,10 @@ impl Lab {
             dir.join("runtime").display().to_string(),
             "--log-level".into(),
             "debug".into(),
+            // Timestamped lines (stderr has none); panics still land in the
+            // same file through the redirection below.
+            "--log-file".into(),
+            dir.join("agent.log").display().to_string(),
         ];
         let env: Vec<(&str, &Path)> = self.k3s.iter().map(|k3s| (geminik8s::k3s::BINARY_ENV, k3s.as_path())).collect();
         self.spawn_with(&host.netns, &dir.join("agent.log"), &argv, &env)
