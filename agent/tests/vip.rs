@@ -77,7 +77,8 @@ impl Lab {
 
     fn address(&self, ns: &str, dev: &str, net: u8, host: u8) {
         ip(&["-n", ns, "addr", "add", &format!("10.199.{net}.{host}/24"), "dev", dev]);
-        ip(&["-n", ns, "addr", "add", &format!("fd00:199:{net}::{host}/64"), "dev", dev]);
+        // No duplicate address detection: a tentative address cannot be used yet.
+        ip(&["-n", ns, "addr", "add", &format!("fd00:199:{net}::{host}/64"), "dev", dev, "nodad"]);
         ip(&["-n", ns, "link", "set", dev, "up"]);
     }
 }
@@ -255,40 +256,59 @@ fn moves_between_nodes(tag: &str, net: u8, vip_addr: IpAddr, prefix: u8) {
     wait_for_neighbour(&lab.b, vip_addr, &mac_a);
 
     // A client on `b` connected to `a` through the VIP: the release resets
-    // it instead of leaving it waiting on an address that went silent
-    // (checked over IPv4; the reset does not depend on the family).
+    // it instead of leaving it waiting on an address that went silent.
     let in_b = InNetns::enter(&lab.b);
     let port = 7400 + u16::from(net);
-    let client = vip_addr.is_ipv4().then(|| connected_client(&in_a, &in_b, vip_addr, port));
+    let client = connected_client(&in_a, &in_b, vip_addr, port);
 
     release(&in_a, &on_a);
-    if let Some(client) = client {
-        let read = std::io::Read::read(&mut &client, &mut [0u8; 1]);
-        assert!(
-            matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-            "the client's connection to the released VIP was not reset: {read:?}"
-        );
-    }
+    let read = std::io::Read::read(&mut &client, &mut [0u8; 1]);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client's connection to the released VIP was not reset: {read:?}"
+    );
+    // `b` still sends to a's MAC: a refuses at once instead of dropping in
+    // silence (which would hold the client for TCP's SYN retransmission).
+    assert_eq!(neighbour(&lab.b, vip_addr).as_deref(), Some(mac_a.as_str()));
+    let refused = connect(&in_b, vip_addr, port);
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "a node without the VIP did not refuse a connection to it: {refused:?}"
+    );
     release(&in_a, &on_a);
     assert_eq!(addresses(&lab.a, "eth0"), before_a, "release removes the VIP and nothing else");
     assert!(!held(&in_a, &on_a));
 
+    // c refuses the VIP (released without holding it) until it takes it.
+    release(&in_c, &on_c);
     take(&in_c, &on_c);
     assert!(held(&in_c, &on_c));
     wait_for_neighbour(&lab.b, vip_addr, &mac_c);
+    let _accepted = connected_client(&in_c, &in_b, vip_addr, port + 100);
     release(&in_c, &on_c);
     assert!(!held(&in_c, &on_c));
 }
 
+/// Connect from `client` to `vip` within a few seconds (the SYN
+/// retransmission a silent drop causes comes after one).
+fn connect(client: &InNetns, vip: IpAddr, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    client.run(async move {
+        match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect((vip, port))).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 3 s")),
+        }
+    })
+}
+
 #[test]
 fn ipv4_vip_moves_between_nodes_by_gratuitous_arp() {
-    require!(root: true, tools: ["ip", "ss"]);
+    require!(root: true, tools: ["ip", "ss", "nft"]);
     moves_between_nodes("v4", 1, "10.199.1.100".parse().unwrap(), 24);
 }
 
 #[test]
 fn ipv6_vip_moves_between_nodes_by_neighbour_advertisement() {
-    require!(root: true, tools: ["ip", "ss"]);
+    require!(root: true, tools: ["ip", "ss", "nft"]);
     moves_between_nodes("v6", 2, "fd00:199:2::100".parse().unwrap(), 64);
 }
 

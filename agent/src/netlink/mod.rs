@@ -11,6 +11,7 @@
 mod addr;
 pub mod garp;
 pub mod ndisc;
+pub mod refuse;
 
 use std::future::Future;
 use std::io;
@@ -91,6 +92,15 @@ pub enum VipError {
         interface: String,
         #[source]
         source: io::Error,
+    },
+    #[error(
+        "not taking {vip}: the nftables rule that refuses it on this node (table netdev {table}) could not be removed, and would reset every connection to it",
+        table = refuse::TABLE
+    )]
+    Unrefuse {
+        vip: IpAddr,
+        #[source]
+        source: crate::cmd::CmdError,
     },
 }
 
@@ -184,6 +194,7 @@ impl NetlinkVip {
         let VipSettings { address: vip, prefix, .. } = self.settings;
         let netlink = Netlink::connect().map_err(VipError::Netlink)?;
         let link = self.resolve(&netlink).await?;
+        refuse::lift().await.map_err(|source| VipError::Unrefuse { vip, source })?;
         let added = netlink.add(link.index, vip, prefix).await.map_err(|source| VipError::Add {
             vip,
             prefix,
@@ -239,6 +250,11 @@ impl NetlinkVip {
                 Ok(Some(link)) => interfaces.push(link.name),
                 _ => interfaces.push(format!("index {ifindex}")),
             }
+        }
+        // Clients that still send here get a reset instead of silence.
+        match self.resolve(&netlink).await {
+            Ok(link) => refuse::refuse(&link.name, vip).await,
+            Err(e) => tracing::warn!(vip = %vip, error = %e, "no interface to refuse the VIP on"),
         }
         tracing::info!(
             event = "vip_released",
