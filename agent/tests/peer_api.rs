@@ -216,6 +216,21 @@ async fn only_the_peer_certificate_is_the_peer() {
     assert!(server.hooks.last_health_call().is_some_and(|t| t >= before), "the peer's heartbeat was not recorded");
     assert_eq!(peer.status().await.unwrap().node, "node1");
     assert_eq!(server.hooks.refused(), 6);
+
+    // Waking the agent loop early is the peer's alone: the operator's call is
+    // refused and leaves no wake-up behind; the peer's leaves exactly one.
+    let err = format!("{:#}", op.wake().await.unwrap_err());
+    assert!(err.contains("403"), "{err}");
+    let woken = |hooks: &ApiHooks| {
+        let notified = hooks.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable()
+    };
+    assert!(!woken(&server.hooks), "the operator's refused call woke the agent loop");
+    peer.wake().await.unwrap();
+    assert!(woken(&server.hooks), "the peer's call did not wake the agent loop");
+    assert!(!woken(&server.hooks), "one call woke the loop twice");
+    assert_eq!(server.hooks.refused(), 7);
 }
 
 #[tokio::test]

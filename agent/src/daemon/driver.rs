@@ -307,6 +307,7 @@ impl Driver {
             n.ready("agent running").context("notifying systemd")?;
         }
         let mut stopping: Option<Instant> = None;
+        let hooks = self.hooks.clone();
         loop {
             if let Some(since) = stopping
                 && (!self.machine.leading() && self.machine.peer_leading() || since.elapsed() > HANDOVER_TIMEOUT)
@@ -342,7 +343,14 @@ impl Driver {
                 Some(done) = self.done_rx.recv() => {
                     self.note_completion(done);
                     self.step(Input::Done(done)).await;
+                    if matches!(done, Completion::HandedOver(Some(_))) {
+                        // The peer promotes once it sees the shutdown
+                        // checkpoint: publish it and tell the peer to look now.
+                        self.publish();
+                        self.wake_peer();
+                    }
                 }
+                () = hooks.wake.notified() => ticker.reset_immediately(),
                 Some(control) = self.control_rx.recv() => match control {
                     Control::Switchover(reply) => {
                         let answer = if self.machine.can_hand_over() {
@@ -742,17 +750,29 @@ impl Driver {
                     let every = self.cfg.cluster.witness.lease_renew;
                     let due = self.lease.lock().unwrap_or_else(|p| p.into_inner()).renewal_due(every);
                     if let (Some(client), true) = (self.lease_client.clone(), due) {
-                        let lease = self.lease.clone();
+                        let (lease, done, started) = (self.lease.clone(), self.done_tx.clone(), self.started);
                         let force = self.machine.forcing();
                         self.spawn_once("lease", async move {
                             let sent = Instant::now();
                             let view = client.acquire(force).await;
                             tracing::debug!(epoch, force, ?view, "lease");
-                            let mut state = lease.lock().unwrap_or_else(|p| p.into_inner());
-                            if matches!(view, crate::witness::LeaseView::Mine { .. }) {
-                                state.renewed_at = Some(sent);
+                            let granted = matches!(view, crate::witness::LeaseView::Mine { .. });
+                            let newly = {
+                                let mut state = lease.lock().unwrap_or_else(|p| p.into_inner());
+                                let was_trusted = state.held_until.is_some_and(|until| until > sent);
+                                if granted {
+                                    state.renewed_at = Some(sent);
+                                }
+                                state.record_view(client.node(), view);
+                                granted && !was_trusted
+                            };
+                            if newly {
+                                // The machine may be waiting on it to lead.
+                                let granted = Completion::LeaseGranted { sent: sent.duration_since(started) };
+                                if done.send(granted).await.is_err() {
+                                    tracing::debug!("the agent loop is gone; the lease grant is not passed on");
+                                }
                             }
-                            state.record_view(client.node(), view);
                         });
                     }
                 }
@@ -975,6 +995,16 @@ impl Driver {
             let done = work.await;
             if tx.send(done).await.is_err() {
                 tracing::debug!("the agent loop ended before a completion arrived");
+            }
+        }));
+    }
+
+    /// Tell the peer to tick now; it learns what changed from its heartbeat.
+    fn wake_peer(&mut self) {
+        let peer = self.peer.clone();
+        self.tasks.push(tokio::spawn(async move {
+            if let Err(e) = peer.wake().await {
+                tracing::debug!(error = %format!("{e:#}"), "waking the peer failed; it looks at its next tick");
             }
         }));
     }

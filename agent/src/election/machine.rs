@@ -578,6 +578,17 @@ impl Machine {
                     None => self.withdraw(now, "PostgreSQL did not shut down cleanly"),
                 }
             }
+            (Mode::Follower, Completion::LeaseGranted { sent }) => {
+                // Decide now, on the last tick's view of the peer plus the
+                // lease, instead of at the next tick: while the peer is
+                // gone, a tick's heartbeat runs to its timeout before the
+                // machine sees anything.
+                self.witness = WitnessView::LeaseHeldByMe;
+                self.last_witness = self.last_witness.max(Some(sent));
+                self.follow_tick(now, out);
+            }
+            // Anyone else sees the lease at the next tick.
+            (_, Completion::LeaseGranted { .. }) => {}
             (_, Completion::RejoinDone) => {
                 self.rejoining = false;
                 self.needs_rejoin = false;

@@ -313,6 +313,11 @@ pub enum Completion {
     HandedOver(Option<WalPosition>),
     RejoinDone,
     RejoinFailed,
+    /// The arbiter granted the lease this node asked for (it did not hold a
+    /// trusted one), on a request sent at `sent` (the machine's clock).
+    LeaseGranted {
+        sent: Duration,
+    },
 }
 
 /// One input to [`Machine::step`].

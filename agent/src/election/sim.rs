@@ -137,7 +137,8 @@ impl FakeArbiter {
         }
     }
 
-    fn acquire(&mut self, node: usize, t: u64) {
+    /// Whether `node` got a lease it did not hold before.
+    fn acquire(&mut self, node: usize, t: u64) -> bool {
         let free = match self.holder {
             Some((h, exp)) => h == node || exp <= t,
             None => true,
@@ -150,7 +151,9 @@ impl FakeArbiter {
             }
             self.holder = Some((node, t + LEASE_TTL_MS));
             self.last_holder = Some(node);
+            return !renewing;
         }
+        false
     }
 
     fn release(&mut self, node: usize) {
@@ -740,8 +743,10 @@ impl Sim {
                 Action::TakeVip => self.set_vip(n, true),
                 Action::ReleaseVip => self.set_vip(n, false),
                 Action::AcquireLease { .. } => {
-                    if self.net.witness_up(n, t) {
-                        self.arbiter.acquire(n, t);
+                    if self.net.witness_up(n, t) && self.arbiter.acquire(n, t) {
+                        // The answer reaches the loop a moment later.
+                        let done = Completion::LeaseGranted { sent: ms(t) };
+                        self.at(t + 5, life, Event::Done { node: n, done });
                     }
                 }
                 Action::ReleaseLease => {

@@ -467,10 +467,25 @@ fn arbiter_follower_acquires_the_lease_before_promoting() {
     let out = tick(&mut b, s(8), Observation { arbiter: Some(other), ..lost(false, WitnessView::LeaseFree) });
     assert_eq!(out, vec![]);
     let us = ArbiterRecord { sync_standby: Some(B.into()), last_holder: Some(A.into()) };
-    let out = tick(&mut b, s(8), Observation { arbiter: Some(us), ..lost(false, WitnessView::LeaseFree) });
+    let free = || Observation { arbiter: Some(us.clone()), ..lost(false, WitnessView::LeaseFree) };
+    let mut early = b.clone();
+    let out = tick(&mut b, s(8), free());
     assert_eq!(out, vec![Action::AcquireLease { epoch: 4 }]);
     let out = tick(&mut b, s(9), lost(false, WitnessView::LeaseHeldByMe));
     assert_eq!(promotes(&out), Some(4));
+
+    // The grant itself lets it promote, without waiting for the next tick;
+    // its fence deadline counts from when the lease was asked for.
+    let out = tick(&mut early, s(8), free());
+    assert_eq!(out, vec![Action::AcquireLease { epoch: 4 }]);
+    let sent = s(8) + Duration::from_millis(2);
+    let out = early.step(sent + Duration::from_millis(5), Input::Done(Completion::LeaseGranted { sent }));
+    assert_eq!(promotes(&out), Some(4), "{out:?}");
+    let fence_timeout = settings(B, WitnessMode::Arbiter).fence_timeout;
+    assert_eq!(early.fence_deadline(), Some(sent + fence_timeout));
+    // A grant that reaches a node which is not following changes nothing at once.
+    let mut a = leader(A, WitnessMode::Arbiter, 3);
+    assert_eq!(a.step(s(1), Input::Done(Completion::LeaseGranted { sent: s(1) })), vec![]);
 }
 
 #[test]

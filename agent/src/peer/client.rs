@@ -114,6 +114,15 @@ impl AgentClient {
         self.get_json("/v1/hostmeta").await
     }
 
+    /// Tell the peer to look at this node now (its next tick would be late).
+    pub async fn wake(&self) -> anyhow::Result<()> {
+        let (status, body) = self.request(hyper::Method::POST, "/v1/wake").await?;
+        match status {
+            204 => Ok(()),
+            _ => bail!("{} refused the wake-up (HTTP {status}): {}", self.describe(), body.trim()),
+        }
+    }
+
     pub async fn status(&self) -> anyhow::Result<NodeStatus> {
         self.get_json("/v1/status").await?.context("the agent has no /v1/status")
     }

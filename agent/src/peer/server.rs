@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `GET /v1/health` | the peer's heartbeat | the peer's certificate |
 //! | `GET /v1/hostmeta` | the peer (arbitration, recovery) | the peer's certificate |
+//! | `POST /v1/wake` | the peer: something it waits on changed, look now | the peer's certificate |
 //! | `GET /v1/status` | operators | the operator's or the peer's certificate + API token |
 //! | `GET /metrics` | Prometheus | the operator's or the peer's certificate + API token |
 //! | `POST /v1/switchover` | operators: planned handover by the leader | the operator's or the peer's certificate + API token |
@@ -59,6 +60,10 @@ pub struct ApiHooks {
     pub last_health_call: Mutex<Option<Instant>>,
     /// The agent's control channel (planned switchover); `None` serves 503.
     pub control: Option<tokio::sync::mpsc::Sender<Control>>,
+    /// Asks the agent loop for a tick now instead of at the next interval:
+    /// the peer changed something this node waits on (its hand-over's
+    /// shutdown checkpoint).
+    pub wake: tokio::sync::Notify,
 }
 
 impl ApiHooks {
@@ -245,6 +250,11 @@ async fn probe_write(State(state): State<AppState>) -> Response {
     }
 }
 
+async fn wake(State(state): State<AppState>) -> Response {
+    state.hooks.wake.notify_one();
+    StatusCode::NO_CONTENT.into_response()
+}
+
 async fn hostmeta(State(state): State<AppState>) -> Response {
     match &read(&state.shared).hostmeta {
         Some(meta) => Json(meta.clone()).into_response(),
@@ -278,6 +288,7 @@ pub fn router(shared: Shared, auth: Auth, hooks: Arc<ApiHooks>) -> Router {
     let peer = Router::new()
         .route("/v1/health", get(health))
         .route("/v1/hostmeta", get(hostmeta))
+        .route("/v1/wake", post(wake))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_peer));
     Router::new().merge(peer).merge(operator).with_state(state)
 }
