@@ -87,10 +87,12 @@ bench-failover kills="20" witness="none,gateway,arbiter":
 
 # Benchmark (root): N planned switchovers (`gemin_k8s failover --promote`, back and forth) per witness mode under
 # writers on the client and both nodes; prints each writer's write pause, the command's own figure, whether the old
-# leader needed pg_rewind, and lost writes (`just bench-switchover 20 none`).
+# leader needed pg_rewind, and lost writes (`just bench-switchover 20 none`). With the K3s stand-in built (or
+# GEMINIK8S_K3S_BINARY), it also measures the pause of Kubernetes writes through the VIP.
 bench-switchover switchovers="20" witness="none,gateway,arbiter":
     cargo build --release -p geminik8s-agent -p geminik8s-vm-tests
-    target/release/bench-failover --switchover --switchovers {{switchovers}} --witness {{witness}} --agent-bin target/release/gemin_k8s
+    k8s=""; if [ -x target/release/k3s-standin ] && command -v kube-apiserver >/dev/null; then k8s=--kubernetes; fi; \
+    GEMINIK8S_K3S_BINARY="${GEMINIK8S_K3S_BINARY:-$PWD/target/release/k3s-standin}" target/release/bench-failover --switchover --switchovers {{switchovers}} --witness {{witness}} --agent-bin target/release/gemin_k8s $k8s
 
 # The chaos suite (root): drawn faults under steady writers in each witness mode; prints the table of
 # docs/reliability.md. `just chaos trials=50 witness="none gateway arbiter"`; other words go to `gemini-lab chaos`

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use geminik8s::config::WitnessMode;
-use geminik8s_vm_tests::chaos::invariants::{gaps, lost_writes};
+use geminik8s_vm_tests::chaos::invariants::lost_writes;
 use geminik8s_vm_tests::chaos::report::{mode_name, percentile};
 use geminik8s_vm_tests::chaos::writers::{Ack, CLIENT, Writer, WriterSpec};
 use geminik8s_vm_tests::chaos::{self, Options, bring_up};
@@ -45,7 +45,8 @@ struct Args {
     #[arg(long)]
     keep: bool,
     /// Also run K3s (the binary in GEMINIK8S_K3S_BINARY, else the stand-in) and measure the kill to
-    /// the first Kubernetes API write accepted through the VIP.
+    /// the first Kubernetes API write accepted through the VIP (with `--switchover`: the pause of
+    /// those writes).
     #[arg(long)]
     kubernetes: bool,
 }
@@ -80,6 +81,11 @@ impl KubeWriter {
     fn first_after(&self, t: Duration) -> Option<Duration> {
         self.acks.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|(sent, _)| *sent > t).map(|(_, at)| *at)
     }
+
+    /// [`pause`] for the Kubernetes writes.
+    fn pause(&self, from: Duration, to: Duration) -> Duration {
+        pause_in(&self.acks.lock().unwrap_or_else(|p| p.into_inner()), from, to)
+    }
 }
 
 /// One failover, measured.
@@ -105,6 +111,8 @@ struct Switchover {
     client_pause: Duration,
     /// The same for the nodes' own writers: the longer of the two.
     node_pause: Duration,
+    /// The same for the Kubernetes writer through the VIP (`--kubernetes`).
+    kubernetes_pause: Option<Duration>,
     /// The command's own figure: the request to the new leader holding the VIP.
     command_ms: u64,
     /// The command's steps, `name ms` each.
@@ -205,7 +213,7 @@ fn bench(lab: &Lab, mode: WitnessMode, args: &Args, bin: &Path) -> anyhow::Resul
         }
         // However the kills end, the writers stop, or the scope would wait for them forever.
         let result = if args.switchover {
-            switchover_loop(lab, mode, kills, &writers, bin, start).map(|s| (Vec::new(), s))
+            switchover_loop(lab, mode, kills, &writers, kube.as_ref(), bin, start).map(|s| (Vec::new(), s))
         } else {
             kill_loop(lab, mode, kills, &writers, kube.as_ref(), start).map(|k| (k, Vec::new()))
         };
@@ -231,9 +239,15 @@ fn rewinds(lab: &Lab, node: &str) -> usize {
 /// The longest time between two acknowledgements of `acks` from `from` on,
 /// up to the first write sent after `to`.
 fn pause(acks: &[Ack], from: Duration, to: Duration) -> Duration {
-    let end = acks.iter().position(|a| a.sent > to).map_or(acks.len(), |i| i + 1);
-    let begin = acks[..end].iter().rposition(|a| a.at <= from).unwrap_or(0);
-    gaps(&acks[begin..end]).into_iter().max().unwrap_or_default()
+    let times: Vec<(Duration, Duration)> = acks.iter().map(|a| (a.sent, a.at)).collect();
+    pause_in(&times, from, to)
+}
+
+/// [`pause`] over `(sent, acknowledged)` times in the order they were sent.
+fn pause_in(times: &[(Duration, Duration)], from: Duration, to: Duration) -> Duration {
+    let end = times.iter().position(|(sent, _)| *sent > to).map_or(times.len(), |i| i + 1);
+    let begin = times[..end].iter().rposition(|(_, at)| *at <= from).unwrap_or(0);
+    times[begin..end].windows(2).map(|w| w[1].1.saturating_sub(w[0].1)).max().unwrap_or_default()
 }
 
 fn switchover_loop(
@@ -241,6 +255,7 @@ fn switchover_loop(
     mode: WitnessMode,
     rounds: usize,
     writers: &[Writer],
+    kube: Option<&KubeWriter>,
     bin: &Path,
     start: Instant,
 ) -> anyhow::Result<Vec<Switchover>> {
@@ -285,6 +300,12 @@ fn switchover_loop(
             if waiting.is_empty() { Ok(()) } else { Err(waiting) }
         })
         .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+        if let Some(k) = kube {
+            until(&format!("a Kubernetes write after switchover {i}"), form, Duration::from_millis(20), || {
+                k.first_after(done).ok_or("none yet")
+            })
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+        }
         let pause_of = |w: &Writer| pause(&w.acks(), asked, done);
         let client = writers.iter().find(|w| w.spec.name == CLIENT).expect("a client writer");
         let node_pause = writers.iter().filter(|w| w.spec.name != CLIENT).map(pause_of).max().unwrap_or_default();
@@ -302,16 +323,18 @@ fn switchover_loop(
             to: follower.clone(),
             client_pause: pause_of(client),
             node_pause,
+            kubernetes_pause: kube.map(|k| k.pause(asked, done)),
             command_ms: report["pause_ms"].as_u64().unwrap_or(0),
             steps,
             rewound: rewinds(lab, &leader) > rewound_before,
         };
         eprintln!(
-            "[{}] switchover {i:>2}/{rounds}: {} -> {}, writes through the VIP paused {} s (command: {} ms){}",
+            "[{}] switchover {i:>2}/{rounds}: {} -> {}, writes through the VIP paused {} s{} (command: {} ms){}",
             mode_name(mode),
             sample.from,
             sample.to,
             secs(sample.client_pause),
+            sample.kubernetes_pause.map(|k| format!(", Kubernetes writes {} s", secs(k))).unwrap_or_default(),
             sample.command_ms,
             if sample.rewound { ", the old leader NEEDED pg_rewind" } else { "" }
         );
@@ -400,16 +423,17 @@ fn report_switchovers(results: &[ModeResult], fast: bool) {
     for r in results {
         println!("\n{}:", mode_name(r.mode));
         println!(
-            "{:>4}  {:<14} {:>9} {:>7} {:>10}  {:<9} steps (ms)",
-            "#", "from -> to", "client_s", "node_s", "command_s", "rewind"
+            "{:>4}  {:<14} {:>9} {:>7} {:>7} {:>10}  {:<9} steps (ms)",
+            "#", "from -> to", "client_s", "node_s", "kube_s", "command_s", "rewind"
         );
         for (i, s) in r.switchovers.iter().enumerate() {
             println!(
-                "{:>4}  {:<14} {:>9} {:>7} {:>10}  {:<9} {}",
+                "{:>4}  {:<14} {:>9} {:>7} {:>7} {:>10}  {:<9} {}",
                 i + 1,
                 format!("{} -> {}", s.from, s.to),
                 secs(s.client_pause),
                 secs(s.node_pause),
+                s.kubernetes_pause.map_or("-".into(), secs),
                 secs(Duration::from_millis(s.command_ms)),
                 if s.rewound { "NEEDED" } else { "no" },
                 s.steps
@@ -417,23 +441,31 @@ fn report_switchovers(results: &[ModeResult], fast: bool) {
         }
     }
     println!(
-        "\n| witness | switchovers | pause p50 s | pause p99 s | pause max s | node pause max s | command p50 s | pg_rewind | acknowledged | lost |"
+        "\n| witness | switchovers | pause p50 s | pause p99 s | pause max s | node pause p50 s | node pause max s | Kubernetes pause p50 s | Kubernetes pause p99 s | command p50 s | pg_rewind | acknowledged | lost |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in results {
         let mut pauses: Vec<Duration> = r.switchovers.iter().map(|s| s.client_pause).collect();
         pauses.sort();
         let Some(max) = pauses.last() else { continue };
         let mut command: Vec<Duration> = r.switchovers.iter().map(|s| Duration::from_millis(s.command_ms)).collect();
         command.sort();
+        let mut node: Vec<Duration> = r.switchovers.iter().map(|s| s.node_pause).collect();
+        node.sort();
+        let mut kube: Vec<Duration> = r.switchovers.iter().filter_map(|s| s.kubernetes_pause).collect();
+        kube.sort();
+        let kube_at = |p: f64| if kube.is_empty() { "-".to_string() } else { secs(percentile(&kube, p)) };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             mode_name(r.mode),
             pauses.len(),
             secs(percentile(&pauses, 50.0)),
             secs(percentile(&pauses, 99.0)),
             secs(*max),
-            secs(r.switchovers.iter().map(|s| s.node_pause).max().unwrap_or_default()),
+            secs(percentile(&node, 50.0)),
+            secs(node.last().copied().unwrap_or_default()),
+            kube_at(50.0),
+            kube_at(99.0),
             secs(percentile(&command, 50.0)),
             r.switchovers.iter().filter(|s| s.rewound).count(),
             r.acked,
@@ -442,9 +474,11 @@ fn report_switchovers(results: &[ModeResult], fast: bool) {
     }
     println!("\npause = the longest time between two acknowledged writes of the writer through the VIP, from the");
     println!("request to its first write after the command returned (etcdctl, a new process per write: its own");
-    println!("start-up counts); node pause = the same for each node's writer through its own Kine; command = the");
-    println!("command's own figure, the request to the new leader holding the VIP; pg_rewind = switchovers after");
-    println!("which the old leader needed pg_rewind or a new copy; lost = acknowledged writes not read back.");
+    println!("start-up counts); node pause = the same for each node's writer through its own Kine (the longer of");
+    println!("the two per switchover); Kubernetes pause = the same for `kubectl create configmap` through the VIP");
+    println!("(with K3s or its stand-in); command = the command's own figure, the request to the new leader");
+    println!("holding the VIP; pg_rewind = switchovers after which the old leader needed pg_rewind or a new copy;");
+    println!("lost = acknowledged writes not read back.");
 }
 
 fn report(results: &[ModeResult], fast: bool) {
