@@ -209,10 +209,7 @@ fn connected_client(server: &InNetns, client: &InNetns, vip: IpAddr, port: u16) 
             std::future::pending::<()>().await
         });
     });
-    let stream = client.run(async move {
-        let stream = tokio::net::TcpStream::connect((vip, port)).await.expect("connecting through the VIP");
-        stream.into_std().expect("a std socket")
-    });
+    let stream = connect(client, vip, port).expect("connecting through the VIP");
     stream.set_nonblocking(false).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     stream
@@ -291,10 +288,10 @@ fn moves_between_nodes(tag: &str, net: u8, vip_addr: IpAddr, prefix: u8) {
 
 /// Connect from `client` to `vip` within a few seconds (the SYN
 /// retransmission a silent drop causes comes after one).
-fn connect(client: &InNetns, vip: IpAddr, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+fn connect(client: &InNetns, vip: IpAddr, port: u16) -> std::io::Result<std::net::TcpStream> {
     client.run(async move {
         match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect((vip, port))).await {
-            Ok(result) => result,
+            Ok(result) => result?.into_std(),
             Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 3 s")),
         }
     })

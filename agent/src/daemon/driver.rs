@@ -759,7 +759,7 @@ impl Driver {
                             let granted = matches!(view, crate::witness::LeaseView::Mine { .. });
                             let newly = {
                                 let mut state = lease.lock().unwrap_or_else(|p| p.into_inner());
-                                let was_trusted = state.held_until.is_some_and(|until| until > sent);
+                                let was_trusted = state.trusted(sent);
                                 if granted {
                                     state.renewed_at = Some(sent);
                                 }

@@ -107,11 +107,15 @@ impl LeaseState {
         self.last = Some(view);
     }
 
+    /// Whether the lease is ours and still trusted at `at`.
+    pub fn trusted(&self, at: Instant) -> bool {
+        self.held_until.is_some_and(|until| until > at)
+    }
+
     /// Whether a renewal is due: the lease is not trusted, or `every` has
     /// passed since the last granted renewal was sent.
     pub fn renewal_due(&self, every: Duration) -> bool {
-        let trusted = self.held_until.is_some_and(|until| until > Instant::now());
-        !trusted || self.renewed_at.is_none_or(|at| at.elapsed() >= every)
+        !self.trusted(Instant::now()) || self.renewed_at.is_none_or(|at| at.elapsed() >= every)
     }
 }
 
@@ -119,7 +123,7 @@ impl LeaseState {
 /// ours the witness still has is renewed only while `leading`.
 pub async fn arbiter(client: &LeaseClient, lease: &Mutex<LeaseState>, leading: bool) -> WitnessView {
     let lock = || lease.lock().unwrap_or_else(|p| p.into_inner());
-    if lock().held_until.is_some_and(|until| until > Instant::now()) {
+    if lock().trusted(Instant::now()) {
         return WitnessView::LeaseHeldByMe;
     }
     let view = client.holder().await;
