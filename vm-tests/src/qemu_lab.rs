@@ -138,7 +138,9 @@ pub fn parse_report(line: &str) -> BTreeMap<String, String> {
 /// (the lab's image carries the K3s stand-in, without a `kube-apiserver`
 /// to run), and a static address on the NIC
 /// with `mac` through systemd-networkd, written before networkd starts.
-pub fn user_data(node_file: &str, mac: &str, ip: IpAddr, prefix: u8) -> anyhow::Result<String> {
+/// `ntp` is the lab's time server, handed to the node's timesyncd through
+/// the network file, as a site names its own.
+pub fn user_data(node_file: &str, mac: &str, ip: IpAddr, prefix: u8, ntp: IpAddr) -> anyhow::Result<String> {
     let mut text = node_file.to_string();
     for (from, to, what) in [
         ("    listen: 127.0.0.1:2379\n", "    listen: 0.0.0.0:2379\n", "geminik8s.kine.listen"),
@@ -157,7 +159,7 @@ pub fn user_data(node_file: &str, mac: &str, ip: IpAddr, prefix: u8) -> anyhow::
         text.push('\n');
     }
     text.push_str(&format!(
-        "write_files:\n  - path: /etc/systemd/network/10-lab.network\n    permissions: \"0644\"\n    content: |\n      # The QEMU lab's static address.\n      [Match]\n      MACAddress={mac}\n\n      [Network]\n      Address={ip}/{prefix}\n"
+        "write_files:\n  - path: /etc/systemd/network/10-lab.network\n    permissions: \"0644\"\n    content: |\n      # The QEMU lab's static address and time server.\n      [Match]\n      MACAddress={mac}\n\n      [Network]\n      Address={ip}/{prefix}\n      NTP={ntp}\n"
     ));
     Ok(text)
 }
@@ -244,7 +246,7 @@ impl QemuLab {
             let node_file = opts.config_dir.join(format!("{name}.yaml"));
             let text =
                 std::fs::read_to_string(&node_file).with_context(|| format!("reading {}", node_file.display()))?;
-            let mut data = user_data(&text, &mac, entry.member.ip, cluster.vip_prefix)
+            let mut data = user_data(&text, &mac, entry.member.ip, cluster.vip_prefix, client_ip)
                 .with_context(|| format!("preparing {}", node_file.display()))?;
             if qemu::accel_choice().accel == qemu::Accel::Tcg {
                 data = emulated_timings(&data);
@@ -311,6 +313,49 @@ impl QemuLab {
         ip(&["-n", SWITCH, "link", "set", "v-client", "up"])?;
         ip(&["-n", CLIENT, "addr", "add", &format!("{}/{}", self.client_ip, self.prefix), "dev", "eth0"])?;
         ip(&["-n", CLIENT, "link", "set", "eth0", "up"])?;
+        self.start_time_server()
+    }
+
+    /// chronyd in the client namespace serves this host's clock to the VMs
+    /// (`-x`: it never sets the clock). Without it each VM keeps the time
+    /// its emulated RTC gave it at boot, whole seconds apart, and a
+    /// switchover refuses on the clock offset, as it should.
+    fn start_time_server(&self) -> anyhow::Result<()> {
+        if crate::skip::find_tool("chronyd").is_none() {
+            bail!("chronyd is missing: install the chrony package (the VMs take their time from it)");
+        }
+        let conf = self.run_dir.join("chrony.conf");
+        let pidfile = self.run_dir.join("chronyd.pid");
+        let _ = std::fs::remove_file(&pidfile); // Left by a killed lab; absent is fine.
+        std::fs::write(
+            &conf,
+            format!(
+                "# The QEMU lab's time server: this host's clock, for the VMs only.\n\
+                 local stratum 8\nallow all\nbindaddress {}\ncmdport 0\npidfile {}\n",
+                self.client_ip,
+                pidfile.display()
+            ),
+        )
+        .with_context(|| format!("writing {}", conf.display()))?;
+        let log_path = self.run_dir.join("chronyd.log");
+        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        // Foreground (-d) under setsid --fork, like QEMU: it outlives `up`
+        // and `down` finds it among the namespace's processes.
+        let status = Command::new("setsid")
+            .args(["--fork", "ip", "netns", "exec", CLIENT, "chronyd", "-x", "-d", "-f"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .context("starting chronyd")?;
+        if !status.success() {
+            bail!("starting chronyd failed ({status}); see {}", log_path.display());
+        }
+        crate::poll::until("chronyd's pid file", Duration::from_secs(10), Duration::from_millis(50), || {
+            if pidfile.exists() { Ok(()) } else { Err(std::fs::read_to_string(&log_path).unwrap_or_default()) }
+        })
+        .map_err(|e| anyhow::anyhow!("chronyd did not start: {e}"))?;
         Ok(())
     }
 
@@ -673,6 +718,14 @@ impl QemuLab {
             let out = ip(&["netns", "pids", SWITCH]).unwrap_or_default();
             pids.extend(out.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
         }
+        if namespaces()?.iter().any(|n| n == CLIENT) {
+            // The time server, and whatever else runs there (a client).
+            let out = ip(&["netns", "pids", CLIENT]).unwrap_or_default();
+            for pid in out.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                sigkill(pid);
+                removed.push(format!("pid {pid} in {CLIENT}"));
+            }
+        }
         pids.sort_unstable();
         pids.dedup();
         for pid in pids.into_iter().filter(|p| qemu_alive(*p)) {
@@ -717,15 +770,17 @@ impl QemuLab {
 mod tests {
     use super::*;
 
+    const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2));
     const NODE_FILE: &str = "#cloud-config\nhostname: node1\ngeminik8s:\n  kine:\n    listen: 127.0.0.1:2379\n  k3s:\n    enabled: true\n    extra_args: []\n";
 
     #[test]
     fn user_data_opens_kine_turns_k3s_off_and_adds_the_network_file() {
-        let text = user_data(NODE_FILE, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24).unwrap();
+        let text = user_data(NODE_FILE, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP).unwrap();
         assert!(text.contains("    listen: 0.0.0.0:2379\n"), "{text}");
         assert!(text.contains("  k3s:\n    enabled: false\n"), "{text}");
         assert!(text.contains("      MACAddress=52:54:00:77:00:01\n"), "{text}");
         assert!(text.contains("      Address=10.77.0.11/24\n"), "{text}");
+        assert!(text.contains("      NTP=10.77.0.2\n"), "{text}");
     }
 
     /// The node file `gemin_k8s init` writes, adapted, passes the agent's
@@ -741,7 +796,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         crate::probe::init_cluster(&bin, &dir.path().join("c"), &[]).unwrap();
         let node = std::fs::read_to_string(dir.path().join("c/node1.yaml")).unwrap();
-        let text = user_data(&node, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24).unwrap();
+        let text = user_data(&node, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP).unwrap();
         let path = dir.path().join("user-data");
         std::fs::write(&path, &text).unwrap();
         let ctx = CheckContext { check_files: false, ..CheckContext::default() };
@@ -764,7 +819,8 @@ mod tests {
 
     #[test]
     fn user_data_refuses_a_file_it_cannot_adapt() {
-        let err = user_data("#cloud-config\ngeminik8s: {}\n", "m", "10.77.0.11".parse().unwrap(), 24).unwrap_err();
+        let err =
+            user_data("#cloud-config\ngeminik8s: {}\n", "m", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP).unwrap_err();
         assert!(err.to_string().contains("geminik8s.kine.listen"), "{err}");
     }
 

@@ -22,8 +22,18 @@ const BOOT: Duration = Duration::from_secs(600);
 /// From both booted to a formed cluster; from a kill to the survivor leading.
 const CONVERGE: Duration = Duration::from_secs(300);
 
-const TOOLS: &[&str] =
-    &["mmdebstrap", "kine", "etcdctl", "qemu-system-x86_64", "qemu-img", "xorriso", "mcopy", "tar2sqfs", "bridge"];
+const TOOLS: &[&str] = &[
+    "mmdebstrap",
+    "kine",
+    "etcdctl",
+    "qemu-system-x86_64",
+    "qemu-img",
+    "xorriso",
+    "mcopy",
+    "tar2sqfs",
+    "bridge",
+    "chronyd",
+];
 
 /// Tears the lab down however the test ends.
 struct Teardown(PathBuf);
