@@ -75,6 +75,8 @@ pub struct Machine {
     arbiter: Option<ArbiterRecord>,
     /// Another host answered for the VIP this tick.
     vip_elsewhere: bool,
+    /// When another host last answered for the VIP (received).
+    vip_heard: Option<Duration>,
     position: Option<WalPosition>,
     handing_over: bool,
     /// Election rounds in which this node, a former leader, lost to the
@@ -118,6 +120,10 @@ pub struct Machine {
     eligible_until: Option<Duration>,
     /// An operator forced a takeover: entitled until it happened.
     forced: bool,
+    /// The vote this node publishes, its generation, and the peer's vote
+    /// generation in the status it was cast on (see [`PeerStatus::vote_gen`]);
+    /// recomputed after every step.
+    own_vote: (Option<String>, u64, Option<u64>),
 }
 
 impl Machine {
@@ -151,6 +157,7 @@ impl Machine {
             witness: WitnessView::NoOpinion,
             arbiter: None,
             vip_elsewhere: false,
+            vip_heard: None,
             position: None,
             handing_over: false,
             losing_rounds: 0,
@@ -171,6 +178,7 @@ impl Machine {
             told_peer_in_sync: false,
             eligible_until: None,
             forced: false,
+            own_vote: (None, rand::random(), None),
         }
     }
 
@@ -218,6 +226,7 @@ impl Machine {
                 }
             }
         }
+        self.note_vote();
         out
     }
 
@@ -250,7 +259,9 @@ impl Machine {
             state: self.state(),
             leading: self.leading(),
             handing_over: self.handing_over,
-            vote: self.vote(),
+            vote: self.own_vote.0.clone(),
+            vote_gen: Some(self.own_vote.1),
+            seen_vote_gen: self.own_vote.2,
             sync_standby: self.sync_standby(),
             eligible: self.mode == Mode::Follower && self.entitled(self.clock),
             handover: if self.handing_over { self.handover } else { None },
@@ -385,9 +396,37 @@ impl Machine {
         self.meta().is_some_and(|m| m.node.role == Role::Leader && !m.fenced)
     }
 
-    /// Whether the peer (heard this tick) votes for this node.
-    fn peer_votes_for_me(&self) -> bool {
+    /// Whether the peer (heard this tick) names this node in its vote.
+    fn peer_vote_names_me(&self) -> bool {
         self.peer.as_ref().and_then(|p| p.vote.as_deref()) == Some(self.s.own_name.as_str())
+    }
+
+    /// Whether the peer (heard this tick) votes for this node, knowing that
+    /// this node votes for itself. Votes follow positions each node learns
+    /// of the other a heartbeat late, so a vote that just flipped can meet
+    /// the peer's vote from before the flip: two nodes acting on such
+    /// crossed votes would both lead (a fenced leader resuming on its
+    /// follower's old vote as the follower takes over on the fenced
+    /// leader's). The peer's vote counts only when cast on this node's
+    /// current vote, for itself: then, of two nodes, at most one can act,
+    /// since each vote would have been cast after the other.
+    fn peer_votes_for_me(&self) -> bool {
+        let Some(peer) = &self.peer else { return false };
+        let (mine, generation, _) = &self.own_vote;
+        self.peer_vote_names_me()
+            && (peer.vote_gen.is_none() // an agent from before vote generations
+                || (mine.as_deref() == Some(self.s.own_name.as_str()) && peer.seen_vote_gen == Some(*generation)))
+    }
+
+    /// After every step: the vote to publish, a new generation when it
+    /// changed, and the peer's generation it was cast on.
+    fn note_vote(&mut self) {
+        let vote = self.vote();
+        if vote != self.own_vote.0 {
+            self.own_vote.0 = vote;
+            self.own_vote.1 = self.own_vote.1.wrapping_add(1);
+        }
+        self.own_vote.2 = self.peer.as_ref().and_then(|p| p.vote_gen);
     }
 
     /// The current hostMeta, when there is a usable one.
@@ -494,6 +533,9 @@ impl Machine {
         }
         self.arbiter = obs.arbiter;
         self.vip_elsewhere = obs.vip_elsewhere == Some(true);
+        if self.vip_elsewhere {
+            self.vip_heard = Some(now);
+        }
         if obs.peer_called_at.is_some() && obs.peer_called_at > self.last_called {
             self.peer_seen = true;
         }
@@ -760,8 +802,12 @@ impl Machine {
         self.misses >= self.s.failure_threshold && self.second_path_down
     }
 
+    /// Whether a leader that may still live has surely fenced: its deadline
+    /// counts from its last contact with this node or the witness, and a
+    /// leader still answering for the VIP may have reached the witness then,
+    /// even while this node heard nothing else from it.
     fn fence_window_passed(&self, now: Duration) -> bool {
-        let last = self.last_contact.max(self.last_called).unwrap_or(now);
+        let last = self.last_contact.max(self.last_called).max(self.vip_heard).unwrap_or(now);
         now.saturating_sub(last) >= self.s.fence_timeout + self.s.promotion_margin
     }
 
@@ -1038,9 +1084,11 @@ impl Machine {
         } else if self.handover_proof(&peer).is_none() {
             // The peer hands over but has not proven (yet) that this node
             // can have everything: no promotion, not even through the lease.
-        } else if self.i_win_against(&peer, pm) && self.peer_votes_for_me() {
-            // The peer hands over, or our claim wins and it agrees (also a
-            // fenced peer whose data is behind ours).
+        } else if self.i_win_against(&peer, pm)
+            && (if peer.handing_over { self.peer_vote_names_me() } else { self.peer_votes_for_me() })
+        {
+            // The peer hands over (it leads no more), or our claim wins and
+            // it agrees (also a fenced peer whose data is behind ours).
             self.lead(now, false, out);
         } else if self.witness == WitnessView::LeaseHeldByMe {
             // The arbiter granted us the lease (the leader lost it): it names

@@ -131,6 +131,16 @@ pub struct PeerStatus {
     /// records. A node leads through an election only with the peer's vote,
     /// so two nodes deciding on different snapshots never both lead.
     pub vote: Option<String>,
+    /// Changes whenever `vote` does (from a random start at each agent
+    /// start). `None` from an agent that predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vote_gen: Option<u64>,
+    /// The peer's `vote_gen` in the status of the peer this vote was cast
+    /// on. A node acts on the peer's vote for it only when that is its
+    /// current one: the vote then knew that this node voted for itself,
+    /// never a vote from before (see `Machine::peer_votes_for_me`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_vote_gen: Option<u64>,
     /// Leader: the standby that has every acknowledged write and may take
     /// over on its own, read from PostgreSQL (its `synchronous_standby_names`
     /// and the standby's `sync_state`). `None` while commits do not wait for

@@ -1416,3 +1416,16 @@ fn random_faults_keep_the_invariants() {
         }
     }
 }
+
+/// Random scenarios in which a leader, cut off from its follower for a
+/// while (a flapping or cut link) but still answering ARP for the VIP,
+/// then lost everything: its fence deadline counted from its last word
+/// with the gateway, while the follower counted the fence window from its
+/// last heartbeat and took the VIP before the leader had let go. The
+/// follower now counts from the last time it heard the VIP answered too.
+#[test]
+fn a_follower_waits_out_the_fence_of_a_leader_it_last_heard_answer_for_the_vip() {
+    for seed in [10u64, 54, 99, 678] {
+        run(&random_scenario(WitnessMode::Gateway, seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1, true));
+    }
+}
