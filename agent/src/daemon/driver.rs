@@ -122,6 +122,8 @@ struct PromotionTiming {
     decided: Instant,
     silent_ms: Option<u64>,
     promoted: Option<Instant>,
+    /// When taking the VIP started and ended (it is taken as the promotion starts).
+    vip: Option<(Instant, Instant)>,
 }
 
 /// Time limit for starting, stopping or restarting a service.
@@ -646,7 +648,8 @@ impl Driver {
                     self.primary_moved();
                     tracing::debug!(epoch, bootstrap, "promoting the datastore");
                     let silent_ms = self.peer_last_heard.map(|t| t.elapsed().as_millis() as u64);
-                    self.promotion = Some(PromotionTiming { decided: Instant::now(), silent_ms, promoted: None });
+                    self.promotion =
+                        Some(PromotionTiming { decided: Instant::now(), silent_ms, promoted: None, vip: None });
                     let not_after = not_after.map(|d| self.started + d);
                     let db = self.subsystems.database.clone();
                     self.background(async move {
@@ -1011,26 +1014,40 @@ impl Driver {
 
     fn note_completion(&mut self, done: Completion) {
         match (done, &mut self.promotion) {
-            (Completion::PromotionDone, Some(p)) => p.promoted = Some(Instant::now()),
-            (Completion::PromotionFailed, _) => self.promotion = None,
+            (Completion::PromotionDone, Some(p)) => {
+                p.promoted = Some(Instant::now());
+                self.note_failover();
+            }
+            (Completion::PromotionFailed | Completion::CatchUpFailed, _) => self.promotion = None,
             _ => {}
         }
     }
 
-    /// The VIP is on this node after a promotion: record the failover's phases.
+    /// The VIP is on this node during a promotion.
     fn note_vip_taken(&mut self, vip_started: Instant) {
-        let Some(p) = self.promotion.take() else { return };
-        let Some(promoted) = p.promoted else { return };
-        let now = Instant::now();
+        if let Some(p) = &mut self.promotion {
+            p.vip.get_or_insert((vip_started, Instant::now()));
+        }
+        self.note_failover();
+    }
+
+    /// Record the failover's phases once the datastore is primary and the VIP here.
+    fn note_failover(&mut self) {
+        let Some(PromotionTiming { decided, silent_ms, promoted: Some(promoted), vip: Some((vip_started, vip_done)) }) =
+            self.promotion
+        else {
+            return;
+        };
+        self.promotion = None;
         self.counters.failovers_total += 1;
         let view = FailoverView {
             at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             from: self.cfg.peer.name.clone(),
             to: self.cfg.node.name.clone(),
-            duration_ms: now.duration_since(p.decided).as_millis() as u64,
-            silent_ms: p.silent_ms,
-            promote_ms: promoted.duration_since(p.decided).as_millis() as u64,
-            vip_ms: now.duration_since(vip_started).as_millis() as u64,
+            duration_ms: promoted.max(vip_done).duration_since(decided).as_millis() as u64,
+            silent_ms,
+            promote_ms: promoted.duration_since(decided).as_millis() as u64,
+            vip_ms: vip_done.duration_since(vip_started).as_millis() as u64,
         };
         tracing::info!(event = "failover_timing", node = %self.cfg.node.name, silent_ms = ?view.silent_ms,
             promote_ms = view.promote_ms, vip_ms = view.vip_ms, "leadership taken");

@@ -585,6 +585,7 @@ impl Machine {
                 tracing::error!(event = "handover_refused", node = %self.s.own_name, checkpoint = ?self.catching_up,
                     "did not replay past the old primary's shutdown checkpoint in time; not promoting");
                 self.refused = self.catching_up.take();
+                self.release_vip(out);
                 self.mode = Mode::Follower;
                 self.retry_at = now + self.s.restart_backoff;
                 self.persist_role(Role::Follower, out);
@@ -595,6 +596,7 @@ impl Machine {
             (Mode::Promoting { .. }, Completion::PromotionFailed) => {
                 tracing::error!(event = "promotion_failed", node = %self.s.own_name, "promotion failed; staying follower");
                 self.catching_up = None;
+                self.release_vip(out);
                 self.mode = Mode::Follower;
                 self.retry_at = now + self.s.restart_backoff;
                 self.persist_role(Role::Follower, out);
@@ -608,6 +610,8 @@ impl Machine {
                 self.rejoining = false;
             }
             (Mode::Demoting, Completion::HandedOver(checkpoint)) => {
+                // PostgreSQL is down: the VIP goes before the peer hears of the checkpoint.
+                self.release_vip(out);
                 self.mode = Mode::Follower;
                 self.needs_rejoin = true;
                 self.rejoining = false;
@@ -908,14 +912,17 @@ impl Machine {
         self.catching_up = catch_up;
         out.push(Action::Promote { epoch, bootstrap: kind == LeadKind::Bootstrap, not_after, catch_up });
         self.mode = Mode::Promoting { epoch };
+        // The VIP comes along at once: until PostgreSQL is primary, clients
+        // reach a datastore that refuses writes and answers with an error,
+        // rather than an address nobody holds. Given back if the promotion fails.
+        self.take_vip_if_free(out);
         true
     }
 
     fn become_follower(&mut self, out: &mut Vec<Action>) {
         let leader = self.s.peer_name.clone();
         tracing::info!(event = "following", node = %self.s.own_name, %leader, "following the peer");
-        out.push(Action::ReleaseVip);
-        self.holds_vip = false;
+        self.release_vip(out);
         self.mode = Mode::Follower;
         // The leader's epoch is adopted once our data follows it (rejoined).
         self.persist_role(Role::Follower, out);
@@ -1136,13 +1143,18 @@ impl Machine {
         self.step_down(false, out);
     }
 
-    /// Release the VIP before anything else, then stop the datastore:
-    /// `clean` through a hand-over's clean shutdown, otherwise at once.
+    /// Stop the datastore: `clean` through a hand-over's clean shutdown,
+    /// otherwise at once, after releasing the VIP. A clean hand-over keeps
+    /// the VIP until PostgreSQL is down (released at `HandedOver`): no write
+    /// can commit once the shutdown has begun, and meanwhile clients get an
+    /// error at once instead of connecting to an address nobody holds (a
+    /// connection attempt there costs a client its own retry back-off).
     fn step_down(&mut self, clean: bool, out: &mut Vec<Action>) {
         let peer_epoch = self.peer.as_ref().and_then(|p| p.meta.as_ref()).map_or(0, |m| m.epoch);
         tracing::warn!(event = "demoting", node = %self.s.own_name, peer_epoch, "the peer outranks this node");
-        out.push(Action::ReleaseVip);
-        self.holds_vip = false;
+        if !clean {
+            self.release_vip(out);
+        }
         if self.s.witness == WitnessMode::Arbiter {
             out.push(Action::ReleaseLease);
         }
@@ -1211,8 +1223,7 @@ impl Machine {
     }
 
     fn fence(&mut self, out: &mut Vec<Action>) {
-        out.push(Action::ReleaseVip);
-        self.holds_vip = false;
+        self.release_vip(out);
         out.push(Action::Fence);
         self.enter_fenced(out);
     }
@@ -1227,12 +1238,20 @@ impl Machine {
         }
     }
 
+    /// Let the VIP go (whether or not this node thinks it holds it: the
+    /// kernel is told either way).
+    fn release_vip(&mut self, out: &mut Vec<Action>) {
+        out.push(Action::ReleaseVip);
+        self.holds_vip = false;
+    }
+
     fn take_vip_if_free(&mut self, out: &mut Vec<Action>) {
         if self.holds_vip {
             return;
         }
-        if self.peer.as_ref().is_some_and(|p| p.leading) {
-            // Never take the VIP while the peer still leads; it steps down first.
+        if self.peer.as_ref().is_some_and(|p| p.leading || p.state == State::Demoting) {
+            // Never take the VIP while the peer still leads, or steps down
+            // (a clean hand-over keeps it until PostgreSQL is down).
             return;
         }
         tracing::info!(event = "taking_vip", node = %self.s.own_name, vip = %self.s.vip, epoch = self.epoch(), "taking the VIP");

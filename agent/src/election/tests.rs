@@ -130,8 +130,9 @@ fn leader_at(me: &str, witness: WitnessMode, epoch: u64, pos: (u32, u64)) -> Mac
         seen(voting(Some(meta(peer, Role::Follower, epoch, Some((1, 90)))), State::Follower, me), w),
     );
     assert!(promotes(&out).is_some(), "{out:?}");
+    assert_eq!(out.last(), Some(&Action::TakeVip), "the VIP comes along as the promotion starts: {out:?}");
     let out = m.step(s(0), Input::Done(Completion::PromotionDone));
-    assert_eq!(out, vec![Action::TakeVip]);
+    assert_eq!(out, vec![]);
     assert_eq!(m.state(), State::Leader);
     m
 }
@@ -158,7 +159,8 @@ fn fresh_cluster_bootstrap_leader_leads_at_epoch_1() {
     let out = tick(&mut a, s(0), seen(status(None, State::Election), WitnessView::NoOpinion));
     assert!(matches!(&out[0], Action::PersistHostMeta(m) if m.epoch == 1 && m.node.role == Role::Leader), "{out:?}");
     assert_eq!(promotes(&out), Some(1));
-    assert_eq!(a.step(s(0), Input::Done(Completion::PromotionDone)), vec![Action::TakeVip]);
+    assert_eq!(out.last(), Some(&Action::TakeVip), "{out:?}");
+    assert_eq!(a.step(s(0), Input::Done(Completion::PromotionDone)), vec![]);
 
     let mut b = Machine::new(settings(B, WitnessMode::None), LocalMeta::Missing);
     assert_eq!(tick(&mut b, s(0), seen(status(None, State::Election), WitnessView::NoOpinion)), vec![]);
@@ -415,7 +417,8 @@ fn follower_promotion_needs_misses_second_path_witness_fence_window_and_entitlem
                 Action::Promote { epoch: 4, bootstrap: false, not_after: window, catch_up: None }
             );
             assert_eq!(b.state(), State::Promoting);
-            assert_eq!(b.step(s(41), Input::Done(Completion::PromotionDone)), vec![Action::TakeVip]);
+            assert!(b.holds_vip(), "{name}: the VIP comes along as the promotion starts");
+            assert_eq!(b.step(s(41), Input::Done(Completion::PromotionDone)), vec![]);
         }
     }
     // Fewer than `failure_threshold` misses in a row never promote, however long.
@@ -637,16 +640,27 @@ fn never_takes_the_vip_while_the_peer_leads() {
     assert!(!out.contains(&Action::TakeVip), "{out:?}");
     assert_eq!(out.first(), Some(&Action::ReleaseVip));
 
-    // Promotion finishes while a peer with a lower claim still leads: lead,
-    // but take the VIP only after the peer stepped down.
+    // Promotion finishes while a peer with a lower claim still leads (it
+    // came back after this node decided, on its silence, and took the VIP):
+    // lead and keep the VIP; the peer steps down.
     let mut b = follower(B, WitnessMode::None, 3);
-    ticks(&mut b, 1, 10, || lost(false, WitnessView::NoOpinion));
+    let out = ticks(&mut b, 1, 10, || lost(false, WitnessView::NoOpinion));
+    assert!(out.iter().any(|(_, a)| *a == Action::TakeVip), "{out:?}");
     let old = meta(A, Role::Leader, 3, None);
     tick(&mut b, s(11), seen(status(Some(old.clone()), State::Leader), WitnessView::NoOpinion));
     assert_eq!(b.step(s(11), Input::Done(Completion::PromotionDone)), vec![]);
-    assert_eq!(tick(&mut b, s(12), seen(status(Some(old.clone()), State::Leader), WitnessView::NoOpinion)), vec![]);
-    let out = tick(&mut b, s(13), seen(status(Some(old), State::Demoting), WitnessView::NoOpinion));
-    assert_eq!(out, vec![Action::TakeVip]);
+    assert_eq!((b.state(), b.holds_vip()), (State::Leader, true));
+    assert_eq!(tick(&mut b, s(12), seen(status(Some(old), State::Demoting), WitnessView::NoOpinion)), vec![]);
+
+    // A node starting to lead while the peer still steps down (a clean
+    // hand-over keeps the VIP until its PostgreSQL is down) waits for it.
+    let mut a = Machine::new(settings(A, WitnessMode::None), LocalMeta::Loaded(meta(A, Role::Leader, 5, None)));
+    let demoting = voting(Some(meta(B, Role::Leader, 4, None)), State::Demoting, A);
+    let out = tick(&mut a, s(0), seen(demoting.clone(), WitnessView::NoOpinion));
+    assert_eq!((promotes(&out), out.contains(&Action::TakeVip)), (Some(5), false), "{out:?}");
+    assert_eq!(a.step(s(0), Input::Done(Completion::PromotionDone)), vec![]);
+    let following = voting(Some(meta(B, Role::Follower, 4, None)), State::Follower, A);
+    assert_eq!(tick(&mut a, s(1), seen(following, WitnessView::NoOpinion)), vec![Action::TakeVip]);
 }
 
 #[test]
@@ -727,7 +741,7 @@ fn planned_switchover() {
     assert_eq!(a.status().sync_standby.as_deref(), Some(B));
     assert!(a.can_hand_over());
     let out = a.step(s(1), Input::Switchover);
-    assert_eq!(&out[..3], &[Action::ReleaseVip, Action::ReleaseLease, Action::HandOver], "{out:?}");
+    assert_eq!(&out[..2], &[Action::ReleaseLease, Action::HandOver], "{out:?}");
     assert_eq!(a.status().handover, Some(HandOver::Stopping));
     // No promotion before the old primary has shut down cleanly, not even
     // with the lease.
@@ -741,7 +755,8 @@ fn planned_switchover() {
     let out = tick(&mut b, s(1), seen(a.status(), WitnessView::LeaseHeldByMe));
     assert_eq!(promotes(&out), Some(4));
     assert!(out.contains(&Action::Promote { epoch: 4, bootstrap: false, not_after: None, catch_up: Some(checkpoint) }));
-    assert_eq!(b.step(s(1), Input::Done(Completion::PromotionDone)), vec![Action::TakeVip]);
+    assert!(out.contains(&Action::TakeVip), "{out:?}");
+    assert_eq!(b.step(s(1), Input::Done(Completion::PromotionDone)), vec![]);
     let out = tick(&mut a, s(2), seen(b.status(), WitnessView::LeaseHeldByPeer));
     assert_eq!(out, vec![Action::Rejoin { leader: B.into() }]);
     assert_eq!(a.meta().unwrap().epoch, 3, "the new epoch is adopted once rejoined");
@@ -1051,7 +1066,10 @@ fn handing_over() -> (Machine, Machine, WalPosition) {
     let mut b = follower(B, WitnessMode::None, 3);
     tick(&mut a, s(1), Observation { replication: Some(in_sync()), ..seen(b.status(), WitnessView::NoOpinion) });
     let out = a.step(s(1), Input::Switchover);
-    assert_eq!(&out[..2], &[Action::ReleaseVip, Action::HandOver], "{out:?}");
+    // The VIP stays while PostgreSQL shuts down: no write commits past the
+    // shutdown's start, and clients get an error rather than silence.
+    assert_eq!(&out[..1], &[Action::HandOver], "{out:?}");
+    assert!(a.holds_vip(), "{out:?}");
     tick(&mut b, s(1), seen(a.status(), WitnessView::NoOpinion));
     (a, b, WalPosition { timeline: 1, lsn: Lsn(8192) })
 }
@@ -1065,9 +1083,12 @@ fn a_planned_switchover_promotes_only_past_the_clean_shutdown() {
         assert_eq!(promotes(&out), None, "{t}: {out:?}");
         tick(&mut a, s(t), seen(b.status(), WitnessView::NoOpinion));
     }
-    a.step(s(30), Input::Done(Completion::HandedOver(Some(checkpoint))));
+    let out = a.step(s(30), Input::Done(Completion::HandedOver(Some(checkpoint))));
+    assert_eq!(out, vec![Action::ReleaseVip], "the VIP goes before the peer hears of the checkpoint");
     let out = tick(&mut b, s(31), seen(a.status(), WitnessView::NoOpinion));
-    assert!(out.contains(&Action::Promote { epoch: 4, bootstrap: false, not_after: None, catch_up: Some(checkpoint) }));
+    let promote = Action::Promote { epoch: 4, bootstrap: false, not_after: None, catch_up: Some(checkpoint) };
+    let at = out.iter().position(|a| *a == promote).unwrap_or_else(|| panic!("no promotion: {out:?}"));
+    assert_eq!(out.get(at + 1), Some(&Action::TakeVip), "the VIP comes along as the promotion starts: {out:?}");
     let out = tick(&mut a, s(31), seen(b.status(), WitnessView::NoOpinion));
     assert!(out.is_empty(), "no rejoin of a peer that is not primary yet: {out:?}");
     b.step(s(31), Input::Done(Completion::PromotionDone));

@@ -185,7 +185,8 @@ pub struct FailoverView {
     pub at: String,
     pub from: String,
     pub to: String,
-    /// From the promotion decision to the VIP taken: `promote_ms + vip_ms`.
+    /// From the promotion decision to the datastore primary with the VIP
+    /// here (the VIP is taken as the promotion starts).
     pub duration_ms: u64,
     /// Silence before the decision: from the last word from the peer (heartbeat,
     /// second path or its calls) to the decision to promote. `None` at bootstrap.
