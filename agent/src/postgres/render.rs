@@ -154,6 +154,10 @@ pub fn render_conf(settings: &Settings, role: ServerRole) -> String {
     // agent's own heartbeats decide everything else.
     set("wal_sender_timeout", conf_value("10s"));
     set("wal_receiver_timeout", conf_value("10s"));
+    // A standby whose primary went away (restarted, fenced and resumed)
+    // tries again after 1 s, not PostgreSQL's 5 s: synchronous commits wait
+    // for it meanwhile.
+    set("wal_retrieve_retry_interval", conf_value("1s"));
     // TLS with the node's certificate; pg_hba.conf takes the network roles
     // only over TLS.
     let tls = |file: &str| conf_value(&settings.tls_dir().join(file).to_string_lossy());
@@ -305,6 +309,7 @@ hot_standby_feedback = on
 synchronous_commit = on
 wal_sender_timeout = '10s'
 wal_receiver_timeout = '10s'
+wal_retrieve_retry_interval = '1s'
 ssl = on
 ssl_cert_file = '/run/geminik8s/postgres-node-a/tls/node.crt'
 ssl_key_file = '/run/geminik8s/postgres-node-a/tls/node.key'
