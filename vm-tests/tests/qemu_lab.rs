@@ -193,6 +193,12 @@ fn leader_killed_follower_promotes_old_leader_rejoins_and_both_reboot_with_the_d
         fail(&lab, &format!("the switchover to {leader} did not happen: {report:#}"));
     }
     eprintln!("MEASURED switchover {follower} -> {leader} (the command's pause): {} ms", report["pause_ms"]);
+    let clock =
+        report["checks"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "clock offset between the nodes"));
+    eprintln!(
+        "MEASURED clock offset between the VMs (the lab's time server): {}",
+        clock.map_or("-".into(), |c| c["value"].to_string())
+    );
     for i in 0..10 {
         let key = format!("/lab/switched/{i:02}");
         put_until_acked(&lab, &key, Duration::from_secs(30));
