@@ -111,6 +111,15 @@ pub fn namespaces() -> anyhow::Result<Vec<String>> {
     Ok(labstate::namespaces()?.into_iter().filter(|n| n.starts_with("gq-")).collect())
 }
 
+/// The processes in namespace `ns`, if it is among `existing`.
+fn netns_pids(existing: &[String], ns: &str) -> Vec<u32> {
+    if !existing.iter().any(|n| n == ns) {
+        return Vec::new();
+    }
+    let out = ip(&["netns", "pids", ns]).unwrap_or_default();
+    out.lines().filter_map(|l| l.trim().parse::<u32>().ok()).collect()
+}
+
 /// Whether `pid` is a live (not zombie) QEMU.
 pub fn qemu_alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
@@ -713,18 +722,13 @@ impl QemuLab {
         let mut removed = Vec::new();
         let lab = QemuLab::load(run_dir).ok();
         let mut pids: Vec<u32> = lab.iter().flat_map(|l| l.nodes.iter().filter_map(|n| n.pid)).collect();
-        if namespaces()?.iter().any(|n| n == SWITCH) {
-            // QEMU processes started by a lab whose state file is gone.
-            let out = ip(&["netns", "pids", SWITCH]).unwrap_or_default();
-            pids.extend(out.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
-        }
-        if namespaces()?.iter().any(|n| n == CLIENT) {
-            // The time server, and whatever else runs there (a client).
-            let out = ip(&["netns", "pids", CLIENT]).unwrap_or_default();
-            for pid in out.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                sigkill(pid);
-                removed.push(format!("pid {pid} in {CLIENT}"));
-            }
+        let existing = namespaces()?;
+        // QEMU processes started by a lab whose state file is gone.
+        pids.extend(netns_pids(&existing, SWITCH));
+        // The time server, and whatever else runs there (a client).
+        for pid in netns_pids(&existing, CLIENT) {
+            sigkill(pid);
+            removed.push(format!("pid {pid} in {CLIENT}"));
         }
         pids.sort_unstable();
         pids.dedup();

@@ -120,10 +120,17 @@ pub struct Machine {
     eligible_until: Option<Duration>,
     /// An operator forced a takeover: entitled until it happened.
     forced: bool,
-    /// The vote this node publishes, its generation, and the peer's vote
-    /// generation in the status it was cast on (see [`PeerStatus::vote_gen`]);
-    /// recomputed after every step.
-    own_vote: (Option<String>, u64, Option<u64>),
+    /// The vote this node publishes, recomputed after every step.
+    own_vote: OwnVote,
+}
+
+/// A node's published vote with its generation and the peer's generation
+/// it was cast on (see [`PeerStatus::vote_gen`]).
+#[derive(Debug, Clone)]
+struct OwnVote {
+    vote: Option<String>,
+    generation: u64,
+    seen: Option<u64>,
 }
 
 impl Machine {
@@ -178,7 +185,7 @@ impl Machine {
             told_peer_in_sync: false,
             eligible_until: None,
             forced: false,
-            own_vote: (None, rand::random(), None),
+            own_vote: OwnVote { vote: None, generation: rand::random(), seen: None },
         }
     }
 
@@ -259,9 +266,9 @@ impl Machine {
             state: self.state(),
             leading: self.leading(),
             handing_over: self.handing_over,
-            vote: self.own_vote.0.clone(),
-            vote_gen: Some(self.own_vote.1),
-            seen_vote_gen: self.own_vote.2,
+            vote: self.own_vote.vote.clone(),
+            vote_gen: Some(self.own_vote.generation),
+            seen_vote_gen: self.own_vote.seen,
             sync_standby: self.sync_standby(),
             eligible: self.mode == Mode::Follower && self.entitled(self.clock),
             handover: if self.handing_over { self.handover } else { None },
@@ -412,21 +419,21 @@ impl Machine {
     /// since each vote would have been cast after the other.
     fn peer_votes_for_me(&self) -> bool {
         let Some(peer) = &self.peer else { return false };
-        let (mine, generation, _) = &self.own_vote;
+        let mine = &self.own_vote;
         self.peer_vote_names_me()
             && (peer.vote_gen.is_none() // an agent from before vote generations
-                || (mine.as_deref() == Some(self.s.own_name.as_str()) && peer.seen_vote_gen == Some(*generation)))
+                || (mine.vote.as_deref() == Some(self.s.own_name.as_str()) && peer.seen_vote_gen == Some(mine.generation)))
     }
 
     /// After every step: the vote to publish, a new generation when it
     /// changed, and the peer's generation it was cast on.
     fn note_vote(&mut self) {
         let vote = self.vote();
-        if vote != self.own_vote.0 {
-            self.own_vote.0 = vote;
-            self.own_vote.1 = self.own_vote.1.wrapping_add(1);
+        if vote != self.own_vote.vote {
+            self.own_vote.vote = vote;
+            self.own_vote.generation = self.own_vote.generation.wrapping_add(1);
         }
-        self.own_vote.2 = self.peer.as_ref().and_then(|p| p.vote_gen);
+        self.own_vote.seen = self.peer.as_ref().and_then(|p| p.vote_gen);
     }
 
     /// The current hostMeta, when there is a usable one.
