@@ -91,7 +91,7 @@ impl K3sSettings {
             node_ip: config.node.ip,
             vip: config.cluster.vip,
             token: config.k3s.token.clone(),
-            datastore_endpoint: format!("http://{}", config.kine.listen),
+            datastore_endpoint: crate::kine::etcd_endpoint(config.kine.listen),
             data_dir: config.k3s.data_dir.clone(),
             config_dir: config.k3s.config_dir.clone(),
             extra_args: config.k3s.extra_args.clone(),
@@ -327,6 +327,14 @@ mod tests {
         assert_eq!(settings.kubeconfig_path(), Path::new("/run/lab/a/etc/geminik8s.yaml"));
         let argv = settings.spec().expanded_argv().unwrap();
         assert_eq!(argv[14..18], ["--data-dir", "/run/lab/a/k3s", "--write-kubeconfig", "/run/lab/a/etc/k3s.yaml"]);
+    }
+
+    #[test]
+    fn a_kine_on_every_address_is_reached_on_loopback() {
+        let open = crate::config::fixture::config(serde_json::json!({
+            "k3s": {"token": "k3s-token"}, "kine": {"listen": "0.0.0.0:2379"},
+        }));
+        assert_eq!(K3sSettings::from_config(&open, Path::new("/logs")).datastore_endpoint, "http://127.0.0.1:2379");
     }
 
     #[test]

@@ -124,15 +124,7 @@ impl KineSettings {
     /// The etcd endpoint Kine serves, for K3s and for health probes (loopback
     /// when Kine listens on all addresses).
     pub fn etcd_endpoint(&self) -> String {
-        let mut addr = self.listen;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(if addr.is_ipv4() {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            });
-        }
-        format!("http://{addr}")
+        etcd_endpoint(self.listen)
     }
 
     /// The fixed shape of Kine's command line (the unit file's `ExecStart=`).
@@ -259,6 +251,21 @@ fn grpc_frame(msg: &[u8]) -> Vec<u8> {
     frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
     frame.extend_from_slice(msg);
     frame
+}
+
+/// The etcd endpoint of a Kine listening on `listen`, as local clients
+/// (K3s, the health probe) reach it: loopback when it listens on all
+/// addresses.
+pub fn etcd_endpoint(listen: std::net::SocketAddr) -> String {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    format!("http://{addr}")
 }
 
 /// When a failing Kine is restarted.

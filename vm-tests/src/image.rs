@@ -2,7 +2,8 @@
 //! spec in `image/specs/default.yaml`, pointed at this machine's Debian
 //! mirror and the artifacts at hand (the workspace's `gemin_k8s`, the
 //! installed Kine, and the K3s stand-in in place of K3s, which cannot be
-//! downloaded on every build host).
+//! downloaded on every build host, with the `kube-apiserver` it runs when
+//! `just deps` built one).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use gemin_image::build::{BuildOptions, build};
 use gemin_image::cache::Cache;
 use gemin_image::manifest::BuildManifest;
 use gemin_image::progress::{Mode, Progress};
-use gemin_image::spec::{ArtifactSource, Base, ImageSpec, OutputFormat};
+use gemin_image::spec::{ArtifactSource, ArtifactSpec, Base, ImageSpec, OutputFormat};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
@@ -144,11 +145,24 @@ impl BuiltImage {
     pub fn path(&self, format: OutputFormat) -> PathBuf {
         gemin_image::disk::output_path(&self.out_dir, "geminik8s", format)
     }
+
+    /// Whether K3s can serve in this image: it carries the stand-in's
+    /// `kube-apiserver` (a real K3s needs nothing more, but cannot be
+    /// downloaded where these images are built).
+    pub fn runs_kubernetes(&self) -> bool {
+        self.manifest.artifacts.iter().any(|a| a.name == "kube-apiserver")
+    }
 }
+
+/// Where a test or lab image carries the stand-in's `kube-apiserver` (on
+/// the K3s unit's `PATH`).
+pub const KUBE_APISERVER_DEST: &str = "/usr/local/bin/kube-apiserver";
 
 /// Build the default image with its bootable outputs into `dir` (kept
 /// between runs: an unchanged build is skipped). The agent goes in
-/// stripped, as a release image would carry it; K3s is [`k3s_artifact`].
+/// stripped, as a release image would carry it; K3s is [`k3s_artifact`],
+/// and with the stand-in comes the `kube-apiserver` it runs, when there is
+/// one ([`BuiltImage::runs_kubernetes`]).
 pub async fn build_default_image(dir: &Path, progress: &Progress) -> anyhow::Result<BuiltImage> {
     let agent = agent_binary().context("no gemin_k8s in target/: run `cargo build -p geminik8s-agent`")?;
     let kine = crate::skip::find_tool("kine").context("kine is not installed: run `just deps`")?;
@@ -156,7 +170,15 @@ pub async fn build_default_image(dir: &Path, progress: &Progress) -> anyhow::Res
     let stripped = dir.join("gemin_k8s");
     strip_into(&agent, &stripped)?;
     let k3s = k3s_artifact(dir)?;
-    let spec = default_spec(&host_mirror(), &kine, &stripped, &k3s, &test_apt_cache())?;
+    let mut spec = default_spec(&host_mirror(), &kine, &stripped, &k3s, &test_apt_cache())?;
+    if let Some(apiserver) = k3s_standin_binary().and(crate::k3s_standin::apiserver_binary().ok()) {
+        spec.artifacts.push(ArtifactSpec {
+            name: "kube-apiserver".into(),
+            source: ArtifactSource::Path { path: apiserver, sha256: None },
+            dest: KUBE_APISERVER_DEST.into(),
+            mode: 0o755,
+        });
+    }
     let cache = Cache::new(dir.join("cache"))?;
     let out_dir = dir.join("out");
     let opts = BuildOptions {

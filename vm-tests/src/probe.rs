@@ -253,6 +253,24 @@ pub fn failover_with(
     Ok((out.status.success(), report))
 }
 
+/// `gemin_k8s kubeconfig --write DEST` on a lab's client host (`exec` runs
+/// the command line there) with the cluster file from `init`, as an
+/// operator fetches K3s's kubeconfig for the VIP from the agents.
+pub fn fetch_kubeconfig(
+    bin: &Path,
+    config_dir: &Path,
+    dest: &Path,
+    exec: impl FnOnce(&[&str]) -> Result<std::process::Output, String>,
+) -> Result<PathBuf, String> {
+    let cluster = config_dir.join(geminik8s::clusterfile::FILE_NAME);
+    let (bin, cluster, to) = (bin.to_string_lossy(), cluster.to_string_lossy(), dest.to_string_lossy());
+    let out = exec(&[&*bin, "--config", &*cluster, "kubeconfig", "--timeout", "10s", "--write", &*to])?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(dest.to_path_buf())
+}
+
 /// `gemin_k8s init` for the lab's addresses, into `dir`.
 pub fn init_cluster(bin: &Path, dir: &Path, extra: &[&str]) -> Result<(), String> {
     let out = Command::new(bin)
@@ -269,4 +287,42 @@ pub fn init_cluster(bin: &Path, dir: &Path, extra: &[&str]) -> Result<(), String
         .output()
         .map_err(|e| e.to_string())?;
     if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+}
+
+/// `kubectl` in namespace `ns` with `kubeconfig` (a 5 s request limit):
+/// its JSON answer (`Null` when it prints nothing), or its error output.
+pub fn kubectl_in(ns: &str, kubeconfig: &Path, args: &[&str]) -> Result<Value, String> {
+    let kc = kubeconfig.to_string_lossy();
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "kubectl", "--kubeconfig", &kc, "--request-timeout=5s"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running kubectl in {ns}: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    if out.stdout.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// A Kubernetes object's `resourceVersion` (Kine's revision) as a number.
+pub fn resource_version(object: &Value) -> Result<u64, String> {
+    object["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no resourceVersion in {object}"))
+}
+
+/// The events of a watch stream (`kubectl get --raw '...?watch=1'`): whether
+/// it delivered an `ADDED` event for `name`, and whether it ended with
+/// "resource version too old" (410), after which a client relists.
+pub fn watch_outcome(stream: &str, name: &str) -> (bool, bool) {
+    // A stream cut off mid-event still counts for the events before the cut.
+    let events: Vec<Value> = serde_json::Deserializer::from_str(stream).into_iter().map_while(Result::ok).collect();
+    let delivered = events.iter().any(|e| e["type"] == "ADDED" && e["object"]["metadata"]["name"] == name);
+    let too_old = events.iter().any(|e| e["type"] == "ERROR" && e["object"]["code"] == 410);
+    (delivered, too_old)
 }

@@ -71,6 +71,9 @@ pub struct QemuLab {
     pub client_ip: IpAddr,
     pub memory_mib: u32,
     pub cpus: u32,
+    /// Whether the nodes run K3s (the image can serve the Kubernetes API).
+    #[serde(default)]
+    pub kubernetes: bool,
     pub nodes: Vec<Node>,
 }
 
@@ -87,6 +90,10 @@ pub struct UpOptions {
     /// `image_dir` (cached: an unchanged build is skipped).
     pub image: Option<PathBuf>,
     pub image_dir: PathBuf,
+    /// Whether the nodes run K3s: `None` turns it on when the built image
+    /// can serve the Kubernetes API ([`crate::image::BuiltImage::runs_kubernetes`]),
+    /// off for a given image.
+    pub k3s: Option<bool>,
     pub memory_mib: u32,
     pub cpus: u32,
     /// For each VM to print its boot report.
@@ -104,6 +111,11 @@ pub struct UpReport {
     pub leader: String,
     /// From starting the VMs to a formed cluster answering through the VIP.
     pub formed_after: Duration,
+    /// With K3s on: the kubeconfig for the VIP, fetched once the Kubernetes
+    /// API answered through it.
+    pub kubeconfig: Option<PathBuf>,
+    /// From starting the VMs to that answer (or to the formed cluster).
+    pub kubernetes_after: Duration,
 }
 
 /// The lab's namespaces that exist now.
@@ -143,17 +155,19 @@ pub fn parse_report(line: &str) -> BTreeMap<String, String> {
 }
 
 /// A node file from `gemin_k8s init` made into the VM's user-data: Kine
-/// listening on every address (the VIP reaches the leader's), K3s off
-/// (the lab's image carries the K3s stand-in, without a `kube-apiserver`
-/// to run), and a static address on the NIC
+/// listening on every address (the VIP reaches the leader's), K3s as
+/// `init` wrote it (on) when `k3s`, else off (an image without a K3s that
+/// can serve), and a static address on the NIC
 /// with `mac` through systemd-networkd, written before networkd starts.
 /// `ntp` is the lab's time server, handed to the node's timesyncd through
 /// the network file, as a site names its own.
-pub fn user_data(node_file: &str, mac: &str, ip: IpAddr, prefix: u8, ntp: IpAddr) -> anyhow::Result<String> {
+pub fn user_data(node_file: &str, mac: &str, ip: IpAddr, prefix: u8, ntp: IpAddr, k3s: bool) -> anyhow::Result<String> {
     let mut text = node_file.to_string();
+    let (k3s_on, k3s_off) = ("  k3s:\n    enabled: true\n", "  k3s:\n    enabled: false\n");
+    let k3s_edit = if k3s { (k3s_off, k3s_on) } else { (k3s_on, k3s_off) };
     for (from, to, what) in [
         ("    listen: 127.0.0.1:2379\n", "    listen: 0.0.0.0:2379\n", "geminik8s.kine.listen"),
-        ("  k3s:\n    enabled: true\n", "  k3s:\n    enabled: false\n", "geminik8s.k3s.enabled"),
+        (k3s_edit.0, k3s_edit.1, "geminik8s.k3s.enabled"),
     ] {
         if text.contains(from) {
             text = text.replacen(from, to, 1);
@@ -233,11 +247,13 @@ impl QemuLab {
         }
         let run_dir = std::path::absolute(&opts.run_dir)?;
         std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-        let image = match &opts.image {
-            Some(path) => path.clone(),
-            None => crate::image::build_default_image_blocking(&opts.image_dir)
-                .context("building the default image")?
-                .path(gemin_image::spec::OutputFormat::Qcow2),
+        let (image, kubernetes) = match &opts.image {
+            Some(path) => (path.clone(), opts.k3s.unwrap_or(false)),
+            None => {
+                let built = crate::image::build_default_image_blocking(&opts.image_dir)
+                    .context("building the default image")?;
+                (built.path(gemin_image::spec::OutputFormat::Qcow2), opts.k3s.unwrap_or(built.runs_kubernetes()))
+            }
         };
         let base_image = run_dir.join("base.qcow2");
         run(Command::new("cp").args(["--sparse=always", "--reflink=auto"]).arg(&image).arg(&base_image))
@@ -255,7 +271,7 @@ impl QemuLab {
             let node_file = opts.config_dir.join(format!("{name}.yaml"));
             let text =
                 std::fs::read_to_string(&node_file).with_context(|| format!("reading {}", node_file.display()))?;
-            let mut data = user_data(&text, &mac, entry.member.ip, cluster.vip_prefix, client_ip)
+            let mut data = user_data(&text, &mac, entry.member.ip, cluster.vip_prefix, client_ip, kubernetes)
                 .with_context(|| format!("preparing {}", node_file.display()))?;
             if qemu::accel_choice().accel == qemu::Accel::Tcg {
                 data = emulated_timings(&data);
@@ -275,6 +291,7 @@ impl QemuLab {
             client_ip,
             memory_mib: opts.memory_mib,
             cpus: opts.cpus,
+            kubernetes,
             nodes,
         };
         for n in &lab.nodes {
@@ -298,7 +315,24 @@ impl QemuLab {
             reports.insert(name, report);
         }
         let leader = lab.wait_formed(opts.form_timeout)?;
-        Ok(UpReport { lab, reports, leader, formed_after: started.elapsed() })
+        let formed_after = started.elapsed();
+        let kubeconfig = match lab.kubernetes {
+            true => Some(lab.wait_kubernetes(opts.form_timeout)?),
+            false => None,
+        };
+        Ok(UpReport { lab, reports, leader, formed_after, kubeconfig, kubernetes_after: started.elapsed() })
+    }
+
+    /// Wait until the Kubernetes API answers through the VIP with the
+    /// kubeconfig from the agents ([`QemuLab::kubeconfig`]); returns it.
+    pub fn wait_kubernetes(&self, timeout: Duration) -> anyhow::Result<PathBuf> {
+        let path = crate::poll::until("the Kubernetes API through the VIP", timeout, Duration::from_secs(2), || {
+            let path = self.kubeconfig()?;
+            self.kubectl(&path, &["get", "namespaces", "-o", "json"])?;
+            Ok::<_, String>(path)
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(path)
     }
 
     pub fn node_names(&self) -> Vec<String> {
@@ -566,6 +600,25 @@ impl QemuLab {
         })
     }
 
+    /// K3s's kubeconfig for the VIP, fetched from the agents by `gemin_k8s
+    /// kubeconfig` in the client namespace into `RUN_DIR/kubeconfig.yaml`.
+    pub fn kubeconfig(&self) -> Result<PathBuf, String> {
+        let dest = self.run_dir.join("kubeconfig.yaml");
+        crate::probe::fetch_kubeconfig(&self.agent_bin, &self.config_dir, &dest, |argv| {
+            Command::new("ip")
+                .args(["netns", "exec", CLIENT])
+                .args(argv)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// `kubectl` in the client namespace (see [`crate::probe::kubectl_in`]).
+    pub fn kubectl(&self, kubeconfig: &Path, args: &[&str]) -> Result<Value, String> {
+        crate::probe::kubectl_in(CLIENT, kubeconfig, args)
+    }
+
     /// `etcdctl` in the client namespace, talking to Kine through the VIP.
     pub fn etcd(&self, args: &[&str]) -> Result<Value, String> {
         let endpoint = format!("http://{}:2379", self.vip);
@@ -779,9 +832,14 @@ mod tests {
 
     #[test]
     fn user_data_opens_kine_turns_k3s_off_and_adds_the_network_file() {
-        let text = user_data(NODE_FILE, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP).unwrap();
+        let text =
+            user_data(NODE_FILE, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, false).unwrap();
         assert!(text.contains("    listen: 0.0.0.0:2379\n"), "{text}");
         assert!(text.contains("  k3s:\n    enabled: false\n"), "{text}");
+        let on = user_data(&text, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, true);
+        assert!(on.is_err(), "a file that already has write_files is refused");
+        let on = user_data(NODE_FILE, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, true).unwrap();
+        assert!(on.contains("  k3s:\n    enabled: true\n"), "{on}");
         assert!(text.contains("      MACAddress=52:54:00:77:00:01\n"), "{text}");
         assert!(text.contains("      Address=10.77.0.11/24\n"), "{text}");
         assert!(text.contains("      NTP=10.77.0.2\n"), "{text}");
@@ -800,7 +858,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         crate::probe::init_cluster(&bin, &dir.path().join("c"), &[]).unwrap();
         let node = std::fs::read_to_string(dir.path().join("c/node1.yaml")).unwrap();
-        let text = user_data(&node, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP).unwrap();
+        let text = user_data(&node, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, false).unwrap();
         let path = dir.path().join("user-data");
         std::fs::write(&path, &text).unwrap();
         let ctx = CheckContext { check_files: false, ..CheckContext::default() };
@@ -823,8 +881,8 @@ mod tests {
 
     #[test]
     fn user_data_refuses_a_file_it_cannot_adapt() {
-        let err =
-            user_data("#cloud-config\ngeminik8s: {}\n", "m", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP).unwrap_err();
+        let err = user_data("#cloud-config\ngeminik8s: {}\n", "m", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, false)
+            .unwrap_err();
         assert!(err.to_string().contains("geminik8s.kine.listen"), "{err}");
     }
 

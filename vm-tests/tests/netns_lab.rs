@@ -817,24 +817,12 @@ fn logical_replication_failover_keeps_revisions_increasing() {
 
 /// `kubectl` in the client namespace with a kubeconfig for the VIP.
 fn kubectl(lab: &Lab, kubeconfig: &std::path::Path, args: &[&str]) -> Result<serde_json::Value, String> {
-    let kc = kubeconfig.to_string_lossy();
-    let mut argv = vec!["kubectl", "--kubeconfig", &kc, "--request-timeout=5s"];
-    argv.extend_from_slice(args);
-    let out = lab.exec("client", &argv).map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    if out.stdout.is_empty() {
-        return Ok(serde_json::Value::Null);
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    let client = lab.host("client").map_err(|e| e.to_string())?;
+    geminik8s_vm_tests::probe::kubectl_in(&client.netns, kubeconfig, args)
 }
 
 fn resource_version(v: &serde_json::Value) -> u64 {
-    v["metadata"]["resourceVersion"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no resourceVersion in {v}"))
+    geminik8s_vm_tests::probe::resource_version(v).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Kubernetes on the replicated datastore, through the VIP: each node runs
@@ -842,8 +830,8 @@ fn resource_version(v: &serde_json::Value) -> u64 {
 /// Objects written before the leader dies are all there afterwards with
 /// their data, resourceVersions only go up, a watch resumed from before the
 /// death either sees every later event or is told its version is too old
-/// (and a relist sees everything), and the old leader's K3s serves again
-/// once it has rejoined.
+/// (and a relist sees everything), the old leader's K3s serves again
+/// once it has rejoined, and a planned switchover back keeps it all.
 #[test]
 fn kubernetes_api_survives_the_leaders_death() {
     let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
@@ -860,7 +848,17 @@ fn kubernetes_api_survives_the_leaders_death() {
     }
     let Some(up) = lab_up_with(&[], None, Some(k3s)) else { return };
     let lab = &up.lab;
-    let kc = lab.kubeconfig("node1");
+    // The operator's kubeconfig, from the agents over their API: the one
+    // the leader's agent wrote for the VIP once its K3s served.
+    let bin = agent_bin().unwrap();
+    let kc = lab.run_dir.join("operator-kubeconfig.yaml");
+    poll::until("the kubeconfig from `gemin_k8s kubeconfig`", Duration::from_secs(240), Duration::from_secs(1), || {
+        geminik8s_vm_tests::probe::fetch_kubeconfig(&bin, &lab.config_dir, &kc, |argv| {
+            lab.exec("client", argv).map_err(|e| format!("{e:#}"))
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert_eq!(std::fs::read_to_string(&kc).unwrap(), std::fs::read_to_string(lab.kubeconfig("node1")).unwrap());
     poll::until("the Kubernetes API through the VIP", Duration::from_secs(240), Duration::from_secs(1), || {
         kubectl(lab, &kc, &["get", "namespaces", "-o", "json"])
     })
@@ -926,10 +924,7 @@ fn kubernetes_api_survives_the_leaders_death() {
         .exec("client", &["kubectl", "--kubeconfig", &kc_text, "--request-timeout=15s", "get", "--raw", &url])
         .unwrap();
     let stream = String::from_utf8_lossy(&out.stdout);
-    let events: Vec<serde_json::Value> =
-        serde_json::Deserializer::from_str(&stream).into_iter().collect::<Result<_, _>>().unwrap_or_default();
-    let delivered = events.iter().any(|e| e["type"] == "ADDED" && e["object"]["metadata"]["name"] == "after");
-    let too_old = events.iter().any(|e| e["type"] == "ERROR" && e["object"]["code"] == 410);
+    let (delivered, too_old) = geminik8s_vm_tests::probe::watch_outcome(&stream, "after");
     assert!(
         delivered || too_old,
         "the resumed watch neither delivered the later event nor said it was too old: {stream} {}",
@@ -947,4 +942,36 @@ fn kubernetes_api_survives_the_leaders_death() {
         )
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+
+    // A planned switchover back to node1: the API takes writes through the
+    // VIP again, on later resourceVersions, with everything still there.
+    let (ok, report) = poll::until("a switchover to node1", FORM, Duration::from_secs(1), || {
+        let (ok, report) = failover_cli(lab, &["--promote", "node1", "--wait", "--timeout", "60s"]);
+        if ok || report["outcome"] != "refused: checks failed" { Ok((ok, report)) } else { Err(report.to_string()) }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(ok && report["outcome"] == "done", "{report:#}");
+    let switched = poll::until(
+        "a Kubernetes write after the switchover",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            kubectl(
+                lab,
+                &kc,
+                &["create", "configmap", "switched", "-n", "shop", "--from-literal=price=s", "-o", "json"],
+            )
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(resource_version(&switched) > resource_version(&after), "resourceVersion went backwards at the switchover");
+    let names: Vec<String> = kubectl(lab, &kc, &["get", "configmaps", "-n", "shop", "-o", "json"]).unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|cm| cm["metadata"]["name"].as_str().map(str::to_string))
+        .collect();
+    for want in (0..10).map(|i| format!("cm-{i}")).chain(["after".into(), "switched".into()]) {
+        assert!(names.contains(&want), "{want} missing after the switchover: {names:?}");
+    }
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod docs;
 pub mod failover;
 pub mod init;
+pub mod kubeconfig;
 pub mod output;
 pub mod prompt;
 pub mod restore;
@@ -86,6 +87,8 @@ pub enum Command {
     Config(config::Command),
     /// Show the cluster's state as the agents see it (exit 1 when degraded).
     Status(status::Args),
+    /// K3s's admin kubeconfig for the VIP, from the agents.
+    Kubeconfig(kubeconfig::Args),
     /// Planned switchover (proven lossless), its checks (--dry-run), or a forced failover (--force).
     Failover(failover::Args),
     /// Full backups of this node's PostgreSQL (encrypted with age), and list, verify, prune.
@@ -135,6 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init(args) => init::run(args, &cli.global).await,
         Command::Config(cmd) => config::run(cmd, &cli.global).await,
         Command::Status(args) => status::run(args, &cli.global).await,
+        Command::Kubeconfig(args) => kubeconfig::run(args, &cli.global).await,
         Command::Failover(args) => failover::run(args, &cli.global).await,
         Command::Backup(args) => backup::run(args, &cli.global).await,
         Command::Restore(args) => restore::run(args, &cli.global).await,

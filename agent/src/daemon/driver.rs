@@ -59,9 +59,44 @@ struct K3sRun {
     kubeconfig: PathBuf,
     /// Whether the start has been asked for.
     started: bool,
-    /// `None` until K3s has generated its credentials (set by the probe).
-    ready: Arc<Mutex<Option<bool>>>,
+    health: Arc<Mutex<K3sHealth>>,
     kubeconfig_written: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How long K3s may take to serve after a start or restart before a
+/// failing `/readyz` counts (and gets it restarted): K3s takes tens of
+/// seconds on small edge hardware, and an API server restarted before it
+/// finished starting never serves.
+const K3S_START_GRACE: Duration = Duration::from_secs(600);
+
+/// What the agent knows of K3s's readiness.
+#[derive(Debug, Default)]
+struct K3sHealth {
+    /// When K3s was last started or restarted.
+    since: Option<Instant>,
+    /// Whether it has served since then.
+    served: bool,
+    /// The verdict the health checks count: `None` while K3s is starting
+    /// (no credentials yet, or not serving yet within [`K3S_START_GRACE`]).
+    ready: Option<bool>,
+}
+
+impl K3sHealth {
+    fn started(&mut self, now: Instant) {
+        *self = K3sHealth { since: Some(now), served: false, ready: None };
+    }
+
+    fn observe(&mut self, serving: bool, now: Instant) {
+        self.served |= serving;
+        let starting = !self.served && self.since.is_some_and(|s| now.saturating_duration_since(s) < K3S_START_GRACE);
+        self.ready = if serving {
+            Some(true)
+        } else if starting {
+            None
+        } else {
+            Some(false)
+        };
+    }
 }
 
 /// Kine as the agent runs it: its settings and the restart bookkeeping,
@@ -185,7 +220,10 @@ impl Driver {
         let has_data = subsystems.database.as_ref().is_some_and(|db| db.has_data());
         let machine = Machine::new(settings, local_meta(&state_dir, &cfg.cluster.name, has_data));
         let (control_tx, control_rx) = mpsc::channel(8);
-        let hooks = Arc::new(ApiHooks::with_control(control_tx));
+        let hooks = Arc::new(ApiHooks {
+            kubeconfig: subsystems.k3s.as_ref().map(|k3s| k3s.kubeconfig_path()),
+            ..ApiHooks::with_control(control_tx)
+        });
         // Filled by `publish` below, before the API serves anything.
         let shared: Shared = Arc::new(RwLock::new(Published {
             hostmeta: None,
@@ -234,7 +272,7 @@ impl Driver {
                 kubeconfig: settings.kubeconfig_path(),
                 settings,
                 started: false,
-                ready: Arc::default(),
+                health: Arc::default(),
                 kubeconfig_written: Arc::default(),
             }),
             (Some(settings), _) => {
@@ -534,7 +572,7 @@ impl Driver {
         if let Some(ok) = self.checks.lock().unwrap_or_else(|p| p.into_inner()).script {
             health.push((Component::Script, ok));
         }
-        let k3s_ready = self.k3s.as_ref().and_then(|k| *k.ready.lock().unwrap_or_else(|p| p.into_inner()));
+        let k3s_ready = self.k3s.as_ref().and_then(|k| k.health.lock().unwrap_or_else(|p| p.into_inner()).ready);
         if let Some(ready) = k3s_ready.filter(|_| self.cfg.health.checks.kubernetes_api) {
             health.push((Component::K3s, ready));
         }
@@ -827,6 +865,9 @@ impl Driver {
                     }
                 }
                 Action::RestartService(component) => {
+                    if let (Component::K3s, Some(k3s)) = (component, &self.k3s) {
+                        k3s.health.lock().unwrap_or_else(|p| p.into_inner()).started(Instant::now());
+                    }
                     if let (Some(services), Some(name)) = (self.subsystems.services.clone(), service_name(component)) {
                         self.spawn_once(name, async move {
                             tracing::debug!(?component, "restarting a service");
@@ -936,6 +977,7 @@ impl Driver {
         }
         let Some(services) = self.subsystems.services.clone() else { return };
         k3s.started = true;
+        k3s.health.lock().unwrap_or_else(|p| p.into_inner()).started(Instant::now());
         let spec = k3s.settings.spec();
         let binary = k3s.settings.binary.clone();
         self.spawn_once("k3s-start", async move {
@@ -962,7 +1004,7 @@ impl Driver {
             return;
         }
         let (tls_dir, kubeconfig, ready, written) =
-            (k3s.tls_dir.clone(), k3s.kubeconfig.clone(), k3s.ready.clone(), k3s.kubeconfig_written.clone());
+            (k3s.tls_dir.clone(), k3s.kubeconfig.clone(), k3s.health.clone(), k3s.kubeconfig_written.clone());
         let (cluster, local, vip_url) = (
             self.cfg.cluster.name.clone(),
             crate::k3s::api_url(self.cfg.node.ip),
@@ -977,7 +1019,7 @@ impl Driver {
                 }
             };
             let ok = crate::k3s::ready(&local, &creds, budget).await.is_ok();
-            *ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(ok);
+            ready.lock().unwrap_or_else(|p| p.into_inner()).observe(ok, Instant::now());
             if !written.load(std::sync::atomic::Ordering::Relaxed) {
                 let text = crate::k3s::render_kubeconfig(&cluster, &vip_url, &creds);
                 match crate::k3s::write_kubeconfig(&kubeconfig, &text) {
@@ -1087,4 +1129,30 @@ impl Driver {
 /// How long one probe of a tick may take: below the heartbeat interval.
 fn probe_budget(cfg: &GeminiConfig) -> Duration {
     cfg.health.interval.mul_f64(0.8).max(Duration::from_millis(200))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k3s_counts_as_failed_only_after_serving_or_after_the_start_grace() {
+        let t0 = Instant::now();
+        let mut h = K3sHealth::default();
+        h.started(t0);
+        assert_eq!(h.ready, None, "starting");
+        h.observe(false, t0 + Duration::from_secs(30));
+        assert_eq!(h.ready, None, "still starting within the grace");
+        h.observe(true, t0 + Duration::from_secs(40));
+        assert_eq!(h.ready, Some(true));
+        h.observe(false, t0 + Duration::from_secs(41));
+        assert_eq!(h.ready, Some(false), "it served, so a failure now counts");
+
+        let restarted = t0 + Duration::from_secs(60);
+        h.started(restarted);
+        h.observe(false, restarted + Duration::from_secs(1));
+        assert_eq!(h.ready, None, "a restart gives the grace again");
+        h.observe(false, restarted + K3S_START_GRACE);
+        assert_eq!(h.ready, Some(false), "never served within the grace");
+    }
 }

@@ -237,6 +237,12 @@ impl Machine {
         out
     }
 
+    /// Whether the node follows the leader (whatever its health overlay:
+    /// a follower whose K3s is failing still follows).
+    pub fn following(&self) -> bool {
+        self.mode == Mode::Follower
+    }
+
     /// The state for `status`.
     pub fn state(&self) -> State {
         match self.mode {

@@ -156,6 +156,18 @@ impl AgentClient {
         Ok(Duration::from_secs_f64(ms / 1000.0))
     }
 
+    /// K3s's admin kubeconfig for the VIP, as the agent wrote it.
+    pub async fn kubeconfig(&self) -> anyhow::Result<String> {
+        let (status, body) = self
+            .get_text("/v1/kubeconfig")
+            .await
+            .with_context(|| format!("GET /v1/kubeconfig on {}", self.describe()))?;
+        match status {
+            200 => Ok(body),
+            other => bail!("{} has no kubeconfig (HTTP {other}): {}", self.describe(), body.trim()),
+        }
+    }
+
     pub async fn metrics(&self) -> anyhow::Result<String> {
         let (status, body) = self.get_text("/metrics").await?;
         if status != 200 {

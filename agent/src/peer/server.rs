@@ -10,6 +10,7 @@
 //! | `POST /v1/switchover` | operators: planned handover by the leader | the operator's or the peer's certificate + API token |
 //! | `POST /v1/force-takeover` | operators: forced failover on the follower | the operator's or the peer's certificate + API token |
 //! | `POST /v1/probe-write` | operators: one write through the VIP | the operator's or the peer's certificate + API token |
+//! | `GET /v1/kubeconfig` | operators: K3s's admin kubeconfig for the VIP | the operator's or the peer's certificate + API token |
 //!
 //! Every TLS client must present a certificate signed by the cluster CA; its
 //! name ([`Identity`]) then decides the routes. Only the peer's heartbeat
@@ -64,6 +65,9 @@ pub struct ApiHooks {
     /// the peer changed something this node waits on (its hand-over's
     /// shutdown checkpoint).
     pub wake: tokio::sync::Notify,
+    /// The kubeconfig for the VIP the agent writes once K3s serves
+    /// (`/v1/kubeconfig`); `None` when K3s is off on this node.
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 impl ApiHooks {
@@ -250,6 +254,25 @@ async fn probe_write(State(state): State<AppState>) -> Response {
     }
 }
 
+/// The kubeconfig for the VIP with K3s's admin credentials, as the agent
+/// wrote it: what an operator would otherwise copy off the node by hand.
+/// The operator certificate already rules the cluster (switchover, forced
+/// failover), and the peer holds the same credentials.
+async fn kubeconfig(State(state): State<AppState>) -> Response {
+    let Some(path) = &state.hooks.kubeconfig else {
+        return (StatusCode::NOT_FOUND, "K3s is off on this node (geminik8s.k3s.enabled)\n").into_response();
+    };
+    match tokio::fs::read_to_string(path).await {
+        Ok(text) => ([(header::CONTENT_TYPE, "application/yaml")], text).into_response(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("K3s has not served here yet: the agent writes {} once K3s is ready\n", path.display()),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reading {}: {e}\n", path.display())).into_response(),
+    }
+}
+
 async fn wake(State(state): State<AppState>) -> Response {
     state.hooks.wake.notify_one();
     StatusCode::NO_CONTENT.into_response()
@@ -283,6 +306,7 @@ pub fn router(shared: Shared, auth: Auth, hooks: Arc<ApiHooks>) -> Router {
         .route("/v1/switchover", post(switchover))
         .route("/v1/force-takeover", post(force_takeover))
         .route("/v1/probe-write", post(probe_write))
+        .route("/v1/kubeconfig", get(kubeconfig))
         .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_operator));
     let peer = Router::new()

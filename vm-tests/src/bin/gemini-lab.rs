@@ -95,6 +95,12 @@ enum Qemu {
         /// Where the default image is built and cached.
         #[arg(long, value_name = "DIR", default_value = "target/image-boot")]
         image_dir: PathBuf,
+        /// Run K3s on the nodes even with --image (the image carries a K3s that serves).
+        #[arg(long, conflicts_with = "no_k3s")]
+        k3s: bool,
+        /// Leave K3s off, even when the built image carries the stand-in's kube-apiserver.
+        #[arg(long)]
+        no_k3s: bool,
         /// The host's gemin_k8s (init, status). A built image carries the workspace's
         /// (GEMIN_IMAGE_TEST_AGENT overrides).
         #[arg(long, value_name = "FILE", default_value = "target/debug/gemin_k8s")]
@@ -444,7 +450,7 @@ fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
 fn qemu(cmd: Qemu) -> anyhow::Result<ExitCode> {
     use geminik8s_vm_tests::qemu_lab::{self, QemuLab};
     match cmd {
-        Qemu::Up { config_dir, image, image_dir, agent_bin, memory, cpus, boot_timeout, run } => {
+        Qemu::Up { config_dir, image, image_dir, k3s, no_k3s, agent_bin, memory, cpus, boot_timeout, run } => {
             let agent_bin = absolute(agent_bin)?;
             if !agent_bin.is_file() {
                 anyhow::bail!(
@@ -460,6 +466,7 @@ fn qemu(cmd: Qemu) -> anyhow::Result<ExitCode> {
                 agent_bin,
                 image: image.map(absolute).transpose()?,
                 image_dir: absolute(image_dir)?,
+                k3s: if no_k3s { Some(false) } else { k3s.then_some(true) },
                 memory_mib: memory,
                 cpus,
                 boot_timeout: Duration::from_secs(boot_timeout),
@@ -482,10 +489,25 @@ fn qemu(cmd: Qemu) -> anyhow::Result<ExitCode> {
                 lab.agent_bin.display(),
                 cluster.display()
             );
-            println!(
-                "Kubernetes: the default image carries no K3s and the lab turns `k3s.enabled` off; on an image built \
-                 with a K3s artifact each node serves the Kubernetes API (kubeconfig /etc/rancher/k3s/k3s.yaml on the node)"
-            );
+            match &up.kubeconfig {
+                Some(kubeconfig) => {
+                    println!(
+                        "Kubernetes API through the VIP {:.0?} after the VMs started; the kubeconfig from the agents \
+                         (`gemin_k8s kubeconfig`) is {}:",
+                        up.kubernetes_after,
+                        kubeconfig.display()
+                    );
+                    println!(
+                        "  ip netns exec {} kubectl --kubeconfig {} get namespaces",
+                        qemu_lab::CLIENT,
+                        kubeconfig.display()
+                    );
+                }
+                None => println!(
+                    "Kubernetes: off (the image has no kube-apiserver for the K3s stand-in: `just deps`, then \
+                     rebuild; or --no-k3s was given)"
+                ),
+            }
             println!(
                 "faults: gemini-lab qemu kill|start|powerdown NODE, partition, heal; logs: gemini-lab qemu console NODE"
             );

@@ -292,7 +292,6 @@ pub fn apiserver_args(args: &ServerArgs, files: &tls::Files) -> Vec<String> {
     out
 }
 
-/// The `kube-apiserver` to run: [`APISERVER_ENV`], else the one on `PATH`.
 /// The K3s binary a lab runs: `GEMINIK8S_K3S_BINARY` when it names one,
 /// else the stand-in when it is built and `kube-apiserver` is there.
 pub fn lab_k3s() -> Option<PathBuf> {
@@ -304,6 +303,7 @@ pub fn lab_k3s() -> Option<PathBuf> {
     std::fs::canonicalize(standin).ok()
 }
 
+/// The `kube-apiserver` to run: [`APISERVER_ENV`], else the one on `PATH`.
 pub fn apiserver_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os(APISERVER_ENV) {
         return Ok(PathBuf::from(path));

@@ -54,7 +54,7 @@ impl Driver {
                 detail: "k3s.enabled is false".into(),
             }),
             (Some(k), true) => components.push({
-                let ready = *k.ready.lock().unwrap_or_else(|p| p.into_inner());
+                let ready = k.health.lock().unwrap_or_else(|p| p.into_inner()).ready;
                 ComponentHealth {
                     name: "k3s".into(),
                     state: match ready {
@@ -113,7 +113,7 @@ impl Driver {
             "leader"
         } else if m.state() == crate::election::State::Fenced {
             "fenced"
-        } else if m.state() == crate::election::State::Follower {
+        } else if m.following() {
             "follower"
         } else {
             "unknown"
