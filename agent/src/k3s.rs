@@ -237,9 +237,16 @@ pub fn write_kubeconfig(path: &Path, kubeconfig: &str) -> anyhow::Result<()> {
     crate::fsutil::write_atomic(path, kubeconfig.as_bytes(), 0o600)
 }
 
-/// GET `{base}/readyz`, trusting only the cluster CA and authenticating with
-/// the admin client certificate (K3s refuses anonymous requests). `Ok` when
-/// the API server answers 200.
+/// The readiness K3s is judged by: `/readyz` without its datastore checks.
+/// A failing K3s gets restarted, and restarting an API server does nothing
+/// for a datastore that moved or paused (a switchover, a failover); it only
+/// adds minutes of start-up to the pause. The datastore path has its own
+/// checks (Kine, PostgreSQL).
+pub const READYZ: &str = "/readyz?exclude=etcd&exclude=etcd-readiness";
+
+/// GET `{base}` [`READYZ`], trusting only the cluster CA and authenticating
+/// with the admin client certificate (K3s refuses anonymous requests). `Ok`
+/// when the API server answers 200.
 pub async fn ready(base: &str, creds: &ClusterCredentials, timeout: Duration) -> Result<(), K3sError> {
     crate::tls::install_crypto_provider();
     let ca = reqwest::Certificate::from_pem(creds.ca_pem.as_bytes())
@@ -253,7 +260,7 @@ pub async fn ready(base: &str, creds: &ClusterCredentials, timeout: Duration) ->
         .timeout(timeout)
         .build()
         .map_err(K3sError::Client)?;
-    let url = format!("{}/readyz", base.trim_end_matches('/'));
+    let url = format!("{}{READYZ}", base.trim_end_matches('/'));
     let response =
         client.get(&url).send().await.map_err(|source| K3sError::Unreachable { url: url.clone(), source })?;
     let status = response.status();
@@ -452,7 +459,7 @@ mod tests {
                         Ok(n) => request.extend_from_slice(&buf[..n]),
                     }
                 }
-                if request.starts_with(b"GET /readyz ") {
+                if request.starts_with(format!("GET {READYZ} ").as_bytes()) {
                     let response = format!(
                         "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()

@@ -132,6 +132,16 @@ fn netns_pids(existing: &[String], ns: &str) -> Vec<u32> {
     out.lines().filter_map(|l| l.trim().parse::<u32>().ok()).collect()
 }
 
+/// Run a command line in the client namespace.
+fn client_exec(argv: &[&str]) -> Result<std::process::Output, String> {
+    Command::new("ip")
+        .args(["netns", "exec", CLIENT])
+        .args(argv)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())
+}
+
 /// Whether `pid` is a live (not zombie) QEMU.
 pub fn qemu_alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
@@ -590,28 +600,14 @@ impl QemuLab {
     /// `gemin_k8s failover --output json EXTRA` from the client namespace
     /// (see [`crate::probe::failover_with`]).
     pub fn failover(&self, extra: &[&str]) -> Result<(bool, Value), String> {
-        crate::probe::failover_with(&self.agent_bin, &self.config_dir, extra, |argv| {
-            Command::new("ip")
-                .args(["netns", "exec", CLIENT])
-                .args(argv)
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| e.to_string())
-        })
+        crate::probe::failover_with(&self.agent_bin, &self.config_dir, extra, client_exec)
     }
 
     /// K3s's kubeconfig for the VIP, fetched from the agents by `gemin_k8s
     /// kubeconfig` in the client namespace into `RUN_DIR/kubeconfig.yaml`.
     pub fn kubeconfig(&self) -> Result<PathBuf, String> {
         let dest = self.run_dir.join("kubeconfig.yaml");
-        crate::probe::fetch_kubeconfig(&self.agent_bin, &self.config_dir, &dest, |argv| {
-            Command::new("ip")
-                .args(["netns", "exec", CLIENT])
-                .args(argv)
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| e.to_string())
-        })
+        crate::probe::fetch_kubeconfig(&self.agent_bin, &self.config_dir, &dest, client_exec)
     }
 
     /// `kubectl` in the client namespace (see [`crate::probe::kubectl_in`]).
