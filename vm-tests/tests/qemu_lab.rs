@@ -105,8 +105,8 @@ struct Kube {
 impl Kube {
     /// Create ConfigMap `name` through the VIP until it is acknowledged,
     /// checking its resourceVersion is above every earlier one. A create
-    /// whose answer was lost may have been applied: then the object must be
-    /// there with its data.
+    /// whose answer was lost may have been applied (kubectl then says the
+    /// object "already exists"): then it must be there with its data.
     fn create(&mut self, lab: &QemuLab, name: &str, price: &str, timeout: Duration) {
         let data = format!("--from-literal=price={price}");
         let object = poll::until(
@@ -114,7 +114,7 @@ impl Kube {
             timeout,
             Duration::from_millis(250),
             || match lab.kubectl(&self.kubeconfig, &["create", "configmap", name, "-n", "shop", &data, "-o", "json"]) {
-                Err(e) if e.contains("AlreadyExists") => {
+                Err(e) if e.contains("already exists") => {
                     lab.kubectl(&self.kubeconfig, &["get", "configmap", name, "-n", "shop", "-o", "json"])
                 }
                 other => other,
@@ -230,7 +230,7 @@ fn leader_killed_follower_promotes_old_leader_rejoins_and_both_reboot_with_the_d
         eprintln!("MEASURED up -> Kubernetes API through the VIP: {:.1?}", up.kubernetes_after);
         poll::until("namespace shop", KUBE, Duration::from_secs(1), || {
             match lab.kubectl(&k.kubeconfig, &["create", "namespace", "shop", "-o", "json"]) {
-                Err(e) if e.contains("AlreadyExists") => Ok(serde_json::Value::Null),
+                Err(e) if e.contains("already exists") => Ok(serde_json::Value::Null),
                 other => other,
             }
         })

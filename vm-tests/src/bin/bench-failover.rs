@@ -366,6 +366,14 @@ fn kill_loop(
             client.acked_after(warm).then_some(()).ok_or("none yet")
         })
         .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+        if kube.is_some() {
+            // A site in its steady state: K3s serves on both nodes (the
+            // rejoined one's started again with it).
+            until(&format!("K3s serving on both nodes before kill {i}"), form, Duration::from_millis(200), || {
+                [&leader, &follower].into_iter().try_for_each(|n| k3s_serving(lab, n))
+            })
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
+        }
         let killed_at = start.elapsed();
         lab.kill(&leader)?;
         let first = until(
@@ -412,6 +420,16 @@ fn kill_loop(
         wait_formed(lab, &leader, &follower, form).map_err(|e| anyhow::anyhow!("{e}\n{}", logs(lab)))?;
     }
     Ok(samples)
+}
+
+/// Whether `node`'s agent reports its K3s serving.
+fn k3s_serving(lab: &Lab, node: &str) -> Result<(), String> {
+    let st = status(lab, node)?;
+    let k3s = st["components"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "k3s")).cloned();
+    match k3s {
+        Some(c) if c["state"] == "ok" => Ok(()),
+        other => Err(format!("{node}: K3s {other:?}")),
+    }
 }
 
 fn report_switchovers(results: &[ModeResult], fast: bool) {
