@@ -292,13 +292,7 @@ pub fn init_cluster(bin: &Path, dir: &Path, extra: &[&str]) -> Result<(), String
 /// `kubectl` in namespace `ns` with `kubeconfig` (a 5 s request limit):
 /// its JSON answer (`Null` when it prints nothing), or its error output.
 pub fn kubectl_in(ns: &str, kubeconfig: &Path, args: &[&str]) -> Result<Value, String> {
-    let kc = kubeconfig.to_string_lossy();
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "kubectl", "--kubeconfig", &kc, "--request-timeout=5s"])
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("running kubectl in {ns}: {e}"))?;
+    let out = kubectl_output(ns, kubeconfig, "5s", args)?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
     }
@@ -306,6 +300,18 @@ pub fn kubectl_in(ns: &str, kubeconfig: &Path, args: &[&str]) -> Result<Value, S
         return Ok(Value::Null);
     }
     serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Run `kubectl --kubeconfig KUBECONFIG --request-timeout=TIMEOUT ARGS` in namespace `ns`.
+fn kubectl_output(ns: &str, kubeconfig: &Path, timeout: &str, args: &[&str]) -> Result<std::process::Output, String> {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "kubectl", "--kubeconfig"])
+        .arg(kubeconfig)
+        .arg(format!("--request-timeout={timeout}"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running kubectl in {ns}: {e}"))
 }
 
 /// A Kubernetes object's `resourceVersion` (Kine's revision) as a number.
@@ -316,13 +322,24 @@ pub fn resource_version(object: &Value) -> Result<u64, String> {
         .ok_or_else(|| format!("no resourceVersion in {object}"))
 }
 
-/// The events of a watch stream (`kubectl get --raw '...?watch=1'`): whether
-/// it delivered an `ADDED` event for `name`, and whether it ended with
-/// "resource version too old" (410), after which a client relists.
-pub fn watch_outcome(stream: &str, name: &str) -> (bool, bool) {
+/// A watch on the ConfigMaps of `namespace` resumed from `from` (what an
+/// informer does after losing its connection), run by `kubectl get --raw`
+/// in namespace `ns` for 10 s: `Ok` when it delivers the `ADDED` event for
+/// `name`, or ends with "resource version too old" (410, after which a
+/// client relists); `Err` with what it said when it was silent.
+pub fn resumed_watch(ns: &str, kubeconfig: &Path, namespace: &str, from: u64, name: &str) -> Result<(), String> {
+    let url = format!("/api/v1/namespaces/{namespace}/configmaps?watch=1&resourceVersion={from}&timeoutSeconds=10");
+    let out = kubectl_output(ns, kubeconfig, "30s", &["get", "--raw", &url])?;
+    let stream = String::from_utf8_lossy(&out.stdout);
     // A stream cut off mid-event still counts for the events before the cut.
-    let events: Vec<Value> = serde_json::Deserializer::from_str(stream).into_iter().map_while(Result::ok).collect();
+    let events: Vec<Value> = serde_json::Deserializer::from_str(&stream).into_iter().map_while(Result::ok).collect();
     let delivered = events.iter().any(|e| e["type"] == "ADDED" && e["object"]["metadata"]["name"] == name);
     let too_old = events.iter().any(|e| e["type"] == "ERROR" && e["object"]["code"] == 410);
-    (delivered, too_old)
+    if delivered || too_old {
+        return Ok(());
+    }
+    Err(format!(
+        "the watch resumed from {from} neither delivered {name} nor said it was too old: {stream} {}",
+        String::from_utf8_lossy(&out.stderr)
+    ))
 }

@@ -918,18 +918,9 @@ fn kubernetes_api_survives_the_leaders_death() {
     // A watch resumed from before the death (what an informer does): it
     // delivers the later event, or says its version is too old (410), after
     // which a relist sees everything (checked above). Never silence.
-    let url = format!("/api/v1/namespaces/shop/configmaps?watch=1&resourceVersion={}&timeoutSeconds=5", versions[9]);
-    let kc_text = kc.to_string_lossy();
-    let out = lab
-        .exec("client", &["kubectl", "--kubeconfig", &kc_text, "--request-timeout=15s", "get", "--raw", &url])
-        .unwrap();
-    let stream = String::from_utf8_lossy(&out.stdout);
-    let (delivered, too_old) = geminik8s_vm_tests::probe::watch_outcome(&stream, "after");
-    assert!(
-        delivered || too_old,
-        "the resumed watch neither delivered the later event nor said it was too old: {stream} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let client = lab.host("client").unwrap();
+    geminik8s_vm_tests::probe::resumed_watch(&client.netns, &kc, "shop", versions[9], "after")
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // The old leader comes back, follows, and its own K3s serves again.
     lab.start("node1").unwrap();

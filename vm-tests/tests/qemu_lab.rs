@@ -259,18 +259,8 @@ fn leader_killed_follower_promotes_old_leader_rejoins_and_both_reboot_with_the_d
         // A watch resumed from before the kill, as an informer does: it
         // delivers the later object or says its version is too old (and a
         // relist, above, sees everything). Never a silent gap.
-        let url = format!("/api/v1/namespaces/shop/configmaps?watch=1&resourceVersion={before_kill}&timeoutSeconds=10");
-        let kc = k.kubeconfig.to_string_lossy();
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", geminik8s_vm_tests::qemu_lab::CLIENT, "kubectl", "--kubeconfig", &kc])
-            .args(["--request-timeout=30s", "get", "--raw", &url])
-            .output()
-            .unwrap();
-        let stream = String::from_utf8_lossy(&out.stdout);
-        let (delivered, too_old) = probe::watch_outcome(&stream, "after");
-        if !(delivered || too_old) {
-            fail(&lab, &format!("the resumed watch was silent: {stream} {}", String::from_utf8_lossy(&out.stderr)));
-        }
+        probe::resumed_watch(geminik8s_vm_tests::qemu_lab::CLIENT, &k.kubeconfig, "shop", before_kill, "after")
+            .unwrap_or_else(|e| fail(&lab, &e));
     }
     wait_leader(&lab, &follower);
     for i in 1..10 {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::bail;
 
 use super::GlobalArgs;
-use super::status::{DEFAULT_SOCKET, cluster_file, node_clients};
+use super::status::{DEFAULT_SOCKET, agent_clients};
 use crate::peer::client::AgentClient;
 
 #[derive(Debug, clap::Args)]
@@ -34,14 +34,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let clients: Vec<AgentClient> = match cluster_file(args.cluster.as_deref(), global) {
-        Some(path) => node_clients(&path, args.timeout)?.1.into_iter().map(|(_, c)| c).collect(),
-        None if args.socket.exists() => vec![AgentClient::unix(&args.socket, args.timeout)],
-        None => bail!(
-            "no agent to ask: {} does not exist (not on a node?); give --config DIR/cluster.yaml or --cluster NAME",
-            args.socket.display()
-        ),
-    };
+    let clients = agent_clients(args.cluster.as_deref(), None, &args.socket, args.timeout, global)?;
     let text = first_answer(&clients).await?;
     match &args.write {
         Some(path) => {

@@ -109,26 +109,35 @@ pub fn node_clients(path: &Path, timeout: Duration) -> anyhow::Result<(ClusterFi
     Ok((cluster, clients))
 }
 
-fn clients(args: &Args, global: &GlobalArgs) -> anyhow::Result<Vec<AgentClient>> {
-    let file = cluster_file(args.cluster.as_deref(), global);
-    if let Some(endpoint) = &args.endpoint {
+/// The agents an operator command asks: the one at `endpoint` (with the
+/// cluster file's certificate and token), else every node of the cluster
+/// file, else the local agent's socket on a node.
+pub fn agent_clients(
+    cluster: Option<&str>,
+    endpoint: Option<&str>,
+    socket: &Path,
+    timeout: Duration,
+    global: &GlobalArgs,
+) -> anyhow::Result<Vec<AgentClient>> {
+    let file = cluster_file(cluster, global);
+    if let Some(endpoint) = endpoint {
         let Some(path) = file else {
             bail!(
                 "--endpoint needs the cluster file for certificates and token: add --config DIR/cluster.yaml or --cluster NAME"
             );
         };
         let (cluster, tls) = from_file(&path)?;
-        return Ok(vec![AgentClient::https(endpoint, &tls, Some(cluster.api_token), args.timeout)?]);
+        return Ok(vec![AgentClient::https(endpoint, &tls, Some(cluster.api_token), timeout)?]);
     }
     if let Some(path) = file {
-        return Ok(node_clients(&path, args.timeout)?.1.into_iter().map(|(_, c)| c).collect());
+        return Ok(node_clients(&path, timeout)?.1.into_iter().map(|(_, c)| c).collect());
     }
-    if args.socket.exists() {
-        return Ok(vec![AgentClient::unix(&args.socket, args.timeout)]);
+    if socket.exists() {
+        return Ok(vec![AgentClient::unix(socket, timeout)]);
     }
     bail!(
         "no agent to ask: {} does not exist (not on a node?); give --config DIR/cluster.yaml or --cluster NAME",
-        args.socket.display()
+        socket.display()
     )
 }
 
@@ -320,7 +329,7 @@ pub fn render_text(view: &ClusterView, args: &Args) -> String {
 }
 
 pub async fn run(args: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let clients = clients(&args, global)?;
+    let clients = agent_clients(args.cluster.as_deref(), args.endpoint.as_deref(), &args.socket, args.timeout, global)?;
     loop {
         let view = collect(&clients).await;
         let format = match args.output {

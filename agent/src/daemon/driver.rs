@@ -1003,7 +1003,7 @@ impl Driver {
         if !k3s.started {
             return;
         }
-        let (tls_dir, kubeconfig, ready, written) =
+        let (tls_dir, kubeconfig, health, written) =
             (k3s.tls_dir.clone(), k3s.kubeconfig.clone(), k3s.health.clone(), k3s.kubeconfig_written.clone());
         let (cluster, local, vip_url) = (
             self.cfg.cluster.name.clone(),
@@ -1019,7 +1019,7 @@ impl Driver {
                 }
             };
             let ok = crate::k3s::ready(&local, &creds, budget).await.is_ok();
-            ready.lock().unwrap_or_else(|p| p.into_inner()).observe(ok, Instant::now());
+            health.lock().unwrap_or_else(|p| p.into_inner()).observe(ok, Instant::now());
             if !written.load(std::sync::atomic::Ordering::Relaxed) {
                 let text = crate::k3s::render_kubeconfig(&cluster, &vip_url, &creds);
                 match crate::k3s::write_kubeconfig(&kubeconfig, &text) {
