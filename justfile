@@ -5,7 +5,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 kine_version := "v0.17.5"
 # The Kubernetes release K3s v1.34.2+k3s1 embeds; the K3s stand-in runs its kube-apiserver.
 kubernetes_version := "v1.34.2"
-apt_packages := "patch postgresql-15 etcd-client iproute2 nftables chrony iputils-ping arping dbus ca-certificates curl build-essential mmdebstrap docker-registry qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu squashfs-tools-ng xorriso mtools dosfstools fdisk cpio"
+apt_packages := "patch openssh-client postgresql-15 etcd-client iproute2 nftables chrony iputils-ping arping dbus ca-certificates curl build-essential mmdebstrap docker-registry qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu squashfs-tools-ng xorriso mtools dosfstools fdisk cpio"
 
 # Show the recipes.
 default:

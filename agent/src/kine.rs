@@ -295,18 +295,37 @@ pub enum Verdict {
 
 /// Decides when a failing Kine is restarted. Kine usually reconnects by itself
 /// when the primary moves under the VIP; when it does not within the grace
-/// period and keeps failing, it is restarted. Pure: time comes in as `now`.
+/// period and keeps failing, it is restarted. Each restart that did not give
+/// a Kine healthy for [`KineRecovery::STABLE`] doubles the grace before the
+/// next one (up to [`KineRecovery::MAX_BACKOFF`] times): on a machine too
+/// loaded for the probe to answer in time, restarting Kine every few seconds
+/// only adds load and keeps it from ever serving. Pure: time comes in as `now`.
 #[derive(Debug, Clone)]
 pub struct KineRecovery {
     policy: RecoveryPolicy,
     failures: u32,
     primary_moved_at: Option<Instant>,
     restarted_at: Option<Instant>,
+    /// Restarts since Kine was last healthy for [`KineRecovery::STABLE`].
+    restarts: u32,
+    healthy_since: Option<Instant>,
 }
 
 impl KineRecovery {
+    /// Healthy this long, Kine's restart back-off starts over.
+    pub const STABLE: Duration = Duration::from_secs(30);
+    /// The longest grace after a restart, in multiples of the policy's.
+    pub const MAX_BACKOFF: u32 = 16;
+
     pub fn new(policy: RecoveryPolicy) -> Self {
-        KineRecovery { policy, failures: 0, primary_moved_at: None, restarted_at: None }
+        KineRecovery {
+            policy,
+            failures: 0,
+            primary_moved_at: None,
+            restarted_at: None,
+            restarts: 0,
+            healthy_since: None,
+        }
     }
 
     /// The primary PostgreSQL moved (promotion, switchover).
@@ -319,18 +338,25 @@ impl KineRecovery {
         if healthy {
             self.failures = 0;
             self.primary_moved_at = None;
+            let since = *self.healthy_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= Self::STABLE {
+                self.restarts = 0;
+            }
             return Verdict::Healthy;
         }
+        self.healthy_since = None;
         self.failures += 1;
-        let within_grace = |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < self.policy.grace);
+        let within = |t: Option<Instant>, grace: Duration| t.is_some_and(|t| now.saturating_duration_since(t) < grace);
+        let backoff = 2u32.saturating_pow(self.restarts.saturating_sub(1)).min(Self::MAX_BACKOFF);
         if self.failures < self.policy.failures
-            || within_grace(self.primary_moved_at)
-            || within_grace(self.restarted_at)
+            || within(self.primary_moved_at, self.policy.grace)
+            || within(self.restarted_at, self.policy.grace * backoff)
         {
             return Verdict::Waiting;
         }
         self.failures = 0;
         self.restarted_at = Some(now);
+        self.restarts = self.restarts.saturating_add(1);
         Verdict::Restart
     }
 }
@@ -462,6 +488,31 @@ mod tests {
         assert_eq!(r.observe(false, at(18)), Verdict::Waiting);
         assert_eq!(r.observe(false, at(21)), Verdict::Restart);
         assert_eq!(r.observe(true, at(22)), Verdict::Healthy);
+        // Healthy only briefly: the next restart waits twice as long, then
+        // four times (a loaded machine is not restarted into the ground).
+        assert_eq!(r.observe(false, at(23)), Verdict::Waiting);
+        assert_eq!(r.observe(false, at(24)), Verdict::Waiting);
+        assert_eq!(r.observe(false, at(30)), Verdict::Waiting, "grace 10 s after the second restart");
+        assert_eq!(r.observe(false, at(31)), Verdict::Restart);
+        for s in [32, 33, 34, 50] {
+            assert_eq!(r.observe(false, at(s)), Verdict::Waiting, "grace 20 s after the third restart, at {s}s");
+        }
+        assert_eq!(r.observe(false, at(51)), Verdict::Restart);
+        // Healthy for 30 s: the back-off starts over.
+        assert_eq!(r.observe(true, at(52)), Verdict::Healthy);
+        assert_eq!(r.observe(true, at(82)), Verdict::Healthy);
+        assert_eq!(r.observe(false, at(83)), Verdict::Waiting);
+        assert_eq!(r.observe(false, at(84)), Verdict::Waiting);
+        assert_eq!(r.observe(false, at(85)), Verdict::Restart, "the threshold only, as at first");
+    }
+
+    #[test]
+    fn recovery_back_off_is_bounded() {
+        let mut r = KineRecovery::new(RecoveryPolicy { failures: 1, grace: Duration::from_secs(1) });
+        let t0 = Instant::now();
+        let restarts: Vec<u64> =
+            (0..200).filter(|s| r.observe(false, t0 + Duration::from_secs(*s)) == Verdict::Restart).collect();
+        assert_eq!(restarts[..7], [0, 1, 3, 7, 15, 31, 47], "{restarts:?}");
     }
 
     #[test]

@@ -74,6 +74,10 @@ pub struct QemuLab {
     /// Whether the nodes run K3s (the image can serve the Kubernetes API).
     #[serde(default)]
     pub kubernetes: bool,
+    /// The private key root on every node accepts (made by `up` when
+    /// `ssh-keygen` is there): journals after a failure, a look inside.
+    #[serde(default)]
+    pub ssh_key: Option<PathBuf>,
     pub nodes: Vec<Node>,
 }
 
@@ -171,7 +175,15 @@ pub fn parse_report(line: &str) -> BTreeMap<String, String> {
 /// with `mac` through systemd-networkd, written before networkd starts.
 /// `ntp` is the lab's time server, handed to the node's timesyncd through
 /// the network file, as a site names its own.
-pub fn user_data(node_file: &str, mac: &str, ip: IpAddr, prefix: u8, ntp: IpAddr, k3s: bool) -> anyhow::Result<String> {
+pub fn user_data(
+    node_file: &str,
+    mac: &str,
+    ip: IpAddr,
+    prefix: u8,
+    ntp: IpAddr,
+    k3s: bool,
+    ssh_key: Option<&str>,
+) -> anyhow::Result<String> {
     let mut text = node_file.to_string();
     let (k3s_on, k3s_off) = ("  k3s:\n    enabled: true\n", "  k3s:\n    enabled: false\n");
     let k3s_edit = if k3s { (k3s_off, k3s_on) } else { (k3s_on, k3s_off) };
@@ -188,13 +200,89 @@ pub fn user_data(node_file: &str, mac: &str, ip: IpAddr, prefix: u8, ntp: IpAddr
     if text.lines().any(|l| l.starts_with("write_files:")) {
         bail!("the node file has its own `write_files:`; the lab adds the network file there: remove it");
     }
+    if ssh_key.is_some() && text.lines().any(|l| l.starts_with("users:")) {
+        bail!("the node file has its own `users:`; the lab adds root's SSH key there: remove it");
+    }
     if !text.ends_with('\n') {
         text.push('\n');
     }
     text.push_str(&format!(
         "write_files:\n  - path: /etc/systemd/network/10-lab.network\n    permissions: \"0644\"\n    content: |\n      # The QEMU lab's static address and time server.\n      [Match]\n      MACAddress={mac}\n\n      [Network]\n      Address={ip}/{prefix}\n      NTP={ntp}\n"
     ));
+    if let Some(key) = ssh_key {
+        text.push_str(&format!("users:\n  - name: root\n    ssh_authorized_keys:\n      - {}\n", key.trim()));
+    }
     Ok(text)
+}
+
+/// `journalctl -o json` made readable: per entry the UTC time of day, the
+/// level, the message and, for the agent's own entries, the fields it
+/// logged (`event=promoting component=Postgres ...`).
+pub fn render_journal(json_lines: &str) -> String {
+    const PLUMBING: [&str; 9] = [
+        "MESSAGE",
+        "PRIORITY",
+        "SYSLOG_IDENTIFIER",
+        "SYSLOG_FACILITY",
+        "SYSLOG_PID",
+        "CODE_FILE",
+        "CODE_LINE",
+        "CODE_FUNC",
+        "TARGET",
+    ];
+    let mut out = String::new();
+    for line in json_lines.lines().filter(|l| !l.trim().is_empty()) {
+        let Ok(Value::Object(entry)) = serde_json::from_str::<Value>(line) else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let text = |k: &str| entry.get(k).and_then(Value::as_str).unwrap_or("");
+        let micros: u64 = text("__REALTIME_TIMESTAMP").parse().unwrap_or(0);
+        let (secs, frac) = (micros / 1_000_000 % 86_400, micros % 1_000_000);
+        let level = match text("PRIORITY") {
+            "0" | "1" | "2" | "3" => "ERROR",
+            "4" => "WARN",
+            "5" | "6" => "INFO",
+            _ => "DEBUG",
+        };
+        out.push_str(&format!(
+            "{:02}:{:02}:{:02}.{frac:06} {level:5} {}: {}",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            text("SYSLOG_IDENTIFIER"),
+            text("MESSAGE")
+        ));
+        if text("SYSLOG_IDENTIFIER") == "gemin_k8s" {
+            for (k, v) in entry.iter().filter(|(k, _)| !k.starts_with('_') && !PLUMBING.contains(&k.as_str())) {
+                // The agent's own fields come as `F_NAME` (tracing-journald's prefix).
+                let name = k.strip_prefix("F_").unwrap_or(k).to_lowercase();
+                out.push_str(&format!(" {name}={}", v.as_str().map_or_else(|| v.to_string(), String::from)));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A fresh key pair for root on the lab's nodes, `RUN_DIR/ssh/id_ed25519`;
+/// `None` (said on stderr) without `ssh-keygen`: the lab runs, but nobody
+/// can look inside a node.
+fn lab_ssh_key(run_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+    if crate::skip::find_tool("ssh-keygen").is_none() {
+        eprintln!("no ssh-keygen (openssh-client): the lab's nodes take no SSH key");
+        return Ok(None);
+    }
+    let dir = run_dir.join("ssh");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing the old {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = dir.join("id_ed25519");
+    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "gemini-lab", "-f"]).arg(&key))
+        .context("making the lab's SSH key")?;
+    Ok(Some(key))
 }
 
 /// The health timings of a VM under software emulation, where the guest
@@ -265,6 +353,14 @@ impl QemuLab {
                 (built.path(gemin_image::spec::OutputFormat::Qcow2), opts.k3s.unwrap_or(built.runs_kubernetes()))
             }
         };
+        let ssh_key = lab_ssh_key(&run_dir)?;
+        let public_key = match &ssh_key {
+            Some(key) => Some(
+                std::fs::read_to_string(key.with_extension("pub"))
+                    .with_context(|| format!("reading {}.pub", key.display()))?,
+            ),
+            None => None,
+        };
         let base_image = run_dir.join("base.qcow2");
         run(Command::new("cp").args(["--sparse=always", "--reflink=auto"]).arg(&image).arg(&base_image))
             .with_context(|| format!("copying the image {}", image.display()))?;
@@ -281,8 +377,16 @@ impl QemuLab {
             let node_file = opts.config_dir.join(format!("{name}.yaml"));
             let text =
                 std::fs::read_to_string(&node_file).with_context(|| format!("reading {}", node_file.display()))?;
-            let mut data = user_data(&text, &mac, entry.member.ip, cluster.vip_prefix, client_ip, kubernetes)
-                .with_context(|| format!("preparing {}", node_file.display()))?;
+            let mut data = user_data(
+                &text,
+                &mac,
+                entry.member.ip,
+                cluster.vip_prefix,
+                client_ip,
+                kubernetes,
+                public_key.as_deref(),
+            )
+            .with_context(|| format!("preparing {}", node_file.display()))?;
             if qemu::accel_choice().accel == qemu::Accel::Tcg {
                 data = emulated_timings(&data);
             }
@@ -302,6 +406,7 @@ impl QemuLab {
             memory_mib: opts.memory_mib,
             cpus: opts.cpus,
             kubernetes,
+            ssh_key,
             nodes,
         };
         for n in &lab.nodes {
@@ -610,6 +715,44 @@ impl QemuLab {
         crate::probe::fetch_kubeconfig(&self.agent_bin, &self.config_dir, &dest, client_exec)
     }
 
+    /// `ssh root@NODE COMMAND` from the client namespace with the lab's key;
+    /// the command's output.
+    pub fn ssh(&self, node: &str, command: &[&str]) -> Result<String, String> {
+        let Some(key) = &self.ssh_key else { return Err("the lab made no SSH key (no ssh-keygen)".into()) };
+        let target = format!("root@{}", self.node(node).map_err(|e| format!("{e:#}"))?.ip);
+        let key = key.to_string_lossy();
+        let mut argv = vec!["ssh", "-i", &key, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"];
+        argv.extend(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]);
+        argv.push(&target);
+        argv.extend(command);
+        let out = client_exec(&argv)?;
+        if !out.status.success() {
+            return Err(format!("ssh {node}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Each running node's agent journal of this boot, with the agent's
+    /// structured fields, saved as `RUN_DIR/NODE/agent-journal-LABEL.log`
+    /// (after a failure, or to compare with one); returns the last `lines`
+    /// lines of each (or why there are none).
+    pub fn collect_journals(&self, label: &str, lines: usize) -> String {
+        let mut text = String::new();
+        for n in &self.nodes {
+            let json = self.ssh(&n.name, &["journalctl", "-u", "geminik8s-agent", "-b", "--no-pager", "-o", "json"]);
+            let path = n.dir.join(format!("agent-journal-{label}.log"));
+            let shown = match json.map(|j| render_journal(&j)) {
+                Ok(j) => match std::fs::write(&path, &j) {
+                    Ok(()) => format!("(whole: {})\n{}", path.display(), geminik8s::cmd::tail(&j, lines)),
+                    Err(e) => format!("(not saved to {}: {e})\n{}", path.display(), geminik8s::cmd::tail(&j, lines)),
+                },
+                Err(e) => format!("none: {e}"),
+            };
+            text.push_str(&format!("--- {}'s agent journal, last {lines} lines {shown}\n", n.name));
+        }
+        text
+    }
+
     /// `kubectl` in the client namespace (see [`crate::probe::kubectl_in`]).
     pub fn kubectl(&self, kubeconfig: &Path, args: &[&str]) -> Result<Value, String> {
         crate::probe::kubectl_in(CLIENT, kubeconfig, args)
@@ -828,17 +971,32 @@ mod tests {
 
     #[test]
     fn user_data_opens_kine_turns_k3s_off_and_adds_the_network_file() {
-        let text =
-            user_data(NODE_FILE, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, false).unwrap();
+        let text = user_data(NODE_FILE, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, false, None)
+            .unwrap();
         assert!(text.contains("    listen: 0.0.0.0:2379\n"), "{text}");
         assert!(text.contains("  k3s:\n    enabled: false\n"), "{text}");
-        let on = user_data(&text, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, true);
+        let on = user_data(&text, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, true, None);
         assert!(on.is_err(), "a file that already has write_files is refused");
-        let on = user_data(NODE_FILE, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, true).unwrap();
+        let on = user_data(NODE_FILE, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, true, None)
+            .unwrap();
         assert!(on.contains("  k3s:\n    enabled: true\n"), "{on}");
         assert!(text.contains("      MACAddress=52:54:00:77:00:01\n"), "{text}");
         assert!(text.contains("      Address=10.77.0.11/24\n"), "{text}");
         assert!(text.contains("      NTP=10.77.0.2\n"), "{text}");
+        assert!(!text.contains("users:"), "no key, no users: {text}");
+        let key = "ssh-ed25519 AAAAC3Nza gemini-lab\n";
+        let keyed =
+            user_data(NODE_FILE, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, false, Some(key));
+        let keyed = keyed.unwrap();
+        assert!(
+            keyed.ends_with(
+                "users:\n  - name: root\n    ssh_authorized_keys:\n      - ssh-ed25519 AAAAC3Nza gemini-lab\n"
+            ),
+            "{keyed}"
+        );
+        let own = format!("{NODE_FILE}users: []\n");
+        let again = user_data(&own, "m", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, false, Some(key));
+        assert!(again.is_err(), "a file with its own users: is refused when a key is added");
     }
 
     /// The node file `gemin_k8s init` writes, adapted, passes the agent's
@@ -854,7 +1012,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         crate::probe::init_cluster(&bin, &dir.path().join("c"), &[]).unwrap();
         let node = std::fs::read_to_string(dir.path().join("c/node1.yaml")).unwrap();
-        let text = user_data(&node, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, false).unwrap();
+        let key = "ssh-ed25519 AAAAC3Nza gemini-lab";
+        let text =
+            user_data(&node, "52:54:00:77:00:01", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, false, Some(key))
+                .unwrap();
         let path = dir.path().join("user-data");
         std::fs::write(&path, &text).unwrap();
         let ctx = CheckContext { check_files: false, ..CheckContext::default() };
@@ -862,8 +1023,30 @@ mod tests {
         let files = geminik8s::config::kairos::write_files(&loaded.document).unwrap();
         assert_eq!(files[0].path, "/etc/systemd/network/10-lab.network");
         assert_eq!(files[0].mode(), Ok(0o644));
+        let users = geminik8s::config::kairos::users(&loaded.document).unwrap();
+        assert_eq!(users.len(), 1);
+        assert_eq!((users[0].name.as_str(), users[0].ssh_authorized_keys.as_slice()), ("root", &[key.to_string()][..]));
         assert!(!loaded.gemini.k3s.enabled);
         assert_eq!(loaded.gemini.kine.listen.to_string(), "0.0.0.0:2379");
+    }
+
+    #[test]
+    fn a_json_journal_reads_as_lines_with_the_agents_fields() {
+        let json = concat!(
+            r#"{"__REALTIME_TIMESTAMP":"1796033447090885","PRIORITY":"4","SYSLOG_IDENTIFIER":"gemin_k8s","#,
+            r#""MESSAGE":"restarting","F_EVENT":"service_restart","F_COMPONENT":"Postgres","F_ATTEMPT":"1","#,
+            r#""CODE_LINE":"1327","_PID":"345"}"#,
+            "\n",
+            r#"{"__REALTIME_TIMESTAMP":"1796033447000001","PRIORITY":"6","SYSLOG_IDENTIFIER":"systemd","#,
+            r#""MESSAGE":"Started x.","UNIT":"x.service"}"#,
+            "\nnot json\n"
+        );
+        assert_eq!(
+            render_journal(json),
+            "10:10:47.090885 WARN  gemin_k8s: restarting event=service_restart component=Postgres attempt=1\n\
+             10:10:47.000001 INFO  systemd: Started x.\n\
+             not json\n"
+        );
     }
 
     #[test]
@@ -877,8 +1060,9 @@ mod tests {
 
     #[test]
     fn user_data_refuses_a_file_it_cannot_adapt() {
-        let err = user_data("#cloud-config\ngeminik8s: {}\n", "m", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, false)
-            .unwrap_err();
+        let err =
+            user_data("#cloud-config\ngeminik8s: {}\n", "m", "10.77.0.11".parse().unwrap(), 24, CLIENT_IP, false, None)
+                .unwrap_err();
         assert!(err.to_string().contains("geminik8s.kine.listen"), "{err}");
     }
 

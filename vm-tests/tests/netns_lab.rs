@@ -628,6 +628,60 @@ fn stopping_the_leaders_agent_hands_over() {
     wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
 }
 
+/// The leader's PostgreSQL dies and cannot start again (its data directory
+/// became unreadable, as on a failing disk): the agent restarts it within
+/// its budget, then hands over to its synchronous standby, which promotes
+/// with every acknowledged write. Once the directory is readable again the
+/// old leader rejoins as follower.
+#[test]
+fn a_leader_whose_datastore_cannot_start_hands_over_to_its_synchronous_standby() {
+    use std::os::unix::fs::PermissionsExt;
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(up) = lab_up(&[], None) else { return };
+    let lab = &up.lab;
+    let (mut acked, mut max_rev) = write_keys(lab, "/lab/dbfail/", 10, 0);
+    let s1 = status(lab, "node1").unwrap();
+    assert_eq!(s1["takeover"]["sync_standby"], "node2", "node2 is the synchronous standby: {s1}");
+    let epoch_before = s1["epoch"].as_u64().unwrap();
+
+    let pgdata = lab.node_dir("node1").join("pgdata");
+    let postmaster = postgres_is_supervised_by_the_agent(lab, "node1");
+    std::fs::set_permissions(&pgdata, std::fs::Permissions::from_mode(0o000)).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(postmaster as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let failed = Instant::now();
+    let s2 =
+        poll::until("node2 leading after node1's datastore failed", FORM, Duration::from_millis(200), || match status(
+            lab, "node2",
+        ) {
+            Ok(s) if s["role"] == "leader" && s["vip"]["held_here"] == true => Ok(s),
+            other => Err(format!("{other:?}")),
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    eprintln!("node1's PostgreSQL killed and unstartable -> node2 leading: {:?}", failed.elapsed());
+    assert!(s2["epoch"].as_u64().unwrap() > epoch_before, "a new term: {s2}");
+    let log = std::fs::read_to_string(lab.node_dir("node1").join("agent.log")).unwrap();
+    assert!(log.contains("datastore_failing"), "node1 logged its datastore failing\n{}", logs(lab));
+    let restarts = log.lines().filter(|l| l.contains("service_restart") && l.contains("Postgres")).count();
+    assert_eq!(restarts, 3, "node1 restarted PostgreSQL three times before giving up\n{}", logs(lab));
+    assert!(log.contains("giving_up_leadership"), "node1 gave leadership up\n{}", logs(lab));
+    let rev = poll::until("a write through the VIP on node2", FORM, Duration::from_millis(100), || {
+        put(lab, "/lab/dbfail/after", "v")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(rev > max_rev, "revision {rev} after {max_rev}");
+    max_rev = rev;
+    acked.push("/lab/dbfail/after".into());
+    assert_eq!(keys(lab, "/lab/dbfail/").unwrap(), acked, "acknowledged writes were lost in the hand-over");
+    assert_eq!(lab.vip_holders(), vec!["node2".to_string()]);
+
+    // The disk is repaired: node1 follows the new leader.
+    std::fs::set_permissions(&pgdata, std::fs::Permissions::from_mode(0o700)).unwrap();
+    wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let (more, _) = write_keys(lab, "/lab/dbfail/rejoined/", 5, max_rev);
+    acked.extend(more);
+    assert_eq!(keys(lab, "/lab/dbfail/").unwrap(), acked);
+}
+
 /// Witness `gateway`, and a partition where node1 (the leader) sees neither
 /// its peer nor the gateway: it fences itself (VIP released, writes refused)
 /// before node2, which still sees the gateway, takes over. Never two VIP

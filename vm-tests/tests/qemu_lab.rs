@@ -7,8 +7,9 @@
 //!
 //! One test walks all the steps so the VMs boot as few times as possible
 //! (each boot takes a minute or more under TCG). On failure the run
-//! directory `target/qemu-lab/run` keeps both console logs; the panic
-//! message names it.
+//! directory `target/qemu-lab/run` keeps both console logs and each
+//! node's agent journal (`NODE/agent-journal-failure.log`, fetched over
+//! SSH); the panic message names them and shows the journals' last lines.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -54,8 +55,9 @@ impl Drop for Teardown {
 
 fn fail(lab: &QemuLab, what: &str) -> ! {
     panic!(
-        "{what}\nstatus:\n{}\nconsole logs: {}/node1/node1-console.log, {}/node2/node2-console.log",
+        "{what}\nstatus:\n{}\n{}console logs: {}/node1/node1-console.log, {}/node2/node2-console.log",
         lab.render_status(),
+        lab.collect_journals("failure", 150),
         lab.run_dir.display(),
         lab.run_dir.display()
     )
@@ -316,6 +318,7 @@ fn leader_killed_follower_promotes_old_leader_rejoins_and_both_reboot_with_the_d
     }
     let switched_to = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
     assert_eq!(switched_to, leader, "the switchover's target leads and the other follows it");
+    lab.collect_journals("switchover", 0);
     assert_eq!(lab.client_vip_mac().as_deref(), Some(leader_mac.as_str()), "the VIP moved back");
     assert_all_present(&lab, &acked);
     if let Some(k) = &mut kube {
@@ -365,4 +368,7 @@ fn leader_killed_follower_promotes_old_leader_rejoins_and_both_reboot_with_the_d
         k.assert_all_present(&lab);
     }
     eprint!("{}", lab.render_status());
+    // The journals of a passing run are kept too (the run directory's
+    // NODE/agent-journal-*.log), to compare with a failing one.
+    lab.collect_journals("end", 0);
 }

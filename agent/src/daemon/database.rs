@@ -175,19 +175,32 @@ impl Database for Postgres {
             if !self.mgr.is_running()? {
                 // Stopped (after a reboot, before the election): the control
                 // file is fresher than the position hostMeta recorded.
-                let position = self
-                    .mgr
-                    .control_position()
-                    .await?
-                    .map(|c| WalPosition { timeline: c.timeline, lsn: Lsn(c.lsn_bytes) });
-                return Ok(DbReport { healthy: expected.then_some(false), position, ..DbReport::default() });
+                // A control file that cannot be read (a failing disk) is
+                // still a datastore that should run and does not: the role
+                // machine must hear it.
+                let (position, problem) = match self.mgr.control_position().await {
+                    Ok(c) => {
+                        (c.map(|c| WalPosition { timeline: c.timeline, lsn: Lsn(c.lsn_bytes) }), "not running".into())
+                    }
+                    Err(e) => (None, format!("not running, and its control file cannot be read: {e:#}")),
+                };
+                return Ok(DbReport {
+                    healthy: expected.then_some(false),
+                    position,
+                    problem: Some(problem),
+                    ..DbReport::default()
+                });
             }
             // One session answers everything: health, position, replication.
             let st = match self.mgr.status().await {
                 Ok(st) => st,
                 Err(e) => {
                     tracing::debug!(error = %e, "PostgreSQL does not answer");
-                    return Ok(DbReport { healthy: expected.then_some(false), ..DbReport::default() });
+                    return Ok(DbReport {
+                        healthy: expected.then_some(false),
+                        problem: Some(format!("does not answer: {e}")),
+                        ..DbReport::default()
+                    });
                 }
             };
             let timeline = u32::try_from(st.timeline).context("timeline out of range")?;
@@ -198,6 +211,7 @@ impl Database for Postgres {
                 position: Some(WalPosition { timeline, lsn }),
                 replication,
                 view: Some(view),
+                problem: None,
             })
         })
     }

@@ -115,6 +115,8 @@ struct LocalChecks {
     db: Option<(Instant, super::subsystems::DbReport)>,
     /// When the probe in flight started.
     db_probing: Option<Instant>,
+    /// Whether the datastore's last verdict was "failing" (logged once).
+    db_failing: bool,
     script: Option<bool>,
 }
 
@@ -163,6 +165,17 @@ struct PromotionTiming {
 
 /// Time limit for starting, stopping or restarting a service.
 const SERVICE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a datastore probe may stay unanswered before it counts as a
+/// failure (one that fails, such as a refused connection, counts at once).
+/// A PostgreSQL that is slow (a checkpoint on slow storage, a loaded
+/// machine) is not fixed by a restart, which only adds crash recovery;
+/// PostgreSQL's own connection timeout here is as long.
+const DB_PROBE_STUCK: Duration = Duration::from_secs(10);
+
+/// How long a restart may keep a component's probes from counting (it
+/// may wait behind a promotion or a rejoin for the datastore).
+const RESTART_LIMIT: Duration = Duration::from_secs(120);
 
 /// How long a hand-over's clean shutdown may take before it is made
 /// immediate (and the hand-over withdrawn).
@@ -630,11 +643,30 @@ impl Driver {
                 checks.lock().unwrap_or_else(|p| p.into_inner()).script = Some(result.is_ok());
             });
         }
-        let c = self.checks.lock().unwrap_or_else(|p| p.into_inner());
-        let stuck = c.db_probing.is_some_and(|since| since.elapsed() > interval * 3);
-        let Some((at, report)) = &c.db else { return (stuck.then_some(false), None, None, None) };
+        let mut c = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        let stuck =
+            c.db_probing.map(|since| since.elapsed()).filter(|waited| *waited > (interval * 3).max(DB_PROBE_STUCK));
+        let healthy = match (&c.db, stuck) {
+            (_, Some(_)) => Some(false),
+            (Some((_, report)), None) => report.healthy,
+            (None, None) => None,
+        };
+        // The verdict the role machine counts towards a restart: said once.
+        let failing = healthy == Some(false);
+        if failing && !c.db_failing {
+            let why = match stuck {
+                Some(waited) => format!("the probe has not answered for {:.1}s", waited.as_secs_f64()),
+                None => c.db.as_ref().and_then(|(_, r)| r.problem.clone()).unwrap_or_default(),
+            };
+            tracing::warn!(event = "datastore_failing", problem = %why, "PostgreSQL fails its probe");
+        } else if !failing && c.db_failing && healthy.is_some() {
+            tracing::info!(event = "datastore_healthy", "PostgreSQL passes its probe again");
+        }
+        if healthy.is_some() {
+            c.db_failing = failing;
+        }
+        let Some((at, report)) = &c.db else { return (healthy, None, None, None) };
         let fresh = at.elapsed() < interval * 3;
-        let healthy = if stuck { Some(false) } else { report.healthy };
         if !fresh {
             return (healthy, None, None, None);
         }
@@ -855,27 +887,46 @@ impl Driver {
                         });
                     }
                 }
-                Action::RestartService(Component::Postgres) => {
-                    if let Some(db) = self.subsystems.database.clone() {
-                        self.spawn_once("restart-postgres", async move {
-                            if let Err(e) = db.restart().await {
-                                tracing::error!(error = %format!("{e:#}"), "restarting PostgreSQL failed");
-                            }
-                        });
-                    }
-                }
                 Action::RestartService(component) => {
                     if let (Component::K3s, Some(k3s)) = (component, &self.k3s) {
                         k3s.health.lock().unwrap_or_else(|p| p.into_inner()).started(Instant::now());
                     }
-                    if let (Some(services), Some(name)) = (self.subsystems.services.clone(), service_name(component)) {
-                        self.spawn_once(name, async move {
-                            tracing::debug!(?component, "restarting a service");
-                            if let Err(e) = services.restart(name, SERVICE_TIMEOUT).await {
-                                tracing::error!(?component, error = %e, "restart failed");
+                    let (db, services, tx) =
+                        (self.subsystems.database.clone(), self.subsystems.services.clone(), self.done_tx.clone());
+                    let key = match component {
+                        Component::Postgres => "restart-postgres",
+                        Component::Kine => "restart-kine",
+                        Component::K3s => "restart-k3s",
+                        Component::Network => "restart-network",
+                        Component::Script => "restart-script",
+                    };
+                    // One restart per component at a time; the machine hears
+                    // when it ended (from the one already running, if any),
+                    // at the latest after RESTART_LIMIT.
+                    self.spawn_once(key, async move {
+                        let restart = async move {
+                            match (component, db, services, service_name(component)) {
+                                (Component::Postgres, Some(db), _, _) => {
+                                    if let Err(e) = db.restart().await {
+                                        tracing::error!(error = %format!("{e:#}"), "restarting PostgreSQL failed");
+                                    }
+                                }
+                                (_, _, Some(services), Some(name)) => {
+                                    tracing::debug!(?component, "restarting a service");
+                                    if let Err(e) = services.restart(name, SERVICE_TIMEOUT).await {
+                                        tracing::error!(?component, error = %e, "restart failed");
+                                    }
+                                }
+                                _ => {}
                             }
-                        });
-                    }
+                        };
+                        if tokio::time::timeout(RESTART_LIMIT, restart).await.is_err() {
+                            tracing::error!(?component, limit = ?RESTART_LIMIT, "a restart did not end in time; probing again");
+                        }
+                        if tx.send(Completion::Restarted(component)).await.is_err() {
+                            tracing::debug!("the agent loop ended before a restart ended");
+                        }
+                    });
                 }
             }
         }

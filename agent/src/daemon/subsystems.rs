@@ -42,6 +42,8 @@ pub struct DbReport {
     pub replication: Option<Replication>,
     /// Replication for `status`.
     pub view: Option<ReplicationView>,
+    /// Why it is not healthy, for the log.
+    pub problem: Option<String>,
 }
 
 /// The local PostgreSQL as the role machine needs it.

@@ -37,6 +37,9 @@ struct ServiceHealth {
     next_restart: Duration,
     gave_up: bool,
     healthy_since: Option<Duration>,
+    /// A restart was asked for and has not ended: its probes say nothing
+    /// (a slow restart must not spend the whole budget by itself).
+    restarting: bool,
 }
 
 /// The role state machine of one node. See the module documentation for
@@ -657,6 +660,11 @@ impl Machine {
                 self.needs_rejoin = true;
                 self.retry_at = now + self.s.restart_backoff;
             }
+            (_, Completion::Restarted(c)) => {
+                let h = self.services.entry(c).or_default();
+                h.restarting = false;
+                h.consecutive_failures = 0;
+            }
             (mode, done) => tracing::warn!(?mode, ?done, "completion does not match the current state; ignored"),
         }
     }
@@ -977,8 +985,19 @@ impl Machine {
             out.push(Action::AcquireLease { epoch: self.epoch() });
         }
         let critical_failed = self.services.iter().any(|(c, h)| c.critical() && h.gave_up);
-        let peer_can_take_over =
-            self.peer.as_ref().is_some_and(|p| !p.leading && matches!(p.state, State::Follower | State::HealthCheck));
+        // Only to a peer that has every acknowledged write (the synchronous
+        // standby as PostgreSQL last reported it; configured async: one that
+        // streams): a peer still rejoining or catching up cannot promote, or
+        // must not, and handing over to it would leave nobody leading.
+        let peer_has_everything = match self.s.durability {
+            Durability::Synchronous => self.sync_standby().is_some(),
+            Durability::Async => self.replication.is_some_and(|r| r.peer_streaming),
+        };
+        let peer_can_take_over = peer_has_everything
+            && self
+                .peer
+                .as_ref()
+                .is_some_and(|p| !p.leading && matches!(p.state, State::Follower | State::HealthCheck));
         if critical_failed && peer_can_take_over {
             tracing::error!(event = "giving_up_leadership", node = %self.s.own_name, failed = ?self.failed_components(),
                 "a critical component stays failed; handing over");
@@ -1300,10 +1319,15 @@ impl Machine {
 
     /// Restart a component only after `failure_threshold` failed probes in
     /// a row, with bounded attempts and backoff; its budget comes back only
-    /// after it stayed healthy for a while.
+    /// after it stayed healthy for a while. While a restart runs its probes
+    /// are not counted, and the restarted service gets `failure_threshold`
+    /// probes of its own.
     fn check_health(&mut self, now: Duration, results: &[(Component, bool)], out: &mut Vec<Action>) {
         for &(c, ok) in results {
             let h = self.services.entry(c).or_default();
+            if h.restarting {
+                continue;
+            }
             if ok {
                 let since = *h.healthy_since.get_or_insert(now);
                 h.failing = false;
@@ -1326,6 +1350,7 @@ impl Machine {
                 if h.attempts < self.s.restart_attempts {
                     h.attempts += 1;
                     h.next_restart = now + self.s.restart_backoff * 2u32.saturating_pow(h.attempts - 1);
+                    h.restarting = true;
                     tracing::warn!(event = "service_restart", component = ?c, attempt = h.attempts, "restarting");
                     out.push(Action::RestartService(c));
                 } else if !h.gave_up {

@@ -323,6 +323,9 @@ pub enum Completion {
     HandedOver(Option<WalPosition>),
     RejoinDone,
     RejoinFailed,
+    /// A [`Action::RestartService`] ended (whether or not the service came
+    /// back: the next probes say).
+    Restarted(Component),
     /// The arbiter granted the lease this node asked for (it did not hold a
     /// trusted one), on a request sent at `sent` (the machine's clock).
     LeaseGranted {

@@ -766,7 +766,9 @@ impl Sim {
                         self.set_sync(n, true);
                     }
                 }
-                Action::RestartService(_) => {}
+                Action::RestartService(c) => {
+                    self.at(t + 100, life, Event::Done { node: n, done: Completion::Restarted(c) });
+                }
             }
         }
     }

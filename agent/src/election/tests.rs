@@ -663,28 +663,80 @@ fn never_takes_the_vip_while_the_peer_leads() {
     assert_eq!(tick(&mut a, s(1), seen(following, WitnessView::NoOpinion)), vec![Action::TakeVip]);
 }
 
+/// A tick whose restarts end at once (the driver reports each one's end).
+fn tick_restarting(m: &mut Machine, t: u64, obs: Observation) -> Vec<Action> {
+    let out = tick(m, s(t), obs);
+    for a in &out {
+        if let Action::RestartService(c) = a {
+            m.step(s(t), Input::Done(Completion::Restarted(*c)));
+        }
+    }
+    out
+}
+
 #[test]
 fn failed_service_is_restarted_with_backoff_then_the_leader_hands_over() {
     let mut a = leader(A, WitnessMode::None, 3);
     let peer = status(Some(meta(B, Role::Follower, 3, None)), State::Follower);
+    // A datastore that fails its probes reports no replication: the last
+    // report (in sync, at t=0) stands.
     let obs = |ok| {
         let mut o = seen(peer.clone(), WitnessView::NoOpinion);
         o.health = vec![(Component::Postgres, ok), (Component::Kine, true)];
         o
     };
+    let in_sync_report = {
+        let mut o = obs(true);
+        o.replication = Some(in_sync());
+        o
+    };
+    assert_eq!(tick(&mut a, s(0), in_sync_report), vec![]);
     let mut log = vec![];
     for t in 1..=20 {
-        for act in tick(&mut a, s(t), obs(false)) {
+        for act in tick_restarting(&mut a, t, obs(false)) {
             log.push((t, act));
         }
     }
     let restarts: Vec<_> =
         log.iter().filter(|(_, a)| *a == Action::RestartService(Component::Postgres)).map(|(t, _)| *t).collect();
-    assert_eq!(restarts, vec![3, 5, 9], "after 3 failed probes, then backoff 2 s, 4 s, give up after 8 s: {log:?}");
+    assert_eq!(
+        restarts,
+        vec![3, 6, 10],
+        "after 3 failed probes, then 3 more of the restarted service and backoff 2 s, 4 s; give up after 8 s: {log:?}"
+    );
     let handover: Vec<_> = log.iter().filter(|(_, a)| !matches!(a, Action::RestartService(_))).collect();
-    assert_eq!(handover[0], &(17, Action::ReleaseVip), "{log:?}");
-    assert_eq!(handover[1], &(17, Action::Demote), "{log:?}");
+    assert_eq!(handover[0], &(18, Action::ReleaseVip), "{log:?}");
+    assert_eq!(handover[1], &(18, Action::Demote), "{log:?}");
     assert!(a.status().handing_over);
+
+    // A restart that takes long (a datastore under load) spends one
+    // attempt: the probes while it runs do not count, and the restarted
+    // service gets its own three probes.
+    let mut a = leader(A, WitnessMode::None, 3);
+    let log: Vec<_> = (1..=15).flat_map(|t| tick(&mut a, s(t), obs(false))).collect();
+    assert_eq!(log, vec![Action::RestartService(Component::Postgres)], "one restart while it runs");
+    a.step(s(15), Input::Done(Completion::Restarted(Component::Postgres)));
+    assert_eq!(tick(&mut a, s(16), obs(false)), vec![]);
+    assert_eq!(tick(&mut a, s(17), obs(false)), vec![]);
+    assert_eq!(tick(&mut a, s(18), obs(false)), vec![Action::RestartService(Component::Postgres)], "second attempt");
+    assert!(a.failed_components().is_empty() && a.leading());
+
+    // A peer that is not (yet) the synchronous standby, such as one still
+    // rejoining after a switchover, cannot take over: the leader keeps
+    // leading on its failed datastore rather than leave nobody leading.
+    for report in [None, Some(Replication { sync_configured: true, peer_streaming: true, peer_in_sync: false })] {
+        let mut a = leader(A, WitnessMode::None, 3);
+        let mut first = obs(true);
+        first.replication = report;
+        tick(&mut a, s(0), first);
+        let log: Vec<_> = (1..=40).flat_map(|t| tick_restarting(&mut a, t, obs(false))).collect();
+        assert!(!log.iter().any(|a| matches!(a, Action::Demote | Action::ReleaseVip)), "{report:?}: {log:?}");
+        assert_eq!(a.failed_components(), vec![Component::Postgres]);
+        assert!(a.leading() && !a.status().handing_over, "{report:?}");
+        // The datastore answers again: nothing stays failed.
+        tick(&mut a, s(41), obs(true));
+        assert_eq!(a.failed_components(), vec![]);
+    }
 
     // One failed probe is not a failure.
     let mut a = leader(A, WitnessMode::None, 3);
@@ -694,8 +746,9 @@ fn failed_service_is_restarted_with_backoff_then_the_leader_hands_over() {
     // A service that recovers keeps its spent attempts until it has been
     // healthy for a while, so a flapping one is not restarted for ever.
     let mut a = leader(A, WitnessMode::None, 3);
-    let fail =
-        |a: &mut Machine, from: u64| (from..from + 3).flat_map(|t| tick(a, s(t), obs(false))).collect::<Vec<_>>();
+    let fail = |a: &mut Machine, from: u64| {
+        (from..from + 3).flat_map(|t| tick_restarting(a, t, obs(false))).collect::<Vec<_>>()
+    };
     assert_eq!(fail(&mut a, 1), vec![Action::RestartService(Component::Postgres)]);
     assert_eq!(a.state(), State::HealthCheck);
     tick(&mut a, s(4), obs(true));

@@ -3,11 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use clap::builder::TypedValueParser;
 
 use crate::build::{BuildOptions, build, resolve_epoch};
 use crate::cache::Cache;
 use crate::progress::{Mode, Progress};
-use crate::spec::{ArtifactSource, ImageSpec};
+use crate::spec::{ArtifactSource, ImageSpec, OutputFormat};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -45,9 +46,20 @@ pub struct Args {
     /// (repeatable), e.g. `--artifact gemin_k8s=target/release/gemin_k8s`.
     #[arg(long = "artifact", value_name = "NAME=PATH", value_parser = parse_override)]
     pub artifacts: Vec<(String, PathBuf)>,
+    /// The outputs to write, instead of the spec's `outputs:` (comma-separated
+    /// or repeated), e.g. `--format iso,raw`.
+    #[arg(long = "format", value_name = "FORMAT", value_delimiter = ',', value_parser = format_parser())]
+    pub formats: Vec<OutputFormat>,
     /// Print progress as JSON events, one per line, on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Every output the builder can write, by the names the spec uses.
+fn format_parser() -> impl TypedValueParser<Value = OutputFormat> {
+    clap::builder::PossibleValuesParser::new(OutputFormat::ALL.map(|(name, _)| name)).map(|name| {
+        OutputFormat::ALL.iter().find(|(n, _)| *n == name).map(|(_, f)| *f).expect("one of the possible values")
+    })
 }
 
 fn parse_override(text: &str) -> Result<(String, PathBuf), String> {
@@ -65,6 +77,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             format!("--artifact {name}=...: the spec has no artifact `{name}` (it has: {})", names.join(", "))
         })?;
         artifact.source = ArtifactSource::Path { path: path.clone(), sha256: None };
+    }
+    if !args.formats.is_empty() {
+        let mut formats = args.formats.clone();
+        dedup_keeping_order(&mut formats);
+        spec.outputs = formats;
     }
     let epoch = resolve_epoch(args.source_date_epoch, &spec)?;
     let (target, replace_target) = match &args.target {
@@ -96,4 +113,43 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--format raw,iso,raw` writes each output once.
+fn dedup_keeping_order(formats: &mut Vec<OutputFormat>) {
+    let mut seen = Vec::new();
+    formats.retain(|f| {
+        let first = !seen.contains(f);
+        seen.push(*f);
+        first
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn formats_on_the_command_line_replace_the_specs_and_are_named_in_the_help() {
+        let cli = Cli::try_parse_from(["gemin-image", "--format", "iso,raw", "--format", "iso"]).unwrap();
+        let mut formats = cli.args.formats;
+        dedup_keeping_order(&mut formats);
+        assert_eq!(formats, vec![OutputFormat::Iso, OutputFormat::Raw]);
+        let err = Cli::try_parse_from(["gemin-image", "--format", "vmdk"]).unwrap_err().to_string();
+        for (name, _) in OutputFormat::ALL {
+            assert!(err.contains(name), "{name} missing from: {err}");
+        }
+        let mut help = Vec::new();
+        <Cli as clap::CommandFactory>::command().write_long_help(&mut help).unwrap();
+        let help = String::from_utf8(help).unwrap();
+        assert!(help.contains("rootfs-tar, oci-archive, raw, qcow2, iso, pxe"), "{help}");
+    }
 }

@@ -146,6 +146,15 @@ enum Qemu {
     Partition(QemuRunDir),
     /// Undo `partition`.
     Heal(QemuRunDir),
+    /// Run a command on a node as root over SSH with the lab's key (default: its agent's journal).
+    Ssh {
+        node: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+        #[command(flatten)]
+        run: QemuRunDir,
+    },
     /// Print a node's console log path and its last lines.
     Console {
         node: String,
@@ -549,6 +558,13 @@ fn qemu(cmd: Qemu) -> anyhow::Result<ExitCode> {
         Qemu::Heal(run) => {
             QemuLab::load(&run.run_dir)?.heal()?;
             println!("healed");
+        }
+        Qemu::Ssh { node, command, run } => {
+            let lab = QemuLab::load(&run.run_dir)?;
+            let journal = ["journalctl", "-u", "geminik8s-agent", "-b", "--no-pager"].map(String::from);
+            let command = if command.is_empty() { journal.to_vec() } else { command };
+            let argv: Vec<&str> = command.iter().map(String::as_str).collect();
+            print!("{}", lab.ssh(&node, &argv).map_err(|e| anyhow::anyhow!(e))?);
         }
         Qemu::Console { node, lines, follow, run } => {
             let lab = QemuLab::load(&run.run_dir)?;
