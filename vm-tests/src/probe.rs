@@ -234,6 +234,13 @@ pub fn failover_cli(lab: &Lab, bin: &Path, extra: &[&str]) -> Result<(bool, Valu
     failover_with(bin, &lab.config_dir, extra, |argv| lab.exec("client", argv).map_err(|e| format!("{e:#}")))
 }
 
+/// Whether a refused `gemin_k8s failover` is worth running again: right
+/// after a switchover or a rejoin the checks, or the leader itself, may
+/// still wait for the standby to be synchronous. Nothing was changed.
+pub fn failover_may_retry(report: &serde_json::Value) -> bool {
+    matches!(report["outcome"].as_str(), Some("refused: checks failed" | "refused by the leader"))
+}
+
 /// [`failover_cli`] for any lab: `exec` runs the command line on its client host.
 pub fn failover_with(
     bin: &Path,

@@ -105,7 +105,8 @@ pub struct Report {
     pub from: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
-    /// `done`, `checks failed`, `aborted, cluster unchanged`, `stuck`, `refused`, `passed`.
+    /// `done`, `checks failed`, `refused: checks failed`, `refused by the leader`,
+    /// `aborted, cluster unchanged`, `stuck`, `refused`, `passed`.
     pub outcome: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -438,7 +439,15 @@ async fn switchover(args: &Args, clients: &[(String, AgentClient)]) -> anyhow::R
     let (lc, tc) = (client(&leader.name), client(&target.name));
     let epoch_before = target.status.as_ref().map_or(0, |s| s.epoch);
     let asked = Instant::now();
-    lc.switchover().await?;
+    if let Err(e) = lc.switchover().await {
+        // Between the checks and the call the leader's view can change
+        // (its standby fell behind for a moment): the leader says no and
+        // nothing happens; the report says why.
+        let Some(refused) = e.downcast_ref::<crate::peer::client::Refused>() else { return Err(e) };
+        report.outcome = "refused by the leader".into();
+        report.detail = Some(format!("{}; nothing was changed, run it again", refused.reason));
+        return Ok(report);
+    }
     let deadline = asked + args.timeout;
     let ms = |t: Instant| t.duration_since(asked).as_millis() as u64;
     let (mut stopping, mut clean, mut withdrawn): (Option<Instant>, Option<Instant>, Option<Instant>) =

@@ -128,11 +128,15 @@ impl AgentClient {
     }
 
     /// Ask this node (the leader) to hand leadership to its peer.
+    /// A refusal is a [`Refused`] error (nothing was changed).
     pub async fn switchover(&self) -> anyhow::Result<()> {
         let (status, body) = self.request(hyper::Method::POST, "/v1/switchover").await?;
         match status {
             202 => Ok(()),
-            _ => bail!("{} refused the switchover (HTTP {status}): {}", self.describe(), body.trim()),
+            _ => {
+                Err(Refused { what: "the switchover", agent: self.describe(), status, reason: body.trim().into() }
+                    .into())
+            }
         }
     }
 
@@ -175,4 +179,14 @@ impl AgentClient {
         }
         Ok(body)
     }
+}
+
+/// An agent answered, and said no: the call changed nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("{agent} refused {what} (HTTP {status}): {reason}")]
+pub struct Refused {
+    pub what: &'static str,
+    pub agent: String,
+    pub status: u16,
+    pub reason: String,
 }

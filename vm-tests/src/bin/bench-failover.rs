@@ -279,7 +279,7 @@ fn switchover_loop(
         // Right after the last switchover the checks may still wait for the standby.
         let report = until(&format!("switchover {i} to be accepted"), form, Duration::from_millis(200), || {
             let (ok, report) = failover_cli(lab, bin, &["--promote", &follower, "--wait", "--timeout", "60s"])?;
-            let retry = report["outcome"] == "refused: checks failed";
+            let retry = geminik8s_vm_tests::probe::failover_may_retry(&report);
             if ok {
                 Ok(Ok(report))
             } else if retry {
