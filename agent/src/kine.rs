@@ -482,28 +482,36 @@ mod tests {
         }
         // Past the grace, still failing: restart, once.
         assert_eq!(r.observe(false, at(15)), Verdict::Restart);
-        // The restarted Kine gets its own grace period and failure count.
-        assert_eq!(r.observe(false, at(16)), Verdict::Waiting);
-        assert_eq!(r.observe(false, at(17)), Verdict::Waiting);
-        assert_eq!(r.observe(false, at(18)), Verdict::Waiting);
-        assert_eq!(r.observe(false, at(21)), Verdict::Restart);
-        assert_eq!(r.observe(true, at(22)), Verdict::Healthy);
-        // Healthy only briefly: the next restart waits twice as long, then
-        // four times (a loaded machine is not restarted into the ground).
-        assert_eq!(r.observe(false, at(23)), Verdict::Waiting);
-        assert_eq!(r.observe(false, at(24)), Verdict::Waiting);
-        assert_eq!(r.observe(false, at(30)), Verdict::Waiting, "grace 10 s after the second restart");
-        assert_eq!(r.observe(false, at(31)), Verdict::Restart);
-        for s in [32, 33, 34, 50] {
-            assert_eq!(r.observe(false, at(s)), Verdict::Waiting, "grace 20 s after the third restart, at {s}s");
+        use Verdict::{Healthy, Restart, Waiting};
+        let script = [
+            // The restarted Kine gets its own grace period and failure count.
+            (16, false, Waiting),
+            (17, false, Waiting),
+            (18, false, Waiting),
+            (21, false, Restart),
+            (22, true, Healthy),
+            // Healthy only briefly: the next restart waits twice as long
+            // (10 s), then four times (20 s): a loaded machine is not
+            // restarted into the ground.
+            (23, false, Waiting),
+            (24, false, Waiting),
+            (30, false, Waiting),
+            (31, false, Restart),
+            (32, false, Waiting),
+            (33, false, Waiting),
+            (34, false, Waiting),
+            (50, false, Waiting),
+            (51, false, Restart),
+            // Healthy for 30 s: the back-off starts over, the threshold only, as at first.
+            (52, true, Healthy),
+            (82, true, Healthy),
+            (83, false, Waiting),
+            (84, false, Waiting),
+            (85, false, Restart),
+        ];
+        for (s, healthy, verdict) in script {
+            assert_eq!(r.observe(healthy, at(s)), verdict, "at {s}s");
         }
-        assert_eq!(r.observe(false, at(51)), Verdict::Restart);
-        // Healthy for 30 s: the back-off starts over.
-        assert_eq!(r.observe(true, at(52)), Verdict::Healthy);
-        assert_eq!(r.observe(true, at(82)), Verdict::Healthy);
-        assert_eq!(r.observe(false, at(83)), Verdict::Waiting);
-        assert_eq!(r.observe(false, at(84)), Verdict::Waiting);
-        assert_eq!(r.observe(false, at(85)), Verdict::Restart, "the threshold only, as at first");
     }
 
     #[test]

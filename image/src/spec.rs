@@ -176,6 +176,11 @@ impl OutputFormat {
         ("pxe", OutputFormat::Pxe),
     ];
 
+    /// The format the spec and the command line call `name`.
+    pub fn named(name: &str) -> Option<OutputFormat> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+    }
+
     /// Built by the disk builder from the rootfs.
     pub fn is_disk(self) -> bool {
         matches!(self, OutputFormat::Raw | OutputFormat::Qcow2 | OutputFormat::Iso | OutputFormat::Pxe)

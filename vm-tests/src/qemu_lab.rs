@@ -39,6 +39,8 @@ use crate::qemu::{self, ConsoleMode, DiskFormat, Drive, Firmware, Net, VmConfig}
 pub const SWITCH: &str = "gq-sw";
 pub const CLIENT: &str = "gq-client";
 const BRIDGE: &str = "br0";
+/// This boot's journal of a node's agent (`gemini-lab qemu ssh NODE`'s default).
+pub const AGENT_JOURNAL: [&str; 5] = ["journalctl", "-u", "geminik8s-agent", "-b", "--no-pager"];
 /// The line `geminik8s-boot-report.service` prints once the agent started.
 pub const BOOT_REPORT: &str = "geminik8s-boot: ";
 
@@ -266,10 +268,10 @@ pub fn render_journal(json_lines: &str) -> String {
     out
 }
 
-/// A fresh key pair for root on the lab's nodes, `RUN_DIR/ssh/id_ed25519`;
-/// `None` (said on stderr) without `ssh-keygen`: the lab runs, but nobody
-/// can look inside a node.
-fn lab_ssh_key(run_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+/// A fresh key pair for root on the lab's nodes, `RUN_DIR/ssh/id_ed25519`:
+/// the private key's path and the public key. `None` (said on stderr)
+/// without `ssh-keygen`: the lab runs, but nobody can look inside a node.
+fn lab_ssh_key(run_dir: &Path) -> anyhow::Result<Option<(PathBuf, String)>> {
     if crate::skip::find_tool("ssh-keygen").is_none() {
         eprintln!("no ssh-keygen (openssh-client): the lab's nodes take no SSH key");
         return Ok(None);
@@ -282,7 +284,9 @@ fn lab_ssh_key(run_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
     let key = dir.join("id_ed25519");
     run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "gemini-lab", "-f"]).arg(&key))
         .context("making the lab's SSH key")?;
-    Ok(Some(key))
+    let public = key.with_extension("pub");
+    let public = std::fs::read_to_string(&public).with_context(|| format!("reading {}", public.display()))?;
+    Ok(Some((key, public)))
 }
 
 /// The health timings of a VM under software emulation, where the guest
@@ -353,14 +357,7 @@ impl QemuLab {
                 (built.path(gemin_image::spec::OutputFormat::Qcow2), opts.k3s.unwrap_or(built.runs_kubernetes()))
             }
         };
-        let ssh_key = lab_ssh_key(&run_dir)?;
-        let public_key = match &ssh_key {
-            Some(key) => Some(
-                std::fs::read_to_string(key.with_extension("pub"))
-                    .with_context(|| format!("reading {}.pub", key.display()))?,
-            ),
-            None => None,
-        };
+        let (ssh_key, public_key) = lab_ssh_key(&run_dir)?.unzip();
         let base_image = run_dir.join("base.qcow2");
         run(Command::new("cp").args(["--sparse=always", "--reflink=auto"]).arg(&image).arg(&base_image))
             .with_context(|| format!("copying the image {}", image.display()))?;
@@ -739,13 +736,16 @@ impl QemuLab {
     pub fn collect_journals(&self, label: &str, lines: usize) -> String {
         let mut text = String::new();
         for n in &self.nodes {
-            let json = self.ssh(&n.name, &["journalctl", "-u", "geminik8s-agent", "-b", "--no-pager", "-o", "json"]);
             let path = n.dir.join(format!("agent-journal-{label}.log"));
-            let shown = match json.map(|j| render_journal(&j)) {
-                Ok(j) => match std::fs::write(&path, &j) {
-                    Ok(()) => format!("(whole: {})\n{}", path.display(), geminik8s::cmd::tail(&j, lines)),
-                    Err(e) => format!("(not saved to {}: {e})\n{}", path.display(), geminik8s::cmd::tail(&j, lines)),
-                },
+            let shown = match self.ssh(&n.name, &[&AGENT_JOURNAL[..], &["-o", "json"]].concat()) {
+                Ok(json) => {
+                    let journal = render_journal(&json);
+                    let saved = match std::fs::write(&path, &journal) {
+                        Ok(()) => format!("whole: {}", path.display()),
+                        Err(e) => format!("not saved to {}: {e}", path.display()),
+                    };
+                    format!("({saved})\n{}", geminik8s::cmd::tail(&journal, lines))
+                }
                 Err(e) => format!("none: {e}"),
             };
             text.push_str(&format!("--- {}'s agent journal, last {lines} lines {shown}\n", n.name));

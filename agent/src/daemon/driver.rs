@@ -195,6 +195,34 @@ fn service_name(component: Component) -> Option<&'static str> {
     }
 }
 
+/// The background-work key of a component's restart.
+fn restart_key(component: Component) -> &'static str {
+    match component {
+        Component::Postgres => "restart-postgres",
+        Component::Kine => "restart-kine",
+        Component::K3s => "restart-k3s",
+        Component::Network => "restart-network",
+        Component::Script => "restart-script",
+    }
+}
+
+/// Restart `component`: PostgreSQL through the datastore, the others
+/// through the service manager (what has no service is left alone).
+async fn restart_component(component: Component, db: Option<Arc<dyn Database>>, services: Option<Arc<dyn Services>>) {
+    if component == Component::Postgres {
+        if let Some(db) = db
+            && let Err(e) = db.restart().await
+        {
+            tracing::error!(error = %format!("{e:#}"), "restarting PostgreSQL failed");
+        }
+    } else if let (Some(services), Some(name)) = (services, service_name(component)) {
+        tracing::debug!(?component, "restarting a service");
+        if let Err(e) = services.restart(name, SERVICE_TIMEOUT).await {
+            tracing::error!(?component, error = %e, "restart failed");
+        }
+    }
+}
+
 /// The hostMeta found at start. A node without hostMeta but with data (a
 /// data directory, or archives of one) is not a new node: its record is
 /// recovered from the peer, it never starts a new cluster over that data.
@@ -893,33 +921,11 @@ impl Driver {
                     }
                     let (db, services, tx) =
                         (self.subsystems.database.clone(), self.subsystems.services.clone(), self.done_tx.clone());
-                    let key = match component {
-                        Component::Postgres => "restart-postgres",
-                        Component::Kine => "restart-kine",
-                        Component::K3s => "restart-k3s",
-                        Component::Network => "restart-network",
-                        Component::Script => "restart-script",
-                    };
                     // One restart per component at a time; the machine hears
                     // when it ended (from the one already running, if any),
                     // at the latest after RESTART_LIMIT.
-                    self.spawn_once(key, async move {
-                        let restart = async move {
-                            match (component, db, services, service_name(component)) {
-                                (Component::Postgres, Some(db), _, _) => {
-                                    if let Err(e) = db.restart().await {
-                                        tracing::error!(error = %format!("{e:#}"), "restarting PostgreSQL failed");
-                                    }
-                                }
-                                (_, _, Some(services), Some(name)) => {
-                                    tracing::debug!(?component, "restarting a service");
-                                    if let Err(e) = services.restart(name, SERVICE_TIMEOUT).await {
-                                        tracing::error!(?component, error = %e, "restart failed");
-                                    }
-                                }
-                                _ => {}
-                            }
-                        };
+                    self.spawn_once(restart_key(component), async move {
+                        let restart = restart_component(component, db, services);
                         if tokio::time::timeout(RESTART_LIMIT, restart).await.is_err() {
                             tracing::error!(?component, limit = ?RESTART_LIMIT, "a restart did not end in time; probing again");
                         }

@@ -133,19 +133,21 @@ impl AgentClient {
         let (status, body) = self.request(hyper::Method::POST, "/v1/switchover").await?;
         match status {
             202 => Ok(()),
-            _ => {
-                Err(Refused { what: "the switchover", agent: self.describe(), status, reason: body.trim().into() }
-                    .into())
-            }
+            _ => Err(self.refused("the switchover", status, &body)),
         }
     }
 
+    fn refused(&self, what: &'static str, status: u16, body: &str) -> anyhow::Error {
+        Refused { what, agent: self.describe(), status, reason: body.trim().into() }.into()
+    }
+
     /// Force this node (the follower of a leader that is gone) to take over.
+    /// A refusal is a [`Refused`] error (nothing was changed).
     pub async fn force_takeover(&self) -> anyhow::Result<()> {
         let (status, body) = self.request(hyper::Method::POST, "/v1/force-takeover").await?;
         match status {
             202 => Ok(()),
-            _ => bail!("{} refused the forced takeover (HTTP {status}): {}", self.describe(), body.trim()),
+            _ => Err(self.refused("the forced takeover", status, &body)),
         }
     }
 

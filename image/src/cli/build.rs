@@ -57,9 +57,8 @@ pub struct Args {
 
 /// Every output the builder can write, by the names the spec uses.
 fn format_parser() -> impl TypedValueParser<Value = OutputFormat> {
-    clap::builder::PossibleValuesParser::new(OutputFormat::ALL.map(|(name, _)| name)).map(|name| {
-        OutputFormat::ALL.iter().find(|(n, _)| *n == name).map(|(_, f)| *f).expect("one of the possible values")
-    })
+    clap::builder::PossibleValuesParser::new(OutputFormat::ALL.map(|(name, _)| name))
+        .map(|name| OutputFormat::named(&name).expect("one of the possible values"))
 }
 
 fn parse_override(text: &str) -> Result<(String, PathBuf), String> {
@@ -79,9 +78,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         artifact.source = ArtifactSource::Path { path: path.clone(), sha256: None };
     }
     if !args.formats.is_empty() {
-        let mut formats = args.formats.clone();
-        dedup_keeping_order(&mut formats);
-        spec.outputs = formats;
+        spec.outputs = unique(&args.formats);
     }
     let epoch = resolve_epoch(args.source_date_epoch, &spec)?;
     let (target, replace_target) = match &args.target {
@@ -115,14 +112,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--format raw,iso,raw` writes each output once.
-fn dedup_keeping_order(formats: &mut Vec<OutputFormat>) {
-    let mut seen = Vec::new();
-    formats.retain(|f| {
-        let first = !seen.contains(f);
-        seen.push(*f);
-        first
-    });
+/// `--format raw,iso,raw` writes each output once, in the order given.
+fn unique(formats: &[OutputFormat]) -> Vec<OutputFormat> {
+    formats.iter().fold(Vec::new(), |mut out, f| {
+        if !out.contains(f) {
+            out.push(*f);
+        }
+        out
+    })
 }
 
 #[cfg(test)]
@@ -140,9 +137,7 @@ mod tests {
     #[test]
     fn formats_on_the_command_line_replace_the_specs_and_are_named_in_the_help() {
         let cli = Cli::try_parse_from(["gemin-image", "--format", "iso,raw", "--format", "iso"]).unwrap();
-        let mut formats = cli.args.formats;
-        dedup_keeping_order(&mut formats);
-        assert_eq!(formats, vec![OutputFormat::Iso, OutputFormat::Raw]);
+        assert_eq!(unique(&cli.args.formats), vec![OutputFormat::Iso, OutputFormat::Raw]);
         let err = Cli::try_parse_from(["gemin-image", "--format", "vmdk"]).unwrap_err().to_string();
         for (name, _) in OutputFormat::ALL {
             assert!(err.contains(name), "{name} missing from: {err}");

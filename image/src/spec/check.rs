@@ -288,8 +288,8 @@ fn check_top(c: &mut Checker, root: &Node) -> Option<ImageSpec> {
             for (i, item) in items.into_iter().enumerate() {
                 let key = format!("outputs[{i}]");
                 let Some(text) = c.string(item, &key) else { continue };
-                match OutputFormat::ALL.iter().find(|(n, _)| *n == text) {
-                    Some((_, f)) if !outputs.contains(f) => outputs.push(*f),
+                match OutputFormat::named(&text) {
+                    Some(f) if !outputs.contains(&f) => outputs.push(f),
                     Some(_) => {}
                     None => {
                         let hint = match did_you_mean(&text, names.iter().copied()) {

@@ -561,9 +561,10 @@ fn qemu(cmd: Qemu) -> anyhow::Result<ExitCode> {
         }
         Qemu::Ssh { node, command, run } => {
             let lab = QemuLab::load(&run.run_dir)?;
-            let journal = ["journalctl", "-u", "geminik8s-agent", "-b", "--no-pager"].map(String::from);
-            let command = if command.is_empty() { journal.to_vec() } else { command };
-            let argv: Vec<&str> = command.iter().map(String::as_str).collect();
+            let argv: Vec<&str> = match command.is_empty() {
+                true => qemu_lab::AGENT_JOURNAL.to_vec(),
+                false => command.iter().map(String::as_str).collect(),
+            };
             print!("{}", lab.ssh(&node, &argv).map_err(|e| anyhow::anyhow!(e))?);
         }
         Qemu::Console { node, lines, follow, run } => {
