@@ -43,6 +43,29 @@ pub trait Store: Send + Sync {
     fn list(&self) -> Result<Vec<Entry>>;
     /// Remove backup `id`: the manifest first, then its objects.
     fn delete(&self, id: &str) -> Result<()>;
+
+    /// Write archived WAL file `name` (a segment such as
+    /// `000000010000000000000003` or a timeline history file such as
+    /// `00000002.history`) under the destination's `wal/`.
+    fn put_wal(&self, name: &str) -> Result<Box<dyn ObjectWriter>>;
+    /// Read archived WAL file `name`; `None` when it is not there.
+    fn get_wal(&self, name: &str) -> Result<Option<Box<dyn Read + Send>>>;
+    /// Every archived WAL file, sorted by name.
+    fn list_wal(&self) -> Result<Vec<WalEntry>>;
+    /// Remove archived WAL file `name` (absent is not an error).
+    fn delete_wal(&self, name: &str) -> Result<()>;
+}
+
+/// The prefix (directory) archived WAL lives under in a destination; never a backup id.
+pub const WAL_PREFIX: &str = "wal";
+
+/// An archived WAL file as listed by a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalEntry {
+    pub name: String,
+    /// Stored bytes.
+    pub size: u64,
+    pub modified: SystemTime,
 }
 
 /// A backup as listed by a store.
@@ -103,14 +126,38 @@ impl LocalDir {
     }
 
     fn object_path(&self, id: &str, name: &str) -> Result<PathBuf> {
-        if !is_plain_name(name) || name.starts_with('.') {
-            return Err(BackupError::Refused {
-                what: format!("object name {name:?}"),
-                detail: "object names are plain file names".into(),
-            });
-        }
-        Ok(self.dir(id)?.join(name))
+        Ok(self.dir(id)?.join(plain_object_name(name)?))
     }
+
+    fn wal_dir(&self) -> PathBuf {
+        self.root.join(WAL_PREFIX)
+    }
+
+    /// A new object at `path`, written under `.<name>.partial` until committed.
+    fn create_object(path: PathBuf) -> Result<Box<dyn ObjectWriter>> {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let partial = path.with_file_name(format!(".{name}.partial"));
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)
+            .map_err(io("creating", &partial))?;
+        Ok(Box::new(LocalObject { file, partial, path, committed: false }))
+    }
+}
+
+/// `name` when it is a plain file name (no separators, not hidden): what
+/// objects and WAL files are called in every store.
+pub fn plain_object_name(name: &str) -> Result<&str> {
+    if !is_plain_name(name) || name.starts_with('.') {
+        return Err(BackupError::Refused {
+            what: format!("object name {name:?}"),
+            detail: "object names are plain file names".into(),
+        });
+    }
+    Ok(name)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -169,16 +216,7 @@ impl Store for LocalDir {
     }
 
     fn put_object(&self, id: &str, name: &str) -> Result<Box<dyn ObjectWriter>> {
-        let path = self.object_path(id, name)?;
-        let partial = self.dir(id)?.join(format!(".{name}.partial"));
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&partial)
-            .map_err(io("creating", &partial))?;
-        Ok(Box::new(LocalObject { file, partial, path, committed: false }))
+        LocalDir::create_object(self.object_path(id, name)?)
     }
 
     fn get_object(&self, id: &str, name: &str) -> Result<Box<dyn Read + Send>> {
@@ -216,7 +254,7 @@ impl Store for LocalDir {
             let entry = entry.map_err(io("reading", &self.root))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-            if !is_dir || name.starts_with('.') {
+            if !is_dir || name.starts_with('.') || name == WAL_PREFIX {
                 continue;
             }
             let path = entry.path();
@@ -238,6 +276,55 @@ impl Store for LocalDir {
         }
         fs::remove_dir_all(&dir).map_err(io("removing", &dir))?;
         sync_dir(&self.root)
+    }
+
+    fn put_wal(&self, name: &str) -> Result<Box<dyn ObjectWriter>> {
+        let dir = self.wal_dir();
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io("creating", &dir))?;
+        LocalDir::create_object(dir.join(plain_object_name(name)?))
+    }
+
+    fn get_wal(&self, name: &str) -> Result<Option<Box<dyn Read + Send>>> {
+        let path = self.wal_dir().join(plain_object_name(name)?);
+        match File::open(&path) {
+            Ok(file) => Ok(Some(Box::new(file))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("opening", &path)(e)),
+        }
+    }
+
+    fn list_wal(&self) -> Result<Vec<WalEntry>> {
+        let dir = self.wal_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("reading", &dir)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io("reading", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let meta = entry.metadata().map_err(io("reading", entry.path()))?;
+            if !meta.is_file() {
+                continue;
+            }
+            let modified = meta.modified().map_err(io("reading", entry.path()))?;
+            out.push(WalEntry { name, size: meta.len(), modified });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn delete_wal(&self, name: &str) -> Result<()> {
+        let path = self.wal_dir().join(plain_object_name(name)?);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("removing", &path)(e)),
+        }
     }
 }
 
@@ -292,6 +379,28 @@ mod tests {
 
         store.delete("20260821T101502Z").unwrap();
         assert_eq!(store.list().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn archived_wal_lives_apart_from_the_backups() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalDir::new(tmp.path().join("backups"));
+        assert_eq!(store.list_wal().unwrap(), vec![]);
+        assert!(store.get_wal("000000010000000000000003").unwrap().is_none());
+        let mut w = store.put_wal("000000010000000000000003").unwrap();
+        w.write_all(b"segment").unwrap();
+        assert_eq!(store.list_wal().unwrap(), vec![], "an uncommitted file is not listed");
+        w.commit().unwrap();
+        let listed = store.list_wal().unwrap();
+        assert_eq!((listed.len(), listed[0].name.as_str(), listed[0].size), (1, "000000010000000000000003", 7));
+        assert_eq!(store.list().unwrap(), vec![], "wal/ is not a backup");
+        let mut text = String::new();
+        store.get_wal("000000010000000000000003").unwrap().unwrap().read_to_string(&mut text).unwrap();
+        assert_eq!(text, "segment");
+        assert!(store.put_wal("../x").is_err());
+        store.delete_wal("000000010000000000000003").unwrap();
+        store.delete_wal("000000010000000000000003").unwrap();
+        assert_eq!(store.list_wal().unwrap(), vec![]);
     }
 
     #[test]
