@@ -5,6 +5,8 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 kine_version := "v0.17.5"
 # The Kubernetes release K3s v1.34.2+k3s1 embeds; the K3s stand-in runs its kube-apiserver.
 kubernetes_version := "v1.34.2"
+# The S3-compatible server the s3:// backup tests run (the last release that builds with Rust 1.95).
+s3s_fs_version := "0.14.1"
 apt_packages := "patch openssh-client postgresql-15 etcd-client iproute2 nftables chrony iputils-ping arping dbus ca-certificates curl build-essential mmdebstrap docker-registry qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu squashfs-tools-ng xorriso mtools dosfstools fdisk cpio"
 
 # Show the recipes.
@@ -49,6 +51,10 @@ deps:
     # K3s cannot be downloaded everywhere: the K3s stand-in (vm-tests) runs the real
     # kube-apiserver, built from the k8s.io/kubernetes Go module (first build: about 8 minutes).
     vm-tests/k3s-standin/build-kube-apiserver.sh {{kubernetes_version}} /usr/local/bin
+    # The S3-compatible server of the s3:// backup tests, built from crates.io (about 3 minutes on 2 cores).
+    if [ "$(s3s-fs --version 2>/dev/null)" != "s3s-fs {{s3s_fs_version}}" ]; then
+        cargo install s3s-fs@{{s3s_fs_version}} --features binary --locked --root /usr/local
+    fi
     command -v kubectl >/dev/null || echo "kubectl is missing: the K3s stand-in tests skip without it" >&2
 
 # A cluster definition in ./lab-cluster, validated as the agent loads it (no root needed).

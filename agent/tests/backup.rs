@@ -4,182 +4,22 @@
 //! there. Needs root (the servers run as the `postgres` user) and the
 //! PostgreSQL tools.
 
-use std::net::IpAddr;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use geminik8s::config::{
-    Api, Cluster, Durability, GeminiConfig, Health, K3s, Kine, Member, Postgres, Replication, Tls, Witness,
-};
-use geminik8s::postgres::render::{KINE_SCHEMA, ServerRole};
-use geminik8s::postgres::{Manager, Settings, StopMode};
-use geminik8s::services::supervisor::Supervisor;
+use geminik8s::postgres::render::ServerRole;
+use geminik8s::postgres::{Manager, StopMode};
 use geminik8s_vm_tests::require;
+
+#[path = "common/backup.rs"]
+mod lab;
+use lab::{Lab, Node, failed, gemin, keygen, keys, leader, names, node, ok, postgres_user, put};
 
 macro_rules! require_postgres {
     () => {
         require!(root: true, tools: ["initdb", "pg_basebackup", "pg_verifybackup", "pg_waldump", "postgres"]);
     };
-}
-
-/// A directory for the test, traversable by the `postgres` user.
-struct Lab {
-    dir: tempfile::TempDir,
-}
-
-impl Lab {
-    fn new() -> Lab {
-        let mut dir = tempfile::Builder::new().prefix("gk8s-backup-").tempdir().unwrap();
-        // GEMINIK8S_KEEP_TEST_DIRS=1 keeps the data directories and logs for a post-mortem.
-        dir.disable_cleanup(std::env::var_os("GEMINIK8S_KEEP_TEST_DIRS").is_some());
-        chown_to_postgres(dir.path());
-        Lab { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn node_dir(&self, name: &str) -> PathBuf {
-        let d = self.path(name);
-        std::fs::create_dir_all(&d).unwrap();
-        chown_to_postgres(&d);
-        d
-    }
-}
-
-fn postgres_user() -> nix::unistd::User {
-    nix::unistd::User::from_name("postgres").unwrap().expect("the postgres user")
-}
-
-fn chown_to_postgres(path: &Path) {
-    let user = postgres_user();
-    nix::unistd::chown(path, Some(user.uid), Some(user.gid)).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// One node's PostgreSQL, run by its own process supervisor as the agent
-/// runs it (killed when dropped, also when the test panics).
-struct Node {
-    mgr: Manager,
-    _supervisor: Arc<Supervisor>,
-}
-
-impl std::ops::Deref for Node {
-    type Target = Manager;
-    fn deref(&self) -> &Manager {
-        &self.mgr
-    }
-}
-
-/// A node `name` of cluster `lab` on loopback; its data in `DIR/data`.
-fn node(lab: &Lab, name: &str) -> Node {
-    let lo: IpAddr = "127.0.0.1".parse().unwrap();
-    let pki = geminik8s::pki::generate("lab", &[("a".into(), lo), ("b".into(), lo)], lo, None).unwrap();
-    let tls = Tls { ca: pki.ca.cert.clone(), cert: pki.nodes[0].cert.clone(), key: pki.nodes[0].key.clone() };
-    let cfg = GeminiConfig {
-        cluster: Cluster {
-            name: "lab".into(),
-            vip: lo,
-            vip_prefix: 32,
-            interface: None,
-            bootstrap_leader: name.into(),
-            witness: Witness::default(),
-        },
-        node: Member { name: name.into(), ip: lo, api_port: 7443 },
-        peer: Member { name: "peer".into(), ip: lo, api_port: 7443 },
-        api: Api { token: "t".into() },
-        postgres: Postgres {
-            replication: Replication::Streaming,
-            durability: Durability::Async,
-            degrade_after: Duration::from_secs(2),
-            port: 5432,
-            data_dir: PathBuf::new(),
-            replication_password: "repl".into(),
-            kine_password: "kine".into(),
-            archive_keep: 3,
-        },
-        kine: Kine::default(),
-        k3s: K3s { enabled: false, ..K3s::with_token("t") },
-        health: Health::default(),
-        tls,
-    };
-    let dir = lab.node_dir(name);
-    let mut s = Settings::from_config(&cfg);
-    s.data_dir = dir.join("data");
-    s.log_file = dir.join("postgres.log");
-    s.socket_dir = dir.join("sock");
-    s.listen_addresses = vec!["127.0.0.1".into()];
-    s.node.port = free_port();
-    s.peer.port = free_port();
-    s.start_timeout = Duration::from_secs(30);
-    let supervisor = Arc::new(Supervisor::new());
-    Node { mgr: Manager::new(s, supervisor.clone()).unwrap(), _supervisor: supervisor }
-}
-
-/// Bootstrap `node` as the agent does for a leader, with Kine's table.
-async fn leader(node: &Node) {
-    node.bootstrap_leader().await.unwrap();
-    let db = node.connect("kine").await.unwrap();
-    db.batch("creating the kine table", KINE_SCHEMA).await.unwrap();
-    db.batch("handing it to kine", "ALTER TABLE kine OWNER TO kine").await.unwrap();
-}
-
-/// Insert `keys` the way Kine does.
-async fn put(node: &Node, keys: &[String]) {
-    let db = node.connect("kine").await.unwrap();
-    for key in keys {
-        db.execute(
-            "inserting a row",
-            "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
-             VALUES ($1, 1, 0, 0, 0, 0, decode(repeat('ab', 512), 'hex'), NULL)",
-            &[key],
-        )
-        .await
-        .unwrap();
-    }
-}
-
-/// Every key in revision order.
-async fn keys(node: &Node) -> Vec<String> {
-    let db = node.connect("kine").await.unwrap();
-    let rows = db.query("listing keys", "SELECT name FROM kine ORDER BY id", &[]).await.unwrap();
-    rows.iter().map(|r| r.get(0)).collect()
-}
-
-fn names(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("/registry/{prefix}/{i:04}")).collect()
-}
-
-/// Run `gemin_k8s ARGS`.
-fn gemin(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_gemin_k8s")).args(args).output().unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "{}", text(&out));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn failed(out: Output) -> String {
-    assert!(!out.status.success(), "expected a failure:\n{}", text(&out));
-    text(&out)
 }
 
 /// `backup create` of `node` into `dest` with extra flags.
@@ -195,13 +35,6 @@ fn backup(node: &Node, dest: &Path, extra: &[&str]) -> String {
 fn list(dest: &Path) -> Vec<serde_json::Value> {
     let out = ok(gemin(&["backup", "list", "--from", dest.to_str().unwrap(), "-o", "json"]));
     serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
-}
-
-fn keygen(lab: &Lab, name: &str) -> (PathBuf, String) {
-    let path = lab.path(name);
-    let public = ok(gemin(&["backup", "keygen", "--out", path.to_str().unwrap()])).trim().to_string();
-    assert!(public.starts_with("age1"), "{public}");
-    (path, public)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,7 +108,32 @@ fn case(
 
 #[test]
 fn each_bad_input_gets_a_specific_positioned_error() {
+    let backup = |block: &str| edit(37, &format!("    key: /etc/geminik8s/tls/node.key\n  backup:\n{block}"));
     let cases = vec![
+        case(
+            "archiving without a key",
+            backup("    destination: /mnt/usb/backups"),
+            39,
+            "geminik8s.backup.encryption_keys",
+            "archived WAL holds every write",
+            Some("gemin_k8s backup keygen"),
+        ),
+        case(
+            "a relative destination",
+            backup("    destination: backups\n    no_encryption: true"),
+            39,
+            "geminik8s.backup.destination",
+            "a local destination is an absolute path",
+            None,
+        ),
+        case(
+            "an S3 destination without a bucket",
+            backup("    destination: s3:///x\n    no_encryption: true"),
+            39,
+            "geminik8s.backup.destination",
+            "is not a bucket name",
+            None,
+        ),
         case("broken YAML", edit(6, "    vip: [10.77.0.10"), 0, "", "invalid YAML", Some("indentation")),
         case("tab indentation", edit(7, "\tvip_prefix: 24"), 0, "", "invalid YAML", None),
         case("missing header", edit(1, "# config"), 1, "", "first line is not `#cloud-config`", Some("#cloud-config")),

@@ -11,7 +11,9 @@ use geminik8s::hostmeta::HostMeta;
 use geminik8s::peer::client::AgentClient;
 use geminik8s::peer::server::{ApiHooks, Auth, MAX_HANDSHAKES, bind_unix, router, serve_tls, serve_unix};
 use geminik8s::peer::tls::TlsMaterial;
-use geminik8s::peer::{ComponentHealth, Counters, NodeStatus, PeerView, Published, Shared, VipView, WitnessView};
+use geminik8s::peer::{
+    ArchiveView, ComponentHealth, Counters, NodeStatus, PeerView, Published, Shared, VipView, WitnessView,
+};
 use geminik8s::pki::{self, ClusterPki};
 
 mod common;
@@ -58,6 +60,7 @@ fn status(node: &str, role: &str, holds_vip: bool) -> NodeStatus {
         datastore: None,
         handover: None,
         served_at_unix_ms: 0,
+        archive: None,
     }
 }
 
@@ -77,8 +80,13 @@ impl Drop for Running {
 /// A node's API on `ip:port` whose peer is the other of node1 and node2.
 async fn start(tls: &TlsMaterial, ip: &str, port: u16, st: NodeStatus, token: &str) -> Running {
     let peer = if st.node == "node1" { "node2" } else { "node1" };
-    let shared: Shared =
-        Arc::new(RwLock::new(Published { hostmeta: None, status: st, counters: Counters::default(), election: None }));
+    let shared: Shared = Arc::new(RwLock::new(Published {
+        hostmeta: None,
+        status: st,
+        counters: Counters::default(),
+        election: None,
+        archive: None,
+    }));
     let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hooks = Arc::new(ApiHooks::default());
@@ -166,12 +174,37 @@ async fn local_socket_serves_status_without_token() {
         status: status("node1", "follower", false),
         counters: Counters::default(),
         election: None,
+        archive: None,
     }));
     let listener = bind_unix(&path).unwrap();
     let hooks = Arc::new(ApiHooks::default());
-    let task = tokio::spawn(serve_unix(listener, router(shared, Auth::Local, hooks.clone())));
+    let task = tokio::spawn(serve_unix(listener, router(shared.clone(), Auth::Local, hooks.clone())));
     let client = AgentClient::unix(&path, TIMEOUT);
     assert_eq!(client.status().await.unwrap().role, "follower");
+    assert_eq!(client.status().await.unwrap().archive, None, "no archiving configured: nothing said about it");
+
+    // The WAL archiver publishes apart from the heartbeat loop; status and metrics carry it.
+    let gap = geminik8s::backup::wal::Gap {
+        since: "2026-08-21T10:15:02Z".into(),
+        first: "000000010000000000000007".into(),
+        files: 3,
+    };
+    shared.write().unwrap().archive = Some(ArchiveView {
+        destination: "file:///mnt/usb/backups".into(),
+        uploading: true,
+        pending_files: 64,
+        oldest_pending_seconds: Some(900),
+        gap: Some(gap.clone()),
+        ..ArchiveView::default()
+    });
+    let got = client.status().await.unwrap();
+    assert_eq!(got.archive.as_ref().and_then(|a| a.gap.clone()), Some(gap));
+    let degraded = got.degraded.join("\n");
+    assert!(degraded.contains("point-in-time recovery gap since 2026-08-21T10:15:02Z"), "{degraded}");
+    assert!(degraded.contains("oldest unarchived WAL is 900 s old"), "{degraded}");
+    let metrics = geminik8s::peer::metrics::render(&shared.read().unwrap(), 0);
+    assert!(metrics.contains("geminik8s_wal_archive_gap{node=\"node1\"} 1"), "{metrics}");
+    assert!(metrics.contains("geminik8s_wal_archive_oldest_pending_seconds{node=\"node1\"} 900"), "{metrics}");
     let (health, _) = client.health().await.unwrap();
     assert_eq!(health.node, "node1");
     assert_eq!(hooks.last_health_call(), None, "a local call is not the peer's heartbeat");

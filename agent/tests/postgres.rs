@@ -90,6 +90,7 @@ fn cloud_config(node: &str, peer: &str, replication: Replication, durability: Du
         k3s: K3s { enabled: false, ..K3s::with_token("t") },
         health: Health::default(),
         tls,
+        backup: Default::default(),
     }
 }
 

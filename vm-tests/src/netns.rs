@@ -304,6 +304,8 @@ impl Lab {
             text.push_str(&format!("  cluster:\n    witness:\n      mode: {mode}\n      targets: {targets}\n"));
         }
         if let Some(extra) = extra {
+            // `{node_dir}` in the extra block is this node's directory (for per-node paths).
+            let extra = extra.replace("{node_dir}", &dir.display().to_string());
             for line in extra.lines() {
                 text.push_str("  ");
                 text.push_str(line);

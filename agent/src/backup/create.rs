@@ -143,7 +143,7 @@ pub async fn create(
         let id = super::backup_id(time::OffsetDateTime::now_utc());
         match store.begin(&id) {
             Ok(()) => break (id, super::now_rfc3339()),
-            Err(BackupError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
+            Err(BackupError::Io { cause, .. }) if cause.kind() == io::ErrorKind::AlreadyExists => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => return Err(e),
@@ -232,7 +232,7 @@ fn stream_backup(
 ) -> Result<(super::stream::Written, Vec<u8>)> {
     let action = format!("taking a base backup with `{}`", tool.display());
     let (child, stdout) =
-        tool.spawn_streaming().map_err(|source| BackupError::Tool { action: action.clone(), source })?;
+        tool.spawn_streaming().map_err(|source| BackupError::Tool { action: action.clone(), cause: source })?;
     let mut sink = match store.put_object(id, name).and_then(|o| ObjectSink::new(o, name, compression, keys)) {
         Ok(s) => s,
         Err(e) => {
@@ -249,11 +249,11 @@ fn stream_backup(
             return Err(BackupError::Io {
                 action: format!("{action}: reading its output and writing backup {id}"),
                 path: name.into(),
-                source: e,
+                cause: e,
             });
         }
     };
-    child.wait().map_err(|source| BackupError::Tool { action, source })?;
+    child.wait().map_err(|source| BackupError::Tool { action, cause: source })?;
     let (object, written) =
         sink.finish().map_err(super::io(format!("finishing object {name} of backup {id}"), name))?;
     object.commit()?;

@@ -274,11 +274,7 @@ pub fn write_new_identity(path: &Path) -> Result<String> {
     use std::os::unix::fs::OpenOptionsExt;
     let (text, public) = generate_identity();
     let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
-        BackupError::Io {
-            action: "creating the identity file (it must not exist)".into(),
-            path: path.into(),
-            source: e,
-        }
+        BackupError::Io { action: "creating the identity file (it must not exist)".into(), path: path.into(), cause: e }
     })?;
     file.write_all(text.expose_secret().as_bytes()).map_err(super::io("writing", path))?;
     file.sync_all().map_err(super::io("syncing", path))?;

@@ -6,7 +6,7 @@
 //! written last: a backup without its manifest is incomplete and never
 //! listed, verified or restored. The pieces:
 //! - [`manifest`]: the manifest, its schema version and its checks;
-//! - [`store`]: where backups live (a local directory today);
+//! - [`store`]: where backups live: a local directory, or an S3 bucket ([`s3`]);
 //! - [`crypto`]: age recipients, identities and passphrases;
 //! - [`stream`]: the writers and readers (compression, encryption, checksums);
 //! - [`create`], [`verify`], [`restore`], [`prune`]: the operations the
@@ -16,10 +16,13 @@ pub mod create;
 pub mod crypto;
 pub mod manifest;
 pub mod prune;
+pub mod recover;
 pub mod restore;
+pub mod s3;
 pub mod store;
 pub mod stream;
 pub mod verify;
+pub mod wal;
 
 use std::path::PathBuf;
 
@@ -32,13 +35,10 @@ pub const DEFAULT_DESTINATION: &str = "/var/lib/geminik8s/backups";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("{action} ({path}): {source}")]
-    Io {
-        action: String,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause is in the message and not a `source`: errors are printed
+    // with their chain, which would say it twice.
+    #[error("{action} ({path}): {cause}")]
+    Io { action: String, path: PathBuf, cause: std::io::Error },
     #[error("backup {id} not found in {destination}; `gemin_k8s backup list --from {destination}` shows what is there")]
     NotFound { id: String, destination: String },
     #[error("no complete backup in {destination}; take one with `gemin_k8s backup create --output {destination}`")]
@@ -53,12 +53,8 @@ pub enum BackupError {
     Refused { what: String, detail: String },
     #[error("{0} is not built yet")]
     NotBuilt(String),
-    #[error("{action}: {source}")]
-    Tool {
-        action: String,
-        #[source]
-        source: crate::cmd::CmdError,
-    },
+    #[error("{action}: {cause}")]
+    Tool { action: String, cause: crate::cmd::CmdError },
     #[error("{what}: {detail}")]
     Postgres { what: String, detail: String },
 }
@@ -68,7 +64,7 @@ pub type Result<T, E = BackupError> = std::result::Result<T, E>;
 /// An I/O error naming what was done to which path.
 pub(crate) fn io(action: impl Into<String>, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> BackupError {
     let (action, path) = (action.into(), path.into());
-    move |source| BackupError::Io { action, path, source }
+    move |source| BackupError::Io { action, path, cause: source }
 }
 
 /// Now as RFC 3339 UTC with seconds (`2026-08-21T10:15:02Z`).

@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use super::crypto::Identities;
 use super::manifest::Manifest;
+use super::recover::{self, Recovered, Target};
 use super::store::Store;
 use super::stream::ObjectSource;
 use super::verify;
+use super::wal;
 use super::{BackupError, Result, io};
 use crate::cmd::Tool;
 use crate::postgres::files::Owner;
@@ -31,6 +33,10 @@ pub struct Options {
     pub bin_dir: PathBuf,
     /// Verify the backup end to end and say what would be done; write nothing.
     pub dry_run: bool,
+    /// Point-in-time recovery to this time (RFC 3339), through the archived WAL.
+    pub target_time: Option<String>,
+    /// How far Kine's revision jumps ([`super::recover::DEFAULT_BUMP`]).
+    pub bump: i64,
 }
 
 /// What [`restore`] did (or, with `dry_run`, would do).
@@ -42,6 +48,11 @@ pub struct Restored {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moved_aside: Option<PathBuf>,
     pub content_bytes: u64,
+    /// Archived WAL files fetched for point-in-time recovery.
+    pub wal_files: usize,
+    /// What the recovery replayed and Kine's revision jump (not on a dry run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<Recovered>,
     pub dry_run: bool,
     #[serde(skip)]
     pub elapsed: Duration,
@@ -72,7 +83,7 @@ async fn tools_major(bin_dir: &Path) -> Result<u32> {
     let tool = Tool::new(bin_dir.join("pg_verifybackup")).arg("--version");
     let out = tool.run().await.map_err(|source| BackupError::Tool {
         action: format!("asking the PostgreSQL tools in {} for their version (--pg-bin-dir)", bin_dir.display()),
-        source,
+        cause: source,
     })?;
     // "pg_verifybackup (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)"
     out.stdout.split_whitespace().nth(2).and_then(|v| v.split('.').next()).and_then(|m| m.parse().ok()).ok_or_else(
@@ -137,6 +148,8 @@ pub async fn restore(
             data_dir: target,
             moved_aside: aside,
             content_bytes: m.objects.iter().map(|o| o.content_size).sum(),
+            wal_files: 0,
+            recovered: None,
             dry_run: true,
             elapsed: started.elapsed(),
         });
@@ -159,13 +172,40 @@ pub async fn restore(
         Tool::new(opts.bin_dir.join("pg_verifybackup")).arg(&staging).current_dir("/").run().await.map_err(
             |source| BackupError::Tool {
                 action: format!("checking the restored files of backup {} with pg_verifybackup", m.id),
-                source,
+                cause: source,
             },
         )?;
-        Ok::<u64, BackupError>(content_bytes)
+        let (target, wal_files) = match &opts.target_time {
+            Some(time) => {
+                let label = wal::read_text(&staging.join("backup_label"))?;
+                let start = wal::start_file(&label).ok_or_else(|| BackupError::Corrupt {
+                    id: m.id.clone(),
+                    object: "backup_label".into(),
+                    detail: "it names no start WAL file".into(),
+                })?;
+                let wal_dir = wal::restore_wal_dir(&staging);
+                let (s, ids, dir) = (store.clone(), identities.clone(), wal_dir.clone());
+                let (files, bytes) =
+                    tokio::task::spawn_blocking(move || wal::fetch_for_restore(s.as_ref(), &ids, &start, &dir))
+                        .await
+                        .map_err(|e| BackupError::Postgres {
+                            what: "the WAL fetch task".into(),
+                            detail: e.to_string(),
+                        })??;
+                tracing::info!(event = "restore_wal_fetched", files, bytes, "fetched the archived WAL");
+                chown_tree(&wal_dir, opts.owner)?;
+                (Some(Target { time: time.clone(), wal_dir }), files)
+            }
+            None => (None, 0),
+        };
+        let recovered = recover::recover(&staging, &opts.bin_dir, opts.owner, target.as_ref(), opts.bump).await?;
+        if let Some(t) = &target {
+            std::fs::remove_dir_all(&t.wal_dir).map_err(io("removing the fetched WAL", &t.wal_dir))?;
+        }
+        Ok::<_, BackupError>((content_bytes, wal_files, recovered))
     }
     .await;
-    let content_bytes = match result {
+    let (content_bytes, wal_files, recovered) = match result {
         Ok(n) => n,
         Err(e) => {
             if let Err(cleanup) = remove_staging(&staging) {
@@ -190,6 +230,8 @@ pub async fn restore(
         data_dir: target,
         moved_aside: aside,
         content_bytes,
+        wal_files,
+        recovered: Some(recovered),
         dry_run: false,
         elapsed: started.elapsed(),
     })

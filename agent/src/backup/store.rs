@@ -4,10 +4,10 @@
 //! removes the manifest first, so a half-deleted backup is never listed as
 //! complete either.
 //!
-//! [`LocalDir`] is the one implementation today (a directory: a mounted
-//! USB disk, an NFS share, the node's state partition). The trait is sized
-//! for an object store (put, get, list, delete; no rename across objects)
-//! so that S3 can be added without changing the operations.
+//! [`LocalDir`] is a directory (a mounted USB disk, an NFS share, the
+//! node's state partition); [`S3Store`] is a bucket of an S3-compatible
+//! object store. The trait is sized for an object store (put, get, list,
+//! delete; no rename across objects), so the operations are the same for both.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::manifest::{MANIFEST_FILE, is_plain_name};
+pub use super::s3::{S3Options, S3Store};
 use super::{BackupError, Result, io};
 
 /// An object being written; [`ObjectWriter::commit`] makes it visible
@@ -78,9 +79,13 @@ pub struct Entry {
     pub modified: SystemTime,
 }
 
-/// Open the destination `dest`: `file:///path`, or a plain path. Other
-/// schemes are refused with what exists.
-pub fn open(dest: &str) -> Result<Box<dyn Store>> {
+/// Open the destination `dest`: `s3://BUCKET/PREFIX` (reached with `s3`,
+/// then the environment), `file:///path`, or a plain path. Other schemes
+/// are refused with what exists.
+pub fn open(dest: &str, s3: &S3Options) -> Result<Box<dyn Store>> {
+    if dest.starts_with("s3://") {
+        return Ok(Box::new(S3Store::open(dest, s3)?));
+    }
     if let Some(path) = dest.strip_prefix("file://") {
         if !path.starts_with('/') {
             return Err(BackupError::Refused {
@@ -92,10 +97,27 @@ pub fn open(dest: &str) -> Result<Box<dyn Store>> {
     }
     if let Some((scheme, _)) = dest.split_once("://") {
         return Err(BackupError::NotBuilt(format!(
-            "the {scheme}:// destination ({dest}); use a local directory (a path or file:///path) and copy it off the node"
+            "the {scheme}:// destination ({dest}); use s3://BUCKET/PREFIX or a local directory (a path or file:///path)"
         )));
     }
     Ok(Box::new(LocalDir::new(dest)))
+}
+
+/// Whether `dest` names a destination the agent can use from its
+/// configuration (absolute, of a known scheme), without reaching it.
+pub fn check_destination(dest: &str) -> Result<()> {
+    let refused = |detail: &str| BackupError::Refused { what: format!("destination {dest}"), detail: detail.into() };
+    if dest.starts_with("s3://") {
+        return super::s3::config::parse_destination(dest).map(|_| ());
+    }
+    let path = dest.strip_prefix("file://").unwrap_or(dest);
+    if dest.contains("://") && !dest.starts_with("file://") {
+        return Err(refused("use s3://BUCKET/PREFIX or a local directory (a path or file:///path)"));
+    }
+    if !path.starts_with('/') {
+        return Err(refused("a local destination is an absolute path (/mnt/usb/backups)"));
+    }
+    Ok(())
 }
 
 /// Backups in a local directory: `<root>/<id>/<object>` and
@@ -116,13 +138,7 @@ impl LocalDir {
     }
 
     fn dir(&self, id: &str) -> Result<PathBuf> {
-        if !is_plain_name(id) || id.starts_with('.') {
-            return Err(BackupError::Refused {
-                what: format!("backup id {id:?}"),
-                detail: "an id is a plain name such as 20260821T101502Z".into(),
-            });
-        }
-        Ok(self.root.join(id))
+        Ok(self.root.join(plain_id(id)?))
     }
 
     fn object_path(&self, id: &str, name: &str) -> Result<PathBuf> {
@@ -146,6 +162,18 @@ impl LocalDir {
             .map_err(io("creating", &partial))?;
         Ok(Box::new(LocalObject { file, partial, path, committed: false }))
     }
+}
+
+/// `id` when it is a plain name (no separators, not hidden): what backups
+/// are called in every store.
+pub fn plain_id(id: &str) -> Result<&str> {
+    if !is_plain_name(id) || id.starts_with('.') {
+        return Err(BackupError::Refused {
+            what: format!("backup id {id:?}"),
+            detail: "an id is a plain name such as 20260821T101502Z".into(),
+        });
+    }
+    Ok(id)
 }
 
 /// `name` when it is a plain file name (no separators, not hidden): what
@@ -230,7 +258,7 @@ impl Store for LocalDir {
         crate::fsutil::write_atomic(&path, bytes, 0o600).map_err(|e| BackupError::Io {
             action: "writing the manifest".into(),
             path: path.clone(),
-            source: std::io::Error::other(format!("{e:#}")),
+            cause: std::io::Error::other(format!("{e:#}")),
         })
     }
 
@@ -415,15 +443,16 @@ mod tests {
     }
 
     #[test]
-    fn names_cannot_escape_the_destination_and_other_schemes_say_what_exists() {
+    fn names_cannot_escape_the_destination_and_unknown_schemes_say_what_exists() {
         let tmp = tempfile::tempdir().unwrap();
         let store = LocalDir::new(tmp.path());
         assert!(store.get_manifest("../etc").is_err());
         assert!(store.get_object("20260821T101502Z", "../../x").is_err());
         assert!(store.put_object("20260821T101502Z", ".hidden").is_err());
-        let err = open("s3://bucket/backups").err().unwrap().to_string();
-        assert!(err.contains("s3:// destination") && err.contains("not built yet"), "{err}");
-        assert!(open("file://relative").is_err());
-        assert_eq!(open(&format!("file://{}", tmp.path().display())).unwrap().url(), store.url());
+        let none = S3Options::default();
+        let err = open("gs://bucket/backups", &none).err().unwrap().to_string();
+        assert!(err.contains("gs:// destination") && err.contains("use s3://BUCKET/PREFIX"), "{err}");
+        assert!(open("file://relative", &none).is_err());
+        assert_eq!(open(&format!("file://{}", tmp.path().display()), &none).unwrap().url(), store.url());
     }
 }

@@ -137,7 +137,7 @@ impl ObjectSink {
             Some(e) => Sealing::Age(e.wrap_output(stored).map_err(|e| BackupError::Io {
                 action: "writing the encryption header".into(),
                 path: name.into(),
-                source: e,
+                cause: e,
             })?),
             None => Sealing::Plain(stored),
         };
@@ -147,7 +147,7 @@ impl ObjectSink {
                 Packing::Zstd(zstd::Encoder::new(sealing, level).map_err(|e| BackupError::Io {
                     action: format!("starting zstd at level {level}"),
                     path: Default::default(),
-                    source: e,
+                    cause: e,
                 })?)
             }
         };

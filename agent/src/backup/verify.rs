@@ -46,14 +46,34 @@ pub fn list(store: &dyn Store) -> Result<Vec<Listed>> {
 
 /// The newest complete backup with a readable manifest.
 pub fn latest(store: &dyn Store) -> Result<Manifest> {
+    latest_ending_by(store, None)
+}
+
+/// The newest complete backup with a readable manifest that ended by
+/// `target` (all of them without one): a recovery to `target` starts there.
+pub fn latest_ending_by(store: &dyn Store, target: Option<std::time::SystemTime>) -> Result<Manifest> {
+    let ended_by = |m: &Manifest| match target {
+        None => true,
+        Some(t) => humantime::parse_rfc3339_weak(&m.stop_time).is_ok_and(|stop| stop <= t),
+    };
     list(store)?
         .into_iter()
         .rev()
         .find_map(|l| match l {
-            Listed::Ok(m) => Some(*m),
-            Listed::Unreadable { .. } => None,
+            Listed::Ok(m) if ended_by(&m) => Some(*m),
+            _ => None,
         })
-        .ok_or_else(|| BackupError::NoBackups { destination: store.url() })
+        .ok_or_else(|| match target {
+            None => BackupError::NoBackups { destination: store.url() },
+            Some(t) => BackupError::Refused {
+                what: format!("recovering to {}", humantime::format_rfc3339_seconds(t)),
+                detail: format!(
+                    "no complete backup in {} ended by then; `gemin_k8s backup list --from {}` shows when each ended",
+                    store.url(),
+                    store.url()
+                ),
+            },
+        })
 }
 
 /// The files a base backup's tar must hold to be restorable.

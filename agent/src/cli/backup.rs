@@ -1,6 +1,6 @@
 //! `gemin_k8s backup`: full backups of this node's PostgreSQL (the Kine
-//! datastore) to a local directory, encrypted with age, and the commands
-//! around them.
+//! datastore) to a local directory or an S3 bucket, encrypted with age, and
+//! the commands around them.
 //!
 //! `gemin_k8s backup --output DEST` (the design document's form) is the
 //! same as `gemin_k8s backup create --output DEST`; `backup list`, `verify`,
@@ -44,6 +44,10 @@ pub enum Command {
     Prune(PruneArgs),
     /// Make an age key pair for backups: the secret key into --out, the public key printed.
     Keygen(KeygenArgs),
+    /// PostgreSQL's archive_command: copy one finished WAL file into the spool (the agent sets it up).
+    WalSpool(super::backup_wal::SpoolArgs),
+    /// Store the spooled WAL in a destination, compressed and encrypted (the agent does it continuously).
+    WalPush(super::backup_wal::PushArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -60,7 +64,7 @@ pub enum ListFormat {
 }
 
 /// `--compress`: a zstd level (1-19) or `none`.
-fn parse_compression(text: &str) -> Result<Compression, String> {
+pub(super) fn parse_compression(text: &str) -> Result<Compression, String> {
     if text == "none" {
         return Ok(Compression::None);
     }
@@ -87,9 +91,36 @@ pub struct PgArgs {
     pub pg_bin_dir: PathBuf,
 }
 
+/// How to reach an `s3://BUCKET/PREFIX` destination (unused for a directory).
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "S3 destinations")]
+pub struct S3Args {
+    /// S3-compatible server, http:// or https:// [default: $AWS_ENDPOINT_URL, else AWS's].
+    #[arg(long, value_name = "URL", value_parser = backup::s3::parse_endpoint)]
+    pub s3_endpoint: Option<String>,
+    /// Region [default: $AWS_REGION, else us-east-1].
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// File with `access_key_id = ...` and `secret_access_key = ...` lines (or an AWS credentials file's
+    /// [default]) [default: $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY].
+    #[arg(long, value_name = "FILE")]
+    pub s3_credentials: Option<PathBuf>,
+}
+
+impl S3Args {
+    pub fn options(&self) -> backup::s3::S3Options {
+        backup::s3::S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            credentials: self.s3_credentials.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct CreateArgs {
-    /// Destination: a directory (a path or file:///path). Each backup is a subdirectory.
+    /// Destination: a directory (a path or file:///path) or s3://BUCKET/PREFIX. Each backup is a
+    /// subdirectory (a prefix).
     #[arg(long, default_value = DEFAULT_DESTINATION, value_name = "DEST")]
     pub output: String,
     /// Backup type.
@@ -119,16 +150,20 @@ pub struct CreateArgs {
     pub node: Option<String>,
     #[command(flatten)]
     pub pg: PgArgs,
+    #[command(flatten)]
+    pub s3: Box<S3Args>,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
-    /// Destination to list.
+    /// Destination to list: a directory or s3://BUCKET/PREFIX.
     #[arg(long, default_value = DEFAULT_DESTINATION, value_name = "DEST")]
     pub from: String,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = ListFormat::Table)]
     pub output: ListFormat,
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 #[derive(Debug, clap::Args)]
@@ -146,6 +181,8 @@ pub struct VerifyArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = ListFormat::Table)]
     pub output: ListFormat,
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 #[derive(Debug, clap::Args)]
@@ -162,6 +199,8 @@ pub struct PruneArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = ListFormat::Table)]
     pub output: ListFormat,
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 #[derive(Debug, clap::Args)]
@@ -187,6 +226,8 @@ pub async fn run(args: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             println!("{public}");
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::WalSpool(a)) => super::backup_wal::spool(a),
+        Some(Command::WalPush(a)) => super::backup_wal::push(a).await,
     }
 }
 
@@ -236,19 +277,26 @@ async fn source_and_labels(
     Ok((source, backup::create::Labels { cluster, node }))
 }
 
-async fn create(a: CreateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    if a.kind == BackupType::Incremental {
-        bail!("incremental backups are not built yet; take --type full");
-    }
-    let keys = Keys::parse(&a.encryption_key)?;
-    if matches!(keys, Keys::None) && !a.no_encryption {
+/// The keys of `--encryption-key`; none only when `--no-encryption` asks
+/// for it (`what` is what would be written in the clear).
+pub(super) fn encryption_keys(values: &[String], no_encryption: bool, what: &str) -> anyhow::Result<Keys> {
+    let keys = Keys::parse(values)?;
+    if matches!(keys, Keys::None) && !no_encryption {
         bail!(
-            "no encryption key: a backup holds every Kubernetes Secret. Give --encryption-key age1... \
+            "no encryption key: {what} holds every Kubernetes Secret. Give --encryption-key age1... \
              (make a key pair with `gemin_k8s backup keygen --out FILE` on a machine you trust and keep FILE \
              off the nodes), --encryption-key passphrase:FILE, or --no-encryption to write it in the clear"
         );
     }
-    let store: Arc<dyn backup::Store> = Arc::from(backup::store::open(&a.output)?);
+    Ok(keys)
+}
+
+async fn create(a: CreateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    if a.kind == BackupType::Incremental {
+        bail!("incremental backups are not built yet; take --type full");
+    }
+    let keys = encryption_keys(&a.encryption_key, a.no_encryption, "a backup")?;
+    let store: Arc<dyn backup::Store> = Arc::from(backup::store::open(&a.output, &a.s3.options())?);
     let (source, labels) = source_and_labels(&a, global).await?;
     let created = backup::create::create(&source, store.clone(), &labels, a.compress, Arc::new(keys)).await?;
     let mut m = created.manifest;
@@ -291,7 +339,7 @@ fn encryption_text(m: &Manifest) -> String {
 }
 
 fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
-    let store = backup::store::open(&a.from)?;
+    let store = backup::store::open(&a.from, &a.s3.options())?;
     let rows = backup::verify::list(store.as_ref())?;
     match a.output {
         ListFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
@@ -368,7 +416,7 @@ struct VerifyRow {
 }
 
 async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let store: Arc<dyn backup::Store> = Arc::from(backup::store::open(&a.from)?);
+    let store: Arc<dyn backup::Store> = Arc::from(backup::store::open(&a.from, &a.s3.options())?);
     let identities = Arc::new(Identities::load(&a.identity)?);
     let full = !identities.is_empty();
     let s = store.clone();
@@ -428,7 +476,7 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
-    let store = backup::store::open(&a.from)?;
+    let store = backup::store::open(&a.from, &a.s3.options())?;
     let pruned = backup::prune::prune(store.as_ref(), days(a.retention), a.dry_run)?;
     match a.output {
         ListFormat::Json => println!("{}", serde_json::to_string_pretty(&pruned)?),

@@ -386,6 +386,7 @@ fn node_file(
         k3s: crate::config::K3s::with_token(""),
         health: Health::default(),
         tls: crate::config::Tls { ca: String::new(), cert: String::new(), key: String::new() },
+        backup: crate::config::Backup::default(),
     };
     let mut block = serde_json::to_value(&defaults).context("serialising defaults")?;
     merge_json(&mut block, &template.block);

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 pub mod backup;
+pub mod backup_wal;
 pub mod completion;
 pub mod config;
 pub mod docs;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use super::GlobalArgs;
 use crate::backup::crypto::Identities;
@@ -19,7 +19,7 @@ use crate::backup::{self, DEFAULT_DESTINATION, human_size};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Destination holding the backups (a directory, or file:///path).
+    /// Destination holding the backups (a directory, file:///path, or s3://BUCKET/PREFIX).
     #[arg(long, default_value = DEFAULT_DESTINATION, value_name = "DEST")]
     pub from: String,
     /// The backup to restore (default: the newest complete one).
@@ -46,9 +46,34 @@ pub struct Args {
     /// Directory of the PostgreSQL tools (pg_verifybackup, pg_waldump).
     #[arg(long, default_value = crate::postgres::settings::DEFAULT_BIN_DIR, value_name = "DIR")]
     pub pg_bin_dir: PathBuf,
-    /// Point-in-time recovery (not built yet: needs continuous WAL archiving).
-    #[arg(long, value_name = "TIME")]
-    pub target_time: Option<String>,
+    /// Point-in-time recovery: replay the archived WAL up to this time (RFC 3339, e.g.
+    /// 2026-08-21T10:15:02Z). Without --backup, the newest backup that ended by then is used.
+    #[arg(long, value_name = "TIME", value_parser = parse_target_time)]
+    pub target_time: Option<std::time::SystemTime>,
+    /// How far Kine's revision jumps after the restore, so that clients holding newer revisions
+    /// list again instead of missing changes (see docs/backup.md).
+    #[arg(long, value_name = "N", default_value_t = backup::recover::DEFAULT_BUMP,
+          value_parser = clap::value_parser!(i64).range(1..=1_000_000_000_000))]
+    pub bump_revision: i64,
+    #[command(flatten)]
+    pub s3: super::backup::S3Args,
+}
+
+/// `--target-time`: RFC 3339, with a time zone (`Z` or an offset).
+fn parse_target_time(text: &str) -> Result<std::time::SystemTime, String> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(std::time::SystemTime::from)
+        .map_err(|e| {
+            format!(
+                "{e}: give an RFC 3339 time with its zone, such as 2026-08-21T10:15:02Z or 2026-08-21T12:15:02+02:00"
+            )
+        })
+}
+
+/// A time as PostgreSQL's `recovery_target_time` reads it, in UTC.
+fn postgres_time(t: std::time::SystemTime) -> String {
+    let text = humantime::format_rfc3339_micros(t).to_string();
+    format!("{}+00", text.trim_end_matches('Z').replace('T', " "))
 }
 
 /// `--backup-file`: the destination and id of a backup directory or its manifest.
@@ -64,11 +89,6 @@ fn split_backup_path(path: &std::path::Path) -> anyhow::Result<(String, String)>
 }
 
 pub async fn run(a: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    if a.target_time.is_some() {
-        bail!(
-            "--target-time (point-in-time recovery) is not built yet: it needs continuous WAL archiving; restore a full backup without it"
-        );
-    }
     let (dest, id) = match &a.backup_file {
         Some(path) => {
             let (root, id) = split_backup_path(path)?;
@@ -76,10 +96,10 @@ pub async fn run(a: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         }
         None => (a.from.clone(), a.backup.clone()),
     };
-    let store: Arc<dyn backup::Store> = Arc::from(backup::store::open(&dest)?);
+    let store: Arc<dyn backup::Store> = Arc::from(backup::store::open(&dest, &a.s3.options())?);
     let manifest = match &id {
         Some(id) => backup::verify::manifest(store.as_ref(), id)?,
-        None => backup::verify::latest(store.as_ref())?,
+        None => backup::verify::latest_ending_by(store.as_ref(), a.target_time)?,
     };
     let identities = Arc::new(Identities::load(&a.identity)?);
     let owner = crate::postgres::files::Owner::lookup(&a.owner)?;
@@ -89,6 +109,8 @@ pub async fn run(a: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         owner,
         bin_dir: a.pg_bin_dir.clone(),
         dry_run: a.dry_run,
+        target_time: a.target_time.map(postgres_time),
+        bump: a.bump_revision,
     };
     let done = backup::restore::restore(store.clone(), &manifest, identities, &opts).await?;
     let data = human_size(done.content_bytes);
@@ -126,9 +148,25 @@ pub async fn run(a: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     if let Some(aside) = &done.moved_aside {
         println!("the previous data directory is kept at {}", aside.display());
     }
-    println!(
-        "PostgreSQL replays the backup's WAL when it starts; Kine's revision is not advanced yet (see docs/backup.md)"
-    );
+    if let Some(r) = &done.recovered {
+        match (&a.target_time, &r.last_transaction) {
+            (Some(t), last) => println!(
+                "recovered to {} through {} archived WAL files (last transaction replayed: {}; now timeline {})",
+                humantime::format_rfc3339_seconds(*t),
+                done.wal_files,
+                last.as_deref().unwrap_or("none after the backup"),
+                r.timeline
+            ),
+            (None, _) => println!("recovered to the end of the backup (timeline {})", r.timeline),
+        }
+        match &r.kine {
+            Some(k) => println!(
+                "Kine's revision moved from {} to {}: older revisions read as compacted, so watchers list again",
+                k.newest, k.revision
+            ),
+            None => println!("no Kine table in the backup: no revision to move"),
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -141,5 +179,15 @@ mod tests {
         let want = ("/mnt/usb".to_string(), "20260821T101502Z".to_string());
         assert_eq!(split_backup_path(std::path::Path::new("/mnt/usb/20260821T101502Z")).unwrap(), want);
         assert_eq!(split_backup_path(std::path::Path::new("/mnt/usb/20260821T101502Z/manifest.json")).unwrap(), want);
+    }
+
+    #[test]
+    fn target_times_are_rfc3339_with_a_zone_and_reach_postgres_in_utc() {
+        let t = parse_target_time("2026-08-21T12:15:02.5+02:00").unwrap();
+        assert_eq!(t, parse_target_time("2026-08-21T10:15:02.5Z").unwrap());
+        assert_eq!(postgres_time(t), "2026-08-21 10:15:02.500000+00");
+        let err = parse_target_time("2026-08-21 10:15").unwrap_err();
+        assert!(err.contains("2026-08-21T10:15:02Z"), "{err}");
+        assert!(parse_target_time("2026-08-21T10:15:02").is_err(), "a time without a zone is ambiguous");
     }
 }

@@ -293,6 +293,19 @@ pub fn render_text(view: &ClusterView, args: &Args) -> String {
             {
                 let _ = writeln!(out, "  datastore timeline {tl}, LSN {lsn}");
             }
+            if let Some(a) = &s.archive {
+                let who = if a.uploading { "uploading to" } else { "spooling for" };
+                let oldest = a.oldest_pending_seconds.map(|x| format!(", the oldest {x} s old")).unwrap_or_default();
+                let last = match (&a.last_archived, &a.last_archived_at) {
+                    (Some(f), Some(at)) => format!("; last archived {f} at {at}"),
+                    _ => String::new(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  WAL archive: {who} {}, {} files spooled{oldest}{last}",
+                    a.destination, a.pending_files
+                );
+            }
             if let Some(h) = &s.handover {
                 let at = h.checkpoint.as_deref().map(|c| format!(" (shutdown checkpoint {c})")).unwrap_or_default();
                 let _ = writeln!(out, "  switchover under way: {}{at}", h.state);

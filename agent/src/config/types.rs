@@ -22,6 +22,8 @@ pub struct GeminiConfig {
     #[serde(default)]
     pub health: Health,
     pub tls: Tls,
+    #[serde(default)]
+    pub backup: Backup,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -259,6 +261,58 @@ pub fn is_inline_pem(value: &str) -> bool {
     value.trim_start().starts_with("-----BEGIN ")
 }
 
+/// Continuous WAL archiving (docs/backup.md). Off while `destination` is absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backup {
+    /// A directory or `s3://BUCKET/PREFIX`.
+    #[serde(default)]
+    pub destination: Option<String>,
+    /// age recipients (`age1...`), files of recipients, or `passphrase:FILE`.
+    #[serde(default)]
+    pub encryption_keys: Vec<String>,
+    #[serde(default)]
+    pub no_encryption: bool,
+    #[serde(default)]
+    pub s3_endpoint: Option<String>,
+    #[serde(default)]
+    pub s3_region: Option<String>,
+    #[serde(default)]
+    pub s3_credentials: Option<PathBuf>,
+    #[serde(default = "defaults::yes")]
+    pub archive_wal: bool,
+    #[serde(default = "defaults::spool_dir")]
+    pub spool_dir: PathBuf,
+    #[serde(default = "defaults::spool_limit_mb")]
+    pub spool_limit_mb: u64,
+    #[serde(default = "defaults::archive_timeout", with = "humantime_serde")]
+    pub archive_timeout: Duration,
+}
+
+impl Default for Backup {
+    fn default() -> Self {
+        Backup {
+            destination: None,
+            encryption_keys: Vec::new(),
+            no_encryption: false,
+            s3_endpoint: None,
+            s3_region: None,
+            s3_credentials: None,
+            archive_wal: true,
+            spool_dir: defaults::spool_dir(),
+            spool_limit_mb: defaults::spool_limit_mb(),
+            archive_timeout: defaults::archive_timeout(),
+        }
+    }
+}
+
+impl Backup {
+    /// Whether the agent archives WAL.
+    pub fn archiving(&self) -> bool {
+        self.archive_wal && self.destination.is_some()
+    }
+}
+
 pub(crate) mod defaults {
     use std::net::SocketAddr;
     use std::path::PathBuf;
@@ -302,6 +356,15 @@ pub(crate) mod defaults {
     }
     pub fn yes() -> bool {
         true
+    }
+    pub fn spool_dir() -> PathBuf {
+        PathBuf::from(crate::backup::wal::DEFAULT_SPOOL)
+    }
+    pub fn spool_limit_mb() -> u64 {
+        crate::backup::wal::DEFAULT_SPOOL_LIMIT >> 20
+    }
+    pub fn archive_timeout() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn interval() -> Duration {
         Duration::from_millis(500)

@@ -586,6 +586,20 @@ fn relations(c: &mut Checker, block: &Node, cfg: &GeminiConfig) {
             Some("the default is 2s with a 500ms interval".into()),
         );
     }
+    let backup = &cfg.backup;
+    if let Some(dest) = &backup.destination {
+        if backup.encryption_keys.is_empty() && !backup.no_encryption {
+            c.error(
+                at_any(&["backup.encryption_keys", "backup.destination"]),
+                &full("backup.encryption_keys"),
+                "archived WAL holds every write, Secrets included: give the keys to encrypt it to",
+                Some("`gemin_k8s backup keygen --out FILE` on a machine you trust prints a public key (age1...) to list here; or set `backup.no_encryption: true`".into()),
+            );
+        }
+        if let Err(e) = crate::backup::store::check_destination(dest) {
+            c.error(at("backup.destination"), &full("backup.destination"), e.to_string(), None);
+        }
+    }
     if let Some(NodeKind::Seq(items)) = block.lookup("k3s.extra_args").map(|n| &n.kind) {
         for (item, text) in items.iter().zip(&cfg.k3s.extra_args) {
             let flag = text.split('=').next().unwrap_or_default();

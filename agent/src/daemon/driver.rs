@@ -271,6 +271,7 @@ impl Driver {
             status: NodeStatus::default(),
             counters: Counters::default(),
             election: None,
+            archive: None,
         }));
         let addr = cfg.node.api_addr();
         let listener =
@@ -352,6 +353,11 @@ impl Driver {
             tasks: Vec::new(),
         };
         driver.publish();
+        if driver.subsystems.database.is_some()
+            && let Some(archiver) = super::archiver::Archiver::from_config(&driver.cfg)?
+        {
+            driver.tasks.push(tokio::spawn(archiver.run(driver.shared.clone())));
+        }
         let auth = server::Auth::tls(&driver.cfg.peer.name, &driver.cfg.api.token);
         let app = server::router(driver.shared.clone(), auth, driver.hooks.clone());
         driver.tasks.push(tokio::spawn(server::serve_tls(listener, server_config, app, driver.hooks.clone())));

@@ -8,6 +8,7 @@
 //! status. Long actions (promotion, demotion, rejoin) run in the background
 //! and report back into the machine.
 
+pub mod archiver;
 pub mod database;
 pub mod driver;
 pub mod fence;

@@ -69,6 +69,43 @@ pub fn render(p: &Published, refused_total: u64) -> String {
         "counter",
         &[(with(""), refused_total as f64)],
     );
+    if let Some(a) = &p.archive {
+        line(
+            &mut out,
+            "geminik8s_wal_archive_pending_files",
+            "WAL files in this node's spool, not yet archived.",
+            "gauge",
+            &[(with(""), a.pending_files as f64)],
+        );
+        line(
+            &mut out,
+            "geminik8s_wal_archive_oldest_pending_seconds",
+            "Age of the oldest unarchived WAL file (0 when none waits).",
+            "gauge",
+            &[(with(""), a.oldest_pending_seconds.unwrap_or(0) as f64)],
+        );
+        line(
+            &mut out,
+            "geminik8s_wal_archive_uploading",
+            "1 when this node uploads the WAL (the streaming follower, or the leader alone).",
+            "gauge",
+            &[(with(""), f64::from(u8::from(a.uploading)))],
+        );
+        line(
+            &mut out,
+            "geminik8s_wal_archive_gap",
+            "1 when WAL was dropped from a full spool: point-in-time recovery has a gap until the next full backup.",
+            "gauge",
+            &[(with(""), f64::from(u8::from(a.gap.is_some())))],
+        );
+        line(
+            &mut out,
+            "geminik8s_wal_archive_failing",
+            "1 when the last attempt to reach the destination failed.",
+            "gauge",
+            &[(with(""), f64::from(u8::from(a.last_error.is_some())))],
+        );
+    }
     if let Some(f) = &s.last_failover {
         line(
             &mut out,

@@ -85,6 +85,63 @@ pub struct NodeStatus {
     /// Unix epoch (0 when unknown): operators compare the nodes' clocks.
     #[serde(default)]
     pub served_at_unix_ms: u64,
+    /// Continuous WAL archiving on this node, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveView>,
+}
+
+/// Continuous WAL archiving as this node's agent last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ArchiveView {
+    pub destination: String,
+    /// Whether this node uploads (the streaming follower, or the leader alone).
+    pub uploading: bool,
+    /// WAL files waiting in this node's spool.
+    pub pending_files: u64,
+    /// When the oldest of them was finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_pending: Option<String>,
+    /// Its age in seconds: how far point-in-time recovery lags behind now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_seconds: Option<u64>,
+    /// WAL files this agent stored since it started.
+    pub archived_files: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_archived: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_archived_at: Option<String>,
+    /// The last failure to reach the destination (cleared by a success).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// WAL the spool could not keep: point-in-time recovery has a gap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap: Option<crate::backup::wal::Gap>,
+}
+
+/// An uploading node whose oldest spooled WAL is older than this is reported degraded.
+pub const ARCHIVE_LAG_WARNING_SECS: u64 = 300;
+
+impl ArchiveView {
+    /// What `status` lists as degraded about archiving.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(gap) = &self.gap {
+            out.push(format!(
+                "point-in-time recovery gap since {}: {} WAL files from {} were not archived (the spool was full); take a full backup to close it",
+                gap.since, gap.files, gap.first
+            ));
+        }
+        if let Some(e) = &self.last_error {
+            out.push(format!("WAL archiving to {} fails: {e}", self.destination));
+        }
+        if let Some(age) = self.oldest_pending_seconds.filter(|a| self.uploading && *a > ARCHIVE_LAG_WARNING_SECS) {
+            out.push(format!(
+                "WAL archiving lags: the oldest unarchived WAL is {age} s old ({} files spooled)",
+                self.pending_files
+            ));
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -221,6 +278,8 @@ pub struct Published {
     pub status: NodeStatus,
     pub counters: Counters,
     pub election: Option<PeerStatus>,
+    /// Written by the WAL archiver (`daemon::archiver`), not by the heartbeat loop.
+    pub archive: Option<ArchiveView>,
 }
 
 impl Published {

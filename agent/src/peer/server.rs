@@ -286,7 +286,15 @@ async fn hostmeta(State(state): State<AppState>) -> Response {
 }
 
 async fn status(State(state): State<AppState>) -> Response {
-    let mut status = read(&state.shared).status.clone();
+    let mut status = {
+        let p = read(&state.shared);
+        let mut status = p.status.clone();
+        if let Some(archive) = &p.archive {
+            status.degraded.extend(archive.problems());
+            status.archive = Some(archive.clone());
+        }
+        status
+    };
     status.served_at_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));

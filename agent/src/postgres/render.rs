@@ -166,12 +166,26 @@ pub fn render_conf(settings: &Settings, role: ServerRole) -> String {
     set("ssl_key_file", tls(super::settings::KEY_FILE));
     set("ssl_ca_file", tls(super::settings::CA_FILE));
     set("ssl_min_protocol_version", conf_value("TLSv1.2"));
+    if let Some(a) = &settings.wal_archive {
+        // `always`: a standby archives what it receives, so the follower can
+        // be the node that uploads while the leader only spools.
+        set("archive_mode", "always".to_string());
+        set("archive_command", conf_value(&archive_command(a)));
+        set("archive_timeout", conf_value(&format!("{}s", a.timeout.as_secs().max(1))));
+    }
     if role == ServerRole::Standby {
         set("primary_conninfo", conf_value(&peer_conninfo(settings, None, true)));
         set("primary_slot_name", conf_value(&slot_name(&settings.node.name)));
         set("recovery_target_timeline", conf_value("latest"));
     }
     out
+}
+
+/// The shell command PostgreSQL runs for each finished WAL file (`%p` its
+/// path, `%f` its name).
+pub fn archive_command(a: &super::settings::WalArchive) -> String {
+    let quote = |p: &std::path::Path| format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"));
+    format!("{} backup wal-spool --spool {} --limit {} %p %f", quote(&a.program), quote(&a.spool), a.spool_limit)
 }
 
 /// `pg_hba.conf`: the superuser over the Unix socket (root and the OS user
@@ -287,7 +301,26 @@ mod tests {
             max_slot_wal_keep_mb: 4096,
             start_timeout: Duration::from_secs(60),
             tool_timeout: Duration::from_secs(600),
+            wal_archive: None,
         }
+    }
+
+    #[test]
+    fn archiving_spools_each_file_through_the_agent_binary() {
+        let mut s = settings(Replication::Streaming);
+        s.wal_archive = Some(crate::postgres::settings::WalArchive {
+            program: PathBuf::from("/usr/bin/gemin_k8s"),
+            spool: PathBuf::from("/var/lib/geminik8s/wal spool"),
+            spool_limit: 1 << 30,
+            timeout: Duration::from_secs(60),
+        });
+        let conf = render_conf(&s, ServerRole::Standby);
+        assert!(conf.contains("archive_mode = always\n"), "{conf}");
+        let command = "archive_command = '''/usr/bin/gemin_k8s'' backup wal-spool --spool \
+                       ''/var/lib/geminik8s/wal spool'' --limit 1073741824 %p %f'\n";
+        assert!(conf.contains(command), "{conf}");
+        assert!(conf.contains("archive_timeout = '60s'\n"), "{conf}");
+        assert!(!render_conf(&settings(Replication::Streaming), ServerRole::Primary).contains("archive"));
     }
 
     #[test]

@@ -122,10 +122,13 @@ impl Manager {
         )
     }
 
-    /// Create the socket directory with the server's TLS files and the log
-    /// file, owned by the OS user.
+    /// Create the socket directory with the server's TLS files, the log
+    /// file and the WAL spool, owned by the OS user.
     pub fn prepare_run_dirs(&self) -> Result<()> {
         files::ensure_dir(&self.settings.socket_dir, 0o755, self.owner)?;
+        if let Some(a) = &self.settings.wal_archive {
+            files::ensure_dir(&a.spool, 0o700, self.owner)?;
+        }
         files::write_tls(&self.settings, self.owner)?;
         let log = &self.settings.log_file;
         if let Some(parent) = log.parent() {

@@ -81,6 +81,22 @@ pub struct Settings {
     pub start_timeout: Duration,
     /// Limit for `initdb`, `pg_basebackup` and `pg_rewind`.
     pub tool_timeout: Duration,
+    /// Continuous WAL archiving into a local spool (`None`: off).
+    pub wal_archive: Option<WalArchive>,
+}
+
+/// PostgreSQL's `archive_command` copies each finished WAL file into a
+/// spool with `gemin_k8s backup wal-spool` (see `backup::wal`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalArchive {
+    /// The `gemin_k8s` binary the command runs.
+    pub program: PathBuf,
+    /// The spool directory (writable by the server's OS user).
+    pub spool: PathBuf,
+    /// Bytes the spool may hold; past it files are dropped and a gap recorded.
+    pub spool_limit: u64,
+    /// `archive_timeout`: a WAL file is finished (and archived) at least this often.
+    pub timeout: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -108,6 +124,7 @@ impl std::fmt::Debug for Settings {
             .field("max_slot_wal_keep_mb", &self.max_slot_wal_keep_mb)
             .field("start_timeout", &self.start_timeout)
             .field("tool_timeout", &self.tool_timeout)
+            .field("wal_archive", &self.wal_archive)
             .finish()
     }
 }
@@ -142,6 +159,13 @@ impl Settings {
             max_slot_wal_keep_mb: 4096,
             start_timeout: Duration::from_secs(60),
             tool_timeout: Duration::from_secs(30 * 60),
+            wal_archive: cfg.backup.archiving().then(|| WalArchive {
+                program: std::env::current_exe()
+                    .unwrap_or_else(|_| PathBuf::from(crate::services::units::AGENT_ARGV[0])),
+                spool: cfg.backup.spool_dir.clone(),
+                spool_limit: cfg.backup.spool_limit_mb << 20,
+                timeout: cfg.backup.archive_timeout,
+            }),
         }
     }
 

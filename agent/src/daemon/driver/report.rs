@@ -143,6 +143,8 @@ impl Driver {
                 eligible: election.eligible,
             },
             last_failover: self.last_failover.clone(),
+            // Filled from what the archiver publishes, when the API serves it.
+            archive: None,
             components,
             degraded,
             datastore: Some(self.datastore_view()),

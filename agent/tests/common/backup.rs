@@ -1,0 +1,188 @@
+//! Shared by the tests that back up and restore a real PostgreSQL 15
+//! (`backup.rs`, `backup_s3.rs`): a node's server configured and run as the
+//! agent runs it, Kine's rows, and the `gemin_k8s` binary. The servers run
+//! as the `postgres` user, so these need root.
+
+// Each test file uses a part of this.
+#![allow(dead_code)]
+
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use geminik8s::config::{
+    Api, Cluster, Durability, GeminiConfig, Health, K3s, Kine, Member, Postgres, Replication, Tls, Witness,
+};
+use geminik8s::postgres::render::KINE_SCHEMA;
+use geminik8s::postgres::{Manager, Settings};
+use geminik8s::services::supervisor::Supervisor;
+
+/// A directory for the test, traversable by the `postgres` user.
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        let mut dir = tempfile::Builder::new().prefix("gk8s-backup-").tempdir().unwrap();
+        // GEMINIK8S_KEEP_TEST_DIRS=1 keeps the data directories and logs for a post-mortem.
+        dir.disable_cleanup(std::env::var_os("GEMINIK8S_KEEP_TEST_DIRS").is_some());
+        chown_to_postgres(dir.path());
+        Lab { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn node_dir(&self, name: &str) -> PathBuf {
+        let d = self.path(name);
+        std::fs::create_dir_all(&d).unwrap();
+        chown_to_postgres(&d);
+        d
+    }
+}
+
+pub fn postgres_user() -> nix::unistd::User {
+    nix::unistd::User::from_name("postgres").unwrap().expect("the postgres user")
+}
+
+pub fn chown_to_postgres(path: &Path) {
+    let user = postgres_user();
+    nix::unistd::chown(path, Some(user.uid), Some(user.gid)).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One node's PostgreSQL, run by its own process supervisor as the agent
+/// runs it (killed when dropped, also when the test panics).
+pub struct Node {
+    pub mgr: Manager,
+    pub _supervisor: Arc<Supervisor>,
+}
+
+impl std::ops::Deref for Node {
+    type Target = Manager;
+    fn deref(&self) -> &Manager {
+        &self.mgr
+    }
+}
+
+/// A node `name` of cluster `lab` on loopback; its data in `DIR/data`.
+pub fn node(lab: &Lab, name: &str) -> Node {
+    let lo: IpAddr = "127.0.0.1".parse().unwrap();
+    let pki = geminik8s::pki::generate("lab", &[("a".into(), lo), ("b".into(), lo)], lo, None).unwrap();
+    let tls = Tls { ca: pki.ca.cert.clone(), cert: pki.nodes[0].cert.clone(), key: pki.nodes[0].key.clone() };
+    let cfg = GeminiConfig {
+        cluster: Cluster {
+            name: "lab".into(),
+            vip: lo,
+            vip_prefix: 32,
+            interface: None,
+            bootstrap_leader: name.into(),
+            witness: Witness::default(),
+        },
+        node: Member { name: name.into(), ip: lo, api_port: 7443 },
+        peer: Member { name: "peer".into(), ip: lo, api_port: 7443 },
+        api: Api { token: "t".into() },
+        postgres: Postgres {
+            replication: Replication::Streaming,
+            durability: Durability::Async,
+            degrade_after: Duration::from_secs(2),
+            port: 5432,
+            data_dir: PathBuf::new(),
+            replication_password: "repl".into(),
+            kine_password: "kine".into(),
+            archive_keep: 3,
+        },
+        kine: Kine::default(),
+        k3s: K3s { enabled: false, ..K3s::with_token("t") },
+        health: Health::default(),
+        tls,
+        backup: Default::default(),
+    };
+    let dir = lab.node_dir(name);
+    let mut s = Settings::from_config(&cfg);
+    s.data_dir = dir.join("data");
+    s.log_file = dir.join("postgres.log");
+    s.socket_dir = dir.join("sock");
+    s.listen_addresses = vec!["127.0.0.1".into()];
+    s.node.port = free_port();
+    s.peer.port = free_port();
+    s.start_timeout = Duration::from_secs(30);
+    let supervisor = Arc::new(Supervisor::new());
+    Node { mgr: Manager::new(s, supervisor.clone()).unwrap(), _supervisor: supervisor }
+}
+
+/// Bootstrap `node` as the agent does for a leader, with Kine's table.
+pub async fn leader(node: &Node) {
+    node.bootstrap_leader().await.unwrap();
+    let db = node.connect("kine").await.unwrap();
+    db.batch("creating the kine table", KINE_SCHEMA).await.unwrap();
+    db.batch("handing it to kine", "ALTER TABLE kine OWNER TO kine").await.unwrap();
+}
+
+/// Insert `keys` the way Kine does.
+pub async fn put(node: &Node, keys: &[String]) {
+    let db = node.connect("kine").await.unwrap();
+    for key in keys {
+        db.execute(
+            "inserting a row",
+            "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
+             VALUES ($1, 1, 0, 0, 0, 0, decode(repeat('ab', 512), 'hex'), NULL)",
+            &[key],
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Every key in revision order (not Kine's bookkeeping records: the
+/// compaction mark and the gap record a restore adds).
+pub async fn keys(node: &Node) -> Vec<String> {
+    let db = node.connect("kine").await.unwrap();
+    let sql = "SELECT name FROM kine WHERE name <> 'compact_rev_key' AND name NOT LIKE 'gap-%' ORDER BY id";
+    let rows = db.query("listing keys", sql, &[]).await.unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+pub fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("/registry/{prefix}/{i:04}")).collect()
+}
+
+/// Run `gemin_k8s ARGS`.
+pub fn gemin(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gemin_k8s")).args(args).output().unwrap()
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn failed(out: Output) -> String {
+    assert!(!out.status.success(), "expected a failure:\n{}", text(&out));
+    text(&out)
+}
+
+pub fn keygen(lab: &Lab, name: &str) -> (PathBuf, String) {
+    let path = lab.path(name);
+    let public = ok(gemin(&["backup", "keygen", "--out", path.to_str().unwrap()])).trim().to_string();
+    assert!(public.starts_with("age1"), "{public}");
+    (path, public)
+}
