@@ -14,22 +14,12 @@ use geminik8s_vm_tests::require;
 
 #[path = "common/backup.rs"]
 mod lab;
-use lab::{Lab, Node, failed, gemin, keygen, keys, leader, names, node, ok, postgres_user, put};
+use lab::{Lab, backup, failed, gemin, keygen, keys, leader, names, node, ok, postgres_user, put};
 
 macro_rules! require_postgres {
     () => {
         require!(root: true, tools: ["initdb", "pg_basebackup", "pg_verifybackup", "pg_waldump", "postgres"]);
     };
-}
-
-/// `backup create` of `node` into `dest` with extra flags.
-fn backup(node: &Node, dest: &Path, extra: &[&str]) -> String {
-    let s = node.settings();
-    let (host, port) = (s.socket_dir.display().to_string(), s.node.port.to_string());
-    let mut args = vec!["backup", "create", "--output", dest.to_str().unwrap(), "--pg-host", &host, "--pg-port", &port];
-    args.extend(["--cluster", "lab", "--node", "a"]);
-    args.extend(extra);
-    ok(gemin(&args))
 }
 
 fn list(dest: &Path) -> Vec<serde_json::Value> {

@@ -16,7 +16,7 @@ use geminik8s_vm_tests::require;
 
 #[path = "common/backup.rs"]
 mod lab;
-use lab::{Lab, Node, chown_to_postgres, failed, gemin, keygen, leader, names, node, ok, put};
+use lab::{Lab, Node, backup, chown_to_postgres, failed, gemin, keygen, leader, names, node, ok, put};
 
 /// Delete `keys` the way Kine does: a new record per key, marked deleted.
 async fn delete(node: &Node, keys: &[String]) {
@@ -90,24 +90,12 @@ async fn point_in_time_recovery_brings_back_exactly_the_keys_at_the_target_time(
     let (key, public) = keygen(&lab, "key.txt");
     let before = names("before", 300);
     put(&a, &before).await;
-    let s = a.settings();
-    let (host, port) = (s.socket_dir.display().to_string(), s.node.port.to_string());
-    ok(gemin(&[
-        "backup",
-        "create",
-        "--output",
-        &dest_s,
-        "--pg-host",
-        &host,
-        "--pg-port",
-        &port,
-        "--cluster",
-        "lab",
-        "--node",
-        "a",
-        "--encryption-key",
-        &public,
-    ]));
+    backup(&a, &dest, &["--encryption-key", &public]);
+    let id = std::fs::read_dir(&dest)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| n.ends_with('Z'))
+        .expect("the backup's directory");
 
     // After the backup: more keys, some deleted. The target time is the
     // server's clock once they committed.
@@ -147,6 +135,14 @@ async fn point_in_time_recovery_brings_back_exactly_the_keys_at_the_target_time(
     let stored = std::fs::read(dest.join("wal").join(format!("{last}.zst.age"))).unwrap();
     assert!(stored.starts_with(b"age-encryption.org/v1\n"), "archived WAL is encrypted");
     a.stop(StopMode::Fast).await.unwrap();
+    let verify = |dest: &str| {
+        let out = gemin(&["backup", "verify", "--from", dest, "-o", "json"]);
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        rows.into_iter().find(|r| r["backup"] == "wal/ (archived WAL)").expect("a row for the archived WAL")
+    };
+    let row = verify(&dest_s);
+    assert_eq!(row["ok"], true, "{row}");
+    assert!(row["checked"].as_str().unwrap().contains(&format!("to {last}")), "{row}");
 
     // Without the identity nothing is restored.
     let target_dir = lab.path("restored").join("data");
@@ -186,6 +182,21 @@ async fn point_in_time_recovery_brings_back_exactly_the_keys_at_the_target_time(
     put(&r, &names("new", 1)).await;
     assert_eq!(scalar_i64(&r, "SELECT max(id) FROM kine").await, revision + 1);
     r.stop(StopMode::Fast).await.unwrap();
+
+    // A segment lost from the archive: verify names it.
+    let segments: Vec<String> = std::fs::read_dir(dest.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.len() == "000000010000000000000003.zst.age".len())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert!(segments.len() >= 3, "{segments:?}");
+    std::fs::remove_file(dest.join("wal").join(&segments[1])).unwrap();
+    let row = verify(&dest_s);
+    let lost = geminik8s::backup::wal::strip_stored_suffixes(&segments[1]).to_string();
+    assert_eq!(row["ok"], false, "{row}");
+    assert!(row["error"].as_str().unwrap().contains(&format!("WAL missing after backup {id}: {lost}")), "{row}");
     eprintln!("restored to {target}: {} keys; revision {newest_seen} seen before, {revision} after", at_target.len());
 }
 
@@ -197,23 +208,7 @@ async fn a_target_before_every_backup_is_refused() {
     let a = node(&lab, "a");
     leader(&a).await;
     let dest = lab.path("backups");
-    let s = a.settings();
-    let (host, port) = (s.socket_dir.display().to_string(), s.node.port.to_string());
-    ok(gemin(&[
-        "backup",
-        "create",
-        "--output",
-        dest.to_str().unwrap(),
-        "--pg-host",
-        &host,
-        "--pg-port",
-        &port,
-        "--cluster",
-        "lab",
-        "--node",
-        "a",
-        "--no-encryption",
-    ]));
+    backup(&a, &dest, &["--no-encryption"]);
     let target: PathBuf = lab.path("restored");
     let err = failed(gemin(&[
         "restore",

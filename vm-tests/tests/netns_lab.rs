@@ -35,6 +35,12 @@ fn lab_up(init_extra: &[&str], witness: Option<WitnessMode>) -> Option<Up> {
 
 /// [`lab_up`], with K3s run from `k3s`.
 fn lab_up_with(init_extra: &[&str], witness: Option<WitnessMode>, k3s: Option<PathBuf>) -> Option<Up> {
+    lab_up_block(init_extra, witness, k3s, "")
+}
+
+/// [`lab_up_with`], with `block` added to both nodes' cloud-config (YAML
+/// below `geminik8s:`; `{node_dir}` is the node's directory).
+fn lab_up_block(init_extra: &[&str], witness: Option<WitnessMode>, k3s: Option<PathBuf>, block: &str) -> Option<Up> {
     if let Some(reason) =
         geminik8s_vm_tests::skip::requires(true, &["ip", "etcdctl", "initdb", "pg_basebackup", "pg_rewind", "kine"])
     {
@@ -57,7 +63,7 @@ fn lab_up_with(init_extra: &[&str], witness: Option<WitnessMode>, k3s: Option<Pa
         run_dir: run.clone(),
         agent_bin: bin,
         witness,
-        extra_block: Some(FAST.into()),
+        extra_block: Some(format!("{FAST}{block}")),
         start_agents: true,
         k3s,
     };
@@ -1019,4 +1025,124 @@ fn kubernetes_api_survives_the_leaders_death() {
     for want in (0..10).map(|i| format!("cm-{i}")).chain(["after".into(), "switched".into()]) {
         assert!(names.contains(&want), "{want} missing after the switchover: {names:?}");
     }
+}
+
+/// Run `sql` as the server's superuser on `node` (over its socket).
+fn psql(lab: &Lab, node: &str, sql: &str) -> String {
+    let socket_dir = lab.node_dir(node).join(format!("runtime/postgres-{node}"));
+    let argv = ["runuser", "-u", "postgres", "--", "psql", "-h", socket_dir.to_str().unwrap(), "-d", "postgres"];
+    let out = lab.exec(node, &[&argv[..], &["-X", "-A", "-t", "-c", sql]].concat()).unwrap();
+    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The archived WAL segment names in `dest`.
+fn archived(dest: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dest.join("wal"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.retain(|n| !n.starts_with('.'));
+    names.sort();
+    names
+}
+
+/// Continuous WAL archiving on the lab: the streaming follower uploads and
+/// the leader only spools; a destination that cannot be written shows in
+/// `status`; a spool filled meanwhile drops WAL and `status` names the gap,
+/// while the cluster keeps serving; once the destination is back the spool
+/// drains, and a full backup closes the gap.
+#[test]
+fn wal_archiving_runs_on_the_follower_and_a_dead_destination_shows_in_status() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let dest_root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dest_root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let dest = dest_root.path().join("backups");
+    let block = format!(
+        "backup:\n  destination: {}\n  no_encryption: true\n  spool_dir: {{node_dir}}/wal-spool\n  spool_limit_mb: 64\n  archive_timeout: 1s\n",
+        dest.display()
+    );
+    let Some(up) = lab_up_block(&[], None, None, &block) else { return };
+    let lab = &up.lab;
+    let (acked, max_rev) = write_keys(lab, "/lab/archive/", 10, 0);
+    let archive = |node: &str| status(lab, node).map(|s| s["archive"].clone());
+
+    // The follower uploads; the leader's spool is emptied of what is archived.
+    poll::until("node2 to archive WAL and node1 to only spool", FORM, Duration::from_millis(300), || {
+        let (a1, a2) = (archive("node1")?, archive("node2")?);
+        let ok = a2["uploading"] == true
+            && a2["archived_files"].as_u64().is_some_and(|n| n > 0)
+            && a1["uploading"] == false
+            && a1["pending_files"] == 0
+            && !archived(&dest).is_empty();
+        if ok { Ok(()) } else { Err(format!("node1 {a1}, node2 {a2}, archived {:?}", archived(&dest))) }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert_eq!(archive("node1").unwrap()["archived_files"], 0, "the leader uploaded while its follower streamed");
+
+    // The destination cannot be written: said so, the WAL stays spooled.
+    let away = dest_root.path().join("backups.away");
+    std::fs::rename(&dest, &away).unwrap();
+    std::fs::write(&dest, "not a directory").unwrap();
+    psql(lab, "node1", "SELECT pg_switch_wal()");
+    poll::until("node2's status to say archiving fails", FORM, Duration::from_millis(300), || {
+        let s = status(lab, "node2")?;
+        let degraded = s["degraded"].to_string();
+        if degraded.contains("WAL archiving to") && degraded.contains("fails") { Ok(()) } else { Err(degraded) }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+
+    // More WAL than the spool holds: dropped, the gap named, writes go on.
+    psql(lab, "node1", "CREATE TABLE fill AS SELECT repeat(md5(i::text), 40) AS x FROM generate_series(1, 70000) i");
+    psql(lab, "node1", "SELECT pg_switch_wal()");
+    poll::until("node2's status to name the point-in-time recovery gap", FORM, Duration::from_millis(300), || {
+        let s = status(lab, "node2")?;
+        let degraded = s["degraded"].to_string();
+        if degraded.contains("point-in-time recovery gap since") { Ok(()) } else { Err(degraded) }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let spooled: u64 = std::fs::read_dir(lab.node_dir("node2").join("wal-spool"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(spooled <= 64 << 20, "the spool holds {spooled} bytes, past its 64 MiB bound");
+    let (more, _) = write_keys(lab, "/lab/archive/more/", 5, max_rev);
+    assert_eq!(keys(lab, "/lab/archive/more/").unwrap(), more, "the cluster kept serving");
+    assert_eq!(keys(lab, "/lab/archive/").unwrap().len(), acked.len() + more.len());
+
+    // The destination is back: the spool drains; a full backup closes the gap.
+    std::fs::remove_file(&dest).unwrap();
+    std::fs::rename(&away, &dest).unwrap();
+    poll::until("node2's spool to drain", FORM, Duration::from_millis(300), || {
+        let a = archive("node2")?;
+        if a["pending_files"] == 0 && a["last_error"].is_null() { Ok(()) } else { Err(a.to_string()) }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let bin = agent_bin().unwrap();
+    let socket_dir = lab.node_dir("node1").join("runtime/postgres-node1");
+    let out = lab
+        .exec(
+            "node1",
+            &[
+                bin.to_str().unwrap(),
+                "backup",
+                "create",
+                "--output",
+                dest.to_str().unwrap(),
+                "--no-encryption",
+                "--pg-host",
+                socket_dir.to_str().unwrap(),
+                "--cluster",
+                "lab",
+                "--node",
+                "node1",
+            ],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    poll::until("the gap to close after the full backup", FORM, Duration::from_millis(300), || {
+        let s = status(lab, "node2")?;
+        if s["archive"]["gap"].is_null() { Ok(()) } else { Err(s["archive"].to_string()) }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
 }

@@ -148,20 +148,21 @@ impl LocalDir {
     fn wal_dir(&self) -> PathBuf {
         self.root.join(WAL_PREFIX)
     }
+}
 
-    /// A new object at `path`, written under `.<name>.partial` until committed.
-    fn create_object(path: PathBuf) -> Result<Box<dyn ObjectWriter>> {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let partial = path.with_file_name(format!(".{name}.partial"));
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&partial)
-            .map_err(io("creating", &partial))?;
-        Ok(Box::new(LocalObject { file, partial, path, committed: false }))
-    }
+/// A new file at `path` (0600), written under `.<name>.partial` until
+/// committed: synced, renamed into place, its directory synced.
+pub fn local_object(path: PathBuf) -> Result<Box<dyn ObjectWriter>> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let partial = path.with_file_name(format!(".{name}.partial"));
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(io("creating", &partial))?;
+    Ok(Box::new(LocalObject { file, partial, path, committed: false }))
 }
 
 /// `id` when it is a plain name (no separators, not hidden): what backups
@@ -244,7 +245,7 @@ impl Store for LocalDir {
     }
 
     fn put_object(&self, id: &str, name: &str) -> Result<Box<dyn ObjectWriter>> {
-        LocalDir::create_object(self.object_path(id, name)?)
+        local_object(self.object_path(id, name)?)
     }
 
     fn get_object(&self, id: &str, name: &str) -> Result<Box<dyn Read + Send>> {
@@ -309,7 +310,7 @@ impl Store for LocalDir {
     fn put_wal(&self, name: &str) -> Result<Box<dyn ObjectWriter>> {
         let dir = self.wal_dir();
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io("creating", &dir))?;
-        LocalDir::create_object(dir.join(plain_object_name(name)?))
+        local_object(dir.join(plain_object_name(name)?))
     }
 
     fn get_wal(&self, name: &str) -> Result<Option<Box<dyn Read + Send>>> {

@@ -15,9 +15,8 @@
 //! ([`fetch_for_restore`]) into a directory PostgreSQL's `restore_command`
 //! copies from.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -163,10 +162,6 @@ fn record_gap(spool: &Path, name: &str) -> Result<()> {
     })
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing directory", dir))
-}
-
 /// Copy WAL file `source` (PostgreSQL's `%p`) into `spool` as `name`
 /// (`%f`), durably, unless that would take the spool past `limit` bytes.
 /// Runs as PostgreSQL's `archive_command`: success tells PostgreSQL it may
@@ -193,21 +188,10 @@ pub fn spool(source: &Path, name: &str, spool: &Path, limit: u64) -> Result<Spoo
         record_gap(spool, name)?;
         return Ok(Spooled::Dropped);
     }
-    let partial = spool.join(format!(".{name}.partial"));
-    {
-        let mut input = File::open(source).map_err(io("opening", source))?;
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&partial)
-            .map_err(io("creating", &partial))?;
-        io::copy(&mut input, &mut out).map_err(io("copying into the WAL spool", &partial))?;
-        out.sync_all().map_err(io("syncing", &partial))?;
-    }
-    fs::rename(&partial, &target).map_err(io("renaming into place", &partial))?;
-    sync_dir(spool)?;
+    let mut input = File::open(source).map_err(io("opening", source))?;
+    let mut out = super::store::local_object(target)?;
+    io::copy(&mut input, &mut out).map_err(io("copying into the WAL spool", spool.join(name)))?;
+    out.commit()?;
     Ok(Spooled::Copied)
 }
 
@@ -371,6 +355,15 @@ pub fn fetch_for_restore(store: &dyn Store, identities: &Identities, start: &str
     Ok((files, bytes))
 }
 
+/// The segment name holding `lsn` (`0/3000028`) on `timeline`, with
+/// PostgreSQL's default 16 MiB segments.
+pub fn segment_of(timeline: u32, lsn: &str) -> Option<String> {
+    let (hi, lo) = lsn.split_once('/')?;
+    let lsn = (u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?;
+    let segno = lsn >> 24;
+    Some(format!("{timeline:08X}{:08X}{:08X}", segno >> 8, segno & 0xFF))
+}
+
 /// The segment after `position` (16 hex digits: log, segment) with
 /// PostgreSQL's default 16 MiB segments (256 to a log).
 fn next_position(position: &str) -> Option<String> {
@@ -472,6 +465,13 @@ mod tests {
         assert!(needed("000000020000000000000005") && needed("000000020000000100000000"));
         assert!(needed("000000030000000000000004"), "a later timeline forks from before or after");
         assert!(!needed("000000020000000000000004") && !needed("000000010000000000000009"));
+    }
+
+    #[test]
+    fn an_lsn_is_in_the_segment_postgres_names() {
+        assert_eq!(segment_of(1, "0/3000028").as_deref(), Some("000000010000000000000003"));
+        assert_eq!(segment_of(2, "1/FF000000").as_deref(), Some("0000000200000001000000FF"));
+        assert_eq!(segment_of(1, "nonsense"), None);
     }
 
     #[test]

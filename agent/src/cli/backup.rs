@@ -64,7 +64,7 @@ pub enum ListFormat {
 }
 
 /// `--compress`: a zstd level (1-19) or `none`.
-pub(super) fn parse_compression(text: &str) -> Result<Compression, String> {
+fn parse_compression(text: &str) -> Result<Compression, String> {
     if text == "none" {
         return Ok(Compression::None);
     }
@@ -117,6 +117,38 @@ impl S3Args {
     }
 }
 
+/// How what is written to a destination is compressed and encrypted
+/// (`backup create`, `backup wal-push`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Sealing {
+    /// Compression: a zstd level (1-19) or `none`.
+    #[arg(long, default_value = "3", value_parser = parse_compression, value_name = "LEVEL|none")]
+    pub compress: Compression,
+    /// Encrypt to this key (repeatable): an age recipient (age1...), a file of recipients, or
+    /// passphrase:FILE (the first line of FILE).
+    #[arg(long, value_name = "KEY")]
+    pub encryption_key: Vec<String>,
+    /// Write unencrypted (backups and WAL hold every Kubernetes Secret).
+    #[arg(long, conflicts_with = "encryption_key")]
+    pub no_encryption: bool,
+}
+
+impl Sealing {
+    /// The keys of `--encryption-key`; none only when `--no-encryption`
+    /// asks for it (`what` is what would be written in the clear).
+    pub fn keys(&self, what: &str) -> anyhow::Result<Keys> {
+        let keys = Keys::parse(&self.encryption_key)?;
+        if matches!(keys, Keys::None) && !self.no_encryption {
+            bail!(
+                "no encryption key: {what} holds every Kubernetes Secret. Give --encryption-key age1... \
+                 (make a key pair with `gemin_k8s backup keygen --out FILE` on a machine you trust and keep FILE \
+                 off the nodes), --encryption-key passphrase:FILE, or --no-encryption to write it in the clear"
+            );
+        }
+        Ok(keys)
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct CreateArgs {
     /// Destination: a directory (a path or file:///path) or s3://BUCKET/PREFIX. Each backup is a
@@ -126,16 +158,8 @@ pub struct CreateArgs {
     /// Backup type.
     #[arg(long = "type", value_enum, default_value_t = BackupType::Full, value_name = "TYPE")]
     pub kind: BackupType,
-    /// Compression: a zstd level (1-19) or `none`.
-    #[arg(long, default_value = "3", value_parser = parse_compression, value_name = "LEVEL|none")]
-    pub compress: Compression,
-    /// Encrypt to this key (repeatable): an age recipient (age1...), a file of recipients, or
-    /// passphrase:FILE (the first line of FILE).
-    #[arg(long, value_name = "KEY")]
-    pub encryption_key: Vec<String>,
-    /// Write the backup unencrypted (it holds every Kubernetes Secret).
-    #[arg(long, conflicts_with = "encryption_key")]
-    pub no_encryption: bool,
+    #[command(flatten)]
+    pub sealing: Sealing,
     /// Then remove backups in the destination older than this many days (never the newest).
     #[arg(long, value_name = "DAYS")]
     pub retention: Option<u32>,
@@ -277,28 +301,14 @@ async fn source_and_labels(
     Ok((source, backup::create::Labels { cluster, node }))
 }
 
-/// The keys of `--encryption-key`; none only when `--no-encryption` asks
-/// for it (`what` is what would be written in the clear).
-pub(super) fn encryption_keys(values: &[String], no_encryption: bool, what: &str) -> anyhow::Result<Keys> {
-    let keys = Keys::parse(values)?;
-    if matches!(keys, Keys::None) && !no_encryption {
-        bail!(
-            "no encryption key: {what} holds every Kubernetes Secret. Give --encryption-key age1... \
-             (make a key pair with `gemin_k8s backup keygen --out FILE` on a machine you trust and keep FILE \
-             off the nodes), --encryption-key passphrase:FILE, or --no-encryption to write it in the clear"
-        );
-    }
-    Ok(keys)
-}
-
 async fn create(a: CreateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     if a.kind == BackupType::Incremental {
         bail!("incremental backups are not built yet; take --type full");
     }
-    let keys = encryption_keys(&a.encryption_key, a.no_encryption, "a backup")?;
+    let keys = a.sealing.keys("a backup")?;
     let store: Arc<dyn backup::Store> = Arc::from(backup::store::open(&a.output, &a.s3.options())?);
     let (source, labels) = source_and_labels(&a, global).await?;
-    let created = backup::create::create(&source, store.clone(), &labels, a.compress, Arc::new(keys)).await?;
+    let created = backup::create::create(&source, store.clone(), &labels, a.sealing.compress, Arc::new(keys)).await?;
     let mut m = created.manifest;
     println!(
         "backup {} complete in {}: {} stored ({} of data) in {:.1} s; timeline {}, LSN {} to {}; {}",
@@ -413,6 +423,9 @@ struct VerifyRow {
     level: Option<backup::manifest::VerifyLevel>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// What was checked, for the archived WAL's row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checked: Option<String>,
 }
 
 async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
@@ -437,7 +450,7 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         let mut rows = Vec::new();
         for t in targets {
             let row = match t {
-                Err((backup, error)) => VerifyRow { backup, ok: false, level: None, error: Some(error) },
+                Err((backup, error)) => VerifyRow { backup, ok: false, level: None, error: Some(error), checked: None },
                 Ok(mut m) => {
                     // A backup written without encryption is checked end to end without a key.
                     let full = full || m.encryption.kind == backup::manifest::EncryptionKind::None;
@@ -446,13 +459,22 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                             if let Err(e) = backup::verify::record(s.as_ref(), &mut m, level) {
                                 tracing::warn!(backup = %m.id, error = %e, "could not record the verification in the manifest");
                             }
-                            VerifyRow { backup: m.id, ok: true, level: Some(level), error: None }
+                            VerifyRow { backup: m.id, ok: true, level: Some(level), error: None, checked: None }
                         }
-                        Err(e) => VerifyRow { backup: m.id, ok: false, level: None, error: Some(e.to_string()) },
+                        Err(e) => VerifyRow {
+                            backup: m.id,
+                            ok: false,
+                            level: None,
+                            error: Some(e.to_string()),
+                            checked: None,
+                        },
                     }
                 }
             };
             rows.push(row);
+        }
+        if a.backup.is_none() {
+            rows.extend(wal_row(s.as_ref())?);
         }
         Ok(rows)
     })
@@ -462,10 +484,11 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         ListFormat::Table => {
             let mut table = vec![["BACKUP", "RESULT"].map(String::from).to_vec()];
             for r in &rows {
-                let result = match (&r.level, &r.error) {
-                    (Some(level), _) => format!("ok ({level})"),
-                    (None, Some(e)) => format!("FAILED: {e}"),
-                    (None, None) => "FAILED".into(),
+                let result = match (&r.level, &r.error, &r.checked) {
+                    (Some(level), _, _) => format!("ok ({level})"),
+                    (None, Some(e), _) => format!("FAILED: {e}"),
+                    (None, None, Some(checked)) if r.ok => format!("ok ({checked})"),
+                    (None, None, _) => "FAILED".into(),
                 };
                 table.push(vec![r.backup.clone(), result]);
             }
@@ -473,6 +496,40 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if rows.iter().all(|r| r.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The archived WAL's row of `backup verify`: every segment from the
+/// newest backup's start on is there (`None` when nothing is archived).
+fn wal_row(store: &dyn backup::Store) -> anyhow::Result<Option<VerifyRow>> {
+    let names: Vec<String> = store.list_wal()?.into_iter().map(|e| e.name).collect();
+    let Ok(newest) = backup::verify::latest(store) else { return Ok(None) };
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let p = &newest.postgres;
+    let start = backup::wal::segment_of(p.timeline, &p.start_lsn)
+        .with_context(|| format!("backup {}: start LSN {:?} is not an LSN", newest.id, p.start_lsn))?;
+    let missing = backup::wal::missing_segments(&names, &start);
+    let last = names.iter().rev().find(|n| backup::wal::strip_stored_suffixes(n).len() == 24);
+    let checked = format!(
+        "{} files; continuous from {start} (backup {}) to {}",
+        names.len(),
+        newest.id,
+        last.map(|n| backup::wal::strip_stored_suffixes(n)).unwrap_or("-")
+    );
+    Ok(Some(VerifyRow {
+        backup: format!("{}/ (archived WAL)", backup::store::WAL_PREFIX),
+        ok: missing.is_empty(),
+        level: None,
+        error: (!missing.is_empty()).then(|| {
+            format!(
+                "WAL missing after backup {}: {}; point-in-time recovery cannot cross it (a full backup after it can)",
+                newest.id,
+                missing.join(", ")
+            )
+        }),
+        checked: missing.is_empty().then_some(checked),
+    }))
 }
 
 fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
@@ -510,10 +567,13 @@ mod tests {
             parse(&["gemin_k8s", "backup", "--output", "/mnt/usb", "--encryption-key", "age1x", "--retention", "7"]);
         assert!(a.command.is_none());
         assert_eq!((a.create.output.as_str(), a.create.retention), ("/mnt/usb", Some(7)));
-        assert_eq!(a.create.compress, Compression::Zstd { level: 3 });
+        assert_eq!(a.create.sealing.compress, Compression::Zstd { level: 3 });
         let a = parse(&["gemin_k8s", "backup", "create", "--compress", "none", "--no-encryption"]);
         let Some(Command::Create(c)) = a.command else { panic!() };
-        assert_eq!((c.compress, c.no_encryption, c.output.as_str()), (Compression::None, true, DEFAULT_DESTINATION));
+        assert_eq!(
+            (c.sealing.compress, c.sealing.no_encryption, c.output.as_str()),
+            (Compression::None, true, DEFAULT_DESTINATION)
+        );
         let a = parse(&["gemin_k8s", "backup", "list", "--from", "/mnt/usb", "-o", "json"]);
         assert!(matches!(a.command, Some(Command::List(ListArgs { output: ListFormat::Json, .. }))));
         assert!(Cli::try_parse_from(["gemin_k8s", "backup", "--compress", "25"]).is_err());

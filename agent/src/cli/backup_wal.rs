@@ -11,8 +11,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::backup::{S3Args, encryption_keys, parse_compression};
-use crate::backup::manifest::Compression;
+use super::backup::{S3Args, Sealing};
 use crate::backup::wal::{self, DEFAULT_SPOOL, DEFAULT_SPOOL_LIMIT, Role, Spooled};
 use crate::backup::{self, DEFAULT_DESTINATION, human_size};
 
@@ -39,15 +38,8 @@ pub struct PushArgs {
     /// Destination: a directory or s3://BUCKET/PREFIX (WAL goes under wal/).
     #[arg(long, default_value = DEFAULT_DESTINATION, value_name = "DEST")]
     pub output: String,
-    /// Compression: a zstd level (1-19) or `none`.
-    #[arg(long, default_value = "3", value_parser = parse_compression, value_name = "LEVEL|none")]
-    pub compress: Compression,
-    /// Encrypt to this key (repeatable), as `backup create --encryption-key`.
-    #[arg(long, value_name = "KEY")]
-    pub encryption_key: Vec<String>,
-    /// Store the WAL unencrypted (it holds every write, Secrets included).
-    #[arg(long, conflicts_with = "encryption_key")]
-    pub no_encryption: bool,
+    #[command(flatten)]
+    pub sealing: Sealing,
     /// Only remove from the spool what the destination already holds (the other node archives).
     #[arg(long)]
     pub tidy_only: bool,
@@ -75,11 +67,12 @@ pub fn spool(a: SpoolArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn push(a: PushArgs) -> anyhow::Result<ExitCode> {
-    let keys = encryption_keys(&a.encryption_key, a.no_encryption, "WAL")?;
+    let keys = a.sealing.keys("WAL")?;
     let store = backup::store::open(&a.output, &a.s3.options())?;
     let role = if a.tidy_only { Role::Tidy } else { Role::Archive };
     let done =
-        tokio::task::spawn_blocking(move || wal::upload(&a.spool, store.as_ref(), &keys, a.compress, role)).await??;
+        tokio::task::spawn_blocking(move || wal::upload(&a.spool, store.as_ref(), &keys, a.sealing.compress, role))
+            .await??;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&done)?);
     } else {

@@ -186,3 +186,13 @@ pub fn keygen(lab: &Lab, name: &str) -> (PathBuf, String) {
     assert!(public.starts_with("age1"), "{public}");
     (path, public)
 }
+
+/// `backup create` of `node` (as node `a` of cluster `lab`) into `dest` with extra flags.
+pub fn backup(node: &Node, dest: &Path, extra: &[&str]) -> String {
+    let s = node.settings();
+    let (host, port) = (s.socket_dir.display().to_string(), s.node.port.to_string());
+    let mut args = vec!["backup", "create", "--output", dest.to_str().unwrap(), "--pg-host", &host, "--pg-port", &port];
+    args.extend(["--cluster", "lab", "--node", "a"]);
+    args.extend(extra);
+    ok(gemin(&args))
+}
