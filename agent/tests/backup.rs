@@ -40,15 +40,25 @@ async fn a_restored_backup_holds_exactly_the_rows_written_before_it() {
     let (other_key, _) = keygen(&lab, "other.txt");
 
     let started = Instant::now();
-    let out = backup(&a, &dest, &["--encryption-key", &public, "--verify"]);
+    let out = backup(&a, &dest, &["--encryption-key", &public, "--verify", "--json"]);
     let took = started.elapsed();
-    assert!(out.contains("verified: checksums"), "{out}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(created["manifest"]["verified"]["level"], "checksums", "{out}");
     put(&a, &names("after", 10)).await;
 
     let listed = list(&dest);
     assert_eq!(listed.len(), 1, "{listed:?}");
     let m = &listed[0];
     let id = m["id"].as_str().unwrap().to_string();
+    // --json prints the manifest as stored, its sizes, and the throughput.
+    assert_eq!(&created["manifest"], m, "{out}");
+    assert_eq!(created["stored_bytes"], m["objects"][0]["size"], "{out}");
+    assert_eq!(created["content_bytes"], m["objects"][0]["content_size"], "{out}");
+    let seconds = created["elapsed_seconds"].as_f64().unwrap();
+    let rate = created["content_bytes_per_second"].as_u64().unwrap() as f64;
+    assert!(seconds > 0.0 && seconds <= took.as_secs_f64(), "{out}");
+    let content = created["content_bytes"].as_f64().unwrap();
+    assert!(rate > 0.0 && (rate - content / seconds).abs() <= content / seconds * 0.01 + 1.0, "{out}");
     assert_eq!((m["cluster"].as_str(), m["node"].as_str(), m["kind"].as_str()), (Some("lab"), Some("a"), Some("full")));
     assert_eq!(m["encryption"]["kind"], "age-x25519");
     assert_eq!(m["encryption"]["recipients"], serde_json::json!([public]));
@@ -91,7 +101,7 @@ async fn a_restored_backup_holds_exactly_the_rows_written_before_it() {
     assert!(!target.exists(), "a failed restore leaves nothing behind");
 
     let out = ok(gemin(&["restore", "--from", from, "--data-dir", target_s, "--identity", key.to_str().unwrap()]));
-    assert!(out.contains(&format!("restored backup {id}")), "{out}");
+    assert!(out.contains(&format!("restored backup {id}")) && out.contains("/s)"), "{out}");
     let meta = std::fs::metadata(&target).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (postgres_user().uid.as_raw(), 0o700));
 
@@ -120,7 +130,10 @@ async fn a_restored_backup_holds_exactly_the_rows_written_before_it() {
     r.start().await.unwrap();
     put(&r, &names("on-the-restored-copy", 3)).await;
     r.stop(StopMode::Fast).await.unwrap();
-    let out = ok(gemin(&[&["restore", "--from", from, "--data-dir", target_s, "--force"][..], &id_flag].concat()));
+    let started = Instant::now();
+    let out =
+        ok(gemin(&[&["restore", "--from", from, "--data-dir", target_s, "--force", "--json"][..], &id_flag].concat()));
+    let took = started.elapsed();
     let aside: Vec<PathBuf> = std::fs::read_dir(target.parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -128,6 +141,19 @@ async fn a_restored_backup_holds_exactly_the_rows_written_before_it() {
         .collect();
     assert_eq!(aside.len(), 1, "{out}");
     assert!(aside[0].join("PG_VERSION").is_file(), "the old data directory is kept whole");
+    // --json: what was restored, as much data as the manifest says, and the throughput.
+    let restored: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(restored["backup"], id.as_str(), "{out}");
+    assert_eq!(restored["data_dir"], target_s, "{out}");
+    assert_eq!(restored["moved_aside"], aside[0].to_str().unwrap(), "{out}");
+    assert_eq!(restored["content_bytes"], m["objects"][0]["content_size"], "{out}");
+    assert_eq!((restored["dry_run"].as_bool(), restored["wal_files"].as_u64()), (Some(false), Some(0)), "{out}");
+    assert!(restored["recovered"]["kine"]["revision"].as_i64() > restored["recovered"]["kine"]["newest"].as_i64());
+    let seconds = restored["elapsed_seconds"].as_f64().unwrap();
+    let rate = restored["content_bytes_per_second"].as_u64().unwrap() as f64;
+    assert!(seconds > 0.0 && seconds <= took.as_secs_f64(), "{out}");
+    let content = restored["content_bytes"].as_f64().unwrap();
+    assert!(rate > 0.0 && (rate - content / seconds).abs() <= content / seconds * 0.01 + 1.0, "{out}");
     r.write_config(ServerRole::Primary).unwrap();
     r.start().await.unwrap();
     assert_eq!(keys(&r).await, before);
@@ -163,7 +189,8 @@ async fn verify_names_a_damaged_object_and_prune_keeps_the_newest() {
     assert!(err.contains("no encryption key") && err.contains("backup keygen"), "{err}");
     assert!(list(&dest).is_empty());
 
-    backup(&a, &dest, &["--encryption-key", &public]);
+    let out = backup(&a, &dest, &["--encryption-key", &public]);
+    assert!(out.contains(" complete in ") && out.contains("/s); timeline "), "the throughput is said: {out}");
     backup(&a, &dest, &["--encryption-key", &pass_flag]);
     let listed = list(&dest);
     assert_eq!(listed.len(), 2);

@@ -1058,26 +1058,41 @@ fn wal_archiving_runs_on_the_follower_and_a_dead_destination_shows_in_status() {
     std::fs::set_permissions(dest_root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let dest = dest_root.path().join("backups");
     let block = format!(
-        "backup:\n  destination: {}\n  no_encryption: true\n  spool_dir: {{node_dir}}/wal-spool\n  spool_limit_mb: 64\n  archive_timeout: 1s\n",
+        "backup:\n  destination: {}\n  no_encryption: true\n  spool_dir: {{node_dir}}/wal-spool\n  spool_limit_mb: 64\n  archive_timeout: 1s\n  schedule: \"off\"\n",
         dest.display()
     );
     let Some(up) = lab_up_block(&[], None, None, &block) else { return };
     let lab = &up.lab;
-    let (acked, max_rev) = write_keys(lab, "/lab/archive/", 10, 0);
+    let (_, max_rev) = write_keys(lab, "/lab/archive/", 10, 0);
     let archive = |node: &str| status(lab, node).map(|s| s["archive"].clone());
 
-    // The follower uploads; the leader's spool is emptied of what is archived.
-    poll::until("node2 to archive WAL and node1 to only spool", FORM, Duration::from_millis(300), || {
+    // Once the follower streams it uploads, and the leader only tidies its
+    // spool; what the follower never had (written before it joined) the
+    // leader uploads once it waited half a minute.
+    poll::until("node2 to upload and node1's spool to empty", FORM, Duration::from_millis(300), || {
         let (a1, a2) = (archive("node1")?, archive("node2")?);
-        let ok = a2["uploading"] == true
-            && a2["archived_files"].as_u64().is_some_and(|n| n > 0)
-            && a1["uploading"] == false
-            && a1["pending_files"] == 0
-            && !archived(&dest).is_empty();
+        if a2["uploading"] == true && a1["uploading"] == false && a1["pending_files"] == 0 {
+            Ok(())
+        } else {
+            Err(format!("node1 {a1}, node2 {a2}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let count = |node: &str| archive(node).unwrap()["archived_files"].as_u64().unwrap();
+    let (leader_before, follower_before) = (count("node1"), count("node2"));
+    for i in 0..3 {
+        write_keys(lab, &format!("/lab/archive/{i}/"), 2, max_rev);
+        psql(lab, "node1", "SELECT pg_switch_wal()");
+    }
+    poll::until("node2 to archive the new WAL and node1's spool to empty", FORM, Duration::from_millis(300), || {
+        let (a1, a2) = (archive("node1")?, archive("node2")?);
+        let ok = a2["archived_files"].as_u64().is_some_and(|n| n >= follower_before + 3) && a1["pending_files"] == 0;
         if ok { Ok(()) } else { Err(format!("node1 {a1}, node2 {a2}, archived {:?}", archived(&dest))) }
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
-    assert_eq!(archive("node1").unwrap()["archived_files"], 0, "the leader uploaded while its follower streamed");
+    assert_eq!(count("node1"), leader_before, "the leader uploaded while its follower streamed");
+    let acked: Vec<String> = keys(lab, "/lab/archive/").unwrap();
+    assert_eq!(acked.len(), 16);
 
     // The destination cannot be written: said so, the WAL stays spooled.
     let away = dest_root.path().join("backups.away");
@@ -1102,11 +1117,13 @@ fn wal_archiving_runs_on_the_follower_and_a_dead_destination_shows_in_status() {
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
     let spooled: u64 = std::fs::read_dir(lab.node_dir("node2").join("wal-spool"))
         .unwrap()
-        .filter_map(|e| e.ok()?.metadata().ok())
+        .filter_map(|e| e.ok())
+        .filter(|e| geminik8s::backup::wal::WalName::parse(&e.file_name().to_string_lossy()).is_some())
+        .filter_map(|e| e.metadata().ok())
         .map(|m| m.len())
         .sum();
     assert!(spooled <= 64 << 20, "the spool holds {spooled} bytes, past its 64 MiB bound");
-    let (more, _) = write_keys(lab, "/lab/archive/more/", 5, max_rev);
+    let (more, _) = write_keys(lab, "/lab/archive/more/", 5, 0);
     assert_eq!(keys(lab, "/lab/archive/more/").unwrap(), more, "the cluster kept serving");
     assert_eq!(keys(lab, "/lab/archive/").unwrap().len(), acked.len() + more.len());
 
@@ -1145,4 +1162,141 @@ fn wal_archiving_runs_on_the_follower_and_a_dead_destination_shows_in_status() {
         if s["archive"]["gap"].is_null() { Ok(()) } else { Err(s["archive"].to_string()) }
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+}
+
+/// Stop `node`'s agent cleanly (SIGTERM, as systemd stops it) and wait until it is gone.
+fn stop_agent(lab: &Lab, node: &str) {
+    let pid = lab.agent_pid(node).unwrap_or_else(|| panic!("{node}'s agent runs"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    poll::until(&format!("{node}'s agent to exit"), Duration::from_secs(60), Duration::from_millis(100), || match lab
+        .agent_pid(node)
+    {
+        None => Ok(()),
+        Some(p) => Err(p),
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+}
+
+/// The complete backups in `dest`, as `backup list -o json` gives them.
+fn backups(dest: &std::path::Path) -> Vec<serde_json::Value> {
+    let bin = agent_bin().unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["backup", "list", "--from", dest.to_str().unwrap(), "-o", "json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// Now, UTC, as RFC 3339 with microseconds.
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+}
+
+/// Scheduled backups and archived WAL bring the whole cluster back to a
+/// point in time, as docs/backup.md says: the agents take full backups on
+/// their schedule (the streaming follower takes them) and keep the newest
+/// two; both agents stopped, `restore --target-time` on the node that will
+/// lead, the other node's data directory and hostMeta moved aside; started again, the
+/// restored node leads with exactly the keys of that time, Kine's
+/// revisions go on above every revision seen before, and the other node
+/// copies the restored data and follows.
+#[test]
+fn a_cluster_restored_to_a_point_in_time_leads_with_its_keys_at_newer_revisions() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let dest_root = tempfile::tempdir().unwrap();
+    let dest = dest_root.path().join("backups");
+    let block = format!(
+        "backup:\n  destination: {}\n  no_encryption: true\n  spool_dir: {{node_dir}}/wal-spool\n  archive_timeout: 1s\n  schedule: \"*/5 * * * * *\"\n  retention: 4\n",
+        dest.display()
+    );
+    let Some(up) = lab_up_block(&[], None, None, &block) else { return };
+    let lab = &up.lab;
+    let (before, _) = write_keys(lab, "/lab/restore/before/", 10, 0);
+    let written = now_rfc3339();
+
+    // Scheduled backups by the follower, the oldest pruned.
+    let mut seen = std::collections::BTreeSet::new();
+    poll::until("five scheduled backups, by node2 after the writes", FORM, Duration::from_millis(500), || {
+        let list = backups(&dest);
+        for b in &list {
+            seen.insert(b["id"].as_str().unwrap_or_default().to_string());
+        }
+        let after: Vec<&serde_json::Value> =
+            list.iter().filter(|b| b["start_time"].as_str().is_some_and(|t| t > written.as_str())).collect();
+        if seen.len() >= 5 && list.len() <= 4 && !after.is_empty() && after.iter().all(|b| b["node"] == "node2") {
+            Ok(())
+        } else {
+            Err(format!("seen {seen:?}; listed {list:?}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let s2 = status(lab, "node2").unwrap();
+    assert!(s2["archive"]["schedule"]["last"].is_string(), "{s2}");
+
+    let target = now_rfc3339();
+    let (_, newest_seen) = write_keys(lab, "/lab/restore/after/", 10, 0);
+    // A WAL file finished after the writes (archive_timeout 1 s) is in
+    // node2's spool or already archived: the writes are in one or the other.
+    let after_writes = std::time::SystemTime::now() + Duration::from_millis(1500);
+    let spool2 = lab.node_dir("node2").join("wal-spool");
+    poll::until("a WAL file finished after the writes", FORM, Duration::from_millis(200), || {
+        let newer = |dir: &std::path::Path| {
+            std::fs::read_dir(dir).into_iter().flatten().filter_map(|e| e.ok()).any(|e| {
+                geminik8s::backup::wal::WalName::parse(&e.file_name().to_string_lossy()).is_some()
+                    && e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t > after_writes)
+            })
+        };
+        if newer(&spool2) || newer(&dest.join("wal")) { Ok(()) } else { Err("none yet") }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+
+    stop_agent(lab, "node2");
+    stop_agent(lab, "node1");
+    let pgdata = |node: &str| lab.node_dir(node).join("pgdata");
+    for node in ["node1", "node2"] {
+        poll::until(&format!("{node}'s PostgreSQL to stop"), FORM, Duration::from_millis(200), || {
+            if pgdata(node).join("postmaster.pid").exists() { Err("postmaster.pid is there") } else { Ok(()) }
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    }
+    let bin = agent_bin().unwrap();
+    // What the agent had not uploaded yet goes by hand, as docs/backup.md says.
+    let out = std::process::Command::new(&bin)
+        .args(["backup", "wal-push", "--no-encryption", "--spool", spool2.to_str().unwrap()])
+        .args(["--output", dest.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = backups(&dest);
+    assert!(listed.len() <= 4, "retention 4 keeps four of {} backups: {listed:?}", seen.len());
+    let data1 = pgdata("node1");
+    // On node1, with node1's cloud-config: the restored directory gets
+    // node1's configuration (the backups were taken on node2).
+    let runtime = lab.node_dir("node1").join("runtime");
+    let out = std::process::Command::new(&bin)
+        .args(["restore", "--from", dest.to_str().unwrap(), "--data-dir", data1.to_str().unwrap(), "--force"])
+        .args(["--target-time", &target, "--runtime-dir", runtime.to_str().unwrap(), "--config"])
+        .arg(lab.config_dir.join("node1.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("recovered to") && said.contains("Kine's revision moved"), "{said}");
+    // node2 starts over as a new node: its data directory and its hostMeta
+    // (whose claim is the newer data) moved aside.
+    std::fs::rename(pgdata("node2"), lab.node_dir("node2").join("pgdata.before-restore")).unwrap();
+    let meta2 = lab.node_dir("node2").join("state").join(geminik8s::hostmeta::FILE_NAME);
+    std::fs::rename(&meta2, meta2.with_extension("json.before-restore")).unwrap();
+
+    lab.start_agent("node1").unwrap();
+    lab.start_agent("node2").unwrap();
+    wait_formed(lab, "node1", "node2", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert_eq!(keys(lab, "/lab/restore/").unwrap(), before, "exactly the keys that existed at {target}");
+    let rev =
+        poll::until("a write through the VIP", FORM, Duration::from_millis(200), || put(lab, "/lab/restore/new", "v"))
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(rev > newest_seen, "revision {rev} after the restore is not above {newest_seen}, seen before it");
+    let s2 = status(lab, "node2").unwrap();
+    assert_eq!(s2["replication"]["streaming"], true, "node2 copied the restored data and follows: {s2}");
+    println!("restored to {target}: {} keys; revision {newest_seen} seen before, {rev} after", before.len());
 }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::crypto::Keys;
 use super::manifest::{Compression, MANIFEST_VERSION, Manifest, Object, PostgresInfo};
 use super::store::Store;
-use super::stream::ObjectSink;
+use super::stream::{Counting, ObjectSink, Phase, Progress};
 use super::{BackupError, Result};
 use crate::cmd::Tool;
 
@@ -89,6 +89,9 @@ struct ServerFacts {
     major: u32,
     server_version: String,
     system_identifier: String,
+    /// The databases' size: about what pg_basebackup will send (for the
+    /// progress display only; `None` when it could not be read).
+    size: Option<u64>,
 }
 
 async fn server_facts(source: &Source) -> Result<ServerFacts> {
@@ -120,21 +123,31 @@ async fn server_facts(source: &Source) -> Result<ServerFacts> {
             what: format!("reading the server's version on {target}"),
             detail: e.to_string(),
         })?;
+    // Only the progress display uses it: a role that may not read every
+    // database's size still backs up.
+    let size = match client.query_one("SELECT sum(pg_database_size(datname))::bigint FROM pg_database", &[]).await {
+        Ok(row) => row.get::<_, Option<i64>>(0).map(|n| n.max(0) as u64),
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the databases' size for the progress display");
+            None
+        }
+    };
     drop(client);
     driver.abort();
     let num: i32 = row.get(0);
-    Ok(ServerFacts { major: (num / 10000) as u32, server_version: row.get(1), system_identifier: row.get(2) })
+    Ok(ServerFacts { major: (num / 10000) as u32, server_version: row.get(1), system_identifier: row.get(2), size })
 }
 
 /// Take a full backup of `source` into `store`: returns its manifest.
 /// Nothing is listed as a backup unless every step succeeded (the manifest
-/// is written last).
+/// is written last). The bytes read from pg_basebackup go to `progress`.
 pub async fn create(
     source: &Source,
     store: std::sync::Arc<dyn Store>,
     labels: &Labels,
     compression: Compression,
     keys: std::sync::Arc<Keys>,
+    progress: std::sync::Arc<dyn Progress>,
 ) -> Result<Created> {
     let started = Instant::now();
     let facts = server_facts(source).await?;
@@ -165,11 +178,13 @@ pub async fn create(
         .arg("-l")
         .arg(format!("gemin_k8s backup {id}"))
         .current_dir("/");
-    let (store2, id2, name2) = (store.clone(), id.clone(), object_name.clone());
-    let streamed =
-        tokio::task::spawn_blocking(move || stream_backup(&tool, store2.as_ref(), &id2, &name2, compression, &keys))
-            .await
-            .map_err(|e| BackupError::Postgres { what: "the backup task".into(), detail: e.to_string() })?;
+    let (store2, id2, name2, size) = (store.clone(), id.clone(), object_name.clone(), facts.size);
+    let streamed = tokio::task::spawn_blocking(move || {
+        let sink = Sink { store: store2.as_ref(), id: &id2, name: &name2, compression, keys: &keys };
+        stream_backup(&tool, sink, size, progress.as_ref())
+    })
+    .await
+    .map_err(|e| BackupError::Postgres { what: "the backup task".into(), detail: e.to_string() })?;
     let (written, pg_manifest) = match streamed {
         Ok(v) => v,
         Err(e) => {
@@ -219,17 +234,25 @@ pub async fn create(
     Ok(Created { manifest, elapsed })
 }
 
-/// Run pg_basebackup and stream its tar into the store. Returns the
-/// object's sizes and checksums, the encryption used, and PostgreSQL's
-/// `backup_manifest` (read from the stream).
+/// Where [`stream_backup`] writes: object `name` of backup `id`.
+struct Sink<'a> {
+    store: &'a dyn Store,
+    id: &'a str,
+    name: &'a str,
+    compression: Compression,
+    keys: &'a Keys,
+}
+
+/// Run pg_basebackup and stream its tar into the store, telling `progress`
+/// the bytes read (of about `size`). Returns the object's sizes and
+/// checksums and PostgreSQL's `backup_manifest` (read from the stream).
 fn stream_backup(
     tool: &Tool,
-    store: &dyn Store,
-    id: &str,
-    name: &str,
-    compression: Compression,
-    keys: &Keys,
+    to: Sink<'_>,
+    size: Option<u64>,
+    progress: &dyn Progress,
 ) -> Result<(super::stream::Written, Vec<u8>)> {
+    let Sink { store, id, name, compression, keys } = to;
     let action = format!("taking a base backup with `{}`", tool.display());
     let (child, stdout) =
         tool.spawn_streaming().map_err(|source| BackupError::Tool { action: action.clone(), cause: source })?;
@@ -240,7 +263,9 @@ fn stream_backup(
             return Err(e);
         }
     };
-    let read = read_tar(Tee { inner: stdout, tap: &mut sink });
+    let reading = progress.phase(Phase::Reading, size);
+    let read = read_tar(Tee { inner: Counting::new(stdout, |n| reading.advance(n)), tap: &mut sink });
+    drop(reading);
     let pg_manifest = match read {
         Ok(m) => m,
         Err(e) => {

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use super::stream::{Phase, Progress};
 use super::{BackupError, Result, io};
 use crate::cmd::Tool;
 use crate::postgres::files::Owner;
@@ -149,7 +150,7 @@ impl Private {
 
     /// Wait until the server answers and has left recovery. Replay takes
     /// as long as the WAL needs: no deadline while the server runs.
-    async fn wait_promoted(&mut self) -> Result<()> {
+    async fn wait_promoted(&mut self, progress: &dyn Progress) -> Result<()> {
         let started = Instant::now();
         let mut said = Instant::now();
         loop {
@@ -169,11 +170,13 @@ impl Private {
                 return Ok(());
             }
             if said.elapsed() > Duration::from_secs(10) {
-                tracing::info!(
-                    event = "restore_recovering",
-                    seconds = started.elapsed().as_secs(),
-                    "PostgreSQL is still replaying WAL"
-                );
+                progress.suspend(&mut || {
+                    tracing::info!(
+                        event = "restore_recovering",
+                        seconds = started.elapsed().as_secs(),
+                        "PostgreSQL is still replaying WAL"
+                    )
+                });
                 said = Instant::now();
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -222,19 +225,21 @@ fn bump_sql(bump: i64) -> String {
 
 /// Recover the restored files in `data_dir` (owned by `owner`), then move
 /// Kine's revision `bump` past the newest one (when the Kine table is there).
+/// The replay is a phase of `progress`.
 pub async fn recover(
     data_dir: &Path,
     bin_dir: &Path,
     owner: Owner,
     target: Option<&Target>,
     bump: i64,
+    progress: &dyn Progress,
 ) -> Result<Recovered> {
     let mut server = Private::start(data_dir, bin_dir, owner, target).await?;
     let result = async {
-        server.wait_promoted().await?;
+        let replaying = progress.phase(Phase::Replaying, None);
+        server.wait_promoted(progress).await?;
+        drop(replaying);
         let last = server.query("postgres", "SELECT COALESCE(pg_last_xact_replay_timestamp()::text, '')").await?;
-        let timeline: u32 =
-            server.query("postgres", "SELECT timeline_id FROM pg_control_checkpoint()").await?.parse().unwrap_or(0);
         let has_kine = server
             .query("postgres", &format!("SELECT count(*) FROM pg_database WHERE datname = '{KINE_DB}'"))
             .await?
@@ -260,6 +265,9 @@ pub async fn recover(
             None
         };
         server.query("postgres", "CHECKPOINT").await?;
+        // After the checkpoint: a promotion's own checkpoint may still be pending before it.
+        let timeline: u32 =
+            server.query("postgres", "SELECT timeline_id FROM pg_control_checkpoint()").await?.parse().unwrap_or(0);
         Ok::<_, BackupError>(Recovered { last_transaction: (!last.is_empty()).then_some(last), kine, timeline })
     }
     .await;

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use super::crypto::Identities;
 use super::manifest::Manifest;
 use super::recover::{self, Recovered, Target};
-use super::store::Store;
-use super::stream::ObjectSource;
+use super::store::{ObjectWriter, Store, WalEntry};
+use super::stream::{Counting, ObjectSource, Phase, Progress};
 use super::verify;
 use super::wal;
 use super::{BackupError, Result, io};
@@ -37,6 +37,10 @@ pub struct Options {
     pub target_time: Option<String>,
     /// How far Kine's revision jumps ([`super::recover::DEFAULT_BUMP`]).
     pub bump: i64,
+    /// This node's PostgreSQL settings (from its cloud-config): the restored
+    /// directory gets this node's configuration files, not those of the node
+    /// the backup was taken on. `None` keeps the backup's.
+    pub node: Option<crate::postgres::Settings>,
 }
 
 /// What [`restore`] did (or, with `dry_run`, would do).
@@ -94,12 +98,14 @@ async fn tools_major(bin_dir: &Path) -> Result<u32> {
     )
 }
 
-/// Restore backup `m` from `store` into `opts.data_dir`.
+/// Restore backup `m` from `store` into `opts.data_dir`, telling
+/// `progress` how far each phase is.
 pub async fn restore(
     store: std::sync::Arc<dyn Store>,
     m: &Manifest,
     identities: std::sync::Arc<Identities>,
     opts: &Options,
+    progress: std::sync::Arc<dyn Progress>,
 ) -> Result<Restored> {
     let started = Instant::now();
     let target = opts.data_dir.clone();
@@ -140,9 +146,11 @@ pub async fn restore(
 
     if opts.dry_run {
         let (s, m2, ids) = (store.clone(), m.clone(), identities.clone());
+        let checking = progress.phase(Phase::Checking, None);
         tokio::task::spawn_blocking(move || verify::verify(s.as_ref(), &m2, &ids, true))
             .await
             .map_err(|e| BackupError::Postgres { what: "the verify task".into(), detail: e.to_string() })??;
+        drop(checking);
         return Ok(Restored {
             backup: m.id.clone(),
             data_dir: target,
@@ -163,18 +171,30 @@ pub async fn restore(
         std::fs::DirBuilder::new().mode(0o700).create(&staging).map_err(io("creating", &staging))?;
     }
     let result = async {
-        let (s, m2, ids, dir) = (store.clone(), m.clone(), identities.clone(), staging.clone());
-        let content_bytes = tokio::task::spawn_blocking(move || unpack(s.as_ref(), &m2, &ids, &dir))
+        let (s, m2, ids, dir, p) = (store.clone(), m.clone(), identities.clone(), staging.clone(), progress.clone());
+        let content_bytes = tokio::task::spawn_blocking(move || unpack(s.as_ref(), &m2, &ids, &dir, p.as_ref()))
             .await
             .map_err(|e| BackupError::Postgres { what: "the restore task".into(), detail: e.to_string() })??;
         chown_tree(&staging, opts.owner)?;
         super::store::make_private(&staging)?;
+        let checking = progress.phase(Phase::Checking, None);
         Tool::new(opts.bin_dir.join("pg_verifybackup")).arg(&staging).current_dir("/").run().await.map_err(
             |source| BackupError::Tool {
                 action: format!("checking the restored files of backup {} with pg_verifybackup", m.id),
                 cause: source,
             },
         )?;
+        drop(checking);
+        // A backup taken on a standby carries its `standby.signal`: the
+        // restored server is not that standby, and a signal left behind
+        // would keep it in recovery.
+        for signal in ["standby.signal", "recovery.signal"] {
+            match std::fs::remove_file(staging.join(signal)) {
+                Ok(()) => tracing::debug!(file = signal, "removed the source's signal file"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("removing", staging.join(signal))(e)),
+            }
+        }
         let (target, wal_files) = match &opts.target_time {
             Some(time) => {
                 let label = wal::read_text(&staging.join("backup_label"))?;
@@ -184,23 +204,36 @@ pub async fn restore(
                     detail: "it names no start WAL file".into(),
                 })?;
                 let wal_dir = wal::restore_wal_dir(&staging);
-                let (s, ids, dir) = (store.clone(), identities.clone(), wal_dir.clone());
+                let (ids, dir) = (identities.clone(), wal_dir.clone());
+                let s = WalFetchCount { inner: store.clone(), progress: progress.clone() };
+                let fetching = progress.phase(Phase::FetchingWal, None);
                 let (files, bytes) =
-                    tokio::task::spawn_blocking(move || wal::fetch_for_restore(s.as_ref(), &ids, &start, &dir))
+                    tokio::task::spawn_blocking(move || wal::fetch_for_restore(&s, &ids, &start, &dir))
                         .await
                         .map_err(|e| BackupError::Postgres {
                             what: "the WAL fetch task".into(),
                             detail: e.to_string(),
                         })??;
+                drop(fetching);
                 tracing::info!(event = "restore_wal_fetched", files, bytes, "fetched the archived WAL");
                 chown_tree(&wal_dir, opts.owner)?;
                 (Some(Target { time: time.clone(), wal_dir }), files)
             }
             None => (None, 0),
         };
-        let recovered = recover::recover(&staging, &opts.bin_dir, opts.owner, target.as_ref(), opts.bump).await?;
+        let recovered =
+            recover::recover(&staging, &opts.bin_dir, opts.owner, target.as_ref(), opts.bump, progress.as_ref())
+                .await?;
         if let Some(t) = &target {
             std::fs::remove_dir_all(&t.wal_dir).map_err(io("removing the fetched WAL", &t.wal_dir))?;
+        }
+        if let Some(node) = &opts.node {
+            let settings = crate::postgres::Settings { data_dir: staging.clone(), ..node.clone() };
+            crate::postgres::files::write_config(&settings, crate::postgres::render::ServerRole::Primary, opts.owner)
+                .map_err(|e| BackupError::Postgres {
+                what: format!("writing this node's configuration into {}", staging.display()),
+                detail: e.to_string(),
+            })?;
         }
         Ok::<_, BackupError>((content_bytes, wal_files, recovered))
     }
@@ -246,15 +279,23 @@ fn remove_staging(staging: &Path) -> Result<()> {
 }
 
 /// Decrypt, decompress and unpack every object of `m` into `dir`, checking
-/// both ends against the manifest. Returns the content bytes.
-fn unpack(store: &dyn Store, m: &Manifest, identities: &Identities, dir: &Path) -> Result<u64> {
+/// both ends against the manifest and telling `progress` the content bytes
+/// as they are unpacked. Returns the content bytes.
+fn unpack(
+    store: &dyn Store,
+    m: &Manifest,
+    identities: &Identities,
+    dir: &Path,
+    progress: &dyn Progress,
+) -> Result<u64> {
+    let unpacking = progress.phase(Phase::Unpacking, Some(m.objects.iter().map(|o| o.content_size).sum()));
     let mut total = 0;
     for o in &m.objects {
         let corrupt = |detail: String| BackupError::Corrupt { id: m.id.clone(), object: o.name.clone(), detail };
         let reader = store.get_object(&m.id, &o.name)?;
         let mut source = ObjectSource::new(reader, m.compression, &m.encryption, identities, &m.id, &o.name)?;
         {
-            let mut archive = tar::Archive::new(&mut source);
+            let mut archive = tar::Archive::new(Counting::new(&mut source, |n| unpacking.advance(n)));
             archive.set_preserve_permissions(true);
             archive.set_overwrite(false);
             archive.unpack(dir).map_err(|e| corrupt(format!("unpacking into {}: {e}", dir.display())))?;
@@ -279,6 +320,56 @@ fn unpack(store: &dyn Store, m: &Manifest, identities: &Identities, dir: &Path) 
         total += got.content_size;
     }
     Ok(total)
+}
+
+/// The store as the WAL fetch sees it, telling `progress` of each archived
+/// WAL file opened (the fetch reads each one whole).
+struct WalFetchCount {
+    inner: std::sync::Arc<dyn Store>,
+    progress: std::sync::Arc<dyn Progress>,
+}
+
+impl Store for WalFetchCount {
+    fn url(&self) -> String {
+        self.inner.url()
+    }
+    fn begin(&self, id: &str) -> Result<()> {
+        self.inner.begin(id)
+    }
+    fn put_object(&self, id: &str, name: &str) -> Result<Box<dyn ObjectWriter>> {
+        self.inner.put_object(id, name)
+    }
+    fn get_object(&self, id: &str, name: &str) -> Result<Box<dyn io::Read + Send>> {
+        self.inner.get_object(id, name)
+    }
+    fn put_manifest(&self, id: &str, bytes: &[u8]) -> Result<()> {
+        self.inner.put_manifest(id, bytes)
+    }
+    fn get_manifest(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        self.inner.get_manifest(id)
+    }
+    fn list(&self) -> Result<Vec<super::store::Entry>> {
+        self.inner.list()
+    }
+    fn delete(&self, id: &str) -> Result<()> {
+        self.inner.delete(id)
+    }
+    fn put_wal(&self, name: &str) -> Result<Box<dyn ObjectWriter>> {
+        self.inner.put_wal(name)
+    }
+    fn get_wal(&self, name: &str) -> Result<Option<Box<dyn io::Read + Send>>> {
+        let got = self.inner.get_wal(name)?;
+        if got.is_some() {
+            self.progress.advance(1);
+        }
+        Ok(got)
+    }
+    fn list_wal(&self) -> Result<Vec<WalEntry>> {
+        self.inner.list_wal()
+    }
+    fn delete_wal(&self, name: &str) -> Result<()> {
+        self.inner.delete_wal(name)
+    }
 }
 
 /// Give `root` and everything under it to `owner` (symlinks themselves, not their targets).

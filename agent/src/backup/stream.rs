@@ -1,5 +1,6 @@
 //! The byte pipelines: content → zstd → age → checksum → store when
-//! writing, and the reverse when reading, each end counting and hashing.
+//! writing, and the reverse when reading, each end counting and hashing;
+//! and the progress long operations report from them.
 
 use std::io::{self, Read, Write};
 
@@ -47,6 +48,111 @@ impl<R: Read> Read for Hashing<R> {
         self.hasher.update(&buf[..n]);
         self.count += n as u64;
         Ok(n)
+    }
+}
+
+/// Tells `tally` how many bytes pass through to `inner`, as they pass
+/// (progress; [`Hashing`] keeps the totals that are checked).
+pub struct Counting<T, F> {
+    inner: T,
+    tally: F,
+}
+
+impl<T, F: FnMut(u64)> Counting<T, F> {
+    pub fn new(inner: T, tally: F) -> Counting<T, F> {
+        Counting { inner, tally }
+    }
+
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
+impl<R: Read, F: FnMut(u64)> Read for Counting<R, F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            (self.tally)(n as u64);
+        }
+        Ok(n)
+    }
+}
+
+impl<W: Write, F: FnMut(u64)> Write for Counting<W, F> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if n > 0 {
+            (self.tally)(n as u64);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The phases of `backup create` and `restore` that report progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Bytes read from pg_basebackup; the total, when known, is the
+    /// databases' size: an approximation (the tar holds WAL and more).
+    Reading,
+    /// Content bytes unpacked; the total is the manifest's content size.
+    Unpacking,
+    /// The backup (a dry run) or the restored files being checked; no count.
+    Checking,
+    /// Archived WAL files fetched; no total.
+    FetchingWal,
+    /// PostgreSQL replaying WAL; no count.
+    Replaying,
+}
+
+/// Where long operations report how far they are. The command line draws
+/// it on a terminal; `()` ignores it.
+pub trait Progress: Send + Sync {
+    /// `phase` starts (ending the one before); `total` is its size in its
+    /// unit, when known.
+    fn begin(&self, phase: Phase, total: Option<u64>);
+    /// `n` more units of the current phase are done.
+    fn advance(&self, n: u64);
+    /// The current phase is over.
+    fn end(&self);
+    /// Run `f` (which logs) with the display out of its way.
+    fn suspend(&self, f: &mut dyn FnMut()) {
+        f()
+    }
+}
+
+impl Progress for () {
+    fn begin(&self, _: Phase, _: Option<u64>) {}
+    fn advance(&self, _: u64) {}
+    fn end(&self) {}
+}
+
+impl dyn Progress + '_ {
+    /// Begin `phase`; it ends when the returned guard is dropped (on an
+    /// error too).
+    pub fn phase(&self, phase: Phase, total: Option<u64>) -> Current<'_> {
+        self.begin(phase, total);
+        Current { progress: self }
+    }
+}
+
+/// The phase begun by `phase()`; ends it when dropped.
+pub struct Current<'p> {
+    progress: &'p dyn Progress,
+}
+
+impl Current<'_> {
+    pub fn advance(&self, n: u64) {
+        self.progress.advance(n)
+    }
+}
+
+impl Drop for Current<'_> {
+    fn drop(&mut self) {
+        self.progress.end()
     }
 }
 
@@ -280,5 +386,74 @@ mod tests {
         source.read_to_end(&mut back).unwrap();
         assert!(back == content);
         assert_eq!(source.finish(), written);
+    }
+
+    #[test]
+    fn counting_reports_every_byte_that_passes_and_changes_none() {
+        let content: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        // Reading in small pieces: each read is told, and they add up.
+        let mut told = Vec::new();
+        let mut reader = Counting::new(io::Read::chain(&content[..50_000], &content[50_000..]), |n| told.push(n));
+        let mut back = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = reader.read(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            back.extend_from_slice(&chunk[..n]);
+        }
+        assert!(back == content);
+        assert!(told.len() > 1 && !told.contains(&0), "one report a read, none at the end: {told:?}");
+        assert_eq!(told.iter().sum::<u64>(), content.len() as u64);
+
+        // Writing: what the inner writer took, even when it takes less than offered.
+        struct Short(Vec<u8>);
+        impl Write for Short {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                let n = buf.len().min(1000);
+                self.0.extend_from_slice(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut total = 0;
+        let mut writer = Counting::new(Short(Vec::new()), |n| total += n);
+        writer.write_all(&content).unwrap();
+        let written = writer.into_inner().0;
+        assert!(written == content);
+        assert_eq!(total, content.len() as u64);
+    }
+
+    /// Records what a phase reports.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<String>>);
+
+    impl Progress for Recorder {
+        fn begin(&self, phase: Phase, total: Option<u64>) {
+            self.0.lock().unwrap().push(format!("begin {phase:?} {total:?}"));
+        }
+        fn advance(&self, n: u64) {
+            self.0.lock().unwrap().push(format!("advance {n}"));
+        }
+        fn end(&self) {
+            self.0.lock().unwrap().push("end".into());
+        }
+    }
+
+    #[test]
+    fn a_phase_ends_when_its_guard_goes_also_on_an_error() {
+        let recorder = Recorder::default();
+        let progress: &dyn Progress = &recorder;
+        let read = || -> io::Result<()> {
+            let phase = progress.phase(Phase::Unpacking, Some(10));
+            let mut input = Counting::new(&b"abc"[..], |n| phase.advance(n));
+            io::copy(&mut input, &mut io::sink())?;
+            Err(io::Error::other("damaged"))
+        };
+        assert!(read().is_err());
+        assert_eq!(*recorder.0.lock().unwrap(), ["begin Unpacking Some(10)", "advance 3", "end"]);
     }
 }

@@ -313,6 +313,17 @@ fn needed_after(name: &WalName, start: &WalName) -> bool {
     }
 }
 
+/// Whether archived file `name` (stored name) is of no use to a recovery
+/// from a backup starting in segment `start`: a segment, cut-short segment
+/// or backup history file before it. History files are always of use.
+pub fn older_than(name: &str, start: &str) -> bool {
+    let base = strip_stored_suffixes(name);
+    match (WalName::parse(base), WalName::parse(start)) {
+        (Some(w), Some(s)) if w.position.is_some() => !needed_after(&w, &s),
+        _ => false,
+    }
+}
+
 /// Decrypt and decompress into `dir` every archived WAL file a recovery
 /// from a backup starting in `start` can ask for. Returns (files, bytes).
 pub fn fetch_for_restore(store: &dyn Store, identities: &Identities, start: &str, dir: &Path) -> Result<(usize, u64)> {
@@ -465,6 +476,17 @@ mod tests {
         assert!(needed("000000020000000000000005") && needed("000000020000000100000000"));
         assert!(needed("000000030000000000000004"), "a later timeline forks from before or after");
         assert!(!needed("000000020000000000000004") && !needed("000000010000000000000009"));
+    }
+
+    #[test]
+    fn only_what_no_kept_backup_needs_is_older() {
+        let start = "000000020000000000000005";
+        assert!(older_than("000000020000000000000004.zst.age", start));
+        assert!(older_than("000000010000000000000009.partial.zst", start));
+        assert!(!older_than("000000020000000000000005.zst.age", start));
+        assert!(!older_than("00000001.history.zst.age", start));
+        assert!(!older_than("000000030000000000000001", start));
+        assert!(!older_than("gap.json", start));
     }
 
     #[test]

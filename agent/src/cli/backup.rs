@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -20,6 +20,8 @@ use serde::Serialize;
 use super::GlobalArgs;
 use crate::backup::crypto::{Identities, Keys};
 use crate::backup::manifest::{Compression, Manifest};
+use crate::backup::prune::Pruned;
+use crate::backup::stream::{Phase, Progress};
 use crate::backup::verify::Listed;
 use crate::backup::{self, DEFAULT_DESTINATION, human_size};
 
@@ -172,6 +174,9 @@ pub struct CreateArgs {
     /// Node name recorded in the manifest (default: the cloud-config's, or the hostname).
     #[arg(long)]
     pub node: Option<String>,
+    /// Print the result as JSON: the manifest, the time taken and the throughput.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub pg: PgArgs,
     #[command(flatten)]
@@ -308,37 +313,170 @@ async fn create(a: CreateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
     let keys = a.sealing.keys("a backup")?;
     let store: Arc<dyn backup::Store> = Arc::from(backup::store::open(&a.output, &a.s3.options())?);
     let (source, labels) = source_and_labels(&a, global).await?;
-    let created = backup::create::create(&source, store.clone(), &labels, a.sealing.compress, Arc::new(keys)).await?;
+    let progress = Arc::new(Bars::new(global.quiet));
+    let created =
+        backup::create::create(&source, store.clone(), &labels, a.sealing.compress, Arc::new(keys), progress).await?;
     let mut m = created.manifest;
-    println!(
-        "backup {} complete in {}: {} stored ({} of data) in {:.1} s; timeline {}, LSN {} to {}; {}",
-        m.id,
-        store.url(),
-        human_size(m.stored_size()),
-        human_size(m.objects.iter().map(|o| o.content_size).sum()),
-        created.elapsed.as_secs_f64(),
-        m.postgres.timeline,
-        m.postgres.start_lsn,
-        m.postgres.stop_lsn,
-        encryption_text(&m),
-    );
+    let content_bytes = m.objects.iter().map(|o| o.content_size).sum();
+    let rate = per_second(content_bytes, created.elapsed);
+    if !a.json {
+        println!(
+            "backup {} complete in {}: {} stored ({} of data) in {:.1} s ({}/s); timeline {}, LSN {} to {}; {}",
+            m.id,
+            store.url(),
+            human_size(m.stored_size()),
+            human_size(content_bytes),
+            created.elapsed.as_secs_f64(),
+            human_size(rate),
+            m.postgres.timeline,
+            m.postgres.start_lsn,
+            m.postgres.stop_lsn,
+            encryption_text(&m),
+        );
+    }
     if a.verify {
         let s = store.clone();
-        let level = tokio::task::spawn_blocking(move || {
+        let (level, recorded) = tokio::task::spawn_blocking(move || {
             let level = backup::verify::verify(s.as_ref(), &m, &Identities::default(), false)?;
             backup::verify::record(s.as_ref(), &mut m, level)?;
-            Ok::<_, backup::BackupError>(level)
+            Ok::<_, backup::BackupError>((level, m))
         })
         .await??;
-        println!("verified: {level}");
-    }
-    if let Some(n) = a.retention {
-        let pruned = backup::prune::prune(store.as_ref(), days(n), false)?;
-        if !pruned.removed.is_empty() {
-            println!("removed past {n} days: {}", pruned.removed.join(", "));
+        m = recorded;
+        if !a.json {
+            println!("verified: {level}");
         }
     }
+    let pruned = match a.retention {
+        Some(n) => {
+            let pruned = backup::prune::prune(store.as_ref(), days(n), false)?;
+            if !a.json && !pruned.removed.is_empty() {
+                println!("removed past {n} days: {}", pruned.removed.join(", "));
+            }
+            Some(pruned)
+        }
+        None => None,
+    };
+    if a.json {
+        let report = CreatedReport {
+            stored_bytes: m.stored_size(),
+            content_bytes,
+            elapsed_seconds: seconds(created.elapsed),
+            content_bytes_per_second: rate,
+            manifest: m,
+            pruned,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `backup create --json`.
+#[derive(Debug, Serialize)]
+struct CreatedReport {
+    /// The manifest as written (with `verified` after --verify).
+    manifest: Manifest,
+    stored_bytes: u64,
+    content_bytes: u64,
+    /// From connecting to PostgreSQL to the manifest written.
+    elapsed_seconds: f64,
+    content_bytes_per_second: u64,
+    /// What --retention removed and kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pruned: Option<Pruned>,
+}
+
+/// `elapsed` in seconds, to the millisecond.
+pub(super) fn seconds(elapsed: Duration) -> f64 {
+    elapsed.as_millis() as f64 / 1000.0
+}
+
+/// Bytes a second over `elapsed` (0 when no time passed).
+pub(super) fn per_second(bytes: u64, elapsed: Duration) -> u64 {
+    let s = elapsed.as_secs_f64();
+    if s > 0.0 { (bytes as f64 / s).round() as u64 } else { 0 }
+}
+
+/// The progress of `backup create` and `restore` on standard error: a bar
+/// or a spinner for each phase, cleared when the phase ends. indicatif's
+/// standard-error target draws nothing when standard error is not a
+/// terminal (or TERM is `dumb`); `--quiet` hides it too. Never on stdout.
+pub(super) struct Bars {
+    current: Mutex<Option<indicatif::ProgressBar>>,
+    quiet: bool,
+}
+
+impl Bars {
+    pub(super) fn new(quiet: bool) -> Bars {
+        Bars { current: Mutex::new(None), quiet }
+    }
+
+    fn current(&self) -> std::sync::MutexGuard<'_, Option<indicatif::ProgressBar>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How a phase is drawn (short enough for 80 columns).
+fn template(phase: Phase, total: Option<u64>) -> &'static str {
+    match (phase, total) {
+        (Phase::Reading, Some(_)) => {
+            "{spinner} reading {binary_bytes} of ~{binary_total_bytes} [{bar:20}] {binary_bytes_per_sec}, {elapsed}"
+        }
+        (Phase::Reading, None) => "{spinner} reading {binary_bytes}, {binary_bytes_per_sec}, {elapsed}",
+        (Phase::Unpacking, Some(_)) => {
+            "{spinner} unpacking {binary_bytes} of {binary_total_bytes} [{bar:20}] {binary_bytes_per_sec}, {eta} left"
+        }
+        (Phase::Unpacking, None) => "{spinner} unpacking {binary_bytes}, {binary_bytes_per_sec}, {elapsed}",
+        (Phase::Checking, _) => "{spinner} checking the backup, {elapsed}",
+        (Phase::FetchingWal, _) => "{spinner} fetching archived WAL: {pos} files, {elapsed}",
+        (Phase::Replaying, _) => "{spinner} replaying WAL, {elapsed}",
+    }
+}
+
+impl Progress for Bars {
+    fn begin(&self, phase: Phase, total: Option<u64>) {
+        let target =
+            if self.quiet { indicatif::ProgressDrawTarget::hidden() } else { indicatif::ProgressDrawTarget::stderr() };
+        let style = indicatif::ProgressStyle::with_template(template(phase, total))
+            .expect("the templates are valid")
+            .progress_chars("=> ");
+        let bar = indicatif::ProgressBar::with_draw_target(total, target).with_style(style);
+        bar.enable_steady_tick(Duration::from_millis(100));
+        if let Some(previous) = self.current().replace(bar) {
+            previous.finish_and_clear();
+        }
+    }
+
+    fn advance(&self, n: u64) {
+        if let Some(bar) = self.current().as_ref() {
+            bar.inc(n);
+            // An approximate total (the databases' size) can be passed.
+            if let Some(len) = bar.length()
+                && bar.position() > len
+            {
+                bar.set_length(bar.position());
+            }
+        }
+    }
+
+    fn end(&self) {
+        if let Some(bar) = self.current().take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn suspend(&self, f: &mut dyn FnMut()) {
+        match self.current().as_ref() {
+            Some(bar) => bar.suspend(f),
+            None => f(),
+        }
+    }
+}
+
+impl Drop for Bars {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 fn encryption_text(m: &Manifest) -> String {
@@ -576,8 +714,23 @@ mod tests {
         );
         let a = parse(&["gemin_k8s", "backup", "list", "--from", "/mnt/usb", "-o", "json"]);
         assert!(matches!(a.command, Some(Command::List(ListArgs { output: ListFormat::Json, .. }))));
+        assert!(parse(&["gemin_k8s", "backup", "--json"]).create.json);
+        let a = parse(&["gemin_k8s", "backup", "create", "--json", "--output", "/mnt/usb"]);
+        assert!(matches!(a.command, Some(Command::Create(CreateArgs { json: true, .. }))));
         assert!(Cli::try_parse_from(["gemin_k8s", "backup", "--compress", "25"]).is_err());
         assert!(Cli::try_parse_from(["gemin_k8s", "backup", "--encryption-key", "k", "--no-encryption"]).is_err());
+    }
+
+    #[test]
+    fn every_phase_draws_and_the_figures_are_per_second() {
+        let phases = [Phase::Reading, Phase::Unpacking, Phase::Checking, Phase::FetchingWal, Phase::Replaying];
+        for (phase, total) in phases.iter().flat_map(|p| [(*p, None), (*p, Some(10))]) {
+            let t = template(phase, total);
+            assert!(indicatif::ProgressStyle::with_template(t).is_ok(), "{phase:?}: {t}");
+        }
+        assert_eq!(per_second(50 << 20, Duration::from_millis(2500)), 20 << 20);
+        assert_eq!(per_second(1, Duration::ZERO), 0);
+        assert_eq!(seconds(Duration::from_micros(1_234_567)), 1.234);
     }
 
     #[test]

@@ -12,9 +12,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use serde::Serialize;
 
 use super::GlobalArgs;
+use super::backup::{Bars, per_second, seconds};
 use crate::backup::crypto::Identities;
+use crate::backup::restore::Restored;
 use crate::backup::{self, DEFAULT_DESTINATION, human_size};
 
 #[derive(Debug, clap::Args)]
@@ -50,13 +53,40 @@ pub struct Args {
     /// 2026-08-21T10:15:02Z). Without --backup, the newest backup that ended by then is used.
     #[arg(long, value_name = "TIME", value_parser = parse_target_time)]
     pub target_time: Option<std::time::SystemTime>,
+    /// The agent's runtime directory (`gemin_k8s agent --runtime-dir`): where this node's PostgreSQL
+    /// socket and TLS files are, for the configuration written into the restored directory.
+    #[arg(long, default_value = "/run/geminik8s", value_name = "DIR")]
+    pub runtime_dir: PathBuf,
     /// How far Kine's revision jumps after the restore, so that clients holding newer revisions
     /// list again instead of missing changes (see docs/backup.md).
     #[arg(long, value_name = "N", default_value_t = backup::recover::DEFAULT_BUMP,
           value_parser = clap::value_parser!(i64).range(1..=1_000_000_000_000))]
     pub bump_revision: i64,
+    /// Print the result as JSON: what was restored, the time taken and the throughput.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub s3: super::backup::S3Args,
+}
+
+/// This node's PostgreSQL settings from its cloud-config (`--config`, or
+/// the node's sources), so the restored directory gets this node's
+/// configuration files; `None`, with a note, when there is none to read.
+async fn node_settings(a: &Args, global: &GlobalArgs) -> Option<crate::postgres::Settings> {
+    match super::backup::node_config(global).await {
+        Ok(cfg) => {
+            let mut s = crate::postgres::Settings::from_config(&cfg);
+            s.socket_dir = a.runtime_dir.join(format!("postgres-{}", cfg.node.name));
+            Some(s)
+        }
+        Err(e) => {
+            eprintln!(
+                "note: no cloud-config of this node ({e:#}); the restored configuration files are those of the node \
+                 the backup was taken on, until the agent configures PostgreSQL"
+            );
+            None
+        }
+    }
 }
 
 /// `--target-time`: RFC 3339, with a time zone (`Z` or an offset).
@@ -88,7 +118,17 @@ fn split_backup_path(path: &std::path::Path) -> anyhow::Result<(String, String)>
     Ok((root.display().to_string(), id.to_string_lossy().into_owned()))
 }
 
-pub async fn run(a: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+/// `restore --json`.
+#[derive(Debug, Serialize)]
+struct RestoredReport<'a> {
+    #[serde(flatten)]
+    restored: &'a Restored,
+    /// From the first check to the data directory in place.
+    elapsed_seconds: f64,
+    content_bytes_per_second: u64,
+}
+
+pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let (dest, id) = match &a.backup_file {
         Some(path) => {
             let (root, id) = split_backup_path(path)?;
@@ -111,17 +151,27 @@ pub async fn run(a: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         dry_run: a.dry_run,
         target_time: a.target_time.map(postgres_time),
         bump: a.bump_revision,
+        node: node_settings(&a, global).await,
     };
-    let done = backup::restore::restore(store.clone(), &manifest, identities, &opts).await?;
+    let progress = Arc::new(Bars::new(global.quiet));
+    let done = backup::restore::restore(store.clone(), &manifest, identities, &opts, progress).await?;
+    let rate = per_second(done.content_bytes, done.elapsed);
+    if a.json {
+        let report =
+            RestoredReport { restored: &done, elapsed_seconds: seconds(done.elapsed), content_bytes_per_second: rate };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let data = human_size(done.content_bytes);
     if done.dry_run {
         println!(
-            "dry run: backup {} ({} of {} on {}, taken {}) is intact end to end ({data})",
+            "dry run: backup {} ({} of {} on {}, taken {}) is intact end to end ({data}, {}/s)",
             manifest.id,
             manifest.cluster,
             manifest.node,
             store.url(),
-            manifest.start_time
+            manifest.start_time,
+            human_size(rate)
         );
         match &done.moved_aside {
             Some(aside) => println!(
@@ -135,7 +185,7 @@ pub async fn run(a: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "restored backup {} ({} of {}, taken {}, timeline {}, LSN {}) into {} in {:.1} s ({data})",
+        "restored backup {} ({} of {}, taken {}, timeline {}, LSN {}) into {} in {:.1} s ({data}, {}/s)",
         manifest.id,
         manifest.cluster,
         manifest.node,
@@ -143,7 +193,8 @@ pub async fn run(a: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         manifest.postgres.timeline,
         manifest.postgres.stop_lsn,
         done.data_dir.display(),
-        done.elapsed.as_secs_f64()
+        done.elapsed.as_secs_f64(),
+        human_size(rate)
     );
     if let Some(aside) = &done.moved_aside {
         println!("the previous data directory is kept at {}", aside.display());

@@ -305,6 +305,14 @@ pub fn render_text(view: &ClusterView, args: &Args) -> String {
                     "  WAL archive: {who} {}, {} files spooled{oldest}{last}",
                     a.destination, a.pending_files
                 );
+                if let Some(sch) = &a.schedule {
+                    let last = match (&sch.last, &sch.last_at) {
+                        (Some(id), Some(at)) => format!("last {id} at {at}"),
+                        _ => "none taken here yet".into(),
+                    };
+                    let next = sch.next.as_deref().map(|n| format!(", next {n}")).unwrap_or_default();
+                    let _ = writeln!(out, "  full backups: {last}{next}");
+                }
             }
             if let Some(h) = &s.handover {
                 let at = h.checkpoint.as_deref().map(|c| format!(" (shutdown checkpoint {c})")).unwrap_or_default();

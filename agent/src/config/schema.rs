@@ -241,6 +241,18 @@ pub const KEYS: &[Key] = &[
         "1m",
         "PostgreSQL's `archive_timeout`: a WAL file is finished, so archived, at least this often (the most a point-in-time recovery can lose on a quiet cluster).",
     ),
+    optional(
+        "backup.schedule",
+        Kind::Str,
+        "0 */12 * * *",
+        "When the agent takes full backups into `backup.destination`: a cron expression (minute hour day month weekday, UTC), as K3s's `etcd-snapshot-schedule-cron`; `off` takes none. The streaming follower takes them, the leader when it is alone.",
+    ),
+    optional(
+        "backup.retention",
+        Kind::Int { min: 1, max: 1000 },
+        "5",
+        "How many full backups are kept after each scheduled one (the newest; older ones and the archived WAL only they could use are removed).",
+    ),
     section("kine", "Kine, the etcd API over PostgreSQL."),
     optional(
         "kine.listen",

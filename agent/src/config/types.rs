@@ -287,6 +287,12 @@ pub struct Backup {
     pub spool_limit_mb: u64,
     #[serde(default = "defaults::archive_timeout", with = "humantime_serde")]
     pub archive_timeout: Duration,
+    /// When full backups run (cron, UTC), or `off`.
+    #[serde(default = "defaults::backup_schedule")]
+    pub schedule: String,
+    /// How many scheduled full backups are kept.
+    #[serde(default = "defaults::backup_retention")]
+    pub retention: u32,
 }
 
 impl Default for Backup {
@@ -302,6 +308,8 @@ impl Default for Backup {
             spool_dir: defaults::spool_dir(),
             spool_limit_mb: defaults::spool_limit_mb(),
             archive_timeout: defaults::archive_timeout(),
+            schedule: defaults::backup_schedule(),
+            retention: defaults::backup_retention(),
         }
     }
 }
@@ -310,6 +318,14 @@ impl Backup {
     /// Whether the agent archives WAL.
     pub fn archiving(&self) -> bool {
         self.archive_wal && self.destination.is_some()
+    }
+
+    /// The schedule of full backups, when there is a destination and a schedule.
+    pub fn schedule(&self) -> Option<Result<croner::Cron, String>> {
+        if self.destination.is_none() || self.schedule.trim() == "off" {
+            return None;
+        }
+        Some(self.schedule.parse::<croner::Cron>().map_err(|e| format!("{e}")))
     }
 }
 
@@ -365,6 +381,12 @@ pub(crate) mod defaults {
     }
     pub fn archive_timeout() -> Duration {
         Duration::from_secs(60)
+    }
+    pub fn backup_schedule() -> String {
+        "0 */12 * * *".into()
+    }
+    pub fn backup_retention() -> u32 {
+        5
     }
     pub fn interval() -> Duration {
         Duration::from_millis(500)

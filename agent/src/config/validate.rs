@@ -599,6 +599,17 @@ fn relations(c: &mut Checker, block: &Node, cfg: &GeminiConfig) {
         if let Err(e) = crate::backup::store::check_destination(dest) {
             c.error(at("backup.destination"), &full("backup.destination"), e.to_string(), None);
         }
+        if let Some(Err(e)) = backup.schedule() {
+            c.error(
+                at("backup.schedule"),
+                &full("backup.schedule"),
+                format!("{:?} is not a cron expression: {e}", backup.schedule),
+                Some(
+                    "five fields, minute hour day month weekday (UTC): `0 */12 * * *` is twice a day; `off` takes none"
+                        .into(),
+                ),
+            );
+        }
     }
     if let Some(NodeKind::Seq(items)) = block.lookup("k3s.extra_args").map(|n| &n.kind) {
         for (item, text) in items.iter().zip(&cfg.k3s.extra_args) {

@@ -6,7 +6,7 @@
 //! Which node uploads: the follower while it streams, so the leader's
 //! uplink and shutdown never wait for the archive; the leader when it is
 //! alone, or when its own spool holds a file longer than
-//! [`TAKE_OVER_AFTER`] (the follower is not keeping up). A node that does
+//! [`TAKE_OVER_AFTER`] (one the follower lacks, or it is not keeping up). A node that does
 //! not upload only removes from its spool what the destination holds.
 //! Both nodes uploading the same file at once is harmless: the content is
 //! the same.
@@ -24,8 +24,10 @@ use crate::peer::{ArchiveView, Shared};
 
 /// How often the spool is looked at.
 pub const INTERVAL: Duration = Duration::from_secs(5);
-/// The leader uploads itself when a file waited this long in its spool.
-pub const TAKE_OVER_AFTER: Duration = Duration::from_secs(120);
+/// The leader uploads itself when a file waited this long in its spool:
+/// the follower uploads within seconds what it has, so an older file is one
+/// it lacks (written before it joined) or it is not keeping up.
+pub const TAKE_OVER_AFTER: Duration = Duration::from_secs(30);
 
 pub struct Archiver {
     spool: PathBuf,
@@ -119,7 +121,12 @@ impl Archiver {
                 .ok()
                 .and_then(|files| files.iter().map(|(_, _, t)| *t).min())
                 .map(|t| SystemTime::now().duration_since(t).unwrap_or_default().as_secs());
-            shared.write().unwrap_or_else(|p| p.into_inner()).archive = Some(view.clone());
+            {
+                // The schedule's part of the view is the scheduler's.
+                let mut p = shared.write().unwrap_or_else(|p| p.into_inner());
+                let schedule = p.archive.take().and_then(|a| a.schedule);
+                p.archive = Some(ArchiveView { schedule, ..view.clone() });
+            }
             tokio::time::sleep(INTERVAL).await;
         }
     }
@@ -137,6 +144,32 @@ impl Archiver {
             tracing::info!(event = "wal_archive_gap_closed", backup = %m.id, "a full backup after the gap closed it");
         }
         Ok(())
+    }
+}
+
+/// Start archiving and the backup schedule as `cfg` asks (`socket_dir`:
+/// where this node's PostgreSQL listens). A destination that cannot be set
+/// up (credentials missing, say) does not stop the agent: it is logged and
+/// shown in `status`, and the WAL stays spooled until it is fixed.
+pub fn start(cfg: &GeminiConfig, shared: &Shared, socket_dir: PathBuf) {
+    let result = (|| {
+        let Some(archiver) = Archiver::from_config(cfg)? else { return Ok(()) };
+        if let Some(scheduler) =
+            super::scheduler::Scheduler::from_config(cfg, archiver.store.clone(), archiver.keys.clone())?
+        {
+            tokio::spawn(scheduler.run(socket_dir, shared.clone()));
+        }
+        tokio::spawn(archiver.run(shared.clone()));
+        Ok::<_, anyhow::Error>(())
+    })();
+    if let Err(e) = result {
+        let error = format!("{e:#}");
+        tracing::error!(event = "wal_archive_unusable", error = %error, "WAL archiving cannot start; the WAL stays spooled");
+        shared.write().unwrap_or_else(|p| p.into_inner()).archive = Some(ArchiveView {
+            destination: cfg.backup.destination.clone().unwrap_or_default(),
+            last_error: Some(format!("{}: {error}", crate::backup::now_rfc3339())),
+            ..ArchiveView::default()
+        });
     }
 }
 

@@ -353,11 +353,6 @@ impl Driver {
             tasks: Vec::new(),
         };
         driver.publish();
-        if driver.subsystems.database.is_some()
-            && let Some(archiver) = super::archiver::Archiver::from_config(&driver.cfg)?
-        {
-            driver.tasks.push(tokio::spawn(archiver.run(driver.shared.clone())));
-        }
         let auth = server::Auth::tls(&driver.cfg.peer.name, &driver.cfg.api.token);
         let app = server::router(driver.shared.clone(), auth, driver.hooks.clone());
         driver.tasks.push(tokio::spawn(server::serve_tls(listener, server_config, app, driver.hooks.clone())));
@@ -365,6 +360,11 @@ impl Driver {
         driver.tasks.push(tokio::spawn(server::serve_unix(unix, local)));
         tracing::info!(api = %addr, socket = %socket.display(), "agent API listening");
         Ok(driver)
+    }
+
+    /// What the API serves; the WAL archiver and the backup schedule publish into it too.
+    pub fn shared(&self) -> Shared {
+        self.shared.clone()
     }
 
     fn now(&self) -> Duration {

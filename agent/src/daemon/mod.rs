@@ -13,6 +13,7 @@ pub mod database;
 pub mod driver;
 pub mod fence;
 pub mod observe;
+pub mod scheduler;
 pub mod subsystems;
 
 use std::path::PathBuf;
@@ -167,7 +168,14 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         (!args.without.contains(&Subsystem::Kine)).then(|| KineSettings::from_config(&loaded.gemini, &args.log_dir));
     let k3s = (loaded.gemini.k3s.enabled && !args.without.contains(&Subsystem::K3s))
         .then(|| crate::k3s::K3sSettings::from_config(&loaded.gemini, &args.log_dir));
+    let manages_database = database.is_some();
     let subsystems = driver::Subsystems { database, vip, services, kine, k3s };
-    driver::Driver::start(loaded.gemini, args.state_dir, args.socket, subsystems).await?.run().await?;
+    let cfg = loaded.gemini.clone();
+    let driver = driver::Driver::start(loaded.gemini, args.state_dir, args.socket, subsystems).await?;
+    if manages_database {
+        let socket_dir = args.runtime_dir.join(format!("postgres-{}", cfg.node.name));
+        archiver::start(&cfg, &driver.shared(), socket_dir);
+    }
+    driver.run().await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -116,6 +116,25 @@ pub struct ArchiveView {
     /// WAL the spool could not keep: point-in-time recovery has a gap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gap: Option<crate::backup::wal::Gap>,
+    /// Scheduled full backups (`backup.schedule`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleView>,
+}
+
+/// Scheduled full backups as this node's agent last saw them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleView {
+    /// The next time of the schedule (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    /// The last backup this node took, and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_at: Option<String>,
+    /// Why the last scheduled backup this node tried failed (cleared by a success).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// An uploading node whose oldest spooled WAL is older than this is reported degraded.
@@ -133,6 +152,9 @@ impl ArchiveView {
         }
         if let Some(e) = &self.last_error {
             out.push(format!("WAL archiving to {} fails: {e}", self.destination));
+        }
+        if let Some(e) = self.schedule.as_ref().and_then(|s| s.last_error.as_ref()) {
+            out.push(format!("the scheduled full backup failed: {e}"));
         }
         if let Some(age) = self.oldest_pending_seconds.filter(|a| self.uploading && *a > ARCHIVE_LAG_WARNING_SECS) {
             out.push(format!(
