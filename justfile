@@ -100,6 +100,14 @@ bench-switchover switchovers="20" witness="none,gateway,arbiter":
     k8s=""; if [ -x target/release/k3s-standin ] && command -v kube-apiserver >/dev/null; then k8s=--kubernetes; fi; \
     GEMINIK8S_K3S_BINARY="${GEMINIK8S_K3S_BINARY:-$PWD/target/release/k3s-standin}" target/release/bench-failover --switchover --switchovers {{switchovers}} --witness {{witness}} --agent-bin target/release/gemin_k8s $k8s
 
+# Benchmark (root): a real PostgreSQL 15 set up as the agent sets it up, Kine's table filled to SIZE_GB of
+# Kubernetes-like values (`just bench-backup 5`; other flags: `target/release/bench-backup --help`); `gemin_k8s backup
+# create` (age) to a directory and to an s3:// bucket on s3s-fs on loopback (skipped, with the reason, without s3s-fs),
+# `gemin_k8s restore` of each, continuous WAL archiving under a steady writer: prints sizes, times, MB/s and lags.
+bench-backup size_gb="1":
+    cargo build --release -p geminik8s-agent -p geminik8s-vm-tests
+    bin="${CARGO_TARGET_DIR:-target}/release"; "$bin/bench-backup" --size-gb {{size_gb}} --agent-bin "$bin/gemin_k8s"
+
 # The chaos suite (root): drawn faults under steady writers in each witness mode; prints the table of
 # docs/reliability.md. `just chaos trials=50 witness="none gateway arbiter"`; other words go to `gemini-lab chaos`
 # (e.g. --seed 7 --faults cut,kill-leader).

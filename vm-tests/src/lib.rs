@@ -8,6 +8,7 @@ pub mod image;
 pub mod k3s_standin;
 pub mod labstate;
 pub mod netns;
+pub mod pg;
 pub mod poll;
 pub mod probe;
 pub mod qemu;

@@ -186,6 +186,15 @@ impl Manager {
         })?;
         self.wait_ready().await?;
         tracing::info!(event = "postgres_started", data_dir = %s.data_dir.display(), port = s.node.port, "PostgreSQL started");
+        if s.wal_archive.is_some() {
+            // PostgreSQL 15's checkpointer starts sleeping for a whole
+            // checkpoint_timeout before it takes archive_timeout into
+            // account; a reload wakes it with the setting, so the first WAL
+            // switch comes after archive_timeout, not minutes later.
+            if let Err(e) = self.reload().await {
+                tracing::warn!(error = %e, "reloading the configuration after the start failed; archive_timeout applies from the first checkpoint");
+            }
+        }
         Ok(())
     }
 

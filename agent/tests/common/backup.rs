@@ -6,18 +6,14 @@
 // Each test file uses a part of this.
 #![allow(dead_code)]
 
-use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
-use geminik8s::config::{
-    Api, Cluster, Durability, GeminiConfig, Health, K3s, Kine, Member, Postgres, Replication, Tls, Witness,
-};
+use geminik8s::postgres::Manager;
 use geminik8s::postgres::render::KINE_SCHEMA;
-use geminik8s::postgres::{Manager, Settings};
 use geminik8s::services::supervisor::Supervisor;
 
 /// A directory for the test, traversable by the `postgres` user.
@@ -57,7 +53,7 @@ pub fn chown_to_postgres(path: &Path) {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    geminik8s_vm_tests::pg::free_port().unwrap()
 }
 
 /// One node's PostgreSQL, run by its own process supervisor as the agent
@@ -76,45 +72,8 @@ impl std::ops::Deref for Node {
 
 /// A node `name` of cluster `lab` on loopback; its data in `DIR/data`.
 pub fn node(lab: &Lab, name: &str) -> Node {
-    let lo: IpAddr = "127.0.0.1".parse().unwrap();
-    let pki = geminik8s::pki::generate("lab", &[("a".into(), lo), ("b".into(), lo)], lo, None).unwrap();
-    let tls = Tls { ca: pki.ca.cert.clone(), cert: pki.nodes[0].cert.clone(), key: pki.nodes[0].key.clone() };
-    let cfg = GeminiConfig {
-        cluster: Cluster {
-            name: "lab".into(),
-            vip: lo,
-            vip_prefix: 32,
-            interface: None,
-            bootstrap_leader: name.into(),
-            witness: Witness::default(),
-        },
-        node: Member { name: name.into(), ip: lo, api_port: 7443 },
-        peer: Member { name: "peer".into(), ip: lo, api_port: 7443 },
-        api: Api { token: "t".into() },
-        postgres: Postgres {
-            replication: Replication::Streaming,
-            durability: Durability::Async,
-            degrade_after: Duration::from_secs(2),
-            port: 5432,
-            data_dir: PathBuf::new(),
-            replication_password: "repl".into(),
-            kine_password: "kine".into(),
-            archive_keep: 3,
-        },
-        kine: Kine::default(),
-        k3s: K3s { enabled: false, ..K3s::with_token("t") },
-        health: Health::default(),
-        tls,
-        backup: Default::default(),
-    };
     let dir = lab.node_dir(name);
-    let mut s = Settings::from_config(&cfg);
-    s.data_dir = dir.join("data");
-    s.log_file = dir.join("postgres.log");
-    s.socket_dir = dir.join("sock");
-    s.listen_addresses = vec!["127.0.0.1".into()];
-    s.node.port = free_port();
-    s.peer.port = free_port();
+    let mut s = geminik8s_vm_tests::pg::loopback_settings("lab", name, &dir).unwrap();
     s.start_timeout = Duration::from_secs(30);
     let supervisor = Arc::new(Supervisor::new());
     Node { mgr: Manager::new(s, supervisor.clone()).unwrap(), _supervisor: supervisor }
