@@ -278,7 +278,11 @@ pub async fn recover(
         }
         Err(e) => {
             // kill_on_drop ends it; the staging directory is removed by the caller.
+            let socket_dir = server.socket_dir.clone();
             drop(server);
+            if let Err(cleanup) = std::fs::remove_dir_all(&socket_dir) {
+                tracing::debug!(error = %cleanup, "removing the restore socket directory");
+            }
             Err(e)
         }
     }
