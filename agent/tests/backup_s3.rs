@@ -70,21 +70,22 @@ impl S3Server {
     }
 
     fn wait_until_listening(&mut self, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let last = match std::net::TcpStream::connect(("127.0.0.1", port)) {
-                Ok(_) => return,
-                Err(e) => e,
-            };
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{SERVER} exited ({status}) before listening:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{SERVER} not listening on port {port} after 30 s (last: {last}):\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        let child = &mut self.child;
+        let waited = geminik8s_vm_tests::poll::until(
+            &format!("{SERVER} to listen on port {port}"),
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || {
+                if let Some(status) = child.try_wait().unwrap() {
+                    return Ok(Err(format!("{SERVER} exited ({status}) before listening")));
+                }
+                std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| Ok(()))
+            },
+        );
+        match waited {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("{e}:\n{}", self.log()),
+            Err(e) => panic!("{e}:\n{}", self.log()),
         }
     }
 
