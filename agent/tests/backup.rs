@@ -252,3 +252,141 @@ async fn verify_names_a_damaged_object_and_prune_keeps_the_newest() {
     assert!(dest.join("29990101T000000Z").is_dir());
     assert!(!dest.join(&first).exists());
 }
+
+/// A cloud-config for node `a` of cluster `lab` whose TLS files are on disk,
+/// as on a node.
+fn node_cloud_config(lab: &Lab, port: u16) -> PathBuf {
+    let pem = |what: &str, body: &str| format!("-----BEGIN {what}-----\n{body}\n-----END {what}-----\n");
+    let tls = lab.path("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    for (name, text) in [
+        ("ca.crt", pem("CERTIFICATE", "Y2E=")),
+        ("a.crt", pem("CERTIFICATE", "YQ==")),
+        ("a.key", pem("PRIVATE KEY", "bm9kZS1hLXByaXZhdGUta2V5")),
+    ] {
+        std::fs::write(tls.join(name), text).unwrap();
+    }
+    let secret = "lab-secret-0123456789abcdef";
+    let mut block = geminik8s::config::fixture::required();
+    geminik8s::config::merge_json(
+        &mut block,
+        &serde_json::json!({
+            "api": {"token": secret},
+            "postgres": {"replication_password": secret, "kine_password": secret, "port": port},
+            "k3s": {"token": "lab-k3s-token-0123456789abcdef"},
+            "tls": {
+                "ca": tls.join("ca.crt").to_str().unwrap(),
+                "cert": tls.join("a.crt").to_str().unwrap(),
+                "key": tls.join("a.key").to_str().unwrap(),
+            },
+        }),
+    );
+    let text = format!(
+        "#cloud-config\n{}",
+        geminik8s::config::yaml::to_yaml(&serde_json::json!({ "hostname": "a", "geminik8s": block }))
+    );
+    let path = lab.path("node-a.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_carries_the_node_config_that_new_hardware_restores_with() {
+    require_postgres!();
+    let lab = Lab::new();
+    let a = node(&lab, "a");
+    leader(&a).await;
+    let rows = names("row", 20);
+    put(&a, &rows).await;
+    let dest = lab.path("backups");
+    let from = dest.to_str().unwrap();
+    let (key, public) = keygen(&lab, "key.txt");
+    let config = node_cloud_config(&lab, 15999);
+    let s = a.settings();
+    let (host, port) = (s.socket_dir.display().to_string(), s.node.port.to_string());
+    let config_s = config.to_str().unwrap();
+    ok(gemin(&[
+        "--config",
+        config_s,
+        "backup",
+        "create",
+        "--output",
+        from,
+        "--pg-host",
+        &host,
+        "--pg-port",
+        &port,
+        "--encryption-key",
+        &public,
+    ]));
+
+    // The manifest lists the bundle; stored, it is encrypted like the data.
+    let listed = list(&dest);
+    let m = &listed[0];
+    let id = m["id"].as_str().unwrap();
+    let names_of: Vec<&str> = m["objects"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    assert_eq!(names_of, ["base.tar.zst.age", "node.yaml.zst.age"], "{m}");
+    assert_eq!(m["objects"][1]["content"], "cloud-config");
+    let stored = std::fs::read(dest.join(id).join("node.yaml.zst.age")).unwrap();
+    assert!(stored.starts_with(b"age-encryption.org/v1\n"));
+    assert!(!stored.windows(b"lab-k3s-token".len()).any(|w| w == b"lab-k3s-token"), "the token is not in the clear");
+    let out = ok(gemin(&["backup", "verify", "--from", from, "--identity", key.to_str().unwrap()]));
+    assert!(out.contains("ok (full)"), "{out}");
+
+    // New hardware: no cloud-config, an empty disk. The bundle comes back
+    // with the data: the K3s token, the key inline, this node's settings.
+    let target = lab.path("new").join("data");
+    let written = lab.path("new").join("oem").join("90_geminik8s.yaml");
+    let (target_s, written_s) = (target.to_str().unwrap(), written.to_str().unwrap());
+    let restore = |extra: &[&str]| {
+        let mut args = vec!["restore", "--from", from, "--data-dir", target_s, "--node-config", written_s];
+        args.extend(["--identity", key.to_str().unwrap(), "--runtime-dir", "/run/lab-new"]);
+        args.extend(extra);
+        gemin(&args)
+    };
+    let out = ok(restore(&["--json"]));
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(report["node_config"]["path"], written_s, "{out}");
+    assert_eq!(
+        (report["node_config"]["node"].as_str(), report["node_config"]["cluster"].as_str()),
+        (Some("a"), Some("lab"))
+    );
+    let text = std::fs::read_to_string(&written).unwrap();
+    assert!(text.contains("lab-k3s-token-0123456789abcdef"), "{text}");
+    assert!(text.contains("bm9kZS1hLXByaXZhdGUta2V5"), "the key is inline:\n{text}");
+    assert!(!text.contains(lab.path("tls").to_str().unwrap()), "no file names of the old node:\n{text}");
+    assert_eq!(std::fs::metadata(&written).unwrap().mode() & 0o777, 0o600);
+    let out = ok(gemin(&["config", "validate", "--no-file-checks", written_s]));
+    assert!(out.contains("lab"), "{out}");
+    let confs: String = std::fs::read_dir(&target)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "conf"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(confs.contains("15999") && confs.contains("/run/lab-new/postgres-a"), "the bundle's settings:\n{confs}");
+
+    // PostgreSQL starts on the restored data with the rows of the backup.
+    let mut r = node(&lab, "restored");
+    let mut rs = r.settings().clone();
+    rs.data_dir = target.clone();
+    r.mgr = Manager::new(rs, r._supervisor.clone()).unwrap();
+    r.write_config(ServerRole::Primary).unwrap();
+    r.start().await.unwrap();
+    assert_eq!(keys(&r).await, rows);
+    r.stop(StopMode::Fast).await.unwrap();
+
+    // An existing file is refused without --force before anything is touched.
+    let err = failed(restore(&[]));
+    assert!(err.contains("--node-config") && err.contains("the file exists; give --force"), "{err}");
+    assert!(target.join("PG_VERSION").is_file());
+
+    // A damaged bundle is named by verify.
+    let object = dest.join(id).join("node.yaml.zst.age");
+    let mut bytes = stored.clone();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&object, &bytes).unwrap();
+    let err = failed(gemin(&["backup", "verify", "--from", from, "--identity", key.to_str().unwrap()]));
+    assert!(err.contains("object node.yaml.zst.age is damaged"), "{err}");
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use super::crypto::Keys;
-use super::manifest::{Compression, MANIFEST_VERSION, Manifest, Object, PostgresInfo};
+use super::manifest::{Compression, MANIFEST_VERSION, Manifest, Object, PostgresInfo, TAR};
 use super::store::Store;
 use super::stream::{Counting, ObjectSink, Phase, Progress};
 use super::{BackupError, Result};
@@ -34,6 +34,9 @@ pub struct Source {
 pub struct Labels {
     pub cluster: String,
     pub node: String,
+    /// The node bundle ([`super::node::render`]), stored with the backup
+    /// when the node's cloud-config was read.
+    pub node_config: Option<String>,
 }
 
 /// What [`create`] did.
@@ -178,22 +181,32 @@ pub async fn create(
         .arg("-l")
         .arg(format!("gemin_k8s backup {id}"))
         .current_dir("/");
-    let (store2, id2, name2, size) = (store.clone(), id.clone(), object_name.clone(), facts.size);
+    let (store2, id2, name2, size, keys2) = (store.clone(), id.clone(), object_name.clone(), facts.size, keys.clone());
     let streamed = tokio::task::spawn_blocking(move || {
-        let sink = Sink { store: store2.as_ref(), id: &id2, name: &name2, compression, keys: &keys };
+        let sink = Sink { store: store2.as_ref(), id: &id2, name: &name2, compression, keys: &keys2 };
         stream_backup(&tool, sink, size, progress.as_ref())
     })
     .await
     .map_err(|e| BackupError::Postgres { what: "the backup task".into(), detail: e.to_string() })?;
-    let (written, pg_manifest) = match streamed {
-        Ok(v) => v,
-        Err(e) => {
-            if let Err(cleanup) = store.delete(&id) {
-                tracing::warn!(backup = %id, error = %cleanup, "could not remove the failed backup's partial files");
-            }
-            return Err(e);
+    // Nothing of a failed backup stays behind (it has no manifest yet).
+    let abandon = |e: BackupError| {
+        if let Err(cleanup) = store.delete(&id) {
+            tracing::warn!(backup = %id, error = %cleanup, "could not remove the failed backup's partial files");
         }
+        e
     };
+    let (written, pg_manifest) = streamed.map_err(abandon)?;
+    let mut objects = vec![Object {
+        name: object_name,
+        size: written.size,
+        sha256: written.sha256,
+        content: TAR.into(),
+        content_size: written.content_size,
+        content_sha256: written.content_sha256,
+    }];
+    if let Some(text) = &labels.node_config {
+        objects.push(super::node::store(store.as_ref(), &id, text, compression, &keys).map_err(abandon)?);
+    }
     let (timeline, start_lsn, stop_lsn) =
         wal_range(&pg_manifest).map_err(|detail| BackupError::Postgres { what: format!("backup {id}"), detail })?;
     let manifest = Manifest {
@@ -215,14 +228,7 @@ pub async fn create(
         stop_time: super::now_rfc3339(),
         compression,
         encryption,
-        objects: vec![Object {
-            name: object_name,
-            size: written.size,
-            sha256: written.sha256,
-            content: "tar".into(),
-            content_size: written.content_size,
-            content_sha256: written.content_sha256,
-        }],
+        objects,
         verified: None,
     };
     store.put_manifest(&id, &manifest.to_json())?;

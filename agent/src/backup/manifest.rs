@@ -7,8 +7,12 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The schema version this agent writes and the newest it reads.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The schema version this agent writes and the newest it reads. Version 2
+/// added the node bundle, an object that is not a tar.
+pub const MANIFEST_VERSION: u32 = 2;
+
+/// The `content` of a base backup's object: PostgreSQL's files as a tar.
+pub const TAR: &str = "tar";
 
 /// The manifest's object name in a backup.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -123,7 +127,8 @@ pub struct Object {
     pub name: String,
     pub size: u64,
     pub sha256: String,
-    /// What the object holds: `tar` (PostgreSQL's base backup with its WAL).
+    /// What the object holds: `tar` (PostgreSQL's base backup with its WAL) or
+    /// `cloud-config` (the node bundle, [`super::node`]).
     pub content: String,
     pub content_size: u64,
     pub content_sha256: String,
@@ -260,7 +265,7 @@ pub(crate) mod tests {
     fn refuses_newer_versions_foreign_files_and_escaping_names() {
         let m = sample("20260821T101502Z", "2026-08-21T10:15:02Z");
         let mut newer = serde_json::to_value(&m).unwrap();
-        newer["version"] = 2.into();
+        newer["version"] = (MANIFEST_VERSION + 1).into();
         let err = Manifest::parse(&serde_json::to_vec(&newer).unwrap(), &m.id).unwrap_err();
         assert!(err.contains("newer than this gemin_k8s reads"), "{err}");
 

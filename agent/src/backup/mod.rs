@@ -15,6 +15,7 @@
 pub mod create;
 pub mod crypto;
 pub mod manifest;
+pub mod node;
 pub mod prune;
 pub mod recover;
 pub mod restore;

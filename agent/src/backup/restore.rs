@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::crypto::Identities;
-use super::manifest::Manifest;
+use super::manifest::{Manifest, TAR};
 use super::recover::{self, Recovered, Target};
 use super::store::{ObjectWriter, Store, WalEntry};
 use super::stream::{Counting, ObjectSource, Phase, Progress};
@@ -278,7 +278,7 @@ fn remove_staging(staging: &Path) -> Result<()> {
     }
 }
 
-/// Decrypt, decompress and unpack every object of `m` into `dir`, checking
+/// Decrypt, decompress and unpack every tar object of `m` into `dir`, checking
 /// both ends against the manifest and telling `progress` the content bytes
 /// as they are unpacked. Returns the content bytes.
 fn unpack(
@@ -288,9 +288,10 @@ fn unpack(
     dir: &Path,
     progress: &dyn Progress,
 ) -> Result<u64> {
-    let unpacking = progress.phase(Phase::Unpacking, Some(m.objects.iter().map(|o| o.content_size).sum()));
+    let tars = || m.objects.iter().filter(|o| o.content == TAR);
+    let unpacking = progress.phase(Phase::Unpacking, Some(tars().map(|o| o.content_size).sum()));
     let mut total = 0;
-    for o in &m.objects {
+    for o in tars() {
         let corrupt = |detail: String| BackupError::Corrupt { id: m.id.clone(), object: o.name.clone(), detail };
         let reader = store.get_object(&m.id, &o.name)?;
         let mut source = ObjectSource::new(reader, m.compression, &m.encryption, identities, &m.id, &o.name)?;
@@ -302,21 +303,7 @@ fn unpack(
             io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(|e| corrupt(format!("reading: {e}")))?;
         }
         let got = source.finish();
-        if (got.size, got.sha256.as_str(), got.content_size, got.content_sha256.as_str())
-            != (o.size, o.sha256.as_str(), o.content_size, o.content_sha256.as_str())
-        {
-            return Err(corrupt(format!(
-                "read {} bytes (SHA-256 {}) holding {} bytes (SHA-256 {}); the manifest says {} ({}) holding {} ({})",
-                got.size,
-                got.sha256,
-                got.content_size,
-                got.content_sha256,
-                o.size,
-                o.sha256,
-                o.content_size,
-                o.content_sha256
-            )));
-        }
+        verify::check_read(o, &got).map_err(corrupt)?;
         total += got.content_size;
     }
     Ok(total)

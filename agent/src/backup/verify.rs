@@ -6,9 +6,9 @@
 use std::io::{self, Read};
 
 use super::crypto::Identities;
-use super::manifest::{Manifest, Verified, VerifyLevel};
+use super::manifest::{Manifest, Object, Verified, VerifyLevel};
 use super::store::Store;
-use super::stream::{ObjectSource, hash_all};
+use super::stream::{ObjectSource, Written, hash_all};
 use super::{BackupError, Result};
 
 /// The manifest of backup `id`; an error when it is missing or unusable.
@@ -94,23 +94,39 @@ pub fn verify(store: &dyn Store, m: &Manifest, identities: &Identities, full: bo
             continue;
         }
         let mut source = ObjectSource::new(reader, m.compression, &m.encryption, identities, &m.id, &o.name)?;
-        let missing = check_tar(&mut source).map_err(|e| corrupt(format!("reading its content: {e}")))?;
-        let got = source.finish();
-        check_stored(o, got.size, &got.sha256).map_err(corrupt)?;
-        if (got.content_size, got.content_sha256.as_str()) != (o.content_size, o.content_sha256.as_str()) {
-            return Err(corrupt(format!(
-                "its content is {} bytes with SHA-256 {}, the manifest says {} bytes with {}",
-                got.content_size, got.content_sha256, o.content_size, o.content_sha256
-            )));
-        }
-        if !missing.is_empty() {
-            return Err(corrupt(format!("the base backup lacks {}", missing.join(", "))));
+        let problem = match o.content.as_str() {
+            super::node::CONTENT => {
+                let mut text = String::new();
+                source.read_to_string(&mut text).map_err(|e| corrupt(format!("reading its content: {e}")))?;
+                super::node::parse(&text, &m.id).err().map(|e| format!("it is not a usable cloud-config: {e}"))
+            }
+            _ => {
+                let missing = check_tar(&mut source).map_err(|e| corrupt(format!("reading its content: {e}")))?;
+                (!missing.is_empty()).then(|| format!("the base backup lacks {}", missing.join(", ")))
+            }
+        };
+        check_read(o, &source.finish()).map_err(corrupt)?;
+        if let Some(problem) = problem {
+            return Err(corrupt(problem));
         }
     }
     Ok(level)
 }
 
-fn check_stored(o: &super::manifest::Object, size: u64, sha256: &str) -> std::result::Result<(), String> {
+/// Whether an object read to its end (`got`) is the one the manifest
+/// describes, at both ends.
+pub fn check_read(o: &Object, got: &Written) -> std::result::Result<(), String> {
+    check_stored(o, got.size, &got.sha256)?;
+    if (got.content_size, got.content_sha256.as_str()) != (o.content_size, o.content_sha256.as_str()) {
+        return Err(format!(
+            "its content is {} bytes with SHA-256 {}, the manifest says {} bytes with {}",
+            got.content_size, got.content_sha256, o.content_size, o.content_sha256
+        ));
+    }
+    Ok(())
+}
+
+fn check_stored(o: &Object, size: u64, sha256: &str) -> std::result::Result<(), String> {
     if size != o.size || sha256 != o.sha256 {
         return Err(format!(
             "it is {size} bytes with SHA-256 {sha256}, the manifest says {} bytes with {}",

@@ -303,7 +303,12 @@ async fn source_and_labels(
     };
     let port = a.pg.pg_port.or_else(|| cfg.as_ref().map(|c| c.postgres.port)).unwrap_or(5432);
     let source = backup::create::Source { bin_dir: a.pg.pg_bin_dir.clone(), host, port, user: a.pg.pg_user.clone() };
-    Ok((source, backup::create::Labels { cluster, node }))
+    // With the node's cloud-config, the backup carries it (the node bundle).
+    let node_config = match &cfg {
+        Some(c) => Some(backup::node::render(c).map_err(|e| anyhow::anyhow!("the node bundle: {e}"))?),
+        None => None,
+    };
+    Ok((source, backup::create::Labels { cluster, node, node_config }))
 }
 
 async fn create(a: CreateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::GlobalArgs;
@@ -62,6 +62,13 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = backup::recover::DEFAULT_BUMP,
           value_parser = clap::value_parser!(i64).range(1..=1_000_000_000_000))]
     pub bump_revision: i64,
+    /// Also write the node bundle the backup carries to FILE (for new hardware: e.g.
+    /// /oem/90_geminik8s.yaml): the cloud-config of the node the backup was taken on, with the
+    /// cluster's identity, the K3s token, and that node's certificate and key. Its settings are
+    /// used for the restored configuration. An existing FILE needs --force and is kept as
+    /// FILE.pre-restore-TIME.
+    #[arg(long, value_name = "FILE")]
+    pub node_config: Option<PathBuf>,
     /// Print the result as JSON: what was restored, the time taken and the throughput.
     #[arg(long)]
     pub json: bool,
@@ -74,11 +81,7 @@ pub struct Args {
 /// configuration files; `None`, with a note, when there is none to read.
 async fn node_settings(a: &Args, global: &GlobalArgs) -> Option<crate::postgres::Settings> {
     match super::backup::node_config(global).await {
-        Ok(cfg) => {
-            let mut s = crate::postgres::Settings::from_config(&cfg);
-            s.socket_dir = a.runtime_dir.join(format!("postgres-{}", cfg.node.name));
-            Some(s)
-        }
+        Ok(cfg) => Some(settings_of(a, &cfg)),
         Err(e) => {
             eprintln!(
                 "note: no cloud-config of this node ({e:#}); the restored configuration files are those of the node \
@@ -87,6 +90,54 @@ async fn node_settings(a: &Args, global: &GlobalArgs) -> Option<crate::postgres:
             None
         }
     }
+}
+
+fn settings_of(a: &Args, cfg: &crate::config::GeminiConfig) -> crate::postgres::Settings {
+    let mut s = crate::postgres::Settings::from_config(cfg);
+    s.socket_dir = a.runtime_dir.join(format!("postgres-{}", cfg.node.name));
+    s
+}
+
+/// `--node-config`: the backup's node bundle, refused before anything is
+/// restored when the backup has none or FILE exists without `--force`.
+fn node_bundle(
+    a: &Args,
+    store: &dyn backup::Store,
+    m: &backup::manifest::Manifest,
+    identities: &Identities,
+) -> anyhow::Result<Option<(PathBuf, String, crate::config::GeminiConfig)>> {
+    let Some(path) = &a.node_config else { return Ok(None) };
+    if path.exists() && !a.force {
+        bail!(
+            "--node-config {}: the file exists; give --force to replace it (the old one is kept as {}.pre-restore-TIME)",
+            path.display(),
+            path.display()
+        );
+    }
+    let Some(text) = backup::node::read(store, m, identities)? else {
+        bail!(
+            "backup {} carries no node bundle: it was taken without the node's cloud-config (--pg-host) or by an \
+             older gemin_k8s. Restore without --node-config and put the node's cloud-config from `gemin_k8s init` \
+             in /oem",
+            m.id
+        );
+    };
+    let cfg = backup::node::parse(&text, &m.id).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Some((path.clone(), text, cfg)))
+}
+
+/// Write the node bundle to `path` (0600, atomically), keeping what was there.
+fn write_bundle(path: &std::path::Path, text: &str) -> anyhow::Result<Option<PathBuf>> {
+    let aside = path.exists().then(|| backup::restore::aside_path(path, time::OffsetDateTime::now_utc()));
+    if let Some(aside) = &aside {
+        std::fs::rename(path, aside)
+            .with_context(|| format!("moving {} aside to {}", path.display(), aside.display()))?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    crate::fsutil::write_atomic(path, text.as_bytes(), 0o600)?;
+    Ok(aside)
 }
 
 /// `--target-time`: RFC 3339, with a time zone (`Z` or an offset).
@@ -126,6 +177,32 @@ struct RestoredReport<'a> {
     /// From the first check to the data directory in place.
     elapsed_seconds: f64,
     content_bytes_per_second: u64,
+    /// `--node-config`: where the node bundle went (or would go).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_config: Option<&'a NodeConfigWritten>,
+}
+
+#[derive(Debug, Serialize)]
+struct NodeConfigWritten {
+    path: PathBuf,
+    node: String,
+    cluster: String,
+    /// Where the file that was there went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    moved_aside: Option<PathBuf>,
+}
+
+impl NodeConfigWritten {
+    fn describe(&self, dry_run: bool) -> String {
+        let what = format!("the cloud-config of node {} of cluster {}", self.node, self.cluster);
+        match (dry_run, &self.moved_aside) {
+            (true, _) => format!("would write {what} to {}", self.path.display()),
+            (false, Some(aside)) => {
+                format!("wrote {what} to {} (the previous file is kept at {})", self.path.display(), aside.display())
+            }
+            (false, None) => format!("wrote {what} to {}", self.path.display()),
+        }
+    }
 }
 
 pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
@@ -142,6 +219,7 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         None => backup::verify::latest_ending_by(store.as_ref(), a.target_time)?,
     };
     let identities = Arc::new(Identities::load(&a.identity)?);
+    let bundle = node_bundle(&a, store.as_ref(), &manifest, &identities)?;
     let owner = crate::postgres::files::Owner::lookup(&a.owner)?;
     let opts = backup::restore::Options {
         data_dir: a.data_dir.clone(),
@@ -151,14 +229,33 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         dry_run: a.dry_run,
         target_time: a.target_time.map(postgres_time),
         bump: a.bump_revision,
-        node: node_settings(&a, global).await,
+        node: match &bundle {
+            Some((_, _, cfg)) => Some(settings_of(&a, cfg)),
+            None => node_settings(&a, global).await,
+        },
     };
     let progress = Arc::new(Bars::new(global.quiet));
     let done = backup::restore::restore(store.clone(), &manifest, identities, &opts, progress).await?;
+    let node_config = match &bundle {
+        Some((path, text, cfg)) => {
+            let kept = if done.dry_run { None } else { write_bundle(path, text)? };
+            Some(NodeConfigWritten {
+                path: path.clone(),
+                node: cfg.node.name.clone(),
+                cluster: cfg.cluster.name.clone(),
+                moved_aside: kept,
+            })
+        }
+        None => None,
+    };
     let rate = per_second(done.content_bytes, done.elapsed);
     if a.json {
-        let report =
-            RestoredReport { restored: &done, elapsed_seconds: seconds(done.elapsed), content_bytes_per_second: rate };
+        let report = RestoredReport {
+            restored: &done,
+            elapsed_seconds: seconds(done.elapsed),
+            content_bytes_per_second: rate,
+            node_config: node_config.as_ref(),
+        };
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -182,6 +279,9 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             ),
             None => println!("would restore into {}", done.data_dir.display()),
         }
+        if let Some(n) = &node_config {
+            println!("{}", n.describe(true));
+        }
         return Ok(ExitCode::SUCCESS);
     }
     println!(
@@ -198,6 +298,9 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     );
     if let Some(aside) = &done.moved_aside {
         println!("the previous data directory is kept at {}", aside.display());
+    }
+    if let Some(n) = &node_config {
+        println!("{}", n.describe(false));
     }
     if let Some(r) = &done.recovered {
         match (&a.target_time, &r.last_transaction) {

@@ -56,7 +56,11 @@ impl Scheduler {
                 port: settings.node.port,
                 user: crate::postgres::render::SUPERUSER.into(),
             },
-            labels: backup::create::Labels { cluster: cfg.cluster.name.clone(), node: cfg.node.name.clone() },
+            labels: backup::create::Labels {
+                cluster: cfg.cluster.name.clone(),
+                node: cfg.node.name.clone(),
+                node_config: Some(backup::node::render(cfg).map_err(|e| anyhow::anyhow!("the node bundle: {e}"))?),
+            },
         }))
     }
 
