@@ -50,8 +50,12 @@ async fn a_restored_backup_holds_exactly_the_rows_written_before_it() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     let m = &listed[0];
     let id = m["id"].as_str().unwrap().to_string();
-    // --json prints the manifest as stored, its sizes, and the throughput.
-    assert_eq!(&created["manifest"], m, "{out}");
+    // --json prints the manifest as stored, its sizes, and the throughput;
+    // the list adds the restorable window: with no archived WAL, the backup's end.
+    let mut stored_manifest = m.clone();
+    let window = stored_manifest.as_object_mut().unwrap().remove("restorable").unwrap();
+    assert_eq!(created["manifest"], stored_manifest, "{out}");
+    assert_eq!((&window["from"], &window["to"]), (&m["stop_time"], &serde_json::Value::Null), "{window}");
     assert_eq!(created["stored_bytes"], m["objects"][0]["size"], "{out}");
     assert_eq!(created["content_bytes"], m["objects"][0]["content_size"], "{out}");
     let seconds = created["elapsed_seconds"].as_f64().unwrap();
@@ -149,6 +153,9 @@ async fn a_restored_backup_holds_exactly_the_rows_written_before_it() {
     assert_eq!(restored["content_bytes"], m["objects"][0]["content_size"], "{out}");
     assert_eq!((restored["dry_run"].as_bool(), restored["wal_files"].as_u64()), (Some(false), Some(0)), "{out}");
     assert!(restored["recovered"]["kine"]["revision"].as_i64() > restored["recovered"]["kine"]["newest"].as_i64());
+    // A new timeline: the restored server never continues the one it was backed up on.
+    let backed_up_on = m["postgres"]["timeline"].as_u64().unwrap();
+    assert_eq!(restored["recovered"]["timeline"].as_u64(), Some(backed_up_on + 1), "{out}");
     let seconds = restored["elapsed_seconds"].as_f64().unwrap();
     let rate = restored["content_bytes_per_second"].as_u64().unwrap() as f64;
     assert!(seconds > 0.0 && seconds <= took.as_secs_f64(), "{out}");

@@ -97,24 +97,42 @@ struct ServerFacts {
     size: Option<u64>,
 }
 
-async fn server_facts(source: &Source) -> Result<ServerFacts> {
-    let target = format!("PostgreSQL at {} port {} as {}", source.host, source.port, source.user);
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&source.host)
-        .port(source.port)
-        .user(&source.user)
-        .dbname("postgres")
-        .application_name("gemin_k8s backup")
-        .connect_timeout(Duration::from_secs(10));
-    if let Some(password) = std::env::var_os("PGPASSWORD") {
-        config.password(password.to_string_lossy().as_bytes());
+impl Source {
+    /// What the errors call this server.
+    pub fn describe(&self) -> String {
+        format!("PostgreSQL at {} port {} as {}", self.host, self.port, self.user)
     }
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| BackupError::Postgres {
-        what: format!("connecting to {target}"),
-        detail: format!("{e}; is PostgreSQL running on this node? (--pg-host/--pg-port name another server)"),
-    })?;
-    let driver = tokio::spawn(connection);
+
+    /// A connection to the `postgres` database, and the task that drives it
+    /// (abort it when done).
+    pub async fn connect(&self) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname("postgres")
+            .application_name("gemin_k8s backup")
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(password) = std::env::var_os("PGPASSWORD") {
+            config.password(password.to_string_lossy().as_bytes());
+        }
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| BackupError::Postgres {
+            what: format!("connecting to {}", self.describe()),
+            detail: format!("{e}; is PostgreSQL running on this node? (--pg-host/--pg-port name another server)"),
+        })?;
+        let driver = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "the backup's PostgreSQL connection ended");
+            }
+        });
+        Ok((client, driver))
+    }
+}
+
+async fn server_facts(source: &Source) -> Result<ServerFacts> {
+    let target = source.describe();
+    let (client, driver) = source.connect().await?;
     let row = client
         .query_one(
             "SELECT current_setting('server_version_num')::int, current_setting('server_version'), \

@@ -14,6 +14,7 @@
 
 pub mod create;
 pub mod crypto;
+pub mod incremental;
 pub mod manifest;
 pub mod node;
 pub mod prune;

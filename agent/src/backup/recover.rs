@@ -37,10 +37,14 @@ pub const RECOVERY_LOG: &str = "geminik8s-restore.log";
 
 /// Point-in-time recovery settings.
 #[derive(Debug, Clone)]
+/// Where a recovery stops, and what it reads besides the backup's own WAL.
 pub struct Target {
-    /// `recovery_target_time`, as PostgreSQL reads it (RFC 3339 works).
-    pub time: String,
-    /// The directory the fetched WAL is in (`restore_command` copies from it).
+    /// `recovery_target_time`, as PostgreSQL reads it (RFC 3339 works);
+    /// `None`: the end of the backup.
+    pub time: Option<String>,
+    /// The directory the fetched WAL is in (`restore_command` copies from
+    /// it): the archived WAL for a point in time, or only the timeline
+    /// history files.
     pub wal_dir: PathBuf,
 }
 
@@ -74,7 +78,7 @@ struct Private {
 }
 
 impl Private {
-    async fn start(data_dir: &Path, bin_dir: &Path, owner: Owner, target: Option<&Target>) -> Result<Private> {
+    async fn start(data_dir: &Path, bin_dir: &Path, owner: Owner, target: &Target) -> Result<Private> {
         let socket_dir = tempfile::Builder::new()
             .prefix("gk8s-restore-")
             .tempdir()
@@ -100,16 +104,24 @@ impl Private {
             "logging_collector=off".into(),
             "wal_level=replica".into(),
         ];
-        if let Some(t) = target {
-            settings.push(format!("restore_command=cp '{}/%f' '%p'", t.wal_dir.display()));
-            settings.push(format!("recovery_target_time={}", t.time));
-            settings.push("recovery_target_action=promote".into());
-            settings.push("recovery_target_timeline=latest".into());
-            let signal = data_dir.join("recovery.signal");
-            std::fs::write(&signal, b"").map_err(io("writing", &signal))?;
-            std::os::unix::fs::chown(&signal, Some(owner.uid), Some(owner.gid))
-                .map_err(io("changing owner", &signal))?;
+        // Always an archive recovery, which ends on a new timeline: the
+        // restored server's WAL must never continue the timeline another
+        // server (the other node) wrote on after the backup, or a standby of
+        // it would take the two histories for one. PostgreSQL reads the
+        // archive's history files through restore_command and takes the
+        // timeline after the newest.
+        settings.push(format!("restore_command=cp '{}/%f' '%p'", target.wal_dir.display()));
+        settings.push("recovery_target_action=promote".into());
+        match &target.time {
+            Some(time) => {
+                settings.push(format!("recovery_target_time={time}"));
+                settings.push("recovery_target_timeline=latest".into());
+            }
+            None => settings.push("recovery_target_timeline=current".into()),
         }
+        let signal = data_dir.join("recovery.signal");
+        std::fs::write(&signal, b"").map_err(io("writing", &signal))?;
+        std::os::unix::fs::chown(&signal, Some(owner.uid), Some(owner.gid)).map_err(io("changing owner", &signal))?;
         let mut cmd = tokio::process::Command::new(bin_dir.join("postgres"));
         cmd.arg("-D").arg(data_dir);
         for s in &settings {
@@ -230,7 +242,7 @@ pub async fn recover(
     data_dir: &Path,
     bin_dir: &Path,
     owner: Owner,
-    target: Option<&Target>,
+    target: &Target,
     bump: i64,
     progress: &dyn Progress,
 ) -> Result<Recovered> {

@@ -195,38 +195,36 @@ pub async fn restore(
                 Err(e) => return Err(io("removing", staging.join(signal))(e)),
             }
         }
-        let (target, wal_files) = match &opts.target_time {
-            Some(time) => {
+        // To a point in time: the archived WAL from the backup's start on;
+        // to the backup's end: the timeline history files only.
+        let start = match &opts.target_time {
+            Some(_) => {
                 let label = wal::read_text(&staging.join("backup_label"))?;
-                let start = wal::start_file(&label).ok_or_else(|| BackupError::Corrupt {
+                Some(wal::start_file(&label).ok_or_else(|| BackupError::Corrupt {
                     id: m.id.clone(),
                     object: "backup_label".into(),
                     detail: "it names no start WAL file".into(),
-                })?;
-                let wal_dir = wal::restore_wal_dir(&staging);
-                let (ids, dir) = (identities.clone(), wal_dir.clone());
-                let s = WalFetchCount { inner: store.clone(), progress: progress.clone() };
-                let fetching = progress.phase(Phase::FetchingWal, None);
-                let (files, bytes) =
-                    tokio::task::spawn_blocking(move || wal::fetch_for_restore(&s, &ids, &start, &dir))
-                        .await
-                        .map_err(|e| BackupError::Postgres {
-                            what: "the WAL fetch task".into(),
-                            detail: e.to_string(),
-                        })??;
-                drop(fetching);
-                tracing::info!(event = "restore_wal_fetched", files, bytes, "fetched the archived WAL");
-                chown_tree(&wal_dir, opts.owner)?;
-                (Some(Target { time: time.clone(), wal_dir }), files)
+                })?)
             }
-            None => (None, 0),
+            None => None,
         };
+        let wal_dir = wal::restore_wal_dir(&staging);
+        let (ids, dir) = (identities.clone(), wal_dir.clone());
+        let s = WalFetchCount { inner: store.clone(), progress: progress.clone() };
+        let fetching = progress.phase(Phase::FetchingWal, None);
+        let (files, bytes) =
+            tokio::task::spawn_blocking(move || wal::fetch_for_restore(&s, &ids, start.as_deref(), &dir))
+                .await
+                .map_err(|e| BackupError::Postgres { what: "the WAL fetch task".into(), detail: e.to_string() })??;
+        drop(fetching);
+        tracing::info!(event = "restore_wal_fetched", files, bytes, "fetched the archived WAL");
+        chown_tree(&wal_dir, opts.owner)?;
+        let target = Target { time: opts.target_time.clone(), wal_dir };
         let recovered =
-            recover::recover(&staging, &opts.bin_dir, opts.owner, target.as_ref(), opts.bump, progress.as_ref())
-                .await?;
-        if let Some(t) = &target {
-            std::fs::remove_dir_all(&t.wal_dir).map_err(io("removing the fetched WAL", &t.wal_dir))?;
-        }
+            recover::recover(&staging, &opts.bin_dir, opts.owner, &target, opts.bump, progress.as_ref()).await?;
+        std::fs::remove_dir_all(&target.wal_dir).map_err(io("removing the fetched WAL", &target.wal_dir))?;
+        // Segments count as fetched WAL; history files only steer the timeline.
+        let wal_files = if opts.target_time.is_some() { files } else { 0 };
         if let Some(node) = &opts.node {
             let settings = crate::postgres::Settings { data_dir: staging.clone(), ..node.clone() };
             crate::postgres::files::write_config(&settings, crate::postgres::render::ServerRole::Primary, opts.owner)

@@ -106,6 +106,8 @@ pub enum Phase {
     FetchingWal,
     /// PostgreSQL replaying WAL; no count.
     Replaying,
+    /// Waiting for the WAL archive to hold a file; no count.
+    WaitingForArchive,
 }
 
 /// Where long operations report how far they are. The command line draws

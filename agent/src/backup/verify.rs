@@ -7,9 +7,9 @@ use std::io::{self, Read};
 
 use super::crypto::Identities;
 use super::manifest::{Manifest, Object, Verified, VerifyLevel};
-use super::store::Store;
+use super::store::{Store, WalEntry};
 use super::stream::{ObjectSource, Written, hash_all};
-use super::{BackupError, Result};
+use super::{BackupError, Result, wal};
 
 /// The manifest of backup `id`; an error when it is missing or unusable.
 pub fn manifest(store: &dyn Store, id: &str) -> Result<Manifest> {
@@ -42,6 +42,45 @@ pub fn list(store: &dyn Store) -> Result<Vec<Listed>> {
         }
     }
     Ok(out)
+}
+
+/// The times backup `m` restores to: from its end to about when the last
+/// WAL file of the archive's continuous run from its start was stored (a
+/// transaction committed up to a few seconds before that is in the archive).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Window {
+    /// The backup's end (RFC 3339 UTC): nothing earlier can be restored from it.
+    pub from: String,
+    /// When the last WAL file of the run was stored; `None` when no archived
+    /// WAL follows the backup (only its end can be restored).
+    pub to: Option<String>,
+    /// That file.
+    pub through_segment: Option<String>,
+    /// The first missing stretch, which ends the run early.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gap: Option<String>,
+}
+
+/// [`Window`] of `m` given the archive's listing `archived`.
+pub fn window(m: &Manifest, archived: &[WalEntry]) -> Window {
+    let mut w = Window { from: m.stop_time.clone(), to: None, through_segment: None, gap: None };
+    let Some(start) = wal::segment_of(m.postgres.timeline, &m.postgres.start_lsn) else { return w };
+    let names: Vec<String> = archived.iter().map(|e| e.name.clone()).collect();
+    w.gap = wal::missing_segments(&names, &start).into_iter().next();
+    let limit = w.gap.as_deref().and_then(|g| g.split("..").next());
+    let last = archived
+        .iter()
+        .map(|e| (wal::strip_stored_suffixes(&e.name), e.modified))
+        .filter(|(name, _)| name.len() == 24 && !wal::older_than(name, &start) && limit.is_none_or(|l| *name < l))
+        .max_by(|a, b| a.0.cmp(b.0));
+    let from = humantime::parse_rfc3339_weak(&m.stop_time).ok();
+    if let Some((name, stored)) = last
+        && from.is_none_or(|f| stored > f)
+    {
+        w.to = Some(humantime::format_rfc3339_seconds(stored).to_string());
+        w.through_segment = Some(name.to_string());
+    }
+    w
 }
 
 /// The newest complete backup with a readable manifest.
@@ -155,4 +194,41 @@ fn check_tar(input: impl Read) -> io::Result<Vec<String>> {
 pub fn record(store: &dyn Store, m: &mut Manifest, level: VerifyLevel) -> Result<()> {
     m.verified = Some(Verified { at: super::now_rfc3339(), level });
     store.put_manifest(&m.id, &m.to_json())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(name: &str, at: &str) -> WalEntry {
+        WalEntry { name: format!("{name}.zst.age"), size: 1, modified: humantime::parse_rfc3339(at).unwrap() }
+    }
+
+    #[test]
+    fn a_backup_restores_from_its_end_to_its_last_continuous_wal() {
+        // The backup starts in segment 3 and ends at 10:00:05.
+        let mut m = super::super::manifest::tests::sample("20260821T100000Z", "2026-08-21T10:00:00Z");
+        m.stop_time = "2026-08-21T10:00:05Z".into();
+        m.postgres.start_lsn = "0/3000028".into();
+        let seg = |n: u32| format!("00000001000000000000000{n:X}");
+        let at = |s: u32| format!("2026-08-21T10:{s:02}:00Z");
+
+        let none = window(&m, &[]);
+        assert_eq!((none.from.as_str(), none.to, none.gap), ("2026-08-21T10:00:05Z", None, None));
+
+        let mut archived = vec![stored(&seg(2), &at(0)), stored(&seg(3), &at(1)), stored(&seg(4), &at(2))];
+        archived.push(stored("00000002.history", &at(2)));
+        let w = window(&m, &archived);
+        assert_eq!((w.to.as_deref(), w.through_segment.as_deref()), (Some("2026-08-21T10:02:00Z"), Some(&*seg(4))));
+        assert_eq!(w.gap, None);
+
+        // Segment 5 is missing: the window ends at 4 whatever follows.
+        archived.extend([stored(&seg(6), &at(5)), stored(&seg(7), &at(6))]);
+        let w = window(&m, &archived);
+        assert_eq!((w.to.as_deref(), w.gap.as_deref()), (Some("2026-08-21T10:02:00Z"), Some(&*seg(5))));
+
+        // WAL stored before the backup ended adds nothing.
+        let early = [stored(&seg(3), "2026-08-21T10:00:02Z")];
+        assert_eq!(window(&m, &early).to, None);
+    }
 }

@@ -325,12 +325,23 @@ pub fn older_than(name: &str, start: &str) -> bool {
 }
 
 /// Decrypt and decompress into `dir` every archived WAL file a recovery
-/// from a backup starting in `start` can ask for. Returns (files, bytes).
-pub fn fetch_for_restore(store: &dyn Store, identities: &Identities, start: &str, dir: &Path) -> Result<(usize, u64)> {
-    let start_name = WalName::parse(start).ok_or_else(|| BackupError::Refused {
-        what: format!("recovering from WAL file {start}"),
-        detail: "not a WAL segment name".into(),
-    })?;
+/// from a backup starting in segment `start` can ask for; with no `start`,
+/// only the timeline history files (a recovery to the end of a backup
+/// reads them to choose a timeline no other server has used). Returns
+/// (files, bytes).
+pub fn fetch_for_restore(
+    store: &dyn Store,
+    identities: &Identities,
+    start: Option<&str>,
+    dir: &Path,
+) -> Result<(usize, u64)> {
+    let start_name = match start {
+        Some(start) => Some(WalName::parse(start).ok_or_else(|| BackupError::Refused {
+            what: format!("recovering from WAL file {start}"),
+            detail: "not a WAL segment name".into(),
+        })?),
+        None => None,
+    };
     fs::create_dir_all(dir).map_err(io("creating", dir))?;
     let (mut files, mut bytes) = (0, 0);
     for entry in store.list_wal()? {
@@ -339,7 +350,11 @@ pub fn fetch_for_restore(store: &dyn Store, identities: &Identities, start: &str
             continue;
         }
         let Some(wal) = WalName::parse(base) else { continue };
-        if !needed_after(&wal, &start_name) {
+        let wanted = match &start_name {
+            Some(start) => needed_after(&wal, start),
+            None => wal.position.is_none(),
+        };
+        if !wanted {
             continue;
         }
         let reader = store.get_wal(&entry.name)?.ok_or_else(|| BackupError::Corrupt {
@@ -586,11 +601,15 @@ mod tests {
         write(&id_file, age::secrecy::ExposeSecret::expose_secret(&secret).as_bytes());
         let identities = Identities::load(&[id_file.display().to_string()]).unwrap();
         let out = tmp.path().join("fetched");
-        let (files, bytes) = fetch_for_restore(&store, &identities, "000000020000000000000008", &out).unwrap();
+        let (files, bytes) = fetch_for_restore(&store, &identities, Some("000000020000000000000008"), &out).unwrap();
         assert_eq!((files, bytes), (2, 2 * content.len() as u64));
         assert_eq!(fs::read(out.join("000000020000000000000008")).unwrap(), content);
         assert!(out.join("00000002.history").is_file() && !out.join("000000020000000000000007").exists());
-        let err = fetch_for_restore(&store, &Identities::load(&[]).unwrap(), "000000020000000000000007", &out);
+        // To the end of a backup: the history files only.
+        let histories = tmp.path().join("histories");
+        assert_eq!(fetch_for_restore(&store, &identities, None, &histories).unwrap().0, 1);
+        assert!(histories.join("00000002.history").is_file());
+        let err = fetch_for_restore(&store, &Identities::load(&[]).unwrap(), Some("000000020000000000000007"), &out);
         assert!(err.err().unwrap().to_string().contains("--identity"));
     }
 }
