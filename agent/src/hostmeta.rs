@@ -22,6 +22,11 @@ pub const FILE_NAME: &str = "hostmeta.json";
 pub const DEFAULT_DIR: &str = "/var/lib/geminik8s";
 /// Schema version this agent writes and the newest it reads.
 pub const SCHEMA_VERSION: u32 = 1;
+/// How far a restore raises the epoch ([`HostMeta::restored`]): more
+/// promotions than a cluster makes in its life, so no epoch the other node
+/// reached since the backup can be as high.
+pub const RESTORE_EPOCH_STEP: u64 = 1_000_000;
+
 /// Mode of the file: readable by everyone, it holds no secrets.
 pub const FILE_MODE: u32 = 0o644;
 
@@ -166,6 +171,23 @@ impl HostMeta {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             fenced: false,
         })
+    }
+
+    /// The record of a node whose datastore was just restored from a
+    /// backup: it leads (not fenced) at an epoch [`RESTORE_EPOCH_STEP`]
+    /// above its own, so its claim beats the other node's in the next
+    /// election and the other node's data, newer than the restore, rejoins
+    /// it. The position is left for the datastore to report.
+    pub fn restored(mut self) -> HostMeta {
+        self.epoch = self.epoch.saturating_add(RESTORE_EPOCH_STEP);
+        self.node.role = Role::Leader;
+        self.peer.role = Role::Follower;
+        self.fenced = false;
+        self.timeline = None;
+        self.lsn = None;
+        self.agent_version = env!("CARGO_PKG_VERSION").to_string();
+        self.touch();
+        self
     }
 
     /// Set `last_modified_unix_ms` to the current wall-clock time.
@@ -314,6 +336,25 @@ mod tests {
         m.timeline = Some(3);
         m.lsn = Some(Lsn(0x1_0000_00A0));
         m
+    }
+
+    #[test]
+    fn a_restored_record_wins_over_a_peer_with_newer_data_and_a_higher_epoch() {
+        use crate::election::{Claim, compare_claims};
+        let mut mine = sample();
+        (mine.node.role, mine.peer.role, mine.fenced) = (Role::Follower, Role::Leader, true);
+        let mut peer = HostMeta::derive_from_peer(&mine, "b").unwrap();
+        (peer.node.role, peer.epoch, peer.timeline, peer.lsn) = (Role::Leader, 9, Some(5), Some(Lsn(u64::MAX / 2)));
+        let before = compare_claims(&Claim::of(&mine, "a"), &Claim::of(&peer, "a"));
+        assert_eq!(before, std::cmp::Ordering::Less);
+
+        let r = mine.restored();
+        assert_eq!(
+            (r.epoch, r.node.role, r.peer.role, r.fenced),
+            (4 + RESTORE_EPOCH_STEP, Role::Leader, Role::Follower, false)
+        );
+        assert_eq!((r.timeline, r.lsn), (None, None), "the restored datastore reports its own position");
+        assert_eq!(compare_claims(&Claim::of(&r, "a"), &Claim::of(&peer, "a")), std::cmp::Ordering::Greater);
     }
 
     #[test]

@@ -1195,11 +1195,12 @@ fn now_rfc3339() -> String {
 /// Scheduled backups and archived WAL bring the whole cluster back to a
 /// point in time, as docs/backup.md says: the agents take full backups on
 /// their schedule (the streaming follower takes them) and keep the newest
-/// two; both agents stopped, `restore --target-time` on the node that will
-/// lead, the other node's data directory and hostMeta moved aside; started again, the
-/// restored node leads with exactly the keys of that time, Kine's
-/// revisions go on above every revision seen before, and the other node
-/// copies the restored data and follows.
+/// four (with an arbiter witness); node1's agent stopped (node2 takes over,
+/// and is the witness's last holder), then node2's; `restore --target-time`
+/// on node1, nothing done to node2; started again, the restored node
+/// leads with exactly the keys of that time, Kine's revisions go on above
+/// every revision seen before, and the other node rewinds (or re-copies)
+/// its newer data onto the restored timeline and follows.
 #[test]
 fn a_cluster_restored_to_a_point_in_time_leads_with_its_keys_at_newer_revisions() {
     let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
@@ -1209,7 +1210,13 @@ fn a_cluster_restored_to_a_point_in_time_leads_with_its_keys_at_newer_revisions(
         "backup:\n  destination: {}\n  no_encryption: true\n  spool_dir: {{node_dir}}/wal-spool\n  archive_timeout: 1s\n  schedule: \"*/5 * * * * *\"\n  retention: 4\n",
         dest.display()
     );
-    let Some(up) = lab_up_block(&[], None, None, &block) else { return };
+    let template = tempfile::NamedTempFile::new().unwrap();
+    let witness =
+        "#cloud-config\ngeminik8s:\n  cluster:\n    witness:\n      lease_ttl: 3s\n      lease_renew: 500ms\n";
+    std::fs::write(template.path(), witness).unwrap();
+    let t = template.path().to_str().unwrap();
+    let arbiter = ["--witness", "arbiter", "--witness-target", "10.77.0.254:7440", "--template", t];
+    let Some(up) = lab_up_block(&arbiter, None, None, &block) else { return };
     let lab = &up.lab;
     let (before, _) = write_keys(lab, "/lab/restore/before/", 10, 0);
     let written = now_rfc3339();
@@ -1250,8 +1257,11 @@ fn a_cluster_restored_to_a_point_in_time_leads_with_its_keys_at_newer_revisions(
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
 
-    stop_agent(lab, "node2");
+    // node1's agent stops first and hands over: node2 leads alone, on a new
+    // timeline, and is the witness's last lease holder when it stops too.
     stop_agent(lab, "node1");
+    assert_eq!(status(lab, "node2").unwrap()["role"], "leader", "node2 leads once node1's agent stopped");
+    stop_agent(lab, "node2");
     let pgdata = |node: &str| lab.node_dir(node).join("pgdata");
     for node in ["node1", "node2"] {
         poll::until(&format!("{node}'s PostgreSQL to stop"), FORM, Duration::from_millis(200), || {
@@ -1270,24 +1280,57 @@ fn a_cluster_restored_to_a_point_in_time_leads_with_its_keys_at_newer_revisions(
     let listed = backups(&dest);
     assert!(listed.len() <= 4, "retention 4 keeps four of {} backups: {listed:?}", seen.len());
     let data1 = pgdata("node1");
-    // On node1, with node1's cloud-config: the restored directory gets
-    // node1's configuration (the backups were taken on node2).
+    // On node1, with node1's cloud-config as its agent reads it (the node
+    // file and the lab's paths, merged): the restored directory gets node1's
+    // configuration (the backups were taken on node2), and node1 leads.
+    let files = [lab.config_dir.join("node1.yaml"), lab.node_dir("node1").join("lab.yaml")];
+    let ctx = geminik8s::config::CheckContext { root: "/".into(), check_files: false };
+    let merged = geminik8s::config::load_files(&files, &ctx).unwrap();
+    let config1 = lab.node_dir("node1").join("merged.yaml");
+    std::fs::write(&config1, format!("#cloud-config\n{}", geminik8s::config::yaml::to_yaml(&merged.document))).unwrap();
+    let state1 = lab.node_dir("node1").join("state");
+    let meta_of = |node: &str| {
+        let dir = lab.node_dir(node).join("state");
+        geminik8s::hostmeta::load(&dir, "lab").unwrap().unwrap_or_else(|| panic!("{node} has a hostMeta"))
+    };
+    let epoch_before = meta_of("node1").epoch.max(meta_of("node2").epoch);
     let runtime = lab.node_dir("node1").join("runtime");
-    let out = std::process::Command::new(&bin)
-        .args(["restore", "--from", dest.to_str().unwrap(), "--data-dir", data1.to_str().unwrap(), "--force"])
-        .args(["--target-time", &target, "--runtime-dir", runtime.to_str().unwrap(), "--config"])
-        .arg(lab.config_dir.join("node1.yaml"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // In node1's namespace, where the witness is reached. Refused, with
+    // nothing changed, while node2's lease has not run out.
+    let restore = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.node("node1").unwrap().netns])
+            .arg(&bin)
+            .args(["restore", "--from", dest.to_str().unwrap(), "--data-dir", data1.to_str().unwrap(), "--force"])
+            .args(["--target-time", &target, "--runtime-dir", runtime.to_str().unwrap()])
+            .args(["--state-dir", state1.to_str().unwrap(), "--config", config1.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = poll::until("a restore the witness lets through", FORM, Duration::from_millis(500), || {
+        let out = restore();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() {
+            Ok(out)
+        } else if err.contains("node2 holds the lease") {
+            Err(err)
+        } else {
+            panic!("restore failed: {err}")
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(said.contains("recovered to") && said.contains("Kine's revision moved"), "{said}");
-    // node2 starts over as a new node: its data directory and its hostMeta
-    // (whose claim is the newer data) moved aside.
-    std::fs::rename(pgdata("node2"), lab.node_dir("node2").join("pgdata.before-restore")).unwrap();
-    let meta2 = lab.node_dir("node2").join("state").join(geminik8s::hostmeta::FILE_NAME);
-    std::fs::rename(&meta2, meta2.with_extension("json.before-restore")).unwrap();
+    assert!(
+        said.contains("this node leads with the restored data") && said.contains("recorded by the witness"),
+        "{said}"
+    );
+    let meta1 = meta_of("node1");
+    assert!(meta1.epoch > epoch_before && !meta1.fenced, "node1's claim beats node2's: {meta1:?}");
+    assert_eq!(meta1.node.role, geminik8s::hostmeta::Role::Leader);
 
+    // Nothing is done to node2: its newer data and its record stay as they
+    // are, and it copies the restored data by itself.
     lab.start_agent("node1").unwrap();
     lab.start_agent("node2").unwrap();
     wait_formed(lab, "node1", "node2", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
@@ -1298,5 +1341,19 @@ fn a_cluster_restored_to_a_point_in_time_leads_with_its_keys_at_newer_revisions(
     assert!(rev > newest_seen, "revision {rev} after the restore is not above {newest_seen}, seen before it");
     let s2 = status(lab, "node2").unwrap();
     assert_eq!(s2["replication"]["streaming"], true, "node2 copied the restored data and follows: {s2}");
-    println!("restored to {target}: {} keys; revision {newest_seen} seen before, {rev} after", before.len());
+    assert_eq!(status(lab, "node1").unwrap()["witness"]["state"], "lease held here");
+    let log2 = std::fs::read_to_string(lab.node_dir("node2").join("agent.log")).unwrap();
+    assert!(
+        log2.contains("postgres_rewound") || log2.contains("postgres_recloned"),
+        "node2's newer data was rewound or re-copied\n{}",
+        logs(lab)
+    );
+    let rejoined = match log2.split("postgres_rewind_failed").nth(1) {
+        None => "rewound".to_string(),
+        Some(why) => format!("re-copied ({})", why.lines().take(4).collect::<Vec<_>>().join(" / ")),
+    };
+    println!(
+        "restored to {target}: {} keys; revision {newest_seen} seen before, {rev} after; node2 {rejoined}",
+        before.len()
+    );
 }

@@ -17,6 +17,7 @@ pub mod kubeconfig;
 pub mod output;
 pub mod prompt;
 pub mod restore;
+mod restore_lead;
 pub mod status;
 pub mod version;
 pub mod witness;

@@ -62,6 +62,10 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = backup::recover::DEFAULT_BUMP,
           value_parser = clap::value_parser!(i64).range(1..=1_000_000_000_000))]
     pub bump_revision: i64,
+    /// The agent's state directory (`gemin_k8s agent --state-dir`): restored into this node's own
+    /// datastore, the node's hostMeta there records that it leads with the restored data.
+    #[arg(long, default_value = crate::hostmeta::DEFAULT_DIR, value_name = "DIR")]
+    pub state_dir: PathBuf,
     /// Also write the node bundle the backup carries to FILE (for new hardware: e.g.
     /// /oem/90_geminik8s.yaml): the cloud-config of the node the backup was taken on, with the
     /// cluster's identity, the K3s token, and that node's certificate and key. Its settings are
@@ -76,12 +80,12 @@ pub struct Args {
     pub s3: super::backup::S3Args,
 }
 
-/// This node's PostgreSQL settings from its cloud-config (`--config`, or
-/// the node's sources), so the restored directory gets this node's
-/// configuration files; `None`, with a note, when there is none to read.
-async fn node_settings(a: &Args, global: &GlobalArgs) -> Option<crate::postgres::Settings> {
+/// This node's cloud-config (`--config`, or the node's sources), so the
+/// restored directory gets this node's configuration files; `None`, with a
+/// note, when there is none to read.
+async fn node_config(global: &GlobalArgs) -> Option<crate::config::GeminiConfig> {
     match super::backup::node_config(global).await {
-        Ok(cfg) => Some(settings_of(a, &cfg)),
+        Ok(cfg) => Some(cfg),
         Err(e) => {
             eprintln!(
                 "note: no cloud-config of this node ({e:#}); the restored configuration files are those of the node \
@@ -180,6 +184,9 @@ struct RestoredReport<'a> {
     /// `--node-config`: where the node bundle went (or would go).
     #[serde(skip_serializing_if = "Option::is_none")]
     node_config: Option<&'a NodeConfigWritten>,
+    /// Restored into this node's datastore: how it leads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leads: Option<&'a super::restore_lead::Led>,
 }
 
 #[derive(Debug, Serialize)]
@@ -221,6 +228,17 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let identities = Arc::new(Identities::load(&a.identity)?);
     let bundle = node_bundle(&a, store.as_ref(), &manifest, &identities)?;
     let owner = crate::postgres::files::Owner::lookup(&a.owner)?;
+    let cfg = match &bundle {
+        Some((_, _, cfg)) => Some(cfg.clone()),
+        None => node_config(global).await,
+    };
+    // Into this node's own datastore: the node leads with the restored data.
+    let lead = match &cfg {
+        Some(cfg) if super::restore_lead::is_node_datastore(cfg, &a.data_dir) => {
+            Some(super::restore_lead::prepare(cfg, &a.state_dir).await?)
+        }
+        _ => None,
+    };
     let opts = backup::restore::Options {
         data_dir: a.data_dir.clone(),
         force: a.force,
@@ -229,10 +247,7 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         dry_run: a.dry_run,
         target_time: a.target_time.map(postgres_time),
         bump: a.bump_revision,
-        node: match &bundle {
-            Some((_, _, cfg)) => Some(settings_of(&a, cfg)),
-            None => node_settings(&a, global).await,
-        },
+        node: cfg.as_ref().map(|cfg| settings_of(&a, cfg)),
     };
     let progress = Arc::new(Bars::new(global.quiet));
     let done = backup::restore::restore(store.clone(), &manifest, identities, &opts, progress).await?;
@@ -248,6 +263,10 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    let led = match lead {
+        Some(lead) => Some(lead.apply(done.dry_run).await?),
+        None => None,
+    };
     let rate = per_second(done.content_bytes, done.elapsed);
     if a.json {
         let report = RestoredReport {
@@ -255,6 +274,7 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             elapsed_seconds: seconds(done.elapsed),
             content_bytes_per_second: rate,
             node_config: node_config.as_ref(),
+            leads: led.as_ref(),
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -282,6 +302,9 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         if let Some(n) = &node_config {
             println!("{}", n.describe(true));
         }
+        if let Some(l) = &led {
+            println!("{}", l.describe(true));
+        }
         return Ok(ExitCode::SUCCESS);
     }
     println!(
@@ -301,6 +324,9 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(n) = &node_config {
         println!("{}", n.describe(false));
+    }
+    if let Some(l) = &led {
+        println!("{}", l.describe(false));
     }
     if let Some(r) = &done.recovered {
         match (&a.target_time, &r.last_transaction) {

@@ -148,6 +148,11 @@ impl LeaseClient {
         &self.node
     }
 
+    /// The witness's URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// Send `request` and read a JSON answer; a refusal's text becomes the error.
     async fn call<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> anyhow::Result<T> {
         let sent = request.send().await;
