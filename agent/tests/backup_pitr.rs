@@ -186,8 +186,15 @@ async fn point_in_time_recovery_brings_back_exactly_the_keys_at_the_target_time(
         &target,
         "--identity",
         key.to_str().unwrap(),
+        "--verify",
     ]));
     assert!(out.contains("recovered to") && out.contains("Kine's revision moved"), "{out}");
+    // --verify: PostgreSQL's own check of every table and index, and the keys counted.
+    let verified = format!(
+        "verified: pg_amcheck found no corruption in kine, postgres, template1; Kine holds {} live keys",
+        at_target.len()
+    );
+    assert!(out.contains(&verified), "{out}");
     assert!(!target_dir.join("geminik8s-restore-wal").exists(), "the fetched WAL is removed");
 
     // PostgreSQL starts on it as the agent configures it.
@@ -198,6 +205,8 @@ async fn point_in_time_recovery_brings_back_exactly_the_keys_at_the_target_time(
     r.write_config(ServerRole::Primary).unwrap();
     r.start().await.unwrap();
     assert_eq!(live_keys(&r).await, at_target, "exactly the keys that existed at {target}");
+    let left = scalar_i64(&r, "SELECT count(*) FROM pg_extension WHERE extname = 'amcheck'").await;
+    assert_eq!(left, 0, "the check leaves no extension behind");
     let revision = scalar_i64(&r, "SELECT max(id) FROM kine").await;
     let compacted = scalar_i64(&r, "SELECT max(prev_revision) FROM kine WHERE name = 'compact_rev_key'").await;
     assert!(revision > newest_seen, "revision after the restore {revision} <= {newest_seen} seen before it");

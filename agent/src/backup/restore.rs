@@ -37,6 +37,8 @@ pub struct Options {
     pub target_time: Option<String>,
     /// How far Kine's revision jumps ([`super::recover::DEFAULT_BUMP`]).
     pub bump: i64,
+    /// Check the restored data with `pg_amcheck` before it is put in place.
+    pub verify: bool,
     /// This node's PostgreSQL settings (from its cloud-config): the restored
     /// directory gets this node's configuration files, not those of the node
     /// the backup was taken on. `None` keeps the backup's.
@@ -221,7 +223,8 @@ pub async fn restore(
         chown_tree(&wal_dir, opts.owner)?;
         let target = Target { time: opts.target_time.clone(), wal_dir };
         let recovered =
-            recover::recover(&staging, &opts.bin_dir, opts.owner, &target, opts.bump, progress.as_ref()).await?;
+            recover::recover(&staging, &opts.bin_dir, opts.owner, &target, opts.bump, opts.verify, progress.as_ref())
+                .await?;
         std::fs::remove_dir_all(&target.wal_dir).map_err(io("removing the fetched WAL", &target.wal_dir))?;
         // Segments count as fetched WAL; history files only steer the timeline.
         let wal_files = if opts.target_time.is_some() { files } else { 0 };

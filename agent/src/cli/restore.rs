@@ -43,6 +43,10 @@ pub struct Args {
     /// Check the backup end to end and say what would be done; write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also check the restored data before it is put in place: pg_amcheck over every database
+    /// (tables, B-tree indexes, every row found in its indexes), and count Kine's live keys.
+    #[arg(long)]
+    pub verify: bool,
     /// OS user that owns the restored data directory and runs PostgreSQL.
     #[arg(long, default_value = "postgres", value_name = "USER")]
     pub owner: String,
@@ -247,6 +251,7 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         dry_run: a.dry_run,
         target_time: a.target_time.map(postgres_time),
         bump: a.bump_revision,
+        verify: a.verify,
         node: cfg.as_ref().map(|cfg| settings_of(&a, cfg)),
     };
     let progress = Arc::new(Bars::new(global.quiet));
@@ -345,6 +350,10 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 k.newest, k.revision
             ),
             None => println!("no Kine table in the backup: no revision to move"),
+        }
+        if let Some(c) = &r.checked {
+            let keys = c.kine_keys.map(|n| format!("; Kine holds {n} live keys")).unwrap_or_default();
+            println!("verified: pg_amcheck found no corruption in {}{keys}", c.databases.join(", "));
         }
     }
     Ok(ExitCode::SUCCESS)
