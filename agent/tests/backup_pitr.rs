@@ -6,87 +6,24 @@
 //! with Kine's revision moved past every revision seen before. Needs root
 //! and the PostgreSQL tools.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use geminik8s::postgres::render::ServerRole;
-use geminik8s::postgres::settings::WalArchive;
 use geminik8s::postgres::{Manager, StopMode};
 use geminik8s_vm_tests::require;
 
 #[path = "common/backup.rs"]
 mod lab;
-use lab::{Lab, Node, backup, chown_to_postgres, failed, gemin, keygen, leader, names, node, ok, put};
-
-/// Delete `keys` the way Kine does: a new record per key, marked deleted.
-async fn delete(node: &Node, keys: &[String]) {
-    let db = node.connect("kine").await.unwrap();
-    for key in keys {
-        db.execute(
-            "deleting a key",
-            "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
-             SELECT $1, 0, 1, 0, max(id), 0, NULL, NULL FROM kine WHERE name = $1",
-            &[key],
-        )
-        .await
-        .unwrap();
-    }
-}
-
-/// The keys a Kine client lists: the newest record of each name, unless deleted.
-async fn live_keys(node: &Node) -> Vec<String> {
-    let db = node.connect("kine").await.unwrap();
-    let sql = "SELECT k.name FROM kine k \
-               WHERE k.id = (SELECT max(id) FROM kine WHERE name = k.name) AND k.deleted = 0 \
-               AND k.name <> 'compact_rev_key' AND k.name NOT LIKE 'gap-%' ORDER BY k.name";
-    db.query("listing live keys", sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
-}
-
-async fn scalar_i64(node: &Node, sql: &str) -> i64 {
-    node.connect("kine").await.unwrap().query_one("reading", sql, &[]).await.unwrap().get(0)
-}
-
-async fn scalar_text(node: &Node, db: &str, sql: &str) -> String {
-    node.connect(db).await.unwrap().query_one("reading", sql, &[]).await.unwrap().get(0)
-}
-
-/// `backup --type incremental` of `node` into `dest` while the archiver's
-/// part is played by `wal-push` every half second (as the agent does every
-/// five); returns its JSON report.
-async fn incremental(node: &Node, dest: &str, spool: &Path, public: &str) -> serde_json::Value {
-    let s = node.settings();
-    let (host, port) = (s.socket_dir.display().to_string(), s.node.port.to_string());
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gemin_k8s"))
-        .args(["backup", "--type", "incremental", "--output", dest, "--pg-host", &host, "--pg-port", &port])
-        .args(["--cluster", "lab", "--json", "--timeout", "60s"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let push = ["backup", "wal-push", "--spool", spool.to_str().unwrap(), "--output", dest, "--encryption-key", public];
-    let waiting = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
-    while !waiting.is_finished() {
-        ok(gemin(&push));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let out = ok(waiting.await.unwrap());
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
+use lab::{
+    Lab, archiving_node, backup, delete, failed, gemin, incremental, keygen, leader, live_keys, names, node, ok, put,
+    scalar_i64, scalar_text,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn point_in_time_recovery_brings_back_exactly_the_keys_at_the_target_time() {
     require!(root: true, tools: ["initdb", "pg_basebackup", "pg_verifybackup", "pg_waldump", "postgres", "psql"]);
     let lab = Lab::new();
-    // The server's OS user runs the archive command: a copy it can execute.
-    let program = lab.path("gemin_k8s");
-    std::fs::copy(env!("CARGO_BIN_EXE_gemin_k8s"), &program).unwrap();
-    chown_to_postgres(&program);
-    let spool = lab.node_dir("spool");
-    let mut a = node(&lab, "a");
-    let mut s = a.settings().clone();
-    s.wal_archive =
-        Some(WalArchive { program, spool: spool.clone(), spool_limit: 1 << 30, timeout: Duration::from_secs(60) });
-    a.mgr = Manager::new(s, a._supervisor.clone()).unwrap();
+    let (a, spool) = archiving_node(&lab, "a");
     leader(&a).await;
 
     let dest = lab.path("backups");
@@ -144,7 +81,7 @@ async fn point_in_time_recovery_brings_back_exactly_the_keys_at_the_target_time(
 
     // The incremental backup closes the WAL file and returns once the
     // archive holds it: everything up to then is restorable.
-    let inc = incremental(&a, &dest_s, &spool, &public).await;
+    let inc = incremental(&a, &dest_s, &spool, &public, &[]).await;
     assert_eq!(inc["kind"], "incremental", "{inc}");
     assert_eq!(inc["base"], id.as_str(), "{inc}");
     let last = inc["through_segment"].as_str().unwrap().to_string();

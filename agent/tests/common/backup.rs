@@ -1,5 +1,5 @@
 //! Shared by the tests that back up and restore a real PostgreSQL 15
-//! (`backup.rs`, `backup_s3.rs`): a node's server configured and run as the
+//! (`backup.rs`, `backup_pitr.rs`, `backup_s3.rs`): a node's server configured and run as the
 //! agent runs it, Kine's rows, and the `gemin_k8s` binary. The servers run
 //! as the `postgres` user, so these need root.
 
@@ -154,4 +154,85 @@ pub fn backup(node: &Node, dest: &Path, extra: &[&str]) -> String {
     args.extend(["--cluster", "lab", "--node", "a"]);
     args.extend(extra);
     ok(gemin(&args))
+}
+
+/// Delete `keys` the way Kine does: a new record per key, marked deleted.
+pub async fn delete(node: &Node, keys: &[String]) {
+    let db = node.connect("kine").await.unwrap();
+    for key in keys {
+        db.execute(
+            "deleting a key",
+            "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
+             SELECT $1, 0, 1, 0, max(id), 0, NULL, NULL FROM kine WHERE name = $1",
+            &[key],
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// The keys a Kine client lists: the newest record of each name, unless deleted.
+pub async fn live_keys(node: &Node) -> Vec<String> {
+    let db = node.connect("kine").await.unwrap();
+    let sql = "SELECT k.name FROM kine k \
+               WHERE k.id = (SELECT max(id) FROM kine WHERE name = k.name) AND k.deleted = 0 \
+               AND k.name <> 'compact_rev_key' AND k.name NOT LIKE 'gap-%' ORDER BY k.name";
+    db.query("listing live keys", sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+pub async fn scalar_i64(node: &Node, sql: &str) -> i64 {
+    node.connect("kine").await.unwrap().query_one("reading", sql, &[]).await.unwrap().get(0)
+}
+
+pub async fn scalar_text(node: &Node, db: &str, sql: &str) -> String {
+    node.connect(db).await.unwrap().query_one("reading", sql, &[]).await.unwrap().get(0)
+}
+
+/// `backup --type incremental` of `node` into `dest` (with `extra` flags,
+/// as an S3 destination's) while the archiver's part is played by
+/// `wal-push` every half second (as the agent does every five); returns its
+/// JSON report.
+pub async fn incremental(node: &Node, dest: &str, spool: &Path, public: &str, extra: &[&str]) -> serde_json::Value {
+    let s = node.settings();
+    let (host, port) = (s.socket_dir.display().to_string(), s.node.port.to_string());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gemin_k8s"))
+        .args(["backup", "--type", "incremental", "--output", dest, "--pg-host", &host, "--pg-port", &port])
+        .args(["--cluster", "lab", "--json", "--timeout", "60s"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let push = ["backup", "wal-push", "--spool", spool.to_str().unwrap(), "--output", dest, "--encryption-key", public];
+    let push = [&push[..], extra].concat();
+    let waiting = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
+    while !waiting.is_finished() {
+        ok(gemin(&push));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let out = ok(waiting.await.unwrap());
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// A node `name` whose server archives its WAL as the agent sets it up:
+/// `archive_command` spools each file through `gemin_k8s backup wal-spool`
+/// into the returned directory.
+pub fn archiving_node(lab: &Lab, name: &str) -> (Node, PathBuf) {
+    // The server's OS user runs the archive command: a copy it can execute.
+    let program = lab.path("gemin_k8s");
+    if !program.exists() {
+        std::fs::copy(env!("CARGO_BIN_EXE_gemin_k8s"), &program).unwrap();
+        chown_to_postgres(&program);
+    }
+    let spool = lab.node_dir(&format!("{name}-spool"));
+    let mut n = node(lab, name);
+    let mut s = n.settings().clone();
+    s.wal_archive = Some(geminik8s::postgres::settings::WalArchive {
+        program,
+        spool: spool.clone(),
+        spool_limit: 1 << 30,
+        timeout: Duration::from_secs(60),
+    });
+    n.mgr = Manager::new(s, n._supervisor.clone()).unwrap();
+    (n, spool)
 }
