@@ -10,6 +10,7 @@ pub mod cmd;
 pub mod config;
 pub mod daemon;
 pub mod election;
+pub mod enrol;
 pub mod fsutil;
 pub mod hostmeta;
 pub mod k3s;

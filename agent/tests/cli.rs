@@ -114,7 +114,9 @@ fn dry_run_writes_nothing() {
     let json = init_into(&dir, &["--dry-run", "--output", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["dry_run"], true);
-    assert_eq!(v["files"].as_array().unwrap().len(), 7);
+    let files: Vec<String> = v["files"].as_array().unwrap().iter().map(|f| f.to_string()).collect();
+    assert_eq!(files.len(), 9, "{files:?}");
+    assert!(files.iter().any(|f| f.contains("enrolment.token")) && files.iter().any(|f| f.contains("enrolment.yaml")));
     assert!(!text(&json.stdout).contains("PRIVATE KEY"), "the plan must not print secrets");
     assert!(!dir.exists());
 }

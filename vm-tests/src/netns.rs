@@ -366,15 +366,22 @@ impl Lab {
     /// Start the agent of `node` as its service manager would; see
     /// [`Lab::start`] for powering a node on.
     pub fn start_agent(&self, node: &str) -> anyhow::Result<u32> {
+        let files = [self.config_dir.join(format!("{node}.yaml")), self.node_dir(node).join("lab.yaml")];
+        self.start_agent_with(node, &files)
+    }
+
+    /// Start the agent of `node` with these cloud-config files (merged in
+    /// order) instead of its node file and the lab's: an unconfigured node
+    /// waiting for enrolment, for example.
+    pub fn start_agent_with(&self, node: &str, cloud_configs: &[PathBuf]) -> anyhow::Result<u32> {
         let host = self.node(node)?;
         let dir = self.node_dir(node);
-        let argv: Vec<String> = vec![
-            self.agent_bin.display().to_string(),
-            "agent".into(),
-            "--cloud-config".into(),
-            self.config_dir.join(format!("{node}.yaml")).display().to_string(),
-            "--cloud-config".into(),
-            dir.join("lab.yaml").display().to_string(),
+        let mut argv: Vec<String> = vec![self.agent_bin.display().to_string(), "agent".into()];
+        for file in cloud_configs {
+            argv.push("--cloud-config".into());
+            argv.push(file.display().to_string());
+        }
+        argv.extend([
             "--state-dir".into(),
             dir.join("state").display().to_string(),
             "--socket".into(),
@@ -391,7 +398,7 @@ impl Lab {
             // same file through the redirection below.
             "--log-file".into(),
             dir.join("agent.log").display().to_string(),
-        ];
+        ]);
         let env: Vec<(&str, &Path)> = self.k3s.iter().map(|k3s| (geminik8s::k3s::BINARY_ENV, k3s.as_path())).collect();
         self.spawn_with(&host.netns, &dir.join("agent.log"), &argv, &env)
     }

@@ -41,6 +41,17 @@ fn lab_up_with(init_extra: &[&str], witness: Option<WitnessMode>, k3s: Option<Pa
 /// [`lab_up_with`], with `block` added to both nodes' cloud-config (YAML
 /// below `geminik8s:`; `{node_dir}` is the node's directory).
 fn lab_up_block(init_extra: &[&str], witness: Option<WitnessMode>, k3s: Option<PathBuf>, block: &str) -> Option<Up> {
+    lab_up_full(init_extra, witness, k3s, block, true)
+}
+
+/// [`lab_up_block`], with the agents started (`start_agents`) or left to the test.
+fn lab_up_full(
+    init_extra: &[&str],
+    witness: Option<WitnessMode>,
+    k3s: Option<PathBuf>,
+    block: &str,
+    start_agents: bool,
+) -> Option<Up> {
     if let Some(reason) =
         geminik8s_vm_tests::skip::requires(true, &["ip", "etcdctl", "initdb", "pg_basebackup", "pg_rewind", "kine"])
     {
@@ -64,7 +75,7 @@ fn lab_up_block(init_extra: &[&str], witness: Option<WitnessMode>, k3s: Option<P
         agent_bin: bin,
         witness,
         extra_block: Some(format!("{FAST}{block}")),
-        start_agents: true,
+        start_agents,
         k3s,
     };
     let lab = Lab::up(&opts).unwrap();
@@ -83,7 +94,9 @@ fn lab_up_block(init_extra: &[&str], witness: Option<WitnessMode>, k3s: Option<P
     if keep {
         eprintln!("keeping {}", root.display());
     }
-    wait_formed(&up.lab, "node1", "node2", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(&up.lab)));
+    if start_agents {
+        wait_formed(&up.lab, "node1", "node2", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(&up.lab)));
+    }
     Some(up)
 }
 
@@ -1356,4 +1369,81 @@ fn a_cluster_restored_to_a_point_in_time_leads_with_its_keys_at_newer_revisions(
         "restored to {target}: {} keys; revision {newest_seen} seen before, {rev} after; node2 {rejoined}",
         before.len()
     );
+}
+
+/// `gemin_k8s deploy` from the client's namespace with `token_file`.
+fn deploy(lab: &Lab, token_file: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let bin = agent_bin().unwrap();
+    let config_dir = lab.config_dir.display().to_string();
+    let mut argv = vec![bin.to_str().unwrap(), "deploy", "--config-dir", &config_dir];
+    argv.extend(["--token-file", token_file.to_str().unwrap(), "--timeout", "90s"]);
+    argv.extend(extra);
+    lab.exec("client", &argv).unwrap()
+}
+
+/// Two nodes boot without a node configuration, only the site's enrolment
+/// token (as the generic image carries it): their agents wait for
+/// enrolment. `deploy` with a wrong token is refused and sends nothing;
+/// with the token from `init` it sends each node its file and follows the
+/// cluster forming; writes then go through the VIP; a second `deploy`
+/// leaves the configured nodes as they are.
+#[test]
+fn deploy_forms_a_cluster_from_two_unconfigured_nodes() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(up) = lab_up_full(&[], None, None, "", false) else { return };
+    let lab = &up.lab;
+    let token = lab.config_dir.join("enrolment.token");
+    for node in ["node1", "node2"] {
+        let dir = lab.node_dir(node);
+        let enrolment = format!(
+            "#cloud-config\ngeminik8s_enrolment:\n  token_file: {}\n  config_dir: {}\n",
+            token.display(),
+            dir.join("oem").display()
+        );
+        std::fs::write(dir.join("enrolment.yaml"), enrolment).unwrap();
+        lab.start_agent_with(node, &[dir.join("enrolment.yaml"), dir.join("lab.yaml")]).unwrap();
+    }
+
+    // A wrong token: refused by the nodes, nothing sent.
+    let wrong = lab.run_dir.join("wrong.token");
+    std::fs::write(&wrong, "not-the-site-token-0123456789\n").unwrap();
+    let refused = poll::until("both enrolment endpoints up", FORM, Duration::from_millis(500), || {
+        let out = deploy(lab, &wrong, &[]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if err.contains("refuses the enrolment token") { Ok(err) } else { Err(err) }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(refused.contains("node1"), "{refused}");
+    assert!(!lab.node_dir("node1").join("oem").exists() && !lab.node_dir("node2").join("oem").exists());
+
+    let out = deploy(lab, &token, &["--json"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(lab));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (leader, follower) = (report["leader"].as_str().unwrap(), report["follower"].as_str().unwrap());
+    assert_eq!((leader, follower), ("node1", "node2"), "the bootstrap leader leads: {report}");
+    for n in report["nodes"].as_array().unwrap() {
+        assert_eq!((n["found"].as_str(), n["sent"].as_bool()), (Some("unconfigured"), Some(true)), "{report}");
+        assert!(n["fingerprint"].as_str().is_some_and(|f| f.starts_with("SHA256:")), "{report}");
+    }
+    for node in ["node1", "node2"] {
+        let written = lab.node_dir(node).join("oem").join("90_geminik8s.yaml");
+        let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&written).unwrap()) & 0o777;
+        assert_eq!(mode, 0o600, "{}", written.display());
+        let sent = std::fs::read_to_string(lab.config_dir.join(format!("{node}.yaml"))).unwrap();
+        assert_eq!(std::fs::read_to_string(&written).unwrap(), sent, "{node} got its own file");
+    }
+    wait_formed(lab, "node1", "node2", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let rev =
+        poll::until("a write through the VIP", FORM, Duration::from_millis(200), || put(lab, "/lab/deploy/a", "v"))
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(rev > 0);
+
+    // Again: both nodes run this cluster already; nothing is sent.
+    let out = deploy(lab, &token, &["--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for n in again["nodes"].as_array().unwrap() {
+        assert_eq!((n["found"].as_str(), n["sent"].as_bool()), (Some("configured"), Some(false)), "{again}");
+    }
+    println!("deployed in {} s", report["elapsed_seconds"]);
 }

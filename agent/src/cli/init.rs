@@ -437,6 +437,11 @@ fn planned(dir: &Path, rel: &str, contents: Vec<u8>, mode: u32) -> PlannedFile {
     }
 }
 
+/// The site enrolment token in the cluster directory.
+pub const ENROLMENT_TOKEN: &str = "enrolment.token";
+/// The same token as a cloud-config for unconfigured nodes.
+pub const ENROLMENT_CONFIG: &str = "enrolment.yaml";
+
 /// Build every file in memory and validate the node files with the agent's loader.
 pub fn build(plan: &Plan, dir: &Path, template_path: Option<&Path>) -> anyhow::Result<Vec<PlannedFile>> {
     let template = match template_path {
@@ -499,6 +504,19 @@ fn build_with(plan: &Plan, dir: &Path, template: &Template) -> anyhow::Result<Ve
         files.push(planned(dir, "pki/witness.crt", w.cert.into_bytes(), 0o644));
         files.push(planned(dir, "pki/witness.key", w.key.into_bytes(), 0o600));
     }
+    // The site enrolment token: for `deploy`, and as a cloud-config for the
+    // generic image's /oem or boot media (nodes without a configuration
+    // wait for `deploy` with it).
+    let token = secrets::generate(40);
+    files.push(planned(dir, ENROLMENT_TOKEN, format!("{token}\n").into_bytes(), 0o600));
+    let enrolment = format!(
+        "{HEADER}\n# The site enrolment token of cluster `{}`: on the generic image's /oem or boot media, a node\n\
+         # without a configuration waits for `gemin_k8s deploy --token-file {ENROLMENT_TOKEN}`. Keep it private.\n\
+         {}:\n  token: {token}\n",
+        plan.name,
+        crate::enrol::KEY
+    );
+    files.push(planned(dir, ENROLMENT_CONFIG, enrolment.into_bytes(), 0o600));
     Ok(files)
 }
 

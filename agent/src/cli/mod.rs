@@ -10,6 +10,7 @@ pub mod backup;
 pub mod backup_wal;
 pub mod completion;
 pub mod config;
+pub mod deploy;
 pub mod docs;
 pub mod failover;
 pub mod init;
@@ -89,6 +90,8 @@ pub enum Command {
     Config(config::Command),
     /// Show the cluster's state as the agents see it (exit 1 when degraded).
     Status(status::Args),
+    /// Send two unconfigured nodes (the generic image, waiting for enrolment) their configuration and follow the cluster forming.
+    Deploy(deploy::Args),
     /// K3s's admin kubeconfig for the VIP, from the agents.
     Kubeconfig(kubeconfig::Args),
     /// Planned switchover (proven lossless), its checks (--dry-run), or a forced failover (--force).
@@ -140,6 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init(args) => init::run(args, &cli.global).await,
         Command::Config(cmd) => config::run(cmd, &cli.global).await,
         Command::Status(args) => status::run(args, &cli.global).await,
+        Command::Deploy(args) => deploy::run(args, &cli.global).await,
         Command::Kubeconfig(args) => kubeconfig::run(args, &cli.global).await,
         Command::Failover(args) => failover::run(args, &cli.global).await,
         Command::Backup(args) => backup::run(args, &cli.global).await,

@@ -30,6 +30,9 @@ pub struct Source {
 #[derive(Debug, Clone)]
 pub struct SourcePaths {
     pub oem_dir: PathBuf,
+    /// Where an enrolled node keeps the configuration `gemin_k8s deploy`
+    /// sent it ([`ENROLLED_DIR`]): persistent, read after `/oem`.
+    pub enrolled_dir: PathBuf,
     pub etc_dir: PathBuf,
     /// Mount point of a NoCloud `CIDATA` volume, when one is mounted.
     pub cidata_dir: Option<PathBuf>,
@@ -42,6 +45,11 @@ pub struct SourcePaths {
     /// its VIP, without the network).
     pub url_cache: Option<PathBuf>,
 }
+
+/// Where an enrolled node's configuration is written (the image's `/oem`
+/// is read-only and its `/etc` forgets at reboot; the state directory
+/// persists).
+pub const ENROLLED_DIR: &str = "/var/lib/geminik8s/cloud-config";
 
 /// Where the copy of the URL's cloud-config is kept, below the root.
 pub const URL_CACHE: &str = "var/lib/geminik8s/config-url.yaml";
@@ -58,6 +66,7 @@ impl SourcePaths {
         let cidata = root.join(CIDATA_MOUNT);
         SourcePaths {
             oem_dir: root.join("oem"),
+            enrolled_dir: root.join(ENROLLED_DIR.trim_start_matches('/')),
             etc_dir: root.join("etc/geminik8s"),
             cidata_dir: cidata.is_dir().then_some(cidata),
             cmdline: Some(root.join("proc/cmdline")),
@@ -151,7 +160,7 @@ pub async fn fetch(url: &str, timeout: Duration, attempts: u32) -> anyhow::Resul
 pub async fn gather(paths: &SourcePaths) -> anyhow::Result<(Vec<Source>, Vec<Diagnostic>)> {
     let mut sources = Vec::new();
     let mut warnings = Vec::new();
-    for dir in [&paths.oem_dir, &paths.etc_dir] {
+    for dir in [&paths.oem_dir, &paths.enrolled_dir, &paths.etc_dir] {
         for file in yaml_files(dir)? {
             let source = read(&file)?;
             if has_header(&source.text) {
@@ -269,6 +278,25 @@ pub fn load_sources(sources: &[Source], ctx: &CheckContext) -> Result<Loaded, Di
     }
 }
 
+/// The merged document of `sources`, not validated (`None` when one does
+/// not parse): what an unconfigured node reads its enrolment settings from.
+pub fn merged_document(sources: &[Source]) -> Option<Value> {
+    let mut merged: Option<Node> = None;
+    for (index, source) in sources.iter().enumerate().filter(|(_, s)| has_header(&s.text)) {
+        let node = yaml::parse(&source.text, index).ok()?;
+        match &mut merged {
+            None => merged = Some(node),
+            Some(m) => m.merge(node),
+        }
+    }
+    merged.map(|m| m.to_json())
+}
+
+/// Read `files` as sources.
+pub fn read_files(files: &[PathBuf]) -> anyhow::Result<Vec<Source>> {
+    files.iter().map(|f| read(f)).collect()
+}
+
 /// Load files given explicitly, as `gemin_k8s config validate` does.
 pub fn load_files(files: &[PathBuf], ctx: &CheckContext) -> Result<Loaded, Diagnostics> {
     let mut sources = Vec::new();
@@ -315,12 +343,16 @@ mod tests {
         std::fs::create_dir_all(root.path().join("oem")).unwrap();
         std::fs::write(cidata.join("user-data"), "#cloud-config\nhostname: b\n").unwrap();
         std::fs::write(root.path().join("oem/10.yaml"), "#cloud-config\nhostname: a\n").unwrap();
+        // What `deploy` sent an unconfigured node: after /oem.
+        let enrolled = root.path().join(ENROLLED_DIR.trim_start_matches('/'));
+        std::fs::create_dir_all(&enrolled).unwrap();
+        std::fs::write(enrolled.join("90_geminik8s.yaml"), "#cloud-config\nhostname: c\n").unwrap();
         let paths = SourcePaths::under(root.path());
         assert_eq!(paths.cidata_dir.as_deref(), Some(cidata.as_path()));
         let (sources, warnings) = gather(&paths).await.unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
-        let want = [root.path().join("oem/10.yaml"), cidata.join("user-data")];
+        let want = [root.path().join("oem/10.yaml"), enrolled.join("90_geminik8s.yaml"), cidata.join("user-data")];
         assert_eq!(names, want.iter().map(|p| p.to_str().unwrap()).collect::<Vec<_>>());
     }
 

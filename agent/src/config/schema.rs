@@ -517,13 +517,30 @@ pub fn reference_markdown() -> String {
          ## Sources\n\n\
          The agent merges, in this order (later wins; mappings merge key by key, lists are replaced):\n\n\
          1. `*.yaml` / `*.yml` files in `/oem`, in name order;\n\
-         2. `*.yaml` / `*.yml` files in `/etc/geminik8s`, in name order;\n\
-         3. `user-data` on a NoCloud volume labelled `CIDATA` (or `cidata`), which the image's initramfs\n\
+         2. `*.yaml` / `*.yml` files in `/var/lib/geminik8s/cloud-config`, in name order: where an\n\
+            \x20  unconfigured node keeps the configuration `gemin_k8s deploy` sent it (below);\n\
+         3. `*.yaml` / `*.yml` files in `/etc/geminik8s`, in name order;\n\
+         4. `user-data` on a NoCloud volume labelled `CIDATA` (or `cidata`), which the image's initramfs\n\
             \x20  mounts read-only at `/run/geminik8s-boot/cidata`;\n\
-         4. the URL given as `geminik8s.config_url=` on the kernel command line (10 s timeout, 3 tries).\n\n\
-         Every source must start with the line `#cloud-config`; files in the two directories that do\n\
+         5. the URL given as `geminik8s.config_url=` on the kernel command line (10 s timeout, 3 tries).\n\n\
+         Every source must start with the line `#cloud-config`; files in the three directories that do\n\
          not are skipped with a warning. Check files before flashing them with\n\
          `gemin_k8s config validate FILE...`, which merges and validates them exactly as the agent does.\n\n\
+         ## Unconfigured nodes (enrolment)\n\n\
+         Sources without `geminik8s.node` but with a top-level `geminik8s_enrolment:` block make the agent\n\
+         wait for its configuration instead of failing: it serves HTTPS on `listen` (default\n\
+         `0.0.0.0:7444`) with a self-signed certificate whose fingerprint it logs, and takes exactly one\n\
+         node configuration from `gemin_k8s deploy` that knows the site token, which it writes to\n\
+         `config_dir` (default `/var/lib/geminik8s/cloud-config`) as `90_geminik8s.yaml`, then starts as\n\
+         that node. `gemin_k8s init` writes the block as `enrolment.yaml`:\n\n\
+         ```yaml\n\
+         #cloud-config\n\
+         geminik8s_enrolment:\n\
+         \x20 token: ...            # or token_file: FILE (its first line); at least 16 characters\n\
+         \x20 listen: 0.0.0.0:7444\n\
+         \x20 config_dir: /var/lib/geminik8s/cloud-config\n\
+         ```\n\n\
+         See docs/operations.md, \"Provisioning a site\".\n\n\
          ## Checks beyond types\n\n\
          - `node.ip` and `peer.ip` differ; `cluster.vip` differs from both and all three share the `cluster.vip_prefix` subnet;\n\
          - `node.name` and `peer.name` differ; `cluster.bootstrap_leader` is one of them;\n\

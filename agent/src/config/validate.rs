@@ -80,7 +80,7 @@ pub fn validate(doc: &Node, names: &[String], ctx: &CheckContext) -> (Option<Gem
         return (None, c.out);
     };
     for (key, pos, _) in entries {
-        if key == BLOCK || schema::KAIROS_KEYS.contains(&key.as_str()) {
+        if key == BLOCK || key == crate::enrol::KEY || schema::KAIROS_KEYS.contains(&key.as_str()) {
             continue;
         }
         if strsim::damerau_levenshtein(key, BLOCK) <= 2 {

@@ -123,10 +123,27 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let ctx = CheckContext { root: args.root.clone(), check_files: true };
-    let loaded = if args.cloud_config.is_empty() {
+    let mut files = args.cloud_config.clone();
+    // Without a node configuration: wait for one (`gemin_k8s deploy`). It is
+    // written where the node's sources are read (the configured `config_dir`,
+    // /oem by default); with --cloud-config files it comes first, and the
+    // files given refine it.
+    let sources = match files.is_empty() {
+        true => crate::config::load::gather(&SourcePaths::under(&args.root)).await.map(|(s, _)| s).ok(),
+        false => crate::config::load::read_files(&files).ok(),
+    };
+    if let Some(document) = sources.as_deref().and_then(crate::config::load::merged_document)
+        && let Some(enrolment) = crate::enrol::Settings::of_unconfigured(&document)?
+    {
+        let written = crate::enrol::serve(&enrolment, &args.state_dir).await?;
+        if !files.is_empty() && !files.contains(&written) {
+            files.insert(0, written);
+        }
+    }
+    let loaded = if files.is_empty() {
         crate::config::load(&SourcePaths::under(&args.root), &ctx).await?
     } else {
-        crate::config::load_files(&args.cloud_config, &ctx)?
+        crate::config::load_files(&files, &ctx)?
     };
     for w in &loaded.warnings {
         tracing::warn!("{w}");

@@ -1,0 +1,421 @@
+//! `gemin_k8s deploy`: from two freshly booted, unconfigured nodes (the
+//! generic image, waiting for enrolment: see [`crate::enrol`]) to a cluster.
+//!
+//! For each node of `cluster.yaml` in `--config-dir`: ask its enrolment
+//! endpoint for its facts and its proof of the site token (checked against
+//! the certificate this connection saw, which is then pinned), check them
+//! (preflight), send the node its cloud-config, then follow the cluster
+//! forming through the agents' API until one node leads and the other
+//! streams synchronously from it. A node that already runs this cluster's
+//! configuration is left as it is, so running `deploy` again is harmless.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::Serialize;
+
+use super::GlobalArgs;
+use crate::clusterfile::{self, ClusterFile};
+use crate::enrol::{self, Facts};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The cluster directory written by `gemin_k8s init` (cluster.yaml, the node files, pki/).
+    #[arg(long, value_name = "DIR")]
+    pub config_dir: PathBuf,
+    /// File holding the site enrolment token (its first line), as the nodes' image carries it.
+    #[arg(long, value_name = "FILE", env = "GEMINIK8S_ENROLMENT_TOKEN_FILE")]
+    pub token_file: PathBuf,
+    /// Port of the nodes' enrolment endpoint.
+    #[arg(long, default_value_t = enrol::DEFAULT_PORT, value_name = "PORT")]
+    pub port: u16,
+    /// How long the whole deployment may take, the cluster forming included.
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+    /// Send the configurations without the checks (reachability and the token are still needed).
+    #[arg(long)]
+    pub skip_preflight: bool,
+    /// The largest clock difference between this machine and a node that preflight accepts.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub max_clock_offset: Duration,
+    /// Print each step of each node while the cluster forms (otherwise only the result).
+    #[arg(long)]
+    pub watch: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `deploy` found and did on one node.
+#[derive(Debug, Serialize)]
+struct NodeReport {
+    name: String,
+    ip: IpAddr,
+    /// `unconfigured`, `enrolled` (took this configuration, starting) or
+    /// `configured` (already runs this cluster).
+    found: &'static str,
+    sent: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fingerprint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clock_offset_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_version: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    cluster: String,
+    nodes: Vec<NodeReport>,
+    leader: String,
+    follower: String,
+    elapsed_seconds: f64,
+}
+
+/// A server certificate verifier that accepts the first certificate it
+/// sees and records its fingerprint; once [`Pinning::pin`] is called, only
+/// that certificate. The handshake signatures are verified as usual.
+#[derive(Debug)]
+struct Pinning {
+    seen: Mutex<Option<String>>,
+    pinned: Mutex<Option<String>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl Pinning {
+    fn seen(&self) -> Option<String> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn pin(&self, fingerprint: &str) {
+        *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Some(fingerprint.to_string());
+    }
+}
+
+impl ServerCertVerifier for Pinning {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let fp = enrol::fingerprint(end_entity.as_ref());
+        if let Some(pinned) = self.pinned.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+            && *pinned != fp
+        {
+            return Err(rustls::Error::General(format!("the node's certificate changed: SHA256:{fp}")));
+        }
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp);
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// One node's enrolment endpoint.
+struct Endpoint {
+    name: String,
+    ip: IpAddr,
+    url: String,
+    http: reqwest::Client,
+    verifier: Arc<Pinning>,
+    token: String,
+}
+
+/// What a node's enrolment endpoint said, or that none answers.
+enum Found {
+    Waiting(Box<Facts>),
+    /// Nothing listens on the enrolment port (a configured node, or no node).
+    NoEndpoint(String),
+}
+
+impl Endpoint {
+    fn new(name: &str, ip: IpAddr, port: u16, token: &str) -> anyhow::Result<Endpoint> {
+        crate::tls::install_crypto_provider();
+        let provider = rustls::crypto::CryptoProvider::get_default().cloned().context("no TLS crypto provider")?;
+        let verifier = Arc::new(Pinning { seen: Mutex::new(None), pinned: Mutex::new(None), provider });
+        let mut config = rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(verifier.clone())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(config)
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("the enrolment HTTP client")?;
+        let url = format!("https://{}/v1/enrolment", SocketAddr::new(ip, port));
+        Ok(Endpoint { name: name.into(), ip, url, http, verifier, token: token.into() })
+    }
+
+    /// The node's facts, its proof checked against the certificate seen,
+    /// which is pinned from then on.
+    async fn facts(&self) -> anyhow::Result<Found> {
+        let nonce = crate::secrets::generate(32);
+        let sent = self.http.get(format!("{}?nonce={nonce}", self.url)).bearer_auth(&self.token).send().await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => return Ok(Found::NoEndpoint(format!("{e}"))),
+            Err(e) => bail!("asking {} at {} for its enrolment facts: {e}", self.name, self.url),
+        };
+        match response.status() {
+            reqwest::StatusCode::OK => {}
+            reqwest::StatusCode::UNAUTHORIZED => bail!(
+                "{} at {} refuses the enrolment token: the token file does not hold the token its image was built \
+                 with (or given on its boot media)",
+                self.name,
+                self.ip
+            ),
+            status => bail!("{} at {} answered {status}: {}", self.name, self.url, response.text().await?),
+        }
+        let facts: Facts = response.json().await.with_context(|| format!("reading {}'s enrolment facts", self.name))?;
+        let seen = self.verifier.seen().context("no certificate was seen")?;
+        if facts.fingerprint != seen || facts.proof != enrol::proof(&self.token, &nonce, &seen) {
+            bail!(
+                "{} at {} did not prove that it knows the enrolment token for the certificate this machine saw \
+                 (SHA256:{seen}); another host may be answering for it. Nothing was sent",
+                self.name,
+                self.ip
+            );
+        }
+        self.verifier.pin(&seen);
+        Ok(Found::Waiting(Box::new(facts)))
+    }
+
+    async fn send(&self, config: String) -> anyhow::Result<()> {
+        let response = self
+            .http
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .body(config)
+            .send()
+            .await
+            .with_context(|| format!("sending {} its configuration", self.name))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            let error = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or(body);
+            bail!("{} refused its configuration ({status}): {error}", self.name);
+        }
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as i64
+}
+
+pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let deadline = started + a.timeout;
+    let path = a.config_dir.join(clusterfile::FILE_NAME);
+    let cluster = ClusterFile::load(&path)?;
+    let token = std::fs::read_to_string(&a.token_file)
+        .with_context(|| format!("reading the enrolment token from {}", a.token_file.display()))?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let say = |line: String| {
+        if !a.json && !global.quiet {
+            eprintln!("{line}");
+        }
+    };
+    let (_, clients) = super::status::node_clients(&path, Duration::from_secs(5))?;
+
+    // Preflight: every node answers, with the facts it gives.
+    let mut plan = Vec::new();
+    for n in &cluster.nodes {
+        let (name, ip) = (n.member.name.clone(), n.member.ip);
+        let config = std::fs::read_to_string(a.config_dir.join(&n.cloud_config))
+            .with_context(|| format!("reading {}'s cloud-config {}", name, n.cloud_config.display()))?;
+        let endpoint = Endpoint::new(&name, ip, a.port, &token)?;
+        let client = &clients.iter().find(|(c, _)| *c == name).context("a client for every node")?.1;
+        let mut report = NodeReport {
+            name: name.clone(),
+            ip,
+            found: "unconfigured",
+            sent: false,
+            fingerprint: None,
+            clock_offset_ms: None,
+            agent_version: None,
+        };
+        match endpoint.facts().await? {
+            Found::Waiting(facts) => {
+                report.fingerprint = Some(format!("SHA256:{}", facts.fingerprint));
+                report.clock_offset_ms = Some(facts.unix_ms as i64 - now_ms());
+                report.agent_version = Some(facts.agent_version.clone());
+                if let Some(e) = &facts.enrolled {
+                    if e.cluster != cluster.name || e.node != name {
+                        bail!(
+                            "{name} at {ip} took the configuration of node {} of cluster {} already; reinstall it to \
+                             deploy it as {name} of {}",
+                            e.node,
+                            e.cluster,
+                            cluster.name
+                        );
+                    }
+                    report.found = "enrolled";
+                }
+                say(format!(
+                    "{name} {ip}: {}, agent {}, clock {:+.1} s, certificate {}",
+                    if report.found == "enrolled" {
+                        "took this configuration, starting"
+                    } else {
+                        "waiting for enrolment"
+                    },
+                    facts.agent_version,
+                    report.clock_offset_ms.unwrap_or(0) as f64 / 1000.0,
+                    report.fingerprint.as_deref().unwrap_or("-")
+                ));
+                if !a.skip_preflight {
+                    preflight(&a, &name, ip, &facts)?;
+                }
+                plan.push((endpoint, report, Some(config)));
+            }
+            Found::NoEndpoint(why) => match client.status().await {
+                Ok(status) if status.cluster == cluster.name && status.node == name => {
+                    report.found = "configured";
+                    report.agent_version = Some(status.agent_version.clone());
+                    say(format!("{name} {ip}: already runs node {name} of cluster {} (left as it is)", cluster.name));
+                    plan.push((endpoint, report, None));
+                }
+                Ok(status) => bail!(
+                    "{name} at {ip} runs node {} of cluster {}; reinstall it to deploy it as {name} of {}",
+                    status.node,
+                    status.cluster,
+                    cluster.name
+                ),
+                Err(e) => bail!(
+                    "{name} at {ip} answers neither on its enrolment port {} ({why}) nor as an agent of this \
+                     cluster ({e:#}); is it booted, with the generic image, on this network?",
+                    a.port
+                ),
+            },
+        }
+    }
+    if !a.skip_preflight {
+        let versions: Vec<&str> = plan.iter().filter_map(|(_, r, _)| r.agent_version.as_deref()).collect();
+        if versions.windows(2).any(|w| w[0] != w[1]) {
+            bail!("the nodes run different agent versions ({}); boot both from the same image", versions.join(", "));
+        }
+    }
+
+    // Send each waiting node its configuration.
+    for (endpoint, report, config) in &mut plan {
+        if let Some(config) = config.take()
+            && report.found == "unconfigured"
+        {
+            endpoint.send(config).await?;
+            report.sent = true;
+            say(format!("{} {}: configuration sent", report.name, report.ip));
+        }
+    }
+
+    // Follow the cluster forming.
+    let mut last: Vec<String> = vec![String::new(); clients.len()];
+    let (leader, follower) = loop {
+        let mut views = Vec::new();
+        for (i, (name, client)) in clients.iter().enumerate() {
+            let line = match client.status().await {
+                Ok(s) => {
+                    let streaming = s.replication.as_ref().is_some_and(|r| r.streaming);
+                    let durability = s.replication.as_ref().map(|r| r.durability.clone()).unwrap_or_default();
+                    views.push((name.clone(), s.role.clone(), streaming, durability.clone()));
+                    format!("{name}: {} ({}){}", s.role, s.state, if streaming { ", streaming" } else { "" })
+                }
+                Err(e) => format!("{name}: not answering yet ({})", crate::cmd::tail(&format!("{e:#}"), 1)),
+            };
+            if a.watch && line != last[i] {
+                say(line.clone());
+            }
+            last[i] = line;
+        }
+        let leader = views.iter().find(|v| v.1 == "leader" && v.3 == "synchronous");
+        let follower = views.iter().find(|v| v.1 == "follower" && v.2);
+        if let (Some(l), Some(f)) = (leader, follower) {
+            break (l.0.clone(), f.0.clone());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the cluster did not form within {} (--timeout); last seen: {}",
+                humantime::format_duration(a.timeout),
+                last.join("; ")
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let elapsed = started.elapsed();
+    let report = Report {
+        cluster: cluster.name.clone(),
+        nodes: plan.into_iter().map(|(_, r, _)| r).collect(),
+        leader: leader.clone(),
+        follower: follower.clone(),
+        elapsed_seconds: elapsed.as_millis() as f64 / 1000.0,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "cluster {} formed in {:.1} s: {leader} leads, {follower} streams synchronously from it",
+            cluster.name,
+            elapsed.as_secs_f64()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The checks on one waiting node before anything is sent.
+fn preflight(a: &Args, name: &str, ip: IpAddr, facts: &Facts) -> anyhow::Result<()> {
+    let addresses: Vec<IpAddr> = facts.interfaces.iter().flat_map(|i| i.addresses.iter().copied()).collect();
+    if !addresses.contains(&ip) {
+        bail!(
+            "{name} answered at {ip} but lists the addresses {:?}; check cluster.yaml (--skip-preflight to send anyway)",
+            addresses
+        );
+    }
+    let offset = Duration::from_millis((facts.unix_ms as i64 - now_ms()).unsigned_abs());
+    if offset > a.max_clock_offset {
+        bail!(
+            "{name}'s clock is {:.1} s off this machine's (more than --max-clock-offset {}); set its time (NTP) \
+             first: certificates and the witness lease depend on it",
+            offset.as_secs_f64(),
+            humantime::format_duration(a.max_clock_offset)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,420 @@
+//! Enrolment: a node that boots the generic image without a node
+//! configuration waits for one.
+//!
+//! Its cloud-config has no `geminik8s.node`, only a site enrolment token:
+//!
+//! ```yaml
+//! #cloud-config
+//! geminik8s_enrolment:
+//!   token_file: /oem/enrolment.token   # or token: ...
+//!   listen: 0.0.0.0:7444               # the default
+//!   config_dir: /var/lib/geminik8s/cloud-config   # the default: where it is written
+//! ```
+//!
+//! The agent then serves HTTPS on `listen` with a self-signed certificate
+//! kept in the state directory (so its fingerprint, printed on the console
+//! and in the journal, stays the same across reboots) and accepts exactly
+//! one node configuration from `gemin_k8s deploy`:
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /v1/enrolment?nonce=N` | the node's facts, and its proof that it knows the token |
+//! | `POST /v1/enrolment` | the node's cloud-config; written to `config_dir/90_geminik8s.yaml` |
+//!
+//! Both need `Authorization: Bearer TOKEN`. The token authenticates the
+//! operator to the node; the node proves it knows the token too, bound to
+//! the certificate the operator sees: HMAC-SHA256 keyed by the token over
+//! the operator's nonce and the certificate's SHA-256, so a host in between
+//! (with a certificate of its own) cannot pass the node's proof on, and
+//! `deploy` sends no secret to it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The top-level cloud-config key of an unconfigured node.
+pub const KEY: &str = "geminik8s_enrolment";
+/// Where `deploy` finds an unconfigured node.
+pub const DEFAULT_PORT: u16 = 7444;
+/// The file the configuration is written to in `config_dir` (read after
+/// the image's `/oem`, so it wins the merge).
+pub const FILE_NAME: &str = "90_geminik8s.yaml";
+/// The shortest token accepted (as for the other secrets).
+const MIN_TOKEN: usize = 16;
+const PROOF_CONTEXT: &[u8] = b"geminik8s enrolment v1\0";
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))
+}
+
+fn default_config_dir() -> PathBuf {
+    PathBuf::from(crate::config::load::ENROLLED_DIR)
+}
+
+/// `geminik8s_enrolment:` of the cloud-config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_config_dir")]
+    pub config_dir: PathBuf,
+}
+
+impl Settings {
+    /// The enrolment settings of `document` (the merged cloud-config), when
+    /// the node is not configured: no `geminik8s.node` in it.
+    pub fn of_unconfigured(document: &Value) -> anyhow::Result<Option<Settings>> {
+        if document.pointer("/geminik8s/node").is_some() {
+            return Ok(None);
+        }
+        let Some(block) = document.get(KEY) else { return Ok(None) };
+        let settings: Settings =
+            serde_json::from_value(block.clone()).with_context(|| format!("reading `{KEY}:` of the cloud-config"))?;
+        settings.token()?;
+        Ok(Some(settings))
+    }
+
+    /// The site token, from `token` or the first line of `token_file`.
+    pub fn token(&self) -> anyhow::Result<String> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), None) => t.trim().to_string(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .with_context(|| format!("reading {KEY}.token_file {}", file.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            _ => bail!("`{KEY}:` needs exactly one of `token` and `token_file`"),
+        };
+        if token.len() < MIN_TOKEN {
+            bail!("the enrolment token is shorter than {MIN_TOKEN} characters; `gemin_k8s init` makes one");
+        }
+        Ok(token)
+    }
+}
+
+/// What an unconfigured node tells `deploy`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Facts {
+    pub hostname: String,
+    pub agent_version: String,
+    pub interfaces: Vec<Interface>,
+    /// The node's wall clock, unix milliseconds (for the clock check).
+    pub unix_ms: u64,
+    /// SHA-256 of the node's enrolment certificate, hex.
+    pub fingerprint: String,
+    /// [`proof`] of the token for the caller's nonce and this certificate.
+    pub proof: String,
+    /// Set once a configuration was accepted: its cluster and node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolled: Option<Enrolled>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interface {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub cluster: String,
+    pub node: String,
+}
+
+/// The node's proof that it knows `token`: HMAC-SHA256 over the caller's
+/// `nonce` and the certificate's `fingerprint`, hex.
+pub fn proof(token: &str, nonce: &str, fingerprint: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    for part in [PROOF_CONTEXT, nonce.as_bytes(), b"\0", fingerprint.as_bytes()] {
+        ctx.update(part);
+    }
+    hex::encode(ctx.sign().as_ref())
+}
+
+/// Whether `given` is `token`, in time independent of where they differ.
+fn same_token(token: &str, given: &str) -> bool {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"geminik8s enrolment token check");
+    let tag = ring::hmac::sign(&key, token.as_bytes());
+    ring::hmac::verify(&key, given.as_bytes(), tag.as_ref()).is_ok()
+}
+
+/// SHA-256 of a DER certificate, hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(der))
+}
+
+/// The node's enrolment certificate and key (PEM), made on first use and
+/// kept in `state_dir` (key 0600).
+fn identity(state_dir: &Path) -> anyhow::Result<(String, String)> {
+    let (cert_path, key_path) = (state_dir.join("enrolment.crt"), state_dir.join("enrolment.key"));
+    if let (Ok(cert), Ok(key)) = (std::fs::read_to_string(&cert_path), std::fs::read_to_string(&key_path)) {
+        return Ok((cert, key));
+    }
+    let host = hostname();
+    let mut params = rcgen::CertificateParams::new(vec![host.clone()]).context("certificate parameters")?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, format!("geminik8s enrolment {host}"));
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(crate::pki::VALIDITY_DAYS);
+    let key = rcgen::KeyPair::generate().context("generating the enrolment key")?;
+    let cert = params.self_signed(&key).context("signing the enrolment certificate")?;
+    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    crate::fsutil::write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    crate::fsutil::write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into())
+}
+
+/// This host's interfaces with their MAC and addresses (not loopback).
+pub fn interfaces() -> Vec<Interface> {
+    let mut out: Vec<Interface> = Vec::new();
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return out };
+    for a in addrs {
+        if a.interface_name == "lo" {
+            continue;
+        }
+        let i = match out.iter().position(|i| i.name == a.interface_name) {
+            Some(i) => i,
+            None => {
+                out.push(Interface { name: a.interface_name.clone(), mac: None, addresses: Vec::new() });
+                out.len() - 1
+            }
+        };
+        let Some(addr) = a.address else { continue };
+        if let Some(link) = addr.as_link_addr()
+            && let Some(mac) = link.addr()
+        {
+            out[i].mac = Some(mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"));
+        } else if let Some(v4) = addr.as_sockaddr_in() {
+            out[i].addresses.push(IpAddr::V4(v4.ip()));
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            out[i].addresses.push(IpAddr::V6(v6.ip()));
+        }
+    }
+    out
+}
+
+struct Served {
+    token: String,
+    fingerprint: String,
+    config_dir: PathBuf,
+    /// The accepted configuration, once there is one.
+    accepted: Mutex<Option<Enrolled>>,
+    done: tokio::sync::watch::Sender<Option<PathBuf>>,
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+/// Whether the call carries the token; a refusal is logged.
+fn authorised(s: &Served, headers: &HeaderMap) -> bool {
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let ok = given.is_some_and(|t| same_token(&s.token, t));
+    if !ok {
+        tracing::warn!(event = "enrolment_refused", "a call with a wrong or missing enrolment token");
+    }
+    ok
+}
+
+fn unauthorised() -> Response {
+    refuse(StatusCode::UNAUTHORIZED, "wrong or missing enrolment token")
+}
+
+#[derive(Deserialize)]
+struct Nonce {
+    nonce: String,
+}
+
+async fn facts(State(s): State<Arc<Served>>, headers: HeaderMap, Query(q): Query<Nonce>) -> Response {
+    if !authorised(&s, &headers) {
+        return unauthorised();
+    }
+    let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Json(Facts {
+        hostname: hostname(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        interfaces: interfaces(),
+        unix_ms: unix_ms.as_millis() as u64,
+        fingerprint: s.fingerprint.clone(),
+        proof: proof(&s.token, &q.nonce, &s.fingerprint),
+        enrolled: s.accepted.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+    })
+    .into_response()
+}
+
+async fn enrol(State(s): State<Arc<Served>>, headers: HeaderMap, body: String) -> Response {
+    if !authorised(&s, &headers) {
+        return unauthorised();
+    }
+    let mut accepted = s.accepted.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = accepted.as_ref() {
+        return refuse(
+            StatusCode::CONFLICT,
+            format!("this node took a configuration already: node {} of cluster {}", e.node, e.cluster),
+        );
+    }
+    let ctx = crate::config::CheckContext { root: "/".into(), check_files: false };
+    let source = crate::config::Source { name: "the configuration sent".into(), text: body.clone() };
+    let cfg = match crate::config::load_sources(&[source], &ctx) {
+        Ok(loaded) => loaded.gemini,
+        Err(d) => return refuse(StatusCode::UNPROCESSABLE_ENTITY, d.to_string()),
+    };
+    let mine: Vec<IpAddr> = interfaces().into_iter().flat_map(|i| i.addresses).collect();
+    if !mine.contains(&cfg.node.ip) {
+        let list: Vec<String> = mine.iter().map(IpAddr::to_string).collect();
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "this configuration is for node {} at {}, and this host has {}; send it to that address",
+                cfg.node.name,
+                cfg.node.ip,
+                list.join(", ")
+            ),
+        );
+    }
+    let path = s.config_dir.join(FILE_NAME);
+    let written = std::fs::create_dir_all(&s.config_dir)
+        .with_context(|| format!("creating {}", s.config_dir.display()))
+        .and_then(|()| crate::fsutil::write_atomic(&path, body.as_bytes(), 0o600));
+    if let Err(e) = written {
+        return refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
+    }
+    let enrolled = Enrolled { cluster: cfg.cluster.name.clone(), node: cfg.node.name.clone() };
+    tracing::info!(event = "enrolled", cluster = %enrolled.cluster, node = %enrolled.node, path = %path.display(),
+        "took the node configuration; starting as this node");
+    *accepted = Some(enrolled.clone());
+    s.done.send_replace(Some(path.clone()));
+    Json(serde_json::json!({ "written": path, "cluster": enrolled.cluster, "node": enrolled.node })).into_response()
+}
+
+/// Serve the enrolment endpoint until one configuration is accepted;
+/// returns the file it was written to.
+pub async fn serve(settings: &Settings, state_dir: &Path) -> anyhow::Result<PathBuf> {
+    crate::tls::install_crypto_provider();
+    let token = settings.token()?;
+    let (cert_pem, key_pem) = identity(state_dir)?;
+    let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls::pki_types::pem::PemObject::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .context("reading the enrolment certificate")?;
+    let key: rustls::pki_types::PrivateKeyDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_slice(key_pem.as_bytes()).context("reading the enrolment key")?;
+    let fingerprint = fingerprint(chain.first().context("no enrolment certificate")?.as_ref());
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the enrolment TLS configuration")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding the enrolment endpoint on {}", settings.listen))?;
+    let (done, mut finished) = tokio::sync::watch::channel(None);
+    let served = Arc::new(Served {
+        token,
+        fingerprint: fingerprint.clone(),
+        config_dir: settings.config_dir.clone(),
+        accepted: Mutex::new(None),
+        done,
+    });
+    let app = Router::new().route("/v1/enrolment", get(facts).post(enrol)).with_state(served);
+    for i in interfaces() {
+        let addresses: Vec<String> = i.addresses.iter().map(IpAddr::to_string).collect();
+        tracing::warn!(event = "waiting_for_enrolment", interface = %i.name, mac = i.mac.as_deref().unwrap_or("-"),
+            addresses = %addresses.join(" "), "no node configuration: waiting for `gemin_k8s deploy`");
+    }
+    tracing::warn!(event = "enrolment_endpoint", listen = %settings.listen, fingerprint = %format!("SHA256:{fingerprint}"),
+        "enrolment endpoint up; check this certificate fingerprint against what deploy shows");
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting an enrolment connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else {
+                        tracing::debug!(%peer, "enrolment TLS handshake failed");
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await {
+                        tracing::debug!(%peer, error = %e, "enrolment connection ended with an error");
+                    }
+                });
+            }
+            changed = finished.changed() => {
+                changed.context("the enrolment endpoint stopped")?;
+                if let Some(path) = finished.borrow().clone() {
+                    // Let the answer reach deploy before the listener goes.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    return Ok(path);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_unconfigured_node_with_a_token_enrols() {
+        let doc = serde_json::json!({ KEY: { "token": "0123456789abcdef0123" }, "geminik8s": { "postgres": {} } });
+        let s = Settings::of_unconfigured(&doc).unwrap().expect("no geminik8s.node: enrolment");
+        assert_eq!(
+            (s.listen.port(), s.config_dir.as_path()),
+            (DEFAULT_PORT, Path::new("/var/lib/geminik8s/cloud-config"))
+        );
+        let configured = serde_json::json!({ KEY: { "token": "0123456789abcdef0123" }, "geminik8s": { "node": {} } });
+        assert!(Settings::of_unconfigured(&configured).unwrap().is_none());
+        assert!(Settings::of_unconfigured(&serde_json::json!({})).unwrap().is_none());
+        let short = serde_json::json!({ KEY: { "token": "short" } });
+        assert!(Settings::of_unconfigured(&short).unwrap_err().to_string().contains("shorter than 16"));
+        let both = serde_json::json!({ KEY: { "token": "0123456789abcdef0123", "token_file": "/x" } });
+        assert!(format!("{:#}", Settings::of_unconfigured(&both).unwrap_err()).contains("exactly one"));
+    }
+
+    #[test]
+    fn the_proof_binds_the_token_the_nonce_and_the_certificate() {
+        let p = proof("token-0123456789abcdef", "n1", "ab");
+        assert_eq!(p, proof("token-0123456789abcdef", "n1", "ab"));
+        assert_ne!(p, proof("token-0123456789abcdeX", "n1", "ab"));
+        assert_ne!(p, proof("token-0123456789abcdef", "n2", "ab"));
+        assert_ne!(p, proof("token-0123456789abcdef", "n1", "ac"));
+        assert!(same_token("token-0123456789abcdef", "token-0123456789abcdef"));
+        assert!(!same_token("token-0123456789abcdef", "token-0123456789abcdeg"));
+    }
+}
