@@ -219,6 +219,8 @@ pub fn interfaces() -> Vec<Interface> {
 
 struct Served {
     token: String,
+    /// The root the agent checks referenced files under (`--root`).
+    root: PathBuf,
     fingerprint: String,
     config_dir: PathBuf,
     /// The accepted configuration, once there is one.
@@ -278,7 +280,8 @@ async fn enrol(State(s): State<Arc<Served>>, headers: HeaderMap, body: String) -
             format!("this node took a configuration already: node {} of cluster {}", e.node, e.cluster),
         );
     }
-    let ctx = crate::config::CheckContext { root: "/".into(), check_files: false };
+    // Checked as the agent will load it, files it names included.
+    let ctx = crate::config::CheckContext { root: s.root.clone(), check_files: true };
     let source = crate::config::Source { name: "the configuration sent".into(), text: body.clone() };
     let cfg = match crate::config::load_sources(&[source], &ctx) {
         Ok(loaded) => loaded.gemini,
@@ -313,8 +316,9 @@ async fn enrol(State(s): State<Arc<Served>>, headers: HeaderMap, body: String) -
 }
 
 /// Serve the enrolment endpoint until one configuration is accepted;
-/// returns the file it was written to.
-pub async fn serve(settings: &Settings, state_dir: &Path) -> anyhow::Result<PathBuf> {
+/// returns the file it was written to. Files the configuration names are
+/// looked for under `root`.
+pub async fn serve(settings: &Settings, state_dir: &Path, root: &Path) -> anyhow::Result<PathBuf> {
     crate::tls::install_crypto_provider();
     let token = settings.token()?;
     let (cert_pem, key_pem) = identity(state_dir)?;
@@ -337,6 +341,7 @@ pub async fn serve(settings: &Settings, state_dir: &Path) -> anyhow::Result<Path
     let (done, mut finished) = tokio::sync::watch::channel(None);
     let served = Arc::new(Served {
         token,
+        root: root.to_path_buf(),
         fingerprint: fingerprint.clone(),
         config_dir: settings.config_dir.clone(),
         accepted: Mutex::new(None),

@@ -135,7 +135,7 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     if let Some(document) = sources.as_deref().and_then(crate::config::load::merged_document)
         && let Some(enrolment) = crate::enrol::Settings::of_unconfigured(&document)?
     {
-        let written = crate::enrol::serve(&enrolment, &args.state_dir).await?;
+        let written = crate::enrol::serve(&enrolment, &args.state_dir, &args.root).await?;
         if !files.is_empty() && !files.contains(&written) {
             files.insert(0, written);
         }
