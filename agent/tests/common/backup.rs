@@ -89,16 +89,16 @@ pub async fn leader(node: &Node) {
 
 /// Insert `keys` the way Kine does.
 pub async fn put(node: &Node, keys: &[String]) {
+    let sql = "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
+               VALUES ($1, 1, 0, 0, 0, 0, decode(repeat('ab', 512), 'hex'), NULL)";
+    each_key(node, keys, "inserting a row", sql).await;
+}
+
+/// Run `sql` (with the key as `$1`) in Kine's database for each of `keys`.
+async fn each_key(node: &Node, keys: &[String], what: &str, sql: &str) {
     let db = node.connect("kine").await.unwrap();
     for key in keys {
-        db.execute(
-            "inserting a row",
-            "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
-             VALUES ($1, 1, 0, 0, 0, 0, decode(repeat('ab', 512), 'hex'), NULL)",
-            &[key],
-        )
-        .await
-        .unwrap();
+        db.execute(what, sql, &[key]).await.unwrap();
     }
 }
 
@@ -158,17 +158,9 @@ pub fn backup(node: &Node, dest: &Path, extra: &[&str]) -> String {
 
 /// Delete `keys` the way Kine does: a new record per key, marked deleted.
 pub async fn delete(node: &Node, keys: &[String]) {
-    let db = node.connect("kine").await.unwrap();
-    for key in keys {
-        db.execute(
-            "deleting a key",
-            "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
-             SELECT $1, 0, 1, 0, max(id), 0, NULL, NULL FROM kine WHERE name = $1",
-            &[key],
-        )
-        .await
-        .unwrap();
-    }
+    let sql = "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) \
+               SELECT $1, 0, 1, 0, max(id), 0, NULL, NULL FROM kine WHERE name = $1";
+    each_key(node, keys, "deleting a key", sql).await;
 }
 
 /// The keys a Kine client lists: the newest record of each name, unless deleted.
