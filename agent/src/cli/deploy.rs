@@ -328,11 +328,13 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             },
         }
     }
-    if !a.skip_preflight {
+    let forming = plan.iter().any(|(_, r, _)| r.found == "unconfigured");
+    if !a.skip_preflight && forming {
         let versions: Vec<&str> = plan.iter().filter_map(|(_, r, _)| r.agent_version.as_deref()).collect();
         if versions.windows(2).any(|w| w[0] != w[1]) {
             bail!("the nodes run different agent versions ({}); boot both from the same image", versions.join(", "));
         }
+        cluster_preflight(&cluster).await?;
     }
 
     // Send each waiting node its configuration.
@@ -397,6 +399,38 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether something accepts TCP connections at `addr` within a second.
+async fn answers(addr: SocketAddr) -> bool {
+    matches!(tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)))
+}
+
+/// The checks of the cluster's own addresses before a node is configured:
+/// nothing answers at the VIP yet, and an arbiter witness answers.
+async fn cluster_preflight(cluster: &ClusterFile) -> anyhow::Result<()> {
+    let port = cluster.nodes.first().map_or(7443, |n| n.member.api_port);
+    let vip = SocketAddr::new(cluster.vip, port);
+    if answers(vip).await {
+        bail!(
+            "something answers at the cluster's VIP {vip} already: another host uses {}, or a cluster is running \
+             there; give the cluster a free address (--skip-preflight to send anyway)",
+            cluster.vip
+        );
+    }
+    if cluster.witness.mode == crate::config::WitnessMode::Arbiter
+        && let Some(target) = cluster.witness.targets.first()
+    {
+        let addr: SocketAddr =
+            target.parse().with_context(|| format!("cluster.yaml: the witness target {target:?} is not IP:PORT"))?;
+        if !answers(addr).await {
+            bail!(
+                "the witness at {target} does not answer: start `gemin_k8s witness serve` there first (the nodes \
+                 need it to elect a leader), or --skip-preflight"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The checks on one waiting node before anything is sent.
