@@ -50,9 +50,39 @@ pub struct Args {
     /// or repeated), e.g. `--format iso,raw`.
     #[arg(long = "format", value_name = "FORMAT", value_delimiter = ',', value_parser = format_parser())]
     pub formats: Vec<OutputFormat>,
+    /// Carry the site enrolment token of `gemin_k8s init` (its `enrolment.token`): the image's
+    /// /oem gets it as a cloud-config, so a node booted without a configuration waits for
+    /// `gemin_k8s deploy`.
+    #[arg(long, value_name = "FILE")]
+    pub enrolment_token: Option<PathBuf>,
     /// Print progress as JSON events, one per line, on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where `--enrolment-token` puts the token in the image: read before a
+/// node's own configuration in /oem.
+pub const ENROLMENT_DEST: &str = "oem/10_geminik8s-enrolment.yaml";
+
+/// An overlay directory holding the enrolment cloud-config for the token in
+/// `file` (checked as the agent checks it).
+fn enrolment_overlay(file: &std::path::Path) -> anyhow::Result<tempfile::TempDir> {
+    use geminik8s::enrol::{KEY, Settings};
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading --enrolment-token {}", file.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim().to_string();
+    Settings::of_unconfigured(&serde_json::json!({ KEY: { "token": token } }))
+        .with_context(|| format!("--enrolment-token {}", file.display()))?;
+    let dir = tempfile::Builder::new().prefix("gemin-image-enrolment-").tempdir()?;
+    let dest = dir.path().join(ENROLMENT_DEST);
+    std::fs::create_dir_all(dest.parent().expect("a directory"))?;
+    let yaml = format!(
+        "#cloud-config\n# The site enrolment token: without a node configuration, wait for `gemin_k8s deploy`.\n\
+         {KEY}:\n  token: {token}\n"
+    );
+    std::fs::write(&dest, yaml).with_context(|| format!("writing {}", dest.display()))?;
+    std::fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(dir)
 }
 
 /// Every output the builder can write, by the names the spec uses.
@@ -79,6 +109,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     if !args.formats.is_empty() {
         spec.outputs = unique(&args.formats);
+    }
+    // Laid over the others; part of the inputs, so a new token rebuilds.
+    let enrolment = args.enrolment_token.as_deref().map(enrolment_overlay).transpose()?;
+    if let Some(dir) = &enrolment {
+        spec.overlays.push(dir.path().to_path_buf());
     }
     let epoch = resolve_epoch(args.source_date_epoch, &spec)?;
     let (target, replace_target) = match &args.target {
@@ -132,6 +167,24 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         args: Args,
+    }
+
+    #[test]
+    fn the_enrolment_token_becomes_an_oem_cloud_config_the_agent_accepts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("enrolment.token");
+        std::fs::write(&file, "site-token-0123456789abcdef\n").unwrap();
+        let overlay = enrolment_overlay(&file).unwrap();
+        let text = std::fs::read_to_string(overlay.path().join(ENROLMENT_DEST)).unwrap();
+        let source = geminik8s::config::Source { name: "x".into(), text };
+        let doc = geminik8s::config::load::merged_document(&[source]).unwrap();
+        let settings = geminik8s::enrol::Settings::of_unconfigured(&doc).unwrap().expect("an enrolment block");
+        assert_eq!(settings.token().unwrap(), "site-token-0123456789abcdef");
+        std::fs::write(&file, "short\n").unwrap();
+        let err = format!("{:#}", enrolment_overlay(&file).unwrap_err());
+        assert!(err.contains("shorter than 16"), "{err}");
+        let cli = Cli::try_parse_from(["gemin-image", "--enrolment-token", "t"]).unwrap();
+        assert_eq!(cli.args.enrolment_token.as_deref(), Some(std::path::Path::new("t")));
     }
 
     #[test]
