@@ -1384,9 +1384,10 @@ fn deploy(lab: &Lab, token_file: &std::path::Path, extra: &[&str]) -> std::proce
 /// Two nodes boot without a node configuration, only the site's enrolment
 /// token (as the generic image carries it): their agents wait for
 /// enrolment. `deploy` with a wrong token is refused and sends nothing;
-/// with the token from `init` it sends each node its file and follows the
-/// cluster forming; writes then go through the VIP; a second `deploy`
-/// leaves the configured nodes as they are.
+/// with the token from `init` (and node2, not init's choice, to start the
+/// cluster) it sends each node its file and follows the cluster forming;
+/// writes then go through the VIP; a second `deploy` leaves the configured
+/// nodes as they are.
 #[test]
 fn deploy_forms_a_cluster_from_two_unconfigured_nodes() {
     let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
@@ -1416,11 +1417,16 @@ fn deploy_forms_a_cluster_from_two_unconfigured_nodes() {
     assert!(refused.contains("node1"), "{refused}");
     assert!(!lab.node_dir("node1").join("oem").exists() && !lab.node_dir("node2").join("oem").exists());
 
-    let out = deploy(lab, &token, &["--json"]);
+    let out = deploy(lab, &token, &["--bootstrap-leader", "node3"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && err.contains("has the nodes node1 and node2"), "{err}");
+
+    // node2 starts the cluster (init chose node1), both files sent at once.
+    let out = deploy(lab, &token, &["--json", "--bootstrap-leader", "node2", "--parallel"]);
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(lab));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let (leader, follower) = (report["leader"].as_str().unwrap(), report["follower"].as_str().unwrap());
-    assert_eq!((leader, follower), ("node1", "node2"), "the bootstrap leader leads: {report}");
+    assert_eq!((leader, follower), ("node2", "node1"), "the bootstrap leader leads: {report}");
     for n in report["nodes"].as_array().unwrap() {
         assert_eq!((n["found"].as_str(), n["sent"].as_bool()), (Some("unconfigured"), Some(true)), "{report}");
         assert!(n["fingerprint"].as_str().is_some_and(|f| f.starts_with("SHA256:")), "{report}");
@@ -1429,10 +1435,14 @@ fn deploy_forms_a_cluster_from_two_unconfigured_nodes() {
         let written = lab.node_dir(node).join("oem").join("90_geminik8s.yaml");
         let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&written).unwrap()) & 0o777;
         assert_eq!(mode, 0o600, "{}", written.display());
-        let sent = std::fs::read_to_string(lab.config_dir.join(format!("{node}.yaml"))).unwrap();
-        assert_eq!(std::fs::read_to_string(&written).unwrap(), sent, "{node} got its own file");
+        let ctx = geminik8s::config::CheckContext { root: "/".into(), check_files: false };
+        let got = geminik8s::config::load_files(&[written], &ctx).unwrap().gemini;
+        let init = lab.config_dir.join(format!("{node}.yaml"));
+        let mut want = geminik8s::config::load_files(&[init], &ctx).unwrap().gemini;
+        want.cluster.bootstrap_leader = "node2".into();
+        assert_eq!(got, want, "{node} got its own file, with node2 to start the cluster");
     }
-    wait_formed(lab, "node1", "node2", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
     let rev =
         poll::until("a write through the VIP", FORM, Duration::from_millis(200), || put(lab, "/lab/deploy/a", "v"))
             .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));

@@ -45,6 +45,13 @@ pub struct Args {
     /// The largest clock difference between this machine and a node that preflight accepts.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub max_clock_offset: Duration,
+    /// The node that starts the cluster (creates the datastore) [default: cluster.yaml's
+    /// `bootstrap_leader`]; both nodes' files are sent with it.
+    #[arg(long, value_name = "NODE")]
+    pub bootstrap_leader: Option<String>,
+    /// Send both nodes their files at once rather than one after the other.
+    #[arg(long)]
+    pub parallel: bool,
     /// Print each step of each node while the cluster forms (otherwise only the result).
     #[arg(long)]
     pub watch: bool,
@@ -255,6 +262,12 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             eprintln!("{line}");
         }
     };
+    if let Some(leader) = &a.bootstrap_leader
+        && !cluster.nodes.iter().any(|n| n.member.name == *leader)
+    {
+        let names: Vec<&str> = cluster.nodes.iter().map(|n| n.member.name.as_str()).collect();
+        bail!("--bootstrap-leader {leader}: cluster {} has the nodes {}", cluster.name, names.join(" and "));
+    }
     let (_, clients) = super::status::node_clients(&path, Duration::from_secs(5))?;
 
     // Preflight: every node answers, with the facts it gives.
@@ -263,6 +276,10 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         let (name, ip) = (n.member.name.clone(), n.member.ip);
         let config = std::fs::read_to_string(a.config_dir.join(&n.cloud_config))
             .with_context(|| format!("reading {}'s cloud-config {}", name, n.cloud_config.display()))?;
+        let config = match &a.bootstrap_leader {
+            Some(leader) => with_bootstrap_leader(&config, leader, &n.cloud_config)?,
+            None => config,
+        };
         let endpoint = Endpoint::new(&name, ip, a.port, &token)?;
         let client = &clients.iter().find(|(c, _)| *c == name).context("a client for every node")?.1;
         let mut report = NodeReport {
@@ -337,14 +354,22 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         cluster_preflight(&cluster).await?;
     }
 
-    // Send each waiting node its configuration.
-    for (endpoint, report, config) in &mut plan {
-        if let Some(config) = config.take()
-            && report.found == "unconfigured"
-        {
+    // Send each waiting node its configuration: in turn, or at once.
+    let sends = plan.iter_mut().filter(|(_, r, _)| r.found == "unconfigured").map(|(endpoint, report, config)| {
+        let config = config.take().unwrap_or_default();
+        async move {
             endpoint.send(config).await?;
             report.sent = true;
-            say(format!("{} {}: configuration sent", report.name, report.ip));
+            Ok::<_, anyhow::Error>(format!("{} {}: configuration sent", report.name, report.ip))
+        }
+    });
+    if a.parallel {
+        for line in futures_util::future::try_join_all(sends).await? {
+            say(line);
+        }
+    } else {
+        for send in sends {
+            say(send.await?);
         }
     }
 
@@ -399,6 +424,18 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `text` (a node's cloud-config) with `cluster.bootstrap_leader` set to `leader`.
+fn with_bootstrap_leader(text: &str, leader: &str, name: &std::path::Path) -> anyhow::Result<String> {
+    let source = crate::config::Source { name: name.display().to_string(), text: text.to_string() };
+    let mut document = crate::config::load::merged_document(std::slice::from_ref(&source))
+        .with_context(|| format!("{} does not parse as a cloud-config", name.display()))?;
+    let field = document
+        .pointer_mut("/geminik8s/cluster/bootstrap_leader")
+        .with_context(|| format!("{} has no geminik8s.cluster.bootstrap_leader", name.display()))?;
+    *field = serde_json::Value::String(leader.to_string());
+    Ok(format!("{}\n{}", crate::config::load::HEADER, crate::config::yaml::to_yaml(&document)))
 }
 
 /// Whether something accepts TCP connections at `addr` within a second.
