@@ -1387,7 +1387,8 @@ fn deploy(lab: &Lab, token_file: &std::path::Path, extra: &[&str]) -> std::proce
 /// with the token from `init` (and node2, not init's choice, to start the
 /// cluster) it sends each node its file and follows the cluster forming;
 /// writes then go through the VIP; a second `deploy` leaves the configured
-/// nodes as they are.
+/// nodes as they are; a blank box in node1's place is sent only its own file
+/// and copies the data from node2.
 #[test]
 fn deploy_forms_a_cluster_from_two_unconfigured_nodes() {
     let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
@@ -1455,5 +1456,39 @@ fn deploy_forms_a_cluster_from_two_unconfigured_nodes() {
     for n in again["nodes"].as_array().unwrap() {
         assert_eq!((n["found"].as_str(), n["sent"].as_bool()), (Some("configured"), Some(false)), "{again}");
     }
+
+    // node1's box is replaced by a blank one at the same address: only it is
+    // sent its file (the VIP answering is node2's, the cluster's own), and it
+    // copies the data from node2 and follows.
+    stop_agent(lab, "node1");
+    let dir1 = lab.node_dir("node1");
+    poll::until("node1's PostgreSQL to stop", FORM, Duration::from_millis(200), || {
+        if dir1.join("pgdata").join("postmaster.pid").exists() { Err("postmaster.pid is there") } else { Ok(()) }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    for gone in ["oem", "pgdata", "state"] {
+        std::fs::rename(dir1.join(gone), dir1.join(format!("{gone}.old-box"))).unwrap();
+    }
+    std::fs::create_dir(dir1.join("state")).unwrap();
+    lab.start_agent_with("node1", &[dir1.join("enrolment.yaml"), dir1.join("lab.yaml")]).unwrap();
+    let out = poll::until("node1 waiting for enrolment", FORM, Duration::from_millis(500), || {
+        let out = deploy(lab, &token, &["--json"]);
+        if out.status.success() { Ok(out) } else { Err(String::from_utf8_lossy(&out.stderr).to_string()) }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let partial: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let found: Vec<(&str, bool)> = partial["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["found"].as_str().unwrap(), n["sent"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(found, [("unconfigured", true), ("configured", false)], "{partial}");
+    wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert_eq!(
+        keys(lab, "/lab/deploy/").unwrap(),
+        ["/lab/deploy/a".to_string()],
+        "the write is on the new node's data"
+    );
     println!("deployed in {} s", report["elapsed_seconds"]);
 }

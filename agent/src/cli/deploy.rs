@@ -351,7 +351,9 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         if versions.windows(2).any(|w| w[0] != w[1]) {
             bail!("the nodes run different agent versions ({}); boot both from the same image", versions.join(", "));
         }
-        cluster_preflight(&cluster).await?;
+        // With a node of this cluster running, the VIP is the cluster's own.
+        let fresh = plan.iter().all(|(_, r, _)| r.found == "unconfigured");
+        cluster_preflight(&cluster, fresh).await?;
     }
 
     // Send each waiting node its configuration: in turn, or at once.
@@ -444,11 +446,12 @@ async fn answers(addr: SocketAddr) -> bool {
 }
 
 /// The checks of the cluster's own addresses before a node is configured:
-/// nothing answers at the VIP yet, and an arbiter witness answers.
-async fn cluster_preflight(cluster: &ClusterFile) -> anyhow::Result<()> {
+/// for a new cluster (`fresh`) nothing answers at the VIP yet, and an
+/// arbiter witness answers.
+async fn cluster_preflight(cluster: &ClusterFile, fresh: bool) -> anyhow::Result<()> {
     let port = cluster.nodes.first().map_or(7443, |n| n.member.api_port);
     let vip = SocketAddr::new(cluster.vip, port);
-    if answers(vip).await {
+    if fresh && answers(vip).await {
         bail!(
             "something answers at the cluster's VIP {vip} already: another host uses {}, or a cluster is running \
              there; give the cluster a free address (--skip-preflight to send anyway)",

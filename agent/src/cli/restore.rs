@@ -70,11 +70,11 @@ pub struct Args {
     /// datastore, the node's hostMeta there records that it leads with the restored data.
     #[arg(long, default_value = crate::hostmeta::DEFAULT_DIR, value_name = "DIR")]
     pub state_dir: PathBuf,
-    /// Also write the node bundle the backup carries to FILE (for new hardware: e.g.
-    /// /oem/90_geminik8s.yaml): the cloud-config of the node the backup was taken on, with the
-    /// cluster's identity, the K3s token, and that node's certificate and key. Its settings are
-    /// used for the restored configuration. An existing FILE needs --force and is kept as
-    /// FILE.pre-restore-TIME.
+    /// Also write the node bundle the backup carries to FILE (for new hardware:
+    /// /var/lib/geminik8s/cloud-config/90_geminik8s.yaml, which the agent reads): the cloud-config
+    /// of the node the backup was taken on, with the cluster's identity, the K3s token, and that
+    /// node's certificate and key. Its settings are used for the restored configuration. An
+    /// existing FILE needs --force and is kept as FILE.pre-restore-TIME.
     #[arg(long, value_name = "FILE")]
     pub node_config: Option<PathBuf>,
     /// Print the result as JSON: what was restored, the time taken and the throughput.
@@ -125,8 +125,8 @@ fn node_bundle(
     let Some(text) = backup::node::read(store, m, identities)? else {
         bail!(
             "backup {} carries no node bundle: it was taken without the node's cloud-config (--pg-host) or by an \
-             older gemin_k8s. Restore without --node-config and put the node's cloud-config from `gemin_k8s init` \
-             in /oem",
+             older gemin_k8s. Restore without --node-config and give the node its cloud-config from `gemin_k8s init` \
+             (gemin_k8s deploy, or a file in /var/lib/geminik8s/cloud-config)",
             m.id
         );
     };
