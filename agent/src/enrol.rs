@@ -21,12 +21,15 @@
 //! | `GET /v1/enrolment?nonce=N` | the node's facts, and its proof that it knows the token |
 //! | `POST /v1/enrolment` | the node's cloud-config; written to `config_dir/90_geminik8s.yaml` |
 //!
-//! Both need `Authorization: Bearer TOKEN`. The token authenticates the
-//! operator to the node; the node proves it knows the token too, bound to
-//! the certificate the operator sees: HMAC-SHA256 keyed by the token over
-//! the operator's nonce and the certificate's SHA-256, so a host in between
-//! (with a certificate of its own) cannot pass the node's proof on, and
-//! `deploy` sends no secret to it.
+//! The token never travels before the node has proven it knows it. The
+//! `GET` carries `Authorization: Enrolment HMAC` (HMAC-SHA256 keyed by the
+//! token over the operator's nonce: the node checks it, a listener learns
+//! nothing); the node answers with its own proof, HMAC-SHA256 keyed by the
+//! token over the nonce and the SHA-256 of the certificate the operator
+//! sees, so a host in between (with a certificate of its own) cannot pass
+//! the node's proof on. `deploy` then pins that certificate, and only over
+//! it sends the `POST` with `Authorization: Bearer TOKEN` and the
+//! configuration.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -52,6 +55,7 @@ pub const FILE_NAME: &str = "90_geminik8s.yaml";
 /// The shortest token accepted (as for the other secrets).
 const MIN_TOKEN: usize = 16;
 const PROOF_CONTEXT: &[u8] = b"geminik8s enrolment v1\0";
+const OPERATOR_CONTEXT: &[u8] = b"geminik8s enrolment operator v1\0";
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))
@@ -151,6 +155,25 @@ pub fn proof(token: &str, nonce: &str, fingerprint: &str) -> String {
     hex::encode(ctx.sign().as_ref())
 }
 
+/// The operator's proof that it knows `token`, for `nonce`: what the
+/// enrolment `GET` carries instead of the token, hex.
+pub fn operator_proof(token: &str, nonce: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    ctx.update(OPERATOR_CONTEXT);
+    ctx.update(nonce.as_bytes());
+    hex::encode(ctx.sign().as_ref())
+}
+
+/// Whether `given` (hex) is [`operator_proof`] of `token` for `nonce`, in
+/// constant time.
+fn operator_proven(token: &str, nonce: &str, given: &str) -> bool {
+    let Ok(tag) = hex::decode(given) else { return false };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
+    let message = [OPERATOR_CONTEXT, nonce.as_bytes()].concat();
+    ring::hmac::verify(&key, &message, &tag).is_ok()
+}
+
 /// Whether `given` is `token`, in time independent of where they differ.
 fn same_token(token: &str, given: &str) -> bool {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"geminik8s enrolment token check");
@@ -232,11 +255,18 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
-/// Whether the call carries the token; a refusal is logged.
-fn authorised(s: &Served, headers: &HeaderMap) -> bool {
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let ok = given.is_some_and(|t| same_token(&s.token, t));
+/// The `Authorization` header's value after `scheme `.
+fn credential<'a>(headers: &'a HeaderMap, scheme: &str) -> Option<&'a str> {
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix(scheme)?.strip_prefix(' ')
+}
+
+/// Whether the call proves the token (`GET`: [`operator_proof`] for
+/// `nonce`) or carries it (`POST`: `nonce` is `None`); a refusal is logged.
+fn authorised(s: &Served, headers: &HeaderMap, nonce: Option<&str>) -> bool {
+    let ok = match nonce {
+        Some(nonce) => credential(headers, "Enrolment").is_some_and(|p| operator_proven(&s.token, nonce, p)),
+        None => credential(headers, "Bearer").is_some_and(|t| same_token(&s.token, t)),
+    };
     if !ok {
         tracing::warn!(event = "enrolment_refused", "a call with a wrong or missing enrolment token");
     }
@@ -253,7 +283,7 @@ struct Nonce {
 }
 
 async fn facts(State(s): State<Arc<Served>>, headers: HeaderMap, Query(q): Query<Nonce>) -> Response {
-    if !authorised(&s, &headers) {
+    if !authorised(&s, &headers, Some(&q.nonce)) {
         return unauthorised();
     }
     let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -270,7 +300,7 @@ async fn facts(State(s): State<Arc<Served>>, headers: HeaderMap, Query(q): Query
 }
 
 async fn enrol(State(s): State<Arc<Served>>, headers: HeaderMap, body: String) -> Response {
-    if !authorised(&s, &headers) {
+    if !authorised(&s, &headers, None) {
         return unauthorised();
     }
     let mut accepted = s.accepted.lock().unwrap_or_else(|p| p.into_inner());
@@ -419,6 +449,12 @@ mod tests {
         assert_ne!(p, proof("token-0123456789abcdeX", "n1", "ab"));
         assert_ne!(p, proof("token-0123456789abcdef", "n2", "ab"));
         assert_ne!(p, proof("token-0123456789abcdef", "n1", "ac"));
+        let op = operator_proof("token-0123456789abcdef", "n1");
+        assert!(operator_proven("token-0123456789abcdef", "n1", &op));
+        assert!(!operator_proven("token-0123456789abcdef", "n2", &op), "bound to the nonce");
+        assert!(!operator_proven("token-0123456789abcdeX", "n1", &op));
+        assert!(!operator_proven("token-0123456789abcdef", "n1", "not hex"));
+        assert!(!op.contains("token"), "the token is not in it");
         assert!(same_token("token-0123456789abcdef", "token-0123456789abcdef"));
         assert!(!same_token("token-0123456789abcdef", "token-0123456789abcdeg"));
     }

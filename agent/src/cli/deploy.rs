@@ -189,7 +189,14 @@ impl Endpoint {
     /// which is pinned from then on.
     async fn facts(&self) -> anyhow::Result<Found> {
         let nonce = crate::secrets::generate(32);
-        let sent = self.http.get(format!("{}?nonce={nonce}", self.url)).bearer_auth(&self.token).send().await;
+        // The token itself goes only over a certificate proven below.
+        let proof = enrol::operator_proof(&self.token, &nonce);
+        let sent = self
+            .http
+            .get(format!("{}?nonce={nonce}", self.url))
+            .header(reqwest::header::AUTHORIZATION, format!("Enrolment {proof}"))
+            .send()
+            .await;
         let response = match sent {
             Ok(r) => r,
             Err(e) if e.is_connect() => return Ok(Found::NoEndpoint(format!("{e}"))),
@@ -219,7 +226,13 @@ impl Endpoint {
         Ok(Found::Waiting(Box::new(facts)))
     }
 
+    /// Send the configuration, with the token, over the pinned certificate.
     async fn send(&self, config: String) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.verifier.pinned.lock().unwrap_or_else(|p| p.into_inner()).is_some(),
+            "{}: no proven certificate to send the configuration over",
+            self.name
+        );
         let response = self
             .http
             .post(&self.url)
