@@ -208,7 +208,7 @@ fn identity(state_dir: &Path) -> anyhow::Result<(String, String)> {
 }
 
 fn hostname() -> String {
-    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into())
+    crate::system::hosts::current("localhost")
 }
 
 /// This host's interfaces with their MAC and addresses (not loopback).

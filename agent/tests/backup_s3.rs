@@ -6,142 +6,29 @@
 //! tools needed for that one).
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Instant;
 
 use geminik8s::backup::BackupError;
-use geminik8s::backup::s3::S3Options;
 use geminik8s::backup::store;
 use geminik8s::postgres::Manager;
 use geminik8s::postgres::render::ServerRole;
 use geminik8s_vm_tests::require;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use geminik8s_vm_tests::s3::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY, SERVER};
 use object_store::path::Path as Key;
-use object_store::signer::Signer;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 #[path = "common/backup.rs"]
 mod lab;
 use lab::{Lab, failed, gemin, keygen, keys, leader, names, node, ok, put, text};
 
-const ACCESS_KEY: &str = "gemin-lab";
-const SECRET_KEY: &str = "lab-secret-0123456789";
-const BUCKET: &str = "backups";
-const SERVER: &str = "s3s-fs";
-
-/// The S3 server, on a free loopback port with a new data directory;
-/// killed when dropped. The bucket [`BUCKET`] exists.
-struct S3Server {
-    child: Child,
-    endpoint: String,
-    dir: tempfile::TempDir,
-    /// A credentials file for the server's key.
-    credentials: PathBuf,
-}
-
-impl S3Server {
-    async fn start() -> S3Server {
-        let dir = tempfile::Builder::new().prefix("gk8s-s3-").tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        let port = lab::free_port();
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(geminik8s_vm_tests::skip::find_tool(SERVER).unwrap())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(&data)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let credentials = dir.path().join("s3.credentials");
-        std::fs::write(&credentials, format!("access_key_id = {ACCESS_KEY}\nsecret_access_key = {SECRET_KEY}\n"))
-            .unwrap();
-        let mut server = S3Server { child, endpoint: format!("http://127.0.0.1:{port}"), dir, credentials };
-        server.wait_until_listening(port);
-        server.create_bucket().await;
-        server
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-
-    fn wait_until_listening(&mut self, port: u16) {
-        let child = &mut self.child;
-        let waited = geminik8s_vm_tests::poll::until(
-            &format!("{SERVER} to listen on port {port}"),
-            Duration::from_secs(30),
-            Duration::from_millis(50),
-            || {
-                if let Some(status) = child.try_wait().unwrap() {
-                    return Ok(Err(format!("{SERVER} exited ({status}) before listening")));
-                }
-                std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| Ok(()))
-            },
-        );
-        match waited {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("{e}:\n{}", self.log()),
-            Err(e) => panic!("{e}:\n{}", self.log()),
-        }
-    }
-
-    /// A client for the bucket with the server's key, to look under the store.
-    fn client(&self) -> AmazonS3 {
-        geminik8s::tls::install_crypto_provider();
-        AmazonS3Builder::new()
-            .with_endpoint(&self.endpoint)
-            .with_allow_http(true)
-            .with_region("us-east-1")
-            .with_bucket_name(BUCKET)
-            .with_access_key_id(ACCESS_KEY)
-            .with_secret_access_key(SECRET_KEY)
-            .build()
-            .unwrap()
-    }
-
-    /// `CreateBucket`, sent to the server as a pre-signed request.
-    async fn create_bucket(&self) {
-        let url =
-            self.client().signed_url(reqwest::Method::PUT, &Key::from(""), Duration::from_secs(60)).await.unwrap();
-        let response = reqwest::Client::new().put(url).send().await.unwrap();
-        let status = response.status();
-        assert!(status.is_success(), "creating the bucket: {status}: {}", response.text().await.unwrap());
-    }
-
-    fn options(&self) -> S3Options {
-        S3Options { endpoint: Some(self.endpoint.clone()), region: None, credentials: Some(self.credentials.clone()) }
-    }
-
-    /// The destination flags of the `gemin_k8s` commands.
-    fn flags(&self) -> [String; 4] {
-        [
-            "--s3-endpoint".into(),
-            self.endpoint.clone(),
-            "--s3-credentials".into(),
-            self.credentials.display().to_string(),
-        ]
-    }
-
-    /// The keys in the bucket under `prefix/`.
-    async fn keys_under(&self, prefix: &str) -> Vec<String> {
-        let listed: Vec<_> =
-            futures_util::TryStreamExt::try_collect(self.client().list(Some(&Key::from(prefix)))).await.unwrap();
-        let mut keys: Vec<String> = listed.into_iter().map(|o| o.location.to_string()).collect();
-        keys.sort();
-        keys
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        if let Err(e) = self.child.kill().and_then(|()| self.child.wait().map(drop)) {
-            eprintln!("stopping {SERVER}: {e}");
-        }
-    }
+/// The keys in the bucket under `prefix/`.
+async fn keys_under(server: &S3Server, prefix: &str) -> Vec<String> {
+    let client = server.client().unwrap();
+    let listed: Vec<_> = futures_util::TryStreamExt::try_collect(client.list(Some(&Key::from(prefix)))).await.unwrap();
+    let mut keys: Vec<String> = listed.into_iter().map(|o| o.location.to_string()).collect();
+    keys.sort();
+    keys
 }
 
 /// `len` bytes that differ from one part to the next.
@@ -171,7 +58,7 @@ const MIB: usize = 1024 * 1024;
 #[tokio::test]
 async fn an_s3_destination_keeps_backups_and_wal_as_a_directory_does() {
     require!(root: false, tools: [SERVER]);
-    let server = S3Server::start().await;
+    let server = S3Server::start().await.unwrap();
     let store = store::open(&format!("s3://{BUCKET}/site/a/"), &server.options()).unwrap();
     assert_eq!(store.url(), "s3://backups/site/a");
     assert_eq!(store.list().unwrap(), vec![], "an empty prefix is an empty destination");
@@ -191,7 +78,7 @@ async fn an_s3_destination_keeps_backups_and_wal_as_a_directory_does() {
     drop(w);
     let err = store.get_object(ID, "base.tar").err().unwrap();
     assert!(matches!(&err, BackupError::Io { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound), "{err}");
-    assert_eq!(server.keys_under("site/a").await, ["site/a/20260821T101502Z/.started"]);
+    assert_eq!(keys_under(&server, "site/a").await, ["site/a/20260821T101502Z/.started"]);
 
     // Three parts, committed, read back whole; a small object is one PUT.
     let mut w = store.put_object(ID, "base.tar").unwrap();
@@ -245,7 +132,7 @@ async fn an_s3_destination_keeps_backups_and_wal_as_a_directory_does() {
     // Delete: the backup and all its objects go; the WAL stays.
     store.delete(ID).unwrap();
     assert_eq!(store.list().unwrap(), vec![]);
-    assert_eq!(server.keys_under("site/a").await, ["site/a/wal/00000002.history"]);
+    assert_eq!(keys_under(&server, "site/a").await, ["site/a/wal/00000002.history"]);
 
     // A whole bucket is a destination too; other data in it is not a backup.
     let whole = store::open(&format!("s3://{BUCKET}"), &server.options()).unwrap();
@@ -259,7 +146,7 @@ async fn an_s3_destination_keeps_backups_and_wal_as_a_directory_does() {
 #[tokio::test]
 async fn credentials_come_from_a_file_or_the_environment_and_a_wrong_one_is_named() {
     require!(root: false, tools: [SERVER]);
-    let server = S3Server::start().await;
+    let server = S3Server::start().await.unwrap();
     let dest = format!("s3://{BUCKET}/site");
     let endpoint = server.endpoint.as_str();
     let list = ["backup", "list", "--from", &dest, "--s3-endpoint", endpoint];
@@ -274,12 +161,12 @@ async fn credentials_come_from_a_file_or_the_environment_and_a_wrong_one_is_name
     let creds = server.credentials.to_str().unwrap();
     ok(gemin_env(&[&list[..], &["--s3-credentials", creds]].concat(), &[]));
 
-    let half = server.dir.path().join("half.credentials");
+    let half = server.credentials.with_file_name("half.credentials");
     std::fs::write(&half, format!("[default]\naws_access_key_id = {ACCESS_KEY}\n")).unwrap();
     let err = failed(gemin_env(&[&list[..], &["--s3-credentials", half.to_str().unwrap()]].concat(), &[]));
     assert!(err.contains("half.credentials") && err.contains("no secret_access_key line"), "{err}");
 
-    let wrong = server.dir.path().join("wrong.credentials");
+    let wrong = server.credentials.with_file_name("wrong.credentials");
     std::fs::write(&wrong, format!("access_key_id = {ACCESS_KEY}\nsecret_access_key = not-the-secret\n")).unwrap();
     let err = failed(gemin_env(&[&list[..], &["--s3-credentials", wrong.to_str().unwrap()]].concat(), &[]));
     assert!(err.contains("refused the credentials from the file") && err.contains("wrong.credentials"), "{err}");
@@ -296,7 +183,7 @@ macro_rules! require_postgres_and_s3 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_in_s3_restores_exactly_the_rows_written_before_it() {
     require_postgres_and_s3!();
-    let server = S3Server::start().await;
+    let server = S3Server::start().await.unwrap();
     let lab = Lab::new();
     let a = node(&lab, "a");
     leader(&a).await;
@@ -314,7 +201,7 @@ async fn a_backup_in_s3_restores_exactly_the_rows_written_before_it() {
     // Never in the clear unless asked.
     let err = failed(gemin(&create));
     assert!(err.contains("no encryption key") && err.contains("--no-encryption"), "{err}");
-    assert_eq!(server.keys_under("lab").await, Vec::<String>::new());
+    assert_eq!(keys_under(&server, "lab").await, Vec::<String>::new());
 
     // Uncompressed, so that the object goes up in several parts.
     let started = Instant::now();
@@ -336,7 +223,7 @@ async fn a_backup_in_s3_restores_exactly_the_rows_written_before_it() {
     eprintln!("backup of {} rows to S3: {size} bytes stored in {:.2} s", before.len(), took.as_secs_f64());
     let table = ok(gemin(&[&["backup", "list"][..], &from].concat()));
     assert!(table.contains(&id) && !table.contains("incomplete"), "{table}");
-    let stored = server.keys_under("lab/a").await;
+    let stored = keys_under(&server, "lab/a").await;
     assert_eq!(
         stored,
         [format!("lab/a/{id}/.started"), format!("lab/a/{id}/base.tar.age"), format!("lab/a/{id}/manifest.json")]
@@ -359,7 +246,7 @@ async fn a_backup_in_s3_restores_exactly_the_rows_written_before_it() {
     assert_eq!(keys(&r).await, before, "exactly the rows written before the backup");
 
     // One byte flipped in the stored object, through the S3 API: verify names it.
-    let client = server.client();
+    let client = server.client().unwrap();
     let key_path = Key::from(format!("lab/a/{id}/base.tar.age"));
     let mut bytes = client.get(&key_path).await.unwrap().bytes().await.unwrap().to_vec();
     let middle = bytes.len() / 2;
@@ -382,7 +269,7 @@ async fn a_backup_in_s3_restores_exactly_the_rows_written_before_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn point_in_time_recovery_from_s3_brings_back_exactly_the_keys_at_the_target_time() {
     require_postgres_and_s3!();
-    let server = S3Server::start().await;
+    let server = S3Server::start().await.unwrap();
     let lab = Lab::new();
     let (a, spool) = lab::archiving_node(&lab, "a");
     leader(&a).await;
@@ -407,7 +294,7 @@ async fn point_in_time_recovery_from_s3_brings_back_exactly_the_keys_at_the_targ
 
     let inc = lab::incremental(&a, &dest, &spool, &public, &s3).await;
     assert!(inc["restorable_to"].as_str() > Some(target.as_str()), "{inc}");
-    let archived = server.keys_under("lab/pitr/wal").await;
+    let archived = keys_under(&server, "lab/pitr/wal").await;
     assert!(!archived.is_empty() && archived.iter().all(|k| k.ends_with(".zst.age")), "{archived:?}");
     a.stop(geminik8s::postgres::StopMode::Fast).await.unwrap();
 

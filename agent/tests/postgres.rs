@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use geminik8s::config::{
-    Api, Cluster, Durability, GeminiConfig, Health, K3s, Kine, Member, Postgres, Replication, Tls, Witness,
-};
+use geminik8s::config::{Durability, GeminiConfig, Replication, Tls};
 use geminik8s::daemon::database::Postgres as Datastore;
 use geminik8s::postgres::render::KINE_SCHEMA;
 use geminik8s::postgres::{Manager, PgRole, Rejoin, Session, Settings, StopMode};
@@ -63,35 +61,12 @@ fn free_port() -> u16 {
 }
 
 fn cloud_config(node: &str, peer: &str, replication: Replication, durability: Durability, tls: Tls) -> GeminiConfig {
-    let lo: IpAddr = "127.0.0.1".parse().unwrap();
-    GeminiConfig {
-        cluster: Cluster {
-            name: "lab".into(),
-            vip: lo,
-            vip_prefix: 32,
-            interface: None,
-            bootstrap_leader: "a".into(),
-            witness: Witness::default(),
-        },
-        node: Member { name: node.into(), ip: lo, api_port: 7443 },
-        peer: Member { name: peer.into(), ip: lo, api_port: 7443 },
-        api: Api { token: "t".into() },
-        postgres: Postgres {
-            replication,
-            durability,
-            degrade_after: Duration::from_secs(2),
-            port: 5432,
-            data_dir: PathBuf::new(),
-            replication_password: "repl pass'word".into(),
-            kine_password: "kine-pass".into(),
-            archive_keep: 3,
-        },
-        kine: Kine::default(),
-        k3s: K3s { enabled: false, ..K3s::with_token("t") },
-        health: Health::default(),
-        tls,
-        backup: Default::default(),
-    }
+    let mut cfg = geminik8s_vm_tests::pg::loopback_config("lab", node, peer, replication, durability, tls);
+    cfg.cluster.bootstrap_leader = "a".into();
+    // A password that needs quoting in every file it lands in.
+    cfg.postgres.replication_password = "repl pass'word".into();
+    cfg.postgres.kine_password = "kine-pass".into();
+    cfg
 }
 
 /// A cluster CA and the two nodes' certificates (both on 127.0.0.1).

@@ -13,4 +13,5 @@ pub mod poll;
 pub mod probe;
 pub mod qemu;
 pub mod qemu_lab;
+pub mod s3;
 pub mod skip;

@@ -284,12 +284,15 @@ pub(super) async fn node_config(global: &GlobalArgs) -> anyhow::Result<crate::co
 }
 
 fn hostname() -> String {
-    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into())
+    crate::system::hosts::current("unknown")
 }
 
+/// How to reach PostgreSQL, and what the backup records; the node bundle
+/// only when `with_bundle` (a full backup) and the cloud-config was read.
 async fn source_and_labels(
     a: &CreateArgs,
     global: &GlobalArgs,
+    with_bundle: bool,
 ) -> anyhow::Result<(backup::create::Source, backup::create::Labels)> {
     let cfg = if a.pg.pg_host.is_none() || global.config.is_some() { Some(node_config(global).await?) } else { None };
     let cluster = match (&a.cluster, &cfg) {
@@ -312,8 +315,8 @@ async fn source_and_labels(
     let source = backup::create::Source { bin_dir: a.pg.pg_bin_dir.clone(), host, port, user: a.pg.pg_user.clone() };
     // With the node's cloud-config, the backup carries it (the node bundle).
     let node_config = match &cfg {
-        Some(c) => Some(backup::node::render(c).map_err(|e| anyhow::anyhow!("the node bundle: {e}"))?),
-        None => None,
+        Some(c) if with_bundle => Some(backup::node::render(c).map_err(|e| anyhow::anyhow!("the node bundle: {e}"))?),
+        _ => None,
     };
     Ok((source, backup::create::Labels { cluster, node, node_config }))
 }
@@ -324,7 +327,7 @@ async fn create(a: CreateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
     }
     let keys = a.sealing.keys("a backup")?;
     let store: Arc<dyn backup::Store> = Arc::from(backup::store::open(&a.output, &a.s3.options())?);
-    let (source, labels) = source_and_labels(&a, global).await?;
+    let (source, labels) = source_and_labels(&a, global, true).await?;
     let progress = Arc::new(Bars::new(global.quiet));
     let created =
         backup::create::create(&source, store.clone(), &labels, a.sealing.compress, Arc::new(keys), progress).await?;
@@ -393,7 +396,7 @@ async fn incremental(a: CreateArgs, global: &GlobalArgs) -> anyhow::Result<ExitC
         );
     }
     let store: Arc<dyn backup::Store> = Arc::from(backup::store::open(&a.output, &a.s3.options())?);
-    let (source, _) = source_and_labels(&a, global).await?;
+    let (source, _) = source_and_labels(&a, global, false).await?;
     let progress = Bars::new(global.quiet);
     let done = backup::incremental::take(&source, store.clone(), a.timeout, &progress).await?;
     drop(progress);

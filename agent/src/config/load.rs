@@ -218,10 +218,9 @@ pub async fn gather(paths: &SourcePaths) -> anyhow::Result<(Vec<Source>, Vec<Dia
     Ok((sources, warnings))
 }
 
-/// Parse, merge (later wins) and validate `sources`. Every source must carry
-/// the `#cloud-config` header.
-pub fn load_sources(sources: &[Source], ctx: &CheckContext) -> Result<Loaded, Diagnostics> {
-    let names: Vec<String> = sources.iter().map(|s| s.name.clone()).collect();
+/// Parse and merge (later wins) `sources`; a source without the header or
+/// that does not parse is an error finding.
+fn parse_and_merge(sources: &[Source]) -> (Option<Node>, Vec<Diagnostic>) {
     let mut findings = Vec::new();
     let mut merged: Option<Node> = None;
     for (index, source) in sources.iter().enumerate() {
@@ -255,6 +254,14 @@ pub fn load_sources(sources: &[Source], ctx: &CheckContext) -> Result<Loaded, Di
             }),
         }
     }
+    (merged, findings)
+}
+
+/// Parse, merge (later wins) and validate `sources`. Every source must carry
+/// the `#cloud-config` header.
+pub fn load_sources(sources: &[Source], ctx: &CheckContext) -> Result<Loaded, Diagnostics> {
+    let names: Vec<String> = sources.iter().map(|s| s.name.clone()).collect();
+    let (merged, mut findings) = parse_and_merge(sources);
     if sources.is_empty() {
         findings.push(Diagnostic {
             severity: Severity::Error,
@@ -281,24 +288,14 @@ pub fn load_sources(sources: &[Source], ctx: &CheckContext) -> Result<Loaded, Di
 /// The merged document of `sources`, not validated (`None` when one does
 /// not parse): what an unconfigured node reads its enrolment settings from.
 pub fn merged_document(sources: &[Source]) -> Option<Value> {
-    let mut merged: Option<Node> = None;
-    for (index, source) in sources.iter().enumerate().filter(|(_, s)| has_header(&s.text)) {
-        let node = yaml::parse(&source.text, index).ok()?;
-        match &mut merged {
-            None => merged = Some(node),
-            Some(m) => m.merge(node),
-        }
+    match parse_and_merge(sources) {
+        (Some(merged), findings) if findings.is_empty() => Some(merged.to_json()),
+        _ => None,
     }
-    merged.map(|m| m.to_json())
 }
 
-/// Read `files` as sources.
-pub fn read_files(files: &[PathBuf]) -> anyhow::Result<Vec<Source>> {
-    files.iter().map(|f| read(f)).collect()
-}
-
-/// Load files given explicitly, as `gemin_k8s config validate` does.
-pub fn load_files(files: &[PathBuf], ctx: &CheckContext) -> Result<Loaded, Diagnostics> {
+/// Read files given explicitly as sources; an unreadable one is a finding.
+pub fn read_files(files: &[PathBuf]) -> Result<Vec<Source>, Diagnostics> {
     let mut sources = Vec::new();
     let mut findings = Vec::new();
     for file in files {
@@ -315,16 +312,23 @@ pub fn load_files(files: &[PathBuf], ctx: &CheckContext) -> Result<Loaded, Diagn
             }),
         }
     }
-    if !findings.is_empty() {
-        return Err(Diagnostics(findings));
-    }
-    load_sources(&sources, ctx)
+    if findings.is_empty() { Ok(sources) } else { Err(Diagnostics(findings)) }
+}
+
+/// Load files given explicitly, as `gemin_k8s config validate` does.
+pub fn load_files(files: &[PathBuf], ctx: &CheckContext) -> Result<Loaded, Diagnostics> {
+    load_sources(&read_files(files)?, ctx)
 }
 
 /// Gather from the node locations and load, as the agent does at start.
 pub async fn load(paths: &SourcePaths, ctx: &CheckContext) -> anyhow::Result<Loaded> {
-    let (sources, mut skipped) = gather(paths).await?;
-    let mut loaded = load_sources(&sources, ctx)?;
+    let (sources, skipped) = gather(paths).await?;
+    load_gathered(&sources, skipped, ctx)
+}
+
+/// Load gathered `sources`; the gathering's warnings (`skipped`) come first.
+pub fn load_gathered(sources: &[Source], mut skipped: Vec<Diagnostic>, ctx: &CheckContext) -> anyhow::Result<Loaded> {
+    let mut loaded = load_sources(sources, ctx)?;
     skipped.append(&mut loaded.warnings);
     loaded.warnings = skipped;
     Ok(loaded)

@@ -109,6 +109,19 @@ impl VipCache {
     }
 }
 
+/// The cloud-config sources: the `--cloud-config` files, or the node's
+/// locations under `root`; with the gathering's warnings.
+async fn read_sources(
+    root: &std::path::Path,
+    files: &[std::path::PathBuf],
+) -> anyhow::Result<(Vec<crate::config::Source>, Vec<crate::config::Diagnostic>)> {
+    if files.is_empty() {
+        crate::config::load::gather(&SourcePaths::under(root)).await
+    } else {
+        Ok((crate::config::load::read_files(files)?, Vec::new()))
+    }
+}
+
 /// `--release-vip` from the cached VIP settings, when there are some.
 async fn release_cached_vip(state_dir: &std::path::Path) -> anyhow::Result<bool> {
     let path = state_dir.join(VIP_CACHE);
@@ -124,27 +137,20 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     }
     let ctx = CheckContext { root: args.root.clone(), check_files: true };
     let mut files = args.cloud_config.clone();
+    let (mut sources, mut skipped) = read_sources(&args.root, &files).await?;
     // Without a node configuration: wait for one (`gemin_k8s deploy`). It is
-    // written where the node's sources are read (the configured `config_dir`,
-    // /oem by default); with --cloud-config files it comes first, and the
-    // files given refine it.
-    let sources = match files.is_empty() {
-        true => crate::config::load::gather(&SourcePaths::under(&args.root)).await.map(|(s, _)| s).ok(),
-        false => crate::config::load::read_files(&files).ok(),
-    };
-    if let Some(document) = sources.as_deref().and_then(crate::config::load::merged_document)
+    // written where the node's sources are read (the enrolment `config_dir`);
+    // with --cloud-config files it comes first, and the files given refine it.
+    if let Some(document) = crate::config::load::merged_document(&sources)
         && let Some(enrolment) = crate::enrol::Settings::of_unconfigured(&document)?
     {
         let written = crate::enrol::serve(&enrolment, &args.state_dir, &args.root).await?;
         if !files.is_empty() && !files.contains(&written) {
             files.insert(0, written);
         }
+        (sources, skipped) = read_sources(&args.root, &files).await?;
     }
-    let loaded = if files.is_empty() {
-        crate::config::load(&SourcePaths::under(&args.root), &ctx).await?
-    } else {
-        crate::config::load_files(&files, &ctx)?
-    };
+    let loaded = crate::config::load::load_gathered(&sources, skipped, &ctx)?;
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }

@@ -12,6 +12,11 @@ use crate::fsutil::write_atomic;
 /// The address Debian maps the host's own name to.
 pub const SELF_ADDR: &str = "127.0.1.1";
 
+/// The kernel's hostname, or `fallback` when it cannot be read.
+pub fn current(fallback: &str) -> String {
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| fallback.into())
+}
+
 /// The `127.0.1.1` line for `name`: the full name, then the short name when
 /// they differ.
 pub fn hosts_line(name: &str) -> String {

@@ -138,8 +138,6 @@ pub fn chown_to_postgres(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("setting the mode of {}", path.display()))
 }
 
-pub use geminik8s_vm_tests::pg::free_port;
-
 /// The `gemin_k8s` binary the benchmark measures.
 pub struct Gemin {
     pub bin: PathBuf,

@@ -11,7 +11,6 @@
 mod archiving;
 mod data;
 mod lab;
-mod s3;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,7 +29,7 @@ use geminik8s_vm_tests::probe::agent_bin;
 use geminik8s_vm_tests::skip::{find_tool, requires};
 
 use crate::lab::{CLUSTER, Gemin, Lab, NODE, Node};
-use crate::s3::{BUCKET, S3Server, SERVER};
+use geminik8s_vm_tests::s3::{BUCKET, S3Server, SERVER};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -172,16 +171,12 @@ async fn bench(lab: &mut Lab, gemin: &Gemin, args: &Args) -> anyhow::Result<()> 
         println!("s3:// destination: skipped: {SERVER} is not installed (`just deps` installs it)");
         None
     } else {
-        let server = S3Server::start(lab.path("s3")).await?;
+        let server = S3Server::start().await?;
         destinations.push(Destination {
             label: "s3 (s3s-fs, loopback)",
             url: format!("s3://{BUCKET}/bench"),
             flags: server.flags(),
-            options: S3Options {
-                endpoint: Some(server.endpoint.clone()),
-                region: None,
-                credentials: Some(server.credentials.clone()),
-            },
+            options: server.options(),
         });
         Some(server)
     };
