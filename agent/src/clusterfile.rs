@@ -59,6 +59,9 @@ pub struct PkiPaths {
     pub witness_cert: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub witness_key: Option<PathBuf>,
+    /// The revocation list `gemin_k8s replace-node` keeps (the certificates of replaced machines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 impl ClusterFile {

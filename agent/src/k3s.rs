@@ -60,6 +60,8 @@ pub enum K3sError {
     },
     #[error("the API server at {url} is not ready (HTTP {status}): {body}")]
     NotReady { url: String, status: u16, body: String },
+    #[error("the API server refused DELETE {url} (HTTP {status}): {body}")]
+    Refused { url: String, status: u16, body: String },
 }
 
 /// Everything `k3s server`'s command line is made of.
@@ -248,18 +250,7 @@ pub const READYZ: &str = "/readyz?exclude=etcd&exclude=etcd-readiness";
 /// with the admin client certificate (K3s refuses anonymous requests). `Ok`
 /// when the API server answers 200.
 pub async fn ready(base: &str, creds: &ClusterCredentials, timeout: Duration) -> Result<(), K3sError> {
-    crate::tls::install_crypto_provider();
-    let ca = reqwest::Certificate::from_pem(creds.ca_pem.as_bytes())
-        .map_err(|source| K3sError::Pem { what: "CA", source })?;
-    let identity =
-        reqwest::Identity::from_pem(format!("{}\n{}", creds.client_cert_pem, creds.client_key_pem).as_bytes())
-            .map_err(|source| K3sError::Pem { what: "client certificate and key", source })?;
-    let client = reqwest::Client::builder()
-        .tls_certs_only([ca])
-        .identity(identity)
-        .timeout(timeout)
-        .build()
-        .map_err(K3sError::Client)?;
+    let client = admin_client(creds, timeout)?;
     let url = format!("{}{READYZ}", base.trim_end_matches('/'));
     let response =
         client.get(&url).send().await.map_err(|source| K3sError::Unreachable { url: url.clone(), source })?;
@@ -269,6 +260,58 @@ pub async fn ready(base: &str, creds: &ClusterCredentials, timeout: Duration) ->
     }
     let body = response.text().await.unwrap_or_else(|e| format!("(body unreadable: {e})"));
     Err(K3sError::NotReady { url, status: status.as_u16(), body: crate::cmd::tail(&body, 10) })
+}
+
+/// An HTTPS client for the API server: trusts only the cluster CA,
+/// authenticates with the admin client certificate.
+fn admin_client(creds: &ClusterCredentials, timeout: Duration) -> Result<reqwest::Client, K3sError> {
+    crate::tls::install_crypto_provider();
+    let ca = reqwest::Certificate::from_pem(creds.ca_pem.as_bytes())
+        .map_err(|source| K3sError::Pem { what: "CA", source })?;
+    let identity =
+        reqwest::Identity::from_pem(format!("{}\n{}", creds.client_cert_pem, creds.client_key_pem).as_bytes())
+            .map_err(|source| K3sError::Pem { what: "client certificate and key", source })?;
+    reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .identity(identity)
+        .timeout(timeout)
+        .build()
+        .map_err(K3sError::Client)
+}
+
+/// Forget the Kubernetes identity of `node`, replaced by new hardware under
+/// the same name: its Node object and the `<node>.node-password.k3s` secret
+/// (K3s refuses a new machine under a name whose password it holds). What
+/// was there to delete is returned; what was not is no error.
+pub async fn forget_node(
+    base: &str,
+    creds: &ClusterCredentials,
+    node: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, K3sError> {
+    let client = admin_client(creds, timeout)?;
+    let base = base.trim_end_matches('/');
+    let mut removed = Vec::new();
+    for (what, path) in [
+        (format!("node {node}"), format!("/api/v1/nodes/{node}")),
+        (
+            format!("secret kube-system/{node}.node-password.k3s"),
+            format!("/api/v1/namespaces/kube-system/secrets/{node}.node-password.k3s"),
+        ),
+    ] {
+        let url = format!("{base}{path}");
+        let response =
+            client.delete(&url).send().await.map_err(|source| K3sError::Unreachable { url: url.clone(), source })?;
+        match response.status().as_u16() {
+            200 | 202 => removed.push(what),
+            404 => {}
+            status => {
+                let body = response.text().await.unwrap_or_default();
+                return Err(K3sError::Refused { url, status, body: crate::cmd::tail(&body, 5) });
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// The K3s binary named by `GEMINIK8S_K3S_BINARY`, when it is set and exists.

@@ -5,8 +5,9 @@ use std::net::IpAddr;
 
 use anyhow::Context;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
+    SanType, SerialNumber,
 };
 
 /// A certificate and its private key, both PEM.
@@ -56,46 +57,139 @@ pub fn generate(
     witness: Option<IpAddr>,
 ) -> anyhow::Result<ClusterPki> {
     let ca_key = KeyPair::generate().context("generating the CA key")?;
-    let mut ca_params = params(&format!("geminik8s {cluster} CA"))?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages =
-        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_params = ca_params(cluster)?;
     let ca_cert = ca_params.self_signed(&ca_key).context("self-signing the CA")?;
     let ca = CertKey { cert: ca_cert.pem(), key: ca_key.serialize_pem() };
     let issuer = Issuer::new(ca_params, ca_key);
 
-    let leaf = |cn: &str, sans: Vec<SanType>| -> anyhow::Result<CertKey> {
-        let key = KeyPair::generate().context("generating a key")?;
-        let mut p = params(cn)?;
-        p.subject_alt_names = sans;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = p.signed_by(&key, &issuer).with_context(|| format!("signing the certificate for {cn}"))?;
-        Ok(CertKey { cert: cert.pem(), key: key.serialize_pem() })
-    };
-
     let mut out = Vec::new();
     for (name, ip) in nodes {
-        let dns = |s: &str| -> anyhow::Result<SanType> {
-            Ok(SanType::DnsName(s.try_into().with_context(|| format!("`{s}` as a DNS name"))?))
-        };
-        let sans = vec![
-            dns(name)?,
-            dns("localhost")?,
-            SanType::IpAddress(*ip),
-            SanType::IpAddress(vip),
-            SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
-        ];
-        out.push(leaf(name, sans)?);
+        out.push(node_leaf(&issuer, name, *ip, vip)?);
     }
-    let operator = leaf("operator", vec![])?;
+    let operator = leaf(&issuer, "operator", vec![])?;
     let witness = match witness {
-        Some(ip) => {
-            Some(leaf("witness", vec![SanType::IpAddress(ip), SanType::IpAddress(IpAddr::from([127, 0, 0, 1]))])?)
-        }
+        Some(ip) => Some(leaf(
+            &issuer,
+            "witness",
+            vec![SanType::IpAddress(ip), SanType::IpAddress(IpAddr::from([127, 0, 0, 1]))],
+        )?),
         None => None,
     };
     Ok(ClusterPki { ca, nodes: out, operator, witness })
+}
+
+/// The CA's parameters: its subject is what every certificate it signs
+/// names as issuer, so [`CaSigner`] rebuilds the same.
+fn ca_params(cluster: &str) -> anyhow::Result<CertificateParams> {
+    let mut ca_params = params(&format!("geminik8s {cluster} CA"))?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    Ok(ca_params)
+}
+
+fn leaf(issuer: &Issuer<'_, KeyPair>, cn: &str, sans: Vec<SanType>) -> anyhow::Result<CertKey> {
+    let key = KeyPair::generate().context("generating a key")?;
+    let mut p = params(cn)?;
+    p.subject_alt_names = sans;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p.signed_by(&key, issuer).with_context(|| format!("signing the certificate for {cn}"))?;
+    Ok(CertKey { cert: cert.pem(), key: key.serialize_pem() })
+}
+
+/// A node's certificate: client and server, SANs its name, `localhost`,
+/// its address, the VIP and 127.0.0.1.
+fn node_leaf(issuer: &Issuer<'_, KeyPair>, name: &str, ip: IpAddr, vip: IpAddr) -> anyhow::Result<CertKey> {
+    let dns = |s: &str| -> anyhow::Result<SanType> {
+        Ok(SanType::DnsName(s.try_into().with_context(|| format!("`{s}` as a DNS name"))?))
+    };
+    let sans = vec![
+        dns(name)?,
+        dns("localhost")?,
+        SanType::IpAddress(ip),
+        SanType::IpAddress(vip),
+        SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
+    ];
+    leaf(issuer, name, sans)
+}
+
+/// The cluster CA from its key, after `init`: signs a replacement node's
+/// certificate and the revocation list (`gemin_k8s replace-node`).
+pub struct CaSigner {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl CaSigner {
+    /// The CA of `cluster` with its private key (PEM, as `init` wrote it).
+    pub fn new(cluster: &str, ca_key_pem: &str) -> anyhow::Result<CaSigner> {
+        let key = KeyPair::from_pem(ca_key_pem).context("reading the CA key")?;
+        Ok(CaSigner { issuer: Issuer::new(ca_params(cluster)?, key) })
+    }
+
+    /// A new certificate for node `name` at `ip` (a new key too).
+    pub fn node(&self, name: &str, ip: IpAddr, vip: IpAddr) -> anyhow::Result<CertKey> {
+        node_leaf(&self.issuer, name, ip, vip)
+    }
+
+    /// A revocation list of the certificates with these serial numbers
+    /// (numbered `number`, valid for [`VALIDITY_DAYS`]).
+    pub fn revocation_list(&self, serials: &[Vec<u8>], number: u64) -> anyhow::Result<String> {
+        let now = time::OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - time::Duration::hours(1),
+            next_update: now + time::Duration::days(VALIDITY_DAYS),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|serial| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial),
+                    revocation_time: now - time::Duration::minutes(1),
+                    reason_code: Some(RevocationReason::Superseded),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).context("signing the revocation list")?;
+        crl.pem().context("encoding the revocation list")
+    }
+}
+
+/// The serial number of a PEM certificate.
+pub fn serial(cert_pem: &str) -> anyhow::Result<Vec<u8>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_cert::der::Decode;
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).context("reading the certificate's PEM")?;
+    let cert = x509_cert::Certificate::from_der(der.as_ref()).context("decoding the certificate")?;
+    Ok(cert.tbs_certificate.serial_number.as_bytes().to_vec())
+}
+
+/// The serial numbers a PEM revocation list revokes, and its number.
+pub fn revoked(crl_pem: &str) -> anyhow::Result<(Vec<Vec<u8>>, u64)> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_cert::der::Decode;
+    let der = CertificateRevocationListDer::from_pem_slice(crl_pem.as_bytes()).context("reading the CRL's PEM")?;
+    let list = x509_cert::crl::CertificateList::from_der(der.as_ref()).context("decoding the revocation list")?;
+    let serials = list
+        .tbs_cert_list
+        .revoked_certificates
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r.serial_number.as_bytes().to_vec())
+        .collect();
+    let number = list
+        .tbs_cert_list
+        .crl_extensions
+        .unwrap_or_default()
+        .iter()
+        .find(|e| e.extn_id == x509_cert::der::oid::db::rfc5280::ID_CE_CRL_NUMBER)
+        .and_then(|e| x509_cert::ext::pkix::CrlNumber::from_der(e.extn_value.as_bytes()).ok())
+        .map_or(0, |n| n.0.as_bytes().iter().fold(0u64, |acc, b| acc.wrapping_shl(8) | u64::from(*b)));
+    Ok((serials, number))
 }
 
 #[cfg(test)]

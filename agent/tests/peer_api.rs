@@ -91,7 +91,12 @@ async fn start(tls: &TlsMaterial, ip: &str, port: u16, st: NodeStatus, token: &s
     let addr = listener.local_addr().unwrap();
     let hooks = Arc::new(ApiHooks::default());
     let app = router(shared.clone(), Auth::tls(peer, token), hooks.clone());
-    let task = tokio::spawn(serve_tls(listener, tls.server_config().unwrap(), app, hooks.clone()));
+    let task = tokio::spawn(serve_tls(
+        listener,
+        tokio::sync::watch::channel(tls.server_config().unwrap()).1,
+        app,
+        hooks.clone(),
+    ));
     Running { addr, shared, hooks, task }
 }
 

@@ -97,7 +97,8 @@ fn pair(lab: &Lab, replication: Replication, durability: Durability) -> (Node, N
     let make = |name: &str, peer: &str, port: u16, peer_port: u16| {
         let dir = lab.node_dir(name);
         let i = usize::from(name != "a");
-        let tls = Tls { ca: pki.ca.cert.clone(), cert: pki.nodes[i].cert.clone(), key: pki.nodes[i].key.clone() };
+        let tls =
+            Tls { ca: pki.ca.cert.clone(), cert: pki.nodes[i].cert.clone(), key: pki.nodes[i].key.clone(), crl: None };
         let mut s = Settings::from_config(&cloud_config(name, peer, replication, durability, tls));
         s.data_dir = dir.join("data");
         s.log_file = dir.join("postgres.log");

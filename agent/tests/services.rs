@@ -582,8 +582,12 @@ async fn postgres_manager_runs_the_server_as_the_systemd_unit() {
     settings.start_timeout = Duration::from_millis(500);
     let lo = "127.0.0.1".parse().unwrap();
     let pki = geminik8s::pki::generate("lab", &[("node1".into(), lo)], lo, None).unwrap();
-    settings.tls =
-        geminik8s::config::Tls { ca: pki.ca.cert, cert: pki.nodes[0].cert.clone(), key: pki.nodes[0].key.clone() };
+    settings.tls = geminik8s::config::Tls {
+        ca: pki.ca.cert,
+        cert: pki.nodes[0].cert.clone(),
+        key: pki.nodes[0].key.clone(),
+        crl: None,
+    };
     let mgr = geminik8s::postgres::Manager::new(settings.clone(), Arc::new(systemd)).unwrap();
 
     let err = mgr.start().await.unwrap_err().to_string();

@@ -54,6 +54,9 @@ pub struct Lab {
     pub witness: WitnessMode,
     /// The two nodes, in cluster order.
     pub nodes: Vec<Host>,
+    /// Machines replaced by [`Lab::replace_box`] (dead, left as they were).
+    #[serde(default)]
+    pub retired: Vec<Host>,
     pub client: Host,
     pub gateway: Host,
     /// `IP:PORT` of `gemin_k8s witness serve` in `gk-gw` (arbiter mode).
@@ -225,6 +228,7 @@ impl Lab {
             prefix: cluster.vip_prefix,
             witness,
             nodes,
+            retired: Vec::new(),
             client: host("client", CLIENT, client_ip),
             gateway: host("gw", GATEWAY, gw_ip),
             arbiter,
@@ -259,18 +263,52 @@ impl Lab {
         ip(&["-n", SWITCH, "link", "add", BRIDGE, "type", "bridge"])?;
         ip(&["-n", SWITCH, "link", "set", BRIDGE, "up"])?;
         ip(&["-n", SWITCH, "link", "set", "lo", "up"])?;
-        let cidr = |a: IpAddr| format!("{a}/{}", self.prefix);
         for h in self.all_hosts() {
-            let port = format!("v-{}", h.name);
-            ip(&["netns", "add", &h.netns])?;
-            ip(&["-n", SWITCH, "link", "add", &port, "type", "veth", "peer", "name", &h.dev, "netns", &h.netns])?;
-            ip(&["-n", SWITCH, "link", "set", &port, "master", BRIDGE])?;
-            ip(&["-n", SWITCH, "link", "set", &port, "up"])?;
-            ip(&["-n", &h.netns, "link", "set", "lo", "up"])?;
-            ip(&["-n", &h.netns, "addr", "add", &cidr(h.ip), "dev", &h.dev])?;
-            ip(&["-n", &h.netns, "link", "set", &h.dev, "up"])?;
+            self.plug(h)?;
         }
         Ok(())
+    }
+
+    /// A namespace for `h` with its veth on the bridge, its address, up.
+    fn plug(&self, h: &Host) -> anyhow::Result<()> {
+        let port = Self::port(h);
+        let cidr = format!("{}/{}", h.ip, self.prefix);
+        ip(&["netns", "add", &h.netns])?;
+        ip(&["-n", SWITCH, "link", "add", &port, "type", "veth", "peer", "name", &h.dev, "netns", &h.netns])?;
+        ip(&["-n", SWITCH, "link", "set", &port, "master", BRIDGE])?;
+        ip(&["-n", SWITCH, "link", "set", &port, "up"])?;
+        ip(&["-n", &h.netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &h.netns, "addr", "add", &cidr, "dev", &h.dev])?;
+        ip(&["-n", &h.netns, "link", "set", &h.dev, "up"])?;
+        Ok(())
+    }
+
+    /// A new, blank machine takes `node`'s place at `ip`, as when a box
+    /// that died for good is swapped: the dead one stays as it was
+    /// (powered off by [`Lab::kill`], its namespace and its files: those
+    /// move aside to `<node>.old-box`), the new one gets its own namespace
+    /// on the bridge and an empty node directory with the lab's overlay.
+    /// Its agent is for the test to start (an unconfigured machine, say).
+    pub fn replace_box(&mut self, node: &str, ip: IpAddr) -> anyhow::Result<()> {
+        if self.powered(node) {
+            bail!("{node} is powered; `kill` it first (a replaced machine is dead)");
+        }
+        let i = self.nodes.iter().position(|h| h.name == node).with_context(|| format!("no node {node}"))?;
+        let old = self.nodes[i].clone();
+        let n = self.nodes.iter().chain(&self.retired).filter(|h| h.name == node).count();
+        let new = Host { name: node.into(), netns: format!("{}-{n}", old.netns), ip, dev: old.dev.clone() };
+        self.plug(&new)?;
+        let dir = self.node_dir(node);
+        let aside = self.run_dir.join(format!("{node}.old-box{}", if n > 1 { format!("-{n}") } else { String::new() }));
+        std::fs::rename(&dir, &aside).with_context(|| format!("moving {} aside", dir.display()))?;
+        for sub in ["state", "logs"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::fs::copy(aside.join("lab.yaml"), dir.join("lab.yaml")).context("the lab's overlay for the new box")?;
+        self.retired.push(old);
+        self.nodes[i] = new;
+        self.save()
     }
 
     /// The lab's own cloud-config for a node, merged after the node's file:

@@ -62,7 +62,8 @@ pub fn loopback_config(
 pub fn loopback_settings(cluster: &str, name: &str, dir: &Path) -> anyhow::Result<Settings> {
     let lo = IpAddr::from([127, 0, 0, 1]);
     let pki = geminik8s::pki::generate(cluster, &[("a".into(), lo), ("b".into(), lo)], lo, None)?;
-    let tls = Tls { ca: pki.ca.cert.clone(), cert: pki.nodes[0].cert.clone(), key: pki.nodes[0].key.clone() };
+    let tls =
+        Tls { ca: pki.ca.cert.clone(), cert: pki.nodes[0].cert.clone(), key: pki.nodes[0].key.clone(), crl: None };
     let cfg = loopback_config(cluster, name, "peer", Replication::Streaming, Durability::Async, tls);
     let mut s = Settings::from_config(&cfg);
     s.data_dir = dir.join("data");

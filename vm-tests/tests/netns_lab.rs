@@ -1488,3 +1488,159 @@ fn deploy_forms_a_cluster_from_two_unconfigured_nodes() {
     assert_eq!(keys(lab, "/lab/deploy/").unwrap(), ["/lab/deploy/a".to_string()], "the acknowledged write is kept");
     println!("deployed in {} s", report["elapsed_seconds"]);
 }
+
+/// `gemin_k8s replace-node` from the client namespace.
+fn replace_node(lab: &Lab, extra: &[&str]) -> std::process::Output {
+    let bin = agent_bin().unwrap();
+    let config_dir = lab.config_dir.display().to_string();
+    let mut argv = vec![bin.to_str().unwrap(), "replace-node", "--config-dir", &config_dir];
+    if !extra.contains(&"--timeout") {
+        argv.extend(["--timeout", "120s"]);
+    }
+    argv.extend(extra);
+    lab.exec("client", &argv).unwrap()
+}
+
+/// A TLS call to `url` from the client namespace with `node`'s certificate
+/// and key as the cloud-config `file` holds them; the body, or why not.
+fn call_with_certificate(lab: &Lab, file: &std::path::Path, url: &str) -> Result<String, String> {
+    let ctx = geminik8s::config::CheckContext { root: "/".into(), check_files: false };
+    let tls = geminik8s::config::load_files(&[file.to_path_buf()], &ctx).unwrap().gemini.tls;
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for (name, pem) in [("ca.crt", &tls.ca), ("node.crt", &tls.cert), ("node.key", &tls.key)] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+        paths.push(dir.path().join(name).display().to_string());
+    }
+    let argv = ["curl", "-sS", "--max-time", "5", "--cacert", &paths[0], "--cert", &paths[1], "--key", &paths[2], url];
+    let out = lab.exec("client", &argv).unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+/// node2's machine dies for good while a client writes through the VIP; a
+/// new, blank machine boots the generic image (enrolment only) at a new
+/// address, and `replace-node` brings it in: fenced by the arbiter's lease,
+/// a new certificate with the old one revoked, node1 takes the new peer
+/// without restarting PostgreSQL (its old slot dropped), the new machine
+/// copies the data and streams synchronously. Every acknowledged write is
+/// there, node1 refuses the old certificate and takes the new one, the
+/// switchover checks pass, `cluster.yaml` names the new address, and a
+/// second run changes nothing. Naming the leader is refused without --force.
+#[test]
+fn a_dead_node_is_replaced_by_a_new_machine_at_a_new_address() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let template = tempfile::NamedTempFile::new().unwrap();
+    let witness = "#cloud-config\ngeminik8s:\n  cluster:\n    witness:\n      lease_ttl: 3s\n      lease_renew: 500ms\n  \
+                   postgres:\n    degrade_after: 2s\n";
+    std::fs::write(template.path(), witness).unwrap();
+    let t = template.path().to_str().unwrap();
+    let arbiter = ["--witness", "arbiter", "--witness-target", "10.77.0.254:7440", "--template", t];
+    let Some(mut up) = lab_up(&arbiter, None) else { return };
+    let (before, _) = write_keys(&up.lab, "/lab/replace/before/", 10, 0);
+
+    // node1 leads: naming it is refused without --force, nothing changed.
+    let out = replace_node(&up.lab, &["--old-node", "node1", "--new-node-ip", "10.77.0.21"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && err.contains("node1 is the leader") && err.contains("--force"), "{err}");
+    // A live node is not replaced, whatever its role.
+    let out = replace_node(&up.lab, &["--old-node", "node2", "--new-node-ip", "10.77.0.21", "--dry-run"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && err.contains("still answers"), "{err}");
+    let cluster_before = std::fs::read_to_string(up.lab.config_dir.join("cluster.yaml")).unwrap();
+
+    let started_pg = psql(&up.lab, "node1", "SELECT pg_postmaster_start_time()");
+    up.lab.kill("node2").unwrap();
+    let new_ip: std::net::IpAddr = "10.77.0.21".parse().unwrap();
+    up.lab.replace_box("node2", new_ip).unwrap();
+    let lab = &up.lab;
+    let dir = lab.node_dir("node2");
+    let enrolment = format!(
+        "#cloud-config\ngeminik8s_enrolment:\n  token_file: {}\n  config_dir: {}\n",
+        lab.config_dir.join("enrolment.token").display(),
+        dir.join("oem").display()
+    );
+    std::fs::write(dir.join("enrolment.yaml"), enrolment).unwrap();
+    lab.start_agent_with("node2", &[dir.join("enrolment.yaml"), dir.join("lab.yaml")]).unwrap();
+
+    let dry = replace_node(lab, &["--old-node", "node2", "--new-node-ip", "10.77.0.21", "--dry-run", "--json"]);
+    assert!(dry.status.success(), "{}\n{}", String::from_utf8_lossy(&dry.stderr), logs(lab));
+    assert_eq!(std::fs::read_to_string(lab.config_dir.join("cluster.yaml")).unwrap(), cluster_before);
+
+    let prefix = "/lab/replace/during/";
+    let writers = Writers::new();
+    let out = std::thread::scope(|s| {
+        let _stop = StopOnDrop(&writers);
+        s.spawn(|| writers.run(lab, "client", prefix));
+        // Cut short (the copy takes longer than 2 s): the record says what is
+        // done, and the same command again goes on from there.
+        let cut = replace_node(lab, &["--old-node", "node2", "--new-node-ip", "10.77.0.21", "--timeout", "2s"]);
+        assert!(!cut.status.success(), "{}", String::from_utf8_lossy(&cut.stderr));
+        let record = std::fs::read_to_string(lab.config_dir.join("replace-node2.json"))
+            .unwrap_or_else(|e| panic!("{e}: {}\n{}", String::from_utf8_lossy(&cut.stderr), logs(lab)));
+        assert!(record.contains("\"survivor\": true"), "{record}\n{}", String::from_utf8_lossy(&cut.stderr));
+        let out = replace_node(lab, &["--old-node", "node2", "--new-node-ip", "10.77.0.21", "--verify", "--json"]);
+        // A few writes with the new node streaming, then stop.
+        let since = Instant::now();
+        poll::until("writes after the replacement", FORM, Duration::from_millis(200), || {
+            if writers.count("client", since) >= 5 { Ok(()) } else { Err("fewer than 5") }
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+        out
+    });
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(lab));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("replaced in {} s: {report}", report["elapsed_seconds"]);
+    assert_eq!(report["fenced_by"], "done in an earlier run", "{report}");
+    assert_eq!(report["survivor_changes"]["changed"], false, "the first run gave node1 its new peer: {report}");
+    assert_eq!(report["old_certificate_refused"], true, "{report}");
+    let agent_log = std::fs::read_to_string(lab.node_dir("node1").join("agent.log")).unwrap();
+    assert!(agent_log.contains("peer_slot_dropped"), "node2's old slot on node1 was dropped");
+    for check in report["checks"].as_array().unwrap() {
+        assert_eq!(check["pass"], true, "switchover check: {check}");
+    }
+
+    // The data: everything acknowledged, before the death and during the replacement.
+    wait_formed(lab, "node1", "node2", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let stored = keys(lab, "/lab/replace/before/").unwrap();
+    assert_eq!(stored, before, "the keys written before node2 died");
+    assert_acked_writes_kept(lab, &writers, prefix);
+    // node1's PostgreSQL was not restarted, and the new machine streams from it.
+    assert_eq!(psql(lab, "node1", "SELECT pg_postmaster_start_time()"), started_pg);
+    let replica = psql(lab, "node1", "SELECT client_addr, sync_state FROM pg_stat_replication");
+    assert_eq!(replica, "10.77.0.21|sync", "node1's standby is the new machine, synchronous");
+    let st = status(lab, "node1").unwrap();
+    assert_eq!(st["peer"]["address"], "10.77.0.21", "{st}");
+
+    // Certificates: the old one refused by node1, the new one taken.
+    let url = "https://10.77.0.11:7443/v1/health";
+    let kept = lab.config_dir.join("node2.yaml.replaced");
+    let revoked_refusals = || {
+        let log = std::fs::read_to_string(lab.node_dir("node1").join("agent.log")).unwrap();
+        log.lines().filter(|l| l.contains("api_refused") && l.to_lowercase().contains("revoked")).count()
+    };
+    let before_call = revoked_refusals();
+    let refused = call_with_certificate(lab, &kept, url).unwrap_err();
+    poll::until("node1 to log the revoked certificate it refused", FORM, Duration::from_millis(100), || {
+        if revoked_refusals() > before_call { Ok(()) } else { Err(format!("curl said: {refused}")) }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    let health = call_with_certificate(lab, &lab.config_dir.join("node2.yaml"), url).unwrap();
+    assert!(health.contains("\"node\":\"node1\""), "{health}");
+
+    // The operator's files name the new machine; node1 keeps its new peer.
+    let cluster = geminik8s::clusterfile::ClusterFile::load(&lab.config_dir.join("cluster.yaml")).unwrap();
+    let node2 = cluster.nodes.iter().find(|n| n.member.name == "node2").unwrap();
+    assert_eq!(node2.member.ip, new_ip);
+    assert!(lab.node_dir("node1").join("state").join("peer.yaml").is_file());
+    assert!(!lab.config_dir.join("replace-node2.json").exists(), "the progress record goes once done");
+
+    // Again: nothing to do, nothing changed.
+    let again = replace_node(lab, &["--old-node", "node2", "--new-node-ip", "10.77.0.21", "--json"]);
+    assert!(!again.status.success(), "node2 answers now: {}", String::from_utf8_lossy(&again.stdout));
+    let err = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(err.contains("still answers"), "{err}");
+}

@@ -30,8 +30,10 @@ pub const CONTENT: &str = "cloud-config";
 /// `geminik8s:` block, the TLS files it names read in as PEM text.
 pub fn render(cfg: &GeminiConfig) -> std::result::Result<String, String> {
     let mut cfg = cfg.clone();
-    let Tls { ca, cert, key } = &mut cfg.tls;
-    for (field, value) in [("tls.ca", ca), ("tls.cert", cert), ("tls.key", key)] {
+    let Tls { ca, cert, key, crl } = &mut cfg.tls;
+    for (field, value) in
+        [("tls.ca", ca), ("tls.cert", cert), ("tls.key", key)].into_iter().chain(crl.as_mut().map(|c| ("tls.crl", c)))
+    {
         *value = Tls::resolve(value).map_err(|e| format!("reading {field} ({value}): {e}"))?;
     }
     let block = serde_json::to_value(&cfg).map_err(|e| format!("serialising the cloud-config: {e}"))?;
@@ -101,7 +103,7 @@ mod tests {
             "tls": {"ca": pem("CERTIFICATE"), "cert": pem("CERTIFICATE"), "key": pem("PRIVATE KEY")},
         }));
         let mut with_files = cfg.clone();
-        let Tls { ca, cert, key } = &mut with_files.tls;
+        let Tls { ca, cert, key, .. } = &mut with_files.tls;
         for (name, value) in [("ca.crt", ca), ("node.crt", cert), ("node.key", key)] {
             let path = tmp.path().join(name);
             std::fs::write(&path, value.as_bytes()).unwrap();

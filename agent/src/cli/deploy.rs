@@ -149,7 +149,7 @@ impl ServerCertVerifier for Pinning {
 }
 
 /// One node's enrolment endpoint.
-struct Endpoint {
+pub(super) struct Endpoint {
     name: String,
     ip: IpAddr,
     url: String,
@@ -159,14 +159,14 @@ struct Endpoint {
 }
 
 /// What a node's enrolment endpoint said, or that none answers.
-enum Found {
+pub(super) enum Found {
     Waiting(Box<Facts>),
     /// Nothing listens on the enrolment port (a configured node, or no node).
     NoEndpoint(String),
 }
 
 impl Endpoint {
-    fn new(name: &str, ip: IpAddr, port: u16, token: &str) -> anyhow::Result<Endpoint> {
+    pub(super) fn new(name: &str, ip: IpAddr, port: u16, token: &str) -> anyhow::Result<Endpoint> {
         crate::tls::install_crypto_provider();
         let provider = rustls::crypto::CryptoProvider::get_default().cloned().context("no TLS crypto provider")?;
         let verifier = Arc::new(Pinning { seen: Mutex::new(None), pinned: Mutex::new(None), provider });
@@ -187,7 +187,7 @@ impl Endpoint {
 
     /// The node's facts, its proof checked against the certificate seen,
     /// which is pinned from then on.
-    async fn facts(&self) -> anyhow::Result<Found> {
+    pub(super) async fn facts(&self) -> anyhow::Result<Found> {
         let nonce = crate::secrets::generate(32);
         // The token itself goes only over a certificate proven below.
         let proof = enrol::operator_proof(&self.token, &nonce);
@@ -227,7 +227,7 @@ impl Endpoint {
     }
 
     /// Send the configuration, with the token, over the pinned certificate.
-    async fn send(&self, config: String) -> anyhow::Result<()> {
+    pub(super) async fn send(&self, config: String) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.verifier.pinned.lock().unwrap_or_else(|p| p.into_inner()).is_some(),
             "{}: no proven certificate to send the configuration over",
@@ -254,7 +254,18 @@ impl Endpoint {
     }
 }
 
-fn now_ms() -> i64 {
+/// The site enrolment token: the first line of `file`.
+pub(super) fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(file)
+        .with_context(|| format!("reading the enrolment token from {}", file.display()))?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}
+
+pub(super) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as i64
 }
 
@@ -263,13 +274,7 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let deadline = started + a.timeout;
     let path = a.config_dir.join(clusterfile::FILE_NAME);
     let cluster = ClusterFile::load(&path)?;
-    let token = std::fs::read_to_string(&a.token_file)
-        .with_context(|| format!("reading the enrolment token from {}", a.token_file.display()))?
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let token = read_token(&a.token_file)?;
     let say = |line: String| {
         if !a.json && !global.quiet {
             eprintln!("{line}");
@@ -333,7 +338,7 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                     report.fingerprint.as_deref().unwrap_or("-")
                 ));
                 if !a.skip_preflight {
-                    preflight(&a, &name, ip, &facts)?;
+                    preflight(a.max_clock_offset, &name, ip, &facts)?;
                 }
                 plan.push((endpoint, report, Some(config)));
             }
@@ -443,13 +448,30 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
 
 /// `text` (a node's cloud-config) with `cluster.bootstrap_leader` set to `leader`.
 fn with_bootstrap_leader(text: &str, leader: &str, name: &std::path::Path) -> anyhow::Result<String> {
+    edit_cloud_config(text, name, &[("/geminik8s/cluster/bootstrap_leader", leader.into())])
+}
+
+/// `text` (a node's cloud-config, from the file `name`) with each JSON
+/// pointer set to its value (made where it is missing), rendered again.
+pub(super) fn edit_cloud_config(
+    text: &str,
+    name: &std::path::Path,
+    edits: &[(&str, serde_json::Value)],
+) -> anyhow::Result<String> {
     let source = crate::config::Source { name: name.display().to_string(), text: text.to_string() };
     let mut document = crate::config::load::merged_document(std::slice::from_ref(&source))
         .with_context(|| format!("{} does not parse as a cloud-config", name.display()))?;
-    let field = document
-        .pointer_mut("/geminik8s/cluster/bootstrap_leader")
-        .with_context(|| format!("{} has no geminik8s.cluster.bootstrap_leader", name.display()))?;
-    *field = serde_json::Value::String(leader.to_string());
+    if document.pointer("/geminik8s/cluster").is_none() {
+        bail!("{} has no geminik8s.cluster block: not a node file of `gemin_k8s init`", name.display());
+    }
+    for (pointer, value) in edits {
+        let mut at = &mut document;
+        for key in pointer.trim_start_matches('/').split('/') {
+            let map = at.as_object_mut().with_context(|| format!("{}: {pointer} is not a mapping", name.display()))?;
+            at = map.entry(key.to_string()).or_insert(serde_json::Value::Object(Default::default()));
+        }
+        *at = value.clone();
+    }
     Ok(format!("{}\n{}", crate::config::load::HEADER, crate::config::yaml::to_yaml(&document)))
 }
 
@@ -487,7 +509,7 @@ async fn cluster_preflight(cluster: &ClusterFile, fresh: bool) -> anyhow::Result
 }
 
 /// The checks on one waiting node before anything is sent.
-fn preflight(a: &Args, name: &str, ip: IpAddr, facts: &Facts) -> anyhow::Result<()> {
+pub(super) fn preflight(max_clock_offset: Duration, name: &str, ip: IpAddr, facts: &Facts) -> anyhow::Result<()> {
     let addresses: Vec<IpAddr> = facts.interfaces.iter().flat_map(|i| i.addresses.iter().copied()).collect();
     if !addresses.contains(&ip) {
         bail!(
@@ -496,12 +518,12 @@ fn preflight(a: &Args, name: &str, ip: IpAddr, facts: &Facts) -> anyhow::Result<
         );
     }
     let offset = Duration::from_millis((facts.unix_ms as i64 - now_ms()).unsigned_abs());
-    if offset > a.max_clock_offset {
+    if offset > max_clock_offset {
         bail!(
             "{name}'s clock is {:.1} s off this machine's (more than --max-clock-offset {}); set its time (NTP) \
              first: certificates and the witness lease depend on it",
             offset.as_secs_f64(),
-            humantime::format_duration(a.max_clock_offset)
+            humantime::format_duration(max_clock_offset)
         );
     }
     Ok(())

@@ -152,7 +152,7 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-async fn ask(clients: &[(String, AgentClient)]) -> Vec<Answer> {
+pub(super) async fn ask(clients: &[(String, AgentClient)]) -> Vec<Answer> {
     let tasks: Vec<_> = clients
         .iter()
         .cloned()

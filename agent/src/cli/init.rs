@@ -385,7 +385,7 @@ fn node_file(
         kine: Kine::default(),
         k3s: crate::config::K3s::with_token(""),
         health: Health::default(),
-        tls: crate::config::Tls { ca: String::new(), cert: String::new(), key: String::new() },
+        tls: crate::config::Tls { ca: String::new(), cert: String::new(), key: String::new(), crl: None },
         backup: crate::config::Backup::default(),
     };
     let mut block = serde_json::to_value(&defaults).context("serialising defaults")?;
@@ -492,6 +492,7 @@ fn build_with(plan: &Plan, dir: &Path, template: &Template) -> anyhow::Result<Ve
             operator_key: "pki/operator.key".into(),
             witness_cert: pki.witness.as_ref().map(|_| "pki/witness.crt".into()),
             witness_key: pki.witness.as_ref().map(|_| "pki/witness.key".into()),
+            crl: None,
         },
         created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     };

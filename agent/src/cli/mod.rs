@@ -17,6 +17,7 @@ pub mod init;
 pub mod kubeconfig;
 pub mod output;
 pub mod prompt;
+pub mod replace_node;
 pub mod restore;
 mod restore_lead;
 pub mod status;
@@ -92,6 +93,8 @@ pub enum Command {
     Status(status::Args),
     /// Send two unconfigured nodes (the generic image, waiting for enrolment) their configuration and follow the cluster forming.
     Deploy(deploy::Args),
+    /// Bring a new machine in for a node that is gone for good: fence, new certificate (the old one revoked), the survivor's new peer, deploy, catch up.
+    ReplaceNode(replace_node::Args),
     /// K3s's admin kubeconfig for the VIP, from the agents.
     Kubeconfig(kubeconfig::Args),
     /// Planned switchover (proven lossless), its checks (--dry-run), or a forced failover (--force).
@@ -144,6 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => config::run(cmd, &cli.global).await,
         Command::Status(args) => status::run(args, &cli.global).await,
         Command::Deploy(args) => deploy::run(args, &cli.global).await,
+        Command::ReplaceNode(args) => replace_node::run(args, &cli.global).await,
         Command::Kubeconfig(args) => kubeconfig::run(args, &cli.global).await,
         Command::Failover(args) => failover::run(args, &cli.global).await,
         Command::Backup(args) => backup::run(args, &cli.global).await,

@@ -60,7 +60,7 @@ pub async fn run(cmd: Command, _global: &GlobalArgs) -> anyhow::Result<ExitCode>
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, max_ttl = ?args.max_ttl, "witness serving leases");
     tokio::select! {
-        () = serve_tls(listener, tls.server_config()?, app, hooks) => {}
+        () = serve_tls(listener, tokio::sync::watch::channel(tls.server_config()?).1, app, hooks) => {}
         r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
     }
     Ok(ExitCode::SUCCESS)

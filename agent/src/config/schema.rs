@@ -332,6 +332,12 @@ pub const KEYS: &[Key] = &[
         "This node's certificate (client and server; its common name is `node.name`, its addresses the node's IP and the VIP). PostgreSQL serves it too.",
     ),
     required("tls.key", Kind::Pem, "This node's private key. Only this node's file holds it."),
+    optional(
+        "tls.crl",
+        Kind::Pem,
+        "null",
+        "Certificates the cluster CA revoked (a PEM certificate revocation list, written by `gemin_k8s replace-node`): the agent refuses them from any caller and as its peer. `null`: none revoked.",
+    ),
 ];
 
 /// Doc of the Kairos `hostname:` key, which geminik8s applies itself.

@@ -248,6 +248,9 @@ pub struct Tls {
     pub ca: String,
     pub cert: String,
     pub key: String,
+    /// Revoked certificates (a CRL signed by the CA), when any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<String>,
 }
 
 impl Tls {

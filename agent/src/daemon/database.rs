@@ -1,8 +1,8 @@
 //! The [`Database`] the agent drives: the PostgreSQL [`Manager`], with the
 //! role machine's verbs mapped onto its operations.
 
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -13,10 +13,12 @@ use crate::election::{Replication, WalPosition};
 use crate::hostmeta::Lsn;
 use crate::peer::ReplicationView;
 use crate::postgres::files::has_cluster;
-use crate::postgres::{Manager, PgRole, PgStatus, StopMode, archive};
+use crate::postgres::{Manager, PgRole, PgStatus, ServerRole, StopMode, archive};
 
 pub struct Postgres {
-    mgr: Manager,
+    /// Replaced as a whole when the peer moves (`replace-node`); an
+    /// operation in flight keeps the one it started with.
+    mgr: std::sync::RwLock<Arc<Manager>>,
     /// One datastore operation at a time: a promotion, a rejoin and a
     /// durability change must not interleave. (A fence does not wait for it.)
     op: tokio::sync::Mutex<()>,
@@ -40,9 +42,13 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 const CATCH_UP_POLL: Duration = Duration::from_millis(10);
 
 impl Postgres {
+    fn mgr(&self) -> Arc<Manager> {
+        self.mgr.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn new(mgr: Manager) -> Self {
         Postgres {
-            mgr,
+            mgr: std::sync::RwLock::new(Arc::new(mgr)),
             op: tokio::sync::Mutex::new(()),
             sync_from: Mutex::new(None),
             expected: std::sync::atomic::AtomicBool::new(false),
@@ -65,12 +71,12 @@ impl Postgres {
         let started = Instant::now();
         let mut restartpoint = false;
         loop {
-            let last = match self.mgr.status().await {
+            let last = match self.mgr().status().await {
                 Ok(st) if st.role == PgRole::Standby => {
                     let past = u64::try_from(st.lsn_bytes).is_ok_and(|l| l > checkpoint.lsn.0);
                     if past && st.timeline < i64::from(checkpoint.timeline) && !restartpoint {
                         restartpoint = true;
-                        let db = self.mgr.connect("postgres").await?;
+                        let db = self.mgr().connect("postgres").await?;
                         db.batch("a restartpoint to settle the replayed timeline", "CHECKPOINT").await?;
                         continue;
                     }
@@ -99,14 +105,14 @@ impl Postgres {
     }
 
     fn data_dir_has_cluster(&self) -> bool {
-        has_cluster(&self.mgr.settings().data_dir)
+        has_cluster(&self.mgr().settings().data_dir)
     }
 
     /// The machine's view of the primary's replication, from `st`.
     fn replication_of(&self, st: &PgStatus) -> Replication {
-        let peer = &self.mgr.settings().peer.name;
+        let peer = &self.mgr().settings().peer.name.clone();
         let replica = st.replica(peer);
-        let sync_configured = self.mgr.waits_for_peer(&st.synchronous_standby_names);
+        let sync_configured = self.mgr().waits_for_peer(&st.synchronous_standby_names);
         let peer_streaming = replica.is_some_and(|r| r.state.as_deref() == Some("streaming"));
         let sync = replica.is_some_and(|r| r.sync_state.as_deref() == Some("sync"));
         let mut from = self.sync_from.lock().unwrap_or_else(|p| p.into_inner());
@@ -127,7 +133,7 @@ impl Postgres {
     /// The primary's replication for the role machine, and the view for
     /// `status` (a standby gets only the view).
     fn replication_of_status(&self, st: &PgStatus) -> (Option<Replication>, ReplicationView) {
-        let peer = &self.mgr.settings().peer.name;
+        let peer = &self.mgr().settings().peer.name.clone();
         // A logical-mode follower is a primary with a subscription.
         if st.role != PgRole::Primary || st.subscription.is_some() {
             let view = ReplicationView {
@@ -140,7 +146,7 @@ impl Postgres {
         }
         let r = self.replication_of(st);
         let replica = st.replica(peer);
-        let durability = match (self.mgr.settings().durability, r.sync_configured, r.peer_in_sync) {
+        let durability = match (self.mgr().settings().durability, r.sync_configured, r.peer_in_sync) {
             (_, true, true) => "synchronous",
             (_, true, false) => "synchronous, waiting for the standby",
             (Durability::Synchronous, false, _) => "degraded (async)",
@@ -164,7 +170,7 @@ impl Postgres {
 
 impl Database for Postgres {
     fn has_data(&self) -> bool {
-        let data = &self.mgr.settings().data_dir;
+        let data = &self.mgr().settings().data_dir.clone();
         let empty = crate::postgres::files::is_empty_or_missing(data).unwrap_or(false);
         has_cluster(data) || !empty || !archive::list(data).is_empty()
     }
@@ -172,13 +178,13 @@ impl Database for Postgres {
     fn observe(&self) -> BoxFut<'_, DbReport> {
         Box::pin(async move {
             let expected = self.expected.load(Ordering::SeqCst);
-            if !self.mgr.is_running()? {
+            if !self.mgr().is_running()? {
                 // Stopped (after a reboot, before the election): the control
                 // file is fresher than the position hostMeta recorded.
                 // A control file that cannot be read (a failing disk) is
                 // still a datastore that should run and does not: the role
                 // machine must hear it.
-                let (position, problem) = match self.mgr.control_position().await {
+                let (position, problem) = match self.mgr().control_position().await {
                     Ok(c) => {
                         (c.map(|c| WalPosition { timeline: c.timeline, lsn: Lsn(c.lsn_bytes) }), "not running".into())
                     }
@@ -192,7 +198,7 @@ impl Database for Postgres {
                 });
             }
             // One session answers everything: health, position, replication.
-            let st = match self.mgr.status().await {
+            let st = match self.mgr().status().await {
                 Ok(st) => st,
                 Err(e) => {
                     tracing::debug!(error = %e, "PostgreSQL does not answer");
@@ -222,11 +228,11 @@ impl Database for Postgres {
             if !self.expected.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            if self.mgr.is_running()? {
+            if self.mgr().is_running()? {
                 // Immediate: a fast stop waits for standbys that may be unreachable.
-                self.mgr.stop(StopMode::Immediate).await?;
+                self.mgr().stop(StopMode::Immediate).await?;
             }
-            self.mgr.start().await?;
+            self.mgr().start().await?;
             Ok(())
         })
     }
@@ -246,18 +252,18 @@ impl Database for Postgres {
                         "{} holds no PostgreSQL cluster; refusing to start an empty datastore at epoch {epoch} \
                          (only the cluster's first formation does that). Rejoin this node to its peer, or restore \
                          a backup",
-                        self.mgr.settings().data_dir.display()
+                        self.mgr().settings().data_dir.display()
                     );
                 }
-                self.mgr.bootstrap_leader().await.context("bootstrapping PostgreSQL")?;
+                self.mgr().bootstrap_leader().await.context("bootstrapping PostgreSQL")?;
             } else {
-                self.mgr.start().await?;
-                let st = self.mgr.status().await?;
+                self.mgr().start().await?;
+                let st = self.mgr().status().await?;
                 // A logical-mode follower is a primary too, but with a subscription.
                 if st.role == PgRole::Primary && st.subscription.is_none() {
                     // Already the primary (an agent restart, or a first
                     // bootstrap cut short): converge.
-                    self.mgr.bootstrap_leader().await.context("converging PostgreSQL as primary")?;
+                    self.mgr().bootstrap_leader().await.context("converging PostgreSQL as primary")?;
                 } else {
                     if let Some(checkpoint) = catch_up {
                         self.replay_past(checkpoint).await?;
@@ -271,7 +277,7 @@ impl Database for Postgres {
                             deadline.elapsed()
                         );
                     }
-                    self.mgr.promote().await.context("promoting PostgreSQL")?;
+                    self.mgr().promote().await.context("promoting PostgreSQL")?;
                 }
             }
             *self.sync_from.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -288,7 +294,7 @@ impl Database for Postgres {
             // Immediate: a fast stop waits for the walsender to flush to a
             // standby that may be unreachable; crash recovery is safe here.
             self.expected.store(false, Ordering::SeqCst);
-            self.mgr.stop(StopMode::Immediate).await.context("stopping PostgreSQL to demote")?;
+            self.mgr().stop(StopMode::Immediate).await.context("stopping PostgreSQL to demote")?;
             Ok(())
         })
     }
@@ -302,17 +308,17 @@ impl Database for Postgres {
             // standby before it exits. The walsender waits for a standby
             // that does not take it, hence the budget.
             let started = Instant::now();
-            match tokio::time::timeout(budget, self.mgr.stop(StopMode::Fast)).await {
+            match tokio::time::timeout(budget, self.mgr().stop(StopMode::Fast)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "the clean shutdown for the hand-over failed"),
                 Err(_) => {
                     tracing::warn!(?budget, "the clean shutdown for the hand-over took too long; stopping at once")
                 }
             }
-            if self.mgr.is_running()? {
-                self.mgr.stop(StopMode::Immediate).await.context("stopping PostgreSQL to hand over")?;
+            if self.mgr().is_running()? {
+                self.mgr().stop(StopMode::Immediate).await.context("stopping PostgreSQL to hand over")?;
             }
-            let control = self.mgr.control_position().await.context("reading the control file after the shutdown")?;
+            let control = self.mgr().control_position().await.context("reading the control file after the shutdown")?;
             let checkpoint = control
                 .filter(|c| c.clean_shutdown)
                 .map(|c| WalPosition { timeline: c.timeline, lsn: Lsn(c.lsn_bytes) });
@@ -328,12 +334,12 @@ impl Database for Postgres {
         Box::pin(async move {
             let _op = self.op.lock().await;
             if !self.data_dir_has_cluster() {
-                self.mgr.init_follower().await.with_context(|| format!("copying the datastore from {leader}"))?;
+                self.mgr().init_follower().await.with_context(|| format!("copying the datastore from {leader}"))?;
                 self.expected.store(true, Ordering::SeqCst);
                 return Ok(());
             }
-            if self.mgr.is_running()? {
-                let st = self.mgr.status().await?;
+            if self.mgr().is_running()? {
+                let st = self.mgr().status().await?;
                 if st.role == PgRole::Standby {
                     // Already a standby (agent restart): nothing to rewind.
                     self.expected.store(true, Ordering::SeqCst);
@@ -341,7 +347,7 @@ impl Database for Postgres {
                 }
             }
             let follow_first = self.handed_over.lock().unwrap_or_else(|p| p.into_inner()).take().is_some();
-            let outcome = self.mgr.rejoin(follow_first).await.with_context(|| format!("rejoining {leader}"))?;
+            let outcome = self.mgr().rejoin(follow_first).await.with_context(|| format!("rejoining {leader}"))?;
             if let Some(archive) = outcome.archive() {
                 tracing::warn!(event = "datastore_archived", archive = %archive.display(), "the old data directory was kept as an archive");
             }
@@ -355,7 +361,7 @@ impl Database for Postgres {
             // Immediate, as for a demotion: the fence must hold before the
             // peer's promotion timer fires, even when the standby is cut off.
             self.expected.store(false, Ordering::SeqCst);
-            self.mgr.stop(StopMode::Immediate).await.context("stopping PostgreSQL to fence")?;
+            self.mgr().stop(StopMode::Immediate).await.context("stopping PostgreSQL to fence")?;
             Ok(())
         })
     }
@@ -366,25 +372,48 @@ impl Database for Postgres {
             // Leading again (also after a withdrawn hand-over): a later
             // rejoin is not one that may follow without pg_rewind.
             *self.handed_over.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            self.mgr.start().await?;
+            self.mgr().start().await?;
             self.expected.store(true, Ordering::SeqCst);
             Ok(())
         })
     }
 
     fn probe_write(&self, host: std::net::IpAddr) -> BoxFut<'_, Duration> {
-        Box::pin(async move { Ok(self.mgr.probe_write(host).await?) })
+        Box::pin(async move { Ok(self.mgr().probe_write(host).await?) })
     }
 
     fn set_durability(&self, synchronous: bool) -> BoxFut<'_, ()> {
         Box::pin(async move {
             let _op = self.op.lock().await;
-            if !self.mgr.is_running()? {
+            if !self.mgr().is_running()? {
                 return Ok(());
             }
-            self.mgr.apply_durability(synchronous).await?;
+            self.mgr().apply_durability(synchronous).await?;
             *self.sync_from.lock().unwrap_or_else(|p| p.into_inner()) = None;
             Ok(())
+        })
+    }
+    fn set_peer(&self, ip: std::net::IpAddr) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            let _op = self.op.lock().await;
+            let moved = Arc::new(self.mgr().with_peer_ip(ip));
+            if moved.is_running()? {
+                let role = match moved.status().await?.role {
+                    PgRole::Primary => ServerRole::Primary,
+                    _ => ServerRole::Standby,
+                };
+                moved.write_config(role)?;
+                moved.reload().await?;
+            }
+            *self.mgr.write().unwrap_or_else(|p| p.into_inner()) = moved;
+            Ok(())
+        })
+    }
+
+    fn drop_peer_slot(&self) -> BoxFut<'_, Option<u64>> {
+        Box::pin(async move {
+            let _op = self.op.lock().await;
+            Ok(self.mgr().drop_peer_slot().await?)
         })
     }
 }

@@ -33,7 +33,7 @@ use crate::netlink::Vip;
 use crate::peer::client::AgentClient;
 use crate::peer::server::{self, ApiHooks, Control};
 use crate::peer::tls::TlsMaterial;
-use crate::peer::{Counters, FailoverView, NodeStatus, Published, ReplicationView, Shared};
+use crate::peer::{Counters, FailoverView, NodeStatus, PeerChange, PeerChanged, Published, ReplicationView, Shared};
 use crate::services::Services;
 use crate::witness::LeaseClient;
 
@@ -133,6 +133,11 @@ pub struct Driver {
     lease: Arc<Mutex<LeaseState>>,
     shared: Shared,
     hooks: Arc<ApiHooks>,
+    /// What the API's TLS listener accepts connections with (a revocation
+    /// list from `replace-node` replaces it).
+    server_tls: tokio::sync::watch::Sender<Arc<rustls::ServerConfig>>,
+    /// A peer replacement is being prepared in the background.
+    replacing: Arc<std::sync::atomic::AtomicBool>,
     control_rx: mpsc::Receiver<Control>,
     done_tx: mpsc::Sender<Completion>,
     done_rx: mpsc::Receiver<Completion>,
@@ -277,7 +282,7 @@ impl Driver {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the agent API on {addr}"))?;
         let unix = server::bind_unix(&socket)?;
-        let server_config = tls.server_config()?;
+        let (server_tls, server_config) = tokio::sync::watch::channel(tls.server_config()?);
 
         let peer = AgentClient::https(&format!("https://{}", cfg.peer.api_addr()), &tls, None, probe_budget(&cfg))?;
         let lease_client = match (cfg.cluster.witness.mode, cfg.cluster.witness.targets.first()) {
@@ -335,6 +340,8 @@ impl Driver {
             lease: Arc::new(Mutex::new(LeaseState::default())),
             shared,
             hooks,
+            server_tls,
+            replacing: Arc::default(),
             control_rx,
             done_tx,
             done_rx,
@@ -466,6 +473,11 @@ impl Driver {
                         if reply.send(answer).is_err() {
                             tracing::debug!("the forced takeover's caller went away");
                         }
+                    }
+                    Control::ReplacePeer(change, reply) => self.replace_peer(change, reply),
+                    Control::ApplyPeer(prepared, reply) => {
+                        let (change, done) = *prepared;
+                        self.apply_peer(change, done, reply);
                     }
                     Control::ProbeWrite(reply) => {
                         let (db, vip) = (self.subsystems.database.clone(), self.cfg.cluster.vip);
@@ -1190,6 +1202,166 @@ impl Driver {
 }
 
 /// How long one probe of a tick may take: below the heartbeat interval.
+/// How long the old machine's Kubernetes identity may take to remove.
+const FORGET_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Driver {
+    /// The peer is a new machine under the same name (`replace-node`): on
+    /// the leader, with the old machine silent, its slot and Kubernetes
+    /// identity are removed and replication is let in from the new address
+    /// (PostgreSQL re-reads its files, no restart), in the background so
+    /// this loop keeps its pace; then [`Self::apply_peer`] takes the change.
+    fn replace_peer(&mut self, change: PeerChange, reply: tokio::sync::oneshot::Sender<Result<PeerChanged, String>>) {
+        let refuse = |reply: tokio::sync::oneshot::Sender<Result<PeerChanged, String>>, why: String| {
+            tracing::warn!(event = "peer_replacement_refused", reason = %why, "the new peer was not taken");
+            if reply.send(Err(why)).is_err() {
+                tracing::debug!("the peer replacement's caller went away");
+            }
+        };
+        let cfg = &self.cfg;
+        if change.name != cfg.peer.name {
+            let why = format!(
+                "this node's peer is `{}`, not `{}`: a replacement keeps the node's name",
+                cfg.peer.name, change.name
+            );
+            return refuse(reply, why);
+        }
+        if change.ip == cfg.node.ip || change.ip == cfg.cluster.vip {
+            return refuse(reply, format!("{} is this node's address or the VIP, not a new peer's", change.ip));
+        }
+        let mut tls = cfg.tls.clone();
+        tls.crl = Some(change.crl.clone());
+        if let Err(e) = TlsMaterial::from_config(&tls) {
+            return refuse(reply, format!("the revocation list: {e}"));
+        }
+        let moved = (change.ip, change.api_port) != (cfg.peer.ip, cfg.peer.api_port);
+        if !moved {
+            // Already the peer: only the list to take (or nothing at all).
+            let done = PeerChanged::default();
+            return self.apply_peer(change, done, reply);
+        }
+        if !self.machine.leading() {
+            let why = format!(
+                "only the leader takes a new peer, and this node is {} (let it take over first)",
+                self.machine.state()
+            );
+            return refuse(reply, why);
+        }
+        let window = cfg.health.interval * cfg.health.failure_threshold.max(1);
+        if let Some(heard) = self.peer_last_heard.filter(|t| t.elapsed() < window) {
+            let why = format!(
+                "the peer {} at {} answered {:.1} s ago: it is not gone; power it off (or stop its agent and PostgreSQL) first",
+                cfg.peer.name,
+                cfg.peer.ip,
+                heard.elapsed().as_secs_f64()
+            );
+            return refuse(reply, why);
+        }
+        if self.replacing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return refuse(reply, "a peer replacement is under way already".into());
+        }
+        let db = self.subsystems.database.clone();
+        let k3s = self.k3s.as_ref().map(|k| k.tls_dir.clone());
+        let (node_ip, control) = (cfg.node.ip, self.hooks.control.clone());
+        let replacing = self.replacing.clone();
+        self.tasks.push(tokio::spawn(async move {
+            let prepared = async {
+                let mut done = PeerChanged::default();
+                if let Some(db) = db.as_ref().filter(|_| !change.keep_slot) {
+                    done.slot_held_bytes = db.drop_peer_slot().await.context("dropping the old machine's slot")?;
+                }
+                if let Some(tls_dir) = k3s {
+                    let creds = crate::k3s::ClusterCredentials::from_server_tls(&tls_dir)
+                        .context("K3s's admin credentials (is K3s running on this node?)")?;
+                    let api = crate::k3s::api_url(node_ip);
+                    done.kubernetes_removed = crate::k3s::forget_node(&api, &creds, &change.name, FORGET_TIMEOUT)
+                        .await
+                        .context("removing the old machine from Kubernetes")?;
+                }
+                if let Some(db) = &db {
+                    db.set_peer(change.ip).await.context("letting replication in from the new address")?;
+                }
+                anyhow::Ok(done)
+            }
+            .await;
+            match (prepared, control) {
+                (Ok(done), Some(control)) => {
+                    if let Err(e) = control.send(Control::ApplyPeer(Box::new((change, done)), reply)).await {
+                        replacing.store(false, std::sync::atomic::Ordering::SeqCst);
+                        tracing::warn!(error = %e, "the agent loop stopped before the new peer was taken");
+                    }
+                }
+                (Ok(_), None) => replacing.store(false, std::sync::atomic::Ordering::SeqCst),
+                (Err(e), _) => {
+                    replacing.store(false, std::sync::atomic::Ordering::SeqCst);
+                    let why = format!("{e:#}");
+                    tracing::warn!(event = "peer_replacement_refused", reason = %why, "the new peer was not taken");
+                    if reply.send(Err(why)).is_err() {
+                        tracing::debug!("the peer replacement's caller went away");
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Keep the new peer (a cloud-config in the state directory, read at
+    /// every start) and take it: the revocation list refuses the old
+    /// certificate from now on, heartbeats go to the new address.
+    fn apply_peer(
+        &mut self,
+        change: PeerChange,
+        mut done: PeerChanged,
+        reply: tokio::sync::oneshot::Sender<Result<PeerChanged, String>>,
+    ) {
+        self.replacing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let answer = self.take_peer(&change, &mut done).map(|()| done).map_err(|e| format!("{e:#}"));
+        match &answer {
+            Ok(done) if done.changed => tracing::info!(event = "peer_replaced", peer = %change.name, ip = %change.ip,
+                slot_held_bytes = ?done.slot_held_bytes, kubernetes_removed = ?done.kubernetes_removed,
+                "the peer is a new machine; the old one's certificate is refused"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(event = "peer_replacement_refused", reason = %e, "the new peer was not taken"),
+        }
+        if reply.send(answer).is_err() {
+            tracing::debug!("the peer replacement's caller went away");
+        }
+    }
+
+    fn take_peer(&mut self, change: &PeerChange, done: &mut PeerChanged) -> anyhow::Result<()> {
+        let persisted = self.state_dir.join(super::REPLACED_PEER);
+        done.persisted = persisted.display().to_string();
+        let same = (change.ip, change.api_port) == (self.cfg.peer.ip, self.cfg.peer.api_port)
+            && self.cfg.tls.crl.as_deref() == Some(change.crl.as_str());
+        if same {
+            return Ok(());
+        }
+        let mut tls = self.cfg.tls.clone();
+        tls.crl = Some(change.crl.clone());
+        let material = TlsMaterial::from_config(&tls).context("the revocation list")?;
+        let block = serde_json::json!({
+            "peer": { "name": change.name, "ip": change.ip, "api_port": change.api_port },
+            "tls": { "crl": change.crl },
+        });
+        let text = format!(
+            "{}\n# Written by the agent for `gemin_k8s replace-node`: this node's peer is a new machine.\n\
+             # Read after the node's other sources.\n{}",
+            crate::config::load::HEADER,
+            crate::config::yaml::to_yaml(&serde_json::json!({ "geminik8s": block }))
+        );
+        crate::fsutil::write_atomic(&persisted, text.as_bytes(), 0o644)
+            .with_context(|| format!("writing {}", persisted.display()))?;
+        self.server_tls.send_replace(material.server_config()?);
+        let address = std::net::SocketAddr::new(change.ip, change.api_port);
+        self.peer = AgentClient::https(&format!("https://{address}"), &material, None, probe_budget(&self.cfg))?;
+        self.cfg.peer.ip = change.ip;
+        self.cfg.peer.api_port = change.api_port;
+        self.cfg.tls = tls;
+        self.peer_last_heard = None;
+        done.changed = true;
+        Ok(())
+    }
+}
+
 fn probe_budget(cfg: &GeminiConfig) -> Duration {
     cfg.health.interval.mul_f64(0.8).max(Duration::from_millis(200))
 }

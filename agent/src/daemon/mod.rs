@@ -109,17 +109,28 @@ impl VipCache {
     }
 }
 
+/// The peer `gemin_k8s replace-node` gave this node, in the state directory:
+/// a cloud-config read after every other source.
+pub const REPLACED_PEER: &str = "peer.yaml";
+
 /// The cloud-config sources: the `--cloud-config` files, or the node's
-/// locations under `root`; with the gathering's warnings.
+/// locations under `root`; then [`REPLACED_PEER`] when there is one; with
+/// the gathering's warnings.
 async fn read_sources(
     root: &std::path::Path,
     files: &[std::path::PathBuf],
+    state_dir: &std::path::Path,
 ) -> anyhow::Result<(Vec<crate::config::Source>, Vec<crate::config::Diagnostic>)> {
-    if files.is_empty() {
-        crate::config::load::gather(&SourcePaths::under(root)).await
+    let (mut sources, skipped) = if files.is_empty() {
+        crate::config::load::gather(&SourcePaths::under(root)).await?
     } else {
-        Ok((crate::config::load::read_files(files)?, Vec::new()))
+        (crate::config::load::read_files(files)?, Vec::new())
+    };
+    let replaced = state_dir.join(REPLACED_PEER);
+    if replaced.is_file() {
+        sources.extend(crate::config::load::read_files(&[replaced])?);
     }
+    Ok((sources, skipped))
 }
 
 /// `--release-vip` from the cached VIP settings, when there are some.
@@ -137,7 +148,7 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     }
     let ctx = CheckContext { root: args.root.clone(), check_files: true };
     let mut files = args.cloud_config.clone();
-    let (mut sources, mut skipped) = read_sources(&args.root, &files).await?;
+    let (mut sources, mut skipped) = read_sources(&args.root, &files, &args.state_dir).await?;
     // Without a node configuration: wait for one (`gemin_k8s deploy`). It is
     // written where the node's sources are read (the enrolment `config_dir`);
     // with --cloud-config files it comes first, and the files given refine it.
@@ -148,7 +159,7 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         if !files.is_empty() && !files.contains(&written) {
             files.insert(0, written);
         }
-        (sources, skipped) = read_sources(&args.root, &files).await?;
+        (sources, skipped) = read_sources(&args.root, &files, &args.state_dir).await?;
     }
     let loaded = crate::config::load::load_gathered(&sources, skipped, &ctx)?;
     for w in &loaded.warnings {

@@ -86,4 +86,11 @@ pub trait Database: Send + Sync {
     fn probe_write(&self, host: std::net::IpAddr) -> BoxFut<'_, Duration>;
     /// Make commits wait for the peer, or not.
     fn set_durability(&self, synchronous: bool) -> BoxFut<'_, ()>;
+    /// The peer moved to `ip` (`replace-node`): replication is let in from
+    /// there (the files rewritten and re-read, the server not restarted),
+    /// and a follower copies from there.
+    fn set_peer(&self, ip: std::net::IpAddr) -> BoxFut<'_, ()>;
+    /// On the primary: drop the replaced peer's replication slot (refused
+    /// while it streams). The WAL bytes it held, `None` without a slot.
+    fn drop_peer_slot(&self) -> BoxFut<'_, Option<u64>>;
 }

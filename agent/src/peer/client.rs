@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
@@ -52,11 +52,24 @@ impl AgentClient {
     }
 
     async fn request(&self, method: hyper::Method, path: &str) -> anyhow::Result<(u16, String)> {
+        self.request_with(method, path, None).await
+    }
+
+    /// A request with a JSON `body`.
+    async fn request_with(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(u16, String)> {
         match &self.endpoint {
             Endpoint::Https { base, http, token } => {
                 let mut req = http.get().request(method, format!("{base}{path}"));
                 if let Some(t) = token {
                     req = req.bearer_auth(t);
+                }
+                if let Some(body) = body {
+                    req = req.header(hyper::header::CONTENT_TYPE, "application/json").body(body);
                 }
                 let result = async {
                     let resp = req.send().await?;
@@ -78,7 +91,8 @@ impl AgentClient {
                         .method(method)
                         .uri(path)
                         .header("host", "localhost")
-                        .body(Empty::<Bytes>::new())?;
+                        .header(hyper::header::CONTENT_TYPE, "application/json")
+                        .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
                     let resp = sender.send_request(req).await?;
                     let status = resp.status().as_u16();
                     let body = resp.into_body().collect().await?.to_bytes();
@@ -171,6 +185,17 @@ impl AgentClient {
         match status {
             200 => Ok(body),
             other => bail!("{} has no kubeconfig (HTTP {other}): {}", self.describe(), body.trim()),
+        }
+    }
+
+    /// Tell this node (the leader) that its peer is a new machine
+    /// (`replace-node`). A refusal is a [`Refused`] error (nothing was changed).
+    pub async fn replace_peer(&self, change: &crate::peer::PeerChange) -> anyhow::Result<crate::peer::PeerChanged> {
+        let body = serde_json::to_vec(change)?;
+        let (status, body) = self.request_with(hyper::Method::POST, "/v1/peer", Some(body)).await?;
+        match status {
+            200 => serde_json::from_str(&body).context("reading the answer to POST /v1/peer"),
+            _ => Err(self.refused("the new peer", status, &body)),
         }
     }
 

@@ -21,6 +21,36 @@ use serde::{Deserialize, Serialize};
 use crate::election::PeerStatus;
 use crate::hostmeta::HostMeta;
 
+/// `POST /v1/peer` (operator): the peer is now a new machine under the same
+/// name at `ip` (`gemin_k8s replace-node`); `crl` revokes the old
+/// machine's certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerChange {
+    pub name: String,
+    pub ip: std::net::IpAddr,
+    pub api_port: u16,
+    /// PEM revocation list signed by the cluster CA.
+    pub crl: String,
+    /// Keep the old machine's replication slot (`--preserve-data`: the new
+    /// machine has its disk and catches up from where it stopped).
+    #[serde(default)]
+    pub keep_slot: bool,
+}
+
+/// What the leader did for a [`PeerChange`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerChanged {
+    /// False: it already had this peer and revocation list (nothing done).
+    pub changed: bool,
+    /// Bytes of WAL the dropped slot of the old machine held back; `None`
+    /// when it had no slot.
+    pub slot_held_bytes: Option<u64>,
+    /// The old machine's Kubernetes objects that were deleted.
+    pub kubernetes_removed: Vec<String>,
+    /// The cloud-config file that keeps the change across restarts.
+    pub persisted: String,
+}
+
 /// Answer to `GET /v1/health`: the heartbeat.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthReport {

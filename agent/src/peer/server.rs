@@ -110,6 +110,13 @@ pub enum Control {
     ForceTakeOver(tokio::sync::oneshot::Sender<Result<(), String>>),
     /// Write once through the VIP; the answer is how long the commit took.
     ProbeWrite(tokio::sync::oneshot::Sender<Result<Duration, String>>),
+    /// The peer is a new machine (`replace-node`).
+    ReplacePeer(super::PeerChange, tokio::sync::oneshot::Sender<Result<super::PeerChanged, String>>),
+    /// The agent's own: a replacement's slow part is done, take the peer.
+    ApplyPeer(
+        Box<(super::PeerChange, super::PeerChanged)>,
+        tokio::sync::oneshot::Sender<Result<super::PeerChanged, String>>,
+    ),
 }
 
 /// Who may call what on a listener.
@@ -254,6 +261,13 @@ async fn probe_write(State(state): State<AppState>) -> Response {
     }
 }
 
+async fn replace_peer(State(state): State<AppState>, Json(change): Json<super::PeerChange>) -> Response {
+    match ask_loop(&state, |reply| Control::ReplacePeer(change, reply)).await {
+        Ok(done) => Json(done).into_response(),
+        Err(refused) => refused,
+    }
+}
+
 /// The kubeconfig for the VIP with K3s's admin credentials, as the agent
 /// wrote it: what an operator would otherwise copy off the node by hand.
 /// The operator certificate already rules the cluster (switchover, forced
@@ -314,6 +328,7 @@ pub fn router(shared: Shared, auth: Auth, hooks: Arc<ApiHooks>) -> Router {
         .route("/v1/switchover", post(switchover))
         .route("/v1/force-takeover", post(force_takeover))
         .route("/v1/probe-write", post(probe_write))
+        .route("/v1/peer", post(replace_peer))
         .route("/v1/kubeconfig", get(kubeconfig))
         .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_operator));
@@ -339,8 +354,14 @@ where
 /// client certificate is not signed by the cluster CA are refused and
 /// logged; the others carry the certificate's [`Identity`] as a [`Caller`]
 /// request extension. At most [`MAX_HANDSHAKES`] handshakes run at once.
-pub async fn serve_tls(listener: TcpListener, config: Arc<rustls::ServerConfig>, app: Router, hooks: Arc<ApiHooks>) {
-    let acceptor = TlsAcceptor::from(config);
+/// Each connection is accepted with the configuration `config` holds then
+/// (a revocation list can arrive while serving).
+pub async fn serve_tls(
+    listener: TcpListener,
+    config: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
+    app: Router,
+    hooks: Arc<ApiHooks>,
+) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
         let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
@@ -353,7 +374,8 @@ pub async fn serve_tls(listener: TcpListener, config: Arc<rustls::ServerConfig>,
                 continue;
             }
         };
-        let (acceptor, app, hooks) = (acceptor.clone(), app.clone(), hooks.clone());
+        let acceptor = TlsAcceptor::from(config.borrow().clone());
+        let (app, hooks) = (app.clone(), hooks.clone());
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
             drop(permit);

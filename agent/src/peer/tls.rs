@@ -4,9 +4,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::Tls;
@@ -31,6 +33,8 @@ pub struct TlsMaterial {
     roots: RootCertStore,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    /// Revoked certificates, refused from callers and from servers.
+    crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 fn certs(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -65,32 +69,60 @@ impl TlsMaterial {
             kind: "private key",
             detail: e.to_string(),
         })?;
-        Ok(TlsMaterial { roots, chain, key })
+        Ok(TlsMaterial { roots, chain, key, crls: Vec::new() })
+    }
+
+    /// Refuse the certificates the PEM revocation list `crl` names (signed
+    /// by the CA; `gemin_k8s replace-node` writes it).
+    pub fn with_crl(mut self, crl: Option<&str>) -> Result<Self, TlsError> {
+        let Some(crl) = crl else { return Ok(self) };
+        let pem = |detail: String| TlsError::Pem { what: "the revocation list (tls.crl)", kind: "X509 CRL", detail };
+        self.crls = CertificateRevocationListDer::pem_slice_iter(crl.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| pem(e.to_string()))?;
+        if self.crls.is_empty() {
+            return Err(pem("no X509 CRL block".into()));
+        }
+        Ok(self)
     }
 
     /// From the `tls:` block (inline PEM or paths).
     pub fn from_config(tls: &Tls) -> Result<Self, TlsError> {
         let read = |what, v: &str| Tls::resolve(v).map_err(|source| TlsError::Read { what, source });
-        Self::from_pem(&read("tls.ca", &tls.ca)?, &read("tls.cert", &tls.cert)?, &read("tls.key", &tls.key)?)
+        let crl = tls.crl.as_deref().map(|c| read("tls.crl", c)).transpose()?;
+        Self::from_pem(&read("tls.ca", &tls.ca)?, &read("tls.cert", &tls.cert)?, &read("tls.key", &tls.key)?)?
+            .with_crl(crl.as_deref())
     }
 
-    /// Server side: a client certificate signed by the CA is required.
-    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let verifier = WebPkiClientVerifier::builder(Arc::new(self.roots.clone()))
+    /// How callers' certificates are checked: signed by the CA, not revoked.
+    pub fn client_verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        WebPkiClientVerifier::builder(Arc::new(self.roots.clone()))
+            .with_crls(self.crls.clone())
+            .only_check_end_entity_revocation()
             .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+            .map_err(|e| TlsError::Config(e.to_string()))
+    }
+
+    /// Server side: a client certificate signed by the CA, and not revoked, is required.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let mut config = ServerConfig::builder()
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(self.client_verifier()?)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
 
-    /// Client side: trusts only the CA, presents our certificate.
+    /// Client side: trusts only the CA (and no certificate it revoked),
+    /// presents our certificate.
     pub fn client_config(&self) -> Result<ClientConfig, TlsError> {
+        let verifier = WebPkiServerVerifier::builder(Arc::new(self.roots.clone()))
+            .with_crls(self.crls.clone())
+            .only_check_end_entity_revocation()
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = ClientConfig::builder()
-            .with_root_certificates(self.roots.clone())
+            .with_webpki_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -172,4 +204,49 @@ fn build_http(config: &ClientConfig, timeout: Duration) -> Result<reqwest::Clien
         .tcp_user_timeout((timeout * 2).max(Duration::from_secs(1)))
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki;
+
+    #[test]
+    fn a_replacement_certificate_is_accepted_and_the_revoked_one_refused() {
+        let nodes = vec![
+            ("node1".to_string(), "10.0.0.1".parse().unwrap()),
+            ("node2".to_string(), "10.0.0.2".parse().unwrap()),
+        ];
+        let vip = "10.0.0.10".parse().unwrap();
+        let cluster = pki::generate("shop", &nodes, vip, None).unwrap();
+        let signer = pki::CaSigner::new("shop", &cluster.ca.key).unwrap();
+        let new = signer.node("node2", "10.0.0.22".parse().unwrap(), vip).unwrap();
+        let old_serial = pki::serial(&cluster.nodes[1].cert).unwrap();
+        assert_ne!(old_serial, pki::serial(&new.cert).unwrap());
+        let crl = signer.revocation_list(std::slice::from_ref(&old_serial), 1).unwrap();
+        assert_eq!(pki::revoked(&crl).unwrap(), (vec![old_serial], 1));
+
+        let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        let survivor = |crl: Option<&str>| {
+            TlsMaterial::from_pem(&cluster.ca.cert, &cluster.nodes[0].cert, &cluster.nodes[0].key)
+                .unwrap()
+                .with_crl(crl)
+                .unwrap()
+                .client_verifier()
+                .unwrap()
+        };
+        let without = survivor(None);
+        assert!(without.verify_client_cert(&der(&cluster.nodes[1].cert), &[], now).is_ok());
+        assert!(without.verify_client_cert(&der(&new.cert), &[], now).is_ok(), "the CA rebuilt from its key signs");
+        let with = survivor(Some(&crl));
+        let refused = with.verify_client_cert(&der(&cluster.nodes[1].cert), &[], now).unwrap_err();
+        assert!(refused.to_string().to_lowercase().contains("revoked"), "{refused}");
+        assert!(with.verify_client_cert(&der(&new.cert), &[], now).is_ok());
+        assert!(with.verify_client_cert(&der(&cluster.operator.cert), &[], now).is_ok());
+        assert!(matches!(
+            TlsMaterial::from_pem(&cluster.ca.cert, &new.cert, &new.key).unwrap().with_crl(Some("garbage")),
+            Err(TlsError::Pem { .. })
+        ));
+    }
 }

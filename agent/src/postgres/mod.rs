@@ -61,6 +61,10 @@ impl Rejoin {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
+    #[error(
+        "the replication slot {slot} stays in use: a node keeps streaming from it (is the replaced node still running?)"
+    )]
+    SlotBusy { slot: String },
     #[error("OS user `{user}` for PostgreSQL does not exist; install the postgresql package or set the user")]
     NoUser { user: String },
     #[error("looking up OS user `{user}`: {source}")]

@@ -294,6 +294,7 @@ mod tests {
                 ca: "/etc/ca.crt".into(),
                 cert: "/etc/node.crt".into(),
                 key: "/etc/node.key".into(),
+                crl: None,
             },
             sequence_margin: 1000,
             archive_before_rewind: true,

@@ -70,6 +70,9 @@ impl std::fmt::Debug for Manager {
     }
 }
 
+/// How long a session of the replaced machine may take to let go of its slot.
+const SLOT_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Manager {
     /// A manager for `settings` running the server through `services`;
     /// fails when the OS user does not exist.
@@ -80,6 +83,49 @@ impl Manager {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The same server with its peer at `ip` (`replace-node`): write its
+    /// configuration files with [`Self::write_config`] and [`Self::reload`].
+    pub fn with_peer_ip(&self, ip: std::net::IpAddr) -> Manager {
+        let mut settings = self.settings.clone();
+        settings.peer.ip = ip;
+        Manager { settings, owner: self.owner, services: self.services.clone() }
+    }
+
+    /// On the primary: drop the peer's replication slot, which holds WAL
+    /// back for a machine that is gone, and make a fresh one for the new
+    /// machine's copy. A session still holding it (its walsender has not
+    /// noticed the dead connection yet) is ended first.
+    /// Returns how many bytes of WAL it held, `None` when there was no slot.
+    pub async fn drop_peer_slot(&self) -> Result<Option<u64>> {
+        let slot = render::slot_name(&self.settings.peer.name);
+        let db = self.connect("postgres").await?;
+        let deadline = Instant::now() + SLOT_RELEASE_TIMEOUT;
+        let held = loop {
+            let row = db
+                .query_opt(
+                    "reading the peer's replication slot",
+                    "SELECT active_pid, COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint \
+                     FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await?;
+            let Some(row) = row else { return Ok(None) };
+            let (pid, held): (Option<i32>, i64) = (row.get(0), row.get(1));
+            let Some(pid) = pid else { break held };
+            if std::time::Instant::now() >= deadline {
+                return Err(PgError::SlotBusy { slot });
+            }
+            tracing::info!(slot = %slot, pid, "ending the replaced machine's session on its slot");
+            db.execute("ending the session on the peer's slot", "SELECT pg_terminate_backend($1)", &[&pid]).await?;
+            tokio::time::sleep(POLL).await;
+        };
+        db.execute("dropping the peer's replication slot", "SELECT pg_drop_replication_slot($1)", &[&slot]).await?;
+        // A fresh one from here on: the new machine's copy starts from it.
+        self.ensure_peer_slot(&db).await?;
+        tracing::info!(event = "peer_slot_dropped", slot = %slot, held_bytes = held, "dropped the replaced peer's replication slot");
+        Ok(Some(u64::try_from(held).unwrap_or(0)))
     }
 
     /// The OS account the server runs as.

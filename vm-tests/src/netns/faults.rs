@@ -148,8 +148,10 @@ fn link_up(ip_link: &str) -> bool {
 }
 
 impl Lab {
-    fn port(host: &Host) -> String {
-        format!("v-{}", host.name)
+    /// The host's switch port: named after its namespace (a replaced
+    /// node's new machine has a namespace of its own).
+    pub(crate) fn port(host: &Host) -> String {
+        format!("v-{}", host.netns.trim_start_matches("gk-"))
     }
 
     /// Whether a node is powered on: its switch port is up.
