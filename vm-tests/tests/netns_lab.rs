@@ -1630,6 +1630,18 @@ fn a_dead_node_is_replaced_by_a_new_machine_at_a_new_address() {
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
     let health = call_with_certificate(lab, &lab.config_dir.join("node2.yaml"), url).unwrap();
     assert!(health.contains("\"node\":\"node1\""), "{health}");
+    // The witness refuses the old certificate too: no lease under node2's name for it.
+    assert_eq!(report["witness_crl_number"], 1, "{report}");
+    let lease = "https://10.77.0.254:7440/v1/lease/lab";
+    call_with_certificate(lab, &kept, lease).unwrap_err();
+    let holder = call_with_certificate(lab, &lab.config_dir.join("node2.yaml"), lease).unwrap();
+    assert!(holder.contains("node1"), "{holder}");
+    let witness_log = std::fs::read_to_string(lab.run_dir.join("witness.log")).unwrap();
+    assert!(witness_log.contains("witness_crl_updated"), "{witness_log}");
+    assert!(
+        witness_log.lines().any(|l| l.contains("api_refused") && l.to_lowercase().contains("revoked")),
+        "the witness refused the revoked certificate:\n{witness_log}"
+    );
 
     // The operator's files name the new machine; node1 keeps its new peer.
     let cluster = geminik8s::clusterfile::ClusterFile::load(&lab.config_dir.join("cluster.yaml")).unwrap();

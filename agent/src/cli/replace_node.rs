@@ -11,7 +11,8 @@
 //! 2. **Identity**: a new certificate for the node at its new address, and a
 //!    revocation list naming the old one (`pki/crl.pem`); both node files and
 //!    `cluster.yaml` are rewritten (the old node file is kept beside them).
-//! 3. **Survivor**: `POST /v1/peer`: it drops the old machine's replication
+//! 3. **Survivor**: the arbiter witness takes the revocation list (so the
+//!    old certificate cannot take the lease), then `POST /v1/peer`: it drops the old machine's replication
 //!    slot (unless `--preserve-data`) and Kubernetes identity, lets
 //!    replication in from the new address (PostgreSQL re-reads its files, no
 //!    restart), refuses the old certificate from then on, and keeps all that
@@ -118,6 +119,9 @@ struct Report {
     dry_run: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     survivor_changes: Option<PeerChanged>,
+    /// The number of the revocation list the arbiter witness took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    witness_crl_number: Option<u64>,
     revoked_serial: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     checks: Vec<super::failover::Check>,
@@ -286,7 +290,35 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         report.revoked_serial = hex(&pki::serial(&inline_pem(&text, &kept, "/geminik8s/tls/cert")?)?);
     }
 
-    // 3. The survivor takes the new peer.
+    // 3. The witness refuses the old certificate (it could take the lease
+    // under the node's name otherwise), then the survivor takes the new peer.
+    if cluster.witness.mode == WitnessMode::Arbiter
+        && let Some(target) = cluster.witness.targets.first()
+    {
+        let url = format!("https://{target}/v1/crl");
+        let http = tls.http_client(Duration::from_secs(10))?;
+        let answer = http.get().post(&url).body(crl.clone()).send().await;
+        let refused = |why: String| {
+            anyhow::anyhow!(
+                "the witness at {target} did not take the revocation list ({why}); it must, or the old machine's \
+                 certificate could still take the lease. Run the same command again once it answers"
+            )
+        };
+        match answer {
+            Ok(r) if r.status().is_success() => {
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                report.witness_crl_number = v["number"].as_u64();
+                say(format!("the witness at {target} refuses the old certificate"));
+            }
+            Ok(r) => {
+                let status = r.status();
+                return Err(refused(format!("HTTP {status}: {}", r.text().await.unwrap_or_default().trim())));
+            }
+            Err(e) => return Err(refused(format!("{e}"))),
+        }
+    }
+
+    // The survivor takes the new peer.
     let change = PeerChange {
         name: a.old_node.clone(),
         ip: a.new_node_ip,

@@ -52,15 +52,27 @@ pub async fn run(cmd: Command, _global: &GlobalArgs) -> anyhow::Result<ExitCode>
         _ => bail!("give --pki-dir DIR, or --ca, --cert and --key"),
     };
     let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-    let tls = TlsMaterial::from_pem(&read(&ca)?, &read(&cert)?, &read(&key)?)?;
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    // The revocation list the operator sent last (`replace-node`), else one
+    // next to the certificates.
+    let crl_file = args.state_dir.join("crl.pem");
+    let crl = [Some(crl_file.clone()), args.pki_dir.as_ref().map(|d| d.join("crl.pem"))]
+        .into_iter()
+        .flatten()
+        .find_map(|p| std::fs::read_to_string(p).ok());
+    let (tls, rx) =
+        tokio::sync::watch::channel(TlsMaterial::from_pem(&read(&ca)?, &read(&cert)?, &read(&key)?)?.server_config()?);
+    let revocation = witness::Revocation { file: crl_file, ca: read(&ca)?, cert: read(&cert)?, key: read(&key)?, tls };
+    if let Some(crl) = &crl {
+        revocation.tls.send_replace(revocation.server_config(Some(crl)).context("the revocation list crl.pem")?);
+    }
     let hooks = std::sync::Arc::new(crate::peer::server::ApiHooks::default());
-    let app = witness::router(args.max_ttl, &args.state_dir.join("leases.json"), hooks.clone())?;
+    let app = witness::router(args.max_ttl, &args.state_dir.join("leases.json"), hooks.clone(), Some(revocation))?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, max_ttl = ?args.max_ttl, "witness serving leases");
+    tracing::info!(listen = %args.listen, max_ttl = ?args.max_ttl, revocation_list = crl.is_some(), "witness serving leases");
     tokio::select! {
-        () = serve_tls(listener, tokio::sync::watch::channel(tls.server_config()?).1, app, hooks) => {}
+        () = serve_tls(listener, rx, app, hooks) => {}
         r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
     }
     Ok(ExitCode::SUCCESS)

@@ -249,7 +249,7 @@ pub struct Tls {
     pub cert: String,
     pub key: String,
     /// Revoked certificates (a CRL signed by the CA), when any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub crl: Option<String>,
 }
 

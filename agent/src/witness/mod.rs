@@ -33,7 +33,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::peer::tls::TlsMaterial;
-pub use server::router;
+pub use server::{Revocation, router};
 
 /// Fraction of the TTL a holder trusts its lease for (the rest covers clock
 /// drift between the two boxes and the request's flight time).

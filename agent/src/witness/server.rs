@@ -6,6 +6,7 @@
 //! | `POST /v1/lease/release` | a node, for itself |
 //! | `POST /v1/sync` | the lease holder, for itself |
 //! | `GET /v1/lease/{cluster}` | a node or the operator |
+//! | `POST /v1/crl` | the operator: a revocation list of the cluster CA (`replace-node`) |
 //!
 //! The witness's own certificate gets nothing. Every change of a holder, a
 //! release or a sync record is written to the state file (atomically, with
@@ -89,6 +90,26 @@ struct WitnessState {
     table: tokio::sync::Mutex<LeaseTable>,
     state_file: PathBuf,
     hooks: Arc<ApiHooks>,
+    revocation: Option<Revocation>,
+}
+
+/// Where a revocation list from the operator goes: kept in `file` (read
+/// again at start), and the listener's TLS configuration rebuilt with it,
+/// so a replaced machine's certificate takes no lease.
+pub struct Revocation {
+    pub file: PathBuf,
+    /// The witness's CA, certificate and key (PEM).
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+    pub tls: tokio::sync::watch::Sender<Arc<rustls::ServerConfig>>,
+}
+
+impl Revocation {
+    /// The listener's configuration with `crl` (PEM) refusing what it names.
+    pub fn server_config(&self, crl: Option<&str>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        Ok(crate::peer::tls::TlsMaterial::from_pem(&self.ca, &self.cert, &self.key)?.with_crl(crl)?.server_config()?)
+    }
 }
 
 type Shared = Arc<WitnessState>;
@@ -222,13 +243,56 @@ async fn show(State(state): State<Shared>, axum::extract::Path(cluster): axum::e
     Json(state.table.lock().await.holder(&cluster, Instant::now())).into_response()
 }
 
+/// A newer revocation list from the operator: refuses the certificates it
+/// names from the next connection on.
+async fn take_crl(State(state): State<Shared>, caller: Option<Extension<Caller>>, body: String) -> Response {
+    let operator = matches!(caller.as_ref().map(|Extension(c)| c), Some(Caller::Certificate(id)) if id.is_operator());
+    if !operator {
+        return forbidden(
+            &state,
+            &caller,
+            "/v1/crl",
+            "only the operator's certificate may send a revocation list".into(),
+        );
+    }
+    let Some(revocation) = &state.revocation else {
+        return (StatusCode::NOT_FOUND, "this witness takes no revocation list\n").into_response();
+    };
+    let number = match crate::pki::revoked(&body) {
+        Ok((_, number)) => number,
+        Err(e) => return bad_request(&format!("not a revocation list: {e:#}")),
+    };
+    let current =
+        std::fs::read_to_string(&revocation.file).ok().and_then(|t| crate::pki::revoked(&t).ok()).map(|r| r.1);
+    if current.is_some_and(|c| c > number) {
+        let why = format!("the witness has list number {} already; this is number {number}", current.unwrap_or(0));
+        return (StatusCode::CONFLICT, format!("{why}\n")).into_response();
+    }
+    let config = match revocation.server_config(Some(&body)) {
+        Ok(config) => config,
+        Err(e) => return bad_request(&format!("{e:#}")),
+    };
+    if let Err(e) = crate::fsutil::write_atomic(&revocation.file, body.as_bytes(), 0o644) {
+        let why = format!("keeping the revocation list in {}: {e:#}\n", revocation.file.display());
+        return (StatusCode::INTERNAL_SERVER_ERROR, why).into_response();
+    }
+    revocation.tls.send_replace(config);
+    tracing::info!(event = "witness_crl_updated", number, "revocation list taken: its certificates are refused");
+    Json(serde_json::json!({ "number": number })).into_response()
+}
+
 async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "unknown witness route\n").into_response()
 }
 
 /// The witness routes; records persisted in `state_file` (read now, in the
 /// current or the earlier format). `hooks` counts refusals.
-pub fn router(max_ttl: Duration, state_file: &Path, hooks: Arc<ApiHooks>) -> anyhow::Result<Router> {
+pub fn router(
+    max_ttl: Duration,
+    state_file: &Path,
+    hooks: Arc<ApiHooks>,
+    revocation: Option<Revocation>,
+) -> anyhow::Result<Router> {
     let restored = load_state(state_file)?;
     if !restored.is_empty() {
         tracing::info!(records = ?restored, grace = ?max_ttl, "honouring lease records from before the restart");
@@ -237,12 +301,14 @@ pub fn router(max_ttl: Duration, state_file: &Path, hooks: Arc<ApiHooks>) -> any
         table: tokio::sync::Mutex::new(LeaseTable::new(max_ttl, restored, Instant::now())),
         state_file: state_file.to_path_buf(),
         hooks,
+        revocation,
     });
     Ok(Router::new()
         .route("/v1/lease", post(acquire))
         .route("/v1/lease/release", post(release))
         .route("/v1/sync", post(record_sync))
         .route("/v1/lease/{cluster}", get(show))
+        .route("/v1/crl", post(take_crl))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_caller))
         .fallback(not_found)
         .with_state(state))
@@ -279,6 +345,7 @@ mod tests {
             table: tokio::sync::Mutex::new(LeaseTable::new(Duration::from_secs(30), BTreeMap::new(), Instant::now())),
             state_file: dir.path().join("missing/leases.json"),
             hooks: Arc::default(),
+            revocation: None,
         };
         let req = LeaseRequest { cluster: "lab".into(), node: "a".into(), ttl_ms: 10_000, force: false };
         let failed = state.change(|t, now| t.acquire(&req, now)).await.unwrap_err();
