@@ -11,6 +11,7 @@
 //! | `POST /v1/force-takeover` | operators: forced failover on the follower | the operator's or the peer's certificate + API token |
 //! | `POST /v1/probe-write` | operators: one write through the VIP | the operator's or the peer's certificate + API token |
 //! | `GET /v1/kubeconfig` | operators: K3s's admin kubeconfig for the VIP | the operator's or the peer's certificate + API token |
+//! | `POST /v1/peer` | `replace-node`: the peer is a new machine (address, revocation list) | the operator's or the peer's certificate + API token |
 //!
 //! Every TLS client must present a certificate signed by the cluster CA; its
 //! name ([`Identity`]) then decides the routes. Only the peer's heartbeat
