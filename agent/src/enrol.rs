@@ -128,6 +128,29 @@ pub struct Facts {
     /// Set once a configuration was accepted: its cluster and node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrolled: Option<Enrolled>,
+    /// The file system the datastore will live on (PostgreSQL's default
+    /// data directory, or the nearest directory of it that exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskFacts>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskFacts {
+    pub path: PathBuf,
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// [`DiskFacts`] of the file system holding `path` (or its nearest existing ancestor).
+pub fn disk_facts(path: &Path) -> Option<DiskFacts> {
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let st = nix::sys::statvfs::statvfs(existing).ok()?;
+    let bytes = |blocks: u64| blocks.saturating_mul(st.fragment_size());
+    Some(DiskFacts {
+        path: existing.to_path_buf(),
+        free_bytes: bytes(st.blocks_available()),
+        total_bytes: bytes(st.blocks()),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,6 +318,7 @@ async fn facts(State(s): State<Arc<Served>>, headers: HeaderMap, Query(q): Query
         fingerprint: s.fingerprint.clone(),
         proof: proof(&s.token, &q.nonce, &s.fingerprint),
         enrolled: s.accepted.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        disk: disk_facts(&s.root.join(crate::config::Postgres::default().data_dir.strip_prefix("/").unwrap_or(Path::new("")))),
     })
     .into_response()
 }
@@ -345,6 +369,17 @@ async fn enrol(State(s): State<Arc<Served>>, headers: HeaderMap, body: String) -
     Json(serde_json::json!({ "written": path, "cluster": enrolled.cluster, "node": enrolled.node })).into_response()
 }
 
+/// Stops the task it holds when dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Serve the enrolment endpoint until one configuration is accepted;
 /// returns the file it was written to. Files the configuration names are
 /// looked for under `root`.
@@ -385,6 +420,11 @@ pub async fn serve(settings: &Settings, state_dir: &Path, root: &Path) -> anyhow
     }
     tracing::warn!(event = "enrolment_endpoint", listen = %settings.listen, fingerprint = %format!("SHA256:{fingerprint}"),
         "enrolment endpoint up; check this certificate fingerprint against what deploy shows");
+    // Under systemd the unit is started (not stuck "activating" until its
+    // start timeout restarts it) and its watchdog is pinged while it waits;
+    // the agent loop takes the watchdog over once it runs.
+    let watchdog = crate::services::notify::announce_ready("waiting for enrolment").context("notifying systemd")?;
+    let _watchdog = AbortOnDrop(watchdog);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -440,6 +480,14 @@ mod tests {
         assert!(Settings::of_unconfigured(&short).unwrap_err().to_string().contains("shorter than 16"));
         let both = serde_json::json!({ KEY: { "token": "0123456789abcdef0123", "token_file": "/x" } });
         assert!(format!("{:#}", Settings::of_unconfigured(&both).unwrap_err()).contains("exactly one"));
+    }
+
+    #[test]
+    fn the_disk_facts_are_of_the_nearest_directory_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let facts = disk_facts(&dir.path().join("var/lib/postgresql/15/main")).unwrap();
+        assert_eq!(facts.path, dir.path());
+        assert!(facts.total_bytes > 0 && facts.free_bytes <= facts.total_bytes, "{facts:?}");
     }
 
     #[test]

@@ -353,3 +353,30 @@ fn bad_write_files_are_reported_with_positions_and_nothing_is_applied() {
     }
     assert!(!dir.path().join("etc/a").exists() && !dir.path().join("etc/b").exists());
 }
+
+/// A box of the generic image waiting for enrolment: no node configuration,
+/// only the site's token and the machine's own settings. Its address and
+/// users apply all the same (it must be reachable for `deploy`); a node
+/// file that is merely broken still applies nothing.
+#[test]
+fn a_node_waiting_for_enrolment_gets_its_address_and_users() {
+    require!(root: true, tools: ["useradd", "usermod", "groupadd", "chpasswd", "openssl"]);
+    let waiting = "#cloud-config\ngeminik8s_enrolment:\n  token: 0123456789abcdef0123\n\
+                   write_files:\n  - path: /etc/systemd/network/10-lab.network\n    content: |\n      [Network]\n      Address=10.77.0.21/24\n\
+                   users:\n  - name: ops\n    ssh_authorized_keys: [ssh-ed25519 AAAAops ops@site]\n";
+    let dir = node_root(waiting);
+    let root = dir.path();
+    std::fs::remove_file(root.join("etc/geminik8s/node.yaml")).unwrap();
+    let report = json(&apply(root, &["--output", "json"]));
+    assert_eq!(report["files"], serde_json::json!(["/etc/systemd/network/10-lab.network"]), "{report}");
+    assert_eq!(read(root, "etc/systemd/network/10-lab.network"), "[Network]\nAddress=10.77.0.21/24\n");
+    assert!(read(root, "etc/passwd").contains("\nops:"), "the user is made");
+
+    // Without the enrolment block the same file is an invalid node: nothing applied.
+    let dir = node_root("#cloud-config\ngeminik8s:\n  postgres: {}\nwrite_files:\n  - path: /etc/x\n    content: x\n");
+    let root = dir.path();
+    std::fs::remove_file(root.join("etc/geminik8s/node.yaml")).unwrap();
+    let out = apply(root, &[]);
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!root.join("etc/x").exists());
+}

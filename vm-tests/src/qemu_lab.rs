@@ -106,6 +106,12 @@ pub struct UpOptions {
     pub boot_timeout: Duration,
     /// For the cluster to form after both booted.
     pub form_timeout: Duration,
+    /// Boot the generic image: each VM's CIDATA volume carries only the
+    /// site's enrolment token and the machine's address, and `gemin_k8s
+    /// deploy` from the client sends the node files (edited as the lab runs
+    /// them, in the cluster directory). Otherwise the node files are on the
+    /// CIDATA volumes.
+    pub enrol: bool,
 }
 
 /// What `up` saw.
@@ -148,6 +154,14 @@ fn client_exec(argv: &[&str]) -> Result<std::process::Output, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A tap device on the switch's bridge, up.
+fn ip_cmd_tap(tap: &str) -> anyhow::Result<()> {
+    ip(&["-n", SWITCH, "tuntap", "add", "dev", tap, "mode", "tap"])?;
+    ip(&["-n", SWITCH, "link", "set", tap, "master", BRIDGE])?;
+    ip(&["-n", SWITCH, "link", "set", tap, "up"])?;
+    Ok(())
+}
+
 /// Whether `pid` is a live (not zombie) QEMU.
 pub fn qemu_alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
@@ -186,6 +200,20 @@ pub fn user_data(
     k3s: bool,
     ssh_key: Option<&str>,
 ) -> anyhow::Result<String> {
+    let mut text = node_config(node_file, k3s)?;
+    if text.lines().any(|l| l.starts_with("write_files:")) {
+        bail!("the node file has its own `write_files:`; the lab adds the network file there: remove it");
+    }
+    if ssh_key.is_some() && text.lines().any(|l| l.starts_with("users:")) {
+        bail!("the node file has its own `users:`; the lab adds root's SSH key there: remove it");
+    }
+    text.push_str(&machine_data(mac, ip, prefix, ntp, ssh_key));
+    Ok(text)
+}
+
+/// A node file from `gemin_k8s init` as the lab's nodes run it: Kine on
+/// every address, K3s on when `k3s`, else off (see [`user_data`]).
+pub fn node_config(node_file: &str, k3s: bool) -> anyhow::Result<String> {
     let mut text = node_file.to_string();
     let (k3s_on, k3s_off) = ("  k3s:\n    enabled: true\n", "  k3s:\n    enabled: false\n");
     let k3s_edit = if k3s { (k3s_off, k3s_on) } else { (k3s_on, k3s_off) };
@@ -199,22 +227,33 @@ pub fn user_data(
             bail!("the node file does not set `{what}` as `gemin_k8s init` writes it; set it to `{}`", to.trim());
         }
     }
-    if text.lines().any(|l| l.starts_with("write_files:")) {
-        bail!("the node file has its own `write_files:`; the lab adds the network file there: remove it");
-    }
-    if ssh_key.is_some() && text.lines().any(|l| l.starts_with("users:")) {
-        bail!("the node file has its own `users:`; the lab adds root's SSH key there: remove it");
-    }
     if !text.ends_with('\n') {
         text.push('\n');
     }
-    text.push_str(&format!(
+    Ok(text)
+}
+
+/// What a machine of the lab gets whatever node it becomes (Kairos keys):
+/// its static address and time server, and root's SSH key.
+fn machine_data(mac: &str, ip: IpAddr, prefix: u8, ntp: IpAddr, ssh_key: Option<&str>) -> String {
+    let mut text = format!(
         "write_files:\n  - path: /etc/systemd/network/10-lab.network\n    permissions: \"0644\"\n    content: |\n      # The QEMU lab's static address and time server.\n      [Match]\n      MACAddress={mac}\n\n      [Network]\n      Address={ip}/{prefix}\n      NTP={ntp}\n"
-    ));
+    );
     if let Some(key) = ssh_key {
         text.push_str(&format!("users:\n  - name: root\n    ssh_authorized_keys:\n      - {}\n", key.trim()));
     }
-    Ok(text)
+    text
+}
+
+/// The user-data of a machine booting the generic image: no node file, the
+/// site's enrolment token (it waits for `gemin_k8s deploy`), and its own
+/// address, time server and SSH key ([`machine_data`]).
+pub fn enrolment_user_data(token: &str, mac: &str, ip: IpAddr, prefix: u8, ntp: IpAddr, ssh_key: Option<&str>) -> String {
+    format!(
+        "#cloud-config\ngeminik8s_enrolment:\n  token: {}\n{}",
+        token.trim(),
+        machine_data(mac, ip, prefix, ntp, ssh_key)
+    )
 }
 
 /// `journalctl -o json` made readable: per entry the UTC time of day, the
@@ -374,19 +413,31 @@ impl QemuLab {
             let node_file = opts.config_dir.join(format!("{name}.yaml"));
             let text =
                 std::fs::read_to_string(&node_file).with_context(|| format!("reading {}", node_file.display()))?;
-            let mut data = user_data(
-                &text,
-                &mac,
-                entry.member.ip,
-                cluster.vip_prefix,
-                client_ip,
-                kubernetes,
-                public_key.as_deref(),
-            )
-            .with_context(|| format!("preparing {}", node_file.display()))?;
-            if qemu::accel_choice().accel == qemu::Accel::Tcg {
-                data = emulated_timings(&data);
-            }
+            let tcg = qemu::accel_choice().accel == qemu::Accel::Tcg;
+            let data = if opts.enrol {
+                // The operator's files, as this site runs them; deploy sends them.
+                let mut config = node_config(&text, kubernetes)?;
+                if tcg {
+                    config = emulated_timings(&config);
+                }
+                std::fs::write(&node_file, config).with_context(|| format!("writing {}", node_file.display()))?;
+                let token = std::fs::read_to_string(opts.config_dir.join("enrolment.token"))
+                    .context("the cluster directory's enrolment.token")?;
+                let ip = entry.member.ip;
+                enrolment_user_data(&token, &mac, ip, cluster.vip_prefix, client_ip, public_key.as_deref())
+            } else {
+                let data = user_data(
+                    &text,
+                    &mac,
+                    entry.member.ip,
+                    cluster.vip_prefix,
+                    client_ip,
+                    kubernetes,
+                    public_key.as_deref(),
+                )
+                .with_context(|| format!("preparing {}", node_file.display()))?;
+                if tcg { emulated_timings(&data) } else { data }
+            };
             qemu::make_cidata_iso(&dir, &data, &format!("instance-id: lab-{name}\nlocal-hostname: {name}\n"))?;
             qemu::create_overlay(&base_image, &dir.join("disk.qcow2"))?;
             nodes.push(Node { tap: format!("tap-{name}"), name, ip: entry.member.ip, mac, dir, pid: None });
@@ -426,6 +477,9 @@ impl QemuLab {
             let report = lab.wait_boot(&name, 0, opts.boot_timeout)?;
             reports.insert(name, report);
         }
+        if opts.enrol {
+            lab.deploy(opts.form_timeout)?;
+        }
         let leader = lab.wait_formed(opts.form_timeout)?;
         let formed_after = started.elapsed();
         let kubeconfig = match lab.kubernetes {
@@ -457,9 +511,7 @@ impl QemuLab {
         ip(&["-n", SWITCH, "link", "add", BRIDGE, "type", "bridge"])?;
         ip(&["-n", SWITCH, "link", "set", BRIDGE, "up"])?;
         for n in &self.nodes {
-            ip(&["-n", SWITCH, "tuntap", "add", "dev", &n.tap, "mode", "tap"])?;
-            ip(&["-n", SWITCH, "link", "set", &n.tap, "master", BRIDGE])?;
-            ip(&["-n", SWITCH, "link", "set", &n.tap, "up"])?;
+            ip_cmd_tap(&n.tap)?;
         }
         ip(&["netns", "add", CLIENT])?;
         ip(&["-n", CLIENT, "link", "set", "lo", "up"])?;
@@ -703,6 +755,66 @@ impl QemuLab {
     /// (see [`crate::probe::failover_with`]).
     pub fn failover(&self, extra: &[&str]) -> Result<(bool, Value), String> {
         crate::probe::failover_with(&self.agent_bin, &self.config_dir, extra, client_exec)
+    }
+
+    /// `gemin_k8s deploy` from the client namespace: the node files of the
+    /// cluster directory to the VMs waiting for enrolment.
+    pub fn deploy(&self, timeout: Duration) -> anyhow::Result<Value> {
+        let (dir, token) = (self.config_dir.display().to_string(), self.config_dir.join("enrolment.token"));
+        let timeout = format!("{}s", timeout.as_secs());
+        let bin = self.agent_bin.display().to_string();
+        let argv = [&bin, "deploy", "--config-dir", &dir, "--token-file", token.to_str().unwrap_or_default()];
+        let out = client_exec(&[&argv[..], &["--timeout", &timeout, "--json"]].concat()).map_err(anyhow::Error::msg)?;
+        if !out.status.success() {
+            bail!("gemin_k8s deploy failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        serde_json::from_slice(&out.stdout).context("reading deploy's JSON")
+    }
+
+    /// `gemin_k8s replace-node --json` from the client namespace: whether it
+    /// succeeded, and its report (or its error output).
+    pub fn replace_node(&self, extra: &[&str]) -> Result<(bool, Value), String> {
+        let (bin, dir) = (self.agent_bin.display().to_string(), self.config_dir.display().to_string());
+        let argv = [&bin, "replace-node", "--config-dir", &dir, "--json"];
+        let out = client_exec(&[&argv[..], extra].concat())?;
+        let report = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&out.stderr).to_string()));
+        Ok((out.status.success(), report))
+    }
+
+    /// A new machine in place of `node`'s, which is gone for good (killed,
+    /// its disk left as it was): a fresh disk from the image, a new MAC and
+    /// tap, address `ip`, booting the generic image with only the site's
+    /// enrolment token (see [`UpOptions::enrol`]). Start it with
+    /// [`QemuLab::start`]; `replace-node` does the rest.
+    pub fn replace_vm(&mut self, node: &str, ip: IpAddr) -> anyhow::Result<()> {
+        if let Some(pid) = self.running(node)? {
+            bail!("{node} runs (QEMU pid {pid}); a replaced machine is gone: kill it first");
+        }
+        let n = self.nodes.len() + 1;
+        let old = self.node(node)?.clone();
+        let new = Node {
+            name: node.to_string(),
+            ip,
+            mac: format!("52:54:00:77:01:{n:02x}"),
+            tap: format!("tap-{node}-{n}"),
+            dir: self.run_dir.join(format!("{node}-{n}")),
+            pid: None,
+        };
+        if new.dir.exists() {
+            std::fs::remove_dir_all(&new.dir).with_context(|| format!("removing the old {}", new.dir.display()))?;
+        }
+        std::fs::create_dir_all(&new.dir)?;
+        let token = std::fs::read_to_string(self.config_dir.join("enrolment.token"))
+            .context("the cluster directory's enrolment.token")?;
+        let public_key = lab_ssh_key(&self.run_dir)?.map(|(_, public)| public);
+        let data = enrolment_user_data(&token, &new.mac, ip, self.prefix, self.client_ip, public_key.as_deref());
+        qemu::make_cidata_iso(&new.dir, &data, &format!("instance-id: lab-{node}-{n}\nlocal-hostname: {node}\n"))?;
+        qemu::create_overlay(&self.base_image, &new.dir.join("disk.qcow2"))?;
+        ip_cmd_tap(&new.tap)?;
+        eprintln!("{node}: new machine at {ip} (the old one, {}, stays off)", old.ip);
+        *self.node_mut(node)? = new;
+        self.save()
     }
 
     /// K3s's kubeconfig for the VIP, fetched from the agents by `gemin_k8s

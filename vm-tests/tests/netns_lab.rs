@@ -1617,7 +1617,8 @@ fn a_dead_node_is_replaced_by_a_new_machine_at_a_new_address() {
 
     // Certificates: the old one refused by node1, the new one taken.
     let url = "https://10.77.0.11:7443/v1/health";
-    let kept = lab.config_dir.join("node2.yaml.replaced");
+    let kept = PathBuf::from(report["old_node_file"].as_str().unwrap());
+    assert!(kept.starts_with(&lab.config_dir), "{report}");
     let revoked_refusals = || {
         let log = std::fs::read_to_string(lab.node_dir("node1").join("agent.log")).unwrap();
         log.lines().filter(|l| l.contains("api_refused") && l.to_lowercase().contains("revoked")).count()

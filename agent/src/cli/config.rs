@@ -145,10 +145,23 @@ async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         applied: Applied::default(),
         diagnostics: Vec::new(),
     };
+    let opts = Options { root: args.root.clone(), dry_run: args.dry_run };
     let loaded = match load(&SourcePaths::under(&args.root), &ctx).await {
         Ok(loaded) => loaded,
         Err(e) => match e.downcast::<Diagnostics>() {
             Ok(diags) => {
+                // A node of the generic image waiting for enrolment has no
+                // node configuration yet; its machine's own settings (an
+                // address, users, keys) apply all the same.
+                let (sources, _) = crate::config::load::gather(&SourcePaths::under(&args.root)).await?;
+                if let Some(document) = crate::config::load::merged_document(&sources)
+                    && crate::enrol::Settings::of_unconfigured(&document).ok().flatten().is_some()
+                {
+                    report.valid = true;
+                    report.sources = sources.iter().map(|s| s.name.clone()).collect();
+                    report.applied = system::apply_document(&document, &opts).await?;
+                    return finish(&report, args.output);
+                }
                 report.diagnostics = diags.0;
                 return finish(&report, args.output);
             }
@@ -158,7 +171,6 @@ async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     report.valid = true;
     report.sources = loaded.sources.clone();
     report.diagnostics = loaded.warnings.clone();
-    let opts = Options { root: args.root.clone(), dry_run: args.dry_run };
     report.applied = system::apply(&loaded, &opts).await?;
     finish(&report, args.output)
 }

@@ -75,6 +75,11 @@ struct NodeReport {
     clock_offset_ms: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     agent_version: Option<String>,
+    /// Size and free space of the file system the datastore goes on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk_total_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk_free_bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -308,12 +313,30 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             fingerprint: None,
             clock_offset_ms: None,
             agent_version: None,
+            disk_total_bytes: None,
+            disk_free_bytes: None,
         };
-        match endpoint.facts().await? {
+        let mut waited = false;
+        let found = loop {
+            let found = endpoint.facts().await?;
+            let Found::NoEndpoint(why) = &found else { break found };
+            if client.status().await.is_ok() || Instant::now() >= deadline {
+                break found;
+            }
+            // Still booting (or its agent still starting): wait, within --timeout.
+            if !waited {
+                say(format!("{name} {ip}: not answering yet ({why}); waiting for it to boot"));
+                waited = true;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        };
+        match found {
             Found::Waiting(facts) => {
                 report.fingerprint = Some(format!("SHA256:{}", facts.fingerprint));
                 report.clock_offset_ms = Some(facts.unix_ms as i64 - now_ms());
                 report.agent_version = Some(facts.agent_version.clone());
+                report.disk_total_bytes = facts.disk.as_ref().map(|d| d.total_bytes);
+                report.disk_free_bytes = facts.disk.as_ref().map(|d| d.free_bytes);
                 if let Some(e) = &facts.enrolled {
                     if e.cluster != cluster.name || e.node != name {
                         bail!(
@@ -357,8 +380,9 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 ),
                 Err(e) => bail!(
                     "{name} at {ip} answers neither on its enrolment port {} ({why}) nor as an agent of this \
-                     cluster ({e:#}); is it booted, with the generic image, on this network?",
-                    a.port
+                     cluster ({e:#}) within {} (--timeout); is it booted, with the generic image, on this network?",
+                    a.port,
+                    humantime::format_duration(a.timeout)
                 ),
             },
         }
@@ -368,6 +392,18 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         let versions: Vec<&str> = plan.iter().filter_map(|(_, r, _)| r.agent_version.as_deref()).collect();
         if versions.windows(2).any(|w| w[0] != w[1]) {
             bail!("the nodes run different agent versions ({}); boot both from the same image", versions.join(", "));
+        }
+        let disks: Vec<(&str, u64)> =
+            plan.iter().filter_map(|(_, r, _)| Some((r.name.as_str(), r.disk_total_bytes?))).collect();
+        if let [(a_name, a_size), (b_name, b_size)] = disks[..]
+            && a_size.min(b_size).saturating_mul(2) < a_size.max(b_size)
+        {
+            bail!(
+                "{a_name}'s data disk holds {}, {b_name}'s {}: each node must hold everything the other has, and the \
+                 smaller fills first; give them disks of about the same size (--skip-preflight to deploy anyway)",
+                gib(a_size),
+                gib(b_size)
+            );
         }
         // With a node of this cluster running, the VIP is the cluster's own.
         let fresh = plan.iter().all(|(_, r, _)| r.found == "unconfigured");
@@ -508,6 +544,13 @@ async fn cluster_preflight(cluster: &ClusterFile, fresh: bool) -> anyhow::Result
     Ok(())
 }
 
+/// The least free space on a waiting node's data disk that preflight accepts.
+pub(super) const MIN_FREE_DISK: u64 = 2 << 30;
+
+pub(super) fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
+}
+
 /// The checks on one waiting node before anything is sent.
 pub(super) fn preflight(max_clock_offset: Duration, name: &str, ip: IpAddr, facts: &Facts) -> anyhow::Result<()> {
     let addresses: Vec<IpAddr> = facts.interfaces.iter().flat_map(|i| i.addresses.iter().copied()).collect();
@@ -515,6 +558,18 @@ pub(super) fn preflight(max_clock_offset: Duration, name: &str, ip: IpAddr, fact
         bail!(
             "{name} answered at {ip} but lists the addresses {:?}; check cluster.yaml (--skip-preflight to send anyway)",
             addresses
+        );
+    }
+    if let Some(disk) = &facts.disk
+        && disk.free_bytes < MIN_FREE_DISK
+    {
+        bail!(
+            "{name} has {} free on {} (of {}), less than the {} a node needs for the datastore, its WAL and K3s; \
+             give it a bigger disk (--skip-preflight to send anyway)",
+            gib(disk.free_bytes),
+            disk.path.display(),
+            gib(disk.total_bytes),
+            gib(MIN_FREE_DISK)
         );
     }
     let offset = Duration::from_millis((facts.unix_ms as i64 - now_ms()).unsigned_abs());

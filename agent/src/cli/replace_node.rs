@@ -123,6 +123,8 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     witness_crl_number: Option<u64>,
     revoked_serial: String,
+    /// The node file as it was before, with the revoked certificate's key.
+    old_node_file: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     checks: Vec<super::failover::Check>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -257,12 +259,17 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     }
 
     // 2. Identity: a certificate for the new machine, the old one revoked.
+    // The old node file is kept first, under this replacement's start: a
+    // run cut short takes the old certificate from there, not from the file
+    // it may have rewritten already.
     let old_file = dir.join(&old.cloud_config);
-    let old_text = std::fs::read_to_string(&old_file).with_context(|| format!("reading {}", old_file.display()))?;
+    let kept = kept_file(&old_file, &progress.started);
+    let original = if kept.exists() { &kept } else { &old_file };
+    let old_text = std::fs::read_to_string(original).with_context(|| format!("reading {}", original.display()))?;
+    report.revoked_serial = hex(&pki::serial(&inline_pem(&old_text, original, "/geminik8s/tls/cert")?)?);
+    report.old_node_file = kept.display().to_string();
     let crl_path = dir.join(CRL_FILE);
     if a.dry_run {
-        let serial = pki::serial(&inline_pem(&old_text, &old_file, "/geminik8s/tls/cert")?)?;
-        report.revoked_serial = hex(&serial);
         say(format!(
             "plan: new certificate for {} at {}, revoke serial {}; {} takes the new peer{}; deploy {}; wait for it to \
              stream synchronously",
@@ -270,25 +277,28 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             a.new_node_ip,
             report.revoked_serial,
             survivor.member.name,
-            if a.preserve_data { " (its slot kept)" } else { " (its slot dropped)" },
+            if a.preserve_data { " (its slot kept)" } else { " (its slot renewed)" },
             a.new_node_ip
         ));
         return finish(&a, report, started);
     }
     if !progress.identity {
-        let serial = write_identity(&dir, &cluster, &old, &survivor, a.new_node_ip, &old_text)?;
-        report.revoked_serial = hex(&serial);
+        if !kept.exists() {
+            crate::fsutil::write_atomic(&kept, old_text.as_bytes(), 0o600)
+                .with_context(|| format!("writing {}", kept.display()))?;
+        }
+        write_identity(&dir, &cluster, &old, &survivor, a.new_node_ip, &old_text)?;
         progress.identity = true;
         save_progress(&dir, &progress)?;
-        say(format!("new certificate for {}; serial {} revoked in {}", a.old_node, report.revoked_serial, CRL_FILE));
+        say(format!(
+            "new certificate for {}; serial {} revoked in {} (the old file kept as {})",
+            a.old_node,
+            report.revoked_serial,
+            CRL_FILE,
+            kept.display()
+        ));
     }
     let crl = std::fs::read_to_string(&crl_path).with_context(|| format!("reading {}", crl_path.display()))?;
-    let kept = kept_file(&old_file);
-    if report.revoked_serial.is_empty()
-        && let Ok(text) = std::fs::read_to_string(&kept)
-    {
-        report.revoked_serial = hex(&pki::serial(&inline_pem(&text, &kept, "/geminik8s/tls/cert")?)?);
-    }
 
     // 3. The witness refuses the old certificate (it could take the lease
     // under the node's name otherwise), then the survivor takes the new peer.
@@ -371,6 +381,7 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                         ),
                         None => {
                             deploy::preflight(a.max_clock_offset, &a.old_node, a.new_node_ip, &facts)?;
+                            room_for_the_data(&survivor_client, &survivor.member.name, &facts).await?;
                             endpoint.send(config.clone()).await?;
                             say(format!(
                                 "{} {}: configuration sent (certificate SHA256:{})",
@@ -456,13 +467,31 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
+/// The new machine's data disk must take what the survivor's holds.
+async fn room_for_the_data(survivor: &AgentClient, name: &str, facts: &crate::enrol::Facts) -> anyhow::Result<()> {
+    let (Some(disk), Ok(s)) = (&facts.disk, survivor.status().await) else { return Ok(()) };
+    let Some(d) = s.datastore.as_ref() else { return Ok(()) };
+    let (Some(free), Some(total)) = (d.disk_free_bytes, d.disk_total_bytes) else { return Ok(()) };
+    let used = total.saturating_sub(free);
+    if disk.free_bytes < used {
+        bail!(
+            "the new machine has {} free on {}, less than the {} used on {name}'s data disk, which it copies; give it \
+             a bigger disk. Nothing was sent",
+            deploy::gib(disk.free_bytes),
+            disk.path.display(),
+            deploy::gib(used)
+        );
+    }
+    Ok(())
+}
+
 /// Where the revocation list is kept in the cluster directory.
 pub const CRL_FILE: &str = "pki/crl.pem";
 
-/// The old node file, kept beside the new one.
-fn kept_file(file: &Path) -> PathBuf {
+/// The old node file, kept beside the new one under the replacement's start.
+fn kept_file(file: &Path, started: &str) -> PathBuf {
     let mut name = file.file_name().unwrap_or_default().to_os_string();
-    name.push(".replaced");
+    name.push(format!(".replaced-{started}"));
     file.with_file_name(name)
 }
 
@@ -561,8 +590,9 @@ fn inline_pem(text: &str, file: &Path, pointer: &str) -> anyhow::Result<String> 
     Ok(value.to_string())
 }
 
-/// Issue the new certificate, extend the revocation list, rewrite both node
-/// files and cluster.yaml. Returns the revoked serial number.
+/// Issue the new certificate, extend the revocation list with the one in
+/// `old_text` (the node file before the replacement), rewrite both node
+/// files and cluster.yaml.
 fn write_identity(
     dir: &Path,
     cluster: &ClusterFile,
@@ -570,7 +600,7 @@ fn write_identity(
     survivor: &clusterfile::NodeEntry,
     new_ip: IpAddr,
     old_text: &str,
-) -> anyhow::Result<Vec<u8>> {
+) -> anyhow::Result<()> {
     let old_file = dir.join(&old.cloud_config);
     let serial = pki::serial(&inline_pem(old_text, &old_file, "/geminik8s/tls/cert")?)?;
     let ca_key_path = dir.join(&cluster.pki.ca_key);
@@ -614,14 +644,8 @@ fn write_identity(
     }
     updated.pki.crl = Some(PathBuf::from(CRL_FILE));
 
-    // The old file first (its key is the revoked certificate's), then the
-    // list, the node files and the cluster file: a run cut short redoes
-    // them from the kept file.
-    let kept = kept_file(&old_file);
-    if !kept.exists() {
-        crate::fsutil::write_atomic(&kept, old_text.as_bytes(), 0o600)
-            .with_context(|| format!("writing {}", kept.display()))?;
-    }
+    // The list, the node files, the cluster file (the old file is kept
+    // already): a run cut short redoes them from the kept file.
     let write = |path: &Path, text: &str, mode: u32| {
         crate::fsutil::write_atomic(path, text.as_bytes(), mode).with_context(|| format!("writing {}", path.display()))
     };
@@ -629,7 +653,7 @@ fn write_identity(
     write(&old_file, &new_text, 0o600)?;
     write(&survivor_file, &survivor_text, 0o600)?;
     write(&dir.join(clusterfile::FILE_NAME), &updated.render()?, 0o600)?;
-    Ok(serial)
+    Ok(())
 }
 
 fn describe(name: &str, s: &anyhow::Result<NodeStatus>) -> String {
@@ -708,8 +732,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_new_address_must_be_free_and_in_the_subnet() {
+        let yaml = "schema_version: 1\nname: shop\nvip: 10.0.0.10\nvip_prefix: 24\ninterface: null\n\
+                    bootstrap_leader: a\nwitness: {mode: none, targets: []}\nnodes: []\napi_token: t\n\
+                    pki: {ca_cert: c, ca_key: k, operator_cert: o, operator_key: ok}\ncreated: x\n";
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cluster.yaml"), yaml).unwrap();
+        let cluster = ClusterFile::load(&dir.path().join("cluster.yaml")).unwrap();
+        let survivor: IpAddr = "10.0.0.11".parse().unwrap();
+        let check = |ip: &str| check_new_address(&cluster, "a", survivor, ip.parse().unwrap()).map_err(|e| e.to_string());
+        assert!(check("10.0.0.21").is_ok());
+        assert!(check("10.0.0.11").unwrap_err().contains("a's address"));
+        assert!(check("10.0.0.10").unwrap_err().contains("VIP"));
+        assert!(check("10.0.1.21").unwrap_err().contains("outside the cluster's subnet 10.0.0.0/24"));
+    }
+
+    #[test]
     fn the_kept_file_sits_beside_the_node_file() {
-        assert_eq!(kept_file(Path::new("/c/node2.yaml")), Path::new("/c/node2.yaml.replaced"));
+        assert_eq!(
+            kept_file(Path::new("/c/node2.yaml"), "2026-11-30T22:00:00Z"),
+            Path::new("/c/node2.yaml.replaced-2026-11-30T22:00:00Z")
+        );
         assert_eq!(hex(&[0x0a, 0xff]), "0aff");
     }
 }

@@ -559,7 +559,10 @@ pub fn reference_markdown() -> String {
          `gemin_k8s config apply` (`geminik8s-setup.service`, at every boot, before systemd-networkd,\n\
          the agent and SSH start; `/etc` is reset at boot, so it runs each time and gives the same result\n\
          each time), in this order: `hostname`, `write_files` (entries without `defer`), `users`,\n\
-         `write_files` entries with `defer: true`. All are validated with the rest of the file.\n\n",
+         `write_files` entries with `defer: true`. All are validated with the rest of the file.\n\
+         A box of the generic image waiting for enrolment (no `geminik8s.node`, a `geminik8s_enrolment`\n\
+         block) gets them too, so that its address, users and keys are there for `gemin_k8s deploy`;\n\
+         those of the configuration `deploy` sends apply from the next boot.\n\n",
     );
     out.push_str(&format!("### `hostname`\n\n{HOSTNAME_DOC}\n\n"));
     out.push_str(

@@ -75,15 +75,21 @@ pub struct Applied {
 
 /// Apply the hostname, files and users of `loaded` below `opts.root`.
 pub async fn apply(loaded: &Loaded, opts: &Options) -> anyhow::Result<Applied> {
-    let mut applied = Applied { hostname: kairos::hostname(&loaded.document), ..Applied::default() };
+    apply_document(&loaded.document, opts).await
+}
+
+/// [`apply`] for a merged cloud-config `document` (Kairos keys only): also
+/// for a node that has no node configuration yet (waiting for enrolment).
+pub async fn apply_document(document: &serde_json::Value, opts: &Options) -> anyhow::Result<Applied> {
+    let mut applied = Applied { hostname: kairos::hostname(document), ..Applied::default() };
     if let Some(name) = &applied.hostname {
         let changes = hosts::apply(name, opts).with_context(|| format!("setting the hostname `{name}`"))?;
         applied.changes.extend(changes);
     }
     let (deferred, early): (Vec<_>, Vec<_>) =
-        kairos::write_files(&loaded.document)?.into_iter().enumerate().partition(|(_, f)| f.defer);
+        kairos::write_files(document)?.into_iter().enumerate().partition(|(_, f)| f.defer);
     write_files(&early, opts, &mut applied)?;
-    for user in kairos::users(&loaded.document)? {
+    for user in kairos::users(document)? {
         let changes = users::apply(&user, opts).await.with_context(|| format!("applying user `{}`", user.name))?;
         applied.changes.extend(changes);
         applied.users.push(user.name);
