@@ -318,7 +318,9 @@ async fn facts(State(s): State<Arc<Served>>, headers: HeaderMap, Query(q): Query
         fingerprint: s.fingerprint.clone(),
         proof: proof(&s.token, &q.nonce, &s.fingerprint),
         enrolled: s.accepted.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-        disk: disk_facts(&s.root.join(crate::config::Postgres::default().data_dir.strip_prefix("/").unwrap_or(Path::new("")))),
+        disk: disk_facts(
+            &s.root.join(crate::config::Postgres::default().data_dir.strip_prefix("/").unwrap_or(Path::new(""))),
+        ),
     })
     .into_response()
 }

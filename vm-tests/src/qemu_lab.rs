@@ -248,7 +248,14 @@ fn machine_data(mac: &str, ip: IpAddr, prefix: u8, ntp: IpAddr, ssh_key: Option<
 /// The user-data of a machine booting the generic image: no node file, the
 /// site's enrolment token (it waits for `gemin_k8s deploy`), and its own
 /// address, time server and SSH key ([`machine_data`]).
-pub fn enrolment_user_data(token: &str, mac: &str, ip: IpAddr, prefix: u8, ntp: IpAddr, ssh_key: Option<&str>) -> String {
+pub fn enrolment_user_data(
+    token: &str,
+    mac: &str,
+    ip: IpAddr,
+    prefix: u8,
+    ntp: IpAddr,
+    ssh_key: Option<&str>,
+) -> String {
     format!(
         "#cloud-config\ngeminik8s_enrolment:\n  token: {}\n{}",
         token.trim(),

@@ -740,7 +740,8 @@ mod tests {
         std::fs::write(dir.path().join("cluster.yaml"), yaml).unwrap();
         let cluster = ClusterFile::load(&dir.path().join("cluster.yaml")).unwrap();
         let survivor: IpAddr = "10.0.0.11".parse().unwrap();
-        let check = |ip: &str| check_new_address(&cluster, "a", survivor, ip.parse().unwrap()).map_err(|e| e.to_string());
+        let check =
+            |ip: &str| check_new_address(&cluster, "a", survivor, ip.parse().unwrap()).map_err(|e| e.to_string());
         assert!(check("10.0.0.21").is_ok());
         assert!(check("10.0.0.11").unwrap_err().contains("a's address"));
         assert!(check("10.0.0.10").unwrap_err().contains("VIP"));
