@@ -13,7 +13,9 @@
 //! rebuilt image never changes a running lab's disks), with UEFI variables
 //! of its own and a CIDATA seed holding its node file from `gemin_k8s
 //! init`, plus a `write_files` entry that gives its NIC the node's static
-//! address. The agents in the VMs do the rest: PostgreSQL, Kine, the VIP.
+//! address; or, as the generic image ([`UpOptions::enrol`]), only the
+//! site's enrolment token and that address, `gemin_k8s deploy` sending the
+//! node files. The agents in the VMs do the rest: PostgreSQL, Kine, the VIP.
 //!
 //! QEMU runs inside the switch namespace (where the taps are), detached
 //! from the command that started it, so the lab outlives `gemini-lab qemu
