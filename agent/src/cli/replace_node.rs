@@ -381,7 +381,6 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                         ),
                         None => {
                             deploy::preflight(a.max_clock_offset, &a.old_node, a.new_node_ip, &facts)?;
-                            room_for_the_data(&survivor_client, &survivor.member.name, &facts).await?;
                             endpoint.send(config.clone()).await?;
                             say(format!(
                                 "{} {}: configuration sent (certificate SHA256:{})",
@@ -465,24 +464,6 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(code)
-}
-
-/// The new machine's data disk must take what the survivor's holds.
-async fn room_for_the_data(survivor: &AgentClient, name: &str, facts: &crate::enrol::Facts) -> anyhow::Result<()> {
-    let (Some(disk), Ok(s)) = (&facts.disk, survivor.status().await) else { return Ok(()) };
-    let Some(d) = s.datastore.as_ref() else { return Ok(()) };
-    let (Some(free), Some(total)) = (d.disk_free_bytes, d.disk_total_bytes) else { return Ok(()) };
-    let used = total.saturating_sub(free);
-    if disk.free_bytes < used {
-        bail!(
-            "the new machine has {} free on {}, less than the {} used on {name}'s data disk, which it copies; give it \
-             a bigger disk. Nothing was sent",
-            deploy::gib(disk.free_bytes),
-            disk.path.display(),
-            deploy::gib(used)
-        );
-    }
-    Ok(())
 }
 
 /// Where the revocation list is kept in the cluster directory.
