@@ -1201,7 +1201,6 @@ impl Driver {
     }
 }
 
-/// How long one probe of a tick may take: below the heartbeat interval.
 /// How long the old machine's Kubernetes identity may take to remove.
 const FORGET_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -1231,7 +1230,7 @@ impl Driver {
         }
         let mut tls = cfg.tls.clone();
         tls.crl = Some(change.crl.clone());
-        if let Err(e) = TlsMaterial::from_config(&tls) {
+        if let Err(e) = TlsMaterial::from_config(&tls).and_then(|m| m.check_own_certificate()) {
             return refuse(reply, format!("the revocation list: {e}"));
         }
         let moved = (change.ip, change.api_port) != (cfg.peer.ip, cfg.peer.api_port);
@@ -1362,6 +1361,7 @@ impl Driver {
     }
 }
 
+/// How long one probe of a tick may take: below the heartbeat interval.
 fn probe_budget(cfg: &GeminiConfig) -> Duration {
     cfg.health.interval.mul_f64(0.8).max(Duration::from_millis(200))
 }

@@ -94,6 +94,18 @@ impl TlsMaterial {
             .with_crl(crl.as_deref())
     }
 
+    /// Whether this party's own certificate passes the client check with
+    /// the revocation list: a list from another CA (it would leave every
+    /// certificate's status unknown, so refused) or one revoking this very
+    /// certificate fails.
+    pub fn check_own_certificate(&self) -> Result<(), TlsError> {
+        let leaf = self.chain.first().ok_or_else(|| TlsError::Config("no certificate".into()))?;
+        self.client_verifier()?
+            .verify_client_cert(leaf, &self.chain[1..], rustls::pki_types::UnixTime::now())
+            .map(drop)
+            .map_err(|e| TlsError::Config(format!("this party's own certificate fails the check: {e}")))
+    }
+
     /// How callers' certificates are checked: signed by the CA, not revoked.
     pub fn client_verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
         WebPkiClientVerifier::builder(Arc::new(self.roots.clone()))
@@ -248,5 +260,16 @@ mod tests {
             TlsMaterial::from_pem(&cluster.ca.cert, &new.cert, &new.key).unwrap().with_crl(Some("garbage")),
             Err(TlsError::Pem { .. })
         ));
+
+        // The survivor takes the list; a list of another CA, or one revoking
+        // the taker's own certificate, is refused.
+        let own = |cert: &pki::CertKey, crl: &str| {
+            TlsMaterial::from_pem(&cluster.ca.cert, &cert.cert, &cert.key).unwrap().with_crl(Some(crl)).unwrap()
+        };
+        own(&cluster.nodes[0], &crl).check_own_certificate().unwrap();
+        own(&cluster.nodes[1], &crl).check_own_certificate().unwrap_err();
+        let other = pki::generate("elsewhere", &nodes, vip, None).unwrap();
+        let foreign = pki::CaSigner::new("elsewhere", &other.ca.key).unwrap().revocation_list(&[], 1).unwrap();
+        own(&cluster.nodes[0], &foreign).check_own_certificate().unwrap_err();
     }
 }

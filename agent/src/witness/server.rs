@@ -106,9 +106,12 @@ pub struct Revocation {
 }
 
 impl Revocation {
-    /// The listener's configuration with `crl` (PEM) refusing what it names.
+    /// The listener's configuration with `crl` (PEM) refusing what it names;
+    /// a list of another CA, or revoking the witness's own certificate, is refused.
     pub fn server_config(&self, crl: Option<&str>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        Ok(crate::peer::tls::TlsMaterial::from_pem(&self.ca, &self.cert, &self.key)?.with_crl(crl)?.server_config()?)
+        let material = crate::peer::tls::TlsMaterial::from_pem(&self.ca, &self.cert, &self.key)?.with_crl(crl)?;
+        material.check_own_certificate()?;
+        Ok(material.server_config()?)
     }
 }
 
