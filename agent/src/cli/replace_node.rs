@@ -339,7 +339,7 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     // The survivor drops a slot, removes Kubernetes objects and re-reads
     // its PostgreSQL files before it answers.
     let changed =
-        client(survivor.member.ip, survivor.member.api_port, Duration::from_secs(60))?.replace_peer(&change).await?;
+        client(survivor.member.ip, survivor.member.api_port, Duration::from_secs(300))?.replace_peer(&change).await?;
     say(format!(
         "{}: peer {} at {}{}{}",
         survivor.member.name,
