@@ -317,11 +317,13 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             disk_free_bytes: None,
         };
         let mut waited = false;
-        let found = loop {
+        // With no enrolment endpoint, what the agent API said (asked once per round).
+        let (found, agent) = loop {
             let found = endpoint.facts().await?;
-            let Found::NoEndpoint(why) = &found else { break found };
-            if client.status().await.is_ok() || Instant::now() >= deadline {
-                break found;
+            let Found::NoEndpoint(why) = &found else { break (found, None) };
+            let agent = client.status().await;
+            if agent.is_ok() || Instant::now() >= deadline {
+                break (found, Some(agent));
             }
             // Still booting (or its agent still starting): wait, within --timeout.
             if !waited {
@@ -365,7 +367,7 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 }
                 plan.push((endpoint, report, Some(config)));
             }
-            Found::NoEndpoint(why) => match client.status().await {
+            Found::NoEndpoint(why) => match agent.context("the agent API's answer")? {
                 Ok(status) if status.cluster == cluster.name && status.node == name => {
                     report.found = "configured";
                     report.agent_version = Some(status.agent_version.clone());

@@ -10,7 +10,6 @@ use anyhow::{Context, bail};
 
 use super::GlobalArgs;
 use crate::peer::server::serve_tls;
-use crate::peer::tls::TlsMaterial;
 use crate::witness;
 
 #[derive(Debug, clap::Subcommand)]
@@ -60,12 +59,11 @@ pub async fn run(cmd: Command, _global: &GlobalArgs) -> anyhow::Result<ExitCode>
         .into_iter()
         .flatten()
         .find_map(|p| std::fs::read_to_string(p).ok());
-    let (tls, rx) =
-        tokio::sync::watch::channel(TlsMaterial::from_pem(&read(&ca)?, &read(&cert)?, &read(&key)?)?.server_config()?);
-    let revocation = witness::Revocation { file: crl_file, ca: read(&ca)?, cert: read(&cert)?, key: read(&key)?, tls };
-    if let Some(crl) = &crl {
-        revocation.tls.send_replace(revocation.server_config(Some(crl)).context("the revocation list crl.pem")?);
-    }
+    let (ca, cert, key) = (read(&ca)?, read(&cert)?, read(&key)?);
+    let what = if crl.is_some() { "the revocation list crl.pem" } else { "the witness's certificates" };
+    let initial = witness::Revocation::config_for(&ca, &cert, &key, crl.as_deref()).context(what)?;
+    let (tls, rx) = tokio::sync::watch::channel(initial);
+    let revocation = witness::Revocation { file: crl_file, ca, cert, key, tls };
     let hooks = std::sync::Arc::new(crate::peer::server::ApiHooks::default());
     let app = witness::router(args.max_ttl, &args.state_dir.join("leases.json"), hooks.clone(), Some(revocation))?;
     let listener =

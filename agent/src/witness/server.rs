@@ -109,7 +109,12 @@ impl Revocation {
     /// The listener's configuration with `crl` (PEM) refusing what it names;
     /// a list of another CA, or revoking the witness's own certificate, is refused.
     pub fn server_config(&self, crl: Option<&str>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        let material = crate::peer::tls::TlsMaterial::from_pem(&self.ca, &self.cert, &self.key)?.with_crl(crl)?;
+        Self::config_for(&self.ca, &self.cert, &self.key, crl)
+    }
+
+    /// [`Self::server_config`] from the PEM texts.
+    pub fn config_for(ca: &str, cert: &str, key: &str, crl: Option<&str>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        let material = crate::peer::tls::TlsMaterial::from_pem(ca, cert, key)?.with_crl(crl)?;
         material.check_own_certificate()?;
         Ok(material.server_config()?)
     }
