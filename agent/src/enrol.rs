@@ -20,6 +20,7 @@
 //! |---|---|
 //! | `GET /v1/enrolment?nonce=N` | the node's facts, and its proof that it knows the token |
 //! | `POST /v1/enrolment` | the node's cloud-config; written to `config_dir/90_geminik8s.yaml` |
+//! | `POST /v1/enrolment/release` | only on a configured node (below): give its configuration up |
 //!
 //! The token never travels before the node has proven it knows it. The
 //! `GET` carries `Authorization: Enrolment HMAC` (HMAC-SHA256 keyed by the
@@ -30,6 +31,15 @@
 //! the node's proof on. `deploy` then pins that certificate, and only over
 //! it sends the `POST` with `Authorization: Bearer TOKEN` and the
 //! configuration.
+//!
+//! A node configured this way keeps the endpoint (same certificate) while it
+//! runs: its facts name the cluster and node it runs, and `deploy --force`
+//! can ask it, with the token and the names it runs (`{"cluster", "node"}`),
+//! to give them up: the agent stops as on a planned stop (a leader hands
+//! over first), stops its datastore and Kubernetes, sets its configuration
+//! and data aside (renamed, never deleted: [`crate::daemon::release`]) and
+//! starts again waiting for enrolment. A node whose configuration is on its
+//! boot media has no such endpoint: it is reinstalled instead.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -86,6 +96,11 @@ impl Settings {
         if document.pointer("/geminik8s/node").is_some() {
             return Ok(None);
         }
+        Settings::of_document(document)
+    }
+
+    /// The enrolment settings of `document`, configured or not.
+    pub fn of_document(document: &Value) -> anyhow::Result<Option<Settings>> {
         let Some(block) = document.get(KEY) else { return Ok(None) };
         let settings: Settings =
             serde_json::from_value(block.clone()).with_context(|| format!("reading `{KEY}:` of the cloud-config"))?;
@@ -132,6 +147,10 @@ pub struct Facts {
     /// data directory, or the nearest directory of it that exists).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskFacts>,
+    /// The node runs `enrolled` (configured, its agent loop up), rather than
+    /// waiting for a configuration or starting with the one it took.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub running: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +184,24 @@ pub struct Interface {
 pub struct Enrolled {
     pub cluster: String,
     pub node: String,
+}
+
+/// The release path's route, next to [`PATH`].
+pub const RELEASE_PATH: &str = "/v1/enrolment/release";
+/// The enrolment route.
+pub const PATH: &str = "/v1/enrolment";
+
+/// What a release asked of the agent loop: its answer is the role the node
+/// had (the loop then stops, hands over first when it can).
+pub type ReleaseRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
+
+/// What a configured node's endpoint answers to a release.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseAnswer {
+    pub cluster: String,
+    pub node: String,
+    /// The node's state when it was asked (e.g. `Leader`, `Follower`).
+    pub was: String,
 }
 
 /// The node's proof that it knows `token`: HMAC-SHA256 over the caller's
@@ -272,6 +309,8 @@ struct Served {
     /// The accepted configuration, once there is one.
     accepted: Mutex<Option<Enrolled>>,
     done: tokio::sync::watch::Sender<Option<PathBuf>>,
+    /// On a configured node: what it runs, and the agent loop to ask.
+    running: Option<(Enrolled, tokio::sync::mpsc::Sender<ReleaseRequest>)>,
 }
 
 fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
@@ -317,7 +356,11 @@ async fn facts(State(s): State<Arc<Served>>, headers: HeaderMap, Query(q): Query
         unix_ms: unix_ms.as_millis() as u64,
         fingerprint: s.fingerprint.clone(),
         proof: proof(&s.token, &q.nonce, &s.fingerprint),
-        enrolled: s.accepted.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        enrolled: match &s.running {
+            Some((running, _)) => Some(running.clone()),
+            None => s.accepted.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        },
+        running: s.running.is_some(),
         disk: disk_facts(
             &s.root.join(crate::config::Postgres::default().data_dir.strip_prefix("/").unwrap_or(Path::new(""))),
         ),
@@ -328,6 +371,15 @@ async fn facts(State(s): State<Arc<Served>>, headers: HeaderMap, Query(q): Query
 async fn enrol(State(s): State<Arc<Served>>, headers: HeaderMap, body: String) -> Response {
     if !authorised(&s, &headers, None) {
         return unauthorised();
+    }
+    if let Some((e, _)) = &s.running {
+        return refuse(
+            StatusCode::CONFLICT,
+            format!(
+                "this node runs node {} of cluster {}; `gemin_k8s deploy --force` releases it first",
+                e.node, e.cluster
+            ),
+        );
     }
     let mut accepted = s.accepted.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = accepted.as_ref() {
@@ -371,6 +423,40 @@ async fn enrol(State(s): State<Arc<Served>>, headers: HeaderMap, body: String) -
     Json(serde_json::json!({ "written": path, "cluster": enrolled.cluster, "node": enrolled.node })).into_response()
 }
 
+/// `POST /v1/enrolment/release` on a configured node: the body names what
+/// the caller means to release (`{"cluster", "node"}`), so a call meant for
+/// another node changes nothing here.
+async fn release(State(s): State<Arc<Served>>, headers: HeaderMap, Json(asked): Json<Enrolled>) -> Response {
+    if !authorised(&s, &headers, None) {
+        return unauthorised();
+    }
+    let Some((running, agent)) = &s.running else {
+        return refuse(StatusCode::CONFLICT, "this node runs no configuration: nothing to release");
+    };
+    if asked != *running {
+        return refuse(
+            StatusCode::CONFLICT,
+            format!(
+                "this node runs node {} of cluster {}, not node {} of cluster {}; nothing was released",
+                running.node, running.cluster, asked.node, asked.cluster
+            ),
+        );
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if agent.send(reply).await.is_err() {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping");
+    }
+    match answer.await {
+        Ok(Ok(was)) => {
+            tracing::warn!(event = "releasing", cluster = %running.cluster, node = %running.node, was = %was,
+                "releasing this node's configuration (deploy --force): its configuration and data are set aside");
+            Json(ReleaseAnswer { cluster: running.cluster.clone(), node: running.node.clone(), was }).into_response()
+        }
+        Ok(Err(why)) => refuse(StatusCode::CONFLICT, why),
+        Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping"),
+    }
+}
+
 /// Stops the task it holds when dropped.
 struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
 
@@ -382,12 +468,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Serve the enrolment endpoint until one configuration is accepted;
-/// returns the file it was written to. Files the configuration names are
-/// looked for under `root`.
-pub async fn serve(settings: &Settings, state_dir: &Path, root: &Path) -> anyhow::Result<PathBuf> {
+/// The enrolment listener: its TLS acceptor (the node's enrolment
+/// certificate, kept in `state_dir`), its socket and the certificate's
+/// fingerprint.
+async fn listen(
+    settings: &Settings,
+    state_dir: &Path,
+) -> anyhow::Result<(tokio_rustls::TlsAcceptor, tokio::net::TcpListener, String)> {
     crate::tls::install_crypto_provider();
-    let token = settings.token()?;
     let (cert_pem, key_pem) = identity(state_dir)?;
     let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
         rustls::pki_types::pem::PemObject::pem_slice_iter(cert_pem.as_bytes())
@@ -405,16 +493,59 @@ pub async fn serve(settings: &Settings, state_dir: &Path, root: &Path) -> anyhow
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("binding the enrolment endpoint on {}", settings.listen))?;
-    let (done, mut finished) = tokio::sync::watch::channel(None);
+    Ok((acceptor, listener, fingerprint))
+}
+
+/// Accept one connection and serve `app` on it in a task of its own.
+async fn accept(listener: &tokio::net::TcpListener, acceptor: &tokio_rustls::TlsAcceptor, app: &Router) {
+    let (tcp, peer) = match listener.accept().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "accepting an enrolment connection failed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+    };
+    let (acceptor, app) = (acceptor.clone(), app.clone());
+    tokio::spawn(async move {
+        let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else {
+            tracing::debug!(%peer, "enrolment TLS handshake failed");
+            return;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app);
+        let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await {
+            tracing::debug!(%peer, error = %e, "enrolment connection ended with an error");
+        }
+    });
+}
+
+fn served(
+    settings: &Settings,
+    root: &Path,
+    fingerprint: String,
+    running: Option<(Enrolled, tokio::sync::mpsc::Sender<ReleaseRequest>)>,
+) -> anyhow::Result<(Arc<Served>, tokio::sync::watch::Receiver<Option<PathBuf>>)> {
+    let (done, finished) = tokio::sync::watch::channel(None);
     let served = Arc::new(Served {
-        token,
+        token: settings.token()?,
         root: root.to_path_buf(),
-        fingerprint: fingerprint.clone(),
+        fingerprint,
         config_dir: settings.config_dir.clone(),
         accepted: Mutex::new(None),
         done,
+        running,
     });
-    let app = Router::new().route("/v1/enrolment", get(facts).post(enrol)).with_state(served);
+    Ok((served, finished))
+}
+
+/// Serve the enrolment endpoint until one configuration is accepted;
+/// returns the file it was written to. Files the configuration names are
+/// looked for under `root`.
+pub async fn serve(settings: &Settings, state_dir: &Path, root: &Path) -> anyhow::Result<PathBuf> {
+    let (acceptor, listener, fingerprint) = listen(settings, state_dir).await?;
+    let (served, mut finished) = served(settings, root, fingerprint.clone(), None)?;
+    let app = Router::new().route(PATH, get(facts).post(enrol)).with_state(served);
     for i in interfaces() {
         let addresses: Vec<String> = i.addresses.iter().map(IpAddr::to_string).collect();
         tracing::warn!(event = "waiting_for_enrolment", interface = %i.name, mac = i.mac.as_deref().unwrap_or("-"),
@@ -429,28 +560,7 @@ pub async fn serve(settings: &Settings, state_dir: &Path, root: &Path) -> anyhow
     let _watchdog = AbortOnDrop(watchdog);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accepting an enrolment connection failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, app) = (acceptor.clone(), app.clone());
-                tokio::spawn(async move {
-                    let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else {
-                        tracing::debug!(%peer, "enrolment TLS handshake failed");
-                        return;
-                    };
-                    let service = hyper_util::service::TowerToHyperService::new(app);
-                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-                    if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await {
-                        tracing::debug!(%peer, error = %e, "enrolment connection ended with an error");
-                    }
-                });
-            }
+            () = accept(&listener, &acceptor, &app) => {}
             changed = finished.changed() => {
                 changed.context("the enrolment endpoint stopped")?;
                 if let Some(path) = finished.borrow().clone() {
@@ -460,6 +570,28 @@ pub async fn serve(settings: &Settings, state_dir: &Path, root: &Path) -> anyhow
                 }
             }
         }
+    }
+}
+
+/// On a node that runs the configuration it took at enrolment: the same
+/// endpoint (same certificate), whose facts say what the node runs and
+/// which takes a release (`deploy --force`), passed to `agent`. Runs
+/// until the task is dropped.
+pub async fn serve_running(
+    settings: Settings,
+    state_dir: PathBuf,
+    root: PathBuf,
+    running: Enrolled,
+    agent: tokio::sync::mpsc::Sender<ReleaseRequest>,
+) -> anyhow::Result<()> {
+    let (acceptor, listener, fingerprint) = listen(&settings, &state_dir).await?;
+    let (served, _finished) = served(&settings, &root, fingerprint, Some((running, agent)))?;
+    let app = Router::new()
+        .route(PATH, get(facts).post(enrol))
+        .route(RELEASE_PATH, axum::routing::post(release))
+        .with_state(served);
+    loop {
+        accept(&listener, &acceptor, &app).await;
     }
 }
 

@@ -280,8 +280,13 @@ pub fn fetch_kubeconfig(
 
 /// `gemin_k8s init` for the lab's addresses, into `dir`.
 pub fn init_cluster(bin: &Path, dir: &Path, extra: &[&str]) -> Result<(), String> {
+    init_named_cluster(bin, dir, "lab", extra)
+}
+
+/// [`init_cluster`] for a cluster called `name` (another CA, same addresses).
+pub fn init_named_cluster(bin: &Path, dir: &Path, name: &str, extra: &[&str]) -> Result<(), String> {
     let out = Command::new(bin)
-        .args(["init", "--name", "lab", "--node1-ip", "10.77.0.11", "--node2-ip", "10.77.0.12", "--vip", "10.77.0.10"])
+        .args(["init", "--name", name, "--node1-ip", "10.77.0.11", "--node2-ip", "10.77.0.12", "--vip", "10.77.0.10"])
         // The lab sets the witness it runs in its own overlay; the cluster files name the lab's gateway host.
         .args(if extra.contains(&"--witness") {
             &[][..]

@@ -1373,8 +1373,18 @@ fn a_cluster_restored_to_a_point_in_time_leads_with_its_keys_at_newer_revisions(
 
 /// `gemin_k8s deploy` from the client's namespace with `token_file`.
 fn deploy(lab: &Lab, token_file: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    deploy_in(lab, &lab.config_dir, token_file, extra)
+}
+
+/// `gemin_k8s deploy` of the cluster in `config_dir` from the client namespace.
+fn deploy_in(
+    lab: &Lab,
+    config_dir: &std::path::Path,
+    token_file: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
     let bin = agent_bin().unwrap();
-    let config_dir = lab.config_dir.display().to_string();
+    let config_dir = config_dir.display().to_string();
     let mut argv = vec![bin.to_str().unwrap(), "deploy", "--config-dir", &config_dir];
     argv.extend(["--token-file", token_file.to_str().unwrap(), "--timeout", "90s"]);
     argv.extend(extra);
@@ -1487,6 +1497,52 @@ fn deploy_forms_a_cluster_from_two_unconfigured_nodes() {
     wait_formed(lab, "node2", "node1", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
     assert_eq!(keys(lab, "/lab/deploy/").unwrap(), ["/lab/deploy/a".to_string()], "the acknowledged write is kept");
     println!("deployed in {} s", report["elapsed_seconds"]);
+
+    // The site's boxes are to run another cluster (another CA, same
+    // addresses). They run "lab": refused without --force, nothing changes.
+    let other = up._tmp.as_ref().map_or_else(|| lab.run_dir.join("other"), |t| t.path().join("other"));
+    geminik8s_vm_tests::probe::init_named_cluster(&agent_bin().unwrap(), &other, "other", &[]).unwrap();
+    let out = deploy_in(lab, &other, &token, &[]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("runs node node1 of cluster lab") && err.contains("--force"),
+        "{err}"
+    );
+    geminik8s_vm_tests::probe::formed(lab, "node2", "node1")
+        .unwrap_or_else(|e| panic!("refused, and yet: {e}\n{}", logs(lab)));
+
+    // --force: each node hands over if it can, stops, sets "lab" aside and
+    // waits for enrolment again; then it is deployed into "other".
+    let out = deploy_in(lab, &other, &token, &["--json", "--force", "--bootstrap-leader", "node1"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(lab));
+    let forced: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for n in forced["nodes"].as_array().unwrap() {
+        let name = n["name"].as_str().unwrap();
+        assert_eq!((n["found"].as_str(), n["sent"].as_bool()), (Some("unconfigured"), Some(true)), "{forced}");
+        assert_eq!((n["released"]["cluster"].as_str(), n["released"]["node"].as_str()), (Some("lab"), Some(name)));
+    }
+    assert_eq!((forced["leader"].as_str(), forced["follower"].as_str()), (Some("node1"), Some("node2")), "{forced}");
+    for node in ["node1", "node2"] {
+        assert_eq!(status(lab, node).unwrap()["cluster"], "other", "{node} runs the other cluster");
+        // "lab" is set aside on the node, renamed: its data is still there.
+        let dir = lab.node_dir(node);
+        let aside = |prefix: &str, within: &std::path::Path| {
+            std::fs::read_dir(within)
+                .unwrap()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix}* in {}", within.display()))
+        };
+        assert!(aside("pgdata.released-", &dir).join("PG_VERSION").is_file(), "{node}'s lab datastore kept");
+        let file = aside("90_geminik8s.yaml.released-", &dir.join("oem"));
+        assert!(std::fs::read_to_string(file).unwrap().contains("name: lab"), "{node}'s lab configuration kept");
+    }
+    assert!(keys(lab, "/lab/deploy/").unwrap().is_empty(), "other's datastore is a new one");
+    let rev =
+        poll::until("a write to the other cluster", FORM, Duration::from_millis(200), || put(lab, "/lab/other/a", "v"))
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert!(rev > 0);
+    println!("redeployed with --force in {} s", forced["elapsed_seconds"]);
 }
 
 /// `gemin_k8s replace-node` from the client namespace.

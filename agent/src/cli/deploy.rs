@@ -55,6 +55,12 @@ pub struct Args {
     /// Print each step of each node while the cluster forms (otherwise only the result).
     #[arg(long)]
     pub watch: bool,
+    /// Release a node that runs another cluster (or another node of this one) and was configured
+    /// by enrolment, then deploy it: its agent stops (a leader hands over first), its datastore and
+    /// Kubernetes stop, its configuration and data are set aside on it (renamed, never deleted), and
+    /// it waits for enrolment again. A node configured from its boot media must be reinstalled.
+    #[arg(long)]
+    pub force: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -69,6 +75,9 @@ struct NodeReport {
     /// `configured` (already runs this cluster).
     found: &'static str,
     sent: bool,
+    /// What `--force` released on it first: node and cluster, and the state it was in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    released: Option<enrol::ReleaseAnswer>,
     #[serde(skip_serializing_if = "Option::is_none")]
     fingerprint: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -158,6 +167,7 @@ pub(super) struct Endpoint {
     name: String,
     ip: IpAddr,
     url: String,
+    release_url: String,
     http: reqwest::Client,
     verifier: Arc<Pinning>,
     token: String,
@@ -186,8 +196,9 @@ impl Endpoint {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .context("the enrolment HTTP client")?;
-        let url = format!("https://{}/v1/enrolment", SocketAddr::new(ip, port));
-        Ok(Endpoint { name: name.into(), ip, url, http, verifier, token: token.into() })
+        let base = format!("https://{}", SocketAddr::new(ip, port));
+        let (url, release_url) = (format!("{base}{}", enrol::PATH), format!("{base}{}", enrol::RELEASE_PATH));
+        Ok(Endpoint { name: name.into(), ip, url, release_url, http, verifier, token: token.into() })
     }
 
     /// The node's facts, its proof checked against the certificate seen,
@@ -233,19 +244,28 @@ impl Endpoint {
 
     /// Send the configuration, with the token, over the pinned certificate.
     pub(super) async fn send(&self, config: String) -> anyhow::Result<()> {
+        let request = self.http.post(&self.url).body(config);
+        self.call(request, "its configuration").await.map(drop)
+    }
+
+    /// Ask a node that runs `running` to give it up (`--force`), with the
+    /// token, over the pinned certificate.
+    async fn release(&self, running: &enrol::Enrolled) -> anyhow::Result<enrol::ReleaseAnswer> {
+        let request = self.http.post(&self.release_url).json(running);
+        let answer = self.call(request, "the release of what it runs").await?;
+        answer.json().await.with_context(|| format!("reading {}'s answer to the release", self.name))
+    }
+
+    /// `request` with the token, once a proven certificate is pinned; a
+    /// refusal is an error saying why.
+    async fn call(&self, request: reqwest::RequestBuilder, what: &str) -> anyhow::Result<reqwest::Response> {
         anyhow::ensure!(
             self.verifier.pinned.lock().unwrap_or_else(|p| p.into_inner()).is_some(),
-            "{}: no proven certificate to send the configuration over",
+            "{}: no proven certificate to send {what} over",
             self.name
         );
-        let response = self
-            .http
-            .post(&self.url)
-            .bearer_auth(&self.token)
-            .body(config)
-            .send()
-            .await
-            .with_context(|| format!("sending {} its configuration", self.name))?;
+        let response =
+            request.bearer_auth(&self.token).send().await.with_context(|| format!("sending {} {what}", self.name))?;
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
@@ -253,9 +273,9 @@ impl Endpoint {
                 .ok()
                 .and_then(|v| v["error"].as_str().map(str::to_string))
                 .unwrap_or(body);
-            bail!("{} refused its configuration ({status}): {error}", self.name);
+            bail!("{} refused {what} ({status}): {error}", self.name);
         }
-        Ok(())
+        Ok(response)
     }
 }
 
@@ -315,11 +335,46 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             agent_version: None,
             disk_total_bytes: None,
             disk_free_bytes: None,
+            released: None,
         };
         let mut waited = false;
         // With no enrolment endpoint, what the agent API said (asked once per round).
         let (found, agent) = loop {
             let found = endpoint.facts().await?;
+            if let Found::Waiting(facts) = &found
+                && let Some(other) = facts.enrolled.as_ref().filter(|e| e.cluster != cluster.name || e.node != name)
+            {
+                if !a.force {
+                    bail!(
+                        "{name} at {ip} {} node {} of cluster {}; `--force` releases it (its configuration and data \
+                         are set aside on it, not deleted) and deploys it as {name} of {}",
+                        if facts.running { "runs" } else { "took the configuration of" },
+                        other.node,
+                        other.cluster,
+                        cluster.name
+                    );
+                }
+                if facts.running && report.released.is_none() {
+                    let answer = endpoint.release(other).await?;
+                    say(format!(
+                        "{name} {ip}: released node {} of cluster {} (it was {}); its configuration and data are set \
+                         aside on it; waiting for it to start again",
+                        answer.node, answer.cluster, answer.was
+                    ));
+                    report.released = Some(answer);
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "{name} at {ip} still {} node {} of cluster {} after {} (--timeout)",
+                        if facts.running { "runs" } else { "starts" },
+                        other.node,
+                        other.cluster,
+                        humantime::format_duration(a.timeout)
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
             let Found::NoEndpoint(why) = &found else { break (found, None) };
             let agent = client.status().await;
             if agent.is_ok() || Instant::now() >= deadline {
@@ -339,16 +394,14 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 report.agent_version = Some(facts.agent_version.clone());
                 report.disk_total_bytes = facts.disk.as_ref().map(|d| d.total_bytes);
                 report.disk_free_bytes = facts.disk.as_ref().map(|d| d.free_bytes);
-                if let Some(e) = &facts.enrolled {
-                    if e.cluster != cluster.name || e.node != name {
-                        bail!(
-                            "{name} at {ip} took the configuration of node {} of cluster {} already; reinstall it to \
-                             deploy it as {name} of {}",
-                            e.node,
-                            e.cluster,
-                            cluster.name
-                        );
-                    }
+                if facts.running {
+                    // Configured by enrolment, and this cluster's (the loop above).
+                    report.found = "configured";
+                    say(format!("{name} {ip}: already runs node {name} of cluster {} (left as it is)", cluster.name));
+                    plan.push((endpoint, report, None));
+                    continue;
+                }
+                if facts.enrolled.is_some() {
                     report.found = "enrolled";
                 }
                 say(format!(
@@ -375,7 +428,8 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                     plan.push((endpoint, report, None));
                 }
                 Ok(status) => bail!(
-                    "{name} at {ip} runs node {} of cluster {}; reinstall it to deploy it as {name} of {}",
+                    "{name} at {ip} runs node {} of cluster {} with the configuration of its boot media (it has no \
+                     enrolment endpoint, so --force cannot release it); reinstall it to deploy it as {name} of {}",
                     status.node,
                     status.cluster,
                     cluster.name

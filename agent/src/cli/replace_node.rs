@@ -374,8 +374,9 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                     match &facts.enrolled {
                         Some(e) if e.cluster == cluster.name && e.node == a.old_node => {}
                         Some(e) => bail!(
-                            "the machine at {} took the configuration of node {} of cluster {}; reinstall it",
+                            "the machine at {} {} node {} of cluster {}; reinstall it with the generic image",
                             a.new_node_ip,
+                            if facts.running { "runs" } else { "took the configuration of" },
                             e.node,
                             e.cluster
                         ),

@@ -416,4 +416,11 @@ impl Database for Postgres {
             Ok(self.mgr().drop_peer_slot().await?)
         })
     }
+
+    fn stop(&self) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            let _op = self.op.lock().await;
+            Ok(self.mgr().stop(crate::postgres::StopMode::Fast).await?)
+        })
+    }
 }

@@ -139,6 +139,10 @@ pub struct Driver {
     /// A peer replacement is being prepared in the background.
     replacing: Arc<std::sync::atomic::AtomicBool>,
     control_rx: mpsc::Receiver<Control>,
+    /// Releases asked through the enrolment endpoint (`deploy --force`).
+    release: (mpsc::Sender<crate::enrol::ReleaseRequest>, mpsc::Receiver<crate::enrol::ReleaseRequest>),
+    /// The loop stopped for a release: the datastore and K3s stop too.
+    released: bool,
     done_tx: mpsc::Sender<Completion>,
     done_rx: mpsc::Receiver<Completion>,
     fence_timer: FenceTimer,
@@ -157,6 +161,15 @@ pub struct Driver {
     /// The peer's entitlement last published (as leader) and this node's own (as follower).
     told: (Option<String>, bool),
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Why [`Driver::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// A signal: the agent stops.
+    Stopped,
+    /// A release (`deploy --force`): the node's membership is to be set aside.
+    Released,
 }
 
 /// Phases of a promotion in progress, for `status` and the failover benchmark.
@@ -343,6 +356,8 @@ impl Driver {
             server_tls,
             replacing: Arc::default(),
             control_rx,
+            release: mpsc::channel(1),
+            released: false,
             done_tx,
             done_rx,
             fence_timer,
@@ -389,7 +404,12 @@ impl Driver {
     /// Run until SIGTERM or Ctrl-C. A leader that is asked to stop hands
     /// over to its peer first when it can (and waits up to
     /// [`HANDOVER_TIMEOUT`] for the peer to lead).
-    pub async fn run(mut self) -> anyhow::Result<()> {
+    /// Where a release (`deploy --force`) is asked for.
+    pub fn release_requests(&self) -> mpsc::Sender<crate::enrol::ReleaseRequest> {
+        self.release.0.clone()
+    }
+
+    pub async fn run(mut self) -> anyhow::Result<Ended> {
         let mut ticker = tokio::time::interval(self.cfg.health.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -492,6 +512,16 @@ impl Driver {
                         }));
                     }
                 },
+                Some(reply) = self.release.1.recv(), if stopping.is_none() => {
+                    if reply.send(Ok(self.machine.state().to_string())).is_err() {
+                        tracing::debug!("the release's caller went away");
+                    }
+                    self.released = true;
+                    match self.begin_stop().await {
+                        Some(since) => stopping = Some(since),
+                        None => break,
+                    }
+                }
                 _ = term.recv(), if stopping.is_none() => match self.begin_stop().await {
                     Some(since) => stopping = Some(since),
                     None => break,
@@ -507,7 +537,7 @@ impl Driver {
             self.publish();
         }
         self.shutdown().await;
-        Ok(())
+        Ok(if self.released { Ended::Released } else { Ended::Stopped })
     }
 
     /// A stop was asked for: a leader whose peer can take over hands over
@@ -543,12 +573,33 @@ impl Driver {
         for t in &self.tasks {
             t.abort();
         }
+        if self.released {
+            self.stop_members().await;
+        }
         // The supervisor's services (PostgreSQL, Kine) stop with the agent,
         // cleanly; systemd's units keep running.
         if let Some(services) = &self.subsystems.services
             && let Err(e) = services.shutdown(SERVICE_TIMEOUT).await
         {
             tracing::error!(error = %e, "stopping the services on shutdown failed");
+        }
+    }
+
+    /// A release: K3s, Kine and PostgreSQL stop (cleanly) whoever runs them,
+    /// so nothing of the cluster runs on this node any more.
+    async fn stop_members(&mut self) {
+        if let Some(services) = &self.subsystems.services {
+            let managed = [(self.k3s.is_some(), crate::k3s::SERVICE), (self.kine.is_some(), crate::kine::SERVICE)];
+            for (_, name) in managed.into_iter().filter(|(managed, _)| *managed) {
+                if let Err(e) = services.stop(name, SERVICE_TIMEOUT).await {
+                    tracing::error!(service = name, error = %e, "stopping a service for the release failed");
+                }
+            }
+        }
+        if let Some(db) = &self.subsystems.database
+            && let Err(e) = db.stop().await
+        {
+            tracing::error!(error = %format!("{e:#}"), "stopping PostgreSQL for the release failed");
         }
     }
 

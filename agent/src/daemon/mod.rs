@@ -13,6 +13,7 @@ pub mod database;
 pub mod driver;
 pub mod fence;
 pub mod observe;
+pub mod release;
 pub mod scheduler;
 pub mod subsystems;
 
@@ -161,6 +162,17 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         }
         (sources, skipped) = read_sources(&args.root, &files, &args.state_dir).await?;
     }
+    // A node configured by enrolment keeps its enrolment endpoint, which
+    // can release it (`deploy --force`).
+    let enrolment = match crate::config::load::merged_document(&sources) {
+        Some(document) => crate::enrol::Settings::of_document(&document)?
+            .map(|s| {
+                let file = s.config_dir.join(crate::enrol::FILE_NAME);
+                (s, file)
+            })
+            .filter(|(_, file)| file.is_file()),
+        None => None,
+    };
     let loaded = crate::config::load::load_gathered(&sources, skipped, &ctx)?;
     for w in &loaded.warnings {
         tracing::warn!("{w}");
@@ -205,11 +217,36 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let manages_database = database.is_some();
     let subsystems = driver::Subsystems { database, vip, services, kine, k3s };
     let cfg = loaded.gemini.clone();
-    let driver = driver::Driver::start(loaded.gemini, args.state_dir, args.socket, subsystems).await?;
+    let driver = driver::Driver::start(loaded.gemini, args.state_dir.clone(), args.socket, subsystems).await?;
     if manages_database {
         let socket_dir = args.runtime_dir.join(format!("postgres-{}", cfg.node.name));
         archiver::start(&cfg, &driver.shared(), socket_dir);
     }
-    driver.run().await?;
-    Ok(ExitCode::SUCCESS)
+    if let Some((settings, _)) = &enrolment {
+        let running = crate::enrol::Enrolled { cluster: cfg.cluster.name.clone(), node: cfg.node.name.clone() };
+        let serving = crate::enrol::serve_running(
+            settings.clone(),
+            args.state_dir.clone(),
+            args.root.clone(),
+            running,
+            driver.release_requests(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = serving.await {
+                tracing::error!(error = %format!("{e:#}"), "the enrolment endpoint (release) stopped");
+            }
+        });
+    }
+    match driver.run().await? {
+        driver::Ended::Stopped => Ok(ExitCode::SUCCESS),
+        driver::Ended::Released => {
+            let (_, file) = enrolment.context("a release without an enrolment endpoint")?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let moved = release::set_aside(&cfg, &args.state_dir, &file, now.as_secs())?;
+            tracing::warn!(event = "released", cluster = %cfg.cluster.name, node = %cfg.node.name,
+                set_aside = %moved.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "),
+                "released: this node's configuration and data are set aside; waiting for enrolment again");
+            Err(release::exec_again())
+        }
+    }
 }

@@ -93,4 +93,6 @@ pub trait Database: Send + Sync {
     /// On the primary: drop the replaced peer's replication slot (refused
     /// while it streams). The WAL bytes it held, `None` without a slot.
     fn drop_peer_slot(&self) -> BoxFut<'_, Option<u64>>;
+    /// Stop the server cleanly (a release: the node leaves the cluster).
+    fn stop(&self) -> BoxFut<'_, ()>;
 }
