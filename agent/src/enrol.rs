@@ -458,7 +458,7 @@ async fn release(State(s): State<Arc<Served>>, headers: HeaderMap, Json(asked): 
 }
 
 /// Stops the task it holds when dropped.
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+pub(crate) struct AbortOnDrop(pub(crate) Option<tokio::task::JoinHandle<()>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

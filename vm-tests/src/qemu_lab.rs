@@ -816,7 +816,9 @@ impl QemuLab {
         std::fs::create_dir_all(&new.dir)?;
         let token = std::fs::read_to_string(self.config_dir.join("enrolment.token"))
             .context("the cluster directory's enrolment.token")?;
-        let public_key = lab_ssh_key(&self.run_dir)?.map(|(_, public)| public);
+        // The lab's key, as the other nodes have it (a new one would lock them out).
+        let public_key =
+            self.ssh_key.as_ref().map(|k| k.with_extension("pub")).and_then(|p| std::fs::read_to_string(p).ok());
         let data = enrolment_user_data(&token, &new.mac, ip, self.prefix, self.client_ip, public_key.as_deref());
         qemu::make_cidata_iso(&new.dir, &data, &format!("instance-id: lab-{node}-{n}\nlocal-hostname: {node}\n"))?;
         qemu::create_overlay(&self.base_image, &new.dir.join("disk.qcow2"))?;

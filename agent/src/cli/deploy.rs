@@ -340,7 +340,16 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         let mut waited = false;
         // With no enrolment endpoint, what the agent API said (asked once per round).
         let (found, agent) = loop {
-            let found = endpoint.facts().await?;
+            let found = match endpoint.facts().await {
+                Ok(found) => found,
+                // A released node restarts: its listener may go mid-call.
+                Err(e) if report.released.is_some() && Instant::now() < deadline => {
+                    tracing::debug!(node = %name, error = %format!("{e:#}"), "the released node is restarting");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if let Found::Waiting(facts) = &found
                 && let Some(other) = facts.enrolled.as_ref().filter(|e| e.cluster != cluster.name || e.node != name)
             {

@@ -338,13 +338,15 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     };
     // The survivor drops a slot, removes Kubernetes objects and re-reads
     // its PostgreSQL files before it answers.
+    let asked = Instant::now();
     let changed =
         client(survivor.member.ip, survivor.member.api_port, Duration::from_secs(300))?.replace_peer(&change).await?;
     say(format!(
-        "{}: peer {} at {}{}{}",
+        "{}: peer {} at {} ({:.1} s){}{}",
         survivor.member.name,
         a.old_node,
         a.new_node_ip,
+        asked.elapsed().as_secs_f64(),
         match changed.slot_held_bytes {
             Some(b) => format!(", old slot dropped ({b} bytes of WAL it held)"),
             None => String::new(),

@@ -168,6 +168,9 @@ impl Postgres {
     }
 }
 
+/// How long a release waits for PostgreSQL's clean stop.
+const RELEASE_STOP: Duration = Duration::from_secs(30);
+
 impl Database for Postgres {
     fn has_data(&self) -> bool {
         let data = &self.mgr().settings().data_dir.clone();
@@ -420,7 +423,18 @@ impl Database for Postgres {
     fn stop(&self) -> BoxFut<'_, ()> {
         Box::pin(async move {
             let _op = self.op.lock().await;
-            Ok(self.mgr().stop(crate::postgres::StopMode::Fast).await?)
+            self.expected.store(false, Ordering::SeqCst);
+            // Clean when it can be; a fast stop waits for a standby that
+            // may be gone, so at once after a while.
+            match tokio::time::timeout(RELEASE_STOP, self.mgr().stop(StopMode::Fast)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "the clean stop failed; stopping at once"),
+                Err(_) => tracing::warn!(budget = ?RELEASE_STOP, "the clean stop took too long; stopping at once"),
+            }
+            if self.mgr().is_running()? {
+                self.mgr().stop(StopMode::Immediate).await.context("stopping PostgreSQL")?;
+            }
+            Ok(())
         })
     }
 }

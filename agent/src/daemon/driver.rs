@@ -429,30 +429,12 @@ impl Driver {
                 break;
             }
             tokio::select! {
-                // A fence the timer carried out reaches the machine first.
+                // A fence the timer carried out reaches the machine first;
+                // the tick comes last.
                 biased;
                 Some(()) = self.fence_rx.recv() => {
                     self.step(Input::FenceDeadlinePassed).await;
                     self.fence_timer.acknowledge();
-                }
-                _ = ticker.tick() => {
-                    let began = Instant::now();
-                    let obs = self.observe().await;
-                    let observed = began.elapsed();
-                    self.step(Input::Tick(obs)).await;
-                    let acted = began.elapsed();
-                    self.upkeep().await;
-                    let took = began.elapsed();
-                    if took > self.cfg.health.interval {
-                        tracing::warn!(event = "slow_tick", observe_ms = observed.as_millis() as u64,
-                            act_ms = (acted - observed).as_millis() as u64, upkeep_ms = (took - acted).as_millis() as u64,
-                            "a tick took longer than the heartbeat interval");
-                    }
-                    if let Some(n) = &notifier
-                        && let Err(e) = n.watchdog()
-                    {
-                        tracing::warn!(error = %e, "pinging the systemd watchdog failed");
-                    }
                 }
                 Some(done) = self.done_rx.recv() => {
                     self.note_completion(done);
@@ -533,9 +515,36 @@ impl Driver {
                         None => break,
                     }
                 }
+                // Last: a tick that takes longer than the interval makes the
+                // next one ready at once, and polled before the rest it would
+                // starve them (operators' requests, completions, signals).
+                _ = ticker.tick() => {
+                    let began = Instant::now();
+                    let obs = self.observe().await;
+                    let observed = began.elapsed();
+                    self.step(Input::Tick(obs)).await;
+                    let acted = began.elapsed();
+                    self.upkeep().await;
+                    let took = began.elapsed();
+                    if took > self.cfg.health.interval {
+                        tracing::warn!(event = "slow_tick", observe_ms = observed.as_millis() as u64,
+                            act_ms = (acted - observed).as_millis() as u64, upkeep_ms = (took - acted).as_millis() as u64,
+                            "a tick took longer than the heartbeat interval");
+                    }
+                    if let Some(n) = &notifier
+                        && let Err(e) = n.watchdog()
+                    {
+                        tracing::warn!(error = %e, "pinging the systemd watchdog failed");
+                    }
+                }
             }
             self.publish();
         }
+        // A release stops the services and sets the data aside while the
+        // unit stays active: the watchdog goes on being pinged meanwhile.
+        let _pinging = notifier
+            .filter(|_| self.released)
+            .map(|n| crate::enrol::AbortOnDrop(Some(n.spawn_watchdog(Duration::from_secs(5)))));
         self.shutdown().await;
         Ok(if self.released { Ended::Released } else { Ended::Stopped })
     }
@@ -573,8 +582,11 @@ impl Driver {
         for t in &self.tasks {
             t.abort();
         }
-        if self.released {
-            self.stop_members().await;
+        if self.released && !self.stop_members().await {
+            // Something of the cluster may still run here: the node must
+            // not look unconfigured. It starts again as the member it was.
+            tracing::error!(event = "release_failed", "not released: a service did not stop");
+            self.released = false;
         }
         // The supervisor's services (PostgreSQL, Kine) stop with the agent,
         // cleanly; systemd's units keep running.
@@ -585,14 +597,16 @@ impl Driver {
         }
     }
 
-    /// A release: K3s, Kine and PostgreSQL stop (cleanly) whoever runs them,
-    /// so nothing of the cluster runs on this node any more.
-    async fn stop_members(&mut self) {
+    /// A release: K3s, Kine and PostgreSQL stop whoever runs them, so
+    /// nothing of the cluster runs on this node any more; whether they all did.
+    async fn stop_members(&mut self) -> bool {
+        let mut stopped = true;
         if let Some(services) = &self.subsystems.services {
             let managed = [(self.k3s.is_some(), crate::k3s::SERVICE), (self.kine.is_some(), crate::kine::SERVICE)];
             for (_, name) in managed.into_iter().filter(|(managed, _)| *managed) {
                 if let Err(e) = services.stop(name, SERVICE_TIMEOUT).await {
                     tracing::error!(service = name, error = %e, "stopping a service for the release failed");
+                    stopped = false;
                 }
             }
         }
@@ -600,7 +614,9 @@ impl Driver {
             && let Err(e) = db.stop().await
         {
             tracing::error!(error = %format!("{e:#}"), "stopping PostgreSQL for the release failed");
+            stopped = false;
         }
+        stopped
     }
 
     /// One round of probes, all at once, each within the tick's budget: the
@@ -1317,8 +1333,15 @@ impl Driver {
         self.tasks.push(tokio::spawn(async move {
             let prepared = async {
                 let mut done = PeerChanged::default();
+                // Each step's time, in the journal: this runs on slow hardware too.
+                let mut began = Instant::now();
+                let mut took = |step: &str| {
+                    tracing::info!(event = "peer_replacement_step", step, ms = began.elapsed().as_millis() as u64);
+                    began = Instant::now();
+                };
                 if let Some(db) = db.as_ref().filter(|_| !change.keep_slot) {
                     done.slot_held_bytes = db.drop_peer_slot().await.context("dropping the old machine's slot")?;
+                    took("replication slot");
                 }
                 if let Some(tls_dir) = k3s {
                     let creds = crate::k3s::ClusterCredentials::from_server_tls(&tls_dir)
@@ -1327,9 +1350,11 @@ impl Driver {
                     done.kubernetes_removed = crate::k3s::forget_node(&api, &creds, &change.name, FORGET_TIMEOUT)
                         .await
                         .context("removing the old machine from Kubernetes")?;
+                    took("Kubernetes node and node-password secret");
                 }
                 if let Some(db) = &db {
                     db.set_peer(change.ip).await.context("letting replication in from the new address")?;
+                    took("pg_hba.conf and reload");
                 }
                 anyhow::Ok(done)
             }

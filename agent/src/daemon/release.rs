@@ -37,7 +37,7 @@ pub fn set_aside(cfg: &GeminiConfig, state_dir: &Path, enrolled_file: &Path, now
         name.push(format!(".{suffix}"));
         PathBuf::from(name)
     };
-    let mut places = vec![enrolled_file.to_path_buf(), cfg.postgres.data_dir.clone(), cfg.backup.spool_dir.clone()];
+    let mut places = vec![cfg.postgres.data_dir.clone(), cfg.backup.spool_dir.clone()];
     if cfg.k3s.enabled {
         places.push(cfg.k3s.data_dir.clone());
     }
@@ -48,12 +48,12 @@ pub fn set_aside(cfg: &GeminiConfig, state_dir: &Path, enrolled_file: &Path, now
     }
     let aside = state_dir.join(&suffix);
     let entries = match std::fs::read_dir(state_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(moved),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", state_dir.display())),
+        Ok(entries) => entries.collect::<Result<Vec<_>, _>>(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
     };
-    for entry in entries {
-        let path = entry.with_context(|| format!("reading {}", state_dir.display()))?.path();
+    for entry in entries.with_context(|| format!("reading {}", state_dir.display()))? {
+        let path = entry.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if KEPT.contains(&name) || name.starts_with("released-") {
             continue;
@@ -61,6 +61,9 @@ pub fn set_aside(cfg: &GeminiConfig, state_dir: &Path, enrolled_file: &Path, now
         std::fs::create_dir_all(&aside).with_context(|| format!("creating {}", aside.display()))?;
         rename(&path, aside.join(name))?;
     }
+    // Last: until this is gone the node starts again as the member it was
+    // (whatever was renamed before a failure here is still there, renamed).
+    rename(enrolled_file, with_suffix(enrolled_file))?;
     Ok(moved)
 }
 
@@ -109,6 +112,7 @@ mod tests {
         assert_eq!(moved.len(), 5, "{moved:?}");
         // A second release later leaves the first one's leftovers where they are.
         std::fs::write(state.join("hostmeta.json"), "again").unwrap();
+        std::fs::write(&enrolled, "#cloud-config\n").unwrap();
         set_aside(&cfg, &state, &enrolled, 43).unwrap();
         assert!(state.join("released-42/hostmeta.json").is_file() && state.join("released-43/hostmeta.json").is_file());
     }
