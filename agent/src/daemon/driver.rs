@@ -1268,8 +1268,10 @@ impl Driver {
     }
 }
 
-/// How long the old machine's Kubernetes identity may take to remove.
-const FORGET_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one request removing the old machine's Kubernetes identity may take.
+const FORGET_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a replacement keeps asking a Kubernetes API that does not answer.
+const FORGET_BUDGET: Duration = Duration::from_secs(150);
 
 impl Driver {
     /// The peer is a new machine under the same name (`replace-node`): on
@@ -1347,9 +1349,19 @@ impl Driver {
                     let creds = crate::k3s::ClusterCredentials::from_server_tls(&tls_dir)
                         .context("K3s's admin credentials (is K3s running on this node?)")?;
                     let api = crate::k3s::api_url(node_ip);
-                    done.kubernetes_removed = crate::k3s::forget_node(&api, &creds, &change.name, FORGET_TIMEOUT)
-                        .await
-                        .context("removing the old machine from Kubernetes")?;
+                    // K3s may be busy (it has just taken over, or the
+                    // hardware is slow): asked again within a budget.
+                    let deadline = Instant::now() + FORGET_BUDGET;
+                    done.kubernetes_removed = loop {
+                        match crate::k3s::forget_node(&api, &creds, &change.name, FORGET_TIMEOUT).await {
+                            Ok(removed) => break removed,
+                            Err(e @ crate::k3s::K3sError::Unreachable { .. }) if Instant::now() < deadline => {
+                                tracing::warn!(error = %e, "the Kubernetes API did not answer; asking again");
+                                tokio::time::sleep(Duration::from_secs(2)).await;
+                            }
+                            Err(e) => return Err(e).context("removing the old machine from Kubernetes"),
+                        }
+                    };
                     took("Kubernetes node and node-password secret");
                 }
                 if let Some(db) = &db {

@@ -164,14 +164,16 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     }
     // A node configured by enrolment keeps its enrolment endpoint, which
     // can release it (`deploy --force`).
-    let enrolment = match crate::config::load::merged_document(&sources) {
-        Some(document) => crate::enrol::Settings::of_document(&document)?
-            .map(|s| {
-                let file = s.config_dir.join(crate::enrol::FILE_NAME);
-                (s, file)
-            })
-            .filter(|(_, file)| file.is_file()),
-        None => None,
+    // A broken enrolment block does not stop a configured node.
+    let enrolment = match crate::config::load::merged_document(&sources)
+        .map(|d| crate::enrol::Settings::of_document(&d))
+    {
+        Some(Ok(Some(s))) => Some((s.config_dir.join(crate::enrol::FILE_NAME), s)).filter(|(file, _)| file.is_file()),
+        Some(Err(e)) => {
+            tracing::warn!(error = %format!("{e:#}"), "the enrolment settings are unusable: `deploy --force` cannot release this node");
+            None
+        }
+        _ => None,
     };
     let loaded = crate::config::load::load_gathered(&sources, skipped, &ctx)?;
     for w in &loaded.warnings {
@@ -222,7 +224,7 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         let socket_dir = args.runtime_dir.join(format!("postgres-{}", cfg.node.name));
         archiver::start(&cfg, &driver.shared(), socket_dir);
     }
-    if let Some((settings, _)) = &enrolment {
+    if let Some((_, settings)) = &enrolment {
         let running = crate::enrol::Enrolled { cluster: cfg.cluster.name.clone(), node: cfg.node.name.clone() };
         let serving = crate::enrol::serve_running(
             settings.clone(),
@@ -240,7 +242,7 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     match driver.run().await? {
         driver::Ended::Stopped => Ok(ExitCode::SUCCESS),
         driver::Ended::Released => {
-            let (_, file) = enrolment.context("a release without an enrolment endpoint")?;
+            let (file, _) = enrolment.context("a release without an enrolment endpoint")?;
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
             let moved = release::set_aside(&cfg, &args.state_dir, &file, now.as_secs())?;
             tracing::warn!(event = "released", cluster = %cfg.cluster.name, node = %cfg.node.name,
