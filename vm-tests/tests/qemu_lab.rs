@@ -254,6 +254,7 @@ fn leader_killed_follower_promotes_old_leader_rejoins_and_both_reboot_with_the_d
     }
 
     // The leader's VM is lost (QEMU SIGKILL): the follower promotes.
+    let from = lab.console_offset(&leader).unwrap();
     let killed = Instant::now();
     lab.kill(&leader).unwrap();
     let failover = put_until_acked(&lab, "/lab/after/00", CONVERGE);
@@ -284,52 +285,77 @@ fn leader_killed_follower_promotes_old_leader_rejoins_and_both_reboot_with_the_d
     let survivor_mac = lab.node(&follower).unwrap().mac.clone();
     assert_eq!(lab.client_vip_mac().as_deref(), Some(survivor_mac.as_str()), "the VIP moved to the survivor");
 
-    // The killed VM is gone for good. A new machine with a new address
-    // boots the generic image (only the enrolment token), and replace-node
-    // brings it in under the old node's name.
-    let old_ip = lab.node(&leader).unwrap().ip;
-    let new_ip: std::net::IpAddr = "10.77.0.13".parse().unwrap();
-    lab.replace_vm(&leader, new_ip).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
-    let replacing = Instant::now();
-    lab.start(&leader).unwrap();
-    let report = lab.wait_boot(&leader, 0, BOOT).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
-    assert_eq!(report["agent"], "active");
-    let ip = new_ip.to_string();
-    let args = ["--old-node", leader.as_str(), "--new-node-ip", ip.as_str(), "--yes", "--verify", "--timeout", "900s"];
-    let (ok, report) = lab.replace_node(&args).unwrap_or_else(|e| fail(&lab, &e));
-    if !ok {
-        fail(&lab, &format!("replace-node failed: {report}"));
-    }
-    eprintln!("MEASURED new machine started -> replace-node done: {:.1?}", replacing.elapsed());
-    eprintln!("MEASURED replace-node itself: {} s", report["elapsed_seconds"]);
-    assert_eq!(report["old_ip"], old_ip.to_string(), "{report}");
-    assert_eq!(report["old_certificate_refused"], true, "{report}");
-    assert!(report["checks"].as_array().is_some_and(|c| c.iter().all(|c| c["pass"] == true)), "{report}");
-    let rejoined = Instant::now();
-    let now_leading = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
-    assert_eq!(now_leading, follower, "the survivor keeps leading; the new machine follows");
-    assert_all_present(&lab, &acked);
-    // `status` shows the new pair: the survivor's peer is at the new address,
-    // and the new machine answers as the old node's name from there.
-    let statuses = lab.status();
-    let view = |name: &str| statuses.get(name).and_then(|s| s.as_ref().ok()).cloned();
-    let (survivor, new) = (view(&follower), view(&leader));
-    if survivor.as_ref().map(|s| s["peer"]["address"].clone()) != Some(ip.clone().into())
-        || new.as_ref().map(|s| s["address"].clone()) != Some(ip.clone().into())
-    {
-        fail(&lab, &format!("status does not show the new pair: {survivor:?} / {new:?}"));
-    }
-    eprint!("{}", lab.render_status());
-    if let Some(k) = &kube {
-        // The new machine's own K3s serves, on the datastore it follows.
-        let server = format!("--server=https://{new_ip}:6443");
-        poll::until(&format!("the new {leader}'s own Kubernetes API"), KUBE, Duration::from_secs(2), || {
-            lab.kubectl(&k.kubeconfig, &[&server, "get", "configmap", "after", "-n", "shop", "-o", "json"])
-        })
-        .unwrap_or_else(|e| fail(&lab, &e));
-        eprintln!("MEASURED replaced -> the new {leader}'s Kubernetes API serving: {:.1?}", rejoined.elapsed());
-    }
-    let leader_mac = lab.node(&leader).unwrap().mac.clone();
+    // With GEMINIK8S_QEMU_REPLACE set (`just qemu-replace`), the killed VM
+    // is replaced by a new machine; otherwise it boots again with its disk.
+    let leader_mac = if std::env::var_os("GEMINIK8S_QEMU_REPLACE").is_some() {
+        // The killed VM is gone for good. A new machine with a new address
+        // boots the generic image (only the enrolment token), and replace-node
+        // brings it in under the old node's name.
+        let old_ip = lab.node(&leader).unwrap().ip;
+        let new_ip: std::net::IpAddr = "10.77.0.13".parse().unwrap();
+        lab.replace_vm(&leader, new_ip).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+        let replacing = Instant::now();
+        lab.start(&leader).unwrap();
+        let report = lab.wait_boot(&leader, 0, BOOT).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+        assert_eq!(report["agent"], "active");
+        let ip = new_ip.to_string();
+        let args =
+            ["--old-node", leader.as_str(), "--new-node-ip", ip.as_str(), "--yes", "--verify", "--timeout", "900s"];
+        let (ok, report) = lab.replace_node(&args).unwrap_or_else(|e| fail(&lab, &e));
+        if !ok {
+            fail(&lab, &format!("replace-node failed: {report}"));
+        }
+        eprintln!("MEASURED new machine started -> replace-node done: {:.1?}", replacing.elapsed());
+        eprintln!("MEASURED replace-node itself: {} s", report["elapsed_seconds"]);
+        assert_eq!(report["old_ip"], old_ip.to_string(), "{report}");
+        assert_eq!(report["old_certificate_refused"], true, "{report}");
+        assert!(report["checks"].as_array().is_some_and(|c| c.iter().all(|c| c["pass"] == true)), "{report}");
+        let rejoined = Instant::now();
+        let now_leading = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+        assert_eq!(now_leading, follower, "the survivor keeps leading; the new machine follows");
+        assert_all_present(&lab, &acked);
+        // `status` shows the new pair: the survivor's peer is at the new address,
+        // and the new machine answers as the old node's name from there.
+        let statuses = lab.status();
+        let view = |name: &str| statuses.get(name).and_then(|s| s.as_ref().ok()).cloned();
+        let (survivor, new) = (view(&follower), view(&leader));
+        if survivor.as_ref().map(|s| s["peer"]["address"].clone()) != Some(ip.clone().into())
+            || new.as_ref().map(|s| s["address"].clone()) != Some(ip.clone().into())
+        {
+            fail(&lab, &format!("status does not show the new pair: {survivor:?} / {new:?}"));
+        }
+        eprint!("{}", lab.render_status());
+        if let Some(k) = &kube {
+            // The new machine's own K3s serves, on the datastore it follows.
+            let server = format!("--server=https://{new_ip}:6443");
+            poll::until(&format!("the new {leader}'s own Kubernetes API"), KUBE, Duration::from_secs(2), || {
+                lab.kubectl(&k.kubeconfig, &[&server, "get", "configmap", "after", "-n", "shop", "-o", "json"])
+            })
+            .unwrap_or_else(|e| fail(&lab, &e));
+            eprintln!("MEASURED replaced -> the new {leader}'s Kubernetes API serving: {:.1?}", rejoined.elapsed());
+        }
+        lab.node(&leader).unwrap().mac.clone()
+    } else {
+        // The killed VM boots again with its disk: it rejoins as follower.
+        lab.start(&leader).unwrap();
+        lab.wait_boot(&leader, from, BOOT).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+        let rejoined = Instant::now();
+        let now_leading = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+        eprintln!("MEASURED {leader} booted -> cluster formed again: {:.1?}", rejoined.elapsed());
+        assert_eq!(now_leading, follower, "the promoted node keeps leading; the old leader rejoins as follower");
+        assert_all_present(&lab, &acked);
+        eprint!("{}", lab.render_status());
+        if let Some(k) = &kube {
+            // The old leader's own K3s serves again, on the datastore it follows.
+            let server = format!("--server=https://{}:6443", lab.node(&leader).unwrap().ip);
+            poll::until(&format!("{leader}'s own Kubernetes API"), KUBE, Duration::from_secs(2), || {
+                lab.kubectl(&k.kubeconfig, &[&server, "get", "configmap", "after", "-n", "shop", "-o", "json"])
+            })
+            .unwrap_or_else(|e| fail(&lab, &e));
+            eprintln!("MEASURED {leader} booted -> its Kubernetes API serving: {:.1?}", rejoined.elapsed());
+        }
+        leader_mac
+    };
 
     // A planned switchover back through the operator's command, run from
     // the client host with the cluster file and operator certificate.
