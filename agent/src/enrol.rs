@@ -153,6 +153,13 @@ pub struct Facts {
     pub running: bool,
 }
 
+impl Facts {
+    /// How the node holds `enrolled`, for messages: "runs" or "took the configuration of".
+    pub fn holds(&self) -> &'static str {
+        if self.running { "runs" } else { "took the configuration of" }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskFacts {
     pub path: PathBuf,

@@ -357,7 +357,7 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                     bail!(
                         "{name} at {ip} {} node {} of cluster {}; `--force` releases it (its configuration and data \
                          are set aside on it, not deleted) and deploys it as {name} of {}",
-                        if facts.running { "runs" } else { "took the configuration of" },
+                        facts.holds(),
                         other.node,
                         other.cluster,
                         cluster.name

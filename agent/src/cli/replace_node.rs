@@ -378,7 +378,7 @@ pub async fn run(a: Args, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                         Some(e) => bail!(
                             "the machine at {} {} node {} of cluster {}; reinstall it with the generic image",
                             a.new_node_ip,
-                            if facts.running { "runs" } else { "took the configuration of" },
+                            facts.holds(),
                             e.node,
                             e.cluster
                         ),
