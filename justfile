@@ -68,10 +68,10 @@ lab dir="lab-cluster":
     cargo build -p geminik8s-agent -p geminik8s-vm-tests
     target/debug/gemini-lab qemu up --config-dir {{dir}}
 
-# The QEMU lab test with the killed leader's VM replaced by a new machine (`replace-node`) instead of rebooted (root; about 20 minutes).
-qemu-replace:
+# The QEMU lab test with the killed leader's VM booted again with its disk (it rejoins) instead of replaced by a new machine (root; about 20 minutes).
+qemu-rejoin:
     cargo build --workspace
-    GEMINIK8S_QEMU_REPLACE=1 cargo test -p geminik8s-vm-tests --test qemu_lab -- --nocapture
+    GEMINIK8S_QEMU_REJOIN=1 cargo test -p geminik8s-vm-tests --test qemu_lab -- --nocapture
 
 # Remove the QEMU lab: VMs, namespaces, taps, bridge, disks (logs stay in run/qemu).
 lab-down:

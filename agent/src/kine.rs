@@ -181,14 +181,8 @@ pub async fn probe(endpoint: &str, timeout: Duration) -> Result<(), KineError> {
 /// `etcdserverpb.KV/Range`, `request` the protobuf-encoded message. Returns
 /// the protobuf-encoded response message.
 pub async fn call(endpoint: &str, method: &str, request: &[u8], timeout: Duration) -> Result<Vec<u8>, KineError> {
-    crate::tls::install_crypto_provider();
     let endpoint = endpoint.trim_end_matches('/').to_string();
-    let client = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .timeout(timeout)
-        .connect_timeout(timeout)
-        .build()
-        .map_err(KineError::Client)?;
+    let client = grpc_client()?;
     let call = async {
         let response = client
             .post(format!("{endpoint}/{method}"))
@@ -223,6 +217,25 @@ pub async fn call(endpoint: &str, method: &str, request: &[u8], timeout: Duratio
         Ok(result) => result,
         Err(_) => Err(KineError::Timeout { endpoint, timeout }),
     }
+}
+
+/// The client for Kine's gRPC endpoint, one per process: building a client
+/// reads the system's trust store (every certificate under /etc/ssl/certs
+/// parsed), which done per probe was most of an idle agent's CPU. It keeps
+/// no idle connection: every call connects afresh, so a restarted Kine is
+/// never first met through a dead connection. The caller bounds each call.
+fn grpc_client() -> Result<reqwest::Client, KineError> {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    if let Some(client) = CLIENT.get() {
+        return Ok(client.clone());
+    }
+    crate::tls::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .pool_max_idle_per_host(0)
+        .build()
+        .map_err(KineError::Client)?;
+    Ok(CLIENT.get_or_init(|| client).clone())
 }
 
 /// `etcdserverpb.RangeRequest { key, limit }` in protobuf wire format.

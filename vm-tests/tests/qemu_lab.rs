@@ -165,7 +165,7 @@ fn assert_all_present(lab: &QemuLab, acked: &BTreeSet<String>) {
 }
 
 #[test]
-fn leader_killed_follower_promotes_old_leader_rejoins_and_both_reboot_with_the_data() {
+fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_with_the_data() {
     if let Some(reason) = skip::requires(true, TOOLS) {
         return skip::skip(module_path!(), &reason);
     }
@@ -285,9 +285,9 @@ fn leader_killed_follower_promotes_old_leader_rejoins_and_both_reboot_with_the_d
     let survivor_mac = lab.node(&follower).unwrap().mac.clone();
     assert_eq!(lab.client_vip_mac().as_deref(), Some(survivor_mac.as_str()), "the VIP moved to the survivor");
 
-    // With GEMINIK8S_QEMU_REPLACE set (`just qemu-replace`), the killed VM
-    // is replaced by a new machine; otherwise it boots again with its disk.
-    let leader_mac = if std::env::var_os("GEMINIK8S_QEMU_REPLACE").is_some() {
+    // The killed VM is replaced by a new machine; with GEMINIK8S_QEMU_REJOIN
+    // set (`just qemu-rejoin`) it boots again with its disk instead.
+    let leader_mac = if std::env::var_os("GEMINIK8S_QEMU_REJOIN").is_none() {
         // The killed VM is gone for good. A new machine with a new address
         // boots the generic image (only the enrolment token), and replace-node
         // brings it in under the old node's name.
