@@ -375,10 +375,19 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         "MEASURED clock offset between the VMs (the lab's time server): {}",
         clock.map_or("-".into(), |c| c["value"].to_string())
     );
+    // The command returns once the target leads; under TCG its Kine may
+    // still be reconnecting (or restarted) and the first write waits for it.
+    let switched = Instant::now();
     for i in 0..10 {
         let key = format!("/lab/switched/{i:02}");
-        put_until_acked(&lab, &key, Duration::from_secs(30));
+        put_until_acked(&lab, &key, if i == 0 { CONVERGE } else { Duration::from_secs(30) });
         acked.insert(key);
+        if i == 0 {
+            eprintln!(
+                "MEASURED switchover done -> first write acknowledged through the VIP: {:.1?}",
+                switched.elapsed()
+            );
+        }
     }
     let switched_to = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
     assert_eq!(switched_to, leader, "the switchover's target leads and the other follows it");
@@ -426,7 +435,7 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
     }
     assert!(after.values().all(|e| *e <= leader_epoch), "the follower is on a newer epoch than the leader: {after:?}");
     assert_all_present(&lab, &acked);
-    put_until_acked(&lab, "/lab/rebooted", Duration::from_secs(30));
+    put_until_acked(&lab, "/lab/rebooted", CONVERGE);
     if let Some(k) = &mut kube {
         k.create(&lab, "rebooted", "r", KUBE);
         eprintln!("MEASURED both rebooted -> Kubernetes API writable: {:.1?}", restarted.elapsed());
