@@ -285,9 +285,10 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
     let survivor_mac = lab.node(&follower).unwrap().mac.clone();
     assert_eq!(lab.client_vip_mac().as_deref(), Some(survivor_mac.as_str()), "the VIP moved to the survivor");
 
-    // The killed VM is replaced by a new machine; with GEMINIK8S_QEMU_REJOIN
-    // set (`just qemu-rejoin`) it boots again with its disk instead.
-    let leader_mac = if std::env::var_os("GEMINIK8S_QEMU_REJOIN").is_none() {
+    // The killed VM is replaced by a new machine at a new address; with
+    // GEMINIK8S_QEMU_REJOIN set (`just qemu-rejoin`) it boots again with its
+    // disk instead and rejoins.
+    let replaced_at = if std::env::var_os("GEMINIK8S_QEMU_REJOIN").is_none() {
         // The killed VM is gone for good. A new machine with a new address
         // boots the generic image (only the enrolment token), and replace-node
         // brings it in under the old node's name.
@@ -310,12 +311,20 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         assert_eq!(report["old_ip"], old_ip.to_string(), "{report}");
         assert_eq!(report["old_certificate_refused"], true, "{report}");
         assert!(report["checks"].as_array().is_some_and(|c| c.iter().all(|c| c["pass"] == true)), "{report}");
-        let rejoined = Instant::now();
-        let now_leading = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
-        assert_eq!(now_leading, follower, "the survivor keeps leading; the new machine follows");
-        assert_all_present(&lab, &acked);
-        // `status` shows the new pair: the survivor's peer is at the new address,
-        // and the new machine answers as the old node's name from there.
+        Some(ip)
+    } else {
+        lab.start(&leader).unwrap();
+        lab.wait_boot(&leader, from, BOOT).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+        None
+    };
+    let rejoined = Instant::now();
+    let now_leading = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    eprintln!("MEASURED {leader} back -> cluster formed again: {:.1?}", rejoined.elapsed());
+    assert_eq!(now_leading, follower, "the survivor keeps leading; {leader} follows");
+    assert_all_present(&lab, &acked);
+    if let Some(ip) = &replaced_at {
+        // `status` shows the new pair: the survivor's peer is at the new
+        // address, and the new machine answers as the old node's name from there.
         let statuses = lab.status();
         let view = |name: &str| statuses.get(name).and_then(|s| s.as_ref().ok()).cloned();
         let (survivor, new) = (view(&follower), view(&leader));
@@ -324,38 +333,18 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         {
             fail(&lab, &format!("status does not show the new pair: {survivor:?} / {new:?}"));
         }
-        eprint!("{}", lab.render_status());
-        if let Some(k) = &kube {
-            // The new machine's own K3s serves, on the datastore it follows.
-            let server = format!("--server=https://{new_ip}:6443");
-            poll::until(&format!("the new {leader}'s own Kubernetes API"), KUBE, Duration::from_secs(2), || {
-                lab.kubectl(&k.kubeconfig, &[&server, "get", "configmap", "after", "-n", "shop", "-o", "json"])
-            })
-            .unwrap_or_else(|e| fail(&lab, &e));
-            eprintln!("MEASURED replaced -> the new {leader}'s Kubernetes API serving: {:.1?}", rejoined.elapsed());
-        }
-        lab.node(&leader).unwrap().mac.clone()
-    } else {
-        // The killed VM boots again with its disk: it rejoins as follower.
-        lab.start(&leader).unwrap();
-        lab.wait_boot(&leader, from, BOOT).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
-        let rejoined = Instant::now();
-        let now_leading = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
-        eprintln!("MEASURED {leader} booted -> cluster formed again: {:.1?}", rejoined.elapsed());
-        assert_eq!(now_leading, follower, "the promoted node keeps leading; the old leader rejoins as follower");
-        assert_all_present(&lab, &acked);
-        eprint!("{}", lab.render_status());
-        if let Some(k) = &kube {
-            // The old leader's own K3s serves again, on the datastore it follows.
-            let server = format!("--server=https://{}:6443", lab.node(&leader).unwrap().ip);
-            poll::until(&format!("{leader}'s own Kubernetes API"), KUBE, Duration::from_secs(2), || {
-                lab.kubectl(&k.kubeconfig, &[&server, "get", "configmap", "after", "-n", "shop", "-o", "json"])
-            })
-            .unwrap_or_else(|e| fail(&lab, &e));
-            eprintln!("MEASURED {leader} booted -> its Kubernetes API serving: {:.1?}", rejoined.elapsed());
-        }
-        leader_mac
-    };
+    }
+    eprint!("{}", lab.render_status());
+    if let Some(k) = &kube {
+        // Its own K3s serves, on the datastore it follows.
+        let server = format!("--server=https://{}:6443", lab.node(&leader).unwrap().ip);
+        poll::until(&format!("{leader}'s own Kubernetes API"), KUBE, Duration::from_secs(2), || {
+            lab.kubectl(&k.kubeconfig, &[&server, "get", "configmap", "after", "-n", "shop", "-o", "json"])
+        })
+        .unwrap_or_else(|e| fail(&lab, &e));
+        eprintln!("MEASURED {leader} back -> its Kubernetes API serving: {:.1?}", rejoined.elapsed());
+    }
+    let leader_mac = lab.node(&leader).unwrap().mac.clone();
 
     // A planned switchover back through the operator's command, run from
     // the client host with the cluster file and operator certificate.
@@ -377,17 +366,13 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
     );
     // The command returns once the target leads; under TCG its Kine may
     // still be reconnecting (or restarted) and the first write waits for it.
-    let switched = Instant::now();
-    for i in 0..10 {
+    let first = put_until_acked(&lab, "/lab/switched/00", CONVERGE);
+    acked.insert("/lab/switched/00".to_string());
+    eprintln!("MEASURED switchover done -> first write acknowledged through the VIP: {first:.1?}");
+    for i in 1..10 {
         let key = format!("/lab/switched/{i:02}");
-        put_until_acked(&lab, &key, if i == 0 { CONVERGE } else { Duration::from_secs(30) });
+        put_until_acked(&lab, &key, Duration::from_secs(30));
         acked.insert(key);
-        if i == 0 {
-            eprintln!(
-                "MEASURED switchover done -> first write acknowledged through the VIP: {:.1?}",
-                switched.elapsed()
-            );
-        }
     }
     let switched_to = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
     assert_eq!(switched_to, leader, "the switchover's target leads and the other follows it");
