@@ -104,6 +104,17 @@ pub fn k3s_artifact(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(dest)
 }
 
+/// Where the tests and the QEMU lab build the default image (kept between
+/// runs: an unchanged build is skipped).
+pub fn default_image_dir() -> PathBuf {
+    target_dir().join("image-boot")
+}
+
+/// The build cache of [`build_default_image`] in `dir`.
+pub fn image_cache_dir(dir: &Path) -> PathBuf {
+    dir.join("cache")
+}
+
 /// The apt cache the tests share, so only the first build downloads.
 pub fn test_apt_cache() -> PathBuf {
     std::env::temp_dir().join("gemin-image-test-apt")
@@ -179,7 +190,7 @@ pub async fn build_default_image(dir: &Path, progress: &Progress) -> anyhow::Res
             mode: 0o755,
         });
     }
-    let cache = Cache::new(dir.join("cache"))?;
+    let cache = Cache::new(image_cache_dir(dir))?;
     let out_dir = dir.join("out");
     let opts = BuildOptions {
         spec,

@@ -901,6 +901,31 @@ impl Vm {
         self.qmp("system_powerdown", None).map(drop)
     }
 
+    /// Shut the guest down as an operator would: press the power button,
+    /// press it again every 30 s while the machine runs (a guest still
+    /// starting its services may not act on the first press yet), and wait
+    /// up to `deadline` for QEMU to exit.
+    pub fn shut_down(&self, deadline: Duration) -> Result<ExitStatus> {
+        const AGAIN: Duration = Duration::from_secs(30);
+        self.powerdown()?;
+        let mut pressed = Instant::now();
+        let res = crate::poll::until("the guest to power off", deadline, Duration::from_millis(200), || {
+            match self.child.lock().unwrap().try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if pressed.elapsed() >= AGAIN {
+                // QEMU may be exiting by now: a failed press is not an error.
+                let _ = self.powerdown();
+                pressed = Instant::now();
+                return Err("still running; the power button pressed again".to_string());
+            }
+            Err("still running".to_string())
+        });
+        res.map_err(|e| self.failure(&format!("VM {}: {e}", self.cfg.name)))
+    }
+
     /// Ask QEMU to exit now (no guest shutdown).
     pub fn quit(&self) -> Result<()> {
         self.qmp("quit", None).map(drop)

@@ -9,19 +9,21 @@
 //! `geminik8s-boot: slot=a root=read-only persistent=/dev/vda5 ... boots=N ... agent=active`.
 //!
 //! The image is built once per run into `target/image-boot/` (kept: an
-//! unchanged build is skipped). VMs run one at a time: the CI machine has
-//! two cores.
+//! unchanged build is skipped). Two VMs run at a time with one vCPU each:
+//! the CI machine has two cores, and a guest with two emulated vCPUs on a
+//! busy host saw one vCPU stall for minutes (soft lockups), which a
+//! single-vCPU guest cannot.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use gemin_image::disk::layout;
 use gemin_image::spec::{Labels, OutputFormat};
-use geminik8s_vm_tests::image::{BuiltImage, agent_binary, build_default_image_blocking, target_dir};
+use geminik8s_vm_tests::image::{BuiltImage, agent_binary, build_default_image_blocking, default_image_dir};
 use geminik8s_vm_tests::qemu::{self, BootOrder, DiskFormat, Drive, Firmware, Mark, Net, Vm, VmConfig};
 use geminik8s_vm_tests::{poll, skip};
 
@@ -39,15 +41,35 @@ const TOOLS: &[&str] =
 fn image() -> Result<&'static BuiltImage, String> {
     static IMAGE: OnceLock<Result<BuiltImage, String>> = OnceLock::new();
     IMAGE
-        .get_or_init(|| build_default_image_blocking(&target_dir().join("image-boot")).map_err(|e| format!("{e:#}")))
+        .get_or_init(|| build_default_image_blocking(&default_image_dir()).map_err(|e| format!("{e:#}")))
         .as_ref()
         .map_err(Clone::clone)
 }
 
-/// One VM at a time.
-fn vm_slot() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+/// How many VMs run at once (one emulated vCPU each).
+const PARALLEL_VMS: usize = 2;
+
+/// A place for one VM among [`PARALLEL_VMS`], held until dropped.
+struct VmSlot;
+
+static SLOTS: (Mutex<usize>, Condvar) = (Mutex::new(PARALLEL_VMS), Condvar::new());
+
+fn vm_slot() -> VmSlot {
+    let (free, freed) = &SLOTS;
+    let mut free = free.lock().unwrap_or_else(|e| e.into_inner());
+    while *free == 0 {
+        free = freed.wait(free).unwrap_or_else(|e| e.into_inner());
+    }
+    *free -= 1;
+    VmSlot
+}
+
+impl Drop for VmSlot {
+    fn drop(&mut self) {
+        let (free, freed) = &SLOTS;
+        *free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        freed.notify_one();
+    }
 }
 
 /// Skips (returning `None`) when the tools, root or the agent binary are missing.
@@ -78,7 +100,7 @@ fn report(line: &str) -> BTreeMap<String, String> {
 }
 
 fn run_dir(name: &str) -> PathBuf {
-    let dir = target_dir().join("image-boot/runs").join(name);
+    let dir = default_image_dir().join("runs").join(name);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir
@@ -170,7 +192,7 @@ fn cidata(dir: &Path) -> PathBuf {
 fn vm_config(name: &str, dir: &Path) -> VmConfig {
     let mut cfg = VmConfig::new(name, dir);
     cfg.memory_mib = 2048;
-    cfg.cpus = 2;
+    cfg.cpus = 1;
     cfg
 }
 
@@ -221,8 +243,7 @@ fn raw_disk_boots_read_only_grows_persistent_keeps_state_and_marks_the_boot_good
         if names.contains(&blessed) { Ok(()) } else { Err(names) }
     })
     .unwrap_or_else(|e| panic!("{e}"));
-    vm.powerdown().unwrap();
-    vm.wait_exit(Duration::from_secs(180)).unwrap();
+    vm.shut_down(Duration::from_secs(180)).unwrap_or_else(|e| panic!("{e:#}"));
     drop(vm);
     let names = entries(&disk);
     assert!(names.contains(&format!("{a}.conf")), "slot A marked good (counter removed): {names:?}");
@@ -268,8 +289,7 @@ fn a_broken_slot_b_marked_next_falls_back_to_slot_a() {
     let report = next_report(&vm, &mut cursor, started);
     assert_eq!(report["slot"], "a", "after slot B's tries ran out the boot loader chose slot A");
     assert_eq!(report["root"], "read-only");
-    vm.powerdown().unwrap();
-    vm.wait_exit(Duration::from_secs(180)).unwrap();
+    vm.shut_down(Duration::from_secs(180)).unwrap_or_else(|e| panic!("{e:#}"));
     drop(vm);
     let names = entries(&disk);
     assert!(names.contains(&format!("{b}+0-2.conf")), "slot B used both tries and is marked bad: {names:?}");

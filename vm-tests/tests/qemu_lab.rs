@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use geminik8s_vm_tests::image::{agent_binary, target_dir};
+use geminik8s_vm_tests::image::{agent_binary, default_image_dir, target_dir};
 use geminik8s_vm_tests::qemu::{self, Firmware};
 use geminik8s_vm_tests::qemu_lab::{QemuLab, UpOptions};
 use geminik8s_vm_tests::{poll, probe, skip};
@@ -190,7 +190,7 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         run_dir,
         agent_bin: agent,
         image: None,
-        image_dir: target_dir().join("image-boot"),
+        image_dir: default_image_dir(),
         k3s: None,
         memory_mib: 2048,
         cpus: 1,
