@@ -24,4 +24,5 @@ pub mod secrets;
 pub mod services;
 pub mod system;
 pub mod tls;
+pub mod upgrade;
 pub mod witness;

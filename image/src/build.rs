@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use geminik8s::upgrade::bundle::{Components, Release};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -127,6 +128,10 @@ pub async fn build(opts: &BuildOptions, cache: &Cache, progress: &Progress) -> a
     anyhow::ensure!(
         fs::canonicalize(target).map_or(true, |p| p != Path::new("/")),
         "refusing to assemble an image over /"
+    );
+    anyhow::ensure!(
+        spec.version.is_some() || !spec.wants(OutputFormat::Upgrade),
+        "the upgrade output needs the image's version: add `version: 1.0.0` (any version name) to the spec; a node compares it with the one it runs"
     );
     fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
 
@@ -249,6 +254,8 @@ pub async fn build(opts: &BuildOptions, cache: &Cache, progress: &Progress) -> a
     }
 
     let packages = manifest::installed_packages(target)?;
+    let release = release(spec, target, &placed)?;
+    rootfs::write_release(target, &release)?;
 
     let step = progress.step("rootfs tarball");
     let tar_path = opts.output_path(OutputFormat::RootfsTar);
@@ -280,6 +287,7 @@ pub async fn build(opts: &BuildOptions, cache: &Cache, progress: &Progress) -> a
             labels: &spec.labels,
             seed: &inputs_key,
             formats: disk_formats,
+            release: &release,
         };
         outputs.extend(disk::write(&job, &opts.out_dir.join(".disk-work"), progress).await?);
     }
@@ -315,4 +323,30 @@ pub async fn build(opts: &BuildOptions, cache: &Cache, progress: &Progress) -> a
     text.push(b'\n');
     geminik8s::fsutil::write_atomic(&opts.manifest_path(), &text, 0o644)?;
     Ok(manifest)
+}
+
+/// What the image is and runs, recorded in it (`/usr/lib/geminik8s/image.json`)
+/// and in its upgrade bundle: the spec's name and version, PostgreSQL's major
+/// version (the highest in `/usr/lib/postgresql`, 0 for none), and the
+/// agent, Kine and K3s artifacts by digest.
+fn release(spec: &ImageSpec, root: &Path, placed: &[rootfs::PlacedArtifact]) -> anyhow::Result<Release> {
+    let pg_dir = root.join("usr/lib/postgresql");
+    let postgresql_major = match fs::read_dir(&pg_dir) {
+        Ok(entries) => entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).max().unwrap_or(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", pg_dir.display())),
+    };
+    let digest = |name: &str| {
+        placed.iter().find(|a| a.name == name).map_or_else(|| "none".to_string(), |a| format!("sha256:{}", a.sha256))
+    };
+    Ok(Release {
+        name: spec.name.clone(),
+        version: spec.version.clone().unwrap_or_default(),
+        components: Components {
+            postgresql_major,
+            agent: digest("gemin_k8s"),
+            kine: digest("kine"),
+            k3s: digest("k3s"),
+        },
+    })
 }

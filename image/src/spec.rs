@@ -25,6 +25,8 @@ pub const DEFAULT_CLOUD_CONFIG_DEST: &str = "/oem/00_geminik8s-default.yaml";
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageSpec {
     pub name: String,
+    /// The image's version, recorded in it and in its upgrade bundle.
+    pub version: Option<String>,
     pub base: Base,
     pub packages: Vec<String>,
     pub artifacts: Vec<ArtifactSpec>,
@@ -164,16 +166,20 @@ pub enum OutputFormat {
     Iso,
     /// Kernel, initramfs, root initrd and iPXE script.
     Pxe,
+    /// Kernel, initramfs and root squashfs with a digest-pinned manifest,
+    /// which a node writes into its passive root slot.
+    Upgrade,
 }
 
 impl OutputFormat {
-    pub const ALL: [(&'static str, OutputFormat); 6] = [
+    pub const ALL: [(&'static str, OutputFormat); 7] = [
         ("rootfs-tar", OutputFormat::RootfsTar),
         ("oci-archive", OutputFormat::OciArchive),
         ("raw", OutputFormat::Raw),
         ("qcow2", OutputFormat::Qcow2),
         ("iso", OutputFormat::Iso),
         ("pxe", OutputFormat::Pxe),
+        ("upgrade", OutputFormat::Upgrade),
     ];
 
     /// The format the spec and the command line call `name`.
@@ -183,7 +189,10 @@ impl OutputFormat {
 
     /// Built by the disk builder from the rootfs.
     pub fn is_disk(self) -> bool {
-        matches!(self, OutputFormat::Raw | OutputFormat::Qcow2 | OutputFormat::Iso | OutputFormat::Pxe)
+        matches!(
+            self,
+            OutputFormat::Raw | OutputFormat::Qcow2 | OutputFormat::Iso | OutputFormat::Pxe | OutputFormat::Upgrade
+        )
     }
 }
 

@@ -17,6 +17,21 @@ fn base_tar(d: &std::path::Path) {
     assert!(status.success());
 }
 
+/// `gemin-image build` of `d/spec.yaml` into `d/out`, caching in `d/cache`.
+fn build_in(d: &std::path::Path, flags: &[&str]) -> std::process::Output {
+    gemin_image()
+        .arg("build")
+        .args(flags)
+        .arg("--spec")
+        .arg(d.join("spec.yaml"))
+        .arg("--out")
+        .arg(d.join("out"))
+        .arg("--cache")
+        .arg(d.join("cache"))
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn json_events_are_one_object_per_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -28,15 +43,7 @@ fn json_events_are_one_object_per_line() {
     )
     .unwrap();
 
-    let out = gemin_image()
-        .args(["build", "--json", "--spec"])
-        .arg(d.join("spec.yaml"))
-        .arg("--out")
-        .arg(d.join("out"))
-        .arg("--cache")
-        .arg(d.join("cache"))
-        .output()
-        .unwrap();
+    let out = build_in(d, &["--json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
@@ -107,4 +114,17 @@ fn an_unavailable_download_is_replaced_by_a_local_artifact() {
     let k3s = manifest["artifacts"].as_array().unwrap().iter().find(|a| a["name"] == "k3s").unwrap().clone();
     let digest = gemin_image::cache::sha256_file(&standin).unwrap();
     assert_eq!(k3s["sha256"], digest, "{k3s}");
+}
+
+#[test]
+fn an_upgrade_bundle_asked_on_the_command_line_needs_the_specs_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    base_tar(d);
+    fs::write(d.join("spec.yaml"), "name: u\nbase:\n  tarball:\n    path: base.tar\n").unwrap();
+    let out = build_in(d, &["--format", "upgrade"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("the upgrade output needs the image's version") && stderr.contains("version:"), "{stderr}");
+    assert!(!d.join("out/u-upgrade").exists());
 }

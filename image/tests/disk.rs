@@ -15,6 +15,7 @@ use gemin_image::disk::layout::{self, Layout, Role, Slot};
 use gemin_image::output::write_rootfs_tar;
 use gemin_image::progress::Progress;
 use gemin_image::spec::ImageSpec;
+use geminik8s::upgrade::bundle::{self, Bundle, Release};
 use geminik8s_vm_tests::skip;
 
 const TOOLS: &[&str] =
@@ -40,8 +41,8 @@ fn base_tarball(dir: &Path) -> PathBuf {
 fn spec(dir: &Path, root_size: &str) -> ImageSpec {
     fs::write(dir.join("cc.yaml"), "#cloud-config\ngeminik8s:\n  health:\n    interval: 1s\n").unwrap();
     let text = format!(
-        "name: t\nbase:\n  tarball:\n    path: {}\ncloud_config: cc.yaml\n\
-         outputs: [rootfs-tar, raw, qcow2, iso, pxe]\n\
+        "name: t\nversion: 2.0.0\nbase:\n  tarball:\n    path: {}\ncloud_config: cc.yaml\n\
+         outputs: [rootfs-tar, raw, qcow2, iso, pxe, upgrade]\n\
          sizes: {{esp: 32M, oem: 8M, root: {root_size}, persistent: 64M}}\n\
          labels: {{esp: site-esp, root_b: site-root-b}}\n",
         base_tarball(dir).display()
@@ -90,7 +91,10 @@ async fn disk_iso_and_pxe_carry_the_same_root_and_rebuild_byte_identical() {
     let opts = options(spec.clone(), d.join("out1"));
     let first = build(&opts, &cache, &Progress::quiet()).await.unwrap_or_else(|e| panic!("{e:#}"));
     let formats: Vec<&str> = first.outputs.iter().map(|o| o.format.as_str()).collect();
-    assert_eq!(formats, ["rootfs-tar", "raw", "qcow2", "iso", "pxe", "pxe", "pxe", "pxe", "pxe"]);
+    let mut expected = vec!["rootfs-tar", "raw", "qcow2", "iso"];
+    expected.extend(["pxe"; 5]);
+    expected.extend(["upgrade"; 4]);
+    assert_eq!(formats, expected);
     let out = &opts.out_dir;
     let raw = out.join("t.raw");
 
@@ -174,6 +178,19 @@ async fn disk_iso_and_pxe_carry_the_same_root_and_rebuild_byte_identical() {
     assert_eq!(script, built.sfdisk_install_script());
     let labels = String::from_utf8(from_iso("/gemin/install/labels.env")).unwrap();
     assert!(labels.contains("ESP=site-esp\n"), "the installer uses the spec's labels: {labels}");
+
+    // The upgrade bundle: the same kernel, initramfs and root, pinned by
+    // the manifest, with the release the image records in itself.
+    let upgrade = Bundle::open(&out.join("t-upgrade")).unwrap();
+    upgrade.verify().unwrap();
+    let release = upgrade.release().clone();
+    assert_eq!((release.name.as_str(), release.version.as_str()), ("t", "2.0.0"));
+    assert_eq!(release.components.postgresql_major, 0, "the test tree has no PostgreSQL");
+    assert_eq!(release.components.agent, "none", "nor an agent artifact");
+    assert_eq!(fs::read(upgrade.path(bundle::ROOT)).unwrap(), from_pxe);
+    assert_eq!(mtype("::/gemin/a/vmlinuz").as_bytes(), fs::read(upgrade.path(bundle::KERNEL)).unwrap());
+    let recorded = run(Command::new("rdsquashfs").args(["-c", "/usr/lib/geminik8s/image.json"]).arg(&sqfs));
+    assert_eq!(serde_json::from_slice::<Release>(&recorded).unwrap(), release, "the image records its release");
 
     // Rebuilt from scratch into another directory: the same bytes.
     let second_opts = options(spec, d.join("out2"));

@@ -21,6 +21,7 @@ pub mod replace_node;
 pub mod restore;
 mod restore_lead;
 pub mod status;
+pub mod upgrade;
 pub mod version;
 pub mod witness;
 
@@ -103,6 +104,9 @@ pub enum Command {
     Backup(backup::Args),
     /// Restore a full backup into a data directory on this node.
     Restore(restore::Args),
+    /// A/B upgrades of a node's image: write a bundle into the passive slot, show the slots, the boot's health gate.
+    #[command(subcommand)]
+    Upgrade(upgrade::Command),
     /// Print version information.
     Version(version::Args),
     /// The arbiter witness for split-brain protection.
@@ -152,6 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Failover(args) => failover::run(args, &cli.global).await,
         Command::Backup(args) => backup::run(args, &cli.global).await,
         Command::Restore(args) => restore::run(args, &cli.global).await,
+        Command::Upgrade(cmd) => upgrade::run(cmd).await,
         Command::Version(args) => version::run(args).await,
         Command::Witness(cmd) => witness::run(cmd, &cli.global).await,
         Command::Completion(args) => completion::run(args),

@@ -198,6 +198,6 @@ mod tests {
         let mut help = Vec::new();
         <Cli as clap::CommandFactory>::command().write_long_help(&mut help).unwrap();
         let help = String::from_utf8(help).unwrap();
-        assert!(help.contains("rootfs-tar, oci-archive, raw, qcow2, iso, pxe"), "{help}");
+        assert!(help.contains("rootfs-tar, oci-archive, raw, qcow2, iso, pxe, upgrade"), "{help}");
     }
 }

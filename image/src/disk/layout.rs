@@ -23,36 +23,8 @@ pub const LIVE_LABEL: &str = "GEMIN_LIVE";
 /// Where the root image sits on the live medium and in the PXE root initrd.
 pub const LIVE_ROOT: &str = "/gemin/root.squashfs";
 
-/// The root slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl Slot {
-    pub const BOTH: [Slot; 2] = [Slot::A, Slot::B];
-
-    pub fn letter(self) -> &'static str {
-        match self {
-            Slot::A => "a",
-            Slot::B => "b",
-        }
-    }
-
-    /// The key of the slot's partition name in the spec's `labels:`.
-    pub fn label_key(self) -> &'static str {
-        match self {
-            Slot::A => "root_a",
-            Slot::B => "root_b",
-        }
-    }
-
-    /// The boot entry id (file name without `.conf`) on the ESP.
-    pub fn entry_id(self) -> String {
-        format!("gemin-{}", self.letter())
-    }
-}
+/// The root slots (the agent writes the passive one in an upgrade).
+pub use geminik8s::upgrade::slot::Slot;
 
 /// Default sizes when the spec leaves one out.
 pub const DEFAULT_ESP: u64 = 256 * MIB;

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use geminik8s::cmd::Tool;
+use geminik8s::upgrade::bundle::{self, Bundle, Release};
 
 use crate::cache::sha256_file;
 use crate::output::OutputFile;
@@ -108,6 +109,8 @@ pub struct DiskJob<'a> {
     /// Seed for the disk and filesystem UUIDs (the build's inputs key).
     pub seed: &'a str,
     pub formats: Vec<OutputFormat>,
+    /// The image's release, which the upgrade bundle's manifest records.
+    pub release: &'a Release,
 }
 
 impl DiskJob<'_> {
@@ -123,6 +126,7 @@ pub fn output_path(out_dir: &Path, name: &str, format: OutputFormat) -> PathBuf 
         OutputFormat::Qcow2 => out_dir.join(format!("{name}.qcow2")),
         OutputFormat::Iso => out_dir.join(format!("{name}.iso")),
         OutputFormat::Pxe => out_dir.join(format!("{name}-pxe")),
+        OutputFormat::Upgrade => out_dir.join(format!("{name}-upgrade")),
         OutputFormat::RootfsTar | OutputFormat::OciArchive => unreachable!("not a disk format"),
     }
 }
@@ -300,7 +304,7 @@ fn stage_esp(stage: &Path, boot: &BootFiles, layout: &Layout) -> anyhow::Result<
     copy_file(&boot.systemd_boot, &stage.join("EFI/systemd/systemd-bootx64.efi"))?;
     write_text(&stage.join("loader/loader.conf"), layout::LOADER_CONF)?;
     for slot in Slot::BOTH {
-        let dir = format!("gemin/{}", slot.letter());
+        let dir = slot.esp_dir();
         copy_file(&boot.kernel, &stage.join(&dir).join("vmlinuz"))?;
         copy_file(&boot.initrd, &stage.join(&dir).join("initrd.img"))?;
         // Slot A boots first; B is the spare an upgrade writes and marks next.
@@ -426,7 +430,7 @@ fn stage_install(job: &DiskJob<'_>, dir: &Path, boot: &BootFiles) -> anyhow::Res
     write_text(&dir.join("labels.env"), &layout.labels_env())?;
     let esp = dir.join("esp");
     stage_esp(&esp, boot, &layout)?;
-    let b = esp.join("gemin").join(Slot::B.letter());
+    let b = esp.join(Slot::B.esp_dir());
     fs::remove_dir_all(&b).with_context(|| format!("removing {}", b.display()))?;
     stage_oem(job.tree, &dir.join("oem"))
 }
@@ -502,6 +506,27 @@ fn write_pxe(job: &DiskJob<'_>, boot: &BootFiles, root: &Path, out: &Path) -> an
     Ok(files)
 }
 
+/// The upgrade bundle: the kernel, the initramfs and the root squashfs a
+/// node writes into its passive slot, sealed by a manifest with their
+/// digests and the image's release.
+fn write_upgrade(job: &DiskJob<'_>, boot: &BootFiles, root: &Path, out: &Path) -> anyhow::Result<Vec<OutputFile>> {
+    let tmp = out.with_extension("partial");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    copy_file(&boot.kernel, &tmp.join(bundle::KERNEL))?;
+    copy_file(&boot.initrd, &tmp.join(bundle::INITRD))?;
+    copy_file(root, &tmp.join(bundle::ROOT))?;
+    Bundle::seal(&tmp, job.release)?;
+    clamp_mtimes(&tmp, job.epoch)?;
+    let _ = fs::remove_dir_all(out);
+    fs::rename(&tmp, out).with_context(|| format!("moving {} into place", out.display()))?;
+    let mut files = Vec::new();
+    for name in [bundle::MANIFEST].iter().chain(bundle::FILES.iter()) {
+        files.push(output_file("upgrade", &out.join(name))?);
+    }
+    Ok(files)
+}
+
 fn output_file(format: &str, path: &Path) -> anyhow::Result<OutputFile> {
     let sha256 = sha256_file(path)?;
     let bytes = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
@@ -550,6 +575,11 @@ pub async fn write(job: &DiskJob<'_>, work: &Path, progress: &Progress) -> anyho
             let step = progress.step("PXE bundle");
             outputs.extend(write_pxe(job, &boot, &root, &job.path(OutputFormat::Pxe))?);
             step.done("");
+        }
+        if wants(OutputFormat::Upgrade) {
+            let step = progress.step("upgrade bundle");
+            outputs.extend(write_upgrade(job, &boot, &root, &job.path(OutputFormat::Upgrade))?);
+            step.done(format!("(version {})", job.release.version));
         }
         anyhow::Ok(outputs)
     }

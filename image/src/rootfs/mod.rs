@@ -221,6 +221,18 @@ fn passwd_ids(root: &Path, user: &str) -> Option<(u32, u32)> {
     })
 }
 
+/// Record the image's release in the tree, where the agent reads it
+/// ([`geminik8s::upgrade::bundle::RELEASE_FILE`]).
+pub fn write_release(root: &Path, release: &geminik8s::upgrade::bundle::Release) -> anyhow::Result<()> {
+    let path = root.join(geminik8s::upgrade::bundle::RELEASE_FILE);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let mut text = serde_json::to_vec_pretty(release).expect("a release serialises");
+    text.push(b'\n');
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
 /// Prepare the tree for a read-only root: persistent mount points, files
 /// that must not be baked in, and the layout description the boot side uses.
 pub fn immutable_layout(root: &Path) -> anyhow::Result<Vec<String>> {

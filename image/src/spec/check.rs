@@ -10,6 +10,7 @@ use super::*;
 
 const TOP: &[&str] = &[
     "name",
+    "version",
     "base",
     "packages",
     "artifacts",
@@ -219,6 +220,15 @@ pub(super) fn parse(text: &str, source: &str, dir: &Path) -> Result<ImageSpec, S
 fn check_top(c: &mut Checker, root: &Node) -> Option<ImageSpec> {
     let top = c.map(root, "", TOP)?;
     let name = get(top, "name").and_then(|n| c.string(n, "name")).unwrap_or_else(|| "geminik8s".into());
+    let version = get(top, "version").and_then(|n| {
+        let text = c.string(n, "version")?;
+        let fine = text.len() <= 64 && text.chars().all(|ch| ch.is_ascii_alphanumeric() || "._+~-".contains(ch));
+        if !fine {
+            let hint = Some("letters, digits and . _ + ~ -, at most 64 characters, such as 1.4.0".into());
+            c.error(n.pos, "version", format!("`{text}` is not a version"), hint);
+        }
+        fine.then_some(text)
+    });
     let base = c.required(top, root.pos, "", "base").and_then(|n| check_base(c, n));
     let packages = get(top, "packages").map(|n| c.strings(n, "packages")).unwrap_or_default();
     let mut artifacts = Vec::new();
@@ -310,11 +320,19 @@ fn check_top(c: &mut Checker, root: &Node) -> Option<ImageSpec> {
         let hint = Some("use a `debian` base, or build the packages into the OCI image or tarball used as base".into());
         c.error(n.pos, "packages", "packages can only be installed on a `debian` base", hint);
     }
+    if version.is_none()
+        && outputs.contains(&OutputFormat::Upgrade)
+        && let Some(node) = get(top, "outputs")
+    {
+        let hint = Some("add `version: 1.0.0` (any version name): a node compares it with the one it runs".into());
+        c.error(node.pos, "outputs", "the upgrade output needs the image's `version`", hint);
+    }
     let sizes = get(top, "sizes").map(|n| check_sizes(c, n)).unwrap_or_default();
     let labels = get(top, "labels").map(|n| check_labels(c, n)).unwrap_or_default();
     let source_date_epoch = get(top, "source_date_epoch").and_then(|n| c.uint(n, "source_date_epoch", i64::MAX as u64));
     Some(ImageSpec {
         name,
+        version,
         base: base?,
         packages,
         artifacts,

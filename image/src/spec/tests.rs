@@ -199,3 +199,17 @@ fn partition_labels_are_checked_and_defaulted() {
     assert_eq!(d.key, "labels.roota");
     assert!(d.hint.as_deref().unwrap_or_default().contains("root_a"), "{:?}", d.hint);
 }
+
+#[test]
+fn the_upgrade_output_needs_a_version_and_a_version_is_a_plain_name() {
+    let spec = parse("version: 1.4.0+site.2\nbase: {tarball: {path: a.tar}}\noutputs: [raw, upgrade]\n").unwrap();
+    assert_eq!(spec.version.as_deref(), Some("1.4.0+site.2"));
+    assert_eq!(spec.outputs, vec![OutputFormat::Raw, OutputFormat::Upgrade]);
+
+    let d = one_error("base: {tarball: {path: a.tar}}\noutputs: [raw, upgrade]\n");
+    assert_eq!((d.line, d.key.as_str()), (2, "outputs"));
+    assert!(d.message.contains("needs the image's `version`"), "{}", d.message);
+
+    let d = one_error("version: 1.0 beta\nbase: {tarball: {path: a.tar}}\n");
+    assert_eq!((d.line, d.key.as_str(), d.message.as_str()), (1, "version", "`1.0 beta` is not a version"));
+}

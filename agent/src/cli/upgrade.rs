@@ -1,0 +1,401 @@
+//! `gemin_k8s upgrade`: A/B upgrades of a node's operating system image,
+//! the node's side.
+//!
+//! - `upgrade stage BUNDLE` (root, on a node) checks the bundle against the
+//!   release the node runs, writes it into the root slot the node did not
+//!   boot from and makes that slot the next boot, on trial: a record of the
+//!   trial (`/var/lib/geminik8s/upgrade/trial.json`) tells the gate to judge
+//!   the next boot;
+//! - `upgrade gate` is what `geminik8s-boot-good.service` runs before
+//!   `boot-complete.target`: a boot on trial is blessed only once the node
+//!   is a useful cluster member again ([`crate::upgrade::gate::unmet`]); at
+//!   the trial's deadline the reasons are kept and the gate fails, which
+//!   reboots the node, and the boot loader goes back to the old slot once the
+//!   new one's tries are used up;
+//! - `upgrade slots` shows both slots, the next boot, the trial and the last
+//!   failed gate.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use super::OutputFormat;
+use super::output::render;
+use crate::peer::client::AgentClient;
+use crate::upgrade::bundle::{Bundle, Release};
+use crate::upgrade::gate::{self, FailedGate, Trial};
+use crate::upgrade::slot::{self, BootPaths, Counter, Slot};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// On a node (root): write an upgrade bundle into the passive root slot and make it the next boot, on trial.
+    Stage(StageArgs),
+    /// On a node: both root slots, the next boot, the trial and the last failed gate.
+    Slots(SlotsArgs),
+    /// On a node at boot (geminik8s-boot-good.service): pass once a boot on trial is a useful cluster member.
+    Gate(GateArgs),
+}
+
+/// Where a node keeps its boot and upgrade state; flags for tests and for
+/// nodes laid out differently.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodePaths {
+    /// The EFI system partition.
+    #[arg(long, default_value = "/efi", value_name = "DIR", hide = true)]
+    pub esp: PathBuf,
+    /// The boot script's report of this boot.
+    #[arg(long, default_value = "/run/geminik8s-boot/boot.env", value_name = "FILE", hide = true)]
+    pub boot_env: PathBuf,
+    /// Where partitions are found by their GPT names.
+    #[arg(long, default_value = "/dev/disk/by-partlabel", value_name = "DIR", hide = true)]
+    pub partlabels: PathBuf,
+    /// The running system's root (its release is in usr/lib/geminik8s/image.json).
+    #[arg(long, default_value = "/", value_name = "DIR", hide = true)]
+    pub root: PathBuf,
+    /// Where the trial and the last failed gate are kept (on the persistent partition).
+    #[arg(long, default_value = gate::STATE_DIR, value_name = "DIR", hide = true)]
+    pub state_dir: PathBuf,
+}
+
+impl NodePaths {
+    fn boot(&self) -> BootPaths {
+        BootPaths { esp: self.esp.clone(), boot_env: self.boot_env.clone(), partlabels: self.partlabels.clone() }
+    }
+
+    fn trial(&self) -> PathBuf {
+        self.state_dir.join(gate::TRIAL_FILE)
+    }
+
+    fn failed_gate(&self) -> PathBuf {
+        self.state_dir.join(gate::FAILED_GATE_FILE)
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StageArgs {
+    /// The upgrade bundle: the directory `gemin-image build` writes for the `upgrade` output.
+    #[arg(value_name = "DIR")]
+    pub bundle: PathBuf,
+    /// How many boots the new slot gets to pass the gate before the boot loader goes back to the old one.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub tries: u32,
+    /// How long each boot of the new slot has to pass the gate.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub rollback_timeout: Duration,
+    /// Check the bundle and say what would be written, without writing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Reboot into the new slot once it is written.
+    #[arg(long)]
+    pub reboot: bool,
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    pub paths: NodePaths,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SlotsArgs {
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    pub paths: NodePaths,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GateArgs {
+    /// The local agent's socket.
+    #[arg(long, default_value = super::status::DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// How often the agent is asked.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub interval: Duration,
+    /// Reboot when a boot on trial does not pass by its deadline (the boot service does).
+    #[arg(long)]
+    pub reboot: bool,
+    #[command(flatten)]
+    pub paths: NodePaths,
+}
+
+pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Stage(args) => stage(args).await,
+        Command::Slots(args) => slots(args),
+        Command::Gate(args) => run_gate(args).await,
+    }
+}
+
+/// What `upgrade stage` reports.
+#[derive(Debug, Serialize)]
+struct StageReport {
+    dry_run: bool,
+    booted: Slot,
+    slot: Slot,
+    from_version: Option<String>,
+    version: String,
+    root_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    entry: Option<String>,
+    tries: u32,
+    rollback_timeout_secs: u64,
+}
+
+async fn stage(args: StageArgs) -> anyhow::Result<ExitCode> {
+    let bundle = Bundle::open(&args.bundle)?;
+    let next = bundle.release().clone();
+    let running = Release::of_root(&args.paths.root)?;
+    match &running {
+        Some(running) => {
+            if let Some(why) = running.refuses(&next) {
+                bail!("refusing {}: {why}", args.bundle.display());
+            }
+        }
+        None => eprintln!(
+            "warning: this node's image records no release ({} is missing); the PostgreSQL major version is not compared",
+            args.paths.root.join(crate::upgrade::bundle::RELEASE_FILE).display()
+        ),
+    }
+    let paths = args.paths.boot();
+    let booted = slot::booted_slot(&paths)?;
+    let mut report = StageReport {
+        dry_run: args.dry_run,
+        booted,
+        slot: booted.other(),
+        from_version: running.map(|r| r.version),
+        version: next.version.clone(),
+        root_bytes: bundle.file(crate::upgrade::bundle::ROOT).bytes,
+        entry: None,
+        tries: args.tries,
+        rollback_timeout_secs: args.rollback_timeout.as_secs(),
+    };
+    if args.dry_run {
+        bundle.verify()?;
+    } else {
+        // The trial is recorded before the new slot can boot: a power cut
+        // right after the last step of staging still boots it on trial.
+        let trial = Trial {
+            slot: report.slot.letter().to_string(),
+            version: next.version.clone(),
+            from_version: report.from_version.clone().unwrap_or_default(),
+            deadline_secs: args.rollback_timeout.as_secs(),
+        };
+        let mut text = serde_json::to_vec_pretty(&trial).expect("a trial serialises");
+        text.push(b'\n');
+        std::fs::create_dir_all(&args.paths.state_dir)
+            .with_context(|| format!("creating {}", args.paths.state_dir.display()))?;
+        crate::fsutil::write_atomic(&args.paths.trial(), &text, 0o644)?;
+        let started = Instant::now();
+        let mut shown = 0;
+        let staged = slot::stage(&bundle, &paths, args.tries, |done, total| {
+            let percent = (done * 100).checked_div(total).unwrap_or(100);
+            if args.output == OutputFormat::Text && percent >= shown {
+                eprintln!("writing slot {}: {percent}% of {} MiB", booted.other(), total >> 20);
+                shown = percent + 10;
+            }
+        });
+        let staged = match staged {
+            Ok(staged) => staged,
+            Err(e) => {
+                remove(&args.paths.trial())?;
+                return Err(e);
+            }
+        };
+        tracing::info!(slot = %staged.slot, version = %staged.version, elapsed = ?started.elapsed(), "upgrade staged");
+        report.entry = Some(staged.entry);
+    }
+    match render(&report, args.output)? {
+        Some(text) => print!("{text}"),
+        None if args.dry_run => println!(
+            "would write version {} ({} MiB) into slot {} (booted: slot {}) with {} tries of {}; the bundle verifies",
+            report.version,
+            report.root_bytes >> 20,
+            report.slot,
+            report.booted,
+            report.tries,
+            humantime::format_duration(args.rollback_timeout)
+        ),
+        None => println!(
+            "slot {} holds version {} and boots next, on trial ({} tries, {} each to pass the gate); slot {} stays as it was",
+            report.slot,
+            report.version,
+            report.tries,
+            humantime::format_duration(args.rollback_timeout),
+            report.booted
+        ),
+    }
+    if args.reboot && !args.dry_run {
+        crate::cmd::Tool::new("systemctl").arg("reboot").run().await.context("rebooting into the new slot")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Both slots as `upgrade slots` and `status` show them.
+#[derive(Debug, Serialize)]
+pub struct SlotsView {
+    pub booted: Option<Slot>,
+    pub next_boot: Option<Slot>,
+    pub release: Option<Release>,
+    pub entries: Vec<EntryView>,
+    pub trial: Option<Trial>,
+    pub last_failed_gate: Option<FailedGate>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EntryView {
+    pub slot: Slot,
+    pub file: String,
+    pub title: String,
+    pub version: u64,
+    pub counter: Counter,
+}
+
+fn slots_view(paths: &NodePaths) -> anyhow::Result<SlotsView> {
+    let boot = paths.boot();
+    let entries = slot::entries(&boot)?;
+    Ok(SlotsView {
+        booted: slot::booted_slot(&boot).ok(),
+        next_boot: slot::next_boot(&entries),
+        release: Release::of_root(&paths.root)?,
+        entries: entries
+            .iter()
+            .map(|e| EntryView {
+                slot: e.slot,
+                file: e.file.clone(),
+                title: e.title().to_string(),
+                version: e.version,
+                counter: e.counter,
+            })
+            .collect(),
+        trial: Trial::read(&paths.trial())?,
+        last_failed_gate: FailedGate::read(&paths.failed_gate())?,
+    })
+}
+
+fn slots(args: SlotsArgs) -> anyhow::Result<ExitCode> {
+    let view = slots_view(&args.paths)?;
+    if let Some(text) = render(&view, args.output)? {
+        print!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let show = |s: Option<Slot>| s.map_or("none".to_string(), |s| s.to_string());
+    let running = view.release.as_ref().map_or("unrecorded".to_string(), |r| format!("{} {}", r.name, r.version));
+    println!("booted slot {} ({running}); next boot: slot {}", show(view.booted), show(view.next_boot));
+    for e in &view.entries {
+        let counter = match e.counter {
+            Counter::Good => "good".to_string(),
+            Counter::Trying { left, done } => format!("on trial: {left} tries left, {done} used"),
+            Counter::Bad { done } => format!("bad: {done} tries used, passed over"),
+        };
+        println!("  slot {}: {} (entry version {}, {counter})", e.slot, e.title, e.version);
+    }
+    if let Some(t) = &view.trial {
+        println!("trial: version {} in slot {}, {} s to pass the gate", t.version, t.slot, t.deadline_secs);
+    }
+    if let Some(f) = &view.last_failed_gate {
+        println!("last failed gate: version {} in slot {} at {}:", f.version, f.slot, f.at);
+        for r in &f.reasons {
+            println!("  - {r}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_gate(args: GateArgs) -> anyhow::Result<ExitCode> {
+    let paths = args.paths.boot();
+    let Ok(booted) = slot::booted_slot(&paths) else {
+        println!("not booted from a root slot: nothing on trial");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let Some(trial) = Trial::read(&args.paths.trial())? else {
+        println!("no upgrade on trial: the boot is good once the agent runs");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let entries = slot::entries(&paths)?;
+    if trial.slot != booted.letter() {
+        // Not running the slot on trial: the boot loader went back, as the
+        // new slot's tries ran out before a gate passed (it did not boot, or
+        // its gates failed); or staging it never finished.
+        let used_up = entries.iter().any(|e| e.slot.letter() == trial.slot && matches!(e.counter, Counter::Bad { .. }));
+        let reason = if used_up {
+            format!(
+                "slot {} (version {}) used up its tries without passing the gate; the node is back on slot {booted}",
+                trial.slot, trial.version
+            )
+        } else {
+            format!(
+                "writing version {} into slot {} did not finish (the node restarted); run `upgrade stage` again",
+                trial.version, trial.slot
+            )
+        };
+        if FailedGate::read(&args.paths.failed_gate())?.is_none_or(|f| f.version != trial.version) {
+            keep_failure(&args.paths, &trial, vec![reason.clone()])?;
+        }
+        remove(&args.paths.trial())?;
+        println!("version {} in slot {} is not running: {reason}", trial.version, trial.slot);
+        return Ok(ExitCode::SUCCESS);
+    }
+    // On trial: the booted slot's entry still has its try counter (the boot
+    // loader renamed `+1` to `+0-1` when it started it).
+    if entries.iter().any(|e| e.slot == booted && e.counter == Counter::Good) {
+        remove(&args.paths.trial())?;
+        println!("slot {booted} is already good: nothing on trial");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let client = AgentClient::unix(&args.socket, args.interval.max(Duration::from_secs(2)));
+    let deadline = Instant::now() + Duration::from_secs(trial.deadline_secs);
+    let mut last = Vec::new();
+    loop {
+        let why = match client.status().await {
+            Ok(status) => gate::unmet(&status),
+            Err(e) => vec![format!("the local agent does not answer on {}: {e:#}", args.socket.display())],
+        };
+        if why.is_empty() {
+            remove(&args.paths.trial())?;
+            println!("version {} in slot {booted} passed the gate: a useful cluster member", trial.version);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if why != last {
+            println!("waiting for: {}", why.join("; "));
+            last = why;
+        }
+        if Instant::now() >= deadline {
+            keep_failure(&args.paths, &trial, last.clone())?;
+            eprintln!(
+                "version {} in slot {booted} did not pass the gate within {} s: {}",
+                trial.version,
+                trial.deadline_secs,
+                last.join("; ")
+            );
+            if args.reboot {
+                eprintln!("rebooting: the boot loader starts the old slot once this one's tries are used up");
+                crate::cmd::Tool::new("systemctl").arg("reboot").run().await.context("rebooting")?;
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(args.interval).await;
+    }
+}
+
+fn keep_failure(paths: &NodePaths, trial: &Trial, reasons: Vec<String>) -> anyhow::Result<()> {
+    let failed = FailedGate {
+        at: crate::backup::now_rfc3339(),
+        slot: trial.slot.clone(),
+        version: trial.version.clone(),
+        reasons,
+    };
+    let mut text = serde_json::to_vec_pretty(&failed).expect("a failed gate serialises");
+    text.push(b'\n');
+    crate::fsutil::write_atomic(&paths.failed_gate(), &text, 0o644)
+}
+
+fn remove(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
