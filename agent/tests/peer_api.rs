@@ -61,6 +61,7 @@ fn status(node: &str, role: &str, holds_vip: bool) -> NodeStatus {
         handover: None,
         served_at_unix_ms: 0,
         archive: None,
+        boot: None,
     }
 }
 

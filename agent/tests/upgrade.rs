@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
+use geminik8s::upgrade::BootState;
 use geminik8s::upgrade::bundle::{self, Bundle, Components, Release};
 
 struct Node {
@@ -243,4 +244,10 @@ fn a_slot_whose_tries_ran_out_is_recorded_failed_and_the_old_slot_runs() {
     assert!(slots["trial"].is_null());
     let reasons = slots["last_failed_gate"]["reasons"].to_string();
     assert!(reasons.contains("used up its tries"), "{reasons}");
+    // What `status` shows of it, from the same JSON the agent sends.
+    let state: BootState = serde_json::from_value(slots).unwrap();
+    assert_eq!(state.summary(), "slot a (geminik8s 1.0.0, good), next boot slot a");
+    let lines = state.failure_lines();
+    assert!(lines[0].starts_with("last failed upgrade gate: version 2.0.0 in slot b at "), "{lines:?}");
+    assert!(lines[1].contains("used up its tries"), "{lines:?}");
 }

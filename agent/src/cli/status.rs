@@ -314,6 +314,12 @@ pub fn render_text(view: &ClusterView, args: &Args) -> String {
                     let _ = writeln!(out, "  full backups: {last}{next}");
                 }
             }
+            if let Some(b) = &s.boot {
+                let _ = writeln!(out, "  boot: {}", b.summary());
+                for line in b.failure_lines() {
+                    let _ = writeln!(out, "  {line}");
+                }
+            }
             if let Some(h) = &s.handover {
                 let at = h.checkpoint.as_deref().map(|c| format!(" (shutdown checkpoint {c})")).unwrap_or_default();
                 let _ = writeln!(out, "  switchover under way: {}{at}", h.state);

@@ -28,6 +28,7 @@ use crate::peer::client::AgentClient;
 use crate::upgrade::bundle::{Bundle, Release};
 use crate::upgrade::gate::{self, FailedGate, Trial};
 use crate::upgrade::slot::{self, BootPaths, Counter, Slot};
+use crate::upgrade::{BootState, NodeFiles};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -61,16 +62,16 @@ pub struct NodePaths {
 }
 
 impl NodePaths {
-    fn boot(&self) -> BootPaths {
-        BootPaths { esp: self.esp.clone(), boot_env: self.boot_env.clone(), partlabels: self.partlabels.clone() }
-    }
-
-    fn trial(&self) -> PathBuf {
-        self.state_dir.join(gate::TRIAL_FILE)
-    }
-
-    fn failed_gate(&self) -> PathBuf {
-        self.state_dir.join(gate::FAILED_GATE_FILE)
+    fn files(&self) -> NodeFiles {
+        NodeFiles {
+            boot: BootPaths {
+                esp: self.esp.clone(),
+                boot_env: self.boot_env.clone(),
+                partlabels: self.partlabels.clone(),
+            },
+            root: self.root.clone(),
+            state_dir: self.state_dir.clone(),
+        }
     }
 }
 
@@ -158,7 +159,8 @@ async fn stage(args: StageArgs) -> anyhow::Result<ExitCode> {
             args.paths.root.join(crate::upgrade::bundle::RELEASE_FILE).display()
         ),
     }
-    let paths = args.paths.boot();
+    let files = args.paths.files();
+    let paths = files.boot.clone();
     let booted = slot::booted_slot(&paths)?;
     let mut report = StageReport {
         dry_run: args.dry_run,
@@ -186,7 +188,7 @@ async fn stage(args: StageArgs) -> anyhow::Result<ExitCode> {
         text.push(b'\n');
         std::fs::create_dir_all(&args.paths.state_dir)
             .with_context(|| format!("creating {}", args.paths.state_dir.display()))?;
-        crate::fsutil::write_atomic(&args.paths.trial(), &text, 0o644)?;
+        crate::fsutil::write_atomic(&files.trial(), &text, 0o644)?;
         let started = Instant::now();
         let mut shown = 0;
         let staged = slot::stage(&bundle, &paths, args.tries, |done, total| {
@@ -199,7 +201,7 @@ async fn stage(args: StageArgs) -> anyhow::Result<ExitCode> {
         let staged = match staged {
             Ok(staged) => staged,
             Err(e) => {
-                remove(&args.paths.trial())?;
+                remove(&files.trial())?;
                 return Err(e);
             }
         };
@@ -232,58 +234,14 @@ async fn stage(args: StageArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Both slots as `upgrade slots` and `status` show them.
-#[derive(Debug, Serialize)]
-pub struct SlotsView {
-    pub booted: Option<Slot>,
-    pub next_boot: Option<Slot>,
-    pub release: Option<Release>,
-    pub entries: Vec<EntryView>,
-    pub trial: Option<Trial>,
-    pub last_failed_gate: Option<FailedGate>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct EntryView {
-    pub slot: Slot,
-    pub file: String,
-    pub title: String,
-    pub version: u64,
-    pub counter: Counter,
-}
-
-fn slots_view(paths: &NodePaths) -> anyhow::Result<SlotsView> {
-    let boot = paths.boot();
-    let entries = slot::entries(&boot)?;
-    Ok(SlotsView {
-        booted: slot::booted_slot(&boot).ok(),
-        next_boot: slot::next_boot(&entries),
-        release: Release::of_root(&paths.root)?,
-        entries: entries
-            .iter()
-            .map(|e| EntryView {
-                slot: e.slot,
-                file: e.file.clone(),
-                title: e.title().to_string(),
-                version: e.version,
-                counter: e.counter,
-            })
-            .collect(),
-        trial: Trial::read(&paths.trial())?,
-        last_failed_gate: FailedGate::read(&paths.failed_gate())?,
-    })
-}
-
 fn slots(args: SlotsArgs) -> anyhow::Result<ExitCode> {
-    let view = slots_view(&args.paths)?;
-    if let Some(text) = render(&view, args.output)? {
+    let state = BootState::read(&args.paths.files())?;
+    if let Some(text) = render(&state, args.output)? {
         print!("{text}");
         return Ok(ExitCode::SUCCESS);
     }
-    let show = |s: Option<Slot>| s.map_or("none".to_string(), |s| s.to_string());
-    let running = view.release.as_ref().map_or("unrecorded".to_string(), |r| format!("{} {}", r.name, r.version));
-    println!("booted slot {} ({running}); next boot: slot {}", show(view.booted), show(view.next_boot));
-    for e in &view.entries {
+    println!("booted {}", state.summary());
+    for e in &state.entries {
         let counter = match e.counter {
             Counter::Good => "good".to_string(),
             Counter::Trying { left, done } => format!("on trial: {left} tries left, {done} used"),
@@ -291,25 +249,23 @@ fn slots(args: SlotsArgs) -> anyhow::Result<ExitCode> {
         };
         println!("  slot {}: {} (entry version {}, {counter})", e.slot, e.title, e.version);
     }
-    if let Some(t) = &view.trial {
+    if let Some(t) = &state.trial {
         println!("trial: version {} in slot {}, {} s to pass the gate", t.version, t.slot, t.deadline_secs);
     }
-    if let Some(f) = &view.last_failed_gate {
-        println!("last failed gate: version {} in slot {} at {}:", f.version, f.slot, f.at);
-        for r in &f.reasons {
-            println!("  - {r}");
-        }
+    for line in state.failure_lines() {
+        println!("{line}");
     }
     Ok(ExitCode::SUCCESS)
 }
 
 async fn run_gate(args: GateArgs) -> anyhow::Result<ExitCode> {
-    let paths = args.paths.boot();
+    let files = args.paths.files();
+    let paths = files.boot.clone();
     let Ok(booted) = slot::booted_slot(&paths) else {
         println!("not booted from a root slot: nothing on trial");
         return Ok(ExitCode::SUCCESS);
     };
-    let Some(trial) = Trial::read(&args.paths.trial())? else {
+    let Some(trial) = Trial::read(&files.trial())? else {
         println!("no upgrade on trial: the boot is good once the agent runs");
         return Ok(ExitCode::SUCCESS);
     };
@@ -330,17 +286,17 @@ async fn run_gate(args: GateArgs) -> anyhow::Result<ExitCode> {
                 trial.version, trial.slot
             )
         };
-        if FailedGate::read(&args.paths.failed_gate())?.is_none_or(|f| f.version != trial.version) {
-            keep_failure(&args.paths, &trial, vec![reason.clone()])?;
+        if FailedGate::read(&files.failed_gate())?.is_none_or(|f| f.version != trial.version) {
+            keep_failure(&files, &trial, vec![reason.clone()])?;
         }
-        remove(&args.paths.trial())?;
+        remove(&files.trial())?;
         println!("version {} in slot {} is not running: {reason}", trial.version, trial.slot);
         return Ok(ExitCode::SUCCESS);
     }
     // On trial: the booted slot's entry still has its try counter (the boot
     // loader renamed `+1` to `+0-1` when it started it).
     if entries.iter().any(|e| e.slot == booted && e.counter == Counter::Good) {
-        remove(&args.paths.trial())?;
+        remove(&files.trial())?;
         println!("slot {booted} is already good: nothing on trial");
         return Ok(ExitCode::SUCCESS);
     }
@@ -353,7 +309,7 @@ async fn run_gate(args: GateArgs) -> anyhow::Result<ExitCode> {
             Err(e) => vec![format!("the local agent does not answer on {}: {e:#}", args.socket.display())],
         };
         if why.is_empty() {
-            remove(&args.paths.trial())?;
+            remove(&files.trial())?;
             println!("version {} in slot {booted} passed the gate: a useful cluster member", trial.version);
             return Ok(ExitCode::SUCCESS);
         }
@@ -362,7 +318,7 @@ async fn run_gate(args: GateArgs) -> anyhow::Result<ExitCode> {
             last = why;
         }
         if Instant::now() >= deadline {
-            keep_failure(&args.paths, &trial, last.clone())?;
+            keep_failure(&files, &trial, last.clone())?;
             eprintln!(
                 "version {} in slot {booted} did not pass the gate within {} s: {}",
                 trial.version,
@@ -379,7 +335,7 @@ async fn run_gate(args: GateArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn keep_failure(paths: &NodePaths, trial: &Trial, reasons: Vec<String>) -> anyhow::Result<()> {
+fn keep_failure(files: &NodeFiles, trial: &Trial, reasons: Vec<String>) -> anyhow::Result<()> {
     let failed = FailedGate {
         at: crate::backup::now_rfc3339(),
         slot: trial.slot.clone(),
@@ -388,7 +344,7 @@ fn keep_failure(paths: &NodePaths, trial: &Trial, reasons: Vec<String>) -> anyho
     };
     let mut text = serde_json::to_vec_pretty(&failed).expect("a failed gate serialises");
     text.push(b'\n');
-    crate::fsutil::write_atomic(&paths.failed_gate(), &text, 0o644)
+    crate::fsutil::write_atomic(&files.failed_gate(), &text, 0o644)
 }
 
 fn remove(path: &Path) -> anyhow::Result<()> {

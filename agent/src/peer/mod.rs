@@ -118,6 +118,9 @@ pub struct NodeStatus {
     /// Continuous WAL archiving on this node, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive: Option<ArchiveView>,
+    /// The root slots and upgrade state, on a node booted from a geminik8s disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<crate::upgrade::BootState>,
 }
 
 /// Continuous WAL archiving as this node's agent last saw it.

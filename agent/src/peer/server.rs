@@ -310,6 +310,12 @@ async fn status(State(state): State<AppState>) -> Response {
         }
         status
     };
+    // Read when asked: the slots change only at an upgrade or a boot.
+    match tokio::task::spawn_blocking(crate::upgrade::BootState::of_this_node).await {
+        Ok(Some(Ok(boot))) => status.boot = Some(boot),
+        Ok(Some(Err(e))) => status.degraded.push(format!("the root slots cannot be read: {e:#}")),
+        Ok(None) | Err(_) => {}
+    }
     status.served_at_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));

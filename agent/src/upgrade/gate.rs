@@ -155,6 +155,7 @@ mod tests {
             handover: None,
             served_at_unix_ms: 0,
             archive: None,
+            boot: None,
         }
     }
 

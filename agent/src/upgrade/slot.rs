@@ -25,7 +25,7 @@ use super::bundle::{self, Bundle};
 use crate::fsutil::write_atomic;
 
 /// A root slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Slot {
     A,
@@ -127,7 +127,7 @@ pub fn booted_slot(paths: &BootPaths) -> anyhow::Result<Slot> {
 }
 
 /// Boot counting state of an entry, from its file name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum Counter {
     /// No counter: the entry was blessed (or never counted).

@@ -145,6 +145,7 @@ impl Driver {
             last_failover: self.last_failover.clone(),
             // Filled from what the archiver publishes, when the API serves it.
             archive: None,
+            boot: None,
             components,
             degraded,
             datastore: Some(self.datastore_view()),
