@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
-use geminik8s::upgrade::BootState;
 use geminik8s::upgrade::bundle::{self, Bundle, Components, Release};
+use geminik8s::upgrade::node::StageRequest;
+use geminik8s::upgrade::slot::BootPaths;
+use geminik8s::upgrade::{BootState, NodeFiles};
 
 struct Node {
     dir: tempfile::TempDir,
@@ -246,8 +248,124 @@ fn a_slot_whose_tries_ran_out_is_recorded_failed_and_the_old_slot_runs() {
     assert!(reasons.contains("used up its tries"), "{reasons}");
     // What `status` shows of it, from the same JSON the agent sends.
     let state: BootState = serde_json::from_value(slots).unwrap();
-    assert_eq!(state.summary(), "slot a (geminik8s 1.0.0, good), next boot slot a");
+    assert_eq!(state.summary(), "slot a (geminik8s 1.0.0, good), next boot slot a; the other slot holds 2.0.0");
     let lines = state.failure_lines();
     assert!(lines[0].starts_with("last failed upgrade gate: version 2.0.0 in slot b at "), "{lines:?}");
     assert!(lines[1].contains("used up its tries"), "{lines:?}");
+}
+
+impl Node {
+    fn files(&self) -> NodeFiles {
+        NodeFiles {
+            boot: BootPaths { esp: self.path("efi"), boot_env: self.path("boot.env"), partlabels: self.path("parts") },
+            root: self.path("root"),
+            state_dir: self.path("state"),
+        }
+    }
+
+    /// The boot of the new slot passed its gate: `systemd-bless-boot`
+    /// drops the entry's counter; the running root is the new release's.
+    fn blessed(&self, from: &str, to: &str, version: &str) {
+        self.loader_starts(from, to);
+        let release = self.path("root").join(bundle::RELEASE_FILE);
+        fs::write(&release, serde_json::to_string(&release_of(version, 15)).unwrap()).unwrap();
+    }
+}
+
+/// The agent API's upgrade routes over mutual TLS with the operator's
+/// certificate, on a node laid out in files; the reboot command only
+/// leaves a mark.
+#[tokio::test]
+async fn the_agent_api_receives_a_bundle_stages_it_reboots_and_rolls_back() {
+    use geminik8s::peer::client::AgentClient;
+    use geminik8s::peer::server::{ApiHooks, Auth, UpgradeHooks, router, serve_tls};
+    use geminik8s::peer::tls::TlsMaterial;
+    use geminik8s::peer::{NodeStatus, Published};
+
+    let node = Node::new("a");
+    let bundles = tempfile::tempdir().unwrap();
+    let v2 = make_bundle(&bundles.path().join("v2"), "2.0.0", 15);
+    let nodes =
+        vec![("node1".to_string(), "127.0.0.1".parse().unwrap()), ("node2".to_string(), "127.0.0.2".parse().unwrap())];
+    let pki = geminik8s::pki::generate("lab", &nodes, "127.0.0.3".parse().unwrap(), None).unwrap();
+    let tls = TlsMaterial::from_pem(&pki.ca.cert, &pki.nodes[0].cert, &pki.nodes[0].key).unwrap();
+    let rebooted = node.path("rebooted");
+    let hooks = Arc::new(ApiHooks {
+        upgrade: UpgradeHooks::new(node.files(), vec!["touch".into(), rebooted.display().to_string()]),
+        ..ApiHooks::default()
+    });
+    let shared = Arc::new(std::sync::RwLock::new(Published {
+        hostmeta: None,
+        status: NodeStatus { node: "node1".into(), ..NodeStatus::default() },
+        counters: Default::default(),
+        election: None,
+        archive: None,
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let app = router(shared, Auth::tls("node2", "operator-token-0123456789"), hooks.clone());
+    let server =
+        tokio::spawn(serve_tls(listener, tokio::sync::watch::channel(tls.server_config().unwrap()).1, app, hooks));
+    let operator = TlsMaterial::from_pem(&pki.ca.cert, &pki.operator.cert, &pki.operator.key).unwrap();
+    let op = AgentClient::https(
+        &url,
+        &operator,
+        Some("operator-token-0123456789".into()),
+        std::time::Duration::from_secs(20),
+    )
+    .unwrap();
+
+    // What status shows before: slot A, version 1.0.0, nothing recorded for B.
+    let boot = op.status().await.unwrap().boot.expect("a node booted from a slot reports its slots");
+    assert_eq!((boot.version(), boot.is_good(), boot.other_release.as_ref()), (Some("1.0.0"), true, None));
+    let err = op.upgrade_rollback().await.unwrap_err();
+    assert!(format!("{err:#}").contains("slot b holds no release this node recorded"), "{err:#}");
+
+    let err = op.upgrade_send("passwd", &v2.join(bundle::ROOT)).await.unwrap_err();
+    assert!(format!("{err:#}").contains("not a file of an upgrade bundle"), "{err:#}");
+    let manifest = Bundle::open(&v2).unwrap();
+    for name in [bundle::MANIFEST].into_iter().chain(bundle::FILES) {
+        let (bytes, sha256) = op.upgrade_send(name, &v2.join(name)).await.unwrap();
+        assert_eq!((bytes, sha256), bundle::sha256_file(&v2.join(name)).unwrap(), "{name} arrived changed");
+        if name != bundle::MANIFEST {
+            assert_eq!(bytes, manifest.file(name).bytes);
+        }
+    }
+    let req = StageRequest { tries: 2, rollback_timeout_secs: 300, dry_run: false };
+    let staged = op.upgrade_stage(&req).await.unwrap();
+    assert_eq!(
+        (staged.slot.letter(), staged.version.as_str(), staged.from_version.as_deref()),
+        ("b", "2.0.0", Some("1.0.0"))
+    );
+    assert_eq!(node.entry_files(), ["gemin-a.conf", "gemin-b+2.conf"]);
+    assert!(!node.path("state/incoming").exists(), "the received bundle is removed once staged");
+    let root = fs::read(node.path("parts/gemin-root-b")).unwrap();
+    assert_eq!(&root[..1_500_000], &fs::read(v2.join(bundle::ROOT)).unwrap()[..]);
+    let boot = op.status().await.unwrap().boot.unwrap();
+    assert_eq!(boot.next_boot.map(|s| s.letter()), Some("b"));
+    assert_eq!(boot.trial.as_ref().map(|t| t.version.as_str()), Some("2.0.0"));
+    // Staging again without a bundle is refused and changes nothing.
+    let err = op.upgrade_stage(&req).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("is this an upgrade bundle") || format!("{err:#}").contains("upgrade.json"),
+        "{err:#}"
+    );
+
+    op.upgrade_reboot().await.unwrap();
+    assert!(rebooted.exists(), "the reboot command did not run");
+
+    // The node came back on B and passed its gate.
+    node.boot("b");
+    node.blessed("gemin-b+2.conf", "gemin-b.conf", "2.0.0");
+    fs::remove_file(node.path("state/trial.json")).unwrap();
+    let boot = op.status().await.unwrap().boot.unwrap();
+    assert_eq!((boot.version(), boot.is_good()), (Some("2.0.0"), true));
+    assert_eq!(boot.other_release.as_ref().map(|r| r.version.as_str()), Some("1.0.0"), "slot A's release was recorded");
+
+    let back = op.upgrade_rollback().await.unwrap();
+    assert_eq!((back.slot.letter(), back.version.as_str()), ("a", "1.0.0"));
+    let boot = op.status().await.unwrap().boot.unwrap();
+    assert_eq!(boot.next_boot.map(|s| s.letter()), Some("a"), "slot A boots next");
+    assert!(boot.trial.is_none());
+    server.abort();
 }

@@ -408,7 +408,7 @@ fn pick<'a>(answers: &'a [Answer], promote: Option<&str>) -> anyhow::Result<(&'a
     Ok((other, target))
 }
 
-async fn switchover(args: &Args, clients: &[(String, AgentClient)]) -> anyhow::Result<Report> {
+pub(super) async fn switchover(args: &Args, clients: &[(String, AgentClient)]) -> anyhow::Result<Report> {
     let answers = ask(clients).await;
     let (leader, target) = pick(&answers, args.promote.as_deref())?;
     let mut report = Report {

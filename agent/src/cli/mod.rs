@@ -22,6 +22,7 @@ pub mod restore;
 mod restore_lead;
 pub mod status;
 pub mod upgrade;
+pub mod upgrade_rolling;
 pub mod version;
 pub mod witness;
 
@@ -104,9 +105,8 @@ pub enum Command {
     Backup(backup::Args),
     /// Restore a full backup into a data directory on this node.
     Restore(restore::Args),
-    /// A/B upgrades of a node's image: write a bundle into the passive slot, show the slots, the boot's health gate.
-    #[command(subcommand)]
-    Upgrade(upgrade::Command),
+    /// Rolling A/B upgrade of both nodes (or --rollback), keeping a writer; on a node: stage, slots, the boot's gate.
+    Upgrade(upgrade::Args),
     /// Print version information.
     Version(version::Args),
     /// The arbiter witness for split-brain protection.
@@ -156,7 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Failover(args) => failover::run(args, &cli.global).await,
         Command::Backup(args) => backup::run(args, &cli.global).await,
         Command::Restore(args) => restore::run(args, &cli.global).await,
-        Command::Upgrade(cmd) => upgrade::run(cmd).await,
+        Command::Upgrade(args) => upgrade::run(args, &cli.global).await,
         Command::Version(args) => version::run(args).await,
         Command::Witness(cmd) => witness::run(cmd, &cli.global).await,
         Command::Completion(args) => completion::run(args),

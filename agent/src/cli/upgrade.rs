@@ -15,20 +15,28 @@
 //! - `upgrade slots` shows both slots, the next boot, the trial and the last
 //!   failed gate.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use serde::Serialize;
+use anyhow::Context;
 
 use super::OutputFormat;
 use super::output::render;
 use crate::peer::client::AgentClient;
-use crate::upgrade::bundle::{Bundle, Release};
 use crate::upgrade::gate::{self, FailedGate, Trial};
-use crate::upgrade::slot::{self, BootPaths, Counter, Slot};
+use crate::upgrade::node::{self, StageRequest, remove};
+use crate::upgrade::slot::{self, BootPaths, Counter};
 use crate::upgrade::{BootState, NodeFiles};
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true, disable_version_flag = true)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub rolling: super::upgrade_rolling::RollingArgs,
+}
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -121,92 +129,37 @@ pub struct GateArgs {
     pub paths: NodePaths,
 }
 
-pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
-    match cmd {
-        Command::Stage(args) => stage(args).await,
-        Command::Slots(args) => slots(args),
-        Command::Gate(args) => run_gate(args).await,
+pub async fn run(args: Args, global: &super::GlobalArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        None => super::upgrade_rolling::run(args.rolling, global).await,
+        Some(Command::Stage(args)) => stage(args).await,
+        Some(Command::Slots(args)) => slots(args),
+        Some(Command::Gate(args)) => run_gate(args).await,
     }
-}
-
-/// What `upgrade stage` reports.
-#[derive(Debug, Serialize)]
-struct StageReport {
-    dry_run: bool,
-    booted: Slot,
-    slot: Slot,
-    from_version: Option<String>,
-    version: String,
-    root_bytes: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    entry: Option<String>,
-    tries: u32,
-    rollback_timeout_secs: u64,
 }
 
 async fn stage(args: StageArgs) -> anyhow::Result<ExitCode> {
-    let bundle = Bundle::open(&args.bundle)?;
-    let next = bundle.release().clone();
-    let running = Release::of_root(&args.paths.root)?;
-    match &running {
-        Some(running) => {
-            if let Some(why) = running.refuses(&next) {
-                bail!("refusing {}: {why}", args.bundle.display());
-            }
-        }
-        None => eprintln!(
-            "warning: this node's image records no release ({} is missing); the PostgreSQL major version is not compared",
-            args.paths.root.join(crate::upgrade::bundle::RELEASE_FILE).display()
-        ),
-    }
     let files = args.paths.files();
-    let paths = files.boot.clone();
-    let booted = slot::booted_slot(&paths)?;
-    let mut report = StageReport {
-        dry_run: args.dry_run,
-        booted,
-        slot: booted.other(),
-        from_version: running.map(|r| r.version),
-        version: next.version.clone(),
-        root_bytes: bundle.file(crate::upgrade::bundle::ROOT).bytes,
-        entry: None,
+    let req = StageRequest {
         tries: args.tries,
         rollback_timeout_secs: args.rollback_timeout.as_secs(),
+        dry_run: args.dry_run,
     };
-    if args.dry_run {
-        bundle.verify()?;
-    } else {
-        // The trial is recorded before the new slot can boot: a power cut
-        // right after the last step of staging still boots it on trial.
-        let trial = Trial {
-            slot: report.slot.letter().to_string(),
-            version: next.version.clone(),
-            from_version: report.from_version.clone().unwrap_or_default(),
-            deadline_secs: args.rollback_timeout.as_secs(),
-        };
-        let mut text = serde_json::to_vec_pretty(&trial).expect("a trial serialises");
-        text.push(b'\n');
-        std::fs::create_dir_all(&args.paths.state_dir)
-            .with_context(|| format!("creating {}", args.paths.state_dir.display()))?;
-        crate::fsutil::write_atomic(&files.trial(), &text, 0o644)?;
-        let started = Instant::now();
-        let mut shown = 0;
-        let staged = slot::stage(&bundle, &paths, args.tries, |done, total| {
-            let percent = (done * 100).checked_div(total).unwrap_or(100);
-            if args.output == OutputFormat::Text && percent >= shown {
-                eprintln!("writing slot {}: {percent}% of {} MiB", booted.other(), total >> 20);
-                shown = percent + 10;
-            }
-        });
-        let staged = match staged {
-            Ok(staged) => staged,
-            Err(e) => {
-                remove(&files.trial())?;
-                return Err(e);
-            }
-        };
-        tracing::info!(slot = %staged.slot, version = %staged.version, elapsed = ?started.elapsed(), "upgrade staged");
-        report.entry = Some(staged.entry);
+    let started = Instant::now();
+    let mut shown = 0;
+    let text = args.output == OutputFormat::Text;
+    let report = node::stage(&files, &args.bundle, &req, |done, total| {
+        let percent = (done * 100).checked_div(total).unwrap_or(100);
+        if text && percent >= shown {
+            eprintln!("writing the passive slot: {percent}% of {} MiB", total >> 20);
+            shown = percent + 10;
+        }
+    })?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !args.dry_run {
+        tracing::info!(slot = %report.slot, version = %report.version, elapsed = ?started.elapsed(), "upgrade staged");
     }
     match render(&report, args.output)? {
         Some(text) => print!("{text}"),
@@ -345,13 +298,4 @@ fn keep_failure(files: &NodeFiles, trial: &Trial, reasons: Vec<String>) -> anyho
     let mut text = serde_json::to_vec_pretty(&failed).expect("a failed gate serialises");
     text.push(b'\n');
     crate::fsutil::write_atomic(&files.failed_gate(), &text, 0o644)
-}
-
-fn remove(path: &Path) -> anyhow::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", path.display()))
-        }
-        _ => Ok(()),
-    }
 }

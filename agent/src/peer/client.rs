@@ -199,6 +199,60 @@ impl AgentClient {
         }
     }
 
+    /// Send one file of an upgrade bundle (streamed from disk); the node's
+    /// answer: its size and SHA-256 as received.
+    pub async fn upgrade_send(&self, name: &str, path: &Path) -> anyhow::Result<(u64, String)> {
+        let Endpoint::Https { base, http, token } = &self.endpoint else {
+            bail!("an upgrade bundle is sent over the API, not the local socket");
+        };
+        let file = tokio::fs::File::open(path).await.with_context(|| format!("opening {}", path.display()))?;
+        let mut req = http.get().put(format!("{base}/v1/upgrade/bundle/{name}")).body(file);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.with_context(|| format!("sending {name} to {base}"))?;
+        let status = resp.status().as_u16();
+        let body = resp.text().await?;
+        if status != 200 {
+            return Err(self.refused("the bundle file", status, &body));
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).context("reading the answer to the bundle file")?;
+        let bytes = v["bytes"].as_u64().context("no bytes in the answer")?;
+        let sha256 = v["sha256"].as_str().context("no sha256 in the answer")?.to_string();
+        Ok((bytes, sha256))
+    }
+
+    /// Stage the bundle this node received. A refusal is a [`Refused`] error.
+    pub async fn upgrade_stage(
+        &self,
+        req: &crate::upgrade::node::StageRequest,
+    ) -> anyhow::Result<crate::upgrade::node::StageReport> {
+        let body = serde_json::to_vec(req)?;
+        let (status, body) = self.request_with(hyper::Method::POST, "/v1/upgrade/stage", Some(body)).await?;
+        match status {
+            200 => serde_json::from_str(&body).context("reading the answer to POST /v1/upgrade/stage"),
+            _ => Err(self.refused("staging the upgrade", status, &body)),
+        }
+    }
+
+    /// Make the slot this node ran before its next boot. A refusal is a [`Refused`] error.
+    pub async fn upgrade_rollback(&self) -> anyhow::Result<crate::upgrade::node::RollbackReport> {
+        let (status, body) = self.request(hyper::Method::POST, "/v1/upgrade/rollback").await?;
+        match status {
+            200 => serde_json::from_str(&body).context("reading the answer to POST /v1/upgrade/rollback"),
+            _ => Err(self.refused("the rollback", status, &body)),
+        }
+    }
+
+    /// Reboot this node into its next boot entry.
+    pub async fn upgrade_reboot(&self) -> anyhow::Result<()> {
+        let (status, body) = self.request(hyper::Method::POST, "/v1/upgrade/reboot").await?;
+        match status {
+            202 => Ok(()),
+            _ => Err(self.refused("the reboot", status, &body)),
+        }
+    }
+
     pub async fn metrics(&self) -> anyhow::Result<String> {
         let (status, body) = self.get_text("/metrics").await?;
         if status != 200 {

@@ -12,6 +12,10 @@
 //! | `POST /v1/probe-write` | operators: one write through the VIP | the operator's or the peer's certificate + API token |
 //! | `GET /v1/kubeconfig` | operators: K3s's admin kubeconfig for the VIP | the operator's or the peer's certificate + API token |
 //! | `POST /v1/peer` | `replace-node`: the peer is a new machine (address, revocation list) | the operator's or the peer's certificate + API token |
+//! | `PUT /v1/upgrade/bundle/{file}` | `upgrade`: one file of an upgrade bundle | the operator's or the peer's certificate + API token |
+//! | `POST /v1/upgrade/stage` | `upgrade`: write the received bundle into the passive slot, on trial | the operator's or the peer's certificate + API token |
+//! | `POST /v1/upgrade/rollback` | `upgrade --rollback`: the slot the node ran before boots next | the operator's or the peer's certificate + API token |
+//! | `POST /v1/upgrade/reboot` | `upgrade`: reboot the node into its next boot entry | the operator's or the peer's certificate + API token |
 //!
 //! Every TLS client must present a certificate signed by the cluster CA; its
 //! name ([`Identity`]) then decides the routes. Only the peer's heartbeat
@@ -69,6 +73,30 @@ pub struct ApiHooks {
     /// The kubeconfig for the VIP the agent writes once K3s serves
     /// (`/v1/kubeconfig`); `None` when K3s is off on this node.
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// Where the upgrade routes find the node's slots and state.
+    pub upgrade: UpgradeHooks,
+}
+
+/// The node's boot and upgrade files for the upgrade routes and the status.
+#[derive(Debug)]
+pub struct UpgradeHooks {
+    pub files: crate::upgrade::NodeFiles,
+    /// What `POST /v1/upgrade/reboot` runs.
+    pub reboot: Vec<String>,
+    /// One upgrade step at a time.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl UpgradeHooks {
+    pub fn new(files: crate::upgrade::NodeFiles, reboot: Vec<String>) -> Self {
+        UpgradeHooks { files, reboot, busy: tokio::sync::Mutex::new(()) }
+    }
+}
+
+impl Default for UpgradeHooks {
+    fn default() -> Self {
+        UpgradeHooks::new(crate::upgrade::NodeFiles::default(), vec!["systemctl".into(), "reboot".into()])
+    }
 }
 
 impl ApiHooks {
@@ -288,6 +316,113 @@ async fn kubeconfig(State(state): State<AppState>) -> Response {
     }
 }
 
+/// The upgrade routes' guard: one step at a time.
+fn upgrade_step(state: &AppState) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    state.hooks.upgrade.busy.try_lock().ok()
+}
+
+fn upgrade_busy() -> Response {
+    (StatusCode::CONFLICT, "another upgrade step runs on this node; try again when it is done\n").into_response()
+}
+
+fn refused_with(status: StatusCode, e: &anyhow::Error) -> Response {
+    (status, format!("{e:#}\n")).into_response()
+}
+
+/// One file of an upgrade bundle, streamed to the state directory
+/// (`incoming/FILE.part`, synced, then renamed); answers its size and
+/// SHA-256 so the sender can compare them with the manifest at once.
+async fn upgrade_receive(
+    State(state): State<AppState>,
+    axum::extract::Path(file): axum::extract::Path<String>,
+    body: axum::body::Body,
+) -> Response {
+    let name = match crate::upgrade::node::bundle_file_name(&file) {
+        Ok(name) => name.to_string(),
+        Err(e) => return refused_with(StatusCode::BAD_REQUEST, &e),
+    };
+    let Some(_step) = upgrade_step(&state) else { return upgrade_busy() };
+    let dir = state.hooks.upgrade.files.incoming();
+    match receive(&dir, &name, body).await {
+        Ok((bytes, sha256)) => {
+            Json(serde_json::json!({ "file": name, "bytes": bytes, "sha256": sha256 })).into_response()
+        }
+        Err(e) => refused_with(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+async fn receive(dir: &Path, name: &str, body: axum::body::Body) -> anyhow::Result<(u64, String)> {
+    use http_body_util::BodyExt;
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    tokio::fs::create_dir_all(dir).await.with_context(|| format!("creating {}", dir.display()))?;
+    let part = dir.join(format!("{name}.part"));
+    let mut out = tokio::fs::File::create(&part).await.with_context(|| format!("creating {}", part.display()))?;
+    let (mut bytes, mut hasher) = (0u64, sha2::Sha256::new());
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("receiving the file")?;
+        if let Ok(data) = frame.into_data() {
+            hasher.update(&data);
+            bytes += data.len() as u64;
+            out.write_all(&data).await.with_context(|| format!("writing {}", part.display()))?;
+        }
+    }
+    out.sync_all().await.with_context(|| format!("syncing {}", part.display()))?;
+    drop(out);
+    tokio::fs::rename(&part, dir.join(name)).await.with_context(|| format!("renaming {}", part.display()))?;
+    Ok((bytes, hex::encode(hasher.finalize())))
+}
+
+/// Stage the received bundle; a staged bundle's files are removed (the
+/// slot holds them now).
+async fn upgrade_stage(State(state): State<AppState>, Json(req): Json<crate::upgrade::node::StageRequest>) -> Response {
+    let Some(_step) = upgrade_step(&state) else { return upgrade_busy() };
+    let files = state.hooks.upgrade.files.clone();
+    let staged = tokio::task::spawn_blocking(move || {
+        let dir = files.incoming();
+        let report = crate::upgrade::node::stage(&files, &dir, &req, |_, _| {})?;
+        if !req.dry_run {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        anyhow::Ok(report)
+    })
+    .await;
+    match staged {
+        Ok(Ok(report)) => {
+            tracing::info!(event = "upgrade_staged", slot = %report.slot, version = %report.version, dry_run = report.dry_run, "upgrade staged");
+            Json(report).into_response()
+        }
+        Ok(Err(e)) => refused_with(StatusCode::CONFLICT, &e),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("staging stopped: {e}\n")).into_response(),
+    }
+}
+
+async fn upgrade_rollback(State(state): State<AppState>) -> Response {
+    let Some(_step) = upgrade_step(&state) else { return upgrade_busy() };
+    let files = state.hooks.upgrade.files.clone();
+    match tokio::task::spawn_blocking(move || crate::upgrade::node::rollback(&files)).await {
+        Ok(Ok(report)) => {
+            tracing::info!(event = "upgrade_rollback", slot = %report.slot, version = %report.version, "the slot run before boots next");
+            Json(report).into_response()
+        }
+        Ok(Err(e)) => refused_with(StatusCode::CONFLICT, &e),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("the rollback stopped: {e}\n")).into_response(),
+    }
+}
+
+async fn upgrade_reboot(State(state): State<AppState>) -> Response {
+    let Some(_step) = upgrade_step(&state) else { return upgrade_busy() };
+    let Some((program, args)) = state.hooks.upgrade.reboot.split_first() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "this agent has no reboot command\n").into_response();
+    };
+    tracing::warn!(event = "upgrade_reboot", "rebooting for an upgrade");
+    match crate::cmd::Tool::new(program).args(args).run().await {
+        Ok(_) => (StatusCode::ACCEPTED, "rebooting\n").into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("rebooting: {e}\n")).into_response(),
+    }
+}
+
 async fn wake(State(state): State<AppState>) -> Response {
     state.hooks.wake.notify_one();
     StatusCode::NO_CONTENT.into_response()
@@ -311,7 +446,8 @@ async fn status(State(state): State<AppState>) -> Response {
         status
     };
     // Read when asked: the slots change only at an upgrade or a boot.
-    match tokio::task::spawn_blocking(crate::upgrade::BootState::of_this_node).await {
+    let files = state.hooks.upgrade.files.clone();
+    match tokio::task::spawn_blocking(move || crate::upgrade::BootState::of_node(&files)).await {
         Ok(Some(Ok(boot))) => status.boot = Some(boot),
         Ok(Some(Err(e))) => status.degraded.push(format!("the root slots cannot be read: {e:#}")),
         Ok(None) | Err(_) => {}
@@ -337,6 +473,10 @@ pub fn router(shared: Shared, auth: Auth, hooks: Arc<ApiHooks>) -> Router {
         .route("/v1/probe-write", post(probe_write))
         .route("/v1/peer", post(replace_peer))
         .route("/v1/kubeconfig", get(kubeconfig))
+        .route("/v1/upgrade/bundle/{file}", axum::routing::put(upgrade_receive))
+        .route("/v1/upgrade/stage", post(upgrade_stage))
+        .route("/v1/upgrade/rollback", post(upgrade_rollback))
+        .route("/v1/upgrade/reboot", post(upgrade_reboot))
         .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_operator));
     let peer = Router::new()

@@ -5,6 +5,7 @@
 
 pub mod bundle;
 pub mod gate;
+pub mod node;
 pub mod slot;
 
 use std::path::PathBuf;
@@ -61,6 +62,10 @@ pub struct BootState {
     pub entries: Vec<EntryView>,
     pub trial: Option<Trial>,
     pub last_failed_gate: Option<FailedGate>,
+    /// The release in the slot not booted, as recorded when an upgrade
+    /// wrote either slot: what a rollback boots.
+    #[serde(default)]
+    pub other_release: Option<Release>,
 }
 
 impl BootState {
@@ -83,15 +88,28 @@ impl BootState {
                 .collect(),
             trial: Trial::read(&files.trial())?,
             last_failed_gate: FailedGate::read(&files.failed_gate())?,
+            other_release: match slot::booted_slot(&files.boot) {
+                Ok(booted) => gate::read_json(&files.slot_record(booted.other()))?,
+                Err(_) => None,
+            },
         })
     }
 
-    /// This node's, when it booted from a geminik8s disk; `None` elsewhere
+    /// A node's, when it booted from a geminik8s disk; `None` elsewhere
     /// (a live or PXE boot, a development machine).
-    pub fn of_this_node() -> Option<anyhow::Result<BootState>> {
-        let files = NodeFiles::default();
+    pub fn of_node(files: &NodeFiles) -> Option<anyhow::Result<BootState>> {
         slot::booted_slot(&files.boot).ok()?;
-        Some(BootState::read(&files))
+        Some(BootState::read(files))
+    }
+
+    /// Whether the booted slot is blessed (passed its gate, or never on trial).
+    pub fn is_good(&self) -> bool {
+        self.booted.and_then(|b| self.entries.iter().find(|e| e.slot == b)).is_some_and(|e| e.counter == Counter::Good)
+    }
+
+    /// The version the booted slot runs.
+    pub fn version(&self) -> Option<&str> {
+        self.release.as_ref().map(|r| r.version.as_str())
     }
 
     /// One line: the booted slot, its release and state, the next boot.
@@ -105,7 +123,13 @@ impl BootState {
             .map_or("no entry", |e| if e.counter == Counter::Good { "good" } else { "on trial" });
         let trial =
             self.trial.as_ref().map(|t| format!("; trial of {} in slot {}", t.version, t.slot)).unwrap_or_default();
-        format!("slot {} ({running}, {state}), next boot slot {}{trial}", show(self.booted), show(self.next_boot))
+        let other =
+            self.other_release.as_ref().map(|r| format!("; the other slot holds {}", r.version)).unwrap_or_default();
+        format!(
+            "slot {} ({running}, {state}), next boot slot {}{trial}{other}",
+            show(self.booted),
+            show(self.next_boot)
+        )
     }
 
     /// The last failed gate, one line per reason.
