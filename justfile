@@ -73,6 +73,11 @@ qemu-rejoin:
     cargo build --workspace
     GEMINIK8S_QEMU_REJOIN=1 cargo test -p geminik8s-vm-tests --test qemu_lab -- --nocapture
 
+# The rolling upgrade on the QEMU lab (root): 1.0.0 -> 2.0.0 under writes, then --rollback.
+qemu-upgrade:
+    cargo build --workspace
+    cargo test -p geminik8s-vm-tests --test qemu_upgrade -- --ignored --nocapture
+
 # Remove the QEMU lab: VMs, namespaces, taps, bridge, disks (logs stay in run/qemu).
 lab-down:
     target/debug/gemini-lab qemu down

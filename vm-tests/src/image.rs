@@ -175,6 +175,45 @@ pub const KUBE_APISERVER_DEST: &str = "/usr/local/bin/kube-apiserver";
 /// and with the stand-in comes the `kube-apiserver` it runs, when there is
 /// one ([`BuiltImage::runs_kubernetes`]).
 pub async fn build_default_image(dir: &Path, progress: &Progress) -> anyhow::Result<BuiltImage> {
+    build_version(dir, &image_cache_dir(dir), LAB_VERSION, None, |_| {}, progress).await
+}
+
+/// The version of the default test and lab image (`version:` in its spec).
+pub const LAB_VERSION: &str = "1.0.0";
+
+/// The upgrade bundle of the default image at `version` (the `upgrade`
+/// output only), built into `dir` with the default image's build cache;
+/// `change` edits the spec first (a broken release for the rollback tests).
+/// Returns the bundle's directory.
+pub async fn build_upgrade_bundle(
+    dir: &Path,
+    version: &str,
+    change: impl FnOnce(&mut ImageSpec),
+    progress: &Progress,
+) -> anyhow::Result<PathBuf> {
+    let cache = image_cache_dir(&default_image_dir());
+    let built = build_version(dir, &cache, version, Some(vec![OutputFormat::Upgrade]), change, progress).await?;
+    Ok(built.path(OutputFormat::Upgrade))
+}
+
+/// [`build_upgrade_bundle`] with plain progress lines, from sync code.
+pub fn build_upgrade_bundle_blocking(
+    dir: &Path,
+    version: &str,
+    change: impl FnOnce(&mut ImageSpec),
+) -> anyhow::Result<PathBuf> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(build_upgrade_bundle(dir, version, change, &Progress::new(Mode::Plain)))
+}
+
+async fn build_version(
+    dir: &Path,
+    cache: &Path,
+    version: &str,
+    outputs: Option<Vec<OutputFormat>>,
+    change: impl FnOnce(&mut ImageSpec),
+    progress: &Progress,
+) -> anyhow::Result<BuiltImage> {
     let agent = agent_binary().context("no gemin_k8s in target/: run `cargo build -p geminik8s-agent`")?;
     let kine = crate::skip::find_tool("kine").context("kine is not installed: run `just deps`")?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -190,7 +229,12 @@ pub async fn build_default_image(dir: &Path, progress: &Progress) -> anyhow::Res
             mode: 0o755,
         });
     }
-    let cache = Cache::new(image_cache_dir(dir))?;
+    spec.version = Some(version.to_string());
+    if let Some(outputs) = outputs {
+        spec.outputs = outputs;
+    }
+    change(&mut spec);
+    let cache = Cache::new(cache.to_path_buf())?;
     let out_dir = dir.join("out");
     let opts = BuildOptions {
         spec,

@@ -766,6 +766,20 @@ impl QemuLab {
         crate::probe::failover_with(&self.agent_bin, &self.config_dir, extra, client_exec)
     }
 
+    /// `gemin_k8s upgrade --output json EXTRA` from the client namespace:
+    /// whether it succeeded, and its report (or its error output).
+    pub fn upgrade(&self, extra: &[&str]) -> Result<(bool, Value), String> {
+        let cluster = self.config_dir.join(geminik8s::clusterfile::FILE_NAME);
+        let (bin, cluster) = (self.agent_bin.display().to_string(), cluster.display().to_string());
+        let argv = [&bin, "--config", &cluster, "upgrade", "--output", "json"];
+        let out = client_exec(&[&argv[..], extra].concat())?;
+        // Its progress lines.
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        let report = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&out.stderr).to_string()));
+        Ok((out.status.success(), report))
+    }
+
     /// `gemin_k8s deploy` from the client namespace: the node files of the
     /// cluster directory to the VMs waiting for enrolment.
     pub fn deploy(&self, timeout: Duration) -> anyhow::Result<Value> {

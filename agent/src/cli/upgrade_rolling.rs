@@ -560,3 +560,138 @@ impl Run<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upgrade::bundle::{Components, Release};
+    use crate::upgrade::gate::Trial;
+    use crate::upgrade::slot::{Counter, Slot};
+    use crate::upgrade::{BootState, EntryView};
+
+    fn release(version: &str, pg: u32) -> Release {
+        Release {
+            name: "geminik8s".into(),
+            version: version.into(),
+            components: Components { postgresql_major: pg, agent: "a".into(), kine: "k".into(), k3s: "s".into() },
+        }
+    }
+
+    fn entry(slot: Slot, counter: Counter) -> EntryView {
+        EntryView { slot, file: format!("gemin-{}.conf", slot.letter()), title: String::new(), version: 1, counter }
+    }
+
+    fn boot(version: &str, booted: Slot, good: bool, other: Option<&str>) -> BootState {
+        let counter = if good { Counter::Good } else { Counter::Trying { left: 0, done: 1 } };
+        BootState {
+            booted: Some(booted),
+            next_boot: Some(booted),
+            release: Some(release(version, 15)),
+            entries: vec![entry(booted, counter), entry(booted.other(), Counter::Good)],
+            trial: None,
+            last_failed_gate: None,
+            other_release: other.map(|v| release(v, 15)),
+        }
+    }
+
+    fn answer(name: &str, role: &str, boot: Option<BootState>) -> Answer {
+        let status = NodeStatus { node: name.into(), role: role.into(), boot, ..NodeStatus::default() };
+        Answer { name: name.into(), status: Some(status), error: None, sent_ms: 0, received_ms: 0 }
+    }
+
+    fn args(rollback: bool) -> RollingArgs {
+        RollingArgs {
+            cluster: None,
+            image: None,
+            version: None,
+            strategy: Strategy::Rolling,
+            rollback_timeout: Duration::from_secs(600),
+            tries: 1,
+            boot_timeout: Duration::from_secs(600),
+            skip_validation: true,
+            auto_rollback: true,
+            rollback,
+            dry_run: true,
+            output: OutputFormat::Json,
+            request_timeout: Duration::from_secs(3),
+        }
+    }
+
+    fn bundle(dir: &std::path::Path, version: &str, pg: u32) -> Bundle {
+        for name in bundle::FILES {
+            std::fs::write(dir.join(name), name).unwrap();
+        }
+        Bundle::seal(dir, &release(version, pg)).unwrap();
+        Bundle::open(dir).unwrap()
+    }
+
+    #[test]
+    fn where_a_node_stands_against_the_version_to_reach() {
+        assert_eq!(standing(&boot("2", Slot::B, true, None), "2"), Standing::There);
+        assert_eq!(standing(&boot("2", Slot::B, false, None), "2"), Standing::OnTrial);
+        assert_eq!(standing(&boot("1", Slot::A, true, None), "2"), Standing::Behind);
+        let mut staged = boot("1", Slot::A, true, None);
+        staged.trial =
+            Some(Trial { slot: "b".into(), version: "2".into(), from_version: "1".into(), deadline_secs: 60 });
+        staged.next_boot = Some(Slot::B);
+        assert_eq!(standing(&staged, "2"), Standing::Staged);
+        // The new slot's tries ran out: the loader went back, nothing is staged.
+        staged.next_boot = Some(Slot::A);
+        assert_eq!(standing(&staged, "2"), Standing::Behind);
+    }
+
+    #[test]
+    fn the_follower_goes_first_and_a_node_already_there_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle(dir.path(), "2", 15);
+        let answers = [
+            answer("node1", "leader", Some(boot("1", Slot::A, true, None))),
+            answer("node2", "follower", Some(boot("2", Slot::B, true, Some("1")))),
+        ];
+        let r = plan(&args(false), Some(&b), &answers).unwrap();
+        let order: Vec<(&str, &str)> = r.nodes.iter().map(|n| (n.node.as_str(), n.outcome.as_str())).collect();
+        assert_eq!(order, [("node2", "already there"), ("node1", "would upgrade")]);
+        assert_eq!(r.version, "2");
+    }
+
+    #[test]
+    fn a_postgresql_major_change_a_wrong_version_and_a_node_without_slots_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pg16 = bundle(dir.path(), "2", 16);
+        let answers = [
+            answer("node1", "leader", Some(boot("1", Slot::A, true, None))),
+            answer("node2", "follower", Some(boot("1", Slot::A, true, None))),
+        ];
+        let e = plan(&args(false), Some(&pg16), &answers).unwrap_err();
+        assert!(format!("{e:#}").contains("PostgreSQL's major version (15 -> 16)"), "{e:#}");
+
+        let other = tempfile::tempdir().unwrap();
+        let b = bundle(other.path(), "2", 15);
+        let mut wrong = args(false);
+        wrong.version = Some("3".into());
+        let e = plan(&wrong, Some(&b), &answers).unwrap_err();
+        assert!(format!("{e:#}").contains("--version 3: the bundle carries version 2"), "{e:#}");
+
+        let live = [answer("node1", "leader", None), answer("node2", "follower", Some(boot("1", Slot::A, true, None)))];
+        let e = plan(&args(false), Some(&b), &live).unwrap_err();
+        assert!(format!("{e:#}").contains("node1 did not boot from a root slot"), "{e:#}");
+    }
+
+    #[test]
+    fn a_rollback_goes_to_the_release_the_other_slots_hold() {
+        let answers = [
+            answer("node1", "leader", Some(boot("2", Slot::B, true, Some("1")))),
+            answer("node2", "follower", Some(boot("2", Slot::B, true, Some("1")))),
+        ];
+        let r = plan(&args(true), None, &answers).unwrap();
+        assert_eq!(r.version, "1");
+        assert!(r.nodes.iter().all(|n| n.outcome == "would roll back"), "{r:?}");
+        // A node whose other slot holds nothing recorded cannot go back.
+        let fresh = [
+            answer("node1", "leader", Some(boot("2", Slot::B, true, Some("1")))),
+            answer("node2", "follower", Some(boot("2", Slot::A, true, None))),
+        ];
+        let e = plan(&args(true), None, &fresh).unwrap_err();
+        assert!(format!("{e:#}").contains("node2 runs 2 and its other slot does not hold 1"), "{e:#}");
+    }
+}

@@ -1,0 +1,225 @@
+//! `gemin_k8s upgrade` on the QEMU lab: two VMs booting the default image
+//! (version 1.0.0) are upgraded to a 2.0.0 bundle of the same spec, one
+//! after the other, while a client writes through the VIP all along. Every
+//! acknowledged write must be there afterwards, both nodes must run 2.0.0
+//! from their other slot with the boot blessed, and the longest gap between
+//! two acknowledged writes (the client's write pause) is reported; then
+//! `upgrade --rollback` brings both back to 1.0.0 the same way.
+//!
+//! Outside `just test` (it takes about half an hour under TCG): `just
+//! qemu-upgrade` runs it. The lab's run directory is `target/qemu-upgrade/run`; on failure the
+//! panic names the console logs and shows the agents' journals.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use geminik8s_vm_tests::image::{
+    LAB_VERSION, agent_binary, build_upgrade_bundle_blocking, default_image_dir, target_dir,
+};
+use geminik8s_vm_tests::qemu::{self, Firmware};
+use geminik8s_vm_tests::qemu_lab::{QemuLab, UpOptions};
+use geminik8s_vm_tests::{poll, skip};
+
+const BOOT: Duration = Duration::from_secs(600);
+const CONVERGE: Duration = Duration::from_secs(300);
+const NEXT: &str = "2.0.0";
+
+const TOOLS: &[&str] = &[
+    "mmdebstrap",
+    "kine",
+    "etcdctl",
+    "qemu-system-x86_64",
+    "qemu-img",
+    "xorriso",
+    "mcopy",
+    "tar2sqfs",
+    "bridge",
+    "chronyd",
+];
+
+struct Teardown(PathBuf);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        match QemuLab::down(&self.0) {
+            Ok(removed) => eprintln!("lab down: removed {removed:?}"),
+            Err(e) => eprintln!("lab down failed: {e:#}"),
+        }
+    }
+}
+
+fn fail(lab: &QemuLab, what: &str) -> ! {
+    panic!(
+        "{what}\nstatus:\n{}\n{}console logs: {}/node1/node1-console.log, {}/node2/node2-console.log",
+        lab.render_status(),
+        lab.collect_journals("failure", 150),
+        lab.run_dir.display(),
+        lab.run_dir.display()
+    )
+}
+
+/// A client writing through the VIP without pause: each key once, the
+/// acknowledged ones kept, and the longest time between two acknowledged
+/// writes (what an application sees of the upgrade).
+struct Writer {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<(String, Instant)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(lab: &QemuLab, prefix: &str) -> Writer {
+        let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let (lab, prefix, s, a) = (lab.clone(), prefix.to_string(), stop.clone(), acked.clone());
+        let thread = std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !s.load(Ordering::Relaxed) {
+                let key = format!("{prefix}{i:06}");
+                if lab.put(&key, "v").is_ok() {
+                    a.lock().unwrap().push((key, Instant::now()));
+                }
+                i += 1;
+            }
+        });
+        Writer { stop, acked, thread: Some(thread) }
+    }
+
+    /// Stop; the acknowledged keys and the longest gap between two of them.
+    fn finish(mut self) -> (BTreeSet<String>, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        let acked = self.acked.lock().unwrap();
+        let gap = acked.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap_or_default();
+        (acked.iter().map(|(k, _)| k.clone()).collect(), gap)
+    }
+}
+
+fn assert_all_present(lab: &QemuLab, prefix: &str, acked: &BTreeSet<String>) {
+    let keys: BTreeSet<String> =
+        poll::until("reading the keys through the VIP", CONVERGE, Duration::from_millis(500), || lab.keys(prefix))
+            .unwrap_or_else(|e| fail(lab, &e))
+            .into_iter()
+            .collect();
+    let lost: Vec<&String> = acked.difference(&keys).collect();
+    if !lost.is_empty() {
+        fail(lab, &format!("{} acknowledged writes lost: {lost:?}", lost.len()));
+    }
+}
+
+/// Each node's booted version and whether its boot is blessed, from `status`.
+fn versions(lab: &QemuLab) -> Vec<(String, String, bool)> {
+    lab.status()
+        .into_iter()
+        .map(|(name, s)| {
+            let boot = s.ok().map(|s| s["boot"].clone()).unwrap_or_default();
+            let version = boot["release"]["version"].as_str().unwrap_or("none").to_string();
+            let booted = boot["booted"].as_str().unwrap_or_default().to_string();
+            let good = boot["entries"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e["slot"] == booted.as_str() && e["counter"]["state"] == "good");
+            (name, version, good)
+        })
+        .collect()
+}
+
+fn upgrade(lab: &QemuLab, what: &str, args: &[&str]) -> serde_json::Value {
+    let (ok, report) = lab.upgrade(args).unwrap_or_else(|e| fail(lab, &e));
+    if !ok || report["success"] != true {
+        fail(lab, &format!("{what} failed: {report:#}"));
+    }
+    eprintln!("{what}: {report:#}");
+    report
+}
+
+#[test]
+#[ignore = "about 30 minutes under TCG: run it with `just qemu-upgrade`"]
+fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
+    if let Some(reason) = skip::requires(true, TOOLS) {
+        return skip::skip(module_path!(), &reason);
+    }
+    if let Some(reason) = qemu::requires(Firmware::Uefi) {
+        return skip::skip(module_path!(), &reason);
+    }
+    let Some(agent) = agent_binary() else {
+        return skip::skip(module_path!(), "no gemin_k8s in target/: run `cargo build -p geminik8s-agent`");
+    };
+    let base = target_dir().join("qemu-upgrade");
+    let run_dir = base.join("run");
+    let config_dir = base.join("cluster");
+    QemuLab::down(&run_dir).unwrap();
+    let _ = std::fs::remove_dir_all(&config_dir); // Absent on the first run.
+    let built = Instant::now();
+    let bundle = build_upgrade_bundle_blocking(&base.join("v2"), NEXT, |_| {})
+        .unwrap_or_else(|e| panic!("building the {NEXT} bundle: {e:#}"));
+    eprintln!("MEASURED the {NEXT} upgrade bundle built: {:.1?}", built.elapsed());
+
+    let _teardown = Teardown(run_dir.clone());
+    let opts = UpOptions {
+        config_dir,
+        run_dir,
+        agent_bin: agent,
+        image: None,
+        image_dir: default_image_dir(),
+        k3s: None,
+        memory_mib: 2048,
+        cpus: 1,
+        boot_timeout: BOOT,
+        form_timeout: CONVERGE,
+        enrol: false,
+    };
+    let up = QemuLab::up(&opts).unwrap_or_else(|e| panic!("qemu up: {e:#}"));
+    let lab = up.lab;
+    eprintln!("MEASURED up -> formed cluster: {:.1?} (leader {})", up.formed_after, up.leader);
+    for (name, version, good) in versions(&lab) {
+        assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} before the upgrade");
+    }
+    let bundle = bundle.display().to_string();
+    let dry = upgrade(&lab, "upgrade --dry-run", &["--image", &bundle, "--dry-run"]);
+    assert!(dry["nodes"].as_array().unwrap().iter().all(|n| n["outcome"] == "would upgrade"), "{dry:#}");
+
+    let writer = Writer::start(&lab, "/up/");
+    let started = Instant::now();
+    let report = upgrade(&lab, "upgrade", &["--image", &bundle, "--rollback-timeout", "15m"]);
+    let took = started.elapsed();
+    let (acked, gap) = writer.finish();
+    for n in report["nodes"].as_array().unwrap() {
+        assert_eq!(n["outcome"], "upgraded", "{report:#}");
+        eprintln!("MEASURED {} upgraded ({} -> {NEXT}): {} s", n["node"], n["from"], n["seconds"]);
+    }
+    eprintln!(
+        "MEASURED rolling upgrade of both nodes: {took:.1?}; switchover pauses {}",
+        report["switchover_pause_ms"]
+    );
+    eprintln!(
+        "MEASURED longest gap between acknowledged writes during the upgrade: {gap:.1?} ({} writes)",
+        acked.len()
+    );
+    for (name, version, good) in versions(&lab) {
+        assert_eq!((version.as_str(), good), (NEXT, true), "{name} after the upgrade");
+    }
+    lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    assert_all_present(&lab, "/up/", &acked);
+    // Run again: nothing to do.
+    let again = upgrade(&lab, "upgrade again", &["--image", &bundle]);
+    assert!(again["nodes"].as_array().unwrap().iter().all(|n| n["outcome"] == "already there"), "{again:#}");
+
+    let writer = Writer::start(&lab, "/back/");
+    let started = Instant::now();
+    let report = upgrade(&lab, "upgrade --rollback", &["--rollback"]);
+    let (back, gap) = writer.finish();
+    assert_eq!(report["version"], LAB_VERSION, "{report:#}");
+    eprintln!("MEASURED rollback of both nodes: {:.1?}; longest write gap {gap:.1?}", started.elapsed());
+    for (name, version, good) in versions(&lab) {
+        assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} after the rollback");
+    }
+    lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    assert_all_present(&lab, "/up/", &acked);
+    assert_all_present(&lab, "/back/", &back);
+    eprint!("{}", lab.render_status());
+    lab.collect_journals("end", 0);
+}
