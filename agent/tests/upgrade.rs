@@ -303,7 +303,7 @@ async fn the_agent_api_receives_a_bundle_stages_it_reboots_and_rolls_back() {
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
-    let app = router(shared, Auth::tls("node2", "operator-token-0123456789"), hooks.clone());
+    let app = router(shared.clone(), Auth::tls("node2", "operator-token-0123456789"), hooks.clone());
     let server =
         tokio::spawn(serve_tls(listener, tokio::sync::watch::channel(tls.server_config().unwrap()).1, app, hooks));
     let operator = TlsMaterial::from_pem(&pki.ca.cert, &pki.operator.cert, &pki.operator.key).unwrap();
@@ -351,6 +351,15 @@ async fn the_agent_api_receives_a_bundle_stages_it_reboots_and_rolls_back() {
         "{err:#}"
     );
 
+    // Without the agent loop (this API alone) a leave cannot be asked.
+    let err = op.upgrade_leave().await.unwrap_err();
+    assert!(format!("{err:#}").contains("does not run the agent loop"), "{err:#}");
+    // A leader is never rebooted: it hands over first.
+    shared.write().unwrap().status.role = "leader".into();
+    let err = op.upgrade_reboot().await.unwrap_err();
+    assert!(format!("{err:#}").contains("switch over to its peer before it reboots"), "{err:#}");
+    assert!(!rebooted.exists());
+    shared.write().unwrap().status.role = "follower".into();
     op.upgrade_reboot().await.unwrap();
     assert!(rebooted.exists(), "the reboot command did not run");
 

@@ -375,6 +375,90 @@ fn switchover_under_writes_loses_nothing_and_needs_no_rewind() {
     assert_eq!(s1["role"], "follower", "{s1}");
 }
 
+/// The leader's durability as its status shows it.
+fn durability(lab: &Lab, node: &str) -> String {
+    status(lab, node)
+        .map(|s| s["replication"]["durability"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+/// A follower leaving on purpose (what `upgrade` asks before it reboots
+/// one): its leader stops waiting for it while it still streams, so its
+/// shutdown stalls no commit; back, it is the synchronous standby again.
+/// Under steady writes, nothing acknowledged is lost.
+#[test]
+fn a_follower_that_leaves_is_let_go_by_its_leader_before_it_stops() {
+    let _one = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(up) = lab_up(&[], None) else { return };
+    let lab = &up.lab;
+    let prefix = "/lab/leave/";
+    let writers = Writers::new();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let leader = AgentClient::unix(&lab.socket("node1"), Duration::from_secs(5));
+    let follower = AgentClient::unix(&lab.socket("node2"), Duration::from_secs(5));
+    assert_eq!(durability(lab, "node1"), "synchronous");
+    std::thread::scope(|scope| {
+        let w = &writers;
+        scope.spawn(move || w.run(lab, "client", prefix));
+        let _stop = StopOnDrop(&writers);
+        let begin = Instant::now();
+        poll::until("writes before the leave", FORM, Duration::from_millis(100), || {
+            if writers.count("client", begin) >= 10 { Ok(()) } else { Err(writers.count("client", begin)) }
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+        let e = rt.block_on(leader.upgrade_leave()).unwrap_err();
+        assert!(format!("{e:#}").contains("switch over to its peer before it leaves"), "{e:#}");
+        let asked = Instant::now();
+        assert!(rt.block_on(follower.upgrade_leave()).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(lab))));
+        // Let go while it still streams: commits stop waiting for it before it goes.
+        poll::until("node1 to stop waiting for node2", FORM, Duration::from_millis(100), || {
+            let s = status(lab, "node1").unwrap_or_default();
+            let r = &s["replication"];
+            match (r["durability"].as_str(), r["streaming"].as_bool()) {
+                (Some("degraded (async)"), Some(true)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+        eprintln!("leave: the leader stopped waiting after {:?}", asked.elapsed());
+        let waits_again = || {
+            let log = std::fs::read_to_string(lab.node_dir("node1").join("agent.log")).unwrap_or_default();
+            log.lines().filter(|l| l.contains("event=\"postgres_durability\" synchronous=true")).count()
+        };
+        let before = waits_again();
+        let stopped = Instant::now();
+        stop_agent(lab, "node2");
+        poll::until("writes after node2 stopped", FORM, Duration::from_millis(100), || {
+            if writers.count("client", stopped) >= 10 { Ok(()) } else { Err(writers.count("client", stopped)) }
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+        let acked = writers.acked.lock().unwrap().iter().filter(|a| a.3 > asked).map(|a| a.3).collect::<Vec<_>>();
+        let gaps: Vec<(f64, f64)> = acked
+            .windows(2)
+            .filter(|w| w[1] - w[0] > Duration::from_millis(500))
+            .map(|w| ((w[0] - asked).as_secs_f64(), (w[1] - w[0]).as_secs_f64()))
+            .collect();
+        eprintln!(
+            "leave: longest write pause seen by the client from the leave to 10 writes after node2 stopped: {:?} (stopped at {:?}; pauses over 0.5 s at/for: {gaps:?})",
+            writers.longest_gap("client", asked),
+            stopped - asked
+        );
+        // Its agent stopped before its PostgreSQL did: commits must not have
+        // waited for it again meanwhile.
+        assert_eq!(waits_again(), before, "node1 waited for the departed node2 again\n{}", logs(lab));
+        // Back (a new start of its agent, as after the reboot): the standby again.
+        lab.start_agent("node2").unwrap_or_else(|e| panic!("{e:#}"));
+        poll::until("node1 to wait for node2 again", FORM, Duration::from_millis(200), || {
+            let d = durability(lab, "node1");
+            if d == "synchronous" { Ok(()) } else { Err(d) }
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+        writers.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    wait_formed(lab, "node1", "node2", FORM).unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
+    assert_acked_writes_kept(lab, &writers, prefix);
+}
+
 /// `gemin_k8s failover` on the client host (see [`probe::failover_cli`]).
 fn failover_cli(lab: &Lab, extra: &[&str]) -> (bool, serde_json::Value) {
     probe::failover_cli(lab, &agent_bin().unwrap(), extra).unwrap_or_else(|e| panic!("{e}"))

@@ -25,6 +25,8 @@ use geminik8s_vm_tests::{poll, skip};
 
 const BOOT: Duration = Duration::from_secs(600);
 const CONVERGE: Duration = Duration::from_secs(300);
+/// For the cluster and K3s (the stand-in's kube-apiserver) to serve after both booted.
+const FORM: Duration = Duration::from_secs(600);
 const NEXT: &str = "2.0.0";
 
 const TOOLS: &[&str] = &[
@@ -169,7 +171,7 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
         memory_mib: 2048,
         cpus: 1,
         boot_timeout: BOOT,
-        form_timeout: CONVERGE,
+        form_timeout: FORM,
         enrol: false,
     };
     let up = QemuLab::up(&opts).unwrap_or_else(|e| panic!("qemu up: {e:#}"));

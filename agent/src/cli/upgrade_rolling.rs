@@ -83,6 +83,8 @@ pub enum Strategy {
 
 /// How long sending a bundle file or writing a slot may take.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a leaving follower's leader may take to stop counting on it.
+const LEAVE_WAIT: Duration = Duration::from_secs(60);
 /// How often the command looks at a rebooting node.
 const POLL: Duration = Duration::from_secs(2);
 
@@ -458,6 +460,38 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Reboot the follower `node` once its leader no longer waits for it:
+    /// it leaves on purpose first, so commits do not stall while it is away
+    /// (an agent that predates leaves is rebooted as it is).
+    async fn leave_and_reboot(&self, node: &str) -> anyhow::Result<()> {
+        if self.client(node).upgrade_leave().await? {
+            self.progress(&format!("{node}: leaving; waiting for the leader to stop counting on it"));
+            let deadline = Instant::now() + LEAVE_WAIT;
+            let mut last = String::from("no answer");
+            loop {
+                let answers = failover::ask(self.clients).await;
+                let leader =
+                    answers.iter().find_map(|a| a.status.clone().filter(|s| s.node != node && s.role == "leader"));
+                if let Some(r) = leader.as_ref().and_then(|l| l.replication.as_ref()) {
+                    if !r.durability.starts_with("synchronous") {
+                        break;
+                    }
+                    last = r.durability.clone();
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "the leader still waits for {node}'s commits after {LEAVE_WAIT:?} (last seen: {last}); {node} was not rebooted and counts again within minutes; run upgrade again"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        } else {
+            self.progress(&format!("{node}: its agent cannot leave on purpose (an older version): commits wait for it until its leader gives up on it"));
+        }
+        self.progress(&format!("{node}: rebooting"));
+        self.client(node).upgrade_reboot().await
+    }
+
     /// Reboot `node` and wait until it runs the target version blessed
     /// (`Ok`), or went back to its old slot after a failed gate (`Err` with
     /// the gate's reasons).
@@ -467,10 +501,7 @@ impl Run<'_> {
         match standing(&boot, target) {
             Standing::There => return Ok(Ok(())),
             Standing::OnTrial => self.progress(&format!("{node}: on trial with {target}, waiting for its gate")),
-            Standing::Staged | Standing::Behind => {
-                self.progress(&format!("{node}: rebooting"));
-                self.client(node).upgrade_reboot().await?;
-            }
+            Standing::Staged | Standing::Behind => self.leave_and_reboot(node).await?,
         }
         let deadline = Instant::now() + self.args.boot_timeout + self.args.rollback_timeout * self.args.tries.max(1);
         let mut last = String::from("no answer yet");
@@ -530,7 +561,7 @@ impl Run<'_> {
             self.lead_elsewhere(&node).await?;
             let r = self.client(&node).upgrade_rollback().await?;
             self.progress(&format!("{node}: rolling back to {}", r.version));
-            self.client(&node).upgrade_reboot().await?;
+            self.leave_and_reboot(&node).await?;
             let target = r.version;
             let deadline = Instant::now() + self.args.boot_timeout;
             loop {

@@ -476,6 +476,15 @@ impl Driver {
                             tracing::debug!("the forced takeover's caller went away");
                         }
                     }
+                    Control::Leave(reply) => {
+                        let answer = self.machine.can_leave();
+                        if answer.is_ok() {
+                            self.step(Input::Leave).await;
+                        }
+                        if reply.send(answer).is_err() {
+                            tracing::debug!("the leave's caller went away");
+                        }
+                    }
                     Control::ReplacePeer(change, reply) => self.replace_peer(change, reply),
                     Control::ApplyPeer(prepared, reply) => {
                         let (change, done) = *prepared;

@@ -123,6 +123,13 @@ pub struct Machine {
     eligible_until: Option<Duration>,
     /// An operator forced a takeover: entitled until it happened.
     forced: bool,
+    /// Leader: the peer last said it leaves on purpose; kept while it is
+    /// silent (its agent stops before its PostgreSQL does), until it
+    /// answers again without leaving.
+    peer_leaving: bool,
+    /// Follower: leaving on purpose ([`Input::Leave`]) until then, or
+    /// until the agent starts again (the reboot it leaves for).
+    leaving_until: Option<Duration>,
     /// The vote this node publishes, recomputed after every step.
     own_vote: OwnVote,
 }
@@ -186,6 +193,8 @@ impl Machine {
             degrade_wanted: false,
             degrade_marked: Duration::ZERO,
             told_peer_in_sync: false,
+            leaving_until: None,
+            peer_leaving: false,
             eligible_until: None,
             forced: false,
             own_vote: OwnVote { vote: None, generation: rand::random(), seen: None },
@@ -226,6 +235,14 @@ impl Machine {
             }
             Input::Tick(obs) => self.tick(now, obs, &mut out),
             Input::Done(done) => self.done(now, done, &mut out),
+            Input::Leave => match self.can_leave() {
+                Ok(()) => {
+                    tracing::info!(event = "leaving", node = %self.s.own_name, for_at_most = ?self.s.leave_for,
+                        "leaving on purpose: the leader is asked to stop counting on this node");
+                    self.leaving_until = Some(now + self.s.leave_for);
+                }
+                Err(why) => tracing::warn!(%why, "leave refused"),
+            },
             Input::Switchover => {
                 if self.can_hand_over() {
                     tracing::info!(event = "switchover", node = %self.s.own_name, "handing leadership to the peer");
@@ -280,6 +297,7 @@ impl Machine {
             seen_vote_gen: self.own_vote.seen,
             sync_standby: self.sync_standby(),
             eligible: self.mode == Mode::Follower && self.entitled(self.clock),
+            leaving: self.leaving(),
             handover: if self.handing_over { self.handover } else { None },
             refused: self.refused,
         }
@@ -330,6 +348,24 @@ impl Machine {
     /// waits in an election), its peer has missed its heartbeats, and no
     /// other host answers for the VIP (a peer still serving it must be
     /// stopped first, or two nodes would take writes).
+    /// Follower: leaving on purpose. It refuses to be the synchronous
+    /// standby, so its leader stops counting on it through the degrade
+    /// handshake, and its entitlement to take over ends with the next word
+    /// from the leader (until then the leader cannot have stopped waiting
+    /// for it, so taking over would still lose nothing).
+    fn leaving(&self) -> bool {
+        !self.leading() && self.leaving_until.is_some_and(|until| self.clock <= until)
+    }
+
+    /// Whether [`Input::Leave`] would be accepted: only a follower leaves;
+    /// a leader hands over first (a switchover).
+    pub fn can_leave(&self) -> Result<(), String> {
+        if self.leading() {
+            return Err(format!("{} leads: switch over to its peer before it leaves", self.s.own_name));
+        }
+        Ok(())
+    }
+
     pub fn can_force(&self) -> Result<(), String> {
         if !matches!(self.mode, Mode::Follower | Mode::Election) || self.meta().is_none() {
             return Err(format!("this node is {} and cannot be forced to take over", self.state()));
@@ -528,9 +564,12 @@ impl Machine {
                     // Only a leading peer's word entitles this node to take
                     // over; anything else it says (restarting, electing,
                     // degrading) takes the entitlement away.
-                    let told = peer.leading && peer.sync_standby.as_deref() == Some(self.s.own_name.as_str());
+                    let told = peer.leading
+                        && peer.sync_standby.as_deref() == Some(self.s.own_name.as_str())
+                        && !self.leaving();
                     self.eligible_until = told.then(|| now + self.s.eligibility_window());
                 }
+                self.peer_leaving = peer.leaving;
                 self.peer = Some(*peer);
             }
             Heartbeat::Missed => {
@@ -923,6 +962,7 @@ impl Machine {
         self.refused = None;
         self.eligible_until = None;
         self.forced = false;
+        self.leaving_until = None;
         self.not_streaming_since = None;
         self.degrade_wanted = false;
         self.told_peer_in_sync = false;
@@ -1029,7 +1069,11 @@ impl Machine {
             }
             return;
         }
-        if r.peer_streaming {
+        // A peer leaving on purpose said it gives up taking over: commits
+        // stop waiting for it now, through the degrade handshake below, and
+        // do not wait for it again until it answers without leaving.
+        let leaving = self.peer_leaving;
+        if r.peer_streaming && !leaving {
             self.not_streaming_since = None;
             self.degrade_wanted = false;
             if !r.sync_configured {
@@ -1049,7 +1093,7 @@ impl Machine {
         }
         let peer_may_take_over =
             self.told_peer_in_sync || (self.s.witness == WitnessMode::Arbiter && recorded.is_none_or(|r| r == peer));
-        if peer_may_take_over && now.saturating_sub(since) < self.s.degrade_after {
+        if peer_may_take_over && !leaving && now.saturating_sub(since) < self.s.degrade_after {
             return;
         }
         if !self.degrade_wanted {

@@ -151,6 +151,12 @@ pub struct PeerStatus {
     /// (see [`Settings::eligibility_window`]).
     #[serde(default)]
     pub eligible: bool,
+    /// Follower: it leaves on purpose (an upgrade's reboot). It does not
+    /// take over while it is away, and its leader stops waiting for it
+    /// through the same handshake as a degrade, without waiting out
+    /// `degrade_after`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
     /// A node handing over: how far its datastore has stopped. `None` from
     /// an agent that does not say (the peer then promotes as it always did).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -347,6 +353,10 @@ pub enum Input {
     /// entitled to (its leader is gone and may have acknowledged writes it
     /// lacks). [`Machine::can_force`] says whether it would be accepted.
     ForceTakeOver,
+    /// An operator asks this follower to leave on purpose (it is about to
+    /// reboot): it gives up taking over until the agent starts again.
+    /// [`Machine::can_leave`] says whether it would be accepted.
+    Leave,
 }
 
 /// Something the driver must do. Actions come in the order they must run.
@@ -436,6 +446,10 @@ pub struct Settings {
     /// How long the peer must have stopped streaming before the leader lets
     /// commits stop waiting for it (and only when the peer cannot promote).
     pub degrade_after: Duration,
+    /// How long a follower stays leaving ([`Input::Leave`]) when it does
+    /// not reboot (the operator's command gave up): its leader then counts
+    /// on it again.
+    pub leave_for: Duration,
 }
 
 impl Settings {
@@ -459,6 +473,7 @@ impl Settings {
             restart_backoff: Duration::from_secs(2),
             durability: cfg.postgres.durability,
             degrade_after: cfg.postgres.degrade_after,
+            leave_for: Duration::from_secs(120),
         }
     }
 

@@ -229,6 +229,8 @@ enum Fault {
     Restart(usize),
     /// An operator asks this node for a planned switchover.
     Switchover(usize),
+    /// An operator asks this follower to leave on purpose (before an upgrade's reboot).
+    Leave(usize),
 }
 
 #[derive(Debug)]
@@ -918,6 +920,11 @@ impl Sim {
                     self.step(n, Input::Switchover);
                 }
             }
+            Fault::Leave(n) => {
+                if self.nodes[n].agent.as_ref().is_some_and(|m| m.can_leave().is_ok()) {
+                    self.step(n, Input::Leave);
+                }
+            }
             Fault::Restart(n) => {
                 if !self.nodes[n].powered {
                     // A reboot: no address survives it.
@@ -1106,6 +1113,33 @@ fn scenarios() -> Vec<Scenario> {
             net(seed),
             vec![(FAULT_AT, Pause(0, 20_000))],
             Expect::NoChange,
+        ));
+        out.push(Scenario::new(
+            "the follower leaves on purpose, reboots and returns",
+            mode,
+            net(seed),
+            vec![(FAULT_AT, Leave(1)), (FAULT_AT + 8_000, Crash(1)), (HEAL_AT, Restart(1))],
+            Expect::NoChange,
+        ));
+        out.push(Scenario::new(
+            "the follower leaves on purpose, the leader crashes before it goes",
+            mode,
+            net(seed),
+            vec![(FAULT_AT, Leave(1)), (FAULT_AT + 1_000, Crash(0)), (HEAL_AT, Restart(0))],
+            Expect::Invariants,
+        ));
+        out.push(Scenario::new(
+            "the follower leaves and reboots, the leader crashes while it is away",
+            mode,
+            net(seed),
+            vec![
+                (FAULT_AT, Leave(1)),
+                (FAULT_AT + 8_000, Crash(1)),
+                (FAULT_AT + 12_000, Crash(0)),
+                (HEAL_AT, Restart(1)),
+                (HEAL_AT + 3_000, Restart(0)),
+            ],
+            Expect::Invariants,
         ));
         out.push(Scenario::new(
             "follower crash, restarted later",

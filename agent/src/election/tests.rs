@@ -27,6 +27,7 @@ pub(super) fn settings(me: &str, witness: WitnessMode) -> Settings {
         restart_backoff: Duration::from_secs(2),
         durability: crate::config::Durability::Synchronous,
         degrade_after: Duration::from_secs(10),
+        leave_for: Duration::from_secs(30),
     }
 }
 
@@ -57,6 +58,7 @@ fn status(meta: Option<HostMeta>, state: State) -> PeerStatus {
         seen_vote_gen: None,
         sync_standby,
         eligible: false,
+        leaving: false,
         handover: None,
         refused: None,
     }
@@ -903,6 +905,71 @@ fn durability_waits_for_the_peer_until_it_cannot_take_over() {
 
 /// With an arbiter the leader first has the arbiter forget the synchronous
 /// standby, then stops waiting for it; back in sync, it records it again.
+/// A follower that leaves on purpose (an upgrade's reboot) refuses to be
+/// the synchronous standby: with the leader's next word it is no longer
+/// entitled to take over (before that word the leader cannot have stopped
+/// waiting for it, so a takeover would lose nothing), and its leader stops
+/// waiting for it while it still streams, through the degrade handshake
+/// (the peer's "not entitled" must be one it published after it could have
+/// heard), without waiting out `degrade_after`. Once back and not leaving,
+/// commits wait for it again; a leave that is not followed by a reboot ends
+/// by itself.
+#[test]
+fn a_leaving_follower_gives_up_taking_over_and_its_leader_stops_waiting_for_it() {
+    // The follower's side.
+    let lm = meta(A, Role::Leader, 3, None);
+    let named = || seen(status(Some(lm.clone()), State::Leader), WitnessView::GatewayReachable);
+    let mut b = follower(B, WitnessMode::Gateway, 3);
+    tick(&mut b, s(1), named());
+    assert!(b.status().eligible, "told it is the synchronous standby");
+    assert_eq!(b.step(s(1), Input::Leave), vec![]);
+    assert!(b.status().leaving, "{:?}", b.status());
+    // The leader still names it as its standby: it does not take that any more.
+    tick(&mut b, s(2), named());
+    assert!(!b.status().eligible);
+    let out = ticks(&mut b, 3, 60, || lost(false, WitnessView::GatewayReachable));
+    assert_eq!(promotes(&out.into_iter().map(|(_, a)| a).collect::<Vec<_>>()), None, "no longer entitled");
+    // It did not reboot: the leave ends and it is the standby again.
+    assert!(1 + settings(B, WitnessMode::Gateway).leave_for.as_secs() < 61);
+    tick(&mut b, s(61), named());
+    assert!(!b.status().leaving && b.status().eligible, "{:?}", b.status());
+    // A leader does not leave: it hands over first.
+    let a = leader(A, WitnessMode::Gateway, 3);
+    assert!(a.can_leave().is_err_and(|why| why.contains("switch over")));
+
+    // The leader's side.
+    let gw = WitnessView::GatewayReachable;
+    let peer = |eligible: bool, leaving: bool| {
+        let p = PeerStatus { eligible, leaving, ..status(Some(meta(B, Role::Follower, 3, None)), State::Follower) };
+        Observation { replication: Some(in_sync()), ..seen(p, gw) }
+    };
+    let degrade = Action::SetDurability { synchronous: false };
+    let mut a = leader(A, WitnessMode::Gateway, 3);
+    tick(&mut a, s(1), peer(true, false));
+    assert_eq!(a.status().sync_standby.as_deref(), Some(B));
+    // It says it leaves (still streaming, still believing it is entitled):
+    // the leader stops naming it at once...
+    assert_eq!(tick(&mut a, s(2), peer(true, true)), vec![]);
+    assert_eq!(a.status().sync_standby, None, "the leaving peer is no longer told it may take over");
+    // ...and degrades once the peer's "not entitled" can be an answer to that.
+    assert_eq!(tick(&mut a, s(3), peer(false, true)), vec![], "published before it could have heard");
+    assert_eq!(tick(&mut a, s(4), peer(false, true)), vec![]);
+    assert_eq!(tick(&mut a, s(5), peer(false, true)), vec![degrade]);
+    assert!(s(5) < s(2) + settings(A, WitnessMode::Gateway).degrade_after, "sooner than a degrade after a loss");
+    // Its agent stops first, its PostgreSQL streams a moment longer: commits
+    // do not wait for it again while it is silent.
+    let silent =
+        Observation { replication: Some(Replication { sync_configured: false, ..in_sync() }), ..lost(false, gw) };
+    assert_eq!(tick(&mut a, s(6), silent), vec![]);
+    // Back after its reboot, streaming and not leaving: commits wait for it again.
+    let async_streaming = Replication { sync_configured: false, peer_streaming: true, peer_in_sync: false };
+    let back = PeerStatus { eligible: false, ..status(Some(meta(B, Role::Follower, 3, None)), State::Follower) };
+    assert_eq!(
+        tick(&mut a, s(90), Observation { replication: Some(async_streaming), ..seen(back, gw) }),
+        vec![Action::SetDurability { synchronous: true }]
+    );
+}
+
 #[test]
 fn arbiter_records_the_synchronous_standby_before_and_after_degrading() {
     let mut a = leader(A, WitnessMode::Arbiter, 3);

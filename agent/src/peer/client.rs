@@ -244,6 +244,18 @@ impl AgentClient {
         }
     }
 
+    /// Tell this follower it is about to reboot: its leader stops counting
+    /// on it. `Ok(false)` from an agent that predates the route (it is
+    /// rebooted without it: commits wait until its leader gives up on it).
+    pub async fn upgrade_leave(&self) -> anyhow::Result<bool> {
+        let (status, body) = self.request(hyper::Method::POST, "/v1/upgrade/leave").await?;
+        match status {
+            202 => Ok(true),
+            404 => Ok(false),
+            _ => Err(self.refused("the leave", status, &body)),
+        }
+    }
+
     /// Reboot this node into its next boot entry.
     pub async fn upgrade_reboot(&self) -> anyhow::Result<()> {
         let (status, body) = self.request(hyper::Method::POST, "/v1/upgrade/reboot").await?;

@@ -15,7 +15,8 @@
 //! | `PUT /v1/upgrade/bundle/{file}` | `upgrade`: one file of an upgrade bundle | the operator's or the peer's certificate + API token |
 //! | `POST /v1/upgrade/stage` | `upgrade`: write the received bundle into the passive slot, on trial | the operator's or the peer's certificate + API token |
 //! | `POST /v1/upgrade/rollback` | `upgrade --rollback`: the slot the node ran before boots next | the operator's or the peer's certificate + API token |
-//! | `POST /v1/upgrade/reboot` | `upgrade`: reboot the node into its next boot entry | the operator's or the peer's certificate + API token |
+//! | `POST /v1/upgrade/leave` | `upgrade`: this follower is about to reboot; its leader stops counting on it | the operator's or the peer's certificate + API token |
+//! | `POST /v1/upgrade/reboot` | `upgrade`: reboot the node into its next boot entry (refused on a leader) | the operator's or the peer's certificate + API token |
 //!
 //! Every TLS client must present a certificate signed by the cluster CA; its
 //! name ([`Identity`]) then decides the routes. Only the peer's heartbeat
@@ -137,6 +138,9 @@ pub enum Control {
     /// Take over although not entitled to (the leader is gone); the answer
     /// says whether the machine accepted it.
     ForceTakeOver(tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// This follower leaves on purpose (an upgrade's reboot): the leader
+    /// stops counting on it; refused on a leader.
+    Leave(tokio::sync::oneshot::Sender<Result<(), String>>),
     /// Write once through the VIP; the answer is how long the commit took.
     ProbeWrite(tokio::sync::oneshot::Sender<Result<Duration, String>>),
     /// The peer is a new machine (`replace-node`).
@@ -411,8 +415,20 @@ async fn upgrade_rollback(State(state): State<AppState>) -> Response {
     }
 }
 
+async fn upgrade_leave(State(state): State<AppState>) -> Response {
+    match ask_loop(&state, Control::Leave).await {
+        Ok(()) => (StatusCode::ACCEPTED, "leaving: the leader stops counting on this node\n").into_response(),
+        Err(refused) => refused,
+    }
+}
+
+/// Reboot for an upgrade; never the leader (it hands over first: a reboot
+/// of the leader would stop writes for the whole boot).
 async fn upgrade_reboot(State(state): State<AppState>) -> Response {
     let Some(_step) = upgrade_step(&state) else { return upgrade_busy() };
+    if read(&state.shared).status.role == "leader" {
+        return (StatusCode::CONFLICT, "this node leads: switch over to its peer before it reboots\n").into_response();
+    }
     let Some((program, args)) = state.hooks.upgrade.reboot.split_first() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "this agent has no reboot command\n").into_response();
     };
@@ -476,6 +492,7 @@ pub fn router(shared: Shared, auth: Auth, hooks: Arc<ApiHooks>) -> Router {
         .route("/v1/upgrade/bundle/{file}", axum::routing::put(upgrade_receive))
         .route("/v1/upgrade/stage", post(upgrade_stage))
         .route("/v1/upgrade/rollback", post(upgrade_rollback))
+        .route("/v1/upgrade/leave", post(upgrade_leave))
         .route("/v1/upgrade/reboot", post(upgrade_reboot))
         .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_operator));
