@@ -46,6 +46,32 @@ pub const AGENT_JOURNAL: [&str; 5] = ["journalctl", "-u", "geminik8s-agent", "-b
 /// The line `geminik8s-boot-report.service` prints once the agent started.
 pub const BOOT_REPORT: &str = "geminik8s-boot: ";
 
+/// What the QEMU lab's tests need on the host (they skip without it).
+pub const TEST_TOOLS: &[&str] = &[
+    "mmdebstrap",
+    "kine",
+    "etcdctl",
+    "qemu-system-x86_64",
+    "qemu-img",
+    "xorriso",
+    "mcopy",
+    "tar2sqfs",
+    "bridge",
+    "chronyd",
+];
+
+/// Tears the lab of a run directory down however a test ends.
+pub struct Teardown(pub PathBuf);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        match QemuLab::down(&self.0) {
+            Ok(removed) => eprintln!("lab down: removed {removed:?}"),
+            Err(e) => eprintln!("lab down failed: {e:#}"),
+        }
+    }
+}
+
 /// A node of the lab.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Node {
@@ -352,6 +378,36 @@ const EMULATED_TIMINGS: [(&str, &str); 2] = [
 ];
 
 impl QemuLab {
+    /// Fail a test: `what`, with both nodes' status, the last lines of
+    /// their agents' journals and where the console logs are.
+    pub fn fail(&self, what: &str) -> ! {
+        panic!(
+            "{what}\nstatus:\n{}\n{}console logs: {}/node1/node1-console.log, {}/node2/node2-console.log",
+            self.render_status(),
+            self.collect_journals("failure", 150),
+            self.run_dir.display(),
+            self.run_dir.display()
+        )
+    }
+
+    /// Every key of `acked` is there under `prefix`, read through the VIP
+    /// (reads retried for up to `timeout`); fails the test otherwise.
+    pub fn assert_kept(&self, prefix: &str, acked: &std::collections::BTreeSet<String>, timeout: Duration) {
+        let keys: std::collections::BTreeSet<String> = crate::poll::until(
+            &format!("reading {prefix} through the VIP"),
+            timeout,
+            Duration::from_millis(500),
+            || self.keys(prefix),
+        )
+        .unwrap_or_else(|e| self.fail(&e))
+        .into_iter()
+        .collect();
+        let lost: Vec<&String> = acked.difference(&keys).collect();
+        if !lost.is_empty() {
+            self.fail(&format!("{} acknowledged writes lost: {lost:?}", lost.len()));
+        }
+    }
+
     /// The lab described by a run directory.
     pub fn load(run_dir: &Path) -> anyhow::Result<QemuLab> {
         labstate::load(run_dir, "gemini-lab qemu up")

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use geminik8s_vm_tests::image::{agent_binary, default_image_dir, target_dir};
 use geminik8s_vm_tests::qemu::{self, Firmware};
-use geminik8s_vm_tests::qemu_lab::{QemuLab, UpOptions};
+use geminik8s_vm_tests::qemu_lab::{QemuLab, TEST_TOOLS, Teardown, UpOptions};
 use geminik8s_vm_tests::{poll, probe, skip};
 
 /// A boot under TCG on a shared 2-core machine, two VMs at once.
@@ -28,48 +28,13 @@ const CONVERGE: Duration = Duration::from_secs(300);
 /// its start takes seconds on hardware and minutes under TCG.
 const KUBE: Duration = Duration::from_secs(600);
 
-const TOOLS: &[&str] = &[
-    "mmdebstrap",
-    "kine",
-    "etcdctl",
-    "qemu-system-x86_64",
-    "qemu-img",
-    "xorriso",
-    "mcopy",
-    "tar2sqfs",
-    "bridge",
-    "chronyd",
-];
-
-/// Tears the lab down however the test ends.
-struct Teardown(PathBuf);
-
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        match QemuLab::down(&self.0) {
-            Ok(removed) => eprintln!("lab down: removed {removed:?}"),
-            Err(e) => eprintln!("lab down failed: {e:#}"),
-        }
-    }
-}
-
-fn fail(lab: &QemuLab, what: &str) -> ! {
-    panic!(
-        "{what}\nstatus:\n{}\n{}console logs: {}/node1/node1-console.log, {}/node2/node2-console.log",
-        lab.render_status(),
-        lab.collect_journals("failure", 150),
-        lab.run_dir.display(),
-        lab.run_dir.display()
-    )
-}
-
 /// Write `key` through the VIP until it is acknowledged; the time it took.
 fn put_until_acked(lab: &QemuLab, key: &str, timeout: Duration) -> Duration {
     let start = Instant::now();
     poll::until(&format!("{key} acknowledged through the VIP"), timeout, Duration::from_millis(100), || {
         lab.put(key, "v")
     })
-    .unwrap_or_else(|e| fail(lab, &e));
+    .unwrap_or_else(|e| lab.fail(&e));
     start.elapsed()
 }
 
@@ -79,7 +44,7 @@ fn epochs(lab: &QemuLab) -> std::collections::BTreeMap<String, u64> {
         .into_iter()
         .map(|(name, s)| {
             let epoch = s.ok().and_then(|v| v["epoch"].as_u64());
-            (name.clone(), epoch.unwrap_or_else(|| fail(lab, &format!("no epoch in {name}'s status"))))
+            (name.clone(), epoch.unwrap_or_else(|| lab.fail(&format!("no epoch in {name}'s status"))))
         })
         .collect()
 }
@@ -92,7 +57,7 @@ fn wait_leader(lab: &QemuLab, node: &str) {
             other => Err(format!("{other:?}")),
         }
     })
-    .unwrap_or_else(|e| fail(lab, &e));
+    .unwrap_or_else(|e| lab.fail(&e));
 }
 
 /// The Kubernetes objects written through the VIP and acknowledged:
@@ -122,11 +87,11 @@ impl Kube {
                 other => other,
             },
         )
-        .unwrap_or_else(|e| fail(lab, &e));
+        .unwrap_or_else(|e| lab.fail(&e));
         assert_eq!(object["data"]["price"], price, "ConfigMap {name} as acknowledged: {object}");
-        let version = probe::resource_version(&object).unwrap_or_else(|e| fail(lab, &e));
+        let version = probe::resource_version(&object).unwrap_or_else(|e| lab.fail(&e));
         if version <= self.last {
-            fail(lab, &format!("ConfigMap {name} got resourceVersion {version}, not above {}", self.last));
+            lab.fail(&format!("ConfigMap {name} got resourceVersion {version}, not above {}", self.last));
         }
         self.last = version;
         self.acked.insert(name.to_string(), price.to_string());
@@ -137,7 +102,7 @@ impl Kube {
         let list = poll::until("listing ConfigMaps through the VIP", KUBE, Duration::from_secs(1), || {
             lab.kubectl(&self.kubeconfig, &["get", "configmaps", "-n", "shop", "-o", "json"])
         })
-        .unwrap_or_else(|e| fail(lab, &e));
+        .unwrap_or_else(|e| lab.fail(&e));
         let seen: BTreeMap<String, String> = list["items"]
             .as_array()
             .into_iter()
@@ -146,27 +111,15 @@ impl Kube {
             .collect();
         for (name, price) in &self.acked {
             if seen.get(name) != Some(price) {
-                fail(lab, &format!("ConfigMap {name} (price {price}) lost or changed: {seen:?}"));
+                lab.fail(&format!("ConfigMap {name} (price {price}) lost or changed: {seen:?}"));
             }
         }
     }
 }
 
-fn assert_all_present(lab: &QemuLab, acked: &BTreeSet<String>) {
-    let keys: BTreeSet<String> =
-        poll::until("reading /lab/ through the VIP", CONVERGE, Duration::from_millis(500), || lab.keys("/lab/"))
-            .unwrap_or_else(|e| fail(lab, &e))
-            .into_iter()
-            .collect();
-    let lost: Vec<&String> = acked.difference(&keys).collect();
-    if !lost.is_empty() {
-        fail(lab, &format!("acknowledged writes lost: {lost:?}"));
-    }
-}
-
 #[test]
 fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_with_the_data() {
-    if let Some(reason) = skip::requires(true, TOOLS) {
+    if let Some(reason) = skip::requires(true, TEST_TOOLS) {
         return skip::skip(module_path!(), &reason);
     }
     if let Some(reason) = qemu::requires(Firmware::Uefi) {
@@ -226,7 +179,7 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
     let standin = geminik8s_vm_tests::image::k3s_standin_binary().is_some()
         && geminik8s_vm_tests::k3s_standin::apiserver_binary().is_ok();
     match (&kube, standin) {
-        (None, true) => fail(&lab, "the stand-in and kube-apiserver are built, yet the lab runs without K3s"),
+        (None, true) => lab.fail("the stand-in and kube-apiserver are built, yet the lab runs without K3s"),
         (None, false) => eprintln!("SKIPPED the Kubernetes steps: no K3s stand-in with kube-apiserver (`just deps`)"),
         (Some(_), _) => {}
     }
@@ -238,7 +191,7 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
                 other => other,
             }
         })
-        .unwrap_or_else(|e| fail(&lab, &e));
+        .unwrap_or_else(|e| lab.fail(&e));
         for i in 0..5 {
             k.create(&lab, &format!("before-{i}"), &format!("p{i}"), Duration::from_secs(60));
         }
@@ -250,7 +203,7 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
                 other => other,
             }
         })
-        .unwrap_or_else(|e| fail(&lab, &e));
+        .unwrap_or_else(|e| lab.fail(&e));
     }
 
     // The leader's VM is lost (QEMU SIGKILL): the follower promotes.
@@ -268,12 +221,12 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         poll::until("the deployment web read back", KUBE, Duration::from_secs(2), || {
             lab.kubectl(&k.kubeconfig, &["get", "deployment", "web", "-n", "shop", "-o", "json"])
         })
-        .unwrap_or_else(|e| fail(&lab, &e));
+        .unwrap_or_else(|e| lab.fail(&e));
         // A watch resumed from before the kill, as an informer does: it
         // delivers the later object or says its version is too old (and a
         // relist, above, sees everything). Never a silent gap.
         probe::resumed_watch(geminik8s_vm_tests::qemu_lab::CLIENT, &k.kubeconfig, "shop", before_kill, "after")
-            .unwrap_or_else(|e| fail(&lab, &e));
+            .unwrap_or_else(|e| lab.fail(&e));
     }
     wait_leader(&lab, &follower);
     for i in 1..10 {
@@ -281,7 +234,7 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         put_until_acked(&lab, &key, Duration::from_secs(10));
         acked.insert(key);
     }
-    assert_all_present(&lab, &acked);
+    lab.assert_kept("/lab/", &acked, CONVERGE);
     let survivor_mac = lab.node(&follower).unwrap().mac.clone();
     assert_eq!(lab.client_vip_mac().as_deref(), Some(survivor_mac.as_str()), "the VIP moved to the survivor");
 
@@ -294,17 +247,17 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         // brings it in under the old node's name.
         let old_ip = lab.node(&leader).unwrap().ip;
         let new_ip: std::net::IpAddr = "10.77.0.13".parse().unwrap();
-        lab.replace_vm(&leader, new_ip).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+        lab.replace_vm(&leader, new_ip).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
         let replacing = Instant::now();
         lab.start(&leader).unwrap();
-        let report = lab.wait_boot(&leader, 0, BOOT).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+        let report = lab.wait_boot(&leader, 0, BOOT).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
         assert_eq!(report["agent"], "active");
         let ip = new_ip.to_string();
         let args =
             ["--old-node", leader.as_str(), "--new-node-ip", ip.as_str(), "--yes", "--verify", "--timeout", "900s"];
-        let (ok, report) = lab.replace_node(&args).unwrap_or_else(|e| fail(&lab, &e));
+        let (ok, report) = lab.replace_node(&args).unwrap_or_else(|e| lab.fail(&e));
         if !ok {
-            fail(&lab, &format!("replace-node failed: {report}"));
+            lab.fail(&format!("replace-node failed: {report}"));
         }
         eprintln!("MEASURED new machine started -> replace-node done: {:.1?}", replacing.elapsed());
         eprintln!("MEASURED replace-node itself: {} s", report["elapsed_seconds"]);
@@ -314,14 +267,14 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         Some(ip)
     } else {
         lab.start(&leader).unwrap();
-        lab.wait_boot(&leader, from, BOOT).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+        lab.wait_boot(&leader, from, BOOT).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
         None
     };
     let rejoined = Instant::now();
-    let now_leading = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    let now_leading = lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
     eprintln!("MEASURED {leader} back -> cluster formed again: {:.1?}", rejoined.elapsed());
     assert_eq!(now_leading, follower, "the survivor keeps leading; {leader} follows");
-    assert_all_present(&lab, &acked);
+    lab.assert_kept("/lab/", &acked, CONVERGE);
     if let Some(ip) = &replaced_at {
         // `status` shows the new pair: the survivor's peer is at the new
         // address, and the new machine answers as the old node's name from there.
@@ -331,7 +284,7 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         if survivor.as_ref().map(|s| s["peer"]["address"].clone()) != Some(ip.clone().into())
             || new.as_ref().map(|s| s["address"].clone()) != Some(ip.clone().into())
         {
-            fail(&lab, &format!("status does not show the new pair: {survivor:?} / {new:?}"));
+            lab.fail(&format!("status does not show the new pair: {survivor:?} / {new:?}"));
         }
     }
     eprint!("{}", lab.render_status());
@@ -341,7 +294,7 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         poll::until(&format!("{leader}'s own Kubernetes API"), KUBE, Duration::from_secs(2), || {
             lab.kubectl(&k.kubeconfig, &[&server, "get", "configmap", "after", "-n", "shop", "-o", "json"])
         })
-        .unwrap_or_else(|e| fail(&lab, &e));
+        .unwrap_or_else(|e| lab.fail(&e));
         eprintln!("MEASURED {leader} back -> its Kubernetes API serving: {:.1?}", rejoined.elapsed());
     }
     let leader_mac = lab.node(&leader).unwrap().mac.clone();
@@ -353,9 +306,9 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         // Right after the rejoin the checks may still wait for the standby.
         if ok || !probe::failover_may_retry(&report) { Ok((ok, report)) } else { Err(report.to_string()) }
     })
-    .unwrap_or_else(|e| fail(&lab, &e));
+    .unwrap_or_else(|e| lab.fail(&e));
     if !ok || report["outcome"] != "done" || report["to"] != leader.as_str() {
-        fail(&lab, &format!("the switchover to {leader} did not happen: {report:#}"));
+        lab.fail(&format!("the switchover to {leader} did not happen: {report:#}"));
     }
     eprintln!("MEASURED switchover {follower} -> {leader} (the command's pause): {} ms", report["pause_ms"]);
     let clock =
@@ -374,11 +327,11 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         put_until_acked(&lab, &key, Duration::from_secs(30));
         acked.insert(key);
     }
-    let switched_to = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    let switched_to = lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
     assert_eq!(switched_to, leader, "the switchover's target leads and the other follows it");
     lab.collect_journals("switchover", 0);
     assert_eq!(lab.client_vip_mac().as_deref(), Some(leader_mac.as_str()), "the VIP moved back");
-    assert_all_present(&lab, &acked);
+    lab.assert_kept("/lab/", &acked, CONVERGE);
     if let Some(k) = &mut kube {
         k.create(&lab, "switched", "s", CONVERGE);
         k.assert_all_present(&lab);
@@ -388,25 +341,25 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
     // with one leader, the other streaming, and all the data. The power
     // button stops the agents: the leader hands over if its peer is still
     // up, so either node may lead afterwards, but never on an older epoch.
-    let epoch_before = epochs(&lab).into_values().max().unwrap_or_else(|| fail(&lab, "no epochs before the restart"));
+    let epoch_before = epochs(&lab).into_values().max().unwrap_or_else(|| lab.fail("no epochs before the restart"));
     let offsets: Vec<(String, u64)> =
         lab.node_names().into_iter().map(|n| (n.clone(), lab.console_offset(&n).unwrap())).collect();
     for n in lab.node_names() {
         lab.powerdown(&n).unwrap();
     }
     for n in lab.node_names() {
-        lab.wait_stopped(&n, Duration::from_secs(300)).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+        lab.wait_stopped(&n, Duration::from_secs(300)).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
     }
     let restarted = Instant::now();
     for n in lab.node_names() {
         lab.start(&n).unwrap();
     }
     for (n, from) in &offsets {
-        let report = lab.wait_boot(n, *from, BOOT).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+        let report = lab.wait_boot(n, *from, BOOT).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
         assert_eq!(report["agent"], "active");
         assert_eq!(report["hostname"], *n, "the hostname from the configuration deploy sent, kept across the boot");
     }
-    let after_reboot = lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    let after_reboot = lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
     eprintln!("MEASURED both rebooted -> cluster formed: {:.1?}, leader {after_reboot}", restarted.elapsed());
     let after = epochs(&lab);
     let leader_epoch = after[&after_reboot];
@@ -419,7 +372,7 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         );
     }
     assert!(after.values().all(|e| *e <= leader_epoch), "the follower is on a newer epoch than the leader: {after:?}");
-    assert_all_present(&lab, &acked);
+    lab.assert_kept("/lab/", &acked, CONVERGE);
     put_until_acked(&lab, "/lab/rebooted", CONVERGE);
     if let Some(k) = &mut kube {
         k.create(&lab, "rebooted", "r", KUBE);

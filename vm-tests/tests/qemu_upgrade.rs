@@ -1,17 +1,23 @@
-//! `gemin_k8s upgrade` on the QEMU lab: two VMs booting the default image
-//! (version 1.0.0) are upgraded to a 2.0.0 bundle of the same spec, one
-//! after the other, while a client writes through the VIP all along. Every
-//! acknowledged write must be there afterwards, both nodes must run 2.0.0
-//! from their other slot with the boot blessed, and the longest gap between
-//! two acknowledged writes (the client's write pause) is reported; then
-//! `upgrade --rollback` brings both back to 1.0.0 the same way.
+//! `gemin_k8s upgrade` on the QEMU lab: two VMs boot the default image
+//! (version 1.0.0), while a client writes through the VIP all along:
+//!
+//! 1. an upgrade to a broken 1.5.0 (its Kine cannot start): the follower's
+//!    new boot fails its gate, the node goes back to 1.0.0 by itself, the
+//!    command stops with the gate's reasons and the leader is untouched;
+//! 2. an upgrade to 2.0.0 whose follower VM is killed while the passive
+//!    slot is written: it boots 1.0.0 again;
+//! 3. the same upgrade run again completes: both nodes run 2.0.0 from their
+//!    other slot, blessed; the longest gap between two acknowledged writes
+//!    (the client's write pause) and each node's time are reported;
+//! 4. `upgrade --rollback` brings both back to 1.0.0 the same way.
+//!
+//! Every acknowledged write must be there after each step.
 //!
 //! Outside `just test` (it takes about half an hour under TCG): `just
 //! qemu-upgrade` runs it. The lab's run directory is `target/qemu-upgrade/run`; on failure the
 //! panic names the console logs and shows the agents' journals.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +26,7 @@ use geminik8s_vm_tests::image::{
     LAB_VERSION, agent_binary, build_upgrade_bundle_blocking, default_image_dir, target_dir,
 };
 use geminik8s_vm_tests::qemu::{self, Firmware};
-use geminik8s_vm_tests::qemu_lab::{QemuLab, UpOptions};
+use geminik8s_vm_tests::qemu_lab::{QemuLab, TEST_TOOLS, Teardown, UpOptions};
 use geminik8s_vm_tests::{poll, skip};
 
 const BOOT: Duration = Duration::from_secs(600);
@@ -28,40 +34,7 @@ const CONVERGE: Duration = Duration::from_secs(300);
 /// For the cluster and K3s (the stand-in's kube-apiserver) to serve after both booted.
 const FORM: Duration = Duration::from_secs(600);
 const NEXT: &str = "2.0.0";
-
-const TOOLS: &[&str] = &[
-    "mmdebstrap",
-    "kine",
-    "etcdctl",
-    "qemu-system-x86_64",
-    "qemu-img",
-    "xorriso",
-    "mcopy",
-    "tar2sqfs",
-    "bridge",
-    "chronyd",
-];
-
-struct Teardown(PathBuf);
-
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        match QemuLab::down(&self.0) {
-            Ok(removed) => eprintln!("lab down: removed {removed:?}"),
-            Err(e) => eprintln!("lab down failed: {e:#}"),
-        }
-    }
-}
-
-fn fail(lab: &QemuLab, what: &str) -> ! {
-    panic!(
-        "{what}\nstatus:\n{}\n{}console logs: {}/node1/node1-console.log, {}/node2/node2-console.log",
-        lab.render_status(),
-        lab.collect_journals("failure", 150),
-        lab.run_dir.display(),
-        lab.run_dir.display()
-    )
-}
+const BROKEN: &str = "1.5.0";
 
 /// A client writing through the VIP without pause: each key once, the
 /// acknowledged ones kept, and the longest time between two acknowledged
@@ -99,18 +72,6 @@ impl Writer {
     }
 }
 
-fn assert_all_present(lab: &QemuLab, prefix: &str, acked: &BTreeSet<String>) {
-    let keys: BTreeSet<String> =
-        poll::until("reading the keys through the VIP", CONVERGE, Duration::from_millis(500), || lab.keys(prefix))
-            .unwrap_or_else(|e| fail(lab, &e))
-            .into_iter()
-            .collect();
-    let lost: Vec<&String> = acked.difference(&keys).collect();
-    if !lost.is_empty() {
-        fail(lab, &format!("{} acknowledged writes lost: {lost:?}", lost.len()));
-    }
-}
-
 /// Each node's booted version and whether its boot is blessed, from `status`.
 fn versions(lab: &QemuLab) -> Vec<(String, String, bool)> {
     lab.status()
@@ -130,9 +91,9 @@ fn versions(lab: &QemuLab) -> Vec<(String, String, bool)> {
 }
 
 fn upgrade(lab: &QemuLab, what: &str, args: &[&str]) -> serde_json::Value {
-    let (ok, report) = lab.upgrade(args).unwrap_or_else(|e| fail(lab, &e));
+    let (ok, report) = lab.upgrade(args).unwrap_or_else(|e| lab.fail(&e));
     if !ok || report["success"] != true {
-        fail(lab, &format!("{what} failed: {report:#}"));
+        lab.fail(&format!("{what} failed: {report:#}"));
     }
     eprintln!("{what}: {report:#}");
     report
@@ -141,7 +102,7 @@ fn upgrade(lab: &QemuLab, what: &str, args: &[&str]) -> serde_json::Value {
 #[test]
 #[ignore = "about 30 minutes under TCG: run it with `just qemu-upgrade`"]
 fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
-    if let Some(reason) = skip::requires(true, TOOLS) {
+    if let Some(reason) = skip::requires(true, TEST_TOOLS) {
         return skip::skip(module_path!(), &reason);
     }
     if let Some(reason) = qemu::requires(Firmware::Uefi) {
@@ -159,6 +120,15 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     let bundle = build_upgrade_bundle_blocking(&base.join("v2"), NEXT, |_| {})
         .unwrap_or_else(|e| panic!("building the {NEXT} bundle: {e:#}"));
     eprintln!("MEASURED the {NEXT} upgrade bundle built: {:.1?}", built.elapsed());
+    // A release whose Kine cannot start: its nodes never become useful members.
+    let broken_kine = base.join("broken-kine");
+    std::fs::write(&broken_kine, "#!/bin/sh\necho 'kine: this release is broken on purpose' >&2\nexit 1\n").unwrap();
+    let broken = build_upgrade_bundle_blocking(&base.join("broken"), BROKEN, |spec| {
+        for a in spec.artifacts.iter_mut().filter(|a| a.name == "kine") {
+            a.source = gemin_image::spec::ArtifactSource::Path { path: broken_kine.clone(), sha256: None };
+        }
+    })
+    .unwrap_or_else(|e| panic!("building the {BROKEN} bundle: {e:#}"));
 
     let _teardown = Teardown(run_dir.clone());
     let opts = UpOptions {
@@ -175,7 +145,7 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
         enrol: false,
     };
     let up = QemuLab::up(&opts).unwrap_or_else(|e| panic!("qemu up: {e:#}"));
-    let lab = up.lab;
+    let lab = up.lab.clone();
     eprintln!("MEASURED up -> formed cluster: {:.1?} (leader {})", up.formed_after, up.leader);
     for (name, version, good) in versions(&lab) {
         assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} before the upgrade");
@@ -184,6 +154,63 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     let dry = upgrade(&lab, "upgrade --dry-run", &["--image", &bundle, "--dry-run"]);
     assert!(dry["nodes"].as_array().unwrap().iter().all(|n| n["outcome"] == "would upgrade"), "{dry:#}");
 
+    let follower = if up.leader == "node1" { "node2" } else { "node1" }.to_string();
+
+    // 1. The broken release: the follower goes back by itself, the leader is untouched.
+    let writer = Writer::start(&lab, "/broken/");
+    let broken = broken.display().to_string();
+    let (ok, report) = lab.upgrade(&["--image", &broken, "--rollback-timeout", "6m"]).unwrap_or_else(|e| lab.fail(&e));
+    let (acked_broken, _) = writer.finish();
+    eprintln!("upgrade to the broken {BROKEN}: {report:#}");
+    let runs = report["nodes"].as_array().cloned().unwrap_or_default();
+    let run = |n: &str| runs.iter().find(|r| r["node"] == n).cloned().unwrap_or_default();
+    if ok
+        || run(&follower)["outcome"] != "gate failed, rolled back by itself"
+        || run(&up.leader)["outcome"] != "pending"
+    {
+        lab.fail(&format!("the broken {BROKEN} was not rolled back by the follower alone: {report:#}"));
+    }
+    assert!(run(&follower)["detail"].as_str().unwrap_or_default().contains("kine"), "{report:#}");
+    eprintln!(
+        "MEASURED the broken {BROKEN} on {follower}: back on {LAB_VERSION} after {} s",
+        run(&follower)["seconds"]
+    );
+    for (name, version, good) in versions(&lab) {
+        assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} after the broken upgrade");
+    }
+    let failed = lab.status()[&follower].clone().unwrap_or_default()["boot"]["last_failed_gate"].clone();
+    assert_eq!(failed["version"], BROKEN, "status shows the failed gate: {failed}");
+    lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
+    lab.assert_kept("/broken/", &acked_broken, CONVERGE);
+
+    // 2. The follower's VM is killed while its passive slot is written.
+    let interrupted = std::thread::scope(|scope| {
+        let run = scope.spawn(|| lab.upgrade(&["--image", &bundle]));
+        poll::until(&format!("{follower} writing its passive slot"), CONVERGE, Duration::from_millis(200), || {
+            let entries = lab.ssh(&follower, &["ls", "/efi/loader/entries"]).unwrap_or_default();
+            if entries.contains(".staging") { Ok(()) } else { Err(entries) }
+        })
+        .unwrap_or_else(|e| lab.fail(&e));
+        let killed = lab.clone().kill(&follower);
+        (killed, run.join().unwrap())
+    });
+    let mut lab = lab;
+    lab.nodes.iter_mut().filter(|n| n.name == follower).for_each(|n| n.pid = None);
+    assert!(matches!(interrupted.0, Ok(Some(_))), "{follower}'s QEMU was not running: {:?}", interrupted.0);
+    assert!(
+        !interrupted.1.as_ref().is_ok_and(|(ok, _)| *ok),
+        "the interrupted upgrade reported success: {:?}",
+        interrupted.1
+    );
+    let from = lab.console_offset(&follower).unwrap();
+    lab.start(&follower).unwrap();
+    lab.wait_boot(&follower, from, BOOT).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
+    lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
+    for (name, version, good) in versions(&lab) {
+        assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} after the kill while writing its slot");
+    }
+
+    // 3. The upgrade again, under writes: it completes.
     let writer = Writer::start(&lab, "/up/");
     let started = Instant::now();
     let report = upgrade(&lab, "upgrade", &["--image", &bundle, "--rollback-timeout", "15m"]);
@@ -204,12 +231,14 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     for (name, version, good) in versions(&lab) {
         assert_eq!((version.as_str(), good), (NEXT, true), "{name} after the upgrade");
     }
-    lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
-    assert_all_present(&lab, "/up/", &acked);
+    lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
+    lab.assert_kept("/up/", &acked, CONVERGE);
+    lab.assert_kept("/broken/", &acked_broken, CONVERGE);
     // Run again: nothing to do.
     let again = upgrade(&lab, "upgrade again", &["--image", &bundle]);
     assert!(again["nodes"].as_array().unwrap().iter().all(|n| n["outcome"] == "already there"), "{again:#}");
 
+    // 4. Back to 1.0.0.
     let writer = Writer::start(&lab, "/back/");
     let started = Instant::now();
     let report = upgrade(&lab, "upgrade --rollback", &["--rollback"]);
@@ -219,9 +248,9 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     for (name, version, good) in versions(&lab) {
         assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} after the rollback");
     }
-    lab.wait_formed(CONVERGE).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
-    assert_all_present(&lab, "/up/", &acked);
-    assert_all_present(&lab, "/back/", &back);
+    lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
+    lab.assert_kept("/up/", &acked, CONVERGE);
+    lab.assert_kept("/back/", &back, CONVERGE);
     eprint!("{}", lab.render_status());
     lab.collect_journals("end", 0);
 }
