@@ -251,7 +251,7 @@ fn plan(args: &RollingArgs, bundle: Option<&Bundle>, answers: &[Answer]) -> anyh
             None => boots
                 .iter()
                 .rev()
-                .find_map(|(_, b)| b.other_release.as_ref().filter(|r| b.version() != Some(&r.version)))
+                .find_map(|(_, b)| b.rollback_release().filter(|r| b.version() != Some(&r.version)))
                 .map(|r| r.version.clone())
                 .context(
                     "neither node records an earlier release in its other slot: there is nothing to roll back to",
@@ -274,9 +274,9 @@ fn plan(args: &RollingArgs, bundle: Option<&Bundle>, answers: &[Answer]) -> anyh
                 if args.dry_run { "would upgrade" } else { "pending" }
             }
             (_, None) => {
-                if boot.other_release.as_ref().map(|r| r.version.as_str()) != Some(target.as_str()) {
+                if boot.rollback_release().map(|r| r.version.as_str()) != Some(target.as_str()) {
                     bail!(
-                        "{} runs {} and its other slot does not hold {target}: it cannot roll back to it",
+                        "{} runs {} and its other slot does not hold a bootable {target}: it cannot roll back to it",
                         a.name,
                         from.as_deref().unwrap_or("an unrecorded release")
                     );
@@ -723,6 +723,12 @@ mod tests {
             answer("node2", "follower", Some(boot("2", Slot::A, true, None))),
         ];
         let e = plan(&args(true), None, &fresh).unwrap_err();
-        assert!(format!("{e:#}").contains("node2 runs 2 and its other slot does not hold 1"), "{e:#}");
+        assert!(format!("{e:#}").contains("node2 runs 2 and its other slot does not hold a bootable 1"), "{e:#}");
+        // Nor to a release whose boots failed (an upgrade that rolled back).
+        let mut failed = boot("1", Slot::A, true, Some("2"));
+        failed.entries[1].counter = Counter::Bad { done: 1 };
+        let answers = [answer("node1", "leader", Some(failed.clone())), answer("node2", "follower", Some(failed))];
+        let e = plan(&args(true), None, &answers).unwrap_err();
+        assert!(format!("{e:#}").contains("nothing to roll back to"), "{e:#}");
     }
 }

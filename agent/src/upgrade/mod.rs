@@ -107,6 +107,14 @@ impl BootState {
         self.booted.and_then(|b| self.entries.iter().find(|e| e.slot == b)).is_some_and(|e| e.counter == Counter::Good)
     }
 
+    /// What a rollback would boot: the other slot's recorded release, when
+    /// its entry is there and did not use up its tries.
+    pub fn rollback_release(&self) -> Option<&Release> {
+        let other = self.booted?.other();
+        let entry = self.entries.iter().find(|e| e.slot == other)?;
+        (!matches!(entry.counter, Counter::Bad { .. })).then_some(self.other_release.as_ref()).flatten()
+    }
+
     /// The version the booted slot runs.
     pub fn version(&self) -> Option<&str> {
         self.release.as_ref().map(|r| r.version.as_str())
