@@ -1,15 +1,16 @@
 //! `gemin_k8s upgrade` on the QEMU lab: two VMs boot the default image
 //! (version 1.0.0), while a client writes through the VIP all along:
 //!
-//! 1. an upgrade to a broken 1.5.0 (its Kine cannot start): the follower's
+//! 1. an upgrade to 2.0.0, follower first: both nodes run 2.0.0 from their
+//!    other slot, blessed; the longest gap between two acknowledged writes
+//!    (the client's write pause) and each node's time are reported; run
+//!    again, it has nothing to do;
+//! 2. `upgrade --rollback` brings both back to 1.0.0 the same way;
+//! 3. an upgrade to a broken 1.5.0 (its Kine cannot start): the follower's
 //!    new boot fails its gate, the node goes back to 1.0.0 by itself, the
 //!    command stops with the gate's reasons and the leader is untouched;
-//! 2. an upgrade to 2.0.0 whose follower VM is killed while the passive
-//!    slot is written: it boots 1.0.0 again;
-//! 3. the same upgrade run again completes: both nodes run 2.0.0 from their
-//!    other slot, blessed; the longest gap between two acknowledged writes
-//!    (the client's write pause) and each node's time are reported;
-//! 4. `upgrade --rollback` brings both back to 1.0.0 the same way.
+//! 4. an upgrade to 2.0.0 whose follower VM is killed while its passive
+//!    slot is written: it boots 1.0.0 again, and the next upgrade completes.
 //!
 //! Every acknowledged write must be there after each step.
 //!
@@ -120,16 +121,6 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     let bundle = build_upgrade_bundle_blocking(&base.join("v2"), NEXT, |_| {})
         .unwrap_or_else(|e| panic!("building the {NEXT} bundle: {e:#}"));
     eprintln!("MEASURED the {NEXT} upgrade bundle built: {:.1?}", built.elapsed());
-    // A release whose Kine cannot start: its nodes never become useful members.
-    let broken_kine = base.join("broken-kine");
-    std::fs::write(&broken_kine, "#!/bin/sh\necho 'kine: this release is broken on purpose' >&2\nexit 1\n").unwrap();
-    let broken = build_upgrade_bundle_blocking(&base.join("broken"), BROKEN, |spec| {
-        for a in spec.artifacts.iter_mut().filter(|a| a.name == "kine") {
-            a.source = gemin_image::spec::ArtifactSource::Path { path: broken_kine.clone(), sha256: None };
-        }
-    })
-    .unwrap_or_else(|e| panic!("building the {BROKEN} bundle: {e:#}"));
-
     let _teardown = Teardown(run_dir.clone());
     let opts = UpOptions {
         config_dir,
@@ -154,9 +145,60 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     let dry = upgrade(&lab, "upgrade --dry-run", &["--image", &bundle, "--dry-run"]);
     assert!(dry["nodes"].as_array().unwrap().iter().all(|n| n["outcome"] == "would upgrade"), "{dry:#}");
 
-    let follower = if up.leader == "node1" { "node2" } else { "node1" }.to_string();
+    // 1. The upgrade under writes: follower first, a switchover, the other node.
+    let writer = Writer::start(&lab, "/up/");
+    let started = Instant::now();
+    let report = upgrade(&lab, "upgrade", &["--image", &bundle, "--rollback-timeout", "15m"]);
+    let took = started.elapsed();
+    let (acked, gap) = writer.finish();
+    for n in report["nodes"].as_array().unwrap() {
+        assert_eq!(n["outcome"], "upgraded", "{report:#}");
+        eprintln!("MEASURED {} upgraded ({} -> {NEXT}): {} s", n["node"], n["from"], n["seconds"]);
+    }
+    eprintln!(
+        "MEASURED rolling upgrade of both nodes: {took:.1?}; switchover pauses {}",
+        report["switchover_pause_ms"]
+    );
+    eprintln!(
+        "MEASURED longest gap between acknowledged writes during the upgrade: {gap:.1?} ({} writes)",
+        acked.len()
+    );
+    for (name, version, good) in versions(&lab) {
+        assert_eq!((version.as_str(), good), (NEXT, true), "{name} after the upgrade");
+    }
+    lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
+    lab.assert_kept("/up/", &acked, CONVERGE);
+    // Run again: nothing to do.
+    let again = upgrade(&lab, "upgrade again", &["--image", &bundle]);
+    assert!(again["nodes"].as_array().unwrap().iter().all(|n| n["outcome"] == "already there"), "{again:#}");
 
-    // 1. The broken release: the follower goes back by itself, the leader is untouched.
+    // 2. Back to 1.0.0 the same way.
+    let writer = Writer::start(&lab, "/back/");
+    let started = Instant::now();
+    let report = upgrade(&lab, "upgrade --rollback", &["--rollback"]);
+    let (back, gap) = writer.finish();
+    assert_eq!(report["version"], LAB_VERSION, "{report:#}");
+    eprintln!("MEASURED rollback of both nodes: {:.1?}; longest write gap {gap:.1?}", started.elapsed());
+    for (name, version, good) in versions(&lab) {
+        assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} after the rollback");
+    }
+    lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
+    lab.assert_kept("/up/", &acked, CONVERGE);
+    lab.assert_kept("/back/", &back, CONVERGE);
+
+    // 3. A broken release: the follower goes back by itself, the leader is untouched.
+    // A release whose Kine cannot start: its nodes never become useful members.
+    let broken_kine = base.join("broken-kine");
+    std::fs::write(&broken_kine, "#!/bin/sh\necho 'kine: this release is broken on purpose' >&2\nexit 1\n").unwrap();
+    let broken = build_upgrade_bundle_blocking(&base.join("broken"), BROKEN, |spec| {
+        for a in spec.artifacts.iter_mut().filter(|a| a.name == "kine") {
+            a.source = gemin_image::spec::ArtifactSource::Path { path: broken_kine.clone(), sha256: None };
+        }
+    })
+    .unwrap_or_else(|e| panic!("building the {BROKEN} bundle: {e:#}"));
+
+    let leader = lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
+    let follower = if leader == "node1" { "node2" } else { "node1" }.to_string();
     let writer = Writer::start(&lab, "/broken/");
     let broken = broken.display().to_string();
     let (ok, report) = lab.upgrade(&["--image", &broken, "--rollback-timeout", "6m"]).unwrap_or_else(|e| lab.fail(&e));
@@ -164,10 +206,7 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     eprintln!("upgrade to the broken {BROKEN}: {report:#}");
     let runs = report["nodes"].as_array().cloned().unwrap_or_default();
     let run = |n: &str| runs.iter().find(|r| r["node"] == n).cloned().unwrap_or_default();
-    if ok
-        || run(&follower)["outcome"] != "gate failed, rolled back by itself"
-        || run(&up.leader)["outcome"] != "pending"
-    {
+    if ok || run(&follower)["outcome"] != "gate failed, rolled back by itself" || run(&leader)["outcome"] != "pending" {
         lab.fail(&format!("the broken {BROKEN} was not rolled back by the follower alone: {report:#}"));
     }
     assert!(run(&follower)["detail"].as_str().unwrap_or_default().contains("kine"), "{report:#}");
@@ -183,7 +222,8 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
     lab.assert_kept("/broken/", &acked_broken, CONVERGE);
 
-    // 2. The follower's VM is killed while its passive slot is written.
+    // 4. The follower's VM is killed while its passive slot is written: it
+    // boots 1.0.0, and the next upgrade completes.
     let interrupted = std::thread::scope(|scope| {
         let run = scope.spawn(|| lab.upgrade(&["--image", &bundle]));
         poll::until(&format!("{follower} writing its passive slot"), CONVERGE, Duration::from_millis(200), || {
@@ -209,48 +249,17 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     for (name, version, good) in versions(&lab) {
         assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} after the kill while writing its slot");
     }
-
-    // 3. The upgrade again, under writes: it completes.
-    let writer = Writer::start(&lab, "/up/");
-    let started = Instant::now();
-    let report = upgrade(&lab, "upgrade", &["--image", &bundle, "--rollback-timeout", "15m"]);
-    let took = started.elapsed();
-    let (acked, gap) = writer.finish();
-    for n in report["nodes"].as_array().unwrap() {
-        assert_eq!(n["outcome"], "upgraded", "{report:#}");
-        eprintln!("MEASURED {} upgraded ({} -> {NEXT}): {} s", n["node"], n["from"], n["seconds"]);
-    }
-    eprintln!(
-        "MEASURED rolling upgrade of both nodes: {took:.1?}; switchover pauses {}",
-        report["switchover_pause_ms"]
-    );
-    eprintln!(
-        "MEASURED longest gap between acknowledged writes during the upgrade: {gap:.1?} ({} writes)",
-        acked.len()
-    );
+    let writer = Writer::start(&lab, "/again/");
+    let report = upgrade(&lab, "upgrade after the kill", &["--image", &bundle, "--rollback-timeout", "15m"]);
+    let (again, gap) = writer.finish();
+    assert!(report["nodes"].as_array().unwrap().iter().all(|n| n["outcome"] == "upgraded"), "{report:#}");
+    eprintln!("MEASURED upgrade after the kill: {} s; longest write gap {gap:.1?}", report["seconds"]);
     for (name, version, good) in versions(&lab) {
         assert_eq!((version.as_str(), good), (NEXT, true), "{name} after the upgrade");
     }
-    lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
-    lab.assert_kept("/up/", &acked, CONVERGE);
-    lab.assert_kept("/broken/", &acked_broken, CONVERGE);
-    // Run again: nothing to do.
-    let again = upgrade(&lab, "upgrade again", &["--image", &bundle]);
-    assert!(again["nodes"].as_array().unwrap().iter().all(|n| n["outcome"] == "already there"), "{again:#}");
-
-    // 4. Back to 1.0.0.
-    let writer = Writer::start(&lab, "/back/");
-    let started = Instant::now();
-    let report = upgrade(&lab, "upgrade --rollback", &["--rollback"]);
-    let (back, gap) = writer.finish();
-    assert_eq!(report["version"], LAB_VERSION, "{report:#}");
-    eprintln!("MEASURED rollback of both nodes: {:.1?}; longest write gap {gap:.1?}", started.elapsed());
-    for (name, version, good) in versions(&lab) {
-        assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} after the rollback");
+    for (prefix, keys) in [("/up/", &acked), ("/back/", &back), ("/broken/", &acked_broken), ("/again/", &again)] {
+        lab.assert_kept(prefix, keys, CONVERGE);
     }
-    lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
-    lab.assert_kept("/up/", &acked, CONVERGE);
-    lab.assert_kept("/back/", &back, CONVERGE);
     eprint!("{}", lab.render_status());
     lab.collect_journals("end", 0);
 }

@@ -206,7 +206,16 @@ impl AgentClient {
             bail!("an upgrade bundle is sent over the API, not the local socket");
         };
         let file = tokio::fs::File::open(path).await.with_context(|| format!("opening {}", path.display()))?;
-        let mut req = http.get().put(format!("{base}/v1/upgrade/bundle/{name}")).body(file);
+        // Read in large pieces (a file body would go in 8 KiB reads).
+        let chunks = futures_util::stream::try_unfold(file, |mut file| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 1 << 20];
+            let n = file.read(&mut buf).await?;
+            buf.truncate(n);
+            Ok::<_, std::io::Error>((n > 0).then_some((Bytes::from(buf), file)))
+        });
+        let body = reqwest::Body::wrap_stream(chunks);
+        let mut req = http.get().put(format!("{base}/v1/upgrade/bundle/{name}")).body(body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }

@@ -361,7 +361,9 @@ async fn receive(dir: &Path, name: &str, body: axum::body::Body) -> anyhow::Resu
     use tokio::io::AsyncWriteExt;
     tokio::fs::create_dir_all(dir).await.with_context(|| format!("creating {}", dir.display()))?;
     let part = dir.join(format!("{name}.part"));
-    let mut out = tokio::fs::File::create(&part).await.with_context(|| format!("creating {}", part.display()))?;
+    let file = tokio::fs::File::create(&part).await.with_context(|| format!("creating {}", part.display()))?;
+    // Frames are small (16 KiB): write in large pieces.
+    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
     let (mut bytes, mut hasher) = (0u64, sha2::Sha256::new());
     let mut body = body;
     while let Some(frame) = body.frame().await {
@@ -372,8 +374,10 @@ async fn receive(dir: &Path, name: &str, body: axum::body::Body) -> anyhow::Resu
             out.write_all(&data).await.with_context(|| format!("writing {}", part.display()))?;
         }
     }
-    out.sync_all().await.with_context(|| format!("syncing {}", part.display()))?;
-    drop(out);
+    out.flush().await.with_context(|| format!("writing {}", part.display()))?;
+    let file = out.into_inner();
+    file.sync_all().await.with_context(|| format!("syncing {}", part.display()))?;
+    drop(file);
     tokio::fs::rename(&part, dir.join(name)).await.with_context(|| format!("renaming {}", part.display()))?;
     Ok((bytes, hex::encode(hasher.finalize())))
 }
