@@ -302,7 +302,9 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
     // A planned switchover back through the operator's command, run from
     // the client host with the cluster file and operator certificate.
     let (ok, report) = poll::until(&format!("a switchover to {leader}"), CONVERGE, Duration::from_secs(2), || {
-        let (ok, report) = lab.failover(&["--promote", &leader, "--wait", "--timeout", "120s"])?;
+        // Under TCG the old leader may take minutes to follow (CI saw 2 min run out
+        // while both VMs were starved): as long as the lab's other waits.
+        let (ok, report) = lab.failover(&["--promote", &leader, "--wait", "--timeout", "300s"])?;
         // Right after the rejoin the checks may still wait for the standby.
         if ok || !probe::failover_may_retry(&report) { Ok((ok, report)) } else { Err(report.to_string()) }
     })
