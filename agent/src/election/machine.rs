@@ -344,10 +344,6 @@ impl Machine {
         Some(last + self.s.fence_timeout)
     }
 
-    /// Whether an operator may force this node to take over: it follows (or
-    /// waits in an election), its peer has missed its heartbeats, and no
-    /// other host answers for the VIP (a peer still serving it must be
-    /// stopped first, or two nodes would take writes).
     /// Follower: leaving on purpose. It refuses to be the synchronous
     /// standby, so its leader stops counting on it through the degrade
     /// handshake, and its entitlement to take over ends with the next word
@@ -366,6 +362,10 @@ impl Machine {
         Ok(())
     }
 
+    /// Whether an operator may force this node to take over: it follows (or
+    /// waits in an election), its peer has missed its heartbeats, and no
+    /// other host answers for the VIP (a peer still serving it must be
+    /// stopped first, or two nodes would take writes).
     pub fn can_force(&self) -> Result<(), String> {
         if !matches!(self.mode, Mode::Follower | Mode::Election) || self.meta().is_none() {
             return Err(format!("this node is {} and cannot be forced to take over", self.state()));
