@@ -60,6 +60,38 @@ pub const TEST_TOOLS: &[&str] = &[
     "chronyd",
 ];
 
+/// Where a QEMU lab test keeps its lab, under `target/NAME`.
+#[derive(Debug, Clone)]
+pub struct TestDirs {
+    /// The host's `gemin_k8s`.
+    pub agent: PathBuf,
+    /// `target/NAME`.
+    pub base: PathBuf,
+    /// `target/NAME/run`: console logs, disks, journals.
+    pub run_dir: PathBuf,
+    /// `target/NAME/cluster`: the cluster directory, made afresh.
+    pub config_dir: PathBuf,
+}
+
+/// A QEMU lab test's start: `None`, with the reason printed as a skip,
+/// without root, the lab's tools, UEFI firmware or a built `gemin_k8s`;
+/// otherwise its directories, with what an interrupted run left taken down.
+pub fn test_start(test: &str, name: &str) -> Option<TestDirs> {
+    if let Some(reason) = crate::skip::requires(true, TEST_TOOLS).or_else(|| qemu::requires(Firmware::Uefi)) {
+        crate::skip::skip(test, &reason);
+        return None;
+    }
+    let Some(agent) = crate::image::agent_binary() else {
+        crate::skip::skip(test, "no gemin_k8s in target/: run `cargo build -p geminik8s-agent`");
+        return None;
+    };
+    let base = crate::image::target_dir().join(name);
+    let (run_dir, config_dir) = (base.join("run"), base.join("cluster"));
+    QemuLab::down(&run_dir).unwrap_or_else(|e| panic!("taking the lab of an earlier run down: {e:#}"));
+    let _ = std::fs::remove_dir_all(&config_dir); // Absent on the first run.
+    Some(TestDirs { agent, base, run_dir, config_dir })
+}
+
 /// Tears the lab of a run directory down however a test ends.
 pub struct Teardown(pub PathBuf);
 
@@ -140,6 +172,9 @@ pub struct UpOptions {
     /// them, in the cluster directory). Otherwise the node files are on the
     /// CIDATA volumes.
     pub enrol: bool,
+    /// `gemin_k8s init --template` for the cluster made here (settings the
+    /// nodes share, a backup destination say).
+    pub init_template: Option<PathBuf>,
 }
 
 /// What `up` saw.
@@ -439,7 +474,8 @@ impl QemuLab {
                 .args(["init", "--name", "lab", "--node1-ip", "10.77.0.11", "--node2-ip", "10.77.0.12"])
                 // The client namespace stands in for the site's router.
                 .args(["--vip", "10.77.0.10", "--witness", "gateway", "--witness-target", "10.77.0.2", "--config-dir"])
-                .arg(&opts.config_dir))
+                .arg(&opts.config_dir)
+                .args(opts.init_template.iter().flat_map(|t| [std::ffi::OsStr::new("--template"), t.as_os_str()])))
             .context("making the lab cluster with `gemin_k8s init`")?;
         }
         let cluster = ClusterFile::load(&cluster_path)?;

@@ -1232,28 +1232,26 @@ fn wal_archiving_runs_on_the_follower_and_a_dead_destination_shows_in_status() {
         if a["pending_files"] == 0 && a["last_error"].is_null() { Ok(()) } else { Err(a.to_string()) }
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(lab)));
-    let bin = agent_bin().unwrap();
-    let socket_dir = lab.node_dir("node1").join("runtime/postgres-node1");
-    let out = lab
-        .exec(
-            "node1",
-            &[
-                bin.to_str().unwrap(),
-                "backup",
-                "create",
-                "--output",
-                dest.to_str().unwrap(),
-                "--no-encryption",
-                "--pg-host",
-                socket_dir.to_str().unwrap(),
-                "--cluster",
-                "lab",
-                "--node",
-                "node1",
-            ],
-        )
+    // The full backup asked through the agent API (`upgrade --backup`):
+    // the node takes it from its own PostgreSQL to its destination.
+    let sock = lab.socket("node2");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--max-time", "120", "-X", "POST", "--unix-socket"])
+        .arg(&sock)
+        .arg("http://node2/v1/backup")
+        .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "POST /v1/backup: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let taken: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(taken["node"], "node2", "{taken}");
+    let listed = backups(&dest);
+    let ours = listed.iter().find(|b| b["id"] == taken["id"]).unwrap_or_else(|| panic!("{taken} not in {listed:?}"));
+    assert_eq!((&ours["node"], &ours["cluster"]), (&"node2".into(), &"lab".into()), "{ours}");
     poll::until("the gap to close after the full backup", FORM, Duration::from_millis(300), || {
         let s = status(lab, "node2")?;
         if s["archive"]["gap"].is_null() { Ok(()) } else { Err(s["archive"].to_string()) }

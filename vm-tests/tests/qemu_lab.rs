@@ -15,10 +15,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use geminik8s_vm_tests::image::{agent_binary, default_image_dir, target_dir};
-use geminik8s_vm_tests::qemu::{self, Firmware};
-use geminik8s_vm_tests::qemu_lab::{QemuLab, TEST_TOOLS, Teardown, UpOptions};
-use geminik8s_vm_tests::{poll, probe, skip};
+use geminik8s_vm_tests::image::default_image_dir;
+use geminik8s_vm_tests::qemu;
+use geminik8s_vm_tests::qemu_lab::{self, QemuLab, Teardown, TestDirs, UpOptions};
+use geminik8s_vm_tests::{poll, probe};
 
 /// A boot under TCG on a shared 2-core machine, two VMs at once.
 const BOOT: Duration = Duration::from_secs(600);
@@ -119,21 +119,9 @@ impl Kube {
 
 #[test]
 fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_with_the_data() {
-    if let Some(reason) = skip::requires(true, TEST_TOOLS) {
-        return skip::skip(module_path!(), &reason);
-    }
-    if let Some(reason) = qemu::requires(Firmware::Uefi) {
-        return skip::skip(module_path!(), &reason);
-    }
-    let Some(agent) = agent_binary() else {
-        return skip::skip(module_path!(), "no gemin_k8s in target/: run `cargo build -p geminik8s-agent`");
+    let Some(TestDirs { agent, run_dir, config_dir, .. }) = qemu_lab::test_start(module_path!(), "qemu-lab") else {
+        return;
     };
-    let base = target_dir().join("qemu-lab");
-    let run_dir = base.join("run");
-    let config_dir = base.join("cluster");
-    // Leftovers of an interrupted run.
-    QemuLab::down(&run_dir).unwrap();
-    let _ = std::fs::remove_dir_all(&config_dir); // Absent on the first run.
     let accel = qemu::accel_choice();
     eprintln!("accelerator: {} ({})", accel.accel.as_str(), accel.reason);
 
@@ -152,6 +140,7 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         // The generic image: the CIDATA volumes carry no node file, only
         // the site's enrolment token; `gemin_k8s deploy` forms the cluster.
         enrol: true,
+        init_template: None,
     };
     let up = QemuLab::up(&opts).unwrap_or_else(|e| panic!("qemu up: {e:#}"));
     let mut lab = up.lab;

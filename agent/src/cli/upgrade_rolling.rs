@@ -61,6 +61,9 @@ pub struct RollingArgs {
     /// When the second node fails its gate, roll the first back too, so that both run one version.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub auto_rollback: bool,
+    /// Before the first reboot, a full backup to the nodes' backup.destination (taken by the follower).
+    #[arg(long)]
+    pub backup: bool,
     /// Go back to the version each node ran before (the other slot), through the same choreography.
     #[arg(long, conflicts_with = "image")]
     pub rollback: bool,
@@ -112,6 +115,9 @@ pub struct Report {
     pub version: String,
     pub strategy: Strategy,
     pub nodes: Vec<NodeRun>,
+    /// The full backup taken before the first reboot (--backup).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupStep>,
     /// The switchovers' write pauses.
     pub switchover_pause_ms: Vec<u64>,
     pub success: bool,
@@ -120,9 +126,26 @@ pub struct Report {
     pub seconds: f64,
 }
 
+/// `--backup`: which node takes it and where, then what it took.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupStep {
+    pub node: String,
+    pub destination: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+}
+
 fn render_text(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{} to {} ({:?}):", r.operation, r.version, r.strategy);
+    if let Some(b) = &r.backup {
+        let _ = match (&b.id, b.seconds) {
+            (Some(id), Some(s)) => writeln!(out, "  backup {id} by {} to {} in {s:.0} s", b.node, b.destination),
+            _ => writeln!(out, "  backup by {} to {} before the first reboot", b.node, b.destination),
+        };
+    }
     for n in &r.nodes {
         let took = n.seconds.map(|s| format!(" in {s:.0} s")).unwrap_or_default();
         let from = n.from.as_deref().unwrap_or("unrecorded");
@@ -294,17 +317,39 @@ fn plan(args: &RollingArgs, bundle: Option<&Bundle>, answers: &[Answer]) -> anyh
         });
     }
     let operation = if args.rollback { "rollback" } else { "upgrade" };
+    let all_there = nodes.iter().all(|n| n.outcome == "already there");
+    // The follower takes it (it goes first), else the leader.
+    let backup = match args.backup && !all_there {
+        false => None,
+        true => Some(
+            ordered
+                .iter()
+                .zip(&boots)
+                .find_map(|(a, (s, _))| {
+                    let archive = s.archive.as_ref()?;
+                    Some(BackupStep {
+                        node: a.name.clone(),
+                        destination: archive.destination.clone(),
+                        id: None,
+                        seconds: None,
+                    })
+                })
+                .context(
+                    "--backup: neither node takes backups (no backup.destination in their cloud-config, or it could not be set up: see `gemin_k8s status --details`); set one, or upgrade without --backup",
+                )?,
+        ),
+    };
     let mut report = Report {
         operation: if args.dry_run { format!("{operation} (dry run)") } else { operation.into() },
         version: target,
         strategy: args.strategy,
         nodes,
+        backup,
         switchover_pause_ms: Vec::new(),
         success: true,
         detail: None,
         seconds: 0.0,
     };
-    let all_there = report.nodes.iter().all(|n| n.outcome == "already there");
     if !args.skip_validation && !all_there && ordered.len() == 2 {
         let (follower, leader) = (ordered[0], ordered[1]);
         let failed: Vec<String> = failover::checks(leader, follower)
@@ -347,6 +392,22 @@ impl Run<'_> {
     }
 
     async fn all(&mut self) -> anyhow::Result<()> {
+        if let Some(b) = &self.report.backup {
+            let node = b.node.clone();
+            self.progress(&format!("{node}: taking a full backup to {}", b.destination));
+            let taken = self
+                .slow(&node)
+                .backup_now()
+                .await
+                .with_context(|| format!("--backup on {node}: nothing was upgraded"))?;
+            self.progress(&format!("{node}: backup {} taken in {:.0} s", taken.id, taken.seconds));
+            self.report.backup = Some(BackupStep {
+                node,
+                destination: taken.destination,
+                id: Some(taken.id),
+                seconds: Some(taken.seconds),
+            });
+        }
         if self.args.strategy == Strategy::Parallel && self.bundle.is_some() {
             let pending: Vec<String> =
                 self.report.nodes.iter().filter(|n| n.outcome == "pending").map(|n| n.node.clone()).collect();
@@ -641,6 +702,7 @@ mod tests {
             boot_timeout: Duration::from_secs(600),
             skip_validation: true,
             auto_rollback: true,
+            backup: false,
             rollback,
             dry_run: true,
             output: OutputFormat::Json,
@@ -730,5 +792,33 @@ mod tests {
         let answers = [answer("node1", "leader", Some(failed.clone())), answer("node2", "follower", Some(failed))];
         let e = plan(&args(true), None, &answers).unwrap_err();
         assert!(format!("{e:#}").contains("nothing to roll back to"), "{e:#}");
+    }
+
+    #[test]
+    fn a_backup_is_taken_by_the_follower_and_refused_where_no_node_takes_backups() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle(dir.path(), "2", 15);
+        let mut answers = [
+            answer("node1", "leader", Some(boot("1", Slot::A, true, None))),
+            answer("node2", "follower", Some(boot("1", Slot::A, true, None))),
+        ];
+        let mut with_backup = args(false);
+        with_backup.backup = true;
+        let e = plan(&with_backup, Some(&b), &answers).unwrap_err();
+        assert!(format!("{e:#}").contains("--backup: neither node takes backups"), "{e:#}");
+        for a in &mut answers {
+            let archive = crate::peer::ArchiveView { destination: "/backups".into(), ..Default::default() };
+            a.status.as_mut().unwrap().archive = Some(archive);
+        }
+        let r = plan(&with_backup, Some(&b), &answers).unwrap();
+        let step = r.backup.as_ref().expect("a backup step");
+        assert_eq!((step.node.as_str(), step.destination.as_str(), step.id.as_ref()), ("node2", "/backups", None));
+        assert!(render_text(&r).contains("backup by node2 to /backups before the first reboot"), "{}", render_text(&r));
+        // Nothing to upgrade: nothing to back up.
+        let there = [
+            answer("node1", "leader", Some(boot("2", Slot::B, true, Some("1")))),
+            answer("node2", "follower", Some(boot("2", Slot::B, true, Some("1")))),
+        ];
+        assert!(plan(&with_backup, Some(&b), &there).unwrap().backup.is_none());
     }
 }

@@ -12,9 +12,10 @@
 //! the same.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use super::scheduler::Taker;
 use crate::backup::crypto::Keys;
 use crate::backup::manifest::Compression;
 use crate::backup::wal::{self, Role};
@@ -148,16 +149,17 @@ impl Archiver {
 }
 
 /// Start archiving and the backup schedule as `cfg` asks (`socket_dir`:
-/// where this node's PostgreSQL listens). A destination that cannot be set
-/// up (credentials missing, say) does not stop the agent: it is logged and
+/// where this node's PostgreSQL listens), and give the API what takes a
+/// backup on request (`backups`). A destination that cannot be set up
+/// (credentials missing, say) does not stop the agent: it is logged and
 /// shown in `status`, and the WAL stays spooled until it is fixed.
-pub fn start(cfg: &GeminiConfig, shared: &Shared, socket_dir: PathBuf) {
+pub fn start(cfg: &GeminiConfig, shared: &Shared, socket_dir: PathBuf, backups: &OnceLock<Arc<Taker>>) {
     let result = (|| {
         let Some(archiver) = Archiver::from_config(cfg)? else { return Ok(()) };
-        if let Some(scheduler) =
-            super::scheduler::Scheduler::from_config(cfg, archiver.store.clone(), archiver.keys.clone())?
-        {
-            tokio::spawn(scheduler.run(socket_dir, shared.clone()));
+        let taker = Arc::new(Taker::new(cfg, archiver.store.clone(), archiver.keys.clone(), &socket_dir)?);
+        let _ = backups.set(taker.clone()); // Set once, at start.
+        if let Some(scheduler) = super::scheduler::Scheduler::from_config(cfg, taker)? {
+            tokio::spawn(scheduler.run(shared.clone()));
         }
         tokio::spawn(archiver.run(shared.clone()));
         Ok::<_, anyhow::Error>(())

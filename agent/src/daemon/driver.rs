@@ -385,6 +385,11 @@ impl Driver {
     }
 
     /// What the API serves; the WAL archiver and the backup schedule publish into it too.
+    /// Where the API finds what takes a backup on request.
+    pub fn backups(&self) -> &std::sync::OnceLock<Arc<super::scheduler::Taker>> {
+        &self.hooks.backups
+    }
+
     pub fn shared(&self) -> Shared {
         self.shared.clone()
     }

@@ -222,7 +222,7 @@ pub async fn run(args: Args, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let driver = driver::Driver::start(loaded.gemini, args.state_dir.clone(), args.socket, subsystems).await?;
     if manages_database {
         let socket_dir = args.runtime_dir.join(format!("postgres-{}", cfg.node.name));
-        archiver::start(&cfg, &driver.shared(), socket_dir);
+        archiver::start(&cfg, &driver.shared(), socket_dir, driver.backups());
     }
     if let Some((_, settings)) = &enrolment {
         let running = crate::enrol::Enrolled { cluster: cfg.cluster.name.clone(), node: cfg.node.name.clone() };

@@ -8,6 +8,9 @@
 //! backup (the streaming follower, or the leader alone: see
 //! [`super::archiver`]), so each time gives one backup and the leader's
 //! disk and uplink are spared while it has a follower.
+//!
+//! [`Taker`] takes one backup; the agent API's `POST /v1/backup` (`upgrade
+//! --backup`) uses it too, whether or not a schedule is set.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,37 +25,38 @@ use crate::peer::Shared;
 /// often, so a clock set forward or back does not skip or double a backup.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 
-pub struct Scheduler {
-    cron: croner::Cron,
-    retention: usize,
+/// Takes a full backup of this node's PostgreSQL to `backup.destination`
+/// and publishes it in the status (`archive.schedule.last`).
+pub struct Taker {
     store: Arc<dyn Store>,
     keys: Arc<Keys>,
     source: backup::create::Source,
     labels: backup::create::Labels,
+    /// One backup at a time.
+    busy: tokio::sync::Mutex<()>,
 }
 
-impl Scheduler {
-    /// The scheduler `cfg` asks for (`None` without a destination or with `schedule: off`).
-    pub fn from_config(
+impl std::fmt::Debug for Taker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Taker").field("destination", &self.store.url()).finish_non_exhaustive()
+    }
+}
+
+impl Taker {
+    /// `socket_dir`: where this node's PostgreSQL listens.
+    pub fn new(
         cfg: &GeminiConfig,
         store: Arc<dyn Store>,
         keys: Arc<Keys>,
-    ) -> anyhow::Result<Option<Scheduler>> {
-        let b = &cfg.backup;
-        let cron = match b.schedule() {
-            None => return Ok(None),
-            Some(Ok(cron)) => cron,
-            Some(Err(e)) => anyhow::bail!("backup.schedule {:?}: {e}", b.schedule),
-        };
+        socket_dir: &std::path::Path,
+    ) -> anyhow::Result<Taker> {
         let settings = crate::postgres::Settings::from_config(cfg);
-        Ok(Some(Scheduler {
-            cron,
-            retention: b.retention.max(1) as usize,
+        Ok(Taker {
             store,
             keys,
             source: backup::create::Source {
                 bin_dir: settings.bin_dir.clone(),
-                host: settings.socket_dir.display().to_string(),
+                host: socket_dir.display().to_string(),
                 port: settings.node.port,
                 user: crate::postgres::render::SUPERUSER.into(),
             },
@@ -61,12 +65,61 @@ impl Scheduler {
                 node: cfg.node.name.clone(),
                 node_config: Some(backup::node::render(cfg).map_err(|e| anyhow::anyhow!("the node bundle: {e}"))?),
             },
-        }))
+            busy: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Where backups go (for messages).
+    pub fn destination(&self) -> String {
+        self.store.url()
+    }
+
+    /// Take one full backup now (waiting for one already running), and
+    /// publish its id or the failure.
+    pub async fn take(&self, shared: &Shared) -> anyhow::Result<backup::create::Created> {
+        let _one = self.busy.lock().await;
+        let at = backup::now_rfc3339();
+        let created = backup::create::create(
+            &self.source,
+            self.store.clone(),
+            &self.labels,
+            Compression::Zstd { level: 3 },
+            self.keys.clone(),
+            Arc::new(()),
+        )
+        .await;
+        match &created {
+            Ok(c) => publish(shared, |v| {
+                v.last = Some(c.manifest.id.clone());
+                v.last_at = Some(at.clone());
+                v.last_error = None;
+            }),
+            Err(e) => publish(shared, |v| v.last_error = Some(format!("{at}: {e}"))),
+        }
+        Ok(created?)
+    }
+}
+
+pub struct Scheduler {
+    cron: croner::Cron,
+    retention: usize,
+    taker: Arc<Taker>,
+}
+
+impl Scheduler {
+    /// The scheduler `cfg` asks for (`None` with `schedule: off`).
+    pub fn from_config(cfg: &GeminiConfig, taker: Arc<Taker>) -> anyhow::Result<Option<Scheduler>> {
+        let b = &cfg.backup;
+        let cron = match b.schedule() {
+            None => return Ok(None),
+            Some(Ok(cron)) => cron,
+            Some(Err(e)) => anyhow::bail!("backup.schedule {:?}: {e}", b.schedule),
+        };
+        Ok(Some(Scheduler { cron, retention: b.retention.max(1) as usize, taker }))
     }
 
     /// Take a backup at each time of the schedule, on the node that archives.
-    pub async fn run(mut self, socket_dir: std::path::PathBuf, shared: Shared) {
-        self.source.host = socket_dir.display().to_string();
+    pub async fn run(self, shared: Shared) {
         loop {
             let now = chrono::Utc::now();
             let next = match self.cron.find_next_occurrence(&now, false) {
@@ -101,20 +154,9 @@ impl Scheduler {
     }
 
     async fn take(&self, shared: &Shared) {
-        let at = backup::now_rfc3339();
-        let created = backup::create::create(
-            &self.source,
-            self.store.clone(),
-            &self.labels,
-            Compression::Zstd { level: 3 },
-            self.keys.clone(),
-            Arc::new(()),
-        )
-        .await;
-        match created {
-            Ok(c) => {
-                let id = c.manifest.id.clone();
-                let (store, keep) = (self.store.clone(), self.retention);
+        match self.taker.take(shared).await {
+            Ok(_) => {
+                let (store, keep) = (self.taker.store.clone(), self.retention);
                 let pruned = tokio::task::spawn_blocking(move || {
                     backup::prune::prune(store.as_ref(), backup::prune::Retention::Count(keep), false)
                 })
@@ -127,16 +169,8 @@ impl Scheduler {
                     Ok(Err(e)) => tracing::warn!(error = %e, "pruning after a scheduled backup failed"),
                     Err(e) => tracing::warn!(error = %e, "the pruning task failed"),
                 }
-                publish(shared, |v| {
-                    v.last = Some(id.clone());
-                    v.last_at = Some(at.clone());
-                    v.last_error = None;
-                });
             }
-            Err(e) => {
-                tracing::error!(event = "scheduled_backup_failed", error = %e, "the scheduled backup failed");
-                publish(shared, |v| v.last_error = Some(format!("{at}: {e}")));
-            }
+            Err(e) => tracing::error!(event = "scheduled_backup_failed", error = %e, "the scheduled backup failed"),
         }
     }
 }

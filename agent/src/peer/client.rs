@@ -244,6 +244,16 @@ impl AgentClient {
         }
     }
 
+    /// A full backup of this node's datastore to its `backup.destination`,
+    /// now. A refusal (no destination) is a [`Refused`] error.
+    pub async fn backup_now(&self) -> anyhow::Result<super::BackupTaken> {
+        let (status, body) = self.request(hyper::Method::POST, "/v1/backup").await?;
+        match status {
+            200 => serde_json::from_str(&body).context("reading the answer to POST /v1/backup"),
+            _ => Err(self.refused("the backup", status, &body)),
+        }
+    }
+
     /// Make the slot this node ran before its next boot. A refusal is a [`Refused`] error.
     pub async fn upgrade_rollback(&self) -> anyhow::Result<crate::upgrade::node::RollbackReport> {
         let (status, body) = self.request(hyper::Method::POST, "/v1/upgrade/rollback").await?;

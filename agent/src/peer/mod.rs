@@ -51,6 +51,16 @@ pub struct PeerChanged {
     pub persisted: String,
 }
 
+/// Answer to `POST /v1/backup`: the full backup a node took on request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupTaken {
+    pub node: String,
+    /// The backup's id (`backup list`, `restore --backup-id`).
+    pub id: String,
+    pub destination: String,
+    pub seconds: f64,
+}
+
 /// Answer to `GET /v1/health`: the heartbeat.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthReport {

@@ -17,6 +17,7 @@
 //! | `POST /v1/upgrade/rollback` | `upgrade --rollback`: the slot the node ran before boots next | the operator's or the peer's certificate + API token |
 //! | `POST /v1/upgrade/leave` | `upgrade`: this follower is about to reboot; its leader stops counting on it | the operator's or the peer's certificate + API token |
 //! | `POST /v1/upgrade/reboot` | `upgrade`: reboot the node into its next boot entry (refused on a leader) | the operator's or the peer's certificate + API token |
+//! | `POST /v1/backup` | `upgrade --backup`: a full backup of this node's datastore to `backup.destination` now | the operator's or the peer's certificate + API token |
 //!
 //! Every TLS client must present a certificate signed by the cluster CA; its
 //! name ([`Identity`]) then decides the routes. Only the peer's heartbeat
@@ -76,6 +77,9 @@ pub struct ApiHooks {
     pub kubeconfig: Option<std::path::PathBuf>,
     /// Where the upgrade routes find the node's slots and state.
     pub upgrade: UpgradeHooks,
+    /// What `POST /v1/backup` takes a backup with: set once the backup
+    /// destination is set up (never without `backup.destination`).
+    pub backups: std::sync::OnceLock<Arc<crate::daemon::scheduler::Taker>>,
 }
 
 /// The node's boot and upgrade files for the upgrade routes and the status.
@@ -443,6 +447,31 @@ async fn upgrade_reboot(State(state): State<AppState>) -> Response {
     }
 }
 
+/// A full backup now, to the node's `backup.destination`; answers its
+/// manifest. It runs to its end even if the caller goes away.
+async fn backup_now(State(state): State<AppState>) -> Response {
+    let Some(taker) = state.hooks.backups.get().cloned() else {
+        return (
+            StatusCode::CONFLICT,
+            "this node takes no backups: its cloud-config sets no backup.destination (or backup.archive_wal is off, \
+             or the destination could not be set up: see its status)\n",
+        )
+            .into_response();
+    };
+    let (shared, destination) = (state.shared.clone(), taker.destination());
+    tracing::info!(event = "backup_requested", destination, "a full backup asked through the API");
+    match tokio::spawn(async move { taker.take(&shared).await }).await {
+        Ok(Ok(created)) => {
+            tracing::info!(event = "backup_taken", id = %created.manifest.id, seconds = created.elapsed.as_secs_f64(), "full backup taken");
+            let node = read(&state.shared).status.node.clone();
+            let seconds = created.elapsed.as_secs_f64();
+            Json(super::BackupTaken { node, id: created.manifest.id, destination, seconds }).into_response()
+        }
+        Ok(Err(e)) => refused_with(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("the backup stopped: {e}\n")).into_response(),
+    }
+}
+
 async fn wake(State(state): State<AppState>) -> Response {
     state.hooks.wake.notify_one();
     StatusCode::NO_CONTENT.into_response()
@@ -498,6 +527,7 @@ pub fn router(shared: Shared, auth: Auth, hooks: Arc<ApiHooks>) -> Router {
         .route("/v1/upgrade/rollback", post(upgrade_rollback))
         .route("/v1/upgrade/leave", post(upgrade_leave))
         .route("/v1/upgrade/reboot", post(upgrade_reboot))
+        .route("/v1/backup", post(backup_now))
         .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_operator));
     let peer = Router::new()
