@@ -61,6 +61,9 @@ pub struct RollingArgs {
     /// When the second node fails its gate, roll the first back too, so that both run one version.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub auto_rollback: bool,
+    /// When done, a switchover back to the node that led before the run, so that each keeps its role.
+    #[arg(long)]
+    pub preserve_roles: bool,
     /// Before the first reboot, a full backup to the nodes' backup.destination (taken by the follower).
     #[arg(long)]
     pub backup: bool,
@@ -231,7 +234,16 @@ pub async fn run(args: RollingArgs, global: &GlobalArgs) -> anyhow::Result<ExitC
         report.seconds = started.elapsed().as_secs_f64();
         return finish(&report, args.output);
     }
-    let mut run = Run { args: &args, clients: &clients, slow: &slow, bundle: bundle.as_ref(), report: &mut report };
+    let leader_before =
+        answers.iter().find(|a| a.status.as_ref().is_some_and(|s| s.role == "leader")).map(|a| a.name.clone());
+    let mut run = Run {
+        args: &args,
+        clients: &clients,
+        slow: &slow,
+        bundle: bundle.as_ref(),
+        leader_before,
+        report: &mut report,
+    };
     let result = run.all().await;
     report.seconds = started.elapsed().as_secs_f64();
     if let Err(e) = result {
@@ -373,6 +385,8 @@ struct Run<'a> {
     clients: &'a [(String, AgentClient)],
     slow: &'a [(String, AgentClient)],
     bundle: Option<&'a Bundle>,
+    /// Who led when the run started (`--preserve-roles`).
+    leader_before: Option<String>,
     report: &'a mut Report,
 }
 
@@ -442,6 +456,13 @@ impl Run<'_> {
                     return self.after_failed_gate(&node).await;
                 }
             }
+        }
+        if self.args.preserve_roles
+            && let Some(before) = self.leader_before.clone()
+            && let Some(other) = self.report.nodes.iter().map(|n| n.node.clone()).find(|n| *n != before)
+        {
+            // A switchover back if the other node leads now.
+            self.lead_elsewhere(&other).await?;
         }
         Ok(())
     }
@@ -580,7 +601,9 @@ impl Run<'_> {
                             return Ok(Ok(()));
                         }
                         let failed = b.last_failed_gate.as_ref().filter(|f| f.version == *target);
-                        if gone && b.trial.is_none() && b.version() != Some(target) && failed.is_some() {
+                        // Back on the old slot (its own gate ends the trial soon after).
+                        let back = b.trial.as_ref().is_none_or(|t| b.booted.is_some_and(|s| s.letter() != t.slot));
+                        if gone && back && b.version() != Some(target) && failed.is_some() {
                             return Ok(Err(failed.map(|f| f.reasons.clone()).unwrap_or_default()));
                         }
                         last = format!("{} ({})", b.summary(), s.state);
@@ -703,6 +726,7 @@ mod tests {
             skip_validation: true,
             auto_rollback: true,
             backup: false,
+            preserve_roles: false,
             rollback,
             dry_run: true,
             output: OutputFormat::Json,
