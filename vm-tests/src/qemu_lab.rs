@@ -172,9 +172,6 @@ pub struct UpOptions {
     /// them, in the cluster directory). Otherwise the node files are on the
     /// CIDATA volumes.
     pub enrol: bool,
-    /// `gemin_k8s init --template` for the cluster made here (settings the
-    /// nodes share, a backup destination say).
-    pub init_template: Option<PathBuf>,
 }
 
 /// What `up` saw.
@@ -474,8 +471,7 @@ impl QemuLab {
                 .args(["init", "--name", "lab", "--node1-ip", "10.77.0.11", "--node2-ip", "10.77.0.12"])
                 // The client namespace stands in for the site's router.
                 .args(["--vip", "10.77.0.10", "--witness", "gateway", "--witness-target", "10.77.0.2", "--config-dir"])
-                .arg(&opts.config_dir)
-                .args(opts.init_template.iter().flat_map(|t| [std::ffi::OsStr::new("--template"), t.as_os_str()])))
+                .arg(&opts.config_dir))
             .context("making the lab cluster with `gemin_k8s init`")?;
         }
         let cluster = ClusterFile::load(&cluster_path)?;

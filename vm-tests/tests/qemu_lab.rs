@@ -140,7 +140,6 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         // The generic image: the CIDATA volumes carry no node file, only
         // the site's enrolment token; `gemin_k8s deploy` forms the cluster.
         enrol: true,
-        init_template: None,
     };
     let up = QemuLab::up(&opts).unwrap_or_else(|e| panic!("qemu up: {e:#}"));
     let mut lab = up.lab;

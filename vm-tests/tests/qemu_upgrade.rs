@@ -10,8 +10,7 @@
 //!    new boot fails its gate, the node goes back to 1.0.0 by itself, the
 //!    command stops with the gate's reasons and the leader is untouched;
 //! 4. an upgrade to 2.0.0 whose follower VM is killed while its passive
-//!    slot is written: it boots 1.0.0 again, and the next upgrade (with
-//!    `--backup`: a full backup by the follower first) completes.
+//!    slot is written: it boots 1.0.0 again, and the next upgrade completes.
 //!
 //! Every acknowledged write must be there after each step.
 //!
@@ -34,8 +33,6 @@ const CONVERGE: Duration = Duration::from_secs(300);
 const FORM: Duration = Duration::from_secs(600);
 const NEXT: &str = "2.0.0";
 const BROKEN: &str = "1.5.0";
-/// The nodes' backup destination, on their own disks.
-const BACKUPS: &str = "/var/lib/geminik8s/backups";
 
 /// A client writing through the VIP without pause: each key once, the
 /// acknowledged ones kept, and the longest time between two acknowledged
@@ -112,12 +109,6 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
         .unwrap_or_else(|e| panic!("building the {NEXT} bundle: {e:#}"));
     eprintln!("MEASURED the {NEXT} upgrade bundle built: {:.1?}", built.elapsed());
     let _teardown = Teardown(run_dir.clone());
-    // Both nodes can take a full backup on their own disk (`upgrade --backup`).
-    let template = base.join("template.yaml");
-    let backup_block = format!(
-        "#cloud-config\ngeminik8s:\n  backup:\n    destination: {BACKUPS}\n    no_encryption: true\n    schedule: \"off\"\n"
-    );
-    std::fs::write(&template, backup_block).unwrap();
     let opts = UpOptions {
         config_dir,
         run_dir,
@@ -135,7 +126,6 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
         boot_timeout: BOOT,
         form_timeout: FORM,
         enrol: false,
-        init_template: Some(template),
     };
     let up = QemuLab::up(&opts).unwrap_or_else(|e| panic!("qemu up: {e:#}"));
     let lab = up.lab.clone();
@@ -251,28 +241,11 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     for (name, version, good) in versions(&lab) {
         assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} after the kill while writing its slot");
     }
-    // With a full backup first, taken by the follower on its disk.
     let writer = Writer::start(&lab, "/again/");
-    let report =
-        upgrade(&lab, "upgrade after the kill", &["--image", &bundle, "--rollback-timeout", "15m", "--backup"]);
+    let report = upgrade(&lab, "upgrade after the kill", &["--image", &bundle, "--rollback-timeout", "15m"]);
     let (again, gap) = writer.finish();
     assert!(report["nodes"].as_array().unwrap().iter().all(|n| n["outcome"] == "upgraded"), "{report:#}");
     eprintln!("MEASURED upgrade after the kill: {} s; longest write gap {gap:.1?}", report["seconds"]);
-    let backup = &report["backup"];
-    let taken_by = backup["node"].as_str().unwrap_or_else(|| lab.fail(&format!("no backup in {report:#}")));
-    assert_eq!(taken_by, follower, "the follower takes the backup: {report:#}");
-    eprintln!("MEASURED the backup before the upgrade: {} s", backup["seconds"]);
-    let listed = lab
-        .ssh(taken_by, &["gemin_k8s", "backup", "list", "--from", BACKUPS, "-o", "json"])
-        .unwrap_or_else(|e| lab.fail(&e));
-    let listed: serde_json::Value =
-        serde_json::from_str(&listed).unwrap_or_else(|e| lab.fail(&format!("{e}: {listed}")));
-    let ours = listed.as_array().into_iter().flatten().find(|b| b["id"] == backup["id"]);
-    assert!(
-        ours.is_some_and(|b| b["cluster"] == "lab"),
-        "backup {} not listed on {taken_by}: {listed:#}",
-        backup["id"]
-    );
     for (name, version, good) in versions(&lab) {
         assert_eq!((version.as_str(), good), (NEXT, true), "{name} after the upgrade");
     }

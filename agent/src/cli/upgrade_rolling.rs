@@ -331,25 +331,16 @@ fn plan(args: &RollingArgs, bundle: Option<&Bundle>, answers: &[Answer]) -> anyh
     let operation = if args.rollback { "rollback" } else { "upgrade" };
     let all_there = nodes.iter().all(|n| n.outcome == "already there");
     // The follower takes it (it goes first), else the leader.
-    let backup = match args.backup && !all_there {
-        false => None,
-        true => Some(
-            ordered
-                .iter()
-                .zip(&boots)
-                .find_map(|(a, (s, _))| {
-                    let archive = s.archive.as_ref()?;
-                    Some(BackupStep {
-                        node: a.name.clone(),
-                        destination: archive.destination.clone(),
-                        id: None,
-                        seconds: None,
-                    })
-                })
-                .context(
-                    "--backup: neither node takes backups (no backup.destination in their cloud-config, or it could not be set up: see `gemin_k8s status --details`); set one, or upgrade without --backup",
-                )?,
-        ),
+    let backup = if args.backup && !all_there {
+        let step = ordered.iter().zip(&boots).find_map(|(a, (s, _))| {
+            let archive = s.archive.as_ref()?;
+            Some(BackupStep { node: a.name.clone(), destination: archive.destination.clone(), id: None, seconds: None })
+        });
+        Some(step.context(
+            "--backup: neither node takes backups (no backup.destination in their cloud-config, or it could not be set up: see `gemin_k8s status --details`); set one, or upgrade without --backup",
+        )?)
+    } else {
+        None
     };
     let mut report = Report {
         operation: if args.dry_run { format!("{operation} (dry run)") } else { operation.into() },
@@ -413,7 +404,7 @@ impl Run<'_> {
                 .slow(&node)
                 .backup_now()
                 .await
-                .with_context(|| format!("--backup on {node}: nothing was upgraded"))?;
+                .with_context(|| format!("--backup on {node}: no node was rebooted"))?;
             self.progress(&format!("{node}: backup {} taken in {:.0} s", taken.id, taken.seconds));
             self.report.backup = Some(BackupStep {
                 node,

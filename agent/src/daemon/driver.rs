@@ -384,12 +384,12 @@ impl Driver {
         Ok(driver)
     }
 
-    /// What the API serves; the WAL archiver and the backup schedule publish into it too.
     /// Where the API finds what takes a backup on request.
     pub fn backups(&self) -> &std::sync::OnceLock<Arc<super::scheduler::Taker>> {
         &self.hooks.backups
     }
 
+    /// What the API serves; the WAL archiver and the backup schedule publish into it too.
     pub fn shared(&self) -> Shared {
         self.shared.clone()
     }

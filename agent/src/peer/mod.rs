@@ -55,7 +55,7 @@ pub struct PeerChanged {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackupTaken {
     pub node: String,
-    /// The backup's id (`backup list`, `restore --backup-id`).
+    /// The backup's id (`backup list`, `restore --backup ID`).
     pub id: String,
     pub destination: String,
     pub seconds: f64,

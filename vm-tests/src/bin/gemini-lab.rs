@@ -481,7 +481,6 @@ fn qemu(cmd: Qemu) -> anyhow::Result<ExitCode> {
                 boot_timeout: Duration::from_secs(boot_timeout),
                 form_timeout: Duration::from_secs(300),
                 enrol: false,
-                init_template: None,
             };
             let up = QemuLab::up(&opts)?;
             let lab = &up.lab;
