@@ -91,6 +91,9 @@ pub enum Strategy {
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long a leaving follower's leader may take to stop counting on it.
 const LEAVE_WAIT: Duration = Duration::from_secs(60);
+/// How long a switchover may wait for its checks to pass (a node just back
+/// from its reboot catching up).
+const CHECKS_WAIT: Duration = Duration::from_secs(300);
 /// How often the command looks at a rebooting node.
 const POLL: Duration = Duration::from_secs(2);
 
@@ -520,17 +523,36 @@ impl Run<'_> {
             output: failover::FailoverFormat::Json,
             request_timeout: self.args.request_timeout,
         };
-        let r = failover::switchover(&args, self.clients).await?;
-        if !r.success {
-            bail!(
-                "the switchover from {node} to {} did not complete ({}{}): {node} was not rebooted",
-                other.name,
-                r.outcome,
-                r.detail.map(|d| format!(": {d}")).unwrap_or_default()
-            );
+        // A node that just passed its gate may still be short of a check
+        // (its standby confirmed a moment later, its lag catching up): the
+        // switchover changed nothing then, and is asked again for a while.
+        let deadline = Instant::now() + CHECKS_WAIT;
+        let mut said = String::new();
+        loop {
+            let r = failover::switchover(&args, self.clients).await?;
+            if r.success {
+                self.report.switchover_pause_ms.extend(r.pause_ms);
+                return Ok(());
+            }
+            let failed: Vec<String> =
+                r.checks.iter().filter(|c| !c.pass).map(|c| format!("{}: {}", c.name, c.value)).collect();
+            let unchanged = matches!(r.outcome.as_str(), "refused: checks failed" | "refused by the leader");
+            if !unchanged || Instant::now() >= deadline {
+                bail!(
+                    "the switchover from {node} to {} did not complete ({}{}{}): {node} was not rebooted",
+                    other.name,
+                    r.outcome,
+                    r.detail.map(|d| format!(": {d}")).unwrap_or_default(),
+                    if failed.is_empty() { String::new() } else { format!("; failed: {}", failed.join("; ")) }
+                );
+            }
+            let now = failed.join("; ");
+            if now != said {
+                self.progress(&format!("switchover to {} waits for its checks: {now}", other.name));
+                said = now;
+            }
+            tokio::time::sleep(POLL).await;
         }
-        self.report.switchover_pause_ms.extend(r.pause_ms);
-        Ok(())
     }
 
     /// Reboot the follower `node` once its leader no longer waits for it:
