@@ -166,6 +166,9 @@ pub struct UpOptions {
     pub boot_timeout: Duration,
     /// For the cluster to form after both booted.
     pub form_timeout: Duration,
+    /// For the Kubernetes API to answer through the VIP once the cluster
+    /// formed (where K3s runs): seconds on hardware, minutes under TCG.
+    pub kube_timeout: Duration,
     /// Boot the generic image: each VM's CIDATA volume carries only the
     /// site's enrolment token and the machine's address, and `gemin_k8s
     /// deploy` from the client sends the node files (edited as the lab runs
@@ -580,7 +583,9 @@ impl QemuLab {
         let leader = lab.wait_formed(opts.form_timeout)?;
         let formed_after = started.elapsed();
         let kubeconfig = match lab.kubernetes {
-            true => Some(lab.wait_kubernetes(opts.form_timeout)?),
+            true => Some(lab.wait_kubernetes(opts.kube_timeout).map_err(|e| {
+                anyhow::anyhow!("{e:#}\nstatus:\n{}\n{}", lab.render_status(), lab.collect_journals("kubernetes", 80))
+            })?),
             false => None,
         };
         Ok(UpReport { lab, reports, leader, formed_after, kubeconfig, kubernetes_after: started.elapsed() })

@@ -137,6 +137,7 @@ fn leader_killed_follower_promotes_a_new_machine_replaces_it_and_both_reboot_wit
         cpus: 1,
         boot_timeout: BOOT,
         form_timeout: CONVERGE,
+        kube_timeout: KUBE,
         // The generic image: the CIDATA volumes carry no node file, only
         // the site's enrolment token; `gemin_k8s deploy` forms the cluster.
         enrol: true,

@@ -203,6 +203,13 @@ impl HttpClient {
     }
 }
 
+/// How long a connection may be idle before TCP probes the other end, and
+/// between probes.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// The longest data or a keepalive probe may go unacknowledged before the
+/// connection is dropped, whatever the request's timeout.
+const DEAD_AFTER: Duration = Duration::from_secs(60);
+
 fn build_http(config: &ClientConfig, timeout: Duration) -> Result<reqwest::Client, TlsError> {
     reqwest::Client::builder()
         .use_preconfigured_tls(config.clone())
@@ -213,7 +220,15 @@ fn build_http(config: &ClientConfig, timeout: Duration) -> Result<reqwest::Clien
         // two minutes, and every request queued on the pooled connection
         // times out meanwhile: drop a connection whose data stays
         // unacknowledged, so the next request opens a new one.
-        .tcp_user_timeout((timeout * 2).max(Duration::from_secs(1)))
+        .tcp_user_timeout((timeout * 2).clamp(Duration::from_secs(1), DEAD_AFTER))
+        // A machine that powers off while a long request waits for its
+        // answer (an upgrade's passive slot being written) sends nothing
+        // more, and an idle connection has nothing to retransmit: probe it,
+        // so the request fails within about a minute rather than at its
+        // timeout of up to an hour.
+        .tcp_keepalive(KEEPALIVE)
+        .tcp_keepalive_interval(KEEPALIVE)
+        .tcp_keepalive_retries(3)
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))
 }

@@ -480,6 +480,7 @@ fn qemu(cmd: Qemu) -> anyhow::Result<ExitCode> {
                 cpus,
                 boot_timeout: Duration::from_secs(boot_timeout),
                 form_timeout: Duration::from_secs(300),
+                kube_timeout: Duration::from_secs(600),
                 enrol: false,
             };
             let up = QemuLab::up(&opts)?;
