@@ -89,6 +89,19 @@ fn versions(lab: &QemuLab) -> Vec<(String, String, bool)> {
         .collect()
 }
 
+/// Wait until `upgrade ARGS --dry-run` would start: the pair's checks pass
+/// (a node that just rejoined streams, is in sync and reports its lag).
+fn wait_ready(lab: &QemuLab, args: &[&str]) {
+    poll::until("the pair healthy enough for an upgrade", CONVERGE, Duration::from_secs(3), || {
+        match lab.upgrade(&[args, &["--dry-run"]].concat()) {
+            Ok((true, report)) if report["success"] == true => Ok(()),
+            Ok((_, report)) => Err(report["detail"].to_string()),
+            Err(e) => Err(e),
+        }
+    })
+    .unwrap_or_else(|e| lab.fail(&e));
+}
+
 fn upgrade(lab: &QemuLab, what: &str, args: &[&str]) -> serde_json::Value {
     let (ok, report) = lab.upgrade(args).unwrap_or_else(|e| lab.fail(&e));
     if !ok || report["success"] != true {
@@ -146,11 +159,12 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     let writer = Writer::start(&lab, "/cut/");
     let interrupted = std::thread::scope(|scope| {
         let run = scope.spawn(|| lab.upgrade(&["--image", &bundle]));
-        poll::until(&format!("{follower} writing its passive slot"), CONVERGE, Duration::from_millis(200), || {
-            let entries = lab.ssh(&follower, &["ls", "/efi/loader/entries"]).unwrap_or_default();
-            if entries.contains(".staging") { Ok(()) } else { Err(entries) }
-        })
-        .unwrap_or_else(|e| lab.fail(&e));
+        // One SSH session waits on the node for the renamed-away entry: the
+        // write can take less time than a new SSH connection to a node busy
+        // receiving the bundle.
+        let wait = "timeout 600 sh -c 'until ls /efi/loader/entries | grep -q staging; do sleep 0.1; done'";
+        lab.ssh(&follower, &[wait])
+            .unwrap_or_else(|e| lab.fail(&format!("{follower} never started writing its passive slot: {e}")));
         let killed = lab.clone().kill(&follower);
         let cut_at = Instant::now();
         let run = run.join().unwrap();
@@ -183,6 +197,7 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     lab.assert_kept("/cut/", &cut, CONVERGE);
 
     // 2. The upgrade under writes: follower first, a switchover, the other node.
+    wait_ready(&lab, &["--image", &bundle]);
     let writer = Writer::start(&lab, "/up/");
     let started = Instant::now();
     let report = upgrade(&lab, "upgrade", &["--image", &bundle, "--rollback-timeout", "15m"]);
@@ -210,6 +225,7 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     assert!(again["nodes"].as_array().unwrap().iter().all(|n| n["outcome"] == "already there"), "{again:#}");
 
     // 3. Back to 1.0.0 the same way.
+    wait_ready(&lab, &["--rollback"]);
     let writer = Writer::start(&lab, "/back/");
     let started = Instant::now();
     let report = upgrade(&lab, "upgrade --rollback", &["--rollback"]);
@@ -236,8 +252,9 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
 
     let leader = lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
     let follower = if leader == "node1" { "node2" } else { "node1" }.to_string();
-    let writer = Writer::start(&lab, "/broken/");
     let broken = broken.display().to_string();
+    wait_ready(&lab, &["--image", &broken]);
+    let writer = Writer::start(&lab, "/broken/");
     let (ok, report) = lab.upgrade(&["--image", &broken, "--rollback-timeout", "6m"]).unwrap_or_else(|e| lab.fail(&e));
     let (acked_broken, _) = writer.finish();
     eprintln!("upgrade to the broken {BROKEN}: {report:#}");

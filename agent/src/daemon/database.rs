@@ -159,13 +159,19 @@ impl Postgres {
             sync_state: replica.and_then(|r| r.sync_state.clone()),
             lag_bytes: replica.and_then(|r| r.lag_bytes).and_then(|b| u64::try_from(b).ok()),
             lag_seconds: replica.and_then(|r| r.replay_lag_seconds),
-            flush_lag_bytes: replica
-                .and_then(|r| r.flush_lsn_bytes)
-                .and_then(|f| u64::try_from(st.lsn_bytes.saturating_sub(f)).ok()),
+            flush_lag_bytes: replica.and_then(|r| r.flush_lsn_bytes).map(|f| flush_lag(st.lsn_bytes, f)),
             settings: st.settings.clone(),
         };
         (Some(r), view)
     }
+}
+
+/// How far the standby's flushed position `flushed` is behind the primary's
+/// `current`. The two are read one after the other, so under writes the
+/// standby may have flushed past the position read first: nothing is
+/// missing then.
+fn flush_lag(current: i64, flushed: i64) -> u64 {
+    u64::try_from(current.saturating_sub(flushed)).unwrap_or(0)
 }
 
 /// How long a release waits for PostgreSQL's clean stop.
@@ -436,5 +442,18 @@ impl Database for Postgres {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flush_lag;
+
+    #[test]
+    fn a_standby_flushed_past_the_position_read_first_has_no_lag() {
+        assert_eq!(flush_lag(0x3000100, 0x3000000), 0x100);
+        assert_eq!(flush_lag(0x3000000, 0x3000000), 0);
+        // Read after the primary's position, under writes: ahead of it.
+        assert_eq!(flush_lag(0x3000000, 0x3000100), 0);
     }
 }

@@ -107,7 +107,7 @@ pub fn stage(
     };
     std::fs::create_dir_all(&files.state_dir).with_context(|| format!("creating {}", files.state_dir.display()))?;
     write_json(&files.trial(), &trial)?;
-    let staged = match slot::stage(&bundle, &files.boot, req.tries, progress) {
+    let staged = match slot::stage(&bundle, &files.boot, &files.state_dir, req.tries, progress) {
         Ok(staged) => staged,
         Err(e) => {
             remove(&files.trial())?;

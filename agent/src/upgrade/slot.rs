@@ -19,9 +19,10 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, anyhow, bail, ensure};
+use anyhow::{Context, anyhow, ensure};
 
 use super::bundle::{self, Bundle};
+use super::node::remove;
 use crate::fsutil::write_atomic;
 
 /// A root slot.
@@ -162,8 +163,7 @@ impl Entry {
 
     /// The GPT name of the slot's root partition (`gemin.root=PARTLABEL=...`).
     pub fn root_partlabel(&self) -> anyhow::Result<&str> {
-        self.line("options")
-            .and_then(|o| o.split_whitespace().find_map(|w| w.strip_prefix("gemin.root=PARTLABEL=")))
+        root_partlabel(&self.text)
             .ok_or_else(|| anyhow!("boot entry {} names no gemin.root=PARTLABEL= in its options", self.file))
     }
 
@@ -182,6 +182,13 @@ impl Entry {
         }
         out
     }
+}
+
+/// The root partition's GPT name in an entry's `options` line.
+fn root_partlabel(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("options "))
+        .and_then(|o| o.split_whitespace().find_map(|w| w.strip_prefix("gemin.root=PARTLABEL=")))
 }
 
 /// `gemin-b+1-2.conf` -> (slot b, tries left 1, done 2); `.conf.staging`
@@ -241,6 +248,13 @@ fn staging_name(slot: Slot) -> String {
     format!("{}.conf.staging", slot.entry_id())
 }
 
+/// The copy of `slot`'s entry [`stage`] keeps in `state_dir` while the entry
+/// is away. The ESP is FAT, which has no journal: a power cut just after the
+/// rename can leave the renamed file without its text.
+pub fn kept_entry(state_dir: &Path, slot: Slot) -> PathBuf {
+    state_dir.join(format!("{}.conf.kept", slot.entry_id()))
+}
+
 /// Write `bundle` into the slot this node did not boot from and make it the
 /// next boot with `tries` tries. `progress` is told the root filesystem's
 /// bytes written and its size.
@@ -251,10 +265,13 @@ fn staging_name(slot: Slot) -> String {
 /// kernel and initramfs are replaced on the ESP (each by a rename), and only
 /// then the entry comes back with a version above the booted one's and the
 /// try counter. Until that last rename the booted slot is the only one the
-/// boot loader can start; a second `stage` after a cut starts over.
+/// boot loader can start; a second `stage` after a cut starts over, with the
+/// entry's text from the copy kept in `state_dir` ([`kept_entry`]) before
+/// it was taken away.
 pub fn stage(
     bundle: &Bundle,
     paths: &BootPaths,
+    state_dir: &Path,
     tries: u32,
     mut progress: impl FnMut(u64, u64),
 ) -> anyhow::Result<Staged> {
@@ -273,16 +290,23 @@ pub fn stage(
         "the booted slot {booted} is still on trial ({}): writing slot {target} now would leave no known-good slot; wait until this boot passes its gate",
         current.file
     );
-    // The passive slot's entry, or the one an interrupted stage took away.
+    // The passive slot's entry; after an interrupted stage, the copy kept
+    // of it, or what is left of the renamed file.
     let staging = dir.join(staging_name(target));
-    let passive = match all.iter().find(|e| e.slot == target) {
-        Some(e) => e.clone(),
-        None if staging.is_file() => {
-            let text = fs::read_to_string(&staging).with_context(|| format!("reading {}", staging.display()))?;
-            Entry { slot: target, file: staging_name(target), counter: Counter::Good, version: 0, text }
-        }
-        None => bail!("{} holds no entry for slot {target}: was this disk made by gemin-image?", dir.display()),
-    };
+    let kept = kept_entry(state_dir, target);
+    let present = all.iter().find(|e| e.slot == target);
+    let text = [present.map(|e| e.text.clone()), fs::read_to_string(&kept).ok(), fs::read_to_string(&staging).ok()]
+        .into_iter()
+        .flatten()
+        .find(|text| root_partlabel(text).is_some())
+        .ok_or_else(|| {
+            anyhow!(
+                "{} holds no boot entry for slot {target} that names its root partition (gemin.root=PARTLABEL=), nor does {}: was this disk made by gemin-image?",
+                dir.display(),
+                kept.display()
+            )
+        })?;
+    let passive = Entry { slot: target, file: staging_name(target), counter: Counter::Good, version: 0, text };
     let label = passive.root_partlabel()?;
     ensure!(
         label != current.root_partlabel()?,
@@ -303,9 +327,10 @@ pub fn stage(
         device.display()
     );
 
-    // 1. The passive slot can no longer be chosen.
-    if passive.file != staging_name(target) {
-        fs::rename(dir.join(&passive.file), &staging).with_context(|| format!("renaming {} away", passive.file))?;
+    // 1. The passive slot can no longer be chosen; its entry's text is kept.
+    write_atomic(&kept, passive.text.as_bytes(), 0o644)?;
+    if let Some(e) = present {
+        fs::rename(dir.join(&e.file), &staging).with_context(|| format!("renaming {} away", e.file))?;
         sync_dir(&dir)?;
     }
 
@@ -351,8 +376,9 @@ pub fn stage(
     let title = format!("{} {} (slot {})", release.name, release.version, target.letter().to_uppercase());
     let entry = format!("{}+{tries}.conf", target.entry_id());
     write_atomic(&dir.join(&entry), passive.with(version, &title).as_bytes(), 0o644)?;
-    fs::remove_file(&staging).with_context(|| format!("removing {}", staging.display()))?;
+    remove(&staging)?;
     sync_dir(&dir)?;
+    remove(&kept)?;
     Ok(Staged { slot: target, entry, version: release.version.clone(), root_bytes: root.bytes })
 }
 
@@ -391,6 +417,8 @@ mod tests {
     struct Node {
         _dir: tempfile::TempDir,
         paths: BootPaths,
+        /// The agent's upgrade state directory.
+        state: PathBuf,
     }
 
     fn entry_text(slot: Slot, version: u64) -> String {
@@ -417,7 +445,9 @@ mod tests {
             part.set_len(partition_bytes).unwrap();
         }
         fs::write(&paths.boot_env, format!("GEMIN_SLOT={booted}\nGEMIN_ROOT=read-only\n")).unwrap();
-        Node { _dir: dir, paths }
+        let state = dir.path().join("state");
+        fs::create_dir_all(&state).unwrap();
+        Node { _dir: dir, paths, state }
     }
 
     fn files(paths: &BootPaths) -> Vec<String> {
@@ -447,7 +477,7 @@ mod tests {
         let root: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let bundle = bundle(b.path(), "2", &root);
         let mut seen = Vec::new();
-        let staged = stage(&bundle, &node.paths, 2, |done, total| seen.push((done, total))).unwrap();
+        let staged = stage(&bundle, &node.paths, &node.state, 2, |done, total| seen.push((done, total))).unwrap();
         assert_eq!(staged.slot, Slot::B);
         assert_eq!(staged.entry, "gemin-b+2.conf");
         assert_eq!(seen.last(), Some(&(300_000, 300_000)));
@@ -486,10 +516,35 @@ mod tests {
         .unwrap();
         let all = entries(&node.paths).unwrap();
         assert_eq!(next_boot(&all), Some(Slot::A), "only slot A can boot");
-        let staged = stage(&bundle, &node.paths, 1, |_, _| {}).unwrap();
+        let staged = stage(&bundle, &node.paths, &node.state, 1, |_, _| {}).unwrap();
         assert_eq!(staged.entry, "gemin-b+1.conf");
         assert_eq!(files(&node.paths), ["gemin-a.conf", "gemin-b+1.conf"]);
         assert_eq!(next_boot(&entries(&node.paths).unwrap()), Some(Slot::B));
+    }
+
+    #[test]
+    fn a_power_cut_that_empties_the_renamed_entry_is_recovered_from_the_kept_copy() {
+        let node = node("a", 1 << 20);
+        let b = tempfile::tempdir().unwrap();
+        let bundle = bundle(b.path(), "2", &[7u8; 200_000]);
+        // The cut while the root filesystem is written (the progress
+        // callback stops the stage there), and FAT lost the renamed file's text.
+        let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            stage(&bundle, &node.paths, &node.state, 1, |_, _| panic!("power cut"))
+        }));
+        assert!(cut.is_err());
+        let staging = node.paths.entries_dir().join("gemin-b.conf.staging");
+        fs::write(&staging, "").unwrap();
+        assert_eq!(next_boot(&entries(&node.paths).unwrap()), Some(Slot::A), "only slot A can boot");
+
+        let staged = stage(&bundle, &node.paths, &node.state, 1, |_, _| {}).unwrap();
+        assert_eq!(files(&node.paths), ["gemin-a.conf", "gemin-b+1.conf"]);
+        let new = entries(&node.paths).unwrap().into_iter().find(|e| e.slot == Slot::B).unwrap();
+        assert_eq!(new.root_partlabel().unwrap(), "gemin-root-b", "{}", new.text);
+        assert_eq!(staged.entry, new.file);
+        assert!(!kept_entry(&node.state, Slot::B).exists(), "the kept copy goes once the entry is back");
+        let root = fs::read(node.paths.partlabels.join("gemin-root-b")).unwrap();
+        assert_eq!(&root[..200_000], &[7u8; 200_000][..]);
     }
 
     #[test]
@@ -499,30 +554,30 @@ mod tests {
         let bundle = bundle(b.path(), "2", &[1u8; 100_000]);
 
         let small = node("a", 50_000);
-        let err = format!("{:#}", stage(&bundle, &small.paths, 1, |_, _| {}).unwrap_err());
+        let err = format!("{:#}", stage(&bundle, &small.paths, &small.state, 1, |_, _| {}).unwrap_err());
         assert!(err.contains("100000 bytes") && err.contains("holds 50000"), "{err}");
         assert_eq!(files(&small.paths), ["gemin-a.conf", "gemin-b.conf"]);
 
         let live = node("live", 1 << 20);
-        let err = format!("{:#}", stage(&bundle, &live.paths, 1, |_, _| {}).unwrap_err());
+        let err = format!("{:#}", stage(&bundle, &live.paths, &live.state, 1, |_, _| {}).unwrap_err());
         assert!(err.contains("live or PXE"), "{err}");
 
         let same = node("a", 1 << 20);
         let b_entry = same.paths.entries_dir().join("gemin-b.conf");
         fs::write(&b_entry, fs::read_to_string(&b_entry).unwrap().replace("gemin-root-b", "gemin-root-a")).unwrap();
-        let err = format!("{:#}", stage(&bundle, &same.paths, 1, |_, _| {}).unwrap_err());
+        let err = format!("{:#}", stage(&bundle, &same.paths, &same.state, 1, |_, _| {}).unwrap_err());
         assert!(err.contains("both name the partition gemin-root-a"), "{err}");
         assert_eq!(files(&same.paths), ["gemin-a.conf", "gemin-b.conf"]);
 
         let trying = node("a", 1 << 20);
         let a_entry = trying.paths.entries_dir().join("gemin-a.conf");
         fs::rename(&a_entry, trying.paths.entries_dir().join("gemin-a+0-1.conf")).unwrap();
-        let err = format!("{:#}", stage(&bundle, &trying.paths, 1, |_, _| {}).unwrap_err());
+        let err = format!("{:#}", stage(&bundle, &trying.paths, &trying.state, 1, |_, _| {}).unwrap_err());
         assert!(err.contains("still on trial (gemin-a+0-1.conf)"), "{err}");
 
         let ok = node("b", 1 << 20);
         fs::write(b.path().join("vmlinuz"), b"another kernel").unwrap();
-        let err = format!("{:#}", stage(&bundle, &ok.paths, 1, |_, _| {}).unwrap_err());
+        let err = format!("{:#}", stage(&bundle, &ok.paths, &ok.state, 1, |_, _| {}).unwrap_err());
         assert!(err.contains("damaged"), "{err}");
         assert_eq!(files(&ok.paths), ["gemin-a.conf", "gemin-b.conf"]);
     }
@@ -531,7 +586,7 @@ mod tests {
     fn a_bad_new_slot_sorts_last_and_make_next_rolls_back_to_the_old_one() {
         let node = node("b", 1 << 20);
         let b = tempfile::tempdir().unwrap();
-        let staged = stage(&bundle(b.path(), "2", &[3u8; 1000]), &node.paths, 1, |_, _| {}).unwrap();
+        let staged = stage(&bundle(b.path(), "2", &[3u8; 1000]), &node.paths, &node.state, 1, |_, _| {}).unwrap();
         assert_eq!(staged.slot, Slot::A);
         // Its one try used and not blessed: systemd-boot renamed it.
         let dir = node.paths.entries_dir();
