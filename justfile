@@ -73,7 +73,7 @@ qemu-rejoin:
     cargo build --workspace
     GEMINIK8S_QEMU_REJOIN=1 cargo test -p geminik8s-vm-tests --test qemu_lab -- --nocapture
 
-# The rolling upgrade on the QEMU lab (root; about 90 minutes): a power cut while a slot is written, 1.0.0 -> 2.0.0 under writes, --rollback, a broken release rolled back by its node.
+# The rolling upgrade on the QEMU lab (root; about 90 minutes): a power cut while a slot is written, a broken release rolled back by its node, 1.0.0 -> 2.0.0 under writes, --rollback.
 qemu-upgrade:
     cargo build --workspace
     cargo test -p geminik8s-vm-tests --test qemu_upgrade -- --ignored --nocapture

@@ -4,14 +4,15 @@
 //! 1. an upgrade to 2.0.0 whose follower VM is killed (a power cut) while
 //!    its passive slot is written: the command fails, the node boots 1.0.0
 //!    again;
-//! 2. the upgrade to 2.0.0 again, follower first: both nodes run 2.0.0 from
-//!    their other slot, blessed; the longest gap between two acknowledged
-//!    writes (the client's write pause) and each node's time are reported;
-//!    run again, it has nothing to do;
-//! 3. `upgrade --rollback` brings both back to 1.0.0 the same way;
-//! 4. an upgrade to a broken 1.5.0 (its Kine cannot start): the follower's
-//!    new boot fails its gate, the node goes back to 1.0.0 by itself, the
-//!    command stops with the gate's reasons and the leader is untouched.
+//! 2. an upgrade to a broken 1.5.0 (its Kine cannot start), whose staging
+//!    on that node starts from what the cut left: the follower's new boot
+//!    fails its gate, the node goes back to 1.0.0 by itself, the command
+//!    stops with the gate's reasons and the leader is untouched;
+//! 3. the upgrade to 2.0.0, follower first: both nodes run 2.0.0 from their
+//!    other slot, blessed; the longest gap between two acknowledged writes
+//!    (the client's write pause) and each node's time are reported; run
+//!    again, it has nothing to do;
+//! 4. `upgrade --rollback` brings both back to 1.0.0 the same way.
 //!
 //! Every acknowledged write must be there after each step.
 //!
@@ -122,6 +123,15 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     let bundle = build_upgrade_bundle_blocking(&base.join("v2"), NEXT, |_| {})
         .unwrap_or_else(|e| panic!("building the {NEXT} bundle: {e:#}"));
     eprintln!("MEASURED the {NEXT} upgrade bundle built: {:.1?}", built.elapsed());
+    let broken_kine = base.join("broken-kine");
+    std::fs::write(&broken_kine, "#!/bin/sh\necho 'kine: this release is broken on purpose' >&2\nexit 1\n").unwrap();
+    let broken = build_upgrade_bundle_blocking(&base.join("broken"), BROKEN, |spec| {
+        for a in spec.artifacts.iter_mut().filter(|a| a.name == "kine") {
+            a.source = gemin_image::spec::ArtifactSource::Path { path: broken_kine.clone(), sha256: None };
+        }
+    })
+    .unwrap_or_else(|e| panic!("building the {BROKEN} bundle: {e:#}"));
+
     let _teardown = Teardown(run_dir.clone());
     let opts = UpOptions {
         config_dir,
@@ -196,7 +206,34 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     let (cut, _) = writer.finish();
     lab.assert_kept("/cut/", &cut, CONVERGE);
 
-    // 2. The upgrade under writes: follower first, a switchover, the other node.
+    // 2. A broken release: the follower goes back by itself, the leader is untouched.
+    let leader = lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
+    let follower = if leader == "node1" { "node2" } else { "node1" }.to_string();
+    let broken = broken.display().to_string();
+    wait_ready(&lab, &["--image", &broken]);
+    let writer = Writer::start(&lab, "/broken/");
+    let (ok, report) = lab.upgrade(&["--image", &broken, "--rollback-timeout", "6m"]).unwrap_or_else(|e| lab.fail(&e));
+    let (acked_broken, _) = writer.finish();
+    eprintln!("upgrade to the broken {BROKEN}: {report:#}");
+    let runs = report["nodes"].as_array().cloned().unwrap_or_default();
+    let run = |n: &str| runs.iter().find(|r| r["node"] == n).cloned().unwrap_or_default();
+    if ok || run(&follower)["outcome"] != "gate failed, rolled back by itself" || run(&leader)["outcome"] != "pending" {
+        lab.fail(&format!("the broken {BROKEN} was not rolled back by the follower alone: {report:#}"));
+    }
+    assert!(run(&follower)["detail"].as_str().unwrap_or_default().contains("kine"), "{report:#}");
+    eprintln!(
+        "MEASURED the broken {BROKEN} on {follower}: back on {LAB_VERSION} after {} s",
+        run(&follower)["seconds"]
+    );
+    for (name, version, good) in versions(&lab) {
+        assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} after the broken upgrade");
+    }
+    let failed = lab.status()[&follower].clone().unwrap_or_default()["boot"]["last_failed_gate"].clone();
+    assert_eq!(failed["version"], BROKEN, "status shows the failed gate: {failed}");
+    lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
+    lab.assert_kept("/broken/", &acked_broken, CONVERGE);
+
+    // 3. The upgrade under writes: follower first, a switchover, the other node.
     wait_ready(&lab, &["--image", &bundle]);
     let writer = Writer::start(&lab, "/up/");
     let started = Instant::now();
@@ -224,7 +261,7 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
     let again = upgrade(&lab, "upgrade again", &["--image", &bundle]);
     assert!(again["nodes"].as_array().unwrap().iter().all(|n| n["outcome"] == "already there"), "{again:#}");
 
-    // 3. Back to 1.0.0 the same way.
+    // 4. Back to 1.0.0 the same way.
     wait_ready(&lab, &["--rollback"]);
     let writer = Writer::start(&lab, "/back/");
     let started = Instant::now();
@@ -236,46 +273,6 @@ fn a_rolling_upgrade_under_writes_keeps_every_write_and_a_rollback_goes_back() {
         assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} after the rollback");
     }
     lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
-    lab.assert_kept("/up/", &acked, CONVERGE);
-    lab.assert_kept("/back/", &back, CONVERGE);
-
-    // 4. A broken release: the follower goes back by itself, the leader is untouched.
-    // A release whose Kine cannot start: its nodes never become useful members.
-    let broken_kine = base.join("broken-kine");
-    std::fs::write(&broken_kine, "#!/bin/sh\necho 'kine: this release is broken on purpose' >&2\nexit 1\n").unwrap();
-    let broken = build_upgrade_bundle_blocking(&base.join("broken"), BROKEN, |spec| {
-        for a in spec.artifacts.iter_mut().filter(|a| a.name == "kine") {
-            a.source = gemin_image::spec::ArtifactSource::Path { path: broken_kine.clone(), sha256: None };
-        }
-    })
-    .unwrap_or_else(|e| panic!("building the {BROKEN} bundle: {e:#}"));
-
-    let leader = lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
-    let follower = if leader == "node1" { "node2" } else { "node1" }.to_string();
-    let broken = broken.display().to_string();
-    wait_ready(&lab, &["--image", &broken]);
-    let writer = Writer::start(&lab, "/broken/");
-    let (ok, report) = lab.upgrade(&["--image", &broken, "--rollback-timeout", "6m"]).unwrap_or_else(|e| lab.fail(&e));
-    let (acked_broken, _) = writer.finish();
-    eprintln!("upgrade to the broken {BROKEN}: {report:#}");
-    let runs = report["nodes"].as_array().cloned().unwrap_or_default();
-    let run = |n: &str| runs.iter().find(|r| r["node"] == n).cloned().unwrap_or_default();
-    if ok || run(&follower)["outcome"] != "gate failed, rolled back by itself" || run(&leader)["outcome"] != "pending" {
-        lab.fail(&format!("the broken {BROKEN} was not rolled back by the follower alone: {report:#}"));
-    }
-    assert!(run(&follower)["detail"].as_str().unwrap_or_default().contains("kine"), "{report:#}");
-    eprintln!(
-        "MEASURED the broken {BROKEN} on {follower}: back on {LAB_VERSION} after {} s",
-        run(&follower)["seconds"]
-    );
-    for (name, version, good) in versions(&lab) {
-        assert_eq!((version.as_str(), good), (LAB_VERSION, true), "{name} after the broken upgrade");
-    }
-    let failed = lab.status()[&follower].clone().unwrap_or_default()["boot"]["last_failed_gate"].clone();
-    assert_eq!(failed["version"], BROKEN, "status shows the failed gate: {failed}");
-    lab.wait_formed(CONVERGE).unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
-    lab.assert_kept("/broken/", &acked_broken, CONVERGE);
-
     for (prefix, keys) in [("/cut/", &cut), ("/up/", &acked), ("/back/", &back), ("/broken/", &acked_broken)] {
         lab.assert_kept(prefix, keys, CONVERGE);
     }
