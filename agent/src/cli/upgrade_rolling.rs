@@ -26,7 +26,7 @@ use super::failover::{self, Answer};
 use super::status::{cluster_file, node_clients};
 use super::{GlobalArgs, OutputFormat};
 use crate::peer::NodeStatus;
-use crate::peer::client::AgentClient;
+use crate::peer::client::{AgentClient, Refused};
 use crate::upgrade::BootState;
 use crate::upgrade::bundle::{self, Bundle};
 use crate::upgrade::node::StageRequest;
@@ -584,7 +584,15 @@ impl Run<'_> {
             self.progress(&format!("{node}: its agent cannot leave on purpose (an older version): commits wait for it until its leader gives up on it"));
         }
         self.progress(&format!("{node}: rebooting"));
-        self.client(node).upgrade_reboot().await
+        match self.client(node).upgrade_reboot().await {
+            Err(e) if e.downcast_ref::<Refused>().is_none() => {
+                // The reboot can stop the agent before its answer is sent:
+                // whether the node went down is what the wait after this watches.
+                self.progress(&format!("{node}: no answer to the reboot ({e:#}); watching whether it reboots"));
+                Ok(())
+            }
+            result => result,
+        }
     }
 
     /// Reboot `node` and wait until it runs the target version blessed
