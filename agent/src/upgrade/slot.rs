@@ -251,7 +251,7 @@ fn staging_name(slot: Slot) -> String {
 /// The copy of `slot`'s entry [`stage`] keeps in `state_dir` while the entry
 /// is away. The ESP is FAT, which has no journal: a power cut just after the
 /// rename can leave the renamed file without its text.
-pub fn kept_entry(state_dir: &Path, slot: Slot) -> PathBuf {
+fn kept_entry(state_dir: &Path, slot: Slot) -> PathBuf {
     state_dir.join(format!("{}.conf.kept", slot.entry_id()))
 }
 
